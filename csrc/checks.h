@@ -1,0 +1,308 @@
+// Device-independent argument validation for every sage_ext op (docs/OPS.md).
+//
+// One function per op, `check_<op>_args(...)`, taking exactly the op's arguments. They look only at
+// metadata (dtype, rank, shape, device, scalar ranges), never at tensor data, so the CUDA launchers
+// call them too without a host-device sync. Data-dependent checks (parents topological, paths
+// ancestor-closed, accepted increasing) are done by the CPU implementations only.
+//
+// Every failure raises c10::Error (RuntimeError in Python) or c10::ValueError (ValueError) with a
+// message of the form "<op>: <argument> must be ..., got ...".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "core/formulas.h"
+
+namespace sage_ext {
+
+namespace check_detail {
+
+inline bool is_logit_dtype(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+inline void expect_dtype(const char* op, const char* name, const at::Tensor& t, c10::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
+}
+
+inline void expect_logit_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_logit_dtype(t.scalar_type()), op, ": ", name,
+              " must have dtype float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void expect_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be a ", dim, "-D tensor ", shape, ", got shape ", t.sizes());
+}
+
+inline void expect_size(const char* op, const char* name, const at::Tensor& t, int64_t d, int64_t want,
+                        const char* what) {
+  TORCH_CHECK(t.size(d) == want, op, ": ", name, ".shape[", d, "] must equal ", what, " (", want, "), got shape ",
+              t.sizes());
+}
+
+inline void expect_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                          const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+inline void expect_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (it is written in place)");
+}
+
+inline void expect_tree_size(const char* op, const char* name, int64_t n) {
+  TORCH_CHECK(n >= 1 && n <= core::kMaxTreeNodes, op, ": ", name, " must hold between 1 and ",
+              core::kMaxTreeNodes, " tree nodes (N), got N = ", n);
+}
+
+// [B, N] int64 tree tensor (tokens or parents).
+inline void expect_tree_tensor(const char* op, const char* name, const at::Tensor& t) {
+  expect_dim(op, name, t, 2, "[B, N]");
+  expect_dtype(op, name, t, c10::kLong);
+  expect_tree_size(op, name, t.size(1));
+}
+
+}  // namespace check_detail
+
+// topk_confidence(logits [R, V] float32/16/bf16, k, temperature)
+inline void check_topk_confidence_args(const at::Tensor& logits, int64_t k, double temperature) {
+  using namespace check_detail;
+  constexpr const char* op = "topk_confidence";
+  expect_dim(op, "logits", logits, 2, "[R, V]");
+  expect_logit_dtype(op, "logits", logits);
+  const int64_t vocab = logits.size(1);
+  TORCH_CHECK(vocab >= 1, op, ": logits must have a non-empty vocabulary dimension, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= std::min<int64_t>(vocab, core::kMaxTopK), op, ": k must be in [1, min(V, ",
+                    core::kMaxTopK, ")] = [1, ", std::min<int64_t>(vocab, core::kMaxTopK), "], got k = ", k);
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+}
+
+// build_static_tree(paths [P, L] int64)
+inline void check_build_static_tree_args(const at::Tensor& paths) {
+  using namespace check_detail;
+  constexpr const char* op = "build_static_tree";
+  expect_dim(op, "paths", paths, 2, "[P, L]");
+  expect_dtype(op, "paths", paths, c10::kLong);
+  TORCH_CHECK_VALUE(paths.size(0) + 1 <= core::kMaxTreeNodes, op, ": paths must have at most ",
+                    core::kMaxTreeNodes - 1, " rows (tree of at most ", core::kMaxTreeNodes, " nodes), got ",
+                    paths.size(0));
+  TORCH_CHECK_VALUE(paths.size(0) == 0 || paths.size(1) >= 1, op,
+                    ": paths must have at least one column, got shape ", paths.sizes());
+}
+
+// sage_tree(alpha [B] f32, frontier_logprobs [B, F] f32, level, k, d_min, d_max, w_min, w_max, theta_scale)
+inline void check_sage_tree_args(const at::Tensor& alpha, const at::Tensor& frontier_logprobs, int64_t level,
+                                 int64_t k, double d_min, double d_max, double w_min, double w_max,
+                                 double theta_scale) {
+  using namespace check_detail;
+  constexpr const char* op = "sage_tree";
+  expect_dim(op, "alpha", alpha, 1, "[B]");
+  expect_dtype(op, "alpha", alpha, c10::kFloat);
+  expect_dim(op, "frontier_logprobs", frontier_logprobs, 2, "[B, F]");
+  expect_dtype(op, "frontier_logprobs", frontier_logprobs, c10::kFloat);
+  expect_size(op, "frontier_logprobs", frontier_logprobs, 0, alpha.size(0), "alpha.shape[0]");
+  expect_device(op, "frontier_logprobs", frontier_logprobs, alpha, "alpha");
+  TORCH_CHECK_VALUE(frontier_logprobs.size(1) <= core::kMaxTreeNodes, op,
+                    ": frontier_logprobs must have at most ", core::kMaxTreeNodes, " frontier slots, got ",
+                    frontier_logprobs.size(1));
+  TORCH_CHECK_VALUE(level >= 1, op, ": level must be >= 1, got ", level);
+  TORCH_CHECK_VALUE(k >= 1 && k <= core::kMaxTopK, op, ": k must be in [1, ", core::kMaxTopK, "], got ", k);
+  TORCH_CHECK_VALUE(std::isfinite(d_min) && std::isfinite(d_max) && d_min > 0.0 && d_min <= d_max, op,
+                    ": d_min and d_max must be finite with 0 < d_min <= d_max, got d_min = ", d_min,
+                    ", d_max = ", d_max);
+  TORCH_CHECK_VALUE(std::isfinite(w_min) && std::isfinite(w_max) && w_min >= 0.0 && w_min <= w_max, op,
+                    ": w_min and w_max must be finite with 0 <= w_min <= w_max, got w_min = ", w_min,
+                    ", w_max = ", w_max);
+  TORCH_CHECK_VALUE(theta_scale > 0.0 && std::isfinite(theta_scale), op,
+                    ": theta_scale must be a finite number > 0, got ", theta_scale);
+}
+
+// expand_tree: in-place tree state [B, Ncap], frontier [B, F], top-k [B, F, K], widths [B, F],
+// min_cum_logprob [B]; writes slots [slot_start, slot_start + num_slots).
+inline void check_expand_tree_args(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
+                                   const at::Tensor& cum_logprobs, const at::Tensor& frontier,
+                                   const at::Tensor& topk_logprobs, const at::Tensor& topk_ids,
+                                   const at::Tensor& widths, const at::Tensor& min_cum_logprob, int64_t slot_start,
+                                   int64_t num_slots) {
+  using namespace check_detail;
+  constexpr const char* op = "expand_tree";
+  expect_tree_tensor(op, "tokens", tokens);
+  const int64_t batch = tokens.size(0);
+  const int64_t capacity = tokens.size(1);
+  auto check_state = [&](const char* name, const at::Tensor& t, c10::ScalarType dtype) {
+    expect_dim(op, name, t, 2, "[B, Ncap]");
+    expect_dtype(op, name, t, dtype);
+    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
+                ", got ", t.sizes());
+    expect_device(op, name, t, tokens, "tokens");
+    expect_contiguous(op, name, t);
+  };
+  check_state("parents", parents, c10::kLong);
+  check_state("logprobs", logprobs, c10::kFloat);
+  check_state("cum_logprobs", cum_logprobs, c10::kFloat);
+  expect_contiguous(op, "tokens", tokens);
+
+  expect_dim(op, "frontier", frontier, 2, "[B, F]");
+  expect_dtype(op, "frontier", frontier, c10::kLong);
+  expect_size(op, "frontier", frontier, 0, batch, "B");
+  expect_device(op, "frontier", frontier, tokens, "tokens");
+  const int64_t num_frontier = frontier.size(1);
+  TORCH_CHECK_VALUE(num_frontier <= core::kMaxTreeNodes, op, ": frontier must have at most ", core::kMaxTreeNodes,
+                    " slots, got ", num_frontier);
+
+  expect_dim(op, "topk_logprobs", topk_logprobs, 3, "[B, F, K]");
+  expect_dtype(op, "topk_logprobs", topk_logprobs, c10::kFloat);
+  expect_size(op, "topk_logprobs", topk_logprobs, 0, batch, "B");
+  expect_size(op, "topk_logprobs", topk_logprobs, 1, num_frontier, "frontier.shape[1]");
+  expect_device(op, "topk_logprobs", topk_logprobs, tokens, "tokens");
+  const int64_t top_k = topk_logprobs.size(2);
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= core::kMaxTopK, op, ": topk_logprobs.shape[2] (K) must be in [1, ",
+                    core::kMaxTopK, "], got ", top_k);
+  TORCH_CHECK(topk_ids.sizes() == topk_logprobs.sizes(), op, ": topk_ids must have the shape of topk_logprobs ",
+              topk_logprobs.sizes(), ", got ", topk_ids.sizes());
+  expect_dtype(op, "topk_ids", topk_ids, c10::kLong);
+  expect_device(op, "topk_ids", topk_ids, tokens, "tokens");
+
+  expect_dim(op, "widths", widths, 2, "[B, F]");
+  expect_dtype(op, "widths", widths, c10::kLong);
+  TORCH_CHECK(widths.sizes() == frontier.sizes(), op, ": widths must have the shape of frontier ", frontier.sizes(),
+              ", got ", widths.sizes());
+  expect_device(op, "widths", widths, tokens, "tokens");
+
+  expect_dim(op, "min_cum_logprob", min_cum_logprob, 1, "[B]");
+  expect_dtype(op, "min_cum_logprob", min_cum_logprob, c10::kFloat);
+  expect_size(op, "min_cum_logprob", min_cum_logprob, 0, batch, "B");
+  expect_device(op, "min_cum_logprob", min_cum_logprob, tokens, "tokens");
+
+  TORCH_CHECK_VALUE(slot_start >= 1 && slot_start <= capacity, op, ": slot_start must be in [1, Ncap] = [1, ",
+                    capacity, "] (slot 0 is the root), got ", slot_start);
+  TORCH_CHECK_VALUE(num_slots >= 0 && slot_start + num_slots <= capacity, op,
+                    ": num_slots must be >= 0 with slot_start + num_slots <= Ncap (", capacity, "), got slot_start = ",
+                    slot_start, ", num_slots = ", num_slots);
+}
+
+// rerank_tree(parents [B, N] int64, cum_logprobs [B, N] f32, num_select)
+inline void check_rerank_tree_args(const at::Tensor& parents, const at::Tensor& cum_logprobs, int64_t num_select) {
+  using namespace check_detail;
+  constexpr const char* op = "rerank_tree";
+  expect_tree_tensor(op, "parents", parents);
+  expect_dim(op, "cum_logprobs", cum_logprobs, 2, "[B, N]");
+  expect_dtype(op, "cum_logprobs", cum_logprobs, c10::kFloat);
+  TORCH_CHECK(cum_logprobs.sizes() == parents.sizes(), op, ": cum_logprobs must have the shape of parents ",
+              parents.sizes(), ", got ", cum_logprobs.sizes());
+  expect_device(op, "cum_logprobs", cum_logprobs, parents, "parents");
+  TORCH_CHECK_VALUE(num_select >= 1 && num_select <= parents.size(1), op, ": num_select must be in [1, N] = [1, ",
+                    parents.size(1), "], got ", num_select);
+}
+
+// tree_buffers(parents [B, N] int64, past_len, mask_dtype)
+inline void check_tree_buffers_args(const at::Tensor& parents, int64_t past_len, c10::ScalarType mask_dtype) {
+  using namespace check_detail;
+  constexpr const char* op = "tree_buffers";
+  expect_tree_tensor(op, "parents", parents);
+  TORCH_CHECK_VALUE(past_len >= 0, op, ": past_len must be >= 0, got ", past_len);
+  TORCH_CHECK_VALUE(is_logit_dtype(mask_dtype), op,
+                    ": mask_dtype must be float32, float16 or bfloat16, got ", mask_dtype);
+}
+
+// verify_greedy(tokens [B, N] int64, parents [B, N] int64, target [B, N] int64 or [B, N, V] float)
+inline void check_verify_greedy_args(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target) {
+  using namespace check_detail;
+  constexpr const char* op = "verify_greedy";
+  expect_tree_tensor(op, "tokens", tokens);
+  expect_dim(op, "parents", parents, 2, "[B, N]");
+  expect_dtype(op, "parents", parents, c10::kLong);
+  TORCH_CHECK(parents.sizes() == tokens.sizes(), op, ": parents must have the shape of tokens ", tokens.sizes(),
+              ", got ", parents.sizes());
+  expect_device(op, "parents", parents, tokens, "tokens");
+  expect_device(op, "target", target, tokens, "tokens");
+  if (target.dim() == 2) {
+    TORCH_CHECK(target.scalar_type() == c10::kLong, op,
+                ": a 2-D target must be the int64 argmax [B, N], got dtype ", target.scalar_type());
+    TORCH_CHECK(target.sizes() == tokens.sizes(), op, ": target must have the shape of tokens ", tokens.sizes(),
+                ", got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.dim() == 3, op, ": target must be int64 argmax [B, N] or logits [B, N, V], got shape ",
+                target.sizes());
+    expect_logit_dtype(op, "target", target);
+    TORCH_CHECK(target.size(0) == tokens.size(0) && target.size(1) == tokens.size(1), op,
+                ": target logits must have shape [B, N, V] with [B, N] = ", tokens.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.size(2) >= 1, op, ": target logits must have a non-empty vocabulary, got shape ",
+                target.sizes());
+  }
+}
+
+// verify_sampling(tokens, parents [B, N] int64, target_probs [B, N, V] float, draft_probs None or
+// [B, N, V] of target_probs' dtype, uniforms [B, N] float32)
+inline void check_verify_sampling_args(const at::Tensor& tokens, const at::Tensor& parents,
+                                       const at::Tensor& target_probs, const std::optional<at::Tensor>& draft_probs,
+                                       const at::Tensor& uniforms) {
+  using namespace check_detail;
+  constexpr const char* op = "verify_sampling";
+  expect_tree_tensor(op, "tokens", tokens);
+  expect_dim(op, "parents", parents, 2, "[B, N]");
+  expect_dtype(op, "parents", parents, c10::kLong);
+  TORCH_CHECK(parents.sizes() == tokens.sizes(), op, ": parents must have the shape of tokens ", tokens.sizes(),
+              ", got ", parents.sizes());
+  expect_device(op, "parents", parents, tokens, "tokens");
+
+  expect_dim(op, "target_probs", target_probs, 3, "[B, N, V]");
+  expect_logit_dtype(op, "target_probs", target_probs);
+  TORCH_CHECK(target_probs.size(0) == tokens.size(0) && target_probs.size(1) == tokens.size(1), op,
+              ": target_probs must have shape [B, N, V] with [B, N] = ", tokens.sizes(), ", got ",
+              target_probs.sizes());
+  TORCH_CHECK(target_probs.size(2) >= 1, op, ": target_probs must have a non-empty vocabulary, got shape ",
+              target_probs.sizes());
+  expect_device(op, "target_probs", target_probs, tokens, "tokens");
+
+  if (draft_probs.has_value()) {
+    const at::Tensor& q = *draft_probs;
+    TORCH_CHECK(q.sizes() == target_probs.sizes(), op, ": draft_probs must have the shape of target_probs ",
+                target_probs.sizes(), ", got ", q.sizes());
+    TORCH_CHECK(q.scalar_type() == target_probs.scalar_type(), op,
+                ": draft_probs must have the dtype of target_probs (", target_probs.scalar_type(), "), got ",
+                q.scalar_type());
+    expect_device(op, "draft_probs", q, tokens, "tokens");
+  }
+
+  expect_dim(op, "uniforms", uniforms, 2, "[B, N]");
+  expect_dtype(op, "uniforms", uniforms, c10::kFloat);
+  TORCH_CHECK(uniforms.sizes() == tokens.sizes(), op, ": uniforms must have the shape of tokens ", tokens.sizes(),
+              ", got ", uniforms.sizes());
+  expect_device(op, "uniforms", uniforms, tokens, "tokens");
+}
+
+// kv_compact_(caches: list of [B, H, L, D] float tensors, accepted [B, A] int64, past_len)
+inline void check_kv_compact_args(at::TensorList caches, const at::Tensor& accepted, int64_t past_len) {
+  using namespace check_detail;
+  constexpr const char* op = "kv_compact_";
+  expect_dim(op, "accepted", accepted, 2, "[B, A]");
+  expect_dtype(op, "accepted", accepted, c10::kLong);
+  TORCH_CHECK_VALUE(past_len >= 0, op, ": past_len must be >= 0, got ", past_len);
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const at::Tensor& cache = caches[i];
+    TORCH_CHECK(cache.defined(), op, ": caches[", i, "] is undefined");
+    TORCH_CHECK(cache.dim() == 4, op, ": caches[", i, "] must be a 4-D tensor [B, H, L, D], got shape ",
+                cache.sizes());
+    TORCH_CHECK(c10::isFloatingType(cache.scalar_type()), op, ": caches[", i,
+                "] must have a floating dtype, got ", cache.scalar_type());
+    TORCH_CHECK(cache.size(0) == accepted.size(0), op, ": caches[", i, "].shape[0] must equal accepted.shape[0] (",
+                accepted.size(0), "), got shape ", cache.sizes());
+    TORCH_CHECK(cache.device() == accepted.device(), op, ": caches[", i,
+                "] must be on the same device as accepted (", accepted.device(), "), got ", cache.device());
+    TORCH_CHECK(cache.size(3) <= 1 || cache.stride(3) == 1, op, ": caches[", i,
+                "] must be contiguous in its last dimension, got strides ", cache.strides());
+    TORCH_CHECK(past_len <= cache.size(2), op, ": past_len (", past_len, ") must be <= caches[", i,
+                "].shape[2] (", cache.size(2), ")");
+  }
+}
+
+}  // namespace sage_ext

@@ -1,0 +1,73 @@
+// CPU implementation of topk_confidence (docs/OPS.md), built on core/topk_confidence.h.
+// Rows are processed in parallel; when there are fewer rows than threads and the vocabulary is
+// large, each row's vocabulary is also split across threads and the partial results merged.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../core/topk_confidence.h"
+#include "cpu_utils.h"
+
+namespace sage_ext::cpu {
+namespace {
+
+constexpr int64_t kMinVocabChunk = 32768;  // smallest vocabulary slice worth a thread of its own
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Tensor& logits_in, int64_t k,
+                                                                   double temperature) {
+  check_topk_confidence_args(logits_in, k, temperature);
+  const at::Tensor logits = with_contiguous_last_dim(logits_in);
+  const int64_t rows = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t row_stride = logits.stride(0);
+  at::Tensor alpha = empty_on(logits, {rows}, c10::kFloat);
+  at::Tensor topk_logprobs = empty_on(logits, {rows, k}, c10::kFloat);
+  at::Tensor topk_ids = empty_on(logits, {rows, k}, c10::kLong);
+  if (rows == 0) return {alpha, topk_logprobs, topk_ids};
+
+  float* alpha_out = alpha.data_ptr<float>();
+  float* logprob_out = topk_logprobs.data_ptr<float>();
+  int64_t* id_out = topk_ids.data_ptr<int64_t>();
+  const float temp = static_cast<float>(temperature);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = rows >= threads ? 1 : std::clamp<int64_t>(vocab / kMinVocabChunk, 1, (2 * threads + rows - 1) / rows);
+
+  dispatch_float_dtype(logits.scalar_type(), "topk_confidence", [&](auto zero) {
+    using T = decltype(zero);
+    const T* data = static_cast<const T*>(logits.const_data_ptr());
+    if (chunks == 1) {
+      const int64_t grain = std::max<int64_t>(1, 65536 / vocab);
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          core::topk_confidence_row(data + r * row_stride, vocab, k, temp, alpha_out + r, logprob_out + r * k,
+                                    id_out + r * k);
+        }
+      });
+      return;
+    }
+    std::vector<core::TopKAccumulator> partial(rows * chunks, core::TopKAccumulator(k));
+    at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / chunks, c = task % chunks;
+        partial[task].add_range(data + r * row_stride, c * vocab / chunks, (c + 1) * vocab / chunks, temp);
+      }
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      core::TopKAccumulator& total = partial[r * chunks];
+      for (int64_t c = 1; c < chunks; ++c) total.merge(partial[r * chunks + c]);
+      total.finalize(alpha_out + r, logprob_out + r * k, id_out + r * k);
+    }
+  });
+  return {alpha, topk_logprobs, topk_ids};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sage_ext, CPU, m) { m.impl("topk_confidence", &topk_confidence_cpu); }
+
+}  // namespace sage_ext::cpu

@@ -1,0 +1,148 @@
+// CPU implementations of verification and KV-cache compaction (docs/OPS.md): verify_greedy,
+// verify_sampling and kv_compact_. The target tensors are read in place (only the rows of nodes on
+// the accepted path are touched); batch rows, and for kv_compact_ every (cache, b, head) slice, run
+// in parallel.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../core/kv_compact.h"
+#include "../core/tree.h"
+#include "../core/verify.h"
+#include "cpu_utils.h"
+
+namespace sage_ext::cpu {
+namespace {
+
+using VerifyOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+VerifyOutputs verify_greedy_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in, const at::Tensor& target_in) {
+  check_verify_greedy_args(tokens_in, parents_in, target_in);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const at::Tensor parents = parents_in.contiguous();
+  validate_parent_rows("verify_greedy", parents);
+  const int64_t batch = tokens.size(0);
+  const int64_t nodes = tokens.size(1);
+  at::Tensor accepted = empty_on(tokens, {batch, nodes}, c10::kLong);
+  at::Tensor accept_len = empty_on(tokens, {batch}, c10::kLong);
+  at::Tensor bonus = empty_on(tokens, {batch}, c10::kLong);
+
+  auto run_rows = [&](auto&& argmax_for_row) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const core::VerifyResult result =
+            core::verify_greedy_row(tokens.const_data_ptr<int64_t>() + b * nodes,
+                                    parents.const_data_ptr<int64_t>() + b * nodes, nodes,
+                                    [&](int64_t node) { return argmax_for_row(b, node); },
+                                    accepted.data_ptr<int64_t>() + b * nodes);
+        accept_len.data_ptr<int64_t>()[b] = result.accept_len;
+        bonus.data_ptr<int64_t>()[b] = result.bonus;
+      }
+    });
+  };
+
+  if (target_in.dim() == 2) {
+    const at::Tensor target = target_in.contiguous();
+    const int64_t* argmax = target.const_data_ptr<int64_t>();
+    run_rows([&](int64_t b, int64_t node) { return argmax[b * nodes + node]; });
+  } else {
+    const at::Tensor target = with_contiguous_last_dim(target_in);
+    const int64_t vocab = target.size(2);
+    const int64_t stride_b = target.stride(0), stride_n = target.stride(1);
+    dispatch_float_dtype(target.scalar_type(), "verify_greedy", [&](auto zero) {
+      using T = decltype(zero);
+      const T* logits = static_cast<const T*>(target.const_data_ptr());
+      run_rows([&](int64_t b, int64_t node) { return core::argmax_row(logits + b * stride_b + node * stride_n, vocab); });
+    });
+  }
+  return {accepted, accept_len, bonus};
+}
+
+VerifyOutputs verify_sampling_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in,
+                                  const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
+                                  const at::Tensor& uniforms_in) {
+  check_verify_sampling_args(tokens_in, parents_in, target_probs_in, draft_probs_in, uniforms_in);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const at::Tensor parents = parents_in.contiguous();
+  const at::Tensor uniforms = uniforms_in.contiguous();
+  // The row pointer arithmetic of core::verify_sampling_row needs [N, V] rows back to back.
+  const at::Tensor target_probs = target_probs_in.contiguous();
+  at::Tensor draft_probs;  // undefined when the draft is a deterministic top-k (q = 1)
+  if (draft_probs_in.has_value()) draft_probs = draft_probs_in->contiguous();
+  validate_parent_rows("verify_sampling", parents);
+  const int64_t batch = tokens.size(0);
+  const int64_t nodes = tokens.size(1);
+  const int64_t vocab = target_probs.size(2);
+  for (int64_t b = 0; b < batch; ++b) {
+    raise_if_error(core::validate_tokens(tokens.const_data_ptr<int64_t>() + b * nodes,
+                                         parents.const_data_ptr<int64_t>() + b * nodes, nodes, vocab),
+                   "verify_sampling", b);
+  }
+  at::Tensor accepted = empty_on(tokens, {batch, nodes}, c10::kLong);
+  at::Tensor accept_len = empty_on(tokens, {batch}, c10::kLong);
+  at::Tensor bonus = empty_on(tokens, {batch}, c10::kLong);
+  dispatch_float_dtype(target_probs.scalar_type(), "verify_sampling", [&](auto zero) {
+    using T = decltype(zero);
+    const T* target = static_cast<const T*>(target_probs.const_data_ptr());
+    const T* draft = draft_probs.defined() ? static_cast<const T*>(draft_probs.const_data_ptr()) : nullptr;
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> residual;
+      for (int64_t b = begin; b < end; ++b) {
+        const core::VerifyResult result = core::verify_sampling_row(
+            tokens.const_data_ptr<int64_t>() + b * nodes, parents.const_data_ptr<int64_t>() + b * nodes, nodes,
+            target + b * nodes * vocab, draft ? draft + b * nodes * vocab : nullptr, vocab,
+            uniforms.const_data_ptr<float>() + b * nodes, accepted.data_ptr<int64_t>() + b * nodes, residual);
+        accept_len.data_ptr<int64_t>()[b] = result.accept_len;
+        bonus.data_ptr<int64_t>()[b] = result.bonus;
+      }
+    });
+  });
+  return {accepted, accept_len, bonus};
+}
+
+void kv_compact_cpu(at::TensorList caches, const at::Tensor& accepted_in, int64_t past_len) {
+  check_kv_compact_args(caches, accepted_in, past_len);
+  if (caches.empty()) return;
+  const at::Tensor accepted = accepted_in.contiguous();
+  const int64_t batch = accepted.size(0);
+  const int64_t num_accepted = accepted.size(1);
+  const int64_t* accepted_data = accepted.const_data_ptr<int64_t>();
+  int64_t shortest = caches[0].size(2);
+  for (const at::Tensor& cache : caches) shortest = std::min(shortest, cache.size(2));
+  for (int64_t b = 0; b < batch; ++b) {
+    raise_if_error(core::validate_accepted(accepted_data + b * num_accepted, num_accepted, past_len, shortest),
+                   "kv_compact_", b);
+  }
+  // One task per (cache, batch row, head) slice [L, D].
+  std::vector<int64_t> first_task(caches.size() + 1, 0);
+  for (size_t c = 0; c < caches.size(); ++c) first_task[c + 1] = first_task[c] + batch * caches[c].size(1);
+  at::parallel_for(0, first_task.back(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const size_t c = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const at::Tensor& cache = caches[c];
+      const int64_t heads = cache.size(1);
+      const int64_t b = (task - first_task[c]) / heads, h = (task - first_task[c]) % heads;
+      const int64_t item = static_cast<int64_t>(cache.element_size());
+      std::byte* slice = static_cast<std::byte*>(cache.data_ptr()) + (b * cache.stride(0) + h * cache.stride(1)) * item;
+      core::compact_rows(slice, cache.stride(2) * item, cache.size(3) * item, accepted_data + b * num_accepted,
+                         num_accepted, past_len);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sage_ext, CPU, m) {
+  m.impl("verify_greedy", &verify_greedy_cpu);
+  m.impl("verify_sampling", &verify_sampling_cpu);
+  m.impl("kv_compact_", &kv_compact_cpu);
+}
+
+}  // namespace sage_ext::cpu

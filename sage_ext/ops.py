@@ -1,0 +1,479 @@
+"""The native tree-speculation ops of `sage_ext`, as documented Python functions.
+
+Importing this module loads the compiled extension `sage_ext._C`, which registers the ops as
+`torch.ops.sage_ext.<name>` with CPU kernels (and CUDA kernels when built with a CUDA toolkit).
+Each function below is a thin wrapper over one registered op; docs/OPS.md is the exact contract
+and `sage_ext.reference` holds a plain-PyTorch oracle of every op with the same signature.
+
+The module also registers a fake (meta) implementation of every op, so the ops run on meta
+tensors and trace under `torch.compile(fullgraph=True)`: every output shape depends only on
+input shapes and scalar arguments, never on tensor data.
+
+Conventions: B batch, N tree nodes (node 0 = root = last committed token, parent -1; a node
+i > 0 with parent -1 is padding), V vocabulary, K top-k. Parents are topological.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loading it registers torch.ops.sage_ext.*)
+
+__all__ = [
+    "MAX_TREE_NODES",
+    "MAX_TOPK",
+    "SPECVLM_TREE_PATHS",
+    "cuda_available",
+    "paths_to_tensor",
+    "topk_confidence",
+    "build_static_tree",
+    "sage_tree",
+    "expand_tree",
+    "rerank_tree",
+    "tree_buffers",
+    "verify_greedy",
+    "verify_sampling",
+    "kv_compact_",
+]
+
+#: Largest tree (number of nodes N, root included) any op accepts.
+MAX_TREE_NODES = 1024
+#: Largest top-k any op accepts.
+MAX_TOPK = 64
+
+#: The 25-draft-node, depth-5 static tree of SpecVLM (SAGE's first round and the "SD-Tree"
+#: baseline), as paths of child ranks from the root. Level sizes 4, 8, 8, 3, 2.
+SPECVLM_TREE_PATHS: list[list[int]] = [
+    [0], [1], [2], [3],
+    [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [2, 1], [3, 0],
+    [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 2, 0], [0, 2, 1], [1, 0, 0],
+    [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2],
+    [0, 0, 0, 0, 0], [0, 0, 0, 0, 1],
+]  # fmt: skip
+
+
+def cuda_available() -> bool:
+    """Whether this build of the extension contains the CUDA kernels.
+
+    Returns
+    -------
+    bool
+        True when `sage_ext._C` was compiled with a CUDA toolkit (the ops then accept CUDA
+        tensors); False for a CPU-only build. It says nothing about whether a GPU is present:
+        combine with `torch.cuda.is_available()` for that.
+    """
+    return bool(_C.cuda_built())
+
+
+def paths_to_tensor(paths: Sequence[Sequence[int]], device: torch.device | str | None = None) -> torch.Tensor:
+    """Pack rank paths (lists of child ranks) into the `[P, L]` int64 tensor `build_static_tree` takes.
+
+    Parameters
+    ----------
+    paths : sequence of sequences of int
+        Each entry is a non-empty path of child ranks from the root, e.g. `[0, 2]` = the third
+        child of the first child of the root.
+    device : torch.device or str, optional
+        Where to put the tensor (default: CPU).
+
+    Returns
+    -------
+    torch.Tensor
+        `[P, L]` int64 with `L` the longest path length; shorter rows padded with -1 at the end.
+
+    Examples
+    --------
+    >>> paths_to_tensor([[0], [1], [0, 0]])
+    tensor([[ 0, -1],
+            [ 1, -1],
+            [ 0,  0]])
+    """
+    longest = max((len(path) for path in paths), default=1)
+    rows = [list(path) + [-1] * (longest - len(path)) for path in paths]
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), longest)
+
+
+# --------------------------------------------------------------------------------------------
+# wrappers
+# --------------------------------------------------------------------------------------------
+def topk_confidence(logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """SAGE confidence alpha (paper Eq. 7-9) with the top-k log-probabilities and ids of each row.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        `[R, V]` float32, float16 or bfloat16 logits (any device). NaN counts as -inf, +inf as the
+        largest finite float32.
+    k : int
+        Top-k size, `1 <= k <= min(V, MAX_TOPK)`.
+    temperature : float, default 1.0
+        Logits are divided by it (> 0) before the softmax.
+
+    Returns
+    -------
+    alpha : torch.Tensor
+        `[R]` float32 in [0, 1]: `1 - H / log(k)` with H the entropy of the renormalized top-k
+        (1 when `k == 1`; 0 for a row without any finite logit).
+    topk_logprobs : torch.Tensor
+        `[R, k]` float32: full-vocabulary log-softmax of the k largest logits, descending.
+    topk_ids : torch.Tensor
+        `[R, k]` int64 token ids, ties broken toward the lower id.
+
+    Examples
+    --------
+    >>> alpha, lp, ids = topk_confidence(torch.tensor([[4.0, 0.0, 0.0, 0.0]]), k=2)
+    >>> ids
+    tensor([[0, 1]])
+    """
+    return torch.ops.sage_ext.topk_confidence(logits, k, temperature)
+
+
+def build_static_tree(paths: torch.Tensor):
+    """Static draft tree from paths of child ranks (e.g. `SPECVLM_TREE_PATHS`).
+
+    Parameters
+    ----------
+    paths : torch.Tensor
+        `[P, L]` int64, one path per row, -1 padded at the end (see `paths_to_tensor`). Paths
+        must be non-empty, unique, ancestor-closed, with ranks in `[0, MAX_TOPK)`.
+
+    Returns
+    -------
+    parents : torch.Tensor
+        `[P + 1]` int64: root first (parent -1), then the nodes by depth, then lexicographically
+        by rank path; `parents[i] < i`.
+    ranks : torch.Tensor
+        `[P + 1]` int64: each node's rank among its siblings in the draft's top-k (root -1).
+    depth : torch.Tensor
+        `[P + 1]` int64 (root 0).
+
+    Examples
+    --------
+    >>> parents, ranks, depth = build_static_tree(paths_to_tensor([[1], [0], [0, 0]]))
+    >>> parents, ranks, depth
+    (tensor([-1,  0,  0,  1]), tensor([-1,  0,  1,  0]), tensor([0, 1, 1, 2]))
+    """
+    return torch.ops.sage_ext.build_static_tree(paths)
+
+
+def sage_tree(alpha: torch.Tensor, frontier_logprobs: torch.Tensor, level: int, k: int, d_min: float,
+              d_max: float, w_min: float, w_max: float, theta_scale: float = 0.1):
+    """SAGE tree shape (paper Eq. 10-12) for one level of expansion.
+
+    Parameters
+    ----------
+    alpha : torch.Tensor
+        `[B]` float32 confidence (from `topk_confidence`).
+    frontier_logprobs : torch.Tensor
+        `[B, F]` float32: conditional draft log-prob of each frontier node (root: 0);
+        -inf marks an empty slot.
+    level : int
+        Depth of the children being created (>= 1).
+    k : int
+        Largest width (the top-k the draft provides), `1 <= k <= MAX_TOPK`.
+    d_min, d_max, w_min, w_max : float
+        Depth and width ranges: `D = d_min + alpha (d_max - d_min)`,
+        `W = w_min + (1 - alpha)(w_max - w_min)`.
+    theta_scale : float, default 0.1
+        Threshold scale: a candidate needs cumulative probability > `theta_scale * level / D`.
+
+    Returns
+    -------
+    widths : torch.Tensor
+        `[B, F]` int64 children per frontier node: `clamp(round(W), 1, k)` at level 1,
+        `clamp(round(W (0.5 + exp(frontier_logprob)) / level), 1, k)` deeper; 0 for empty slots
+        and when `level > max_depth`.
+    min_cum_logprob : torch.Tensor
+        `[B]` float32, `log(theta_scale * level / D)`.
+    max_depth : torch.Tensor
+        `[B]` int64, `round(D)`.
+
+    Examples
+    --------
+    >>> widths, min_cum, max_depth = sage_tree(torch.tensor([0.5]), torch.zeros(1, 1), 1, 10, 3, 8, 2, 10)
+    >>> widths, max_depth
+    (tensor([[6]]), tensor([6]))
+    """
+    return torch.ops.sage_ext.sage_tree(alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max,
+                                        theta_scale)
+
+
+def expand_tree(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Tensor, cum_logprobs: torch.Tensor,
+                frontier: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor, widths: torch.Tensor,
+                min_cum_logprob: torch.Tensor, slot_start: int, num_slots: int) -> torch.Tensor:
+    """One best-first level of tree expansion, written in place into slots `[slot_start, slot_start + num_slots)`.
+
+    Parameters
+    ----------
+    tokens, parents : torch.Tensor
+        `[B, Ncap]` int64 tree state, modified in place (contiguous).
+    logprobs, cum_logprobs : torch.Tensor
+        `[B, Ncap]` float32 conditional and cumulative draft log-prob per node (root 0 and 0),
+        modified in place (contiguous).
+    frontier : torch.Tensor
+        `[B, F]` int64 node index of each frontier slot, -1 = empty.
+    topk_logprobs, topk_ids : torch.Tensor
+        `[B, F, K]` float32 / int64: each frontier node's top-K children, sorted descending.
+    widths : torch.Tensor
+        `[B, F]` int64: leading ranks of each frontier node allowed as children (from `sage_tree`).
+    min_cum_logprob : torch.Tensor
+        `[B]` float32: a candidate is kept iff its cumulative log-prob is larger.
+    slot_start : int
+        First slot written, `>= 1`.
+    num_slots : int
+        Node budget of this level, `slot_start + num_slots <= Ncap`.
+
+    Returns
+    -------
+    torch.Tensor
+        `count [B]` int64: real nodes written. The best candidates (cumulative log-prob
+        descending, ties to smaller `(f, r)`) fill the slots in order; the rest become padding
+        (token 0, parent -1, logprob -inf). The next level's frontier is the slot range.
+
+    Examples
+    --------
+    >>> tokens = torch.zeros(1, 4, dtype=torch.long); parents = torch.full((1, 4), -1)
+    >>> logprobs = torch.zeros(1, 4); cum = torch.zeros(1, 4)
+    >>> count = expand_tree(tokens, parents, logprobs, cum, torch.tensor([[0]]),
+    ...                     torch.log(torch.tensor([[[0.6, 0.3, 0.1]]])), torch.tensor([[[7, 8, 9]]]),
+    ...                     torch.tensor([[2]]), torch.tensor([-5.0]), 1, 3)
+    >>> count, tokens, parents
+    (tensor([2]), tensor([[0, 7, 8, 0]]), tensor([[-1,  0,  0, -1]]))
+    """
+    return torch.ops.sage_ext.expand_tree(tokens, parents, logprobs, cum_logprobs, frontier, topk_logprobs,
+                                          topk_ids, widths, min_cum_logprob, slot_start, num_slots)
+
+
+def rerank_tree(parents: torch.Tensor, cum_logprobs: torch.Tensor, num_select: int):
+    """EAGLE-2 global top-N selection of tree nodes, always ancestor-closed.
+
+    Parameters
+    ----------
+    parents : torch.Tensor
+        `[B, N]` int64 tree.
+    cum_logprobs : torch.Tensor
+        `[B, N]` float32 cumulative draft log-prob of each node.
+    num_select : int
+        Nodes to keep, root included, `1 <= num_select <= N`.
+
+    Returns
+    -------
+    keep : torch.Tensor
+        `[B, num_select]` int64 selected node indices, ascending, -1 padded when the tree has
+        fewer real nodes. Score: `s[root] = +inf`, `s[i] = min(cum_logprobs[i], s[parent[i]])`;
+        best scores win, ties to the lower index; padding is never selected.
+    new_parents : torch.Tensor
+        `[B, num_select]` int64: each kept node's parent as a position in `keep` (root and
+        padding -1) — a valid tree to gather `tokens[keep]` into.
+
+    Examples
+    --------
+    >>> parents = torch.tensor([[-1, 0, 0, 1]])
+    >>> cum = torch.log(torch.tensor([[1.0, 0.5, 0.4, 0.45]]))
+    >>> rerank_tree(parents, cum, 3)
+    (tensor([[0, 1, 3]]), tensor([[-1,  0,  1]]))
+    """
+    return torch.ops.sage_ext.rerank_tree(parents, cum_logprobs, num_select)
+
+
+def tree_buffers(parents: torch.Tensor, past_len: int, mask_dtype: torch.dtype = torch.float32):
+    """Derive everything a tree forward and its verification need from `parents`.
+
+    Parameters
+    ----------
+    parents : torch.Tensor
+        `[B, N]` int64 tree, `N <= MAX_TREE_NODES`.
+    past_len : int
+        Tokens already in the KV cache before the tree (>= 0).
+    mask_dtype : torch.dtype, default torch.float32
+        float32, float16 or bfloat16: dtype of `float_mask` (use the model's dtype).
+
+    Returns
+    -------
+    depth : torch.Tensor
+        `[B, N]` int64 (root and padding 0).
+    positions : torch.Tensor
+        `[B, N]` int64, `past_len + depth` (position ids of the tree tokens).
+    first_child, next_sibling : torch.Tensor
+        `[B, N]` int64 child links (smallest-index child / next larger-index sibling, -1 if none).
+    paths : torch.Tensor
+        `[B, N, N]` int64: row i = node indices from the root to i, -1 padded.
+    is_leaf : torch.Tensor
+        `[B, N]` bool: real node without children.
+    float_mask : torch.Tensor
+        `[B, 1, N, past_len + N]` additive attention mask for HuggingFace models: 0 where node i
+        may attend (all past columns and its ancestors-or-self), `finfo(mask_dtype).min` elsewhere.
+    packed_mask : torch.Tensor
+        `[B, N, ceil(N / 8)]` uint8: bit `j % 8` of byte `j // 8` in row i set iff j is an
+        ancestor-or-self of i.
+
+    Examples
+    --------
+    >>> depth, positions, *_, float_mask, packed = tree_buffers(torch.tensor([[-1, 0, 0]]), past_len=5)
+    >>> positions, packed[0, :, 0]
+    (tensor([[5, 6, 6]]), tensor([1, 3, 5], dtype=torch.uint8))
+    """
+    return torch.ops.sage_ext.tree_buffers(parents, past_len, mask_dtype)
+
+
+def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, target: torch.Tensor):
+    """Greedy tree verification: follow the child whose token is the target's argmax.
+
+    Parameters
+    ----------
+    tokens, parents : torch.Tensor
+        `[B, N]` int64 draft tree (root token = last committed token).
+    target : torch.Tensor
+        The target's argmax after each node, `[B, N]` int64, or its logits `[B, N, V]`
+        float32/float16/bfloat16 (argmax taken inside, ties to the lowest id).
+
+    Returns
+    -------
+    accepted : torch.Tensor
+        `[B, N]` int64 accepted path `[0, i1, ..., ia]` of node indices, -1 padded.
+    accept_len : torch.Tensor
+        `[B]` int64, `a` = accepted draft tokens (tau).
+    bonus : torch.Tensor
+        `[B]` int64, the target's argmax after the last accepted node.
+
+    Examples
+    --------
+    >>> tokens = torch.tensor([[5, 7, 8, 9]]); parents = torch.tensor([[-1, 0, 0, 2]])
+    >>> verify_greedy(tokens, parents, torch.tensor([[8, 1, 9, 4]]))
+    (tensor([[ 0,  2,  3, -1]]), tensor([2]), tensor([4]))
+    """
+    return torch.ops.sage_ext.verify_greedy(tokens, parents, target)
+
+
+def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+                    draft_probs: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """Lossless tree rejection sampling: the emitted tokens follow the target distribution exactly.
+
+    Parameters
+    ----------
+    tokens, parents : torch.Tensor
+        `[B, N]` int64 draft tree.
+    target_probs : torch.Tensor
+        `[B, N, V]` float: row u = the target's distribution of the token after node u (need not
+        be exactly normalized).
+    draft_probs : torch.Tensor, optional
+        `[B, N, V]` (dtype of `target_probs`): row u = the draft distribution q the children of u
+        were *sampled* from (SpecInfer rule: accept x with `min(1, p(x)/q(x))`, else
+        `p <- relu(p - q)`). None for a deterministic (top-k) draft: accept x with `p(x)`, else
+        zero `p(x)`.
+    generator : torch.Generator, optional
+        Source of the `[B, N]` uniforms (on `tokens.device`); seeded runs repeat exactly.
+
+    Returns
+    -------
+    accepted, accept_len, bonus : torch.Tensor
+        As in `verify_greedy`; `bonus` is sampled from the residual distribution at the last
+        accepted node.
+
+    Examples
+    --------
+    >>> tokens = torch.tensor([[0, 1, 2]]); parents = torch.tensor([[-1, 0, 0]])
+    >>> probs = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])
+    >>> verify_sampling(tokens, parents, probs, generator=torch.Generator().manual_seed(0))
+    (tensor([[ 0,  1, -1]]), tensor([1]), tensor([2]))
+    """
+    batch, num_nodes = tokens.shape
+    uniforms = torch.rand(batch, num_nodes, generator=generator, device=tokens.device)
+    return torch.ops.sage_ext.verify_sampling(tokens, parents, target_probs, draft_probs, uniforms)
+
+
+def kv_compact_(caches: Sequence[torch.Tensor], accepted: torch.Tensor, past_len: int) -> None:
+    """Move the accepted tree rows of every KV-cache tensor to contiguous positions, in place.
+
+    Parameters
+    ----------
+    caches : list of torch.Tensor
+        `[B, H, L, D]` tensors (any float dtype, last dim contiguous, same B and device), e.g. the
+        keys and values of every layer of a HuggingFace `DynamicCache`. One kernel launch on CUDA.
+    accepted : torch.Tensor
+        `[B, A]` int64 accepted node indices (a `verify_*` output), -1 padded.
+    past_len : int
+        Cache length before the tree (the tree's node i sits at row `past_len + i`).
+
+    Returns
+    -------
+    None
+        For each b and j with `accepted[b, j] >= 0`: row `past_len + j` <- row
+        `past_len + accepted[b, j]`. Crop the cache to `past_len + accept_len + 1` afterwards.
+
+    Examples
+    --------
+    >>> keys = torch.arange(6.0).reshape(1, 1, 6, 1)
+    >>> kv_compact_([keys], torch.tensor([[0, 2, 3]]), past_len=2)
+    >>> keys.flatten()
+    tensor([0., 1., 2., 4., 5., 5.])
+    """
+    torch.ops.sage_ext.kv_compact_(list(caches), accepted, past_len)
+
+
+# --------------------------------------------------------------------------------------------
+# fake (meta) implementations: output shapes from input shapes only
+# --------------------------------------------------------------------------------------------
+@torch.library.register_fake("sage_ext::topk_confidence")
+def _topk_confidence_fake(logits, k, temperature=1.0):
+    rows = logits.shape[0]
+    return (logits.new_empty((rows,), dtype=torch.float32), logits.new_empty((rows, k), dtype=torch.float32),
+            logits.new_empty((rows, k), dtype=torch.int64))
+
+
+@torch.library.register_fake("sage_ext::build_static_tree")
+def _build_static_tree_fake(paths):
+    num_nodes = paths.shape[0] + 1
+    return tuple(paths.new_empty((num_nodes,), dtype=torch.int64) for _ in range(3))
+
+
+@torch.library.register_fake("sage_ext::sage_tree")
+def _sage_tree_fake(alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale=0.1):
+    batch = alpha.shape[0]
+    return (frontier_logprobs.new_empty(frontier_logprobs.shape, dtype=torch.int64),
+            alpha.new_empty((batch,), dtype=torch.float32), alpha.new_empty((batch,), dtype=torch.int64))
+
+
+@torch.library.register_fake("sage_ext::expand_tree")
+def _expand_tree_fake(tokens, parents, logprobs, cum_logprobs, frontier, topk_logprobs, topk_ids, widths,
+                      min_cum_logprob, slot_start, num_slots):
+    return tokens.new_empty((tokens.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("sage_ext::rerank_tree")
+def _rerank_tree_fake(parents, cum_logprobs, num_select):
+    shape = (parents.shape[0], num_select)
+    return parents.new_empty(shape, dtype=torch.int64), parents.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("sage_ext::tree_buffers")
+def _tree_buffers_fake(parents, past_len, mask_dtype=torch.float32):
+    batch, num_nodes = parents.shape
+    links = lambda: parents.new_empty((batch, num_nodes), dtype=torch.int64)  # noqa: E731
+    return (links(), links(), links(), links(),
+            parents.new_empty((batch, num_nodes, num_nodes), dtype=torch.int64),
+            parents.new_empty((batch, num_nodes), dtype=torch.bool),
+            parents.new_empty((batch, 1, num_nodes, past_len + num_nodes), dtype=mask_dtype),
+            parents.new_empty((batch, num_nodes, (num_nodes + 7) // 8), dtype=torch.uint8))
+
+
+def _verify_fake(tokens):
+    batch, num_nodes = tokens.shape
+    return (tokens.new_empty((batch, num_nodes), dtype=torch.int64), tokens.new_empty((batch,), dtype=torch.int64),
+            tokens.new_empty((batch,), dtype=torch.int64))
+
+
+@torch.library.register_fake("sage_ext::verify_greedy")
+def _verify_greedy_fake(tokens, parents, target):
+    return _verify_fake(tokens)
+
+
+@torch.library.register_fake("sage_ext::verify_sampling")
+def _verify_sampling_fake(tokens, parents, target_probs, draft_probs, uniforms):
+    return _verify_fake(tokens)
+
+
+@torch.library.register_fake("sage_ext::kv_compact_")
+def _kv_compact_fake(caches, accepted, past_len):
+    return None

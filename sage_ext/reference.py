@@ -1,0 +1,456 @@
+"""Plain-PyTorch reference implementations ("oracles") of every `sage_ext` op.
+
+Each function here has exactly the Python signature of its wrapper in `sage_ext.ops` and computes
+what docs/OPS.md specifies, written for readability rather than speed: loops over tree nodes are
+plain Python, only vocabulary-wide work (softmax, top-k, argmax, cumulative sums) is vectorized so
+the oracle stays usable at V = 152k. The test suite compares the C++/CUDA ops against these
+functions; the benchmarks time them as the "what you would write without the extension" baseline.
+
+Conventions (see docs/OPS.md): B batch, N tree nodes, node 0 is the root (parent -1), a node i > 0
+with parent -1 is padding (an empty slot), parents are topological (parents[b, i] < i).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "topk_confidence",
+    "build_static_tree",
+    "sage_tree",
+    "expand_tree",
+    "rerank_tree",
+    "tree_buffers",
+    "verify_greedy",
+    "verify_sampling",
+    "kv_compact_",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """The contract's rounding rule, floor(x + 0.5), as int64."""
+    return torch.floor(x + 0.5).to(torch.int64)
+
+
+def _f32(x: float) -> torch.Tensor:
+    """A Python scalar as a float32 0-d tensor, so formulas round like the float32 kernels do."""
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _is_padding(parents_row: list[int], i: int) -> bool:
+    return i > 0 and parents_row[i] == -1
+
+
+def _check_parents(parents: torch.Tensor) -> None:
+    """Raise if `parents` [B, N] is not a valid topological tree (root first, parent < index)."""
+    if parents.dim() != 2 or parents.dtype != torch.int64:
+        raise ValueError(f"parents must be a [B, N] int64 tensor, got {tuple(parents.shape)} {parents.dtype}")
+    if parents.shape[1] < 1:
+        raise ValueError("parents must have at least one node (the root)")
+    for b, row in enumerate(parents.tolist()):
+        if row[0] != -1:
+            raise ValueError(f"parents[{b}, 0] must be -1 (the root), got {row[0]}")
+        for i in range(1, len(row)):
+            if row[i] < -1 or row[i] >= i or (row[i] > 0 and row[row[i]] == -1):
+                raise ValueError(f"parents[{b}, {i}] = {row[i]} must be -1 (padding) or an earlier real node")
+
+
+def _children(parents_row: list[int]) -> list[list[int]]:
+    """children[u] = indices of u's children in increasing order (padding is nobody's child)."""
+    children: list[list[int]] = [[] for _ in parents_row]
+    for i in range(1, len(parents_row)):
+        if parents_row[i] >= 0:
+            children[parents_row[i]].append(i)
+    return children
+
+
+# --------------------------------------------------------------------------------------------
+# confidence
+# --------------------------------------------------------------------------------------------
+def topk_confidence(logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """SAGE confidence alpha plus the top-k log-probabilities and token ids of every row.
+
+    z = logits / temperature in float32 (NaN -> -inf, +inf -> largest finite float32),
+    topk_logprobs = log_softmax(z) of the k largest z (descending, ties -> lower id),
+    alpha = clamp(1 - H(renormalized top-k) / log k, 0, 1), alpha = 1 when k == 1.
+    A row that is entirely -inf/NaN gives alpha 0, log-probs -inf and ids 0..k-1.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"logits must be float32/float16/bfloat16, got {logits.dtype}")
+    num_rows, vocab = logits.shape
+    if not 1 <= k <= min(vocab, 64):
+        raise ValueError(f"k must be in [1, min(V, 64)] = [1, {min(vocab, 64)}], got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    f32 = torch.finfo(torch.float32)
+    z = logits.float() / temperature
+    z = torch.nan_to_num(z, nan=-math.inf, posinf=f32.max, neginf=-math.inf)
+    logprobs = torch.log_softmax(z, dim=-1)
+
+    # The k largest with ties to the lower id: every token at least as large as the k-th largest
+    # value is a candidate; a stable descending sort of the candidates (in id order) ranks them.
+    kth_value = torch.topk(z, k, dim=-1).values[:, -1:]
+    topk_ids = torch.empty(num_rows, k, dtype=torch.int64, device=logits.device)
+    for row in range(num_rows):
+        candidates = torch.nonzero(z[row] >= kth_value[row]).flatten()
+        order = torch.sort(z[row, candidates], descending=True, stable=True).indices
+        topk_ids[row] = candidates[order[:k]]
+    topk_logprobs = logprobs.gather(1, topk_ids)
+
+    # Entropy of the renormalized top-k distribution; 0 log 0 counts as 0.
+    log_p = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
+    p = log_p.exp()
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    if k == 1:
+        alpha = torch.ones(num_rows, dtype=torch.float32, device=logits.device)
+    else:
+        alpha = (1.0 - entropy / math.log(k)).clamp(0.0, 1.0)
+
+    dead = (z == -math.inf).all(dim=-1)  # rows without a single finite logit
+    alpha = torch.where(dead, torch.zeros_like(alpha), alpha)
+    topk_logprobs = torch.where(dead[:, None], torch.full_like(topk_logprobs, -math.inf), topk_logprobs)
+    return alpha, topk_logprobs, topk_ids
+
+
+# --------------------------------------------------------------------------------------------
+# tree construction
+# --------------------------------------------------------------------------------------------
+def build_static_tree(paths: torch.Tensor):
+    """Tree from rank paths: `paths [P, L]` int64, each row a path of child ranks, -1 padded.
+
+    Returns (parents, ranks, depth), each [P + 1] int64: root first (parent -1, rank -1, depth 0),
+    then the nodes sorted by depth, then lexicographically by rank path.
+    """
+    if paths.dim() != 2 or paths.dtype != torch.int64:
+        raise ValueError(f"paths must be a [P, L] int64 tensor, got {tuple(paths.shape)} {paths.dtype}")
+    rank_paths: list[tuple[int, ...]] = []
+    for row in paths.tolist():
+        length = next((j for j, r in enumerate(row) if r == -1), len(row))
+        path = tuple(row[:length])
+        if not path:
+            raise ValueError("paths rows must be non-empty")
+        if any(r != -1 for r in row[length:]):
+            raise ValueError("paths rows must be padded with -1 only at the end")
+        if any(not 0 <= r < 64 for r in path):
+            raise ValueError(f"paths ranks must be in [0, 64), got {list(path)}")
+        rank_paths.append(path)
+    if len(set(rank_paths)) != len(rank_paths):
+        raise ValueError("paths must not contain duplicates")
+    known = set(rank_paths)
+    for path in rank_paths:
+        if len(path) > 1 and path[:-1] not in known:
+            raise ValueError(f"paths must be ancestor-closed: {list(path[:-1])} missing for {list(path)}")
+
+    ordered = sorted(rank_paths, key=lambda path: (len(path), path))
+    index_of = {(): 0}
+    parents, ranks, depth = [-1], [-1], [0]
+    for i, path in enumerate(ordered, start=1):
+        index_of[path] = i
+        parents.append(index_of[path[:-1]])
+        ranks.append(path[-1])
+        depth.append(len(path))
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=paths.device)  # noqa: E731
+    return as_tensor(parents), as_tensor(ranks), as_tensor(depth)
+
+
+def sage_tree(alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale=0.1):
+    """SAGE Eq. 10-12 for the level of children created at depth `level` (>= 1).
+
+    D = d_min + alpha (d_max - d_min), W = w_min + (1 - alpha)(w_max - w_min), max_depth = round(D);
+    widths = clamp(round(W), 1, k) at level 1, clamp(round(W (0.5 + P) / level), 1, k) deeper,
+    with P = exp(frontier_logprob); 0 for empty (-inf) slots and when level > max_depth;
+    min_cum_logprob = log(theta_scale * level / D).
+    Returns (widths [B, F] int64, min_cum_logprob [B] float32, max_depth [B] int64).
+    """
+    alpha = alpha.float()
+    frontier_logprobs = frontier_logprobs.float()
+    depth = _f32(d_min) + alpha * (_f32(d_max) - _f32(d_min))
+    width = _f32(w_min) + (1.0 - alpha) * (_f32(w_max) - _f32(w_min))
+    max_depth = _round_half_up(depth)
+
+    if level <= 1:
+        widths = _round_half_up(width)[:, None].expand_as(frontier_logprobs)
+    else:
+        parent_prob = frontier_logprobs.exp()
+        widths = _round_half_up(width[:, None] * (0.5 + parent_prob) / float(level))
+    widths = widths.clamp(1, k)
+    empty = ~(frontier_logprobs > -math.inf)  # -inf (or NaN) marks an empty slot
+    too_deep = (level > max_depth)[:, None]
+    widths = torch.where(empty | too_deep, torch.zeros_like(widths), widths).contiguous()
+
+    min_cum_logprob = torch.log(_f32(theta_scale) * float(level) / depth)
+    return widths, min_cum_logprob, max_depth
+
+
+def expand_tree(tokens, parents, logprobs, cum_logprobs, frontier, topk_logprobs, topk_ids, widths,
+                min_cum_logprob, slot_start, num_slots):
+    """One best-first level of tree expansion, written in place into slots [slot_start, slot_start + num_slots).
+
+    Candidates (f, r): frontier[b, f] >= 0, r < widths[b, f], cumulative log-prob
+    c = cum_logprobs[b, frontier[b, f]] + topk_logprobs[b, f, r], kept iff c > min_cum_logprob[b]
+    and c > -inf. Best c first (ties -> smaller (f, r)) fill the slots; unused slots become padding
+    (token 0, parent -1, logprob -inf, cum -inf). Returns count [B] int64, the real nodes written.
+    """
+    batch, capacity = parents.shape
+    if not (0 <= slot_start and num_slots >= 0 and slot_start + num_slots <= capacity):
+        raise ValueError(f"slot_start + num_slots must be <= Ncap = {capacity}, got {slot_start} + {num_slots}")
+    num_frontier, top_k = topk_ids.shape[1], topk_ids.shape[2]
+    if ((frontier < -1) | (frontier >= slot_start)).any():
+        raise ValueError(f"frontier entries must be -1 or an existing node in [0, slot_start = {slot_start})")
+    counts = []
+    for b in range(batch):
+        candidates = []  # (-c, f, r): sorting this tuple gives c descending, then smaller (f, r)
+        for f in range(num_frontier):
+            node = int(frontier[b, f])
+            if node < 0:
+                continue
+            for r in range(min(max(int(widths[b, f]), 0), top_k)):
+                c = float((cum_logprobs[b, node] + topk_logprobs[b, f, r]).float())  # float32 sum
+                if c > float(min_cum_logprob[b]) and c > -math.inf:
+                    candidates.append((-c, f, r))
+        candidates.sort()
+        chosen = candidates[:num_slots]
+        for slot in range(slot_start, slot_start + num_slots):
+            if slot - slot_start < len(chosen):
+                neg_c, f, r = chosen[slot - slot_start]
+                tokens[b, slot] = topk_ids[b, f, r]
+                parents[b, slot] = frontier[b, f]
+                logprobs[b, slot] = topk_logprobs[b, f, r]
+                cum_logprobs[b, slot] = -neg_c
+            else:
+                tokens[b, slot] = 0
+                parents[b, slot] = -1
+                logprobs[b, slot] = -math.inf
+                cum_logprobs[b, slot] = -math.inf
+        counts.append(len(chosen))
+    return torch.tensor(counts, dtype=torch.int64, device=parents.device)
+
+
+def rerank_tree(parents, cum_logprobs, num_select):
+    """EAGLE-2 global top-N: keep the root and the `num_select - 1` best real nodes.
+
+    Score s[0] = +inf, s[i] = min(cum_logprobs[i], s[parent[i]]) for a real node (so every top set
+    is ancestor-closed); padding is never selected; ties -> lower index.
+    Returns keep [B, num_select] (selected indices ascending, -1 padded) and new_parents
+    [B, num_select] (each kept node's parent as a position inside keep; root and padding -1).
+    """
+    _check_parents(parents)
+    batch, num_nodes = parents.shape
+    if not 1 <= num_select <= num_nodes:
+        raise ValueError(f"num_select must be in [1, N] = [1, {num_nodes}], got {num_select}")
+    keep = torch.full((batch, num_select), -1, dtype=torch.int64, device=parents.device)
+    new_parents = torch.full_like(keep, -1)
+    for b in range(batch):
+        row = parents[b].tolist()
+        cum = [-math.inf if math.isnan(c) else c for c in cum_logprobs[b].float().tolist()]  # NaN ranks last
+        score = [math.inf] + [0.0] * (num_nodes - 1)
+        real = []
+        for i in range(1, num_nodes):
+            if not _is_padding(row, i):
+                score[i] = min(cum[i], score[row[i]])
+                real.append(i)
+        best = sorted(real, key=lambda i: (-score[i], i))[: num_select - 1]
+        selected = sorted([0] + best)
+        position = {node: pos for pos, node in enumerate(selected)}
+        for pos, node in enumerate(selected):
+            keep[b, pos] = node
+            if node > 0:
+                new_parents[b, pos] = position[row[node]]
+    return keep, new_parents
+
+
+# --------------------------------------------------------------------------------------------
+# tree buffers
+# --------------------------------------------------------------------------------------------
+def tree_buffers(parents, past_len, mask_dtype=torch.float32):
+    """Everything a tree forward and its verification need, derived from `parents` [B, N].
+
+    Returns (depth, positions, first_child, next_sibling, paths, is_leaf, float_mask, packed_mask);
+    see docs/OPS.md for the exact layout of each.
+    """
+    _check_parents(parents)
+    if past_len < 0:
+        raise ValueError(f"past_len must be >= 0, got {past_len}")
+    if mask_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"mask_dtype must be float32/float16/bfloat16, got {mask_dtype}")
+    batch, num_nodes = parents.shape
+    device = parents.device
+    depth = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    first_child = torch.full((batch, num_nodes), -1, dtype=torch.int64)
+    next_sibling = torch.full((batch, num_nodes), -1, dtype=torch.int64)
+    paths = torch.full((batch, num_nodes, num_nodes), -1, dtype=torch.int64)
+    is_leaf = torch.zeros(batch, num_nodes, dtype=torch.bool)
+    ancestor = torch.zeros(batch, num_nodes, num_nodes, dtype=torch.bool)  # [b, i, j]: j is ancestor-or-self of i
+
+    for b in range(batch):
+        row = parents[b].tolist()
+        children = _children(row)
+        for i in range(num_nodes):
+            ancestor[b, i, i] = True
+            if _is_padding(row, i):
+                continue
+            if i > 0:
+                depth[b, i] = depth[b, row[i]] + 1
+                ancestor[b, i] |= ancestor[b, row[i]]
+            chain = ancestor[b, i].nonzero().flatten()  # ancestors have smaller indices: root..i
+            paths[b, i, : len(chain)] = chain
+            is_leaf[b, i] = not children[i]
+            if children[i]:
+                first_child[b, i] = children[i][0]
+            for older, younger in zip(children[i], children[i][1:]):
+                next_sibling[b, older] = younger
+
+    blocked = torch.finfo(mask_dtype).min
+    float_mask = torch.zeros(batch, 1, num_nodes, past_len + num_nodes, dtype=mask_dtype)
+    float_mask[:, 0, :, past_len:] = torch.where(ancestor, 0.0, blocked).to(mask_dtype)
+
+    num_bytes = (num_nodes + 7) // 8
+    padded = torch.zeros(batch, num_nodes, num_bytes * 8, dtype=torch.int64)
+    padded[..., :num_nodes] = ancestor.to(torch.int64)
+    bit_values = 2 ** torch.arange(8, dtype=torch.int64)  # LSB first
+    packed_mask = (padded.view(batch, num_nodes, num_bytes, 8) * bit_values).sum(-1).to(torch.uint8)
+
+    positions = past_len + depth
+    outputs = (depth, positions, first_child, next_sibling, paths, is_leaf, float_mask, packed_mask)
+    return tuple(t.to(device) for t in outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# verification
+# --------------------------------------------------------------------------------------------
+def _walk_outputs(batch, num_nodes, walks, bonuses, device):
+    accepted = torch.full((batch, num_nodes), -1, dtype=torch.int64)
+    for b, walk in enumerate(walks):
+        accepted[b, : len(walk)] = torch.tensor(walk, dtype=torch.int64)
+    accept_len = torch.tensor([len(walk) - 1 for walk in walks], dtype=torch.int64)
+    bonus = torch.tensor(bonuses, dtype=torch.int64)
+    return accepted.to(device), accept_len.to(device), bonus.to(device)
+
+
+def verify_greedy(tokens, parents, target):
+    """Greedy tree verification: follow the child whose token is the target's argmax.
+
+    `target` is the target's argmax after each node ([B, N] int64) or its logits ([B, N, V],
+    argmax taken inside, ties -> lowest id). Returns accepted [B, N] (path node indices from the
+    root, -1 padded), accept_len [B] (accepted draft tokens) and bonus [B] (argmax at the last node).
+    """
+    _check_parents(parents)
+    if target.dim() == 3:
+        argmax = target.float().argmax(dim=-1)  # torch returns the first maximal index
+    else:
+        argmax = target
+    batch, num_nodes = parents.shape
+    walks, bonuses = [], []
+    for b in range(batch):
+        children = _children(parents[b].tolist())
+        row_tokens, row_argmax = tokens[b].tolist(), argmax[b].tolist()
+        walk = [0]
+        while True:
+            u = walk[-1]
+            match = next((c for c in children[u] if row_tokens[c] == row_argmax[u]), None)
+            if match is None:
+                break
+            walk.append(match)
+        walks.append(walk)
+        bonuses.append(row_argmax[walk[-1]])
+    return _walk_outputs(batch, num_nodes, walks, bonuses, tokens.device)
+
+
+def _mass(p: torch.Tensor) -> torch.Tensor:
+    """sum(p) accumulated in float64, returned as float32 (the sums of the op are exact to float32)."""
+    return p.double().sum().float()
+
+
+def _sample_index(p: torch.Tensor, mass: torch.Tensor, uniform: torch.Tensor) -> int:
+    """Smallest x with cumsum(p)[x] > uniform * mass (float64 accumulation); the last positive entry
+    when rounding leaves none."""
+    cumulative = torch.cumsum(p.double(), dim=0)
+    threshold = uniform.double() * mass.double()
+    index = int(torch.searchsorted(cumulative, threshold, right=True))
+    if index < p.numel():
+        return index
+    positive = torch.nonzero(p > 0).flatten()
+    return int(positive[-1]) if positive.numel() else 0
+
+
+def verify_sampling(tokens, parents, target_probs, draft_probs=None, generator=None):
+    """Lossless tree rejection sampling (SpecInfer rule; q = 1 for deterministic top-k drafts).
+
+    Draws `uniforms = torch.rand(B, N, generator=generator, device=tokens.device)` exactly as the
+    `sage_ext.ops` wrapper does: uniforms[b, c] decides child c, uniforms[b, 0] the bonus token.
+    At node u the residual starts as p = target_probs[u] with mass m = sum(p); children are tried in
+    increasing index. Without draft_probs, child token x is accepted iff uniform < p[x] / m, else
+    p[x] is removed from the residual. With draft_probs (q = draft_probs[u]), x is accepted iff
+    q[x] == 0 or uniform < min(1, (p[x] / m) / q[x]), else p = relu(p / m - q). When no child is
+    accepted the bonus is drawn from the residual (from target_probs[u] if the residual vanished).
+    Returns (accepted, accept_len, bonus) laid out as in `verify_greedy`.
+    """
+    _check_parents(parents)
+    batch, num_nodes = parents.shape
+    uniforms = torch.rand(batch, num_nodes, generator=generator, device=tokens.device).cpu()
+    target_probs = target_probs.cpu()
+    draft_probs = None if draft_probs is None else draft_probs.cpu()
+    walks, bonuses = [], []
+    for b in range(batch):
+        children = _children(parents[b].tolist())
+        u = 0
+        walk = [0]
+        while True:
+            p = target_probs[b, u].float().clone()
+            mass = _mass(p)
+            accepted_child = None
+            for c in children[u]:
+                x = int(tokens[b, c])
+                if draft_probs is None:
+                    if uniforms[b, c] < p[x] / mass:
+                        accepted_child = c
+                        break
+                    mass = mass - p[x]
+                    p[x] = 0.0
+                else:
+                    q = draft_probs[b, u].float()
+                    if q[x] == 0 or uniforms[b, c] < torch.clamp((p[x] / mass) / q[x], max=1.0):
+                        accepted_child = c
+                        break
+                    p = torch.relu(p / mass - q)
+                    mass = _mass(p)
+            if accepted_child is None:
+                break
+            u = accepted_child
+            walk.append(u)
+        if not mass > 0:  # the residual vanished numerically: fall back to the target itself
+            p = target_probs[b, u].float()
+            mass = _mass(p)
+        walks.append(walk)
+        bonuses.append(_sample_index(p, mass, uniforms[b, 0]))
+    return _walk_outputs(batch, num_nodes, walks, bonuses, tokens.device)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------
+def kv_compact_(caches, accepted, past_len):
+    """Move the accepted tree rows of every cache [B, H, L, D] to contiguous positions, in place.
+
+    For each b and j with accepted[b, j] >= 0 (in increasing j): row past_len + j <- row
+    past_len + accepted[b, j]. Returns None; the caller then crops to past_len + accept_len + 1.
+    """
+    rows = accepted.tolist()
+    for cache in caches:
+        for b, row in enumerate(rows):
+            for j, node in enumerate(row):
+                if node < 0:
+                    continue
+                if node < j or past_len + node >= cache.shape[2]:
+                    raise ValueError(f"accepted[{b}, {j}] = {node} is out of range")
+                cache[b, :, past_len + j] = cache[b, :, past_len + node]
+    return None

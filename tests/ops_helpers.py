@@ -1,0 +1,132 @@
+"""Shared generators and checks for the op tests (tests/test_ops_*.py).
+
+Random trees, rank-path sets, verification targets and the hypothesis strategies built on them.
+Everything is seeded: a failing hypothesis example reproduces from its printed arguments.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from hypothesis import strategies as st
+
+LOGIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# --------------------------------------------------------------------------------------------
+# trees
+# --------------------------------------------------------------------------------------------
+def random_parents_row(num_nodes: int, rng: random.Random, pad_prob: float = 0.15, chain_bias: float = 0.5) -> list[int]:
+    """One random topological tree of `num_nodes` slots: root first, padding slots (parent -1) mixed in.
+
+    `chain_bias` is the chance a node hangs under the most recent real node (deep, chain-like
+    trees); otherwise its parent is a uniformly random earlier real node (bushy trees).
+    """
+    row = [-1]
+    real = [0]
+    for _ in range(1, num_nodes):
+        if rng.random() < pad_prob:
+            row.append(-1)
+            continue
+        parent = real[-1] if rng.random() < chain_bias else rng.choice(real)
+        row.append(parent)
+        real.append(len(row) - 1)
+    return row
+
+
+def random_parents(batch: int, num_nodes: int, seed: int, pad_prob: float = 0.15) -> torch.Tensor:
+    """`[batch, num_nodes]` int64 random trees (each row its own shape and padding pattern)."""
+    rng = random.Random(seed)
+    rows = [random_parents_row(num_nodes, rng, pad_prob=pad_prob * rng.random() * 2, chain_bias=rng.random())
+            for _ in range(batch)]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def children_lists(parents_row: list[int]) -> list[list[int]]:
+    children: list[list[int]] = [[] for _ in parents_row]
+    for i in range(1, len(parents_row)):
+        if parents_row[i] >= 0:
+            children[parents_row[i]].append(i)
+    return children
+
+
+def random_tokens_for(parents: torch.Tensor, vocab: int, seed: int, small_alphabet: bool = False) -> torch.Tensor:
+    """Random tokens for a tree; with `small_alphabet` siblings often share a token (duplicates)."""
+    gen = torch.Generator().manual_seed(seed)
+    high = min(vocab, 4) if small_alphabet else vocab
+    return torch.randint(0, high, parents.shape, generator=gen, dtype=torch.int64)
+
+
+def matching_argmax(tokens: torch.Tensor, parents: torch.Tensor, vocab: int, seed: int, hit_prob: float = 0.75) -> torch.Tensor:
+    """A target argmax `[B, N]` that follows a random child at each node with prob `hit_prob`,
+    so greedy verification walks several levels deep."""
+    rng = random.Random(seed)
+    argmax = torch.zeros_like(tokens)
+    for b in range(tokens.shape[0]):
+        children = children_lists(parents[b].tolist())
+        for u in range(tokens.shape[1]):
+            if children[u] and rng.random() < hit_prob:
+                argmax[b, u] = tokens[b, rng.choice(children[u])]
+            else:
+                argmax[b, u] = rng.randrange(vocab)
+    return argmax
+
+
+def logits_with_argmax(argmax: torch.Tensor, vocab: int, dtype: torch.dtype, seed: int, ties: bool = False) -> torch.Tensor:
+    """Logits `[B, N, V]` whose argmax is `argmax`; with `ties`, a lower id sometimes ties with it
+    (the lower id must then win, so the expected argmax is recomputed by the caller)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*argmax.shape, vocab, generator=gen)
+    logits.scatter_(-1, argmax[..., None], 6.0)
+    if ties:
+        tie_ids = torch.randint(0, vocab, argmax.shape, generator=gen)
+        logits.scatter_(-1, tie_ids[..., None], 6.0)
+    return logits.to(dtype)
+
+
+def random_rank_paths(rng: random.Random, num_paths: int, max_rank: int = 6, max_depth: int = 6) -> list[list[int]]:
+    """A random ancestor-closed set of distinct rank paths, in random order."""
+    paths: list[tuple[int, ...]] = []
+    known: set[tuple[int, ...]] = set()
+    attempts = 0
+    while len(paths) < num_paths and attempts < 50 * num_paths:
+        attempts += 1
+        base = rng.choice([()] + paths)
+        if len(base) >= max_depth:
+            continue
+        path = base + (rng.randrange(max_rank),)
+        if path not in known:
+            known.add(path)
+            paths.append(path)
+    rng.shuffle(paths)
+    return [list(p) for p in paths]
+
+
+def is_ancestor_closed(parents_row: list[int], real: list[bool]) -> bool:
+    """Every real non-root node hangs under a real node with a smaller index."""
+    return all(parents_row[i] < i and real[parents_row[i]] for i in range(1, len(parents_row)) if real[i])
+
+
+# --------------------------------------------------------------------------------------------
+# comparisons
+# --------------------------------------------------------------------------------------------
+def assert_same_outputs(actual, expected, atol: float = 0.0, rtol: float = 0.0) -> None:
+    """Tuples of tensors equal: integers/bools exactly, floats to tolerance (inf/-inf matching)."""
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype, f"output {index}: dtype {a.dtype} != {e.dtype}"
+        assert a.shape == e.shape, f"output {index}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        a, e = a.cpu(), e.cpu()
+        if a.is_floating_point():
+            torch.testing.assert_close(a, e, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"output {index}: {m}")
+        else:
+            assert torch.equal(a, e), f"output {index} differs:\n{a}\nvs\n{e}"
+
+
+# --------------------------------------------------------------------------------------------
+# hypothesis strategies
+# --------------------------------------------------------------------------------------------
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+batches = st.integers(min_value=1, max_value=8)
+# Large vocabularies are costly for the reference; sample them less often.
+vocabs = st.one_of(st.integers(min_value=1, max_value=300), st.sampled_from([1000, 32000, 152064, 160000]))

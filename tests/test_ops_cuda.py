@@ -1,0 +1,254 @@
+"""CUDA kernels against the CPU kernels (same inputs, same outputs), no host-device syncs, CUDA
+generators, device-mismatch errors and CUDA-graph capture. Skipped without a GPU or without a
+CUDA build of the extension."""
+import math
+
+import pytest
+import torch
+from ops_helpers import (
+    LOGIT_DTYPES,
+    assert_same_outputs,
+    logits_with_argmax,
+    matching_argmax,
+    random_parents,
+    random_tokens_for,
+)
+
+from sage_ext import ops
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.cuda_available()),
+    reason="needs a CUDA device and sage_ext built with its CUDA kernels",
+)
+
+CUDA = torch.device("cuda")
+
+
+def on_cuda(values):
+    return [v.to(CUDA) if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def parity(fn, *args, atol=0.0, rtol=0.0):
+    """fn(*args) on CPU and on CUDA give the same outputs; returns the CUDA outputs."""
+    cpu = fn(*args)
+    gpu = fn(*on_cuda(args))
+    cpu = cpu if isinstance(cpu, tuple) else (cpu,)
+    gpu = gpu if isinstance(gpu, tuple) else (gpu,)
+    for out in gpu:
+        assert out.device.type == "cuda"
+    assert_same_outputs(gpu, cpu, atol=atol, rtol=rtol)
+    return gpu
+
+
+# --------------------------------------------------------------------------------------------
+# parity, op by op
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("rows, vocab, k", [(1, 32000, 10), (8, 152064, 64), (5, 7, 7), (64, 1000, 1), (3, 160000, 33)])
+def test_topk_confidence(dtype, rows, vocab, k):
+    gen = torch.Generator().manual_seed(rows * vocab + k)
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    logits[0, :5] = torch.tensor([math.nan, math.inf, -math.inf, 2.0, 2.0])[: min(5, vocab)]
+    if rows > 2:
+        logits[1] = -math.inf
+        logits[2] = torch.randint(-2, 2, (vocab,), generator=gen).float()  # many ties
+    parity(ops.topk_confidence, logits.to(dtype), k, 0.7, atol=2e-5, rtol=1e-5)
+
+
+def test_build_static_tree():
+    parity(ops.build_static_tree, ops.paths_to_tensor(ops.SPECVLM_TREE_PATHS))
+
+
+@pytest.mark.parametrize("level", [1, 2, 5, 9])
+def test_sage_tree(level):
+    gen = torch.Generator().manual_seed(level)
+    alpha = torch.rand(8, generator=gen)
+    frontier = torch.log(torch.rand(8, 64, generator=gen))
+    frontier[:, ::7] = -math.inf
+    parity(ops.sage_tree, alpha, frontier, level, 10, 3.0, 8.0, 2.0, 10.0, 0.1, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch, capacity, num_frontier, top_k", [(1, 65, 1, 10), (8, 129, 32, 10), (4, 1024, 64, 64)])
+def test_expand_tree(batch, capacity, num_frontier, top_k):
+    gen = torch.Generator().manual_seed(capacity)
+    slot_start = capacity // 4
+    tokens = torch.randint(0, 1000, (batch, capacity), generator=gen)
+    parents = torch.full((batch, capacity), -1, dtype=torch.int64)
+    logprobs = torch.zeros(batch, capacity)
+    cum = (-torch.rand(batch, capacity, generator=gen) * 4 * 2).round() / 2  # ties
+    frontier = torch.randint(-1, slot_start, (batch, num_frontier), generator=gen)
+    topk_lp = ((torch.log(torch.rand(batch, num_frontier, top_k, generator=gen)) * 2).round() / 2).sort(
+        -1, descending=True).values
+    topk_ids = torch.randint(0, 1000, (batch, num_frontier, top_k), generator=gen)
+    widths = torch.randint(0, top_k + 1, (batch, num_frontier), generator=gen)
+    min_cum = -torch.rand(batch, generator=gen) * 5
+    state = [tokens, parents, logprobs, cum]
+    cpu_state = [t.clone() for t in state]
+    gpu_state = [t.to(CUDA) for t in state]
+    rest = (frontier, topk_lp, topk_ids, widths, min_cum)
+    num_slots = capacity - slot_start
+    count_cpu = ops.expand_tree(*cpu_state, *rest, slot_start, num_slots)
+    count_gpu = ops.expand_tree(*gpu_state, *on_cuda(rest), slot_start, num_slots)
+    assert_same_outputs([count_gpu] + gpu_state, [count_cpu] + cpu_state)
+
+
+@pytest.mark.parametrize("batch, num_nodes", [(1, 1), (1, 64), (8, 128), (2, 1024)])
+def test_rerank_tree(batch, num_nodes):
+    parents = random_parents(batch, num_nodes, seed=num_nodes)
+    cum = (-torch.rand(batch, num_nodes, generator=torch.Generator().manual_seed(1)) * 8).round()  # ties
+    for num_select in sorted({1, max(1, num_nodes // 3), num_nodes}):
+        parity(ops.rerank_tree, parents, cum, num_select)
+
+
+@pytest.mark.parametrize("mask_dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("batch, num_nodes, past_len", [(1, 1, 0), (1, 26, 100), (8, 128, 37), (2, 1024, 5)])
+def test_tree_buffers(mask_dtype, batch, num_nodes, past_len):
+    parity(ops.tree_buffers, random_parents(batch, num_nodes, seed=num_nodes), past_len, mask_dtype)
+
+
+@pytest.mark.parametrize("vocab, dtype", [(None, None)] + [(v, d) for v in (32000, 152064) for d in LOGIT_DTYPES])
+def test_verify_greedy(vocab, dtype):
+    parents = random_parents(8, 64, seed=3)
+    tokens = random_tokens_for(parents, vocab or 100, seed=3, small_alphabet=vocab is None)
+    argmax = matching_argmax(tokens, parents, vocab or 100, seed=3, hit_prob=0.9)
+    target = argmax if vocab is None else logits_with_argmax(argmax, vocab, dtype, seed=3, ties=True)
+    parity(ops.verify_greedy, tokens, parents, target)
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+@pytest.mark.parametrize("vocab, dtype", [(8, torch.float32), (1000, torch.float16), (32000, torch.bfloat16),
+                                          (152064, torch.float32)])
+def test_verify_sampling_same_uniforms(with_draft, vocab, dtype):
+    batch, num_nodes = 8, 32
+    parents = random_parents(batch, num_nodes, seed=vocab)
+    gen = torch.Generator().manual_seed(vocab)
+    target = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen) * 3, -1)
+    draft = torch.softmax(torch.log(target) + torch.randn(batch, num_nodes, vocab, generator=gen), -1)
+    parent_rows = draft[torch.arange(batch)[:, None], parents.clamp(min=0)]  # each child ~ its parent's q
+    tokens = torch.multinomial(parent_rows.flatten(0, 1), 1, generator=gen).view(batch, num_nodes)
+    for seed in range(4):
+        uniforms = torch.rand(batch, num_nodes, generator=torch.Generator().manual_seed(seed))
+        parity(torch.ops.sage_ext.verify_sampling, tokens, parents, target.to(dtype),
+               draft.to(dtype) if with_draft else None, uniforms)
+
+
+def test_verify_sampling_cuda_generator_repeats():
+    parents = random_parents(4, 16, seed=0).to(CUDA)
+    tokens = torch.randint(0, 50, (4, 16), device=CUDA)
+    target = torch.softmax(torch.randn(4, 16, 50, device=CUDA), -1)
+    runs = [ops.verify_sampling(tokens, parents, target, generator=torch.Generator(CUDA).manual_seed(9))
+            for _ in range(2)]
+    assert_same_outputs(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kv_compact(dtype):
+    parents = random_parents(8, 64, seed=4)
+    tokens = random_tokens_for(parents, 50, seed=4)
+    accepted, _, _ = ops.verify_greedy(tokens, parents, matching_argmax(tokens, parents, 50, seed=4, hit_prob=0.95))
+    gen = torch.Generator().manual_seed(5)
+    caches = [torch.randn(8, 4, 300, 128, generator=gen).to(dtype) for _ in range(6)]
+    caches.append(torch.randn(8, 300, 2, 64, generator=gen).to(dtype).transpose(1, 2))  # strided layout
+    gpu = [c.to(CUDA) for c in caches]
+    ops.kv_compact_(caches, accepted, 200)
+    ops.kv_compact_(gpu, accepted.to(CUDA), 200)
+    for c, g in zip(caches, gpu):
+        assert torch.equal(c, g.cpu())
+
+
+def test_bad_parents_on_cuda_become_padding():
+    # node 3 claims parent 5 (not topological): CPU raises, CUDA treats node 3 as padding
+    parents = torch.tensor([[-1, 0, 1, 5, 1, 0]])
+    with pytest.raises((RuntimeError, ValueError), match="parents"):
+        ops.tree_buffers(parents, 4)
+    fixed = parents.clone()
+    fixed[0, 3] = -1
+    assert_same_outputs(ops.tree_buffers(parents.to(CUDA), 4), ops.tree_buffers(fixed, 4))
+
+
+def test_device_mismatch_names_the_argument():
+    tokens = torch.zeros(1, 3, dtype=torch.int64, device=CUDA)
+    parents = torch.tensor([[-1, 0, 0]])
+    with pytest.raises((RuntimeError, ValueError), match="parents"):
+        ops.verify_greedy(tokens, parents, tokens)
+    with pytest.raises((RuntimeError, ValueError), match="frontier_logprobs"):
+        ops.sage_tree(torch.zeros(1, device=CUDA), torch.zeros(1, 1), 1, 4, 3, 8, 2, 10)
+    with pytest.raises((RuntimeError, ValueError), match="caches"):
+        ops.kv_compact_([torch.zeros(1, 1, 4, 2)], torch.tensor([[0]], device=CUDA), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# no host-device synchronization, CUDA graphs
+# --------------------------------------------------------------------------------------------
+def run_every_op(paths, batch=2, vocab=32000):
+    """Call every op once on CUDA tensors. Everything created here is made on the device directly
+    (a host-to-device copy such as torch.tensor(..., device="cuda") syncs, so `paths` comes ready)."""
+    dev = CUDA
+    logits = torch.randn(batch, vocab, device=dev)
+    alpha, topk_lp, topk_ids = ops.topk_confidence(logits, 10)
+    ops.build_static_tree(paths)
+    widths, min_cum, _ = ops.sage_tree(alpha, torch.zeros(batch, 1, device=dev), 1, 10, 3, 8, 2, 10)
+    capacity = 33
+    tokens = torch.zeros(batch, capacity, dtype=torch.int64, device=dev)
+    parents = torch.full((batch, capacity), -1, dtype=torch.int64, device=dev)
+    logprobs = torch.zeros(batch, capacity, device=dev)
+    cum = torch.zeros(batch, capacity, device=dev)
+    frontier = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
+    ops.expand_tree(tokens, parents, logprobs, cum, frontier, topk_lp[:, None], topk_ids[:, None], widths, min_cum,
+                    1, 10)
+    ops.rerank_tree(parents, cum, 8)
+    ops.tree_buffers(parents, 50, torch.bfloat16)
+    target = torch.randn(batch, capacity, vocab, device=dev)
+    ops.verify_greedy(tokens, parents, target)
+    accepted, _, _ = ops.verify_greedy(tokens, parents, target.argmax(-1))
+    probs = torch.softmax(target, -1)
+    ops.verify_sampling(tokens, parents, probs, generator=torch.Generator(dev).manual_seed(0))
+    ops.verify_sampling(tokens, parents, probs, probs.flip(-1))
+    caches = [torch.randn(batch, 2, 100, 16, device=dev) for _ in range(4)]
+    ops.kv_compact_(caches, accepted, 50)
+    return caches
+
+
+def test_no_op_synchronizes_the_host():
+    paths = ops.paths_to_tensor(ops.SPECVLM_TREE_PATHS, device=CUDA)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_every_op(paths)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+def test_tree_step_captures_into_a_cuda_graph():
+    batch, vocab, capacity = 2, 1000, 17
+    logits = torch.randn(batch, vocab, device=CUDA)
+    target = torch.randn(batch, capacity, vocab, device=CUDA)
+
+    def step():
+        alpha, topk_lp, topk_ids = ops.topk_confidence(logits, 16)
+        widths, min_cum, _ = ops.sage_tree(alpha, torch.zeros(batch, 1, device=CUDA), 1, 16, 3, 8, 2, 10)
+        tokens = torch.zeros(batch, capacity, dtype=torch.int64, device=CUDA)
+        parents = torch.full((batch, capacity), -1, dtype=torch.int64, device=CUDA)
+        logprobs = torch.zeros(batch, capacity, device=CUDA)
+        cum = torch.zeros(batch, capacity, device=CUDA)
+        ops.expand_tree(tokens, parents, logprobs, cum, torch.zeros(batch, 1, dtype=torch.int64, device=CUDA),
+                        topk_lp[:, None], topk_ids[:, None], widths, min_cum, 1, 16)
+        buffers = ops.tree_buffers(parents, 5)
+        return (tokens, parents, buffers[6]) + ops.verify_greedy(tokens, parents, target)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        expected = step()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    fresh = step()
+    torch.cuda.synchronize()
+    assert_same_outputs(captured, fresh)
+    assert expected[0].shape == captured[0].shape

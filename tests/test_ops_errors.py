@@ -1,0 +1,194 @@
+"""Bad input to every op raises RuntimeError/ValueError whose message names the offending argument.
+
+Device mismatches need a second device and are covered in test_ops_cuda.py.
+"""
+import math
+import re
+
+import pytest
+import torch
+
+from sage_ext import ops
+
+i64 = torch.int64
+
+
+def tree(n=4):
+    return torch.tensor([[-1] + list(range(n - 1))])  # a chain
+
+
+def expand_args(**changes):
+    """Valid expand_tree arguments (B=1, Ncap=6, F=2, K=3), with some replaced."""
+    args = dict(
+        tokens=torch.zeros(1, 6, dtype=i64),
+        parents=torch.full((1, 6), -1, dtype=i64),
+        logprobs=torch.zeros(1, 6),
+        cum_logprobs=torch.zeros(1, 6),
+        frontier=torch.tensor([[0, -1]]),
+        topk_logprobs=torch.full((1, 2, 3), -1.0),
+        topk_ids=torch.zeros(1, 2, 3, dtype=i64),
+        widths=torch.ones(1, 2, dtype=i64),
+        min_cum_logprob=torch.tensor([-5.0]),
+        slot_start=1,
+        num_slots=3,
+    )
+    args.update(changes)
+    return args
+
+
+def sampling_args(**changes):
+    args = dict(tokens=torch.tensor([[0, 1, 2]]), parents=torch.tensor([[-1, 0, 0]]),
+                target_probs=torch.full((1, 3, 5), 0.2), draft_probs=None)
+    args.update(changes)
+    return args
+
+
+def call_sage_tree(**changes):
+    args = dict(alpha=torch.tensor([0.5]), frontier_logprobs=torch.zeros(1, 2), level=1, k=10, d_min=3.0, d_max=8.0,
+                w_min=2.0, w_max=10.0, theta_scale=0.1)
+    args.update(changes)
+    return ops.sage_tree(**args)
+
+
+BAD_CALLS = {
+    # topk_confidence
+    "topk int logits": (lambda: ops.topk_confidence(torch.zeros(2, 5, dtype=i64), 2), "logits"),
+    "topk float64 logits": (lambda: ops.topk_confidence(torch.zeros(2, 5, dtype=torch.float64), 2), "logits"),
+    "topk 1-D logits": (lambda: ops.topk_confidence(torch.zeros(5), 2), "logits"),
+    "topk 3-D logits": (lambda: ops.topk_confidence(torch.zeros(1, 2, 5), 2), "logits"),
+    "topk k=0": (lambda: ops.topk_confidence(torch.zeros(2, 5), 0), "k"),
+    "topk k>V": (lambda: ops.topk_confidence(torch.zeros(2, 5), 6), "k"),
+    "topk k>64": (lambda: ops.topk_confidence(torch.zeros(2, 100), 65), "k"),
+    "topk temperature 0": (lambda: ops.topk_confidence(torch.zeros(2, 5), 2, 0.0), "temperature"),
+    "topk temperature <0": (lambda: ops.topk_confidence(torch.zeros(2, 5), 2, -1.0), "temperature"),
+    "topk temperature nan": (lambda: ops.topk_confidence(torch.zeros(2, 5), 2, math.nan), "temperature"),
+    # build_static_tree
+    "static float paths": (lambda: ops.build_static_tree(torch.zeros(2, 2)), "paths"),
+    "static 1-D paths": (lambda: ops.build_static_tree(torch.tensor([0, 1])), "paths"),
+    "static duplicate": (lambda: ops.build_static_tree(ops.paths_to_tensor([[0], [0]])), "paths"),
+    "static not closed": (lambda: ops.build_static_tree(ops.paths_to_tensor([[0], [1, 0]])), "paths"),
+    "static rank 64": (lambda: ops.build_static_tree(ops.paths_to_tensor([[64]])), "paths"),
+    "static negative rank": (lambda: ops.build_static_tree(torch.tensor([[-2]])), "paths"),
+    "static empty row": (lambda: ops.build_static_tree(torch.tensor([[0, -1], [-1, -1]])), "paths"),
+    "static gap in row": (lambda: ops.build_static_tree(torch.tensor([[0, -1, 1]])), "paths"),
+    "static too many": (lambda: ops.build_static_tree(torch.arange(1024)[:, None] % 64), "paths"),
+    # sage_tree
+    "sage float64 alpha": (lambda: call_sage_tree(alpha=torch.tensor([0.5], dtype=torch.float64)), "alpha"),
+    "sage 2-D alpha": (lambda: call_sage_tree(alpha=torch.zeros(1, 1)), "alpha"),
+    "sage frontier batch": (lambda: call_sage_tree(frontier_logprobs=torch.zeros(2, 2)), "frontier_logprobs"),
+    "sage frontier dtype": (lambda: call_sage_tree(frontier_logprobs=torch.zeros(1, 2, dtype=torch.float16)),
+                            "frontier_logprobs"),
+    "sage level 0": (lambda: call_sage_tree(level=0), "level"),
+    "sage k 0": (lambda: call_sage_tree(k=0), "k"),
+    "sage k 65": (lambda: call_sage_tree(k=65), "k"),
+    "sage d_min 0": (lambda: call_sage_tree(d_min=0.0), "d_min"),
+    "sage d_min > d_max": (lambda: call_sage_tree(d_min=9.0), "d_max"),
+    "sage w_min > w_max": (lambda: call_sage_tree(w_min=11.0), "w_min"),
+    "sage theta_scale 0": (lambda: call_sage_tree(theta_scale=0.0), "theta_scale"),
+    # expand_tree
+    "expand int32 tokens": (lambda: ops.expand_tree(**expand_args(tokens=torch.zeros(1, 6, dtype=torch.int32))),
+                            "tokens"),
+    "expand strided tokens": (lambda: ops.expand_tree(**expand_args(tokens=torch.zeros(1, 12, dtype=i64)[:, ::2])),
+                              "tokens"),
+    "expand parents shape": (lambda: ops.expand_tree(**expand_args(parents=torch.full((1, 5), -1))), "parents"),
+    "expand logprobs dtype": (lambda: ops.expand_tree(**expand_args(logprobs=torch.zeros(1, 6, dtype=torch.float64))),
+                              "logprobs"),
+    "expand cum shape": (lambda: ops.expand_tree(**expand_args(cum_logprobs=torch.zeros(2, 6))), "cum_logprobs"),
+    "expand frontier dtype": (lambda: ops.expand_tree(**expand_args(frontier=torch.tensor([[0.0, -1.0]]))),
+                              "frontier"),
+    "expand frontier after slot_start": (lambda: ops.expand_tree(**expand_args(frontier=torch.tensor([[0, 2]]))),
+                                         "frontier"),
+    "expand frontier < -1": (lambda: ops.expand_tree(**expand_args(frontier=torch.tensor([[0, -3]]))), "frontier"),
+    "expand topk F": (lambda: ops.expand_tree(**expand_args(topk_logprobs=torch.zeros(1, 3, 3))), "topk_logprobs"),
+    "expand topk K>64": (lambda: ops.expand_tree(**expand_args(topk_logprobs=torch.zeros(1, 2, 65),
+                                                               topk_ids=torch.zeros(1, 2, 65, dtype=i64))),
+                         "topk_logprobs"),
+    "expand topk_ids dtype": (lambda: ops.expand_tree(**expand_args(topk_ids=torch.zeros(1, 2, 3))), "topk_ids"),
+    "expand topk_ids shape": (lambda: ops.expand_tree(**expand_args(topk_ids=torch.zeros(1, 2, 2, dtype=i64))),
+                              "topk_ids"),
+    "expand widths shape": (lambda: ops.expand_tree(**expand_args(widths=torch.ones(1, 3, dtype=i64))), "widths"),
+    "expand min_cum shape": (lambda: ops.expand_tree(**expand_args(min_cum_logprob=torch.zeros(2))),
+                             "min_cum_logprob"),
+    "expand slot_start 0": (lambda: ops.expand_tree(**expand_args(slot_start=0)), "slot_start"),
+    "expand num_slots too many": (lambda: ops.expand_tree(**expand_args(num_slots=6)), "num_slots"),
+    "expand num_slots < 0": (lambda: ops.expand_tree(**expand_args(num_slots=-1)), "num_slots"),
+    "expand N > 1024": (lambda: ops.expand_tree(**expand_args(
+        tokens=torch.zeros(1, 1025, dtype=i64), parents=torch.full((1, 1025), -1), logprobs=torch.zeros(1, 1025),
+        cum_logprobs=torch.zeros(1, 1025))), "tokens"),
+    # rerank_tree
+    "rerank not topological": (lambda: ops.rerank_tree(torch.tensor([[-1, 2, 0]]), torch.zeros(1, 3), 2), "parents"),
+    "rerank child of padding": (lambda: ops.rerank_tree(torch.tensor([[-1, -1, 1]]), torch.zeros(1, 3), 2),
+                                "parents"),
+    "rerank root": (lambda: ops.rerank_tree(torch.tensor([[0, 0, 0]]), torch.zeros(1, 3), 2), "parents"),
+    "rerank parent < -1": (lambda: ops.rerank_tree(torch.tensor([[-1, -2, 0]]), torch.zeros(1, 3), 2), "parents"),
+    "rerank cum dtype": (lambda: ops.rerank_tree(tree(3), torch.zeros(1, 3, dtype=torch.float64), 2), "cum_logprobs"),
+    "rerank cum shape": (lambda: ops.rerank_tree(tree(3), torch.zeros(1, 4), 2), "cum_logprobs"),
+    "rerank num_select 0": (lambda: ops.rerank_tree(tree(3), torch.zeros(1, 3), 0), "num_select"),
+    "rerank num_select > N": (lambda: ops.rerank_tree(tree(3), torch.zeros(1, 3), 4), "num_select"),
+    "rerank N > 1024": (lambda: ops.rerank_tree(tree(1025), torch.zeros(1, 1025), 2), "parents"),
+    # tree_buffers
+    "buffers int32 parents": (lambda: ops.tree_buffers(tree().int(), 0), "parents"),
+    "buffers 1-D parents": (lambda: ops.tree_buffers(tree()[0], 0), "parents"),
+    "buffers not topological": (lambda: ops.tree_buffers(torch.tensor([[-1, 0, 3, 1]]), 0), "parents"),
+    "buffers past_len": (lambda: ops.tree_buffers(tree(), -1), "past_len"),
+    "buffers mask_dtype": (lambda: ops.tree_buffers(tree(), 0, torch.int64), "mask_dtype"),
+    "buffers N > 1024": (lambda: ops.tree_buffers(tree(1025), 0), "parents"),
+    # verify_greedy
+    "greedy int32 tokens": (lambda: ops.verify_greedy(tree().int(), tree(), tree()), "tokens"),
+    "greedy parents shape": (lambda: ops.verify_greedy(tree(), tree(5), tree()), "parents"),
+    "greedy not topological": (lambda: ops.verify_greedy(tree(), torch.tensor([[-1, 1, 0, 0]]), tree()), "parents"),
+    "greedy int32 target": (lambda: ops.verify_greedy(tree(), tree(), tree().int()), "target"),
+    "greedy target shape": (lambda: ops.verify_greedy(tree(), tree(), torch.zeros(1, 3, 8)), "target"),
+    "greedy target rank": (lambda: ops.verify_greedy(tree(), tree(), torch.zeros(1, 4, 2, 2)), "target"),
+    "greedy N > 1024": (lambda: ops.verify_greedy(tree(1025), tree(1025), tree(1025)), "tokens"),
+    # verify_sampling
+    "sampling target dtype": (lambda: ops.verify_sampling(**sampling_args(target_probs=torch.ones(1, 3, 5, dtype=i64))),
+                              "target_probs"),
+    "sampling target shape": (lambda: ops.verify_sampling(**sampling_args(target_probs=torch.ones(1, 2, 5))),
+                              "target_probs"),
+    "sampling draft shape": (lambda: ops.verify_sampling(**sampling_args(draft_probs=torch.ones(1, 3, 4))),
+                             "draft_probs"),
+    "sampling draft dtype": (lambda: ops.verify_sampling(**sampling_args(
+        draft_probs=torch.ones(1, 3, 5, dtype=torch.float16))), "draft_probs"),
+    "sampling token outside vocab": (lambda: ops.verify_sampling(**sampling_args(tokens=torch.tensor([[0, 1, 7]]))),
+                                     "tokens"),
+    "sampling not topological": (lambda: ops.verify_sampling(**sampling_args(parents=torch.tensor([[-1, 2, 0]]))),
+                                 "parents"),
+    "sampling uniforms dtype": (lambda: torch.ops.sage_ext.verify_sampling(
+        tree(3), tree(3), torch.ones(1, 3, 5), None, torch.rand(1, 3, dtype=torch.float64)), "uniforms"),
+    "sampling uniforms shape": (lambda: torch.ops.sage_ext.verify_sampling(
+        tree(3), tree(3), torch.ones(1, 3, 5), None, torch.rand(1, 4)), "uniforms"),
+    # kv_compact_
+    "kv 3-D cache": (lambda: ops.kv_compact_([torch.zeros(1, 8, 4)], tree(3), 0), "caches"),
+    "kv int cache": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4, dtype=i64)], tree(3), 0), "caches"),
+    "kv cache batch": (lambda: ops.kv_compact_([torch.zeros(2, 1, 8, 4)], tree(3), 0), "caches"),
+    "kv strided last dim": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 8)[..., ::2]], tree(3), 0), "caches"),
+    "kv accepted dtype": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4)], tree(3).int(), 0), "accepted"),
+    "kv accepted rank": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4)], tree(3)[0], 0), "accepted"),
+    "kv past_len": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4)], tree(3), -1), "past_len"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_input_names_the_argument(name):
+    call, argument = BAD_CALLS[name]
+    with pytest.raises((RuntimeError, ValueError)) as info:
+        call()
+    assert re.search(rf"\b{re.escape(argument)}\b", str(info.value)), f"message does not name {argument!r}: {info.value}"
+
+
+def test_constants_match_the_extension():
+    from sage_ext import _C
+
+    assert ops.MAX_TREE_NODES == _C.MAX_TREE_NODES == 1024
+    assert ops.MAX_TOPK == _C.MAX_TOPK == 64
+    assert isinstance(ops.cuda_available(), bool)
+
+
+def test_largest_sizes_are_accepted():
+    n = ops.MAX_TREE_NODES
+    parents = torch.tensor([[-1] + [0] * (n - 1)])
+    depth, *_ = ops.tree_buffers(parents, 0)
+    assert depth.shape == (1, n)
+    alpha, lp, ids = ops.topk_confidence(torch.randn(2, 100), ops.MAX_TOPK)
+    assert ids.shape == (2, ops.MAX_TOPK)
