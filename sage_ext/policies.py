@@ -1,0 +1,505 @@
+"""Tree policies: how the draft's proposal tree is shaped each step.
+
+Every policy runs inside the same engine loop (``sage_ext.engine``); it only decides which draft nodes
+exist. It talks to the engine through a ``DraftRound`` (``ctx``): preallocated tree tensors
+(``ctx.tokens/parents/logprobs/cum_logprobs [1, Ncap]``), ``ctx.root_logits()`` (the step's first draft
+forward: pending committed tokens + the root), ``ctx.feed(start, count, depth)`` (one draft forward over
+a contiguous range of tree slots, with the tree mask), ``ctx.topk`` (``topk_confidence``), ``ctx.expand``
+(``expand_tree``) and ``ctx.shape`` (``sage_tree``). Policies never loop over tree nodes in Python and
+never read device values, except SAGE with ``static_shapes=False`` reading per-level node counts (free on CPU).
+Trees are laid out level by level, so every level (and every set of nodes fed to the draft) is a slot range.
+
+Policies (names for ``SpeculativeGenerator(policy=...)``):
+  ``"ar"``       AutoregressivePolicy  — no draft; the target decodes one token per forward (the baseline).
+  ``"chain"``    ChainPolicy           — a single chain of the draft's greedy tokens.
+  ``"static"``   StaticTreePolicy      — the fixed 25-node SpecVLM tree of child ranks ("SD-Tree").
+  ``"dynamic"``  DynamicTreePolicy     — EAGLE-2: per level the best ``topk`` new nodes expand their top
+                                         ``topk`` children; a final global top-``num_nodes`` rerank.
+  ``"sage"``     SagePolicy            — SAGE: depth and width from the draft's confidence alpha.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import ops
+
+#: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
+SPECVLM_TREE_PATHS: list[list[int]] = [list(path) for path in ops.SPECVLM_TREE_PATHS]
+
+
+@dataclass
+class TreeProposal:
+    """A draft tree ready for verification.
+
+    tokens, parents: ``[1, N]`` (node 0 = root = last committed token; padding nodes have parent -1).
+    node_row: int64 ``[>= N + 1]``: the draft-cache row (relative to the step's root row) of every node the
+        draft processed this step, -1 for the others (leaves, padding); its last entry is -1, so indexing it
+        with a -1 (padding in ``accepted``) gives -1.
+    depth_bound: host int, no node is deeper (sizes the engine's accepted-token buffer).
+    draft_forwards: draft forward passes spent on this tree.
+    alpha_root: ``[1]`` float32 device tensor, the draft's confidence at the root (None when not measured).
+    logprobs: ``[1, N]`` float32 conditional draft log-prob of every node (root 0, padding -inf), or None.
+    info: host values for the step record (alpha, depth_target, width_target, d_max).
+    num_real: real draft nodes (root excluded) when the host knows it; None → the engine counts them.
+    """
+
+    tokens: Tensor
+    parents: Tensor
+    node_row: Tensor
+    depth_bound: int
+    draft_forwards: int
+    alpha_root: Tensor | None = None
+    logprobs: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    num_real: int | None = None
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+class TreePolicy:
+    """Base class. Subclasses define ``name``, ``capacity`` (tree slots incl. root), ``depth_bound``
+    and ``build(ctx)``; stateful ones override ``reset`` and ``update``."""
+
+    name: str = "policy"
+    uses_draft: bool = True
+
+    @property
+    def capacity(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def depth_bound(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def topk(self) -> int:
+        """Largest top-k the policy asks of the draft (must not exceed the vocabulary)."""
+        return 1
+
+    def reset(self) -> None:
+        """Forget per-generation state (called at the start of every generate)."""
+
+    def build(self, ctx) -> TreeProposal:
+        raise NotImplementedError
+
+    def update(self, tau: int, alpha_root: float | None) -> None:
+        """Host-side feedback after a step: accepted draft tokens and the root confidence measured."""
+
+    def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
+        """The step record's policy fields, given the build-time ``info`` and the measured root alpha."""
+        return info
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class AutoregressivePolicy(TreePolicy):
+    """No speculation: the tree is the root alone, so every step is one ordinary target decode step."""
+
+    name = "ar"
+    uses_draft = False
+
+    @property
+    def capacity(self) -> int:
+        return 1
+
+    @property
+    def depth_bound(self) -> int:
+        return 0
+
+    def build(self, ctx) -> TreeProposal:
+        ctx.start_tree(with_draft=False)
+        return TreeProposal(ctx.tokens[:, :1], ctx.parents[:, :1], ctx.node_row, 0, 0, num_real=0)
+
+
+class StaticTreePolicy(TreePolicy):
+    """A fixed tree given as paths of child ranks (default: the 25-node SpecVLM tree).
+
+    Node ``[r1, ..., rd]`` gets the draft's ``rd``-th most likely token after node ``[r1, ..., r(d-1)]``.
+    One draft forward per level, over the smallest slot range of the previous level that covers every node
+    with children (exactly those nodes for the SpecVLM tree); all index maps are precomputed.
+    """
+
+    name = "static"
+
+    def __init__(self, paths: Sequence[Sequence[int]] = SPECVLM_TREE_PATHS):
+        if not paths:
+            raise ValueError("paths must hold at least one path")
+        self.paths = [list(p) for p in paths]
+        parents, ranks, depth = ops.build_static_tree(ops.paths_to_tensor(self.paths))
+        self._parents, self._ranks, self._depth = parents, ranks, depth
+        parents_l, depth_l = parents.tolist(), depth.tolist()
+        self._num_nodes = len(parents_l)
+        self._max_depth = max(depth_l)
+        self._topk = int(ranks.max()) + 1
+        has_children = set(parents_l[1:])
+        # Per level l >= 1: the children's slot range and the slot range fed to the draft to get them (the
+        # smallest range of depth-(l-1) nodes covering every node with children; order is by depth, so
+        # it is contiguous), each child's parent position inside that range, its rank and its parent.
+        self._levels: list[tuple[int, int, int, int, list[int]]] = []
+        for level in range(1, self._max_depth + 1):
+            children = [i for i, d in enumerate(depth_l) if d == level]
+            parents_fed = [i for i, d in enumerate(depth_l) if d == level - 1 and i in has_children]
+            fed_start, fed_end = parents_fed[0], parents_fed[-1] + 1
+            self._levels.append((children[0], children[-1] + 1, fed_start, fed_end - fed_start,
+                                 [parents_l[c] - fed_start for c in children]))
+        self._device_cache: dict[torch.device, dict[str, Any]] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self._num_nodes
+
+    @property
+    def depth_bound(self) -> int:
+        return self._max_depth
+
+    @property
+    def topk(self) -> int:
+        return self._topk
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "nodes": self._num_nodes - 1, "depth": self._max_depth}
+
+    def _on(self, device: torch.device) -> dict[str, Any]:
+        cached = self._device_cache.get(device)
+        if cached is None:
+            levels = []
+            for start, end, fed_start, fed_count, parent_pos in self._levels:
+                levels.append((
+                    start, end, fed_start, fed_count,
+                    torch.tensor(parent_pos, dtype=torch.int64, device=device),
+                    self._ranks[start:end].to(device),
+                    self._parents[start:end].to(device),
+                ))
+            cached = {"parents": self._parents.to(device), "levels": levels}
+            self._device_cache[device] = cached
+        return cached
+
+    def build(self, ctx) -> TreeProposal:
+        static = self._on(ctx.device)
+        n = self._num_nodes
+        ctx.start_tree(parents=static["parents"])
+        logits = ctx.root_logits()
+        alpha_root = None
+        for level, (start, end, fed_start, fed_count, parent_pos, ranks, parents) in enumerate(static["levels"], 1):
+            if level > 1:
+                logits = ctx.feed(fed_start, fed_count, level - 1)
+            with ctx.tree_ops():
+                alpha, topk_lp, topk_ids = ctx.topk(logits, self._topk)
+                alpha_root = alpha if alpha_root is None else alpha_root
+                ctx.tokens[0, start:end] = topk_ids[parent_pos, ranks]
+                child_lp = topk_lp[parent_pos, ranks]
+                ctx.logprobs[0, start:end] = child_lp
+                ctx.cum_logprobs[0, start:end] = ctx.cum_logprobs[0, parents] + child_lp
+        return TreeProposal(
+            ctx.tokens[:, :n], ctx.parents[:, :n], ctx.node_row, self._max_depth, len(static["levels"]),
+            alpha_root, ctx.logprobs[:, :n], num_real=n - 1,
+        )
+
+
+class ChainPolicy(StaticTreePolicy):
+    """A chain of ``length`` greedy draft tokens (classic speculative decoding)."""
+
+    name = "chain"
+
+    def __init__(self, length: int = 5):
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.length = length
+        super().__init__([[0] * depth for depth in range(1, length + 1)])
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "length": self.length}
+
+
+class DynamicTreePolicy(TreePolicy):
+    """EAGLE-2 dynamic tree.
+
+    Level 1: the root's top ``topk`` children. Each further level: the ``topk`` best nodes of the previous
+    level (by cumulative draft log-prob) are fed to the draft and each proposes its top ``topk`` children.
+    After ``depth`` levels the ``num_nodes`` best nodes overall (ancestor-closed, ``rerank_tree``) form the tree.
+    """
+
+    name = "dynamic"
+
+    def __init__(self, depth: int = 6, topk: int = 8, num_nodes: int = 64):
+        if depth < 1 or topk < 1 or num_nodes < 1:
+            raise ValueError("depth, topk and num_nodes must all be >= 1")
+        self.depth, self._topk, self.num_nodes = depth, topk, num_nodes
+        self._pool = 1 + topk + (depth - 1) * topk * topk
+        if self._pool > ops.MAX_TREE_NODES:
+            raise ValueError(f"1 + topk + (depth - 1) * topk^2 = {self._pool} exceeds {ops.MAX_TREE_NODES} nodes")
+        if num_nodes + 1 > self._pool:
+            raise ValueError(f"num_nodes={num_nodes} exceeds the {self._pool - 1} candidates the tree can hold")
+
+    @property
+    def capacity(self) -> int:
+        return self._pool
+
+    @property
+    def depth_bound(self) -> int:
+        return self.depth
+
+    @property
+    def topk(self) -> int:
+        return self._topk
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "depth": self.depth, "topk": self._topk, "num_nodes": self.num_nodes}
+
+    def build(self, ctx) -> TreeProposal:
+        k = self._topk
+        ctx.start_tree()
+        logits = ctx.root_logits()
+        with ctx.tree_ops():
+            alpha_root, topk_lp, topk_ids = ctx.topk(logits, k)
+            widths = torch.full((1, k), k, dtype=torch.int64, device=ctx.device)
+            no_threshold = torch.full((1,), -math.inf, dtype=torch.float32, device=ctx.device)
+            ctx.expand(ctx.arange[:1][None], topk_lp[None], topk_ids[None], widths[:, :1], no_threshold, 1, k)
+        level_start, next_slot = 1, 1 + k
+        for level in range(2, self.depth + 1):
+            # expand_tree sorts each level best-first, so the level's first k slots are its best k nodes
+            logits = ctx.feed(level_start, k, level - 1)
+            with ctx.tree_ops():
+                _, topk_lp, topk_ids = ctx.topk(logits, k)
+                frontier = ctx.arange[level_start : level_start + k][None]
+                ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, no_threshold, next_slot, k * k)
+            level_start, next_slot = next_slot, next_slot + k * k
+        with ctx.tree_ops():
+            keep, new_parents = ops.rerank_tree(
+                ctx.parents[:, :next_slot], ctx.cum_logprobs[:, :next_slot], self.num_nodes + 1
+            )
+            # keep is -1 padded; the -1 entries pick junk tokens for padding nodes, which are never accepted
+            kept = keep[0]
+            tokens = ctx.tokens[:, kept]
+            logprobs = ctx.logprobs[:, kept]
+            node_row = torch.cat((ctx.node_row[kept], ctx.node_row[-1:]))
+        return TreeProposal(tokens, new_parents, node_row, self.depth, self.depth, alpha_root, logprobs)
+
+
+class SagePolicy(TreePolicy):
+    """SAGE: entropy-guided adaptive tree (arXiv 2602.00523), paper defaults.
+
+    alpha = 1 - H(renormalized draft top-k) / log k. Depth ``D = d_min + alpha (d_max - d_min)``, level-1
+    width ``W = w_min + (1 - alpha)(w_max - w_min)``, deeper widths ``round(W (0.5 + P_parent) / l)``, a
+    node is kept only if its cumulative probability exceeds ``theta_scale * l / D``, at most ``n_max``
+    draft nodes, best-first per level (``sage_tree`` + ``expand_tree``).
+
+    lag=True (paper): the alpha measured at this step's root shapes the NEXT step's tree (known on the host
+    when the step starts). lag=False (zero-lag): the root distribution of this step shapes this tree.
+    History: the last ``history`` accepted lengths; mean < 2 → d_max -= 1 (not below d_min + 1), mean > 3 →
+    d_max += 1 (at most ``d_max_cap``). The first step uses the static ``first_round_paths`` tree
+    (None: start adaptive with ``alpha_init``).
+
+    static_shapes: None → True on CUDA, False elsewhere. False: the per-level count of real nodes is read
+    (free on CPU), so only real nodes are fed to the draft and the tree has no padding. True: level sizes
+    are host-known bounds (from the host alpha when lag=True, else worst case), padding slots (parent -1)
+    fill the rest, and nothing is read from the device mid-step.
+    """
+
+    name = "sage"
+
+    def __init__(
+        self,
+        d_min: int = 3,
+        d_max: int = 8,
+        w_min: int = 2,
+        w_max: int = 10,
+        k: int = 10,
+        n_max: int = 64,
+        alpha_init: float = 0.5,
+        theta_scale: float = 0.1,
+        lag: bool = True,
+        history: int = 10,
+        d_max_cap: int = 12,
+        first_round_paths: Sequence[Sequence[int]] | None = SPECVLM_TREE_PATHS,
+        static_shapes: bool | None = None,
+        history_low: float = 2.0,
+        history_high: float = 3.0,
+    ):
+        if not 1 <= d_min <= d_max <= d_max_cap:
+            raise ValueError(f"need 1 <= d_min <= d_max <= d_max_cap, got {d_min}, {d_max}, {d_max_cap}")
+        if not 1 <= w_min <= w_max:
+            raise ValueError(f"need 1 <= w_min <= w_max, got {w_min}, {w_max}")
+        if not 1 <= k <= ops.MAX_TOPK:
+            raise ValueError(f"k must be in [1, {ops.MAX_TOPK}], got {k}")
+        if not 1 <= n_max < ops.MAX_TREE_NODES:
+            raise ValueError(f"n_max must be in [1, {ops.MAX_TREE_NODES - 1}], got {n_max}")
+        if not 0.0 <= alpha_init <= 1.0 or theta_scale <= 0 or history < 1:
+            raise ValueError("alpha_init must be in [0, 1], theta_scale > 0, history >= 1")
+        self.d_min, self.d_max_init, self.w_min, self.w_max = d_min, d_max, w_min, w_max
+        self.k, self.n_max, self.alpha_init, self.theta_scale = k, n_max, alpha_init, theta_scale
+        self.lag, self.history_len, self.d_max_cap = lag, history, d_max_cap
+        self.history_low, self.history_high = history_low, history_high
+        self.static_shapes = static_shapes
+        self.first_round = StaticTreePolicy(first_round_paths) if first_round_paths else None
+        if self.first_round is not None and self.first_round.capacity > 1 + n_max:
+            raise ValueError("first_round_paths has more nodes than n_max")
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        self.d_max = self.d_max_init
+        self.history: deque[int] = deque(maxlen=self.history_len)
+        self.alpha_next: float | None = None  # measured at the last root (lag mode uses it)
+        self.rounds = 0
+
+    def update(self, tau: int, alpha_root: float | None) -> None:
+        self.rounds += 1
+        if alpha_root is not None:
+            self.alpha_next = alpha_root
+        self.history.append(tau)
+        mean = sum(self.history) / len(self.history)
+        if mean < self.history_low:
+            self.d_max = max(self.d_max - 1, self.d_min + 1)
+        elif mean > self.history_high:
+            self.d_max = min(self.d_max + 1, self.d_max_cap)
+
+    @property
+    def capacity(self) -> int:
+        return 1 + self.n_max
+
+    @property
+    def depth_bound(self) -> int:
+        bound = self.d_max_cap
+        return max(bound, self.first_round.depth_bound) if self.first_round else bound
+
+    @property
+    def topk(self) -> int:
+        return max(self.k, self.first_round.topk) if self.first_round else self.k
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "d_min": self.d_min, "d_max": self.d_max_init, "w_min": self.w_min,
+            "w_max": self.w_max, "k": self.k, "n_max": self.n_max, "alpha_init": self.alpha_init,
+            "theta_scale": self.theta_scale, "lag": self.lag, "history": self.history_len,
+            "d_max_cap": self.d_max_cap, "static_shapes": self.static_shapes,
+            "first_round": self.first_round.describe() if self.first_round else None,
+        }
+
+    # ------------------------------------------------------------------ shape formulas on the host
+    def shape_of(self, alpha: float) -> tuple[float, float, int]:
+        """``(D, W, round(D))`` for a host alpha with the current d_max, in float32 like ``sage_tree``."""
+        a = np.float32(alpha)
+        depth = np.float32(self.d_min) + a * (np.float32(self.d_max) - np.float32(self.d_min))
+        width = np.float32(self.w_min) + (np.float32(1.0) - a) * (np.float32(self.w_max) - np.float32(self.w_min))
+        return float(depth), float(width), _round_half_up(float(depth))
+
+    def static_level_slots(self, alpha: float | None) -> list[int]:
+        """Host-known slot count of every level for static shapes.
+
+        Level 1 holds at most ``clamp(round(W), 1, k)`` nodes; level l at most (slots of l-1) x
+        ``clamp(round(1.5 W / l), 1, k)`` and at most ``D / (theta_scale l)`` (a level's nodes have cumulative
+        probabilities > theta summing to <= 1). Level 1 gets its bound; each deeper level at most its fair
+        share of the remaining budget (``ceil(remaining / levels left)``), so every level up to round(D) gets slots. Unknown alpha
+        (zero-lag): the worst case over alpha. Expansion keeps the best candidates of a level when it has
+        more than its slots.
+        """
+        if alpha is None:
+            depth_limit, width, max_depth = float(self.d_max), float(self.w_max), self.d_max
+        else:
+            depth_limit, width, max_depth = self.shape_of(alpha)
+        slots, remaining, previous = [], self.n_max, 1
+        for level in range(1, max_depth + 1):
+            per_node = _round_half_up(width if level == 1 else 1.5 * width / level)
+            bound = previous * min(max(per_node, 1), self.k)
+            bound = min(bound, int(depth_limit / (self.theta_scale * level)) + 1)
+            share = remaining if level == 1 else -(-remaining // (max_depth - level + 1))
+            count = min(bound, share)
+            if count <= 0:
+                break
+            slots.append(count)
+            remaining -= count
+            previous = count
+        return slots
+
+    # ------------------------------------------------------------------ one tree
+    def build(self, ctx) -> TreeProposal:
+        first_static = self.rounds == 0 and self.first_round is not None
+        if first_static:
+            proposal = self.first_round.build(ctx)
+            proposal.info = {"d_max": self.d_max}
+            return proposal
+        static_shapes = ctx.static_default if self.static_shapes is None else self.static_shapes
+        host_alpha = None
+        if self.lag:
+            host_alpha = self.alpha_next if self.alpha_next is not None else self.alpha_init
+        info: dict[str, Any] = {"d_max": self.d_max}
+        if host_alpha is not None:
+            depth, width, _ = self.shape_of(host_alpha)
+            info.update(alpha=host_alpha, depth_target=depth, width_target=width)
+        shape_args = (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max),
+                      self.theta_scale)
+
+        ctx.start_tree()
+        logits = ctx.root_logits()
+        with ctx.tree_ops():
+            alpha_root, topk_lp, topk_ids = ctx.topk(logits, self.k)
+            alpha = alpha_root if host_alpha is None else ctx.full_f32(host_alpha)
+            widths, min_cum, max_depth_t = ctx.shape(alpha, ctx.zeros_f32(1, 1), 1, *shape_args)
+        if static_shapes:
+            slots = self.static_level_slots(host_alpha)
+            max_depth = len(slots)
+        else:
+            max_depth = ctx.read_int(max_depth_t)
+            slots = None
+        forwards, next_slot, used, level = 1, 1, 0, 1
+        frontier_start, frontier_count = 0, 1
+        while level <= max_depth:
+            num_slots = slots[level - 1] if static_shapes else self.n_max - used
+            if level > 1:
+                logits = ctx.feed(frontier_start, frontier_count, level - 1)
+                forwards += 1
+            with ctx.tree_ops():
+                if level > 1:
+                    _, topk_lp, topk_ids = ctx.topk(logits, self.k)
+                    frontier_lp = ctx.logprobs[:, frontier_start : frontier_start + frontier_count]
+                    widths, min_cum, _ = ctx.shape(alpha, frontier_lp, level, *shape_args)
+                frontier = ctx.arange[frontier_start : frontier_start + frontier_count][None]
+                count = ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, min_cum, next_slot, num_slots)
+                written = num_slots if static_shapes else ctx.read_int(count)
+            if written == 0:
+                break
+            frontier_start, frontier_count = next_slot, written
+            next_slot += written
+            used += written
+            level += 1
+            if used >= self.n_max:
+                break
+        return TreeProposal(
+            ctx.tokens[:, :next_slot], ctx.parents[:, :next_slot], ctx.node_row, level - 1, forwards,
+            alpha_root, ctx.logprobs[:, :next_slot], info, num_real=None if static_shapes else used,
+        )
+
+    def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
+        if self.lag or alpha_root is None or "alpha" in info or self.rounds == 0 and self.first_round:
+            return info
+        depth, width, _ = self.shape_of(alpha_root)  # zero-lag: this step's root alpha shaped this tree
+        return {**info, "alpha": alpha_root, "depth_target": depth, "width_target": width}
+
+
+POLICIES = {
+    "ar": AutoregressivePolicy,
+    "chain": ChainPolicy,
+    "static": StaticTreePolicy,
+    "dynamic": DynamicTreePolicy,
+    "sage": SagePolicy,
+}
+
+
+def make_policy(policy: str | TreePolicy) -> TreePolicy:
+    """A policy object from a name (paper defaults) or the object itself."""
+    if isinstance(policy, TreePolicy):
+        return policy
+    if isinstance(policy, str) and policy in POLICIES:
+        return POLICIES[policy]()
+    raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)} or pass a TreePolicy object")

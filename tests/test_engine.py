@@ -1,0 +1,195 @@
+"""Losslessness of the speculative engine, greedy: every family x every policy gives exactly the
+tokens of ``target.generate(do_sample=False)``.
+
+Families: tiny Llama, Qwen2, Mistral, LLaVA-1.5 (tests/tiny_models.py) and Qwen2-VL, Qwen2.5-VL,
+LLaVA-OneVision, Idefics3, SmolVLM (tests/tiny_vlms.py). Drafts: a correlated draft (target + noise:
+accepts and rejects), the target's own weights (everything accepted: tau must reach the depth of the
+tree's greedy chain every step) and a contrary draft (negated lm_head: nothing accepted).
+Edge cases: EOS inside an accepted block, stop strings, max_new_tokens reached exactly mid-block,
+prompts of length 1.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
+    all_family_builders,
+    one_thread,
+    contrary_draft,
+    correlated_draft,
+    same_draft,
+    text_prompt,
+    tiny_llama,
+    tiny_llava,
+    tiny_tokenizer,
+)
+
+from sage_ext.engine import SpeculativeGenerator
+from sage_ext.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
+
+BUILDERS = all_family_builders()
+MAX_NEW = 24
+
+POLICIES = {
+    "ar": lambda: "ar",
+    "chain": lambda: ChainPolicy(length=5),
+    "static": lambda: StaticTreePolicy(),
+    "dynamic": lambda: DynamicTreePolicy(depth=6, topk=8, num_nodes=64),
+    "sage": lambda: SagePolicy(),
+    "sage_zero_lag": lambda: SagePolicy(lag=False),
+    "sage_static_shapes": lambda: SagePolicy(static_shapes=True),
+    "sage_zero_lag_static_shapes": lambda: SagePolicy(lag=False, static_shapes=True),
+    "sage_no_first_static": lambda: SagePolicy(first_round_paths=None, n_max=20),
+}
+SPECULATIVE = [name for name in POLICIES if name != "ar"]
+
+
+def hf_greedy(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, do_sample=False, **kwargs)
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request):
+    target, inputs = BUILDERS[request.param]()
+    draft = correlated_draft(target, noise=0.1)
+    return SimpleNamespace(name=request.param, target=target, inputs=inputs, draft=draft,
+                           reference=hf_greedy(target, inputs, max_new_tokens=MAX_NEW))
+
+
+def greedy_chain_depth(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Tensor) -> int:
+    """Depth reached by following, from the root, the child with the highest draft log-prob (the draft's
+    greedy token: every policy includes rank 0 among a node's children whenever the node has any)."""
+    parents_list, logprobs_list = parents[0].tolist(), logprobs[0].tolist()
+    node, depth = 0, 0
+    while True:
+        children = [i for i, p in enumerate(parents_list) if p == node and i > 0]
+        if not children:
+            return depth
+        node = max(children, key=lambda c: logprobs_list[c])
+        depth += 1
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_greedy_equals_target_generate(family, policy):
+    generator = SpeculativeGenerator(family.target, family.draft, POLICIES[policy]())
+    out = generator.generate(**family.inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, family.reference)
+    assert out.stats.new_tokens == MAX_NEW
+    if policy != "ar":
+        taus = [step.tau for step in out.stats.steps]
+        assert max(taus) > 0, "the correlated draft should get tokens accepted"
+    if policy == "chain":
+        assert any(step.tau < step.tree_depth for step in out.stats.steps), "and rejected sometimes"
+
+
+@pytest.mark.parametrize("policy", SPECULATIVE)
+def test_identical_draft_accepts_the_whole_greedy_chain(family, policy):
+    generator = SpeculativeGenerator(family.target, same_draft(family.target), POLICIES[policy]())
+    seen = []
+
+    def check(info):
+        expected = greedy_chain_depth(info.tree_tokens, info.tree_parents, info.tree_logprobs)
+        seen.append((info.tau, expected))
+
+    generator.step_hook = check
+    out = generator.generate(**family.inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, family.reference)
+    assert seen and all(tau == expected for tau, expected in seen), seen
+    if policy in ("chain", "static"):
+        assert all(step.tau == 5 for step in out.stats.steps)
+
+
+@pytest.mark.parametrize("policy", SPECULATIVE)
+def test_contrary_draft_accepts_nothing(family, policy):
+    generator = SpeculativeGenerator(family.target, contrary_draft(family.target), POLICIES[policy]())
+    out = generator.generate(**family.inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, family.reference)
+    assert all(step.tau == 0 for step in out.stats.steps)
+    assert out.stats.target_forwards == MAX_NEW - 1  # one token per forward, the first from the prefill
+
+
+def _inside_block_positions(stats) -> list[int]:
+    """Generated-token indices that are not the last token of their step's block (index 0 is the
+    prefill's token)."""
+    inside, index = [], 1
+    for step in stats.steps:
+        inside += list(range(index, index + step.emitted - 1))
+        index += step.emitted
+    return inside
+
+
+@pytest.mark.parametrize("policy", ["chain", "static", "dynamic", "sage", "sage_static_shapes"])
+def test_eos_inside_an_accepted_block(family, policy):
+    draft = same_draft(family.target)
+    prompt_len = family.inputs["input_ids"].shape[1]
+    free_run = SpeculativeGenerator(family.target, draft, POLICIES[policy]()).generate(
+        **family.inputs, max_new_tokens=MAX_NEW, eos_token_id=-1)
+    generated = free_run.sequences[0, prompt_len:].tolist()
+    # first occurrence of a token, strictly inside a block: becomes the EOS
+    candidates = [i for i in _inside_block_positions(free_run.stats) if generated[i] not in generated[:i]]
+    assert candidates
+    eos = generated[candidates[0]]
+    reference = hf_greedy(family.target, family.inputs, max_new_tokens=MAX_NEW, eos_token_id=eos)
+    out = SpeculativeGenerator(family.target, draft, POLICIES[policy]()).generate(
+        **family.inputs, max_new_tokens=MAX_NEW, eos_token_id=[eos])
+    assert torch.equal(out.sequences, reference)
+    assert out.sequences[0, -1].item() == eos and out.stats.stop_reason == "eos"
+    last = out.stats.steps[-1]
+    assert last.emitted < last.tau + 1, "the EOS should cut an accepted block"
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_llava])
+@pytest.mark.parametrize("policy", ["static", "sage", "dynamic"])
+def test_stop_strings(builder, policy):
+    target, inputs = builder()
+    draft = same_draft(target)
+    tokenizer = tiny_tokenizer()
+    prompt_len = inputs["input_ids"].shape[1]
+    free_run = SpeculativeGenerator(target, draft, POLICIES[policy]()).generate(**inputs, max_new_tokens=MAX_NEW)
+    generated = free_run.sequences[0, prompt_len:].tolist()
+    text = tokenizer.decode(generated)
+    # a two-character stop string ending strictly inside a block, not occurring earlier
+    index = next(i for i in _inside_block_positions(free_run.stats)
+                 if i >= 1 and text[i - 1 : i + 1] not in text[: i])
+    stop = text[index - 1 : index + 1]
+    reference = hf_greedy(target, inputs, max_new_tokens=MAX_NEW, stop_strings=[stop], tokenizer=tokenizer)
+    out = SpeculativeGenerator(target, draft, POLICIES[policy]()).generate(
+        **inputs, max_new_tokens=MAX_NEW, stop_strings=stop, tokenizer=tokenizer)
+    assert torch.equal(out.sequences, reference)
+    assert out.stats.stop_reason == "stop_string"
+    assert out.sequences.shape[1] == prompt_len + index + 1
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_llava])
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7, 13])
+@pytest.mark.parametrize("policy", ["static", "sage", "dynamic"])
+def test_max_new_tokens_is_exact(builder, max_new_tokens, policy):
+    target, inputs = builder()
+    reference = hf_greedy(target, inputs, max_new_tokens=max_new_tokens)
+    out = SpeculativeGenerator(target, same_draft(target), POLICIES[policy]()).generate(
+        **inputs, max_new_tokens=max_new_tokens)
+    assert torch.equal(out.sequences, reference)
+    assert out.stats.new_tokens == max_new_tokens
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen2", "mistral", "llava"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_prompt_of_length_one(family_name, policy):
+    target, _ = BUILDERS[family_name]()
+    inputs = text_prompt(1, seed=3)  # LLaVA without an image is a plain Llama prompt
+    reference = hf_greedy(target, inputs, max_new_tokens=MAX_NEW)
+    draft = correlated_draft(target, noise=0.1)
+    out = SpeculativeGenerator(target, draft, POLICIES[policy]()).generate(**inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)
+
+
+@pytest.mark.parametrize("policy", ["chain", "static", "dynamic", "sage"])
+def test_small_draft_of_another_size(policy):
+    target, inputs = tiny_llava()
+    draft, _ = tiny_llava(seed=5, small=True)
+    reference = hf_greedy(target, inputs, max_new_tokens=MAX_NEW)
+    out = SpeculativeGenerator(target, draft, POLICIES[policy]()).generate(**inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)

@@ -1,0 +1,228 @@
+"""The engine's public surface: arguments, streamer, clear errors, vocabulary padding, the shortcut."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
+    EOS_TOKEN_ID,
+    correlated_draft,
+    one_thread,
+    same_draft,
+    tiny_llama,
+    tiny_llava,
+    tiny_mistral,
+    tiny_qwen2,
+    tiny_tokenizer,
+)
+from transformers import GPT2Config, GPT2LMHeadModel, TextStreamer
+
+from sage_ext.engine import GenerationOutput, SpeculativeGenerator, generate
+from sage_ext.policies import POLICIES, SagePolicy, make_policy
+
+
+@pytest.fixture(scope="module")
+def llama():
+    target, inputs = tiny_llama()
+    return target, inputs, correlated_draft(target, noise=0.1)
+
+
+def hf_greedy(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, do_sample=False, **kwargs)
+
+
+class RecordingStreamer:
+    """Records what a TextStreamer-compatible streamer receives."""
+
+    def __init__(self):
+        self.puts: list[torch.Tensor] = []
+        self.ended = 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_output_is_a_named_tuple_like_hf(llama):
+    target, inputs, draft = llama
+    out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=10)
+    assert isinstance(out, GenerationOutput)
+    sequences, stats = out
+    assert sequences.dtype == torch.long and sequences.shape == (1, inputs["input_ids"].shape[1] + 10)
+    assert stats is out.stats and stats.new_tokens == 10
+
+
+def test_streamer_gets_the_prompt_then_every_token(llama):
+    target, inputs, draft = llama
+    streamer = RecordingStreamer()
+    out = SpeculativeGenerator(target, draft, "static").generate(**inputs, max_new_tokens=20, streamer=streamer)
+    assert torch.equal(streamer.puts[0], inputs["input_ids"])
+    streamed = torch.cat([value.reshape(-1) for value in streamer.puts[1:]])
+    assert torch.equal(streamed, out.sequences[0, inputs["input_ids"].shape[1]:])
+    assert len(streamer.puts) > 2 and streamer.ended == 1
+    assert len(streamer.puts) - 1 < 20, "accepted blocks arrive together, not one token per put"
+
+
+def test_hf_text_streamer_prints_the_generated_text(llama, capsys):
+    target, inputs, draft = llama
+    tokenizer = tiny_tokenizer()
+    out = SpeculativeGenerator(target, draft, "sage").generate(
+        **inputs, max_new_tokens=16, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    printed = capsys.readouterr().out
+    assert printed.strip() == tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:]).strip()
+
+
+def test_eos_from_generation_config_and_lists(llama):
+    target, inputs, draft = llama
+    prompt_len = inputs["input_ids"].shape[1]
+    free = hf_greedy(target, inputs, max_new_tokens=24, eos_token_id=-1)[0, prompt_len:].tolist()
+    eos_a, eos_b = free[9], free[5]
+    reference = hf_greedy(target, inputs, max_new_tokens=24, eos_token_id=[eos_a, eos_b])
+    out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=24, eos_token_id=[eos_a, eos_b])
+    assert torch.equal(out.sequences, reference) and out.stats.stop_reason == "eos"
+    # default: the target's generation_config (EOS_TOKEN_ID), same as HF
+    default = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=24)
+    assert torch.equal(default.sequences, hf_greedy(target, inputs, max_new_tokens=24))
+    assert target.generation_config.eos_token_id == EOS_TOKEN_ID
+
+
+def test_one_call_shortcut(llama):
+    target, inputs, draft = llama
+    out = generate(target, draft, policy=SagePolicy(lag=False), max_new_tokens=12, **inputs)
+    assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=12))
+
+
+def test_autoregressive_policy_needs_no_draft(llama):
+    target, inputs, _ = llama
+    out = SpeculativeGenerator(target, None, "ar").generate(**inputs, max_new_tokens=12)
+    assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=12))
+    assert out.stats.target_forwards == 11
+
+
+def test_policy_names_and_objects():
+    assert sorted(POLICIES) == ["ar", "chain", "dynamic", "sage", "static"]
+    policy = SagePolicy(d_max=6)
+    assert make_policy(policy) is policy
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("beam")
+
+
+@pytest.mark.parametrize("target_vocab, draft_vocab", [(96, 128), (128, 96)])
+def test_vocabularies_differing_by_padding_work(target_vocab, draft_vocab):
+    target, inputs = tiny_qwen2(seed=2, vocab_size=target_vocab)
+    draft, _ = tiny_qwen2(seed=2, vocab_size=draft_vocab)
+    # same weights on the shared rows, so the draft agrees with the target often
+    with torch.no_grad():
+        shared = min(target_vocab, draft_vocab)
+        for name, param in draft.named_parameters():
+            source = dict(target.named_parameters())[name]
+            if param.shape == source.shape:
+                param.copy_(source)
+            else:
+                param[:shared].copy_(source[:shared])
+    reference = hf_greedy(target, inputs, max_new_tokens=20)
+    for policy in ("static", "sage", "dynamic"):
+        out = SpeculativeGenerator(target, draft, policy).generate(**inputs, max_new_tokens=20)
+        assert torch.equal(out.sequences, reference)
+        assert out.stats.mean_tau > 0
+
+
+def test_vocabulary_mismatch_beyond_padding_is_rejected():
+    target, _ = tiny_llama(vocab_size=96)
+    draft, _ = tiny_llama(vocab_size=512)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        SpeculativeGenerator(target, draft, "sage")
+
+
+def test_special_token_outside_the_shared_vocabulary_is_rejected():
+    target, _ = tiny_llama(vocab_size=96)  # EOS 95
+    draft, _ = tiny_llama(vocab_size=64)
+    draft.generation_config.eos_token_id = EOS_TOKEN_ID
+    with pytest.raises(ValueError, match="special token"):
+        SpeculativeGenerator(target, draft, "sage")
+
+
+def test_different_eos_is_rejected(llama):
+    target, _, _ = llama
+    draft = same_draft(target)
+    draft.generation_config.eos_token_id = 3
+    with pytest.raises(ValueError, match="EOS"):
+        SpeculativeGenerator(target, draft, "sage")
+
+
+def test_different_families_are_rejected():
+    target, _ = tiny_llava()
+    draft, _ = tiny_llama()
+    with pytest.raises(ValueError, match="same model family"):
+        SpeculativeGenerator(target, draft, "sage")
+
+
+def test_unsupported_model_lists_the_supported_families():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=96))
+    with pytest.raises(ValueError, match="Supported model types: .*llama.*llava"):
+        SpeculativeGenerator(model, None, "ar")
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_flash_attention_is_refused(which):
+    target, _ = tiny_llava()
+    draft = same_draft(target)
+    model = target if which == "target" else draft
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        SpeculativeGenerator(target, draft, "sage")
+
+
+def test_eager_attention_is_lossless():
+    target, inputs = tiny_mistral()
+    target.config._attn_implementation = "eager"
+    draft = correlated_draft(target, noise=0.1)
+    out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=16)
+    assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=16))
+
+
+def test_batch_size_above_one_is_refused(llama):
+    target, inputs, draft = llama
+    batch = {key: value.repeat(2, 1) for key, value in inputs.items()}
+    with pytest.raises(ValueError, match="batch size 1"):
+        SpeculativeGenerator(target, draft, "sage").generate(**batch, max_new_tokens=4)
+
+
+def test_padded_attention_mask_is_refused(llama):
+    target, inputs, draft = llama
+    mask = inputs["attention_mask"].clone()
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="padded"):
+        SpeculativeGenerator(target, draft, "sage").generate(**{**inputs, "attention_mask": mask})
+
+
+def test_stop_strings_need_a_tokenizer(llama):
+    target, inputs, draft = llama
+    with pytest.raises(ValueError, match="tokenizer"):
+        SpeculativeGenerator(target, draft, "sage").generate(**inputs, stop_strings=["ab"])
+
+
+def test_sliding_window_longer_than_the_window_is_refused():
+    target, inputs = tiny_mistral()
+    target.config.sliding_window = 32
+    with pytest.raises(ValueError, match="sliding-window"):
+        SpeculativeGenerator(target, same_draft(target), "sage").generate(**inputs, max_new_tokens=64)
+
+
+def test_policy_without_draft_is_refused(llama):
+    target, _, _ = llama
+    with pytest.raises(ValueError, match="needs a draft"):
+        SpeculativeGenerator(target, None, "sage")
+
+
+def test_models_are_left_as_they_were(llama):
+    target, inputs, draft = llama
+    before = copy.deepcopy(target.state_dict())
+    config = target.config.to_dict()
+    SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=8)
+    assert target.config.to_dict() == config
+    assert all(torch.equal(before[key], value) for key, value in target.state_dict().items())

@@ -1,0 +1,94 @@
+"""KV-cache bookkeeping of the speculative engine: after every step, both caches equal the caches
+obtained by recomputing the committed sequence from scratch.
+
+Target: its cache must hold exactly the committed tokens except the last (the next root), with the
+keys/values a fresh prefill of the prompt plus a causal forward of the generated tokens gives.
+Draft: its cache must hold the first ``draft_done`` tokens of the sequence (the rest are fed in the
+next step's first draft forward), again equal to a fresh recomputation — with the same pruned prompt
+when draft-side visual pruning is on. Every family x every policy, correlated draft (accepts and rejects).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import POLICIES
+from tiny_models import all_family_builders, correlated_draft, one_thread  # noqa: F401  (autouse fixture)
+from transformers import DynamicCache
+
+from sage_ext.engine import SpeculativeGenerator
+from sage_ext.families import causal_mask_4d, get_adapter
+
+BUILDERS = all_family_builders()
+MAX_NEW = 16
+ATOL = 2e-4
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request):
+    target, inputs = BUILDERS[request.param]()
+    return target, inputs, correlated_draft(target, noise=0.1)
+
+
+def recomputed_cache(model, inputs, sequence: list[int], length: int, keep=None) -> DynamicCache:
+    """Prefill the prompt (``keep``: the draft's pruned prompt) and forward the generated tokens as one causal
+    chain, up to sequence index ``length``; through the family adapter, which sets the positions."""
+    adapter = get_adapter(model)
+    cache = DynamicCache()
+    adapter.prefill(inputs, cache, keep=keep)
+    prompt_len = inputs["input_ids"].shape[1]
+    extra = length - prompt_len
+    if extra > 0:
+        tokens = torch.tensor([sequence[prompt_len:length]])
+        positions = torch.arange(prompt_len, length)[None]
+        mask = causal_mask_4d(extra, cache.get_seq_length(), adapter.dtype, tokens.device)
+        adapter.forward_tree(tokens, positions, mask, cache)
+    return cache
+
+
+def assert_same_cache(actual, expected):
+    assert actual.get_seq_length() == expected.get_seq_length()
+    for layer_actual, layer_expected in zip(actual.layers, expected.layers):
+        torch.testing.assert_close(layer_actual.keys, layer_expected.keys, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(layer_actual.values, layer_expected.values, atol=ATOL, rtol=1e-4)
+
+
+def run_with_cache_checks(target, draft, inputs, policy, **generator_kwargs):
+    generator = SpeculativeGenerator(target, draft, policy, **generator_kwargs)
+    checked = []
+
+    def check(info):
+        checked.append(info.tau)
+        if info.finished:  # the last block may be cut (EOS / max_new_tokens); the caches are not used again
+            return
+        sequence = info.sequence
+        assert info.target_cache.get_seq_length() == len(sequence) - 1
+        assert_same_cache(info.target_cache, recomputed_cache(target, inputs, sequence, len(sequence) - 1))
+        if info.draft_cache is not None:
+            assert info.draft_done <= len(sequence) - 1
+            expected = recomputed_cache(draft, inputs, sequence, info.draft_done, keep=info.draft_keep)
+            assert_same_cache(info.draft_cache, expected)
+
+    generator.step_hook = check
+    out = generator.generate(**inputs, max_new_tokens=MAX_NEW)
+    assert len(checked) == out.stats.target_forwards > 0
+    return out, checked
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_caches_match_recomputation_after_every_step(family, policy):
+    target, inputs, draft = family
+    _, taus = run_with_cache_checks(target, draft, inputs, POLICIES[policy]())
+    if policy != "ar":
+        assert max(taus) > 0
+
+
+@pytest.mark.parametrize("family_name", [name for name in BUILDERS if name not in ("llama", "qwen2", "mistral")])
+@pytest.mark.parametrize("policy", ["static", "sage"])
+def test_pruned_draft_cache_matches_recomputation(family_name, policy):
+    target, inputs = BUILDERS[family_name]()
+    draft = correlated_draft(target, noise=0.1)
+    assert get_adapter(target).visual_token_mask(inputs).any()
+    out, _ = run_with_cache_checks(target, draft, inputs, POLICIES[policy](), draft_prune_ratio=0.75)
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)
