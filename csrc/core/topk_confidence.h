@@ -6,7 +6,8 @@
 //   z = logit / temperature in float32; NaN -> -inf, +inf -> FLT_MAX;
 //   topk_logprobs = log_softmax(z) of the k largest, descending, ties -> lower id;
 //   alpha = clamp(1 - H(renormalized top-k) / log k, 0, 1), k == 1 -> 1, all -inf row -> 0.
-// The element type T is anything convertible to float (float, c10::Half, c10::BFloat16, ...).
+// The scan runs W float lanes at a time (core/simd.h). The element type T is float, Float16Bits,
+// BFloat16Bits or anything else convertible to float (read one lane at a time).
 #pragma once
 
 #include <algorithm>
@@ -17,16 +18,9 @@
 #include <limits>
 
 #include "formulas.h"
+#include "simd.h"
 
 namespace sage_ext::core {
-
-// z = logit / temperature with the NaN / +inf rules applied.
-inline float sanitize_scaled_logit(float logit, float temperature) {
-  const float z = logit / temperature;
-  if (std::isnan(z)) return -std::numeric_limits<float>::infinity();
-  if (z == std::numeric_limits<float>::infinity()) return FLT_MAX;
-  return z;
-}
 
 struct TokenScore {
   float value;
@@ -42,44 +36,72 @@ class TopKAccumulator {
  public:
   explicit TopKAccumulator(int64_t k = 1) : k_(static_cast<int>(std::clamp<int64_t>(k, 1, kMaxTopK))) {}
 
-  int k() const { return k_; }
-  int size() const { return count_; }
-  const TokenScore& operator[](int i) const { return best_[i]; }
-  float running_max() const { return max_; }
-
-  // Adds one already-sanitized score.
-  void add(float z, int64_t id) {
-    add_to_logsumexp(z);
-    offer(TokenScore{z, id});
-  }
-
   // Adds logits[begin, end) (token ids begin..end-1), scaling and sanitizing each.
-  template <typename T>
-  void add_range(const T* logits, int64_t begin, int64_t end, float temperature) {
-    constexpr int64_t kBlock = 256;
-    std::array<float, kBlock> z;
-    for (int64_t start = begin; start < end; start += kBlock) {
-      const int64_t n = std::min(kBlock, end - start);
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < n; ++i) {
-        z[i] = sanitize_scaled_logit(static_cast<float>(logits[start + i]), temperature);
-        block_max = std::max(block_max, z[i]);
+  //
+  // Block by block (L1-sized): load and sanitize the block into z, then add it to the log-sum-exp
+  // with a vectorized exp, then offer to the top-k buffer only the groups of tokens whose max can
+  // beat (or tie) the current k-th best, so that most tokens cost one vector compare.
+  template <int W = simd::kPortableWidth, typename T>
+  SAGE_EXT_SIMD_INLINE void add_range(const T* logits, int64_t begin, int64_t end, float temperature) {
+    using Floats = simd::Floats<W>;
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    constexpr int kGroupVectors = 8;  // a group of 8 W tokens shares one max for the top-k test
+    constexpr int kGroups = 8;
+    constexpr int kGroupTokens = kGroupVectors * W;
+    constexpr int kBlockTokens = kGroups * kGroupTokens;
+    constexpr int kBlockVectors = kGroups * kGroupVectors;
+    static_assert(kGroupVectors == 8, "the group max below is a tree over 8 vectors");
+    Floats z[kBlockVectors];
+    float group_max[kGroups];
+    const bool scaled = temperature != 1.0f;  // x / 1 == x: skip the division
+    const Floats temperatures = simd::splat<W>(temperature);
+
+    for (int64_t start = begin; start < end; start += kBlockTokens) {
+      const int n = static_cast<int>(std::min<int64_t>(kBlockTokens, end - start));
+      const int vectors = (n + W - 1) / W;
+      float block_max = kNegInf;
+      for (int j = 0; j < vectors; ++j) {
+        const T* at = logits + start + j * W;
+        Floats v = (j + 1) * W <= n ? simd::load<W>(at) : simd::load_partial<W>(at, n - j * W, kNegInf);
+        if (scaled) v = v / temperatures;
+        v = simd::select<W>(v == v, v, simd::splat<W>(kNegInf));                         // NaN -> -inf
+        z[j] = simd::select<W>(v == simd::splat<W>(-kNegInf), simd::splat<W>(FLT_MAX), v);  // +inf -> max
       }
-      if (block_max == -std::numeric_limits<float>::infinity()) {
+      for (int j = vectors; j < kBlockVectors; ++j) z[j] = simd::splat<W>(kNegInf);  // the last block's tail
+      for (int g = 0; g * kGroupTokens < n; ++g) {
+        // A tree of maxes rather than a running max: no chain of dependent compares.
+        const Floats* group = z + g * kGroupVectors;
+        const Floats low = simd::max<W>(simd::max<W>(group[0], group[1]), simd::max<W>(group[2], group[3]));
+        const Floats high = simd::max<W>(simd::max<W>(group[4], group[5]), simd::max<W>(group[6], group[7]));
+        group_max[g] = simd::reduce_max<W>(simd::max<W>(low, high));
+        block_max = std::max(block_max, group_max[g]);
+      }
+      auto token = [&](int i) { return z[i / W][i % W]; };
+
+      if (block_max == kNegInf) {
         // Nothing to add to the log-sum-exp; -inf tokens still fill a not-yet-full buffer.
-        for (int64_t i = 0; i < n && count_ < k_; ++i) offer(TokenScore{z[i], start + i});
+        for (int i = 0; i < n && count_ < k_; ++i) offer(TokenScore{token(i), start + i});
         continue;
       }
       if (block_max > max_) {
         sum_ *= std::exp(static_cast<double>(max_) - static_cast<double>(block_max));
         max_ = block_max;
       }
-      float block_sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) block_sum += std::exp(z[i] - max_);
-      sum_ += block_sum;
-      // The buffer only changes when a token can beat (or tie) the current k-th best.
-      if (count_ < k_ || block_max >= best_[count_ - 1].value) {
-        for (int64_t i = 0; i < n; ++i) offer(TokenScore{z[i], start + i});
+      const Floats shift = simd::splat<W>(max_);
+      Floats block_sum = simd::splat<W>(0.0f);
+      // -inf tokens (padding too) add FLT_MIN each: nothing next to the 1 of the max token.
+      for (int j = 0; j < vectors; ++j) block_sum += simd::exp_nonpositive<W>(z[j] - shift);
+      sum_ += simd::reduce_sum_as_double<W>(block_sum);
+
+      if (count_ < k_) {
+        for (int i = 0; i < n; ++i) offer(TokenScore{token(i), start + i});
+        continue;
+      }
+      for (int g = 0; g * kGroupTokens < n; ++g) {
+        if (group_max[g] < best_[k_ - 1].value) continue;
+        for (int i = g * kGroupTokens; i < std::min(n, (g + 1) * kGroupTokens); ++i) {
+          if (token(i) >= best_[k_ - 1].value) offer(TokenScore{token(i), start + i});
+        }
       }
     }
   }
@@ -97,13 +119,7 @@ class TopKAccumulator {
     for (int i = 0; i < other.count_; ++i) offer(other.best_[i]);
   }
 
-  // log(sum exp z) over every token added; -inf when all were -inf.
-  float logsumexp() const {
-    if (max_ == -std::numeric_limits<float>::infinity()) return max_;
-    return max_ + static_cast<float>(std::log(sum_));
-  }
-
-  // Writes alpha, topk_logprobs[k] (descending) and topk_ids[k]. Needs size() == k (k <= V tokens added).
+  // Writes alpha, topk_logprobs[k] (descending) and topk_ids[k]. Needs k tokens added (k <= V).
   void finalize(float* alpha, float* topk_logprobs, int64_t* topk_ids) const {
     const bool empty_row = max_ == -std::numeric_limits<float>::infinity();
     // (z - max) - log(sum) as log_softmax does: stays exact when z and max are both FLT_MAX.
@@ -133,16 +149,6 @@ class TopKAccumulator {
   }
 
  private:
-  void add_to_logsumexp(float z) {
-    if (z == -std::numeric_limits<float>::infinity()) return;
-    if (z > max_) {
-      sum_ = sum_ * std::exp(static_cast<double>(max_) - z) + 1.0;
-      max_ = z;
-    } else {
-      sum_ += std::exp(static_cast<double>(z) - max_);
-    }
-  }
-
   // Inserts `s` into the sorted buffer if it belongs to the k best.
   void offer(const TokenScore& s) {
     if (count_ == k_ && !ranks_before(s, best_[count_ - 1])) return;
@@ -162,11 +168,11 @@ class TopKAccumulator {
 };
 
 // The whole op for one row of V logits, single-threaded.
-template <typename T>
-void topk_confidence_row(const T* logits, int64_t vocab, int64_t k, float temperature, float* alpha,
-                         float* topk_logprobs, int64_t* topk_ids) {
+template <int W = simd::kPortableWidth, typename T>
+SAGE_EXT_SIMD_INLINE void topk_confidence_row(const T* logits, int64_t vocab, int64_t k, float temperature,
+                                              float* alpha, float* topk_logprobs, int64_t* topk_ids) {
   TopKAccumulator acc(k);
-  acc.add_range(logits, 0, vocab, temperature);
+  acc.add_range<W>(logits, 0, vocab, temperature);
   acc.finalize(alpha, topk_logprobs, topk_ids);
 }
 

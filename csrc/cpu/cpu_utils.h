@@ -1,15 +1,19 @@
 // Helpers shared by the ATen CPU implementations in csrc/cpu/: float-dtype dispatch without
-// ATen/Dispatch.h, raising a core::Status as a Python exception, and the common output factory.
+// ATen/Dispatch.h, the SIMD width of the vocabulary-wide loops, when to go parallel, raising a
+// core::Status as a Python exception, and the common output factory.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <utility>
 
+#include "../core/simd.h"
 #include "../core/status.h"
 #include "../core/tree.h"
 
@@ -28,6 +32,54 @@ decltype(auto) dispatch_float_dtype(c10::ScalarType dtype, const char* op, Fn&& 
     default:
       TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
   }
+}
+
+// Calls fn(T{}) with T the storage type the core's vocabulary loops read for a float32 / float16 /
+// bfloat16 dtype: float, or the raw 16 bits that c10::Half / c10::BFloat16 hold.
+template <typename Fn>
+decltype(auto) dispatch_vocab_dtype(c10::ScalarType dtype, const char* op, Fn&& fn) {
+  static_assert(sizeof(c10::Half) == 2 && sizeof(c10::BFloat16) == 2, "read as 16 raw bits");
+  switch (dtype) {
+    case c10::kFloat:
+      return fn(float{});
+    case c10::kHalf:
+      return fn(core::Float16Bits{});
+    case c10::kBFloat16:
+      return fn(core::BFloat16Bits{});
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
+// The vocabulary-wide loops of csrc/core are templates on the number of float lanes W
+// (core/simd.h). Each op compiles them twice: W = 8 in a function marked SAGE_EXT_AVX2_FMA, called
+// when cpu_has_avx2_fma(), and the portable W = core::simd::kPortableWidth otherwise.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SAGE_EXT_AVX2_FMA __attribute__((target("avx2,fma")))
+inline bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#else
+#define SAGE_EXT_AVX2_FMA
+inline bool cpu_has_avx2_fma() { return false; }
+#endif
+
+// Elements of work (values read or written) that a thread must get before a call goes parallel.
+// Waking the OpenMP team costs microseconds on an idle machine, and a scheduler time slice
+// (~10-30 ms) when the cores are busy; ATen's at::internal::GRAIN_SIZE (32768) is only ~10 us of
+// the vectorized loops here, this is ~100 us.
+constexpr int64_t kParallelGrainWork = int64_t{1} << 18;
+
+// at::parallel_for over `count` items of about `work_per_item` elements of work each, in chunks of
+// at least kParallelGrainWork elements (so a small call runs inline on the calling thread).
+template <typename Fn>
+void parallel_for_work(int64_t count, int64_t work_per_item, const Fn& fn) {
+  const int64_t per_item = std::max<int64_t>(1, work_per_item);
+  at::parallel_for(0, count, (kParallelGrainWork + per_item - 1) / per_item, fn);
 }
 
 // Raises ValueError "<op>: <status message>" (row-qualified when the op is batched).

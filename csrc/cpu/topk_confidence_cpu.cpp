@@ -1,6 +1,12 @@
-// CPU implementation of topk_confidence (docs/OPS.md), built on core/topk_confidence.h.
-// Rows are processed in parallel; when there are fewer rows than threads and the vocabulary is
-// large, each row's vocabulary is also split across threads and the partial results merged.
+// CPU implementation of topk_confidence (docs/OPS.md), built on core/topk_confidence.h with the
+// widest SIMD the CPU has. Rows are processed in parallel when there is enough work; when there are
+// fewer rows than threads and the vocabulary is large, each row's vocabulary is also split across
+// threads and the partial results merged.
+
+// The W = 8 SIMD kernels are instantiated in templates built without AVX, for which GCC notes the
+// AVX ABI (at the end of the file); no vector is passed out of line (core/simd.h).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -16,7 +22,21 @@
 namespace sage_ext::cpu {
 namespace {
 
-constexpr int64_t kMinVocabChunk = 32768;  // smallest vocabulary slice worth a thread of its own
+// acc.add_range(logits, begin, end, temperature) with the widest SIMD of this CPU (cpu_utils.h).
+template <typename T>
+SAGE_EXT_AVX2_FMA void add_range_avx2_fma(core::TopKAccumulator& acc, const T* logits, int64_t begin, int64_t end,
+                                          float temperature) {
+  acc.add_range<8>(logits, begin, end, temperature);
+}
+
+template <typename T>
+void add_range_simd(core::TopKAccumulator& acc, const T* logits, int64_t begin, int64_t end, float temperature) {
+  if (cpu_has_avx2_fma()) {
+    add_range_avx2_fma(acc, logits, begin, end, temperature);
+  } else {
+    acc.add_range<core::simd::kPortableWidth>(logits, begin, end, temperature);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Tensor& logits_in, int64_t k,
                                                                    double temperature) {
@@ -35,26 +55,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Ten
   int64_t* id_out = topk_ids.data_ptr<int64_t>();
   const float temp = static_cast<float>(temperature);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunks = rows >= threads ? 1 : std::clamp<int64_t>(vocab / kMinVocabChunk, 1, (2 * threads + rows - 1) / rows);
+  const int64_t chunks =
+      rows >= threads ? 1 : std::clamp<int64_t>(vocab / kParallelGrainWork, 1, (2 * threads + rows - 1) / rows);
 
-  dispatch_float_dtype(logits.scalar_type(), "topk_confidence", [&](auto zero) {
+  dispatch_vocab_dtype(logits.scalar_type(), "topk_confidence", [&](auto zero) {
     using T = decltype(zero);
     const T* data = static_cast<const T*>(logits.const_data_ptr());
     if (chunks == 1) {
-      const int64_t grain = std::max<int64_t>(1, 65536 / vocab);
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      parallel_for_work(rows, vocab, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          core::topk_confidence_row(data + r * row_stride, vocab, k, temp, alpha_out + r, logprob_out + r * k,
-                                    id_out + r * k);
+          core::TopKAccumulator acc(k);
+          add_range_simd(acc, data + r * row_stride, 0, vocab, temp);
+          acc.finalize(alpha_out + r, logprob_out + r * k, id_out + r * k);
         }
       });
       return;
     }
     std::vector<core::TopKAccumulator> partial(rows * chunks, core::TopKAccumulator(k));
-    at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_work(rows * chunks, vocab / chunks, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / chunks, c = task % chunks;
-        partial[task].add_range(data + r * row_stride, c * vocab / chunks, (c + 1) * vocab / chunks, temp);
+        add_range_simd(partial[task], data + r * row_stride, c * vocab / chunks, (c + 1) * vocab / chunks, temp);
       }
     });
     for (int64_t r = 0; r < rows; ++r) {

@@ -1,7 +1,7 @@
 // CPU implementations of the tree-construction ops of docs/OPS.md: build_static_tree, sage_tree,
 // expand_tree, rerank_tree and tree_buffers. Each validates its arguments (csrc/checks.h), then the
 // data (parents topological, frontier nodes existing) before writing anything, and runs the
-// torch-free row algorithms of core/tree.h over the batch in parallel.
+// torch-free row algorithms of core/tree.h over the batch, in parallel when there is enough work.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -88,7 +88,7 @@ at::Tensor expand_tree_cpu(const at::Tensor& tokens, const at::Tensor& parents, 
   }
   at::Tensor count = empty_on(tokens, {batch}, c10::kLong);
   int64_t* count_data = count.data_ptr<int64_t>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_work(batch, num_frontier * top_k + num_slots, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const core::TreeRow tree{tokens.data_ptr<int64_t>() + b * capacity, parents.data_ptr<int64_t>() + b * capacity,
                                logprobs.data_ptr<float>() + b * capacity,
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> rerank_tree_cpu(const at::Tensor& parents_in,
   const int64_t nodes = parents.size(1);
   at::Tensor keep = empty_on(parents, {batch, num_select}, c10::kLong);
   at::Tensor new_parents = empty_on(parents, {batch, num_select}, c10::kLong);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_work(batch, nodes, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       core::rerank_tree_row(parents.const_data_ptr<int64_t>() + b * nodes,
                             cum_logprobs.const_data_ptr<float>() + b * nodes, nodes, num_select,
@@ -150,7 +150,8 @@ TreeBuffers tree_buffers_cpu(const at::Tensor& parents_in, int64_t past_len, c10
     using T = decltype(zero);
     const T attend(0.0f);
     const T blocked = std::numeric_limits<T>::lowest();  // torch.finfo(mask_dtype).min
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    // Per row: the [N, past_len + N] float mask and the [N, N] paths dominate.
+    parallel_for_work(batch, nodes * (mask_width + nodes), [&](int64_t begin, int64_t end) {
       std::vector<uint64_t> bits(nodes * core::ancestor_words(nodes));
       for (int64_t b = begin; b < end; ++b) {
         const int64_t* parent_row = parents.const_data_ptr<int64_t>() + b * nodes;

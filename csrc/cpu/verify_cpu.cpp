@@ -1,7 +1,12 @@
 // CPU implementations of verification and KV-cache compaction (docs/OPS.md): verify_greedy,
 // verify_sampling and kv_compact_. The target tensors are read in place (only the rows of nodes on
-// the accepted path are touched); batch rows, and for kv_compact_ every (cache, b, head) slice, run
-// in parallel.
+// the accepted path are touched) with the widest SIMD the CPU has; batch rows, and for kv_compact_
+// every (cache, b, head) slice, run in parallel when there is enough work.
+
+// The W = 8 SIMD kernels are instantiated in templates built without AVX, for which GCC notes the
+// AVX ABI (at the end of the file); no vector is passed out of line (core/simd.h).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -23,6 +28,37 @@ namespace {
 
 using VerifyOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// core::argmax_row and core::verify_sampling_row with the widest SIMD of this CPU (cpu_utils.h).
+template <typename T>
+SAGE_EXT_AVX2_FMA int64_t argmax_row_avx2_fma(const T* values, int64_t count) {
+  return core::argmax_row<8>(values, count);
+}
+
+template <typename T>
+int64_t argmax_row_simd(const T* values, int64_t count) {
+  if (cpu_has_avx2_fma()) return argmax_row_avx2_fma(values, count);
+  return core::argmax_row<core::simd::kPortableWidth>(values, count);
+}
+
+template <typename T>
+SAGE_EXT_AVX2_FMA core::VerifyResult verify_sampling_row_avx2_fma(const int64_t* tokens, const int64_t* parents,
+                                                                  int64_t nodes, const T* target, const T* draft,
+                                                                  int64_t vocab, const float* uniforms,
+                                                                  int64_t* accepted, std::vector<float>& residual) {
+  return core::verify_sampling_row<8>(tokens, parents, nodes, target, draft, vocab, uniforms, accepted, residual);
+}
+
+template <typename T>
+core::VerifyResult verify_sampling_row_simd(const int64_t* tokens, const int64_t* parents, int64_t nodes,
+                                            const T* target, const T* draft, int64_t vocab, const float* uniforms,
+                                            int64_t* accepted, std::vector<float>& residual) {
+  if (cpu_has_avx2_fma()) {
+    return verify_sampling_row_avx2_fma(tokens, parents, nodes, target, draft, vocab, uniforms, accepted, residual);
+  }
+  return core::verify_sampling_row<core::simd::kPortableWidth>(tokens, parents, nodes, target, draft, vocab, uniforms,
+                                                               accepted, residual);
+}
+
 VerifyOutputs verify_greedy_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in, const at::Tensor& target_in) {
   check_verify_greedy_args(tokens_in, parents_in, target_in);
   const at::Tensor tokens = tokens_in.contiguous();
@@ -34,8 +70,9 @@ VerifyOutputs verify_greedy_cpu(const at::Tensor& tokens_in, const at::Tensor& p
   at::Tensor accept_len = empty_on(tokens, {batch}, c10::kLong);
   at::Tensor bonus = empty_on(tokens, {batch}, c10::kLong);
 
-  auto run_rows = [&](auto&& argmax_for_row) {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // work_per_row: elements read per row, at least one argmax over the vocabulary for logits.
+  auto run_rows = [&](int64_t work_per_row, auto&& argmax_for_row) {
+    parallel_for_work(batch, work_per_row, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const core::VerifyResult result =
             core::verify_greedy_row(tokens.const_data_ptr<int64_t>() + b * nodes,
@@ -51,15 +88,17 @@ VerifyOutputs verify_greedy_cpu(const at::Tensor& tokens_in, const at::Tensor& p
   if (target_in.dim() == 2) {
     const at::Tensor target = target_in.contiguous();
     const int64_t* argmax = target.const_data_ptr<int64_t>();
-    run_rows([&](int64_t b, int64_t node) { return argmax[b * nodes + node]; });
+    run_rows(nodes, [&](int64_t b, int64_t node) { return argmax[b * nodes + node]; });
   } else {
     const at::Tensor target = with_contiguous_last_dim(target_in);
     const int64_t vocab = target.size(2);
     const int64_t stride_b = target.stride(0), stride_n = target.stride(1);
-    dispatch_float_dtype(target.scalar_type(), "verify_greedy", [&](auto zero) {
+    dispatch_vocab_dtype(target.scalar_type(), "verify_greedy", [&](auto zero) {
       using T = decltype(zero);
       const T* logits = static_cast<const T*>(target.const_data_ptr());
-      run_rows([&](int64_t b, int64_t node) { return core::argmax_row(logits + b * stride_b + node * stride_n, vocab); });
+      run_rows(vocab, [&](int64_t b, int64_t node) {
+        return argmax_row_simd(logits + b * stride_b + node * stride_n, vocab);
+      });
     });
   }
   return {accepted, accept_len, bonus};
@@ -88,14 +127,14 @@ VerifyOutputs verify_sampling_cpu(const at::Tensor& tokens_in, const at::Tensor&
   at::Tensor accepted = empty_on(tokens, {batch, nodes}, c10::kLong);
   at::Tensor accept_len = empty_on(tokens, {batch}, c10::kLong);
   at::Tensor bonus = empty_on(tokens, {batch}, c10::kLong);
-  dispatch_float_dtype(target_probs.scalar_type(), "verify_sampling", [&](auto zero) {
+  dispatch_vocab_dtype(target_probs.scalar_type(), "verify_sampling", [&](auto zero) {
     using T = decltype(zero);
     const T* target = static_cast<const T*>(target_probs.const_data_ptr());
     const T* draft = draft_probs.defined() ? static_cast<const T*>(draft_probs.const_data_ptr()) : nullptr;
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_work(batch, vocab, [&](int64_t begin, int64_t end) {
       std::vector<float> residual;
       for (int64_t b = begin; b < end; ++b) {
-        const core::VerifyResult result = core::verify_sampling_row(
+        const core::VerifyResult result = verify_sampling_row_simd(
             tokens.const_data_ptr<int64_t>() + b * nodes, parents.const_data_ptr<int64_t>() + b * nodes, nodes,
             target + b * nodes * vocab, draft ? draft + b * nodes * vocab : nullptr, vocab,
             uniforms.const_data_ptr<float>() + b * nodes, accepted.data_ptr<int64_t>() + b * nodes, residual);
@@ -120,10 +159,10 @@ void kv_compact_cpu(at::TensorList caches, const at::Tensor& accepted_in, int64_
     raise_if_error(core::validate_accepted(accepted_data + b * num_accepted, num_accepted, past_len, shortest),
                    "kv_compact_", b);
   }
-  // One task per (cache, batch row, head) slice [L, D].
+  // One task per (cache, batch row, head) slice [L, D]; at most num_accepted rows of D move in each.
   std::vector<int64_t> first_task(caches.size() + 1, 0);
   for (size_t c = 0; c < caches.size(); ++c) first_task[c + 1] = first_task[c] + batch * caches[c].size(1);
-  at::parallel_for(0, first_task.back(), 16, [&](int64_t begin, int64_t end) {
+  parallel_for_work(first_task.back(), num_accepted * caches[0].size(3), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const size_t c = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
       const at::Tensor& cache = caches[c];

@@ -1,0 +1,354 @@
+"""Per-op latency of the sage_ext extension against the plain-PyTorch reference (sage_ext.reference).
+
+Every op of docs/OPS.md is timed at batch B in {1, 8}, tree size N in {16, 64, 128} and vocabulary
+V in {32000, 152064} (only the sizes an op depends on), plus the per-step bundle of a SAGE round
+(topk_confidence on [B, V], the level-by-level SAGE build of N nodes with sage_tree + expand_tree,
+tree_buffers, verify_greedy on the target's logits) at B=1, N=64, V=152064.
+
+On CPU the table reports both latencies and the speed-up (reference / extension). On CUDA the
+extension is timed with CUDA events under torch.cuda.set_sync_debug_mode("error"), so any
+host-device sync inside an op aborts the run; the reference (which reads data back on purpose)
+is timed on CPU tensors for the ratio.
+
+Usage:
+    python benchmarks/bench_ops.py                 # CPU, full grid (a few minutes on 2 cores)
+    python benchmarks/bench_ops.py --device cuda   # GPU
+    python benchmarks/bench_ops.py --quick         # fewer sizes and repeats (smoke run)
+Writes benchmarks/results/ops_<device-name>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sage_ext
+from sage_ext import ops, reference
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BATCHES = (1, 8)
+TREE_SIZES = (16, 64, 128)
+VOCABS = (32000, 152064)
+TOP_K = 10
+PAST_LEN = 1024
+SAGE = dict(d_min=3, d_max=8, w_min=2, w_max=10)
+
+
+# --------------------------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def device_name(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-" + cpu_model()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+def time_cpu(fn, min_seconds: float, max_reps: int) -> float:
+    """Median wall time of fn() in microseconds, after one warm-up call."""
+    fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < 3 or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def time_cuda(fn, min_seconds: float, max_reps: int) -> float:
+    """Median CUDA-event time of fn() in microseconds; any host-device sync inside fn raises."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()  # warm-up
+        events = []
+        for _ in range(max(3, max_reps)):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            events.append((begin, end))
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    return statistics.median(b.elapsed_time(e) for b, e in events) * 1e3
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def random_tree(batch: int, num_nodes: int, seed: int) -> torch.Tensor:
+    """Bushy random trees without padding (each node under a random earlier node, biased to recent ones)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(batch):
+        row = [-1]
+        for i in range(1, num_nodes):
+            row.append(rng.randrange(max(0, i - 8), i) if rng.random() < 0.6 else rng.randrange(i))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def walkable_target(tokens: torch.Tensor, parents: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
+    """A target argmax [B, N] that follows a child at 80% of the nodes, so verification walks deep."""
+    rng = random.Random(seed)
+    argmax = torch.randint(0, vocab, tokens.shape, generator=torch.Generator().manual_seed(seed))
+    for b in range(tokens.shape[0]):
+        children = [[] for _ in range(tokens.shape[1])]
+        for i, p in enumerate(parents[b].tolist()):
+            if p >= 0:
+                children[p].append(i)
+        for u, kids in enumerate(children):
+            if kids and rng.random() < 0.8:
+                argmax[b, u] = tokens[b, rng.choice(kids)]
+    return argmax
+
+
+def tree_inputs(batch, num_nodes, vocab, seed=0):
+    parents = random_tree(batch, num_nodes, seed)
+    tokens = torch.randint(0, vocab, parents.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return tokens, parents, walkable_target(tokens, parents, vocab, seed + 2)
+
+
+def target_logits(argmax: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
+    logits = torch.randn(*argmax.shape, vocab, generator=torch.Generator().manual_seed(seed))
+    return logits.scatter_(-1, argmax[..., None], 20.0)
+
+
+def expand_inputs(batch, num_nodes, seed=0):
+    """One deep SAGE level: F = N/4 frontier nodes, each proposing its top-10, into N/2 slots."""
+    gen = torch.Generator().manual_seed(seed)
+    capacity = num_nodes
+    slot_start = num_nodes // 2
+    num_frontier = max(1, num_nodes // 4)
+    state = (torch.randint(0, 1000, (batch, capacity), generator=gen), random_tree(batch, capacity, seed),
+             torch.log(torch.rand(batch, capacity, generator=gen)), -torch.rand(batch, capacity, generator=gen) * 3)
+    frontier = torch.randint(0, slot_start, (batch, num_frontier), generator=gen)
+    topk_lp = torch.log_softmax(torch.randn(batch, num_frontier, 100, generator=gen) * 2, -1).topk(TOP_K).values
+    topk_ids = torch.randint(0, 32000, (batch, num_frontier, TOP_K), generator=gen)
+    widths = torch.randint(1, TOP_K + 1, (batch, num_frontier), generator=gen)
+    min_cum = torch.full((batch,), -6.0)
+    return (*state, frontier, topk_lp, topk_ids, widths, min_cum, slot_start, capacity - slot_start)
+
+
+# --------------------------------------------------------------------------------------------
+# the per-step bundle
+# --------------------------------------------------------------------------------------------
+def sage_round(impl, root_logits, proposals, target, budget):
+    """One SAGE round with `impl` (ops or reference): confidence of the root, the level-by-level
+    build of `budget` draft nodes (proposals[level] = the draft's top-k of every node, as the
+    draft forward of that level would give), the tree buffers and greedy verification."""
+    batch = root_logits.shape[0]
+    device = root_logits.device
+    capacity = budget + 1
+    alpha, root_lp, root_ids = impl.topk_confidence(root_logits, TOP_K)
+    tokens = torch.zeros(batch, capacity, dtype=torch.int64, device=device)
+    parents = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
+    logprobs = torch.zeros(batch, capacity, device=device)
+    cum = torch.zeros(batch, capacity, device=device)
+    frontier = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+    frontier_lp = torch.zeros(batch, 1, device=device)
+    topk_lp, topk_ids = root_lp[:, None], root_ids[:, None]
+    slot, level = 1, 1
+    while slot < capacity and level <= SAGE["d_max"]:
+        widths, min_cum, _ = impl.sage_tree(alpha, frontier_lp, level, TOP_K, **SAGE)
+        num_slots = min(capacity - slot, frontier.shape[1] * TOP_K)
+        impl.expand_tree(tokens, parents, logprobs, cum, frontier, topk_lp, topk_ids, widths, min_cum, slot, num_slots)
+        frontier = torch.arange(slot, slot + num_slots, device=device).expand(batch, -1)
+        frontier_lp = logprobs[:, slot:slot + num_slots]
+        topk_lp, topk_ids = proposals[0][:, slot:slot + num_slots], proposals[1][:, slot:slot + num_slots]
+        slot += num_slots
+        level += 1
+    buffers = impl.tree_buffers(parents, PAST_LEN)
+    return buffers, impl.verify_greedy(tokens, parents, target)
+
+
+def bundle_inputs(batch, budget, vocab, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    root_logits = torch.randn(batch, vocab, generator=gen) * 2
+    # the draft's top-k after every slot: a peaked distribution so several levels pass the threshold
+    topk_lp = torch.log_softmax(torch.randn(batch, budget + 1, 64, generator=gen) * 3, -1).topk(TOP_K).values
+    topk_ids = torch.randint(0, vocab, (batch, budget + 1, TOP_K), generator=gen)
+    target = torch.randn(batch, budget + 1, vocab, generator=gen)
+    return [t.to(device) for t in (root_logits, topk_lp, topk_ids, target)]
+
+
+# --------------------------------------------------------------------------------------------
+# the grid
+# --------------------------------------------------------------------------------------------
+def cases(quick: bool):
+    """(op, sizes, make_args) for every timed configuration; make_args() -> argument tuple."""
+    batches = BATCHES
+    tree_sizes = (16, 64) if quick else TREE_SIZES
+    vocabs = (32000,) if quick else VOCABS
+    static_paths = ops.paths_to_tensor(ops.SPECVLM_TREE_PATHS)
+    out = []
+    for b in batches:
+        for v in vocabs:
+            out.append(("topk_confidence", dict(B=b, V=v),
+                        lambda b=b, v=v: (torch.randn(b, v, generator=torch.Generator().manual_seed(0)), TOP_K)))
+    out.append(("build_static_tree", dict(N=26), lambda: (static_paths,)))
+    for b in batches:
+        for n in tree_sizes:
+            out.append(("sage_tree", dict(B=b, N=n), lambda b=b, n=n: (
+                torch.rand(b), torch.log(torch.rand(b, n, generator=torch.Generator().manual_seed(0))), 3, TOP_K,
+                *SAGE.values())))
+            out.append(("expand_tree", dict(B=b, N=n), lambda b=b, n=n: expand_inputs(b, n)))
+            out.append(("rerank_tree", dict(B=b, N=n), lambda b=b, n=n: (
+                random_tree(b, n, 0), -torch.rand(b, n, generator=torch.Generator().manual_seed(0)) * 6, n // 2)))
+            out.append(("tree_buffers", dict(B=b, N=n), lambda b=b, n=n: (random_tree(b, n, 0), PAST_LEN)))
+            out.append(("verify_greedy[argmax]", dict(B=b, N=n), lambda b=b, n=n: tree_inputs(b, n, 32000)))
+            for v in vocabs:
+                out.append(("verify_greedy[logits]", dict(B=b, N=n, V=v), lambda b=b, n=n, v=v: (
+                    lambda t, p, a: (t, p, target_logits(a, v, 3)))(*tree_inputs(b, n, v))))
+                out.append(("verify_sampling[q=1]", dict(B=b, N=n, V=v), lambda b=b, n=n, v=v: (
+                    lambda t, p, a: (t, p, torch.softmax(target_logits(a, v, 3), -1)))(*tree_inputs(b, n, v))))
+                out.append(("verify_sampling[q]", dict(B=b, N=n, V=v), lambda b=b, n=n, v=v: (
+                    lambda t, p, a: (t, p, *(lambda probs: (probs, probs.roll(1, -1)))(
+                        torch.softmax(target_logits(a, v, 3), -1))))(*tree_inputs(b, n, v))))
+            out.append(("kv_compact_", dict(B=b, N=n), lambda b=b, n=n: (
+                [torch.randn(b, 4, PAST_LEN + n, 128, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+                 for i in range(8)],
+                ops.verify_greedy(*tree_inputs(b, n, 32000))[0], PAST_LEN)))
+    return out
+
+
+def op_callable(impl, name):
+    base = name.split("[")[0]
+    fn = getattr(impl, base)
+    if base == "verify_sampling":
+        return lambda *a: fn(*a, generator=torch.Generator(a[0].device).manual_seed(0))
+    return fn
+
+
+def to_device(args, device):
+    return tuple([t.to(device) for t in a] if isinstance(a, list) else a.to(device) if isinstance(a, torch.Tensor)
+                 else a for a in args)
+
+
+def run(device: torch.device, quick: bool):
+    min_seconds = 0.05 if quick else 0.2
+    rows = []
+    for name, sizes, make_args in cases(quick):
+        args = make_args()
+        ext_args = to_device(args, device)
+        timer = time_cuda if device.type == "cuda" else time_cpu
+        ext_fn, ref_fn = op_callable(ops, name), op_callable(reference, name)
+        ext_us = timer(lambda: ext_fn(*ext_args), min_seconds, 200)
+        ref_us = time_cpu(lambda: ref_fn(*args), min_seconds / 2, 3 if quick else 10)
+        rows.append(dict(op=name, **{k: sizes.get(k) for k in ("B", "N", "V")}, ext_us=ext_us, ref_us=ref_us,
+                         speedup=ref_us / ext_us))
+        print_row(rows[-1])
+        del args, ext_args
+
+    batch, budget, vocab = 1, 64, 152064
+    ref_inputs = bundle_inputs(batch, budget, vocab, torch.device("cpu"))
+    ext_inputs = [t.to(device) for t in ref_inputs]
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    ext_us = timer(lambda: sage_round(ops, ext_inputs[0], ext_inputs[1:3], ext_inputs[3], budget), min_seconds, 100)
+    ref_us = time_cpu(lambda: sage_round(reference, ref_inputs[0], ref_inputs[1:3], ref_inputs[3], budget),
+                      min_seconds, 10)
+    (_, ext_verify), (_, ref_verify) = (sage_round(ops, ext_inputs[0], ext_inputs[1:3], ext_inputs[3], budget),
+                                        sage_round(reference, ref_inputs[0], ref_inputs[1:3], ref_inputs[3], budget))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ext_verify, ref_verify)), "bundle results differ"
+    rows.append(dict(op="per-step bundle", B=batch, N=budget, V=vocab, ext_us=ext_us, ref_us=ref_us,
+                     speedup=ref_us / ext_us))
+    print_row(rows[-1])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+HEADER = f"{'op':<24}{'B':>3}{'N':>5}{'V':>8}{'extension us':>15}{'reference us':>15}{'speed-up':>10}"
+
+
+def fmt(value):
+    return "-" if value is None else str(value)
+
+
+def print_row(row):
+    print(f"{row['op']:<24}{fmt(row['B']):>3}{fmt(row['N']):>5}{fmt(row['V']):>8}{row['ext_us']:>15.1f}"
+          f"{row['ref_us']:>15.1f}{row['speedup']:>9.1f}x", flush=True)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = dict(device=str(device), device_name=device_name(device), cpu=cpu_model(), cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                sage_ext=getattr(sage_ext, "__version__", "dev"), extension_cuda=ops.cuda_available(),
+                load_average_at_start=[round(x, 2) for x in os.getloadavg()])
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_results(rows, info, quick):
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"ops_{info['device_name']}"
+    payload = dict(machine=info, quick=quick, unit="microseconds (median)",
+                   note="speedup = reference / extension; reference = sage_ext.reference on CPU tensors",
+                   results=rows)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        f"# sage_ext op latency on {info.get('gpu', info['cpu'])}",
+        "",
+        f"torch {info['torch']}, {info['torch_threads']} torch threads, {info['cpu_count']} CPUs "
+        f"({info['cpu']}, load average {info['load_average_at_start'][0]} at start); extension on "
+        f"`{info['device']}`, reference (sage_ext.reference) on CPU. "
+        "Median microseconds; speed-up = reference / extension." + (" Quick run." if quick else ""),
+        "",
+        "| op | B | N | V | extension (us) | reference (us) | speed-up |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['op']} | {fmt(r['B'])} | {fmt(r['N'])} | {fmt(r['V'])} | {r['ext_us']:.1f} | "
+                     f"{r['ref_us']:.1f} | {r['speedup']:.1f}x |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads for both sides (default: torch's default); 1 gives steadier "
+                             "numbers on a loaded machine")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not (torch.cuda.is_available() and ops.cuda_available()):
+        sys.exit("--device cuda needs a GPU and sage_ext built with CUDA kernels")
+    info = machine_info(device)
+    print(f"{info.get('gpu', info['cpu'])} | torch {info['torch']} | {info['torch_threads']} threads")
+    print(HEADER)
+    rows = run(device, args.quick)
+    stem = write_results(rows, info, args.quick)
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
