@@ -9,7 +9,12 @@ A step (see docs/ENGINE.md for the full story):
      accepted path and the bonus token (target's own next token).
   3. ``kv_compact_`` moves the accepted rows of both caches to contiguous positions; the new tokens are
      written to a device-side sequence buffer; ONE small int64 tensor (accepted length, draft-processed
-     count, tree size, root alpha, the new tokens) is read to the host — the step's only sync.
+     count, tree size, root alpha — each only when the host does not know it already — then the new
+     tokens) is read to the host: the step's only sync.
+
+Hot-path rules: the draft's masks and positions are views of buffers made once per generation (every mask
+view starts at a 64-element aligned row), the only per-step tensor work is the ops and a few
+gathers/copies, and the whole step runs under one ``torch.inference_mode``.
   4. Host: crop both caches, stop checks (EOS, stop strings, max_new_tokens), streamer, policy feedback.
      The bonus is the next step's root.
 
@@ -40,8 +45,14 @@ from .stats import GenerationStats, StepRecord, Timeline
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
 DEFAULT_MAX_VOCAB_PADDING = 256
 
-# Layout of the per-step host read: [accept_len, draft_processed, real_tree_nodes, alpha_bits, new tokens...]
-_HEADER = 4
+# The registered overloads of the hot-path ops, resolved once (the sage_ext.ops wrappers of these are plain
+# pass-throughs; calling the overload directly saves the per-call overload lookup).
+_op_topk_confidence = torch.ops.sage_ext.topk_confidence.default
+_op_sage_tree = torch.ops.sage_ext.sage_tree.default
+_op_expand_tree = torch.ops.sage_ext.expand_tree.default
+_op_tree_buffers = torch.ops.sage_ext.tree_buffers.default
+_op_verify_greedy = torch.ops.sage_ext.verify_greedy.default
+_op_kv_compact = torch.ops.sage_ext.kv_compact_.default
 
 
 class GenerationOutput(NamedTuple):
@@ -69,154 +80,239 @@ class StepDebug:
     draft_keep: Tensor | None  # prompt positions the draft saw (visual pruning), None = all
 
 
-def _cache_tensors(cache) -> dict[torch.device, list[Tensor]]:
-    """Every layer's keys and values of a DynamicCache, grouped by device (kv_compact_ takes one device)."""
-    groups: dict[torch.device, list[Tensor]] = {}
-    for layer in cache.layers:
+def _cache_layout(cache) -> list[tuple[torch.device, list[int]]]:
+    """Which layers of a DynamicCache hold keys/values, grouped by device (kv_compact_ takes one device).
+
+    Computed once per generation after the prefill: layers keep their device, while their tensors are new
+    objects after every forward, so the tensors themselves are collected per step (``_cache_tensors``)."""
+    groups: dict[torch.device, list[int]] = {}
+    for index, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
         if keys is None or keys.numel() == 0:
             continue
-        groups.setdefault(keys.device, []).extend((keys, layer.values))
-    return groups
+        groups.setdefault(keys.device, []).append(index)
+    return list(groups.items())
 
 
-def _crop(cache, length: int) -> None:
-    excess = cache.get_seq_length() - length
-    if excess > 0:
-        cache.crop(-excess)
+def _cache_tensors(cache, layer_indices: list[int]) -> list[Tensor]:
+    layers = cache.layers
+    return [tensor for index in layer_indices for tensor in (layers[index].keys, layers[index].values)]
 
 
 def _float_from_bits(bits: int) -> float:
-    return struct.unpack("<f", struct.pack("<i", bits))[0]
+    return _F32.unpack(_I32.pack(bits))[0]
+
+
+_I32 = struct.Struct("<i")
+_F32 = struct.Struct("<f")
+
+
+class _NoRegion:
+    """``ctx.tree_ops()`` for policies: the engine already books the whole tree build as ``tree_ops`` (minus
+    the draft forwards), so a policy's own blocks need no clock of their own."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NO_REGION = _NoRegion()
+
+
+def _aligned_width(columns: int) -> int:
+    """Row length of a mask buffer: a multiple of 64 elements, so every row view starts at an aligned address
+    (CUDA's memory-efficient attention requires an aligned bias pointer and row stride)."""
+    return -(-columns // 64) * 64
 
 
 class DraftRound:
     """Per-generation tree state and draft driver handed to the policies (``ctx``).
 
     Tree state lives in preallocated tensors of ``capacity`` slots: ``tokens, parents [1, cap]`` int64 and
-    ``logprobs, cum_logprobs [1, cap]`` float32 (node 0 = root), and ``node_row [cap + 1]``: the draft-cache
-    row (relative to the root's row) of every node the draft processed this step, -1 otherwise; its extra
-    last entry is a permanent -1, so indexing it with a parent of -1 (padding) gives -1 without a branch.
+    ``logprobs, cum_logprobs [1, cap]`` float32 (node 0 = root). ``node_row [cap + 1]``: the draft-cache row
+    (relative to the root's row) of every node the draft processed this step, -1 otherwise; its last entry is
+    -1, so indexing it with a parent of -1 (padding) gives -1 without a branch. While every draft forward
+    of the step has fed the slot range that starts where the draft rows end (SAGE, chains, the first levels
+    of the other trees), slot == row and ``node_row`` is a view of a precomputed table, so nothing is written
+    per level; the first feed that breaks this writes the explicit map once.
 
-    The draft's tree mask lives in ``mask [cap + 1, max_cache_len]`` (draft dtype, additive): row r is the
-    mask of draft row r (columns before the root are the past, all 0; columns ``root_row + c`` are 0 when
-    row c is an ancestor-or-self of r). A level's rows are built in one gather from their parents' rows
-    (the extra last row is all-blocked: padding and the root's parent) plus a zeroed diagonal, and each
-    forward uses a view of the rows. Nothing here reads device values.
+    The draft's tree mask lives in ``mask [1, 1, cap + 1, W]`` (draft dtype, additive, rows 64-element
+    aligned): row r is the mask of draft row r of this step's tree. Columns before ``base`` (the draft cache
+    length at the root) are the past, all 0; the tree block sits at columns ``base .. base + cap`` (0 where row
+    c is an ancestor-or-self). Every forward uses the view of its rows from column 0, so each view starts at
+    an aligned address. Per step the previous block's columns are zeroed and the block's two fixed rows are
+    written (row 0: the root, row cap: all-blocked, what a parent of -1, padding, indexes): two ops. A level's
+    rows are one gather of their parents' rows with the node's own column opened, one ``torch.maximum``
+    against a constant pattern (blocked, 0 on the diagonal). The step's first draft forward (pending tokens
+    + root, a causal chain) uses a second buffer kept the same way. Positions are views of one device
+    ``arange``. Nothing here reads device values.
+
+    Time accounting: the engine books the whole tree build as ``tree_ops`` and ``_forward`` moves the draft
+    forwards to ``draft_decode``, so policies need no clock of their own (``tree_ops()`` is a no-op kept for
+    policies written against it).
     """
 
     def __init__(self, engine: "SpeculativeGenerator", capacity: int, max_cache_len: int, device: torch.device,
-                 mask_dtype: torch.dtype | None, static_default: bool):
+                 mask_dtype: torch.dtype | None, static_default: bool, row_table: Tensor | None = None):
         self.engine = engine
         self.device = device
         self.capacity = capacity
         self.static_default = static_default
         self.arange = torch.arange(max(capacity, 2), device=device)
+        #: ``[1, L]`` sequence index → itself, for position views (rope positions are sequence index based)
+        self.positions = torch.arange(max_cache_len + capacity + 2, device=device)[None]
         self.tokens = torch.zeros(1, capacity, dtype=torch.int64, device=device)
         self.parents = torch.full((1, capacity), -1, dtype=torch.int64, device=device)
         self.logprobs = torch.zeros(1, capacity, dtype=torch.float32, device=device)
         self.cum_logprobs = torch.zeros(1, capacity, dtype=torch.float32, device=device)
-        self.node_row = torch.full((capacity + 1,), -1, dtype=torch.int64, device=device)
-        self._node_row_init = self.node_row[:capacity].clone()
-        self._node_row_init[0] = 0
+        self._node_row = torch.full((capacity + 1,), -1, dtype=torch.int64, device=device)
+        # row_table[r] = node_row while slot == row and r rows are fed: [0, 1, ..., r-1, -1, ..., -1]
+        if row_table is None:
+            index = torch.arange(capacity + 1, device=device)
+            row_table = torch.where(index[None, :] < index[:, None], index[None, :], -1)
+        self._row_table = row_table
         self._zero_f32 = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        self.arange2 = self.arange[None]  # [1, cap]: frontier slot ranges as one view
         self.rows_used = 0
+        self._identity = True
         self.draft_base = 0  # draft cache length at the root row
+        self.draft_len = 0  # draft cache length (host bookkeeping, no get_seq_length per step)
+        self._layout_parents: Tensor | None = None  # fixed parents last copied by start_tree
         if mask_dtype is not None:
             blocked = torch.finfo(mask_dtype).min
-            width = -(-(max_cache_len + capacity + 1) // 64) * 64  # rows 64-element aligned for attention kernels
-            self.mask = torch.zeros(capacity + 1, width, dtype=mask_dtype, device=device)
-            self.mask[capacity] = blocked
-            self._root_row = torch.full((capacity,), blocked, dtype=mask_dtype, device=device)
-            self._root_row[0] = 0
-        self._dirty = (0, 0)  # mask columns written by the previous step (rows [0, cap))
+            width = _aligned_width(max_cache_len + capacity + 1)
+            self.mask = torch.zeros(1, 1, capacity + 1, width, dtype=mask_dtype, device=device)
+            self._mask_strides = self.mask.stride()
+            self._block_base = 0  # column of the tree block (zeros everywhere else)
+            self._block = self.mask[0, 0, :, :capacity]
+            # the block's fixed rows: 0 = the root (itself only), cap = all blocked (padding's parent)
+            self._edge_rows = torch.tensor([0, capacity], dtype=torch.int64, device=device)
+            self._edge_values = torch.full((2, capacity), blocked, dtype=mask_dtype, device=device)
+            self._edge_values[0, 0] = 0
+            self._self_columns = torch.full((capacity, capacity), blocked, dtype=mask_dtype,
+                                            device=device).fill_diagonal_(0)
+            # pending committed tokens + root: a causal chain of at most depth_bound + 2 rows
+            chain = engine.policy.depth_bound + 2
+            self._chain = torch.zeros(1, 1, chain, _aligned_width(max_cache_len + chain), dtype=mask_dtype,
+                                      device=device)
+            self._chain_base = 0
+            self._chain_block = torch.full((chain, chain), blocked, dtype=mask_dtype, device=device).triu_(1)
+        timeline = engine.timeline
+        self._tree_region = timeline.region("tree_ops")
+        self._draft_region = timeline.region("draft_decode")
+        self._draft_other_device = engine.draft_device != device
+        limit = engine.shared_vocab
+        self._vocab_limit = limit if engine.draft is not None and engine.draft.vocab_size > limit else None
+        self._token_clamp = engine.draft_token_clamp
 
     # ------------------------------------------------------------------ helpers for policies
-    def tree_ops(self):
-        return self.engine.timeline.region("tree_ops")
+    @property
+    def node_row(self) -> Tensor:
+        """``[cap + 1]`` draft-cache row of every slot the draft processed this step (relative to the root
+        row), -1 for the others; the last entry is always -1."""
+        return self._row_table[self.rows_used] if self._identity else self._node_row
+
+    def tree_ops(self) -> _NoRegion:
+        """A no-op context manager (the engine books the tree build as ``tree_ops`` already)."""
+        return _NO_REGION
 
     def full_f32(self, value: float) -> Tensor:
         return torch.full((1,), value, dtype=torch.float32, device=self.device)
 
     def zeros_f32(self, *shape: int) -> Tensor:
-        return self._zero_f32.expand(*shape)
+        return self._zero_f32 if shape == (1, 1) else self._zero_f32.expand(*shape)
 
     def read_int(self, tensor: Tensor) -> int:
         """Read a one-element device value on the host (free on CPU; a sync on accelerators)."""
         return int(tensor)
 
+    def root_token(self) -> Tensor:
+        """``[1, 1]`` view of the root (the last committed token) in the engine's sequence buffer."""
+        engine = self.engine
+        return engine.seq[:, engine.cur_len - 1 : engine.cur_len]
+
     def start_tree(self, with_draft: bool = True, parents: Tensor | None = None) -> None:
         """Reset the tree to the root (the last committed token); optionally set a fixed ``parents`` layout.
-        Slot 0's parent and log-probs never change."""
-        engine = self.engine
-        with self.tree_ops():
-            self.tokens[0, :1].copy_(engine.seq[0, engine.cur_len - 1 : engine.cur_len])
-            if with_draft:
-                self.node_row[: self.capacity].copy_(self._node_row_init)
-            if parents is not None:
-                self.parents[0, : parents.shape[0]].copy_(parents)
-        self.rows_used = 0
 
-    # The three tree ops below are called by policies inside ``with ctx.tree_ops():`` blocks.
+        Slot 0's parent and log-probs never change. The ``parents`` copy is skipped when the same tensor was the
+        last layout set and no ``expand`` has written the tree since (policies that write ``ctx.parents``
+        directly should not pass ``parents`` here). ``with_draft`` is accepted for policies written against
+        the first version of this interface; nothing depends on it any more."""
+        self.tokens[0, :1].copy_(self.root_token()[0])
+        if parents is not None and parents is not self._layout_parents:
+            self.parents[0, : parents.shape[0]].copy_(parents)
+            self._layout_parents = parents
+        self.rows_used = 0
+        self._identity = True
+
+    # The three tree ops below are what policies call between draft forwards.
     def topk(self, logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """``topk_confidence`` of draft logits (at the sampling temperature when sampling)."""
-        return ops.topk_confidence(logits, k, self.engine.draft_temperature)
+        return _op_topk_confidence(logits, k, self.engine.draft_temperature)
 
     def shape(self, alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale):
         """``sage_tree`` for one level."""
-        return ops.sage_tree(alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale)
+        return _op_sage_tree(alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale)
 
     def expand(self, frontier, topk_logprobs, topk_ids, widths, min_cum_logprob, slot_start, num_slots) -> Tensor:
         """``expand_tree`` into the tree state; returns the count of real nodes written (device)."""
-        return ops.expand_tree(
+        self._layout_parents = None
+        return _op_expand_tree(
             self.tokens, self.parents, self.logprobs, self.cum_logprobs, frontier, topk_logprobs,
             topk_ids, widths, min_cum_logprob, slot_start, num_slots,
         )
 
     # ------------------------------------------------------------------ draft forwards
-    def _draft_logits(self, logits: Tensor) -> Tensor:
-        if logits.device != self.device:
-            logits = logits.to(self.device)
-        limit = self.engine.shared_vocab
-        return logits[..., :limit] if logits.shape[-1] > limit else logits
-
-    def _draft_tokens(self, tokens: Tensor) -> Tensor:
-        clamp = self.engine.draft_token_clamp
-        return tokens.clamp_max(clamp) if clamp is not None else tokens
-
     def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """One draft forward, booked as ``draft_decode`` (the caller is inside the engine's tree_ops region)."""
         engine = self.engine
-        device = engine.draft_device
-        if device != self.device:  # draft on another device than the target's inputs
+        if self._token_clamp is not None:
+            tokens = tokens.clamp_max(self._token_clamp)
+        if self._draft_other_device:  # draft on another device than the target's inputs
+            device = engine.draft_device
             tokens, positions, mask = tokens.to(device), positions.to(device), mask.to(device)
-        return engine.draft.forward_tree(tokens, positions, mask, engine.draft_cache)
+        self._tree_region.__exit__()
+        self._draft_region.__enter__()
+        logits = engine.draft.forward_tree(tokens, positions, mask, engine.draft_cache)
+        self._draft_region.__exit__()
+        self._tree_region.__enter__()
+        if self._draft_other_device:
+            logits = logits.to(self.device)
+        return logits if self._vocab_limit is None else logits[..., : self._vocab_limit]
 
     def root_logits(self) -> Tensor:
         """The step's first draft forward: the committed tokens the draft has not processed yet, then the
         root. Returns the draft's logits after the root ``[1, V_shared]``."""
         engine = self.engine
-        timeline = engine.timeline
         start, end = engine.draft_done, engine.cur_len
-        pending = end - start - 1
-        cache_len = engine.draft_cache.get_seq_length()
-        base = cache_len + pending
+        rows = end - start  # pending tokens + the root
+        cache_len = self.draft_len
+        base = cache_len + rows - 1
         cap = self.capacity
-        with timeline.region("tree_ops"):
-            lo, hi = self._dirty
-            self.mask[:cap, lo:hi].zero_()
-            self.mask[0, base : base + cap].copy_(self._root_row)
-            self._dirty = (base, base + cap)
-            if pending == 0:
-                mask = self.mask[:1, : base + 1][None, None]
-            else:
-                mask = causal_mask_4d(pending + 1, cache_len, self.mask.dtype, self.device)
-            tokens = self._draft_tokens(engine.seq[:, start:end])
-            positions = self.arange[: pending + 1][None] + start
-        with timeline.region("draft_decode"):
-            logits = self._forward(tokens, positions, mask)
+        # move the tree block to the new base: clear the old one, write the root row and the padding row
+        self.mask[0, 0, :, self._block_base : self._block_base + cap].zero_()
+        self._block = block = self.mask[0, 0, :, base : base + cap]
+        block.index_copy_(0, self._edge_rows, self._edge_values)
+        self._block_base = base
+        if rows == 1:
+            mask = self.mask.as_strided((1, 1, 1, base + 1), self._mask_strides, 0)
+        elif rows <= self._chain_block.shape[0]:
+            chain = self._chain
+            chain[0, 0, :, self._chain_base : self._chain_base + self._chain_block.shape[0]].zero_()
+            chain[0, 0, :, cache_len : cache_len + self._chain_block.shape[0]] = self._chain_block
+            self._chain_base = cache_len
+            mask = chain[:, :, :rows, : cache_len + rows]
+        else:
+            mask = causal_mask_4d(rows, cache_len, self.mask.dtype, self.device)
+        logits = self._forward(engine.seq[:, start:end], self.positions[:, start:end], mask)
         self.draft_base = base
+        self.draft_len = cache_len + rows
         self.rows_used = 1
-        return self._draft_logits(logits[0, -1:])
+        return logits[0, -1:]
 
     def feed(self, start: int, count: int, depth: int) -> Tensor:
         """One draft forward over the tree slots ``[start, start + count)``, all at tree depth ``depth``
@@ -226,20 +322,27 @@ class DraftRound:
         first, last = self.rows_used, self.rows_used + count
         if last > self.capacity:
             raise RuntimeError("draft tree exceeds the preallocated capacity")
-        base, cap = self.draft_base, self.capacity
-        with engine.timeline.region("tree_ops"):
-            self.node_row[start : start + count].copy_(self.arange[first:last])
-            parent_rows = self.node_row[self.parents[0, start : start + count]]
-            tree_columns = self.mask[:, base : base + cap]
-            tree_columns[first:last] = tree_columns[parent_rows]
-            tree_columns[first:last].diagonal(offset=first).zero_()
-            mask = self.mask[first:last, : base + last][None, None]
-            positions = torch.full((1, count), engine.cur_len - 1 + depth, dtype=torch.int64, device=self.device)
-            tokens = self._draft_tokens(self.tokens[:, start : start + count])
-        with engine.timeline.region("draft_decode"):
-            logits = self._forward(tokens, positions, mask)
+        if self._identity and start == first:
+            parent_rows = self.parents[0, start : start + count]  # slot == row for every fed node so far
+        else:
+            if self._identity:  # first feed where slots and rows part: write the map once
+                self._identity = False
+                self._node_row.copy_(self._row_table[first])
+            self._node_row[start : start + count].copy_(self.arange[first:last])
+            parent_rows = self._node_row[self.parents[0, start : start + count]]
+        # a row = its parent's row (a parent of -1, padding, picks the all-blocked last row) with its own column
+        # opened: max(parent row, [blocked except 0 on the diagonal]) in one op, written straight into the block
+        block = self._block
+        torch.maximum(block[parent_rows], self._self_columns[first:last], out=block[first:last])
+        # views made with as_strided (one call instead of a multi-axis slice: this runs once per level):
+        # mask rows [first, last), columns [0, base + last); every position cur_len - 1 + depth
+        mask = self.mask.as_strided((1, 1, count, self.draft_base + last), self._mask_strides,
+                                    first * self._mask_strides[2])
+        positions = self.positions.as_strided((1, count), (0, 0), engine.cur_len - 1 + depth)
+        logits = self._forward(self.tokens[:, start : start + count], positions, mask)
         self.rows_used = last
-        return self._draft_logits(logits[0])
+        self.draft_len += count
+        return logits[0]
 
 
 class SpeculativeGenerator:
@@ -285,6 +388,7 @@ class SpeculativeGenerator:
         self.step_hook: Callable[[StepDebug], None] | None = None
         #: host clock of the time statistics off CUDA (e.g. ``time.thread_time`` on a shared machine)
         self.host_clock: Callable[[], float] = time.perf_counter
+        self._row_tables: dict[tuple[torch.device, int], Tensor] = {}  # DraftRound's slot == row tables
 
     # ------------------------------------------------------------------ checks
     def _check_pair(self, max_vocab_padding: int) -> None:
@@ -354,9 +458,10 @@ class SpeculativeGenerator:
 
         ``input_ids`` and every other processor output (``attention_mask``, ``pixel_values``,
         ``image_grid_thw``, ...) are passed as keyword arguments. Greedy output equals
-        ``target.generate(do_sample=False)``; with ``do_sample`` the output is distributed exactly like the
-        target's sampling with the same ``temperature`` / ``top_k`` / ``top_p`` (None → the target's
-        generation_config, then HF's defaults: top_k 50, top_p 1.0; 0 disables top-k).
+        ``target.generate(do_sample=False)`` in float32 (in bf16/fp16 the tree forward can round a near-tie
+        differently from one-token decoding: docs/ENGINE.md, Precision); with ``do_sample`` the output is
+        distributed exactly like the target's sampling with the same ``temperature`` / ``top_k`` / ``top_p``
+        (None → the target's generation_config, then HF's defaults: top_k 50, top_p 1.0; 0 disables top-k).
         ``eos_token_id`` (int or list; default: the target's generation_config), ``stop_strings`` (needs
         ``tokenizer``; same rule as HF's StopStringCriteria), ``streamer`` (``put``/``end``, receives the
         prompt first, then the tokens of every step), ``generator`` (torch.Generator for sampling).
@@ -413,7 +518,8 @@ class SpeculativeGenerator:
 
         prompt_len = input_ids.shape[1]
         depth_bound = policy.depth_bound
-        self.seq = torch.zeros(1, prompt_len + max_new_tokens + depth_bound + 2, dtype=torch.int64, device=device)
+        max_len = prompt_len + max_new_tokens + depth_bound + 2  # sequence buffer; bounds every cache length
+        self.seq = torch.zeros(1, max_len, dtype=torch.int64, device=device)
         self.seq[0, :prompt_len] = input_ids[0].to(device)
         # processor outputs go where the models' embeddings are (accelerate hooks move them further)
         inputs = {key: value.to(device) if isinstance(value, Tensor) else value
@@ -455,7 +561,7 @@ class SpeculativeGenerator:
         first_token = int(first)  # the prefill's one host read
         self.cur_len = prompt_len + 1
         self.draft_done = prompt_len
-        generated = [first_token]
+        n_generated = 1
         if streamer is not None:
             streamer.put(input_ids.cpu())
             streamer.put(torch.tensor([first_token]))
@@ -464,80 +570,152 @@ class SpeculativeGenerator:
         if stop_reason is None and max_new_tokens == 1:
             stop_reason = "max_new_tokens"
 
+        capacity = policy.capacity
+        row_table = self._row_tables.get((device, capacity))
         ctx = DraftRound(
-            self, policy.capacity, prompt_len + max_new_tokens + depth_bound + 2, device,
-            self.draft.dtype if use_draft else None, static_default=device.type == "cuda",
+            self, capacity, max_len, device, self.draft.dtype if use_draft else None,
+            static_default=device.type == "cuda", row_table=row_table,
         )
-        no_alpha = torch.zeros(1, dtype=torch.float32, device=device)
-        no_count = torch.zeros(1, dtype=torch.int64, device=device)
-        cache_groups = lambda cache: [(group, dev) for dev, group in _cache_tensors(cache).items()]  # noqa: E731
+        self._row_tables[(device, capacity)] = ctx._row_table
+        if use_draft:
+            ctx.draft_len = self.draft_cache.get_seq_length()
+        target_groups = _cache_layout(self.target_cache)
+        draft_groups = _cache_layout(self.draft_cache) if use_draft else []
+        # a root-only tree (ar) needs no tree_buffers: its mask is all zeros, its position a view
+        single_mask = torch.zeros(1, 1, 1, _aligned_width(max_len + 1), dtype=target_dtype, device=device)
+        positions_all = ctx.positions
+        seq = self.seq
+        verify_sampling = self._verify_sampling
+        tree_enter, tree_exit = ctx._tree_region.__enter__, ctx._tree_region.__exit__
+        target_region = timeline.region("target_verify")
+        target_enter, target_exit = target_region.__enter__, target_region.__exit__
+        step_begin, step_end = timeline.step_begin, timeline.step_end
         step = 0
         # ---------------------------------------------------------- steps
         while stop_reason is None:
-            timeline.step_begin()
-            target_len = self.cur_len - 1  # the root is not in the target cache
+            step_begin()
+            tree_enter()
+            cur_len = self.cur_len
+            target_len = cur_len - 1  # the root is not in the target cache
             proposal = policy.build(ctx)
             tokens, parents = proposal.tokens, proposal.parents
             num_nodes = tokens.shape[1]
-            with timeline.region("tree_ops"):
-                buffers = ops.tree_buffers(parents, target_len, mask_dtype=target_dtype)
-            with timeline.region("target_verify"):
-                logits = self.target.forward_tree(tokens, buffers[1], buffers[6], self.target_cache)
-            with timeline.region("tree_ops"):
-                if logits.device != device:  # lm_head on another device (device_map)
-                    logits = logits.to(device)
-                if do_sample:
-                    probs = self._target_probs(logits[0])[None]
-                    accepted, accept_len, bonus = self._verify_sampling(tokens, parents, probs, generator)
-                else:
-                    accepted, accept_len, bonus = ops.verify_greedy(tokens, parents, logits)
+            if num_nodes == 1:
+                positions = positions_all[:, target_len : target_len + 1]
+                mask = single_mask[:, :, :, : target_len + 1]
+            else:
+                buffers = _op_tree_buffers(parents, target_len, target_dtype)
+                positions, mask = buffers[1], buffers[6]
+            tree_exit()
+            target_enter()
+            logits = self.target.forward_tree(tokens, positions, mask, self.target_cache)
+            target_exit()
+            tree_enter()
+            if logits.device != device:  # lm_head on another device (device_map)
+                logits = logits.to(device)
+            if do_sample:
+                probs = self._target_probs(logits[0])[None]
+                accepted, accept_len, bonus = verify_sampling(tokens, parents, probs, generator)
+            else:
+                accepted, accept_len, bonus = _op_verify_greedy(tokens, parents, logits)
+            # What the host reads, in order: [tau][draft-processed][real nodes][alpha bits] new tokens...
+            # (each header entry only when the host does not know it already)
+            parts = []
+            fed_depth = proposal.fed_depth
+            read_processed = use_draft and fed_depth is None and num_nodes > 1
+            if num_nodes == 1:  # the root alone: tau = 0, nothing to compact, the bonus is the new token
+                seq[0, cur_len : cur_len + 1] = bonus
+                new_tokens = bonus
+            else:
+                parts.append(accept_len)
                 # new tokens into the sequence buffer: the accepted path (entries past tau are junk that the
                 # next step overwrites), then the bonus at cur_len + tau
                 block = min(proposal.depth_bound, num_nodes - 1) + 1
-                self.seq[0, self.cur_len : self.cur_len + block - 1] = tokens[0, accepted[0, 1:block]]
-                self.seq[0].index_put_((accept_len + self.cur_len,), bonus)
-                for group, dev in cache_groups(self.target_cache):
-                    ops.kv_compact_(group, accepted.to(dev), target_len)
+                seq[0, cur_len : cur_len + block - 1] = tokens[0, accepted[0, 1:block]]
+                seq[0, cur_len:].index_copy_(0, accept_len, bonus)
+                new_tokens = seq[0, cur_len : cur_len + block]
+                for dev, layer_indices in target_groups:
+                    _op_kv_compact(_cache_tensors(self.target_cache, layer_indices),
+                                   accepted if dev == device else accepted.to(dev), target_len)
                 if use_draft:
                     # draft rows of the accepted nodes the draft processed (a prefix of the path)
                     draft_rows = proposal.node_row[accepted]
-                    processed = (draft_rows >= 0).sum()
-                    for group, dev in cache_groups(self.draft_cache):
-                        ops.kv_compact_(group, draft_rows.to(dev), ctx.draft_base)
-                else:
-                    processed = accept_len[0]
-                real_nodes = (parents[0, 1:] >= 0).sum().view(1) if proposal.num_real is None else no_count
-                alpha = proposal.alpha_root if proposal.alpha_root is not None else no_alpha
-                packed = torch.cat((
-                    accept_len, processed.view(1), real_nodes, alpha.view(torch.int32).long(),
-                    self.seq[0, self.cur_len : self.cur_len + block],
-                ))
+                    for dev, layer_indices in draft_groups:
+                        _op_kv_compact(_cache_tensors(self.draft_cache, layer_indices),
+                                       draft_rows if dev == device else draft_rows.to(dev), ctx.draft_base)
+                    if read_processed:
+                        parts.append((draft_rows >= 0).sum().view(1))
+            if proposal.num_real is None:
+                parts.append((parents[0, 1:] >= 0).sum().view(1))
+            alpha_root = proposal.alpha_root
+            if alpha_root is not None:
+                parts.append(alpha_root.view(torch.int32))  # float bits; cat promotes them to int64 exactly
+            if parts:
+                parts.append(new_tokens)
+                packed = torch.cat(parts)
+            else:
+                packed = new_tokens
+            tree_exit()
             values = packed.tolist()  # the step's one host sync
-            tau, processed_n, real_n, bits = values[:_HEADER]
-            if proposal.num_real is not None:
-                real_n = proposal.num_real
-            new_host = values[_HEADER : _HEADER + tau + 1]
 
             # host bookkeeping
-            _crop(self.target_cache, target_len + tau + 1)
+            index = 0
+            tau = 0
+            if num_nodes > 1:
+                tau = values[0]
+                index = 1
+            if read_processed:
+                processed_n = values[index]
+                index += 1
+            elif fed_depth is not None:
+                processed_n = min(tau + 1, fed_depth)
+            else:
+                processed_n = min(ctx.rows_used, 1)  # the root alone: fed or not
+            if proposal.num_real is None:
+                real_n = values[index]
+                index += 1
+            else:
+                real_n = proposal.num_real
+            alpha_measured = None
+            if alpha_root is not None:
+                alpha_measured = _float_from_bits(values[index])
+                index += 1
+            new_host = values[index : index + tau + 1]
+
+            excess = num_nodes - tau - 1  # the target cache holds target_len + num_nodes rows
+            if excess > 0:
+                self.target_cache.crop(-excess)
             if use_draft:
-                _crop(self.draft_cache, ctx.draft_base + processed_n)
-                self.draft_done = self.cur_len - 1 + processed_n
-            remaining = max_new_tokens - len(generated)
-            emitted: list[int] = []
-            for token in new_host[:remaining]:
-                emitted.append(token)
-                sequence_host.append(token)
-                stop_reason = self._stop_reason(token, sequence_host, eos_ids, stop_criteria)
-                if stop_reason is not None:
-                    break
-            generated.extend(emitted)
-            self.cur_len += len(emitted)
-            if stop_reason is None and len(generated) >= max_new_tokens:
+                kept = ctx.draft_base + processed_n
+                if ctx.draft_len > kept:
+                    self.draft_cache.crop(kept - ctx.draft_len)
+                    ctx.draft_len = kept
+                self.draft_done = target_len + processed_n
+            remaining = max_new_tokens - n_generated
+            emitted = new_host if len(new_host) <= remaining else new_host[:remaining]
+            if stop_criteria is None:
+                if not eos_ids.isdisjoint(emitted):
+                    for position, token in enumerate(emitted):
+                        if token in eos_ids:
+                            emitted = emitted[: position + 1]
+                            stop_reason = "eos"
+                            break
+                sequence_host.extend(emitted)
+            else:
+                accepted_host = []
+                for token in emitted:
+                    accepted_host.append(token)
+                    sequence_host.append(token)
+                    stop_reason = self._stop_reason(token, sequence_host, eos_ids, stop_criteria)
+                    if stop_reason is not None:
+                        break
+                emitted = accepted_host
+            n_generated += len(emitted)
+            self.cur_len = cur_len + len(emitted)
+            if stop_reason is None and n_generated >= max_new_tokens:
                 stop_reason = "max_new_tokens"
             if streamer is not None and emitted:
                 streamer.put(torch.tensor(emitted))
-            alpha_measured = _float_from_bits(bits) if proposal.alpha_root is not None else None
             info = policy.step_info(proposal.info, alpha_measured)
             stats.steps.append(StepRecord(
                 tau=tau, emitted=len(emitted), tree_size=real_n, tree_slots=num_nodes - 1,
@@ -554,7 +732,7 @@ class SpeculativeGenerator:
                     tree_parents=parents, tree_logprobs=proposal.logprobs,
                     accepted=accepted, tau=tau, finished=stop_reason is not None, draft_keep=keep,
                 ))
-            timeline.step_end()
+            step_end()
 
         if streamer is not None:
             streamer.end()
@@ -562,7 +740,7 @@ class SpeculativeGenerator:
             torch.cuda.synchronize(device)
         stats.wall_time = time.perf_counter() - wall_start
         timeline.finish(stats)
-        stats.new_tokens = len(generated)
+        stats.new_tokens = n_generated
         stats.stop_reason = stop_reason
         sequences = self.seq[:, : self.cur_len].clone().to(input_ids.device)
         return GenerationOutput(sequences, stats)

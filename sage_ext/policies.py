@@ -5,9 +5,12 @@ exist. It talks to the engine through a ``DraftRound`` (``ctx``): preallocated t
 (``ctx.tokens/parents/logprobs/cum_logprobs [1, Ncap]``), ``ctx.root_logits()`` (the step's first draft
 forward: pending committed tokens + the root), ``ctx.feed(start, count, depth)`` (one draft forward over
 a contiguous range of tree slots, with the tree mask), ``ctx.topk`` (``topk_confidence``), ``ctx.expand``
-(``expand_tree``) and ``ctx.shape`` (``sage_tree``). Policies never loop over tree nodes in Python and
-never read device values, except SAGE with ``static_shapes=False`` reading per-level node counts (free on CPU).
-Trees are laid out level by level, so every level (and every set of nodes fed to the draft) is a slot range.
+(``expand_tree``), ``ctx.shape`` (``sage_tree``) and ``ctx.root_token()`` (a view of the root). Policies
+never loop over tree nodes in Python and never read device values, except SAGE with ``static_shapes=False``
+reading per-level node counts (free on CPU). Trees are laid out level by level, so every level (and every
+set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as ``tree_ops``
+except the draft forwards, so policies keep no clocks; ``build`` runs once per step on the hot path: no
+per-level Python objects beyond views, constants cached per device.
 
 Policies (names for ``SpeculativeGenerator(policy=...)``):
   ``"ar"``       AutoregressivePolicy  — no draft; the target decodes one token per forward (the baseline).
@@ -20,11 +23,11 @@ Policies (names for ``SpeculativeGenerator(policy=...)``):
 from __future__ import annotations
 
 import math
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,6 +51,8 @@ class TreeProposal:
     logprobs: ``[1, N]`` float32 conditional draft log-prob of every node (root 0, padding -inf), or None.
     info: host values for the step record (alpha, depth_target, width_target, d_max).
     num_real: real draft nodes (root excluded) when the host knows it; None → the engine counts them.
+    fed_depth: when the draft processed exactly the nodes of depth < fed_depth (every level but the last is fed
+        whole: SAGE, chains), so the host knows how many accepted nodes the draft holds; None → read it.
     """
 
     tokens: Tensor
@@ -59,6 +64,15 @@ class TreeProposal:
     logprobs: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     num_real: int | None = None
+    fed_depth: int | None = None
+
+
+_F32 = struct.Struct("<f")
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to float32 (host copy of the ops' float32 arithmetic)."""
+    return _F32.unpack(_F32.pack(x))[0]
 
 
 def _round_half_up(x: float) -> int:
@@ -117,8 +131,8 @@ class AutoregressivePolicy(TreePolicy):
         return 0
 
     def build(self, ctx) -> TreeProposal:
-        ctx.start_tree(with_draft=False)
-        return TreeProposal(ctx.tokens[:, :1], ctx.parents[:, :1], ctx.node_row, 0, 0, num_real=0)
+        # the root is read straight from the engine's sequence buffer: no tree state is written
+        return TreeProposal(ctx.root_token(), ctx.parents[:, :1], ctx.node_row, 0, 0, num_real=0)
 
 
 class StaticTreePolicy(TreePolicy):
@@ -126,7 +140,9 @@ class StaticTreePolicy(TreePolicy):
 
     Node ``[r1, ..., rd]`` gets the draft's ``rd``-th most likely token after node ``[r1, ..., r(d-1)]``.
     One draft forward per level, over the smallest slot range of the previous level that covers every node
-    with children (exactly those nodes for the SpecVLM tree); all index maps are precomputed.
+    with children (exactly those nodes for the SpecVLM tree); all index maps are precomputed, and a level's
+    tokens and log-probs are two ``index_select`` calls into the tree state. (Cumulative log-probs are not
+    kept: nothing reads them for a fixed tree.)
     """
 
     name = "static"
@@ -137,21 +153,27 @@ class StaticTreePolicy(TreePolicy):
         self.paths = [list(p) for p in paths]
         parents, ranks, depth = ops.build_static_tree(ops.paths_to_tensor(self.paths))
         self._parents, self._ranks, self._depth = parents, ranks, depth
-        parents_l, depth_l = parents.tolist(), depth.tolist()
+        parents_l, depth_l, ranks_l = parents.tolist(), depth.tolist(), ranks.tolist()
         self._num_nodes = len(parents_l)
         self._max_depth = max(depth_l)
         self._topk = int(ranks.max()) + 1
         has_children = set(parents_l[1:])
         # Per level l >= 1: the children's slot range and the slot range fed to the draft to get them (the
         # smallest range of depth-(l-1) nodes covering every node with children; order is by depth, so
-        # it is contiguous), each child's parent position inside that range, its rank and its parent.
+        # it is contiguous), and where each child's token sits in the fed rows' flattened top-k
+        # (parent position inside the fed range * topk + rank).
         self._levels: list[tuple[int, int, int, int, list[int]]] = []
+        fed: set[int] = set()
         for level in range(1, self._max_depth + 1):
             children = [i for i, d in enumerate(depth_l) if d == level]
             parents_fed = [i for i, d in enumerate(depth_l) if d == level - 1 and i in has_children]
             fed_start, fed_end = parents_fed[0], parents_fed[-1] + 1
-            self._levels.append((children[0], children[-1] + 1, fed_start, fed_end - fed_start,
-                                 [parents_l[c] - fed_start for c in children]))
+            fed.update(range(fed_start, fed_end))
+            flat = [(parents_l[c] - fed_start) * self._topk + ranks_l[c] for c in children]
+            self._levels.append((children[0], children[-1] + 1, fed_start, fed_end - fed_start, flat))
+        # the draft holds exactly the nodes above the last level when every such level is fed whole
+        above_last = {i for i, d in enumerate(depth_l) if d < self._max_depth}
+        self._fed_depth = self._max_depth if fed == above_last else None
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
 
     @property
@@ -172,14 +194,10 @@ class StaticTreePolicy(TreePolicy):
     def _on(self, device: torch.device) -> dict[str, Any]:
         cached = self._device_cache.get(device)
         if cached is None:
-            levels = []
-            for start, end, fed_start, fed_count, parent_pos in self._levels:
-                levels.append((
-                    start, end, fed_start, fed_count,
-                    torch.tensor(parent_pos, dtype=torch.int64, device=device),
-                    self._ranks[start:end].to(device),
-                    self._parents[start:end].to(device),
-                ))
+            levels = [
+                (start, end, fed_start, fed_count, torch.tensor(flat, dtype=torch.int64, device=device))
+                for start, end, fed_start, fed_count, flat in self._levels
+            ]
             cached = {"parents": self._parents.to(device), "levels": levels}
             self._device_cache[device] = cached
         return cached
@@ -190,19 +208,18 @@ class StaticTreePolicy(TreePolicy):
         ctx.start_tree(parents=static["parents"])
         logits = ctx.root_logits()
         alpha_root = None
-        for level, (start, end, fed_start, fed_count, parent_pos, ranks, parents) in enumerate(static["levels"], 1):
+        tokens, logprobs = ctx.tokens[0], ctx.logprobs[0]
+        for level, (start, end, fed_start, fed_count, flat) in enumerate(static["levels"], 1):
             if level > 1:
                 logits = ctx.feed(fed_start, fed_count, level - 1)
-            with ctx.tree_ops():
-                alpha, topk_lp, topk_ids = ctx.topk(logits, self._topk)
-                alpha_root = alpha if alpha_root is None else alpha_root
-                ctx.tokens[0, start:end] = topk_ids[parent_pos, ranks]
-                child_lp = topk_lp[parent_pos, ranks]
-                ctx.logprobs[0, start:end] = child_lp
-                ctx.cum_logprobs[0, start:end] = ctx.cum_logprobs[0, parents] + child_lp
+            alpha, topk_lp, topk_ids = ctx.topk(logits, self._topk)
+            if alpha_root is None:
+                alpha_root = alpha
+            torch.index_select(topk_ids.reshape(-1), 0, flat, out=tokens[start:end])
+            torch.index_select(topk_lp.reshape(-1), 0, flat, out=logprobs[start:end])
         return TreeProposal(
             ctx.tokens[:, :n], ctx.parents[:, :n], ctx.node_row, self._max_depth, len(static["levels"]),
-            alpha_root, ctx.logprobs[:, :n], num_real=n - 1,
+            alpha_root, ctx.logprobs[:, :n], num_real=n - 1, fed_depth=self._fed_depth,
         )
 
 
@@ -240,6 +257,7 @@ class DynamicTreePolicy(TreePolicy):
             raise ValueError(f"1 + topk + (depth - 1) * topk^2 = {self._pool} exceeds {ops.MAX_TREE_NODES} nodes")
         if num_nodes + 1 > self._pool:
             raise ValueError(f"num_nodes={num_nodes} exceeds the {self._pool - 1} candidates the tree can hold")
+        self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @property
     def capacity(self) -> int:
@@ -256,33 +274,38 @@ class DynamicTreePolicy(TreePolicy):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "depth": self.depth, "topk": self._topk, "num_nodes": self.num_nodes}
 
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        cached = self._device_cache.get(device)
+        if cached is None:
+            widths = torch.full((1, self._topk), self._topk, dtype=torch.int64, device=device)
+            no_threshold = torch.full((1,), -math.inf, dtype=torch.float32, device=device)
+            cached = self._device_cache[device] = (widths, no_threshold)
+        return cached
+
     def build(self, ctx) -> TreeProposal:
         k = self._topk
+        widths, no_threshold = self._constants(ctx.device)
         ctx.start_tree()
         logits = ctx.root_logits()
-        with ctx.tree_ops():
-            alpha_root, topk_lp, topk_ids = ctx.topk(logits, k)
-            widths = torch.full((1, k), k, dtype=torch.int64, device=ctx.device)
-            no_threshold = torch.full((1,), -math.inf, dtype=torch.float32, device=ctx.device)
-            ctx.expand(ctx.arange[:1][None], topk_lp[None], topk_ids[None], widths[:, :1], no_threshold, 1, k)
+        alpha_root, topk_lp, topk_ids = ctx.topk(logits, k)
+        ctx.expand(ctx.arange[:1][None], topk_lp[None], topk_ids[None], widths[:, :1], no_threshold, 1, k)
         level_start, next_slot = 1, 1 + k
         for level in range(2, self.depth + 1):
             # expand_tree sorts each level best-first, so the level's first k slots are its best k nodes
             logits = ctx.feed(level_start, k, level - 1)
-            with ctx.tree_ops():
-                _, topk_lp, topk_ids = ctx.topk(logits, k)
-                frontier = ctx.arange[level_start : level_start + k][None]
-                ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, no_threshold, next_slot, k * k)
+            _, topk_lp, topk_ids = ctx.topk(logits, k)
+            frontier = ctx.arange[level_start : level_start + k][None]
+            ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, no_threshold, next_slot, k * k)
             level_start, next_slot = next_slot, next_slot + k * k
-        with ctx.tree_ops():
-            keep, new_parents = ops.rerank_tree(
-                ctx.parents[:, :next_slot], ctx.cum_logprobs[:, :next_slot], self.num_nodes + 1
-            )
-            # keep is -1 padded; the -1 entries pick junk tokens for padding nodes, which are never accepted
-            kept = keep[0]
-            tokens = ctx.tokens[:, kept]
-            logprobs = ctx.logprobs[:, kept]
-            node_row = torch.cat((ctx.node_row[kept], ctx.node_row[-1:]))
+        keep, new_parents = ops.rerank_tree(
+            ctx.parents[:, :next_slot], ctx.cum_logprobs[:, :next_slot], self.num_nodes + 1
+        )
+        # keep is -1 padded; the -1 entries pick junk tokens for padding nodes, which are never accepted
+        kept = keep[0]
+        tokens = ctx.tokens[:, kept]
+        logprobs = ctx.logprobs[:, kept]
+        node_row = ctx.node_row
+        node_row = torch.cat((node_row[kept], node_row[-1:]))
         return TreeProposal(tokens, new_parents, node_row, self.depth, self.depth, alpha_root, logprobs)
 
 
@@ -351,6 +374,7 @@ class SagePolicy(TreePolicy):
         self.d_max = self.d_max_init
         self.history: deque[int] = deque(maxlen=self.history_len)
         self.alpha_next: float | None = None  # measured at the last root (lag mode uses it)
+        self._alpha_next_device: Tensor | None = None  # the same value as the device tensor it was read from
         self.rounds = 0
 
     def update(self, tau: int, alpha_root: float | None) -> None:
@@ -389,10 +413,11 @@ class SagePolicy(TreePolicy):
     # ------------------------------------------------------------------ shape formulas on the host
     def shape_of(self, alpha: float) -> tuple[float, float, int]:
         """``(D, W, round(D))`` for a host alpha with the current d_max, in float32 like ``sage_tree``."""
-        a = np.float32(alpha)
-        depth = np.float32(self.d_min) + a * (np.float32(self.d_max) - np.float32(self.d_min))
-        width = np.float32(self.w_min) + (np.float32(1.0) - a) * (np.float32(self.w_max) - np.float32(self.w_min))
-        return float(depth), float(width), _round_half_up(float(depth))
+        # each operation rounded to float32 (from float32 operands, double then float32 rounding is exact)
+        a = _f32(alpha)
+        depth = _f32(self.d_min + _f32(a * _f32(self.d_max - self.d_min)))
+        width = _f32(self.w_min + _f32(_f32(1.0 - a) * _f32(self.w_max - self.w_min)))
+        return depth, width, _round_half_up(depth)
 
     def static_level_slots(self, alpha: float | None) -> list[int]:
         """Host-known slot count of every level for static shapes.
@@ -400,9 +425,9 @@ class SagePolicy(TreePolicy):
         Level 1 holds at most ``clamp(round(W), 1, k)`` nodes; level l at most (slots of l-1) x
         ``clamp(round(1.5 W / l), 1, k)`` and at most ``D / (theta_scale l)`` (a level's nodes have cumulative
         probabilities > theta summing to <= 1). Level 1 gets its bound; each deeper level at most its fair
-        share of the remaining budget (``ceil(remaining / levels left)``), so every level up to round(D) gets slots. Unknown alpha
-        (zero-lag): the worst case over alpha. Expansion keeps the best candidates of a level when it has
-        more than its slots.
+        share of the remaining budget (``ceil(remaining / levels left)``), so every level up to round(D) gets
+        slots. Unknown alpha (zero-lag): the worst case over alpha. Expansion keeps the best candidates of a
+        level when it has more than its slots.
         """
         if alpha is None:
             depth_limit, width, max_depth = float(self.d_max), float(self.w_max), self.d_max
@@ -428,6 +453,7 @@ class SagePolicy(TreePolicy):
         if first_static:
             proposal = self.first_round.build(ctx)
             proposal.info = {"d_max": self.d_max}
+            self._alpha_next_device = proposal.alpha_root
             return proposal
         static_shapes = ctx.static_default if self.static_shapes is None else self.static_shapes
         host_alpha = None
@@ -442,42 +468,49 @@ class SagePolicy(TreePolicy):
 
         ctx.start_tree()
         logits = ctx.root_logits()
-        with ctx.tree_ops():
-            alpha_root, topk_lp, topk_ids = ctx.topk(logits, self.k)
-            alpha = alpha_root if host_alpha is None else ctx.full_f32(host_alpha)
-            widths, min_cum, max_depth_t = ctx.shape(alpha, ctx.zeros_f32(1, 1), 1, *shape_args)
+        alpha_root, topk_lp, topk_ids = ctx.topk(logits, self.k)
+        if host_alpha is None:
+            alpha = alpha_root
+        elif self.alpha_next is not None and self._alpha_next_device is not None:
+            alpha = self._alpha_next_device  # last step's root alpha, still on the device: no upload
+        else:
+            alpha = ctx.full_f32(host_alpha)
+        widths, min_cum, max_depth_t = ctx.shape(alpha, ctx.zeros_f32(1, 1), 1, *shape_args)
         if static_shapes:
             slots = self.static_level_slots(host_alpha)
             max_depth = len(slots)
         else:
             max_depth = ctx.read_int(max_depth_t)
             slots = None
+        n_max = self.n_max
+        arange, logprobs = ctx.arange2, ctx.logprobs
         forwards, next_slot, used, level = 1, 1, 0, 1
         frontier_start, frontier_count = 0, 1
         while level <= max_depth:
-            num_slots = slots[level - 1] if static_shapes else self.n_max - used
+            num_slots = slots[level - 1] if static_shapes else n_max - used
             if level > 1:
                 logits = ctx.feed(frontier_start, frontier_count, level - 1)
                 forwards += 1
-            with ctx.tree_ops():
-                if level > 1:
-                    _, topk_lp, topk_ids = ctx.topk(logits, self.k)
-                    frontier_lp = ctx.logprobs[:, frontier_start : frontier_start + frontier_count]
-                    widths, min_cum, _ = ctx.shape(alpha, frontier_lp, level, *shape_args)
-                frontier = ctx.arange[frontier_start : frontier_start + frontier_count][None]
-                count = ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, min_cum, next_slot, num_slots)
-                written = num_slots if static_shapes else ctx.read_int(count)
+                _, topk_lp, topk_ids = ctx.topk(logits, self.k)
+                frontier_lp = logprobs[:, frontier_start : frontier_start + frontier_count]
+                widths, min_cum, _ = ctx.shape(alpha, frontier_lp, level, *shape_args)
+            frontier = arange[:, frontier_start : frontier_start + frontier_count]
+            count = ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, min_cum, next_slot, num_slots)
+            written = num_slots if static_shapes else ctx.read_int(count)
             if written == 0:
                 break
             frontier_start, frontier_count = next_slot, written
             next_slot += written
             used += written
             level += 1
-            if used >= self.n_max:
+            if used >= n_max:
                 break
+        self._alpha_next_device = alpha_root
+        # every level but the last was fed whole (padding included): the draft holds the nodes of depth < forwards
         return TreeProposal(
             ctx.tokens[:, :next_slot], ctx.parents[:, :next_slot], ctx.node_row, level - 1, forwards,
             alpha_root, ctx.logprobs[:, :next_slot], info, num_real=None if static_shapes else used,
+            fed_depth=forwards,
         )
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:

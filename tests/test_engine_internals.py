@@ -1,0 +1,104 @@
+"""The engine's preallocated tree state against from-scratch recomputation, every step.
+
+The hot path builds masks and positions as views of persistent buffers (see docs/ENGINE.md): the draft's
+tree mask rows are gathered level by level in a block that moves with the cache length, ``node_row`` is a
+table view while slots equal draft rows, a root-only tree (``ar``) takes its target mask and position as
+views. Here every draft-mask row the draft used (past columns included) and every target forward's mask and
+positions are compared with what ``tree_buffers`` computes from the tree's parents, for every policy, with a
+short and a long prompt; the mask views must start at 64-element aligned addresses; and the host-side count
+of draft-processed nodes (``fed_depth``) is checked against the node rows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import POLICIES
+from tiny_models import correlated_draft, one_thread, text_prompt, tiny_llama  # noqa: F401  (autouse fixture)
+
+from sage_ext import ops
+from sage_ext.engine import SpeculativeGenerator
+
+MAX_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target, _ = tiny_llama()
+    return target, correlated_draft(target, noise=0.1)
+
+
+def ancestors(parents: list[int], node: int) -> set[int]:
+    found = set()
+    while node >= 0:
+        found.add(node)
+        node = parents[node]
+    return found
+
+
+def check_draft_tree(ctx, proposal) -> None:
+    """Every draft row of this step: its tree-block columns open exactly at its ancestors-or-self."""
+    parents = proposal.parents[0].tolist()
+    node_row = proposal.node_row.tolist()
+    assert node_row[-1] == -1 and len(node_row) >= len(parents) + 1
+    rows = {slot: row for slot, row in enumerate(node_row[: len(parents)]) if row >= 0}
+    # distinct rows below the rows used, the root in row 0 (a rerank may drop fed nodes: rows can have gaps)
+    assert len(set(rows.values())) == len(rows) and max(rows.values()) < ctx.rows_used and rows.get(0) == 0
+    base = ctx.draft_base
+    assert not ctx.mask[0, 0, : ctx.rows_used, :base].any()  # the past: all zeros
+    block = ctx.mask[0, 0, :, base : base + ctx.rows_used]
+    for slot, row in rows.items():
+        if slot > 0 and parents[slot] < 0:  # padding: itself only
+            expected = {row}
+        else:
+            expected = {rows[a] for a in ancestors(parents, slot)}
+        opened = set((block[row] == 0).nonzero().flatten().tolist())
+        assert opened == expected, (slot, row, opened, expected)
+    if proposal.fed_depth is not None:
+        depth = ops.tree_buffers(proposal.parents, 0)[0][0].tolist()
+        real = [s for s in range(len(parents)) if s == 0 or parents[s] >= 0]
+        assert {s for s in real if s in rows} == {s for s in real if depth[s] < proposal.fed_depth}
+
+
+@pytest.mark.parametrize("prompt_len", [12, 300])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
+    target, draft = pair
+    generator = SpeculativeGenerator(target, draft, POLICIES[policy]())
+    policy_object = generator.policy
+    build, forward_tree = policy_object.build, generator.target.forward_tree
+    draft_forward = generator.draft.forward_tree
+
+    def aligned_draft_forward(tokens, positions, mask, cache):
+        # rows start 64 elements into an allocator-aligned buffer; the stride keeps every row aligned
+        assert mask.storage_offset() % 64 == 0 and mask.stride(-2) % 64 == 0 and mask.data_ptr() % 16 == 0
+        return draft_forward(tokens, positions, mask, cache)
+
+    generator.draft.forward_tree = aligned_draft_forward
+    seen = {"builds": 0, "targets": 0}
+    state = {}
+
+    def checked_build(ctx):
+        proposal = build(ctx)
+        if policy_object.uses_draft:
+            check_draft_tree(ctx, proposal)
+        state["parents"] = proposal.parents.clone()
+        seen["builds"] += 1
+        return proposal
+
+    def checked_forward(tokens, positions, mask, cache):
+        past_len = cache.get_seq_length()
+        if mask.shape[-2] == tokens.shape[1] and "parents" in state:  # a verification forward
+            expected = ops.tree_buffers(state.pop("parents"), past_len, mask_dtype=mask.dtype)
+            assert torch.equal(positions, expected[1])
+            assert torch.equal(mask, expected[6])
+            seen["targets"] += 1
+        return forward_tree(tokens, positions, mask, cache)
+
+    policy_object.build = checked_build
+    generator.target.forward_tree = checked_forward
+    inputs = text_prompt(prompt_len, seed=3)
+    out = generator.generate(**inputs, max_new_tokens=MAX_NEW)
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)
+    assert seen["builds"] == seen["targets"] == out.stats.target_forwards > 0
