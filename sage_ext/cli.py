@@ -1,0 +1,710 @@
+"""`sage-ext` command line: demo, generate and bench.
+
+    sage-ext demo                      # SAGE on the bundled fixture pair over a few held-out scenes, + PNG plot
+    sage-ext generate --target T --draft D --image img.png --prompt "Describe the image."
+    sage-ext bench                     # all policies + HF assisted generation, JSON + PNG chart
+
+(also `python -m sage_ext ...`). Conventions printed by every command: tau = accepted DRAFT tokens per
+step (the SAGE paper's accepted length); each step also emits one target token, so tokens per target
+forward = tau + 1. Speedups are wall-clock against target-only greedy decoding by the same engine
+(policy "ar") unless a line says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONVENTION = "tau = accepted draft tokens per step (paper convention); tokens per target forward = tau + 1"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading models, prompts and policies
+# ---------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    if name == "auto":  # the models' own dtype on GPU; float32 on CPU (half precision is slow there)
+        return "auto" if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_model(path_or_id: str, device: torch.device, dtype) -> torch.nn.Module:
+    """A vision-language (or text) generation model, in eval mode, with an attention implementation
+    that takes tree masks (sdpa)."""
+    import transformers
+
+    errors = []
+    for auto_class in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        loader = getattr(transformers, auto_class, None)
+        if loader is None:
+            continue
+        try:
+            model = loader.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa")
+            return model.to(device).eval()
+        except ValueError as error:  # this auto class does not know the config: try the next one
+            errors.append(f"{auto_class}: {error}")
+    raise ValueError(f"could not load {path_or_id!r} as a generation model:\n" + "\n".join(errors))
+
+
+def load_pair(target: str, draft: str | None, device: torch.device, dtype) -> tuple[Any, Any, Any]:
+    """(target model, draft model or None, processor of the target)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(target)
+    target_model = load_model(target, device, dtype)
+    draft_model = load_model(draft, device, dtype) if draft else None
+    return target_model, draft_model, processor
+
+
+def _tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def format_prompt(processor, prompt: str) -> str:
+    """The prompt text given to the processor.
+
+    A prompt that already holds the processor's image token is used verbatim. Otherwise a processor with
+    a chat template gets a one-turn user message (image, then the text) with the generation prompt; one
+    without (like the bundled fixture pair) gets the fixture format ``<image>\\n{prompt}\\n``.
+    """
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if image_token in prompt:
+        return prompt
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"{image_token}\n{prompt}\n"
+
+
+def build_inputs(processor, image, prompt_text: str, device: torch.device, dtype=None) -> dict:
+    """Processor outputs on the model's device; floating inputs (pixel values) in the model dtype."""
+    inputs = processor(text=prompt_text, images=image, return_tensors="pt")
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if value.is_floating_point() and isinstance(dtype, torch.dtype):
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def parse_policy(name: str, args_text: str | None = None):
+    """A policy object from a name plus ``key=value,...`` overrides (values are Python literals)."""
+    from . import policies
+
+    if name not in policies.POLICIES:
+        raise SystemExit(f"unknown policy {name!r}; choose from {', '.join(policies.POLICIES)}")
+    kwargs = {}
+    for item in filter(None, (args_text or "").split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return policies.POLICIES[name](**kwargs)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_name(device: torch.device) -> str:
+    """CPU model (from /proc/cpuinfo) and core count, plus the GPU name on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = f"{cpu}, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)} ({name})"
+    return name
+
+
+def slug(text: str) -> str:
+    keep = "".join(c.lower() if c.isalnum() else "-" for c in text)
+    return "-".join(filter(None, keep.split("-")))[:60]
+
+
+# ---------------------------------------------------------------------------------------------
+# timed runs
+# ---------------------------------------------------------------------------------------------
+def run_engine(engine, inputs: dict, max_new_tokens: int, device: torch.device, **kwargs) -> dict:
+    """One engine generation: new token ids, stats and wall-clock seconds."""
+    sync(device)
+    start = time.perf_counter()
+    sequences, stats = engine.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+    sync(device)
+    seconds = time.perf_counter() - start
+    prompt_len = inputs["input_ids"].shape[1]
+    return {"ids": sequences[0, prompt_len:].tolist(), "stats": stats, "seconds": seconds}
+
+
+IMAGE_INPUT_KEYS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "image_features")
+
+
+class ForwardCounter:
+    """Counts forward calls of a module and whether any call carried image inputs (used to count HF
+    assisted generation's target forwards and to check what its assistant is given)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.count = 0
+        self.saw_image = False
+        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, _args, kwargs):
+        self.count += 1
+        self.saw_image = self.saw_image or any(kwargs.get(key) is not None for key in IMAGE_INPUT_KEYS)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def run_hf(target, draft, inputs: dict, max_new_tokens: int, device: torch.device) -> dict:
+    """HF `generate` greedy, assisted by `draft` when given. tau: new tokens per target forward - 1
+    (every target forward of assisted generation verifies a candidate block and adds one token)."""
+    counter = ForwardCounter(target)
+    draft_counter = ForwardCounter(draft) if draft is not None else None
+    try:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                  assistant_model=draft, num_beams=1)
+        sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        counter.close()
+        if draft_counter is not None:
+            draft_counter.close()
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    run = {"ids": ids, "stats": None, "seconds": seconds, "target_forwards": counter.count}
+    if draft_counter is not None:
+        run.update(draft_forwards=draft_counter.count, draft_saw_image=draft_counter.saw_image)
+    return run
+
+
+def strip_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: i + 1]
+    return ids
+
+
+def eos_ids_of(model) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from tqdm import tqdm
+
+    from .engine import SpeculativeGenerator
+    from .fixtures import DRAFT_DIR, TARGET_DIR, scenes
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    target, draft, processor = load_pair(args.target or str(TARGET_DIR), args.draft or str(DRAFT_DIR), device,
+                                         pick_dtype(args.dtype, device))
+    tokenizer = _tokenizer_of(processor)
+    policy = parse_policy(args.policy, args.policy_args)
+    engines = {"ar": SpeculativeGenerator(target, draft, policy="ar"), policy.name: SpeculativeGenerator(target, draft, policy)}
+    prompt_text = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
+    demo_scenes = scenes.heldout_scenes(args.scenes, start=args.scene_offset)
+    inputs_of = [build_inputs(processor, s.render(), prompt_text, device, target.dtype) for s in demo_scenes]
+
+    # One short warm-up generation per engine so first-call costs do not count.
+    warm = build_inputs(processor, scenes.heldout_scenes(1, start=args.scene_offset + 10_000)[0].render(),
+                        prompt_text, device, target.dtype)
+    for engine in engines.values():
+        engine.generate(**warm, max_new_tokens=8)
+
+    print(f"sage-ext demo on {machine_name(device)}: target {args.target or 'bundled fixture'}, "
+          f"policy {policy.name}; {CONVENTION}")
+    results = []
+    with tqdm(total=len(demo_scenes) * len(engines), desc="generating", unit="run", file=sys.stderr) as bar:
+        for scene, inputs in zip(demo_scenes, inputs_of):
+            runs = {}
+            for name, engine in engines.items():
+                runs[name] = run_engine(engine, inputs, args.max_new_tokens, device)
+                bar.update(1)
+            results.append((scene, runs))
+
+    sage_name = policy.name
+    total = {name: {"tokens": 0, "seconds": 0.0} for name in engines}
+    for scene, runs in results:
+        spec = runs[sage_name]
+        text = tokenizer.decode(spec["ids"], skip_special_tokens=True)
+        score = scenes.score_caption(scene, text)
+        same = spec["ids"] == runs["ar"]["ids"]
+        st = spec["stats"]
+        speed = {n: len(r["ids"]) / r["seconds"] for n, r in runs.items()}
+        print(f"\nscene {scene.seed}: {text}")
+        print(f"  caption attributes correct: {score['correct']}/{score['total']}; "
+              f"identical to target-only greedy: {'yes' if same else 'NO'}")
+        print(f"  {sage_name}: tau {st.mean_tau:.2f} ({st.tokens_per_target_forward:.2f} tokens/target forward, "
+              f"{st.target_forwards} steps), {speed[sage_name]:.1f} tok/s; ar: {speed['ar']:.1f} tok/s; "
+              f"speedup {runs['ar']['seconds'] / spec['seconds']:.2f}x")
+        for name, run in runs.items():
+            total[name]["tokens"] += len(run["ids"])
+            total[name]["seconds"] += run["seconds"]
+    steps = [s for _, runs in results for s in runs[sage_name]["stats"].steps]
+    mean_tau = sum(s.tau for s in steps) / max(1, len(steps))
+    speedup = total["ar"]["seconds"] / total[sage_name]["seconds"]
+    print(f"\noverall: {sage_name} tau {mean_tau:.2f} over {len(steps)} steps; "
+          f"{total[sage_name]['tokens'] / total[sage_name]['seconds']:.1f} tok/s vs "
+          f"{total['ar']['tokens'] / total['ar']['seconds']:.1f} tok/s target-only (ar): speedup {speedup:.2f}x")
+    plot_path = Path(args.plot)
+    plot_demo(results, sage_name, plot_path)
+    print(f"plot of alpha and accepted length per step: {plot_path}")
+    return 0
+
+
+def plot_demo(results, policy_name: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_alpha, ax_tau) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    offset = 0
+    for index, (scene, runs) in enumerate(results):
+        steps = runs[policy_name]["stats"].steps
+        xs = list(range(offset, offset + len(steps)))
+        measured = [s.alpha_measured if s.alpha_measured is not None else math.nan for s in steps]
+        shaping = [s.alpha if s.alpha is not None else math.nan for s in steps]
+        ax_alpha.plot(xs, measured, color="tab:blue", lw=1.2, label="alpha measured at the root" if index == 0 else None)
+        ax_alpha.plot(xs, shaping, color="tab:orange", lw=1.0, ls="--", label="alpha shaping the tree" if index == 0 else None)
+        ax_tau.bar(xs, [s.tau for s in steps], color="tab:green", width=0.85, label="tau (accepted draft tokens)" if index == 0 else None)
+        ax_tau.step(xs, [s.tree_depth for s in steps], where="mid", color="tab:gray", lw=1.0,
+                    label="tree depth" if index == 0 else None)
+        if index:
+            for ax in (ax_alpha, ax_tau):
+                ax.axvline(offset - 0.5, color="k", lw=0.6, alpha=0.4)
+        offset += len(steps)
+    ax_alpha.set_ylabel("alpha (draft confidence)")
+    ax_alpha.set_ylim(-0.02, 1.02)
+    ax_alpha.legend(loc="lower right", fontsize=8)
+    ax_tau.set_ylabel("tokens")
+    ax_tau.set_xlabel("speculation step (scenes separated by vertical lines)")
+    ax_tau.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"sage-ext demo: {policy_name} on the fixture pair ({len(results)} held-out scenes)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from PIL import Image
+    from transformers import TextStreamer
+
+    from .engine import SpeculativeGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    target, draft, processor = load_pair(args.target, args.draft, device, pick_dtype(args.dtype, device))
+    tokenizer = _tokenizer_of(processor)
+    image = Image.open(args.image).convert("RGB")
+    inputs = build_inputs(processor, image, format_prompt(processor, args.prompt), device, target.dtype)
+    policy = parse_policy(args.policy, args.policy_args)
+    engine = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sample = args.temperature > 0
+    generator = None
+    if sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(args.seed)
+    run = run_engine(engine, inputs, args.max_new_tokens, device, do_sample=sample,
+                     temperature=args.temperature if sample else 1.0, top_k=args.top_k, top_p=args.top_p,
+                     streamer=streamer, generator=generator)
+    if args.no_stream:
+        print(tokenizer.decode(run["ids"], skip_special_tokens=True))
+    stats = run["stats"]
+    print(f"[{policy.name}] {len(run['ids'])} tokens in {run['seconds']:.2f}s ({len(run['ids']) / run['seconds']:.1f} tok/s); "
+          f"tau {stats.mean_tau:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target forward over "
+          f"{stats.target_forwards} steps ({CONVENTION})", file=sys.stderr)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats.to_dict(), indent=1) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+PAPER_DEFAULT_POLICIES = ("ar", "hf-assisted", "chain", "static", "dynamic", "sage")
+
+
+def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.device, repeats: int = 5) -> list[dict]:
+    """Seconds of one target forward over n new tokens on top of the cached prompt, for each n
+    (the cost of verifying an n-node tree; a causal block costs the same as a tree mask here)."""
+    from transformers import DynamicCache
+
+    curve = []
+    with torch.inference_mode():
+        cache = DynamicCache()
+        target(**inputs, past_key_values=cache, use_cache=True)
+        prompt_len = cache.get_seq_length()
+        for n in sizes:
+            tokens = torch.full((1, n), int(inputs["input_ids"][0, -1]), device=device)
+            mask = torch.ones(1, prompt_len + n, dtype=torch.long, device=device)
+            times = []
+            for _ in range(repeats + 1):
+                sync(device)
+                start = time.perf_counter()
+                target(input_ids=tokens, attention_mask=mask, past_key_values=cache, use_cache=True)
+                sync(device)
+                times.append(time.perf_counter() - start)
+                cache.crop(prompt_len - cache.get_seq_length())
+            curve.append({"tokens": n, "seconds": statistics.median(times[1:])})
+    return curve
+
+
+def bench_policy_objects(tuned: dict | None):
+    """name -> (policy object or marker string, description) in run order."""
+    from . import policies
+
+    entries = {
+        "ar": (policies.AutoregressivePolicy(), "target-only greedy by the engine (the baseline)"),
+        "hf-assisted": ("hf-assisted", "transformers target.generate(assistant_model=draft), default settings"),
+        "chain": (policies.ChainPolicy(), "draft chain of 5 tokens"),
+        "static": (policies.StaticTreePolicy(), "SpecVLM 25-node static tree (SD-Tree)"),
+        "dynamic": (policies.DynamicTreePolicy(), "EAGLE-2 dynamic tree (depth 6, top-8, 64 nodes)"),
+        "sage": (policies.SagePolicy(), "SAGE, paper defaults"),
+    }
+    if tuned:
+        entries["sage-tuned"] = (policies.SagePolicy(**tuned), f"SAGE tuned for this device: {tuned}")
+    return entries
+
+
+def _scene_inputs(processor, scene_list, device, dtype):
+    from .fixtures import scenes
+
+    prompt_text = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
+    return [build_inputs(processor, s.render(), prompt_text, device, dtype) for s in scene_list]
+
+
+def _run_policy(name, policy, engines, target, draft, inputs, max_new_tokens, device) -> dict:
+    if policy == "hf-assisted":
+        return run_hf(target, draft, inputs, max_new_tokens, device)
+    if policy == "hf-greedy":
+        return run_hf(target, None, inputs, max_new_tokens, device)
+    return run_engine(engines[name], inputs, max_new_tokens, device)
+
+
+def tune_sage(target, draft, tune_inputs, max_new_tokens, device, grid: dict) -> tuple[dict, list[dict]]:
+    """Pick SAGE parameters by tokens/s on TUNING scenes (disjoint from the benchmark scenes):
+    a coordinate search over `grid` starting from the paper defaults."""
+    from . import policies
+    from .engine import SpeculativeGenerator
+
+    def score(params: dict) -> dict:
+        engine = SpeculativeGenerator(target, draft, policies.SagePolicy(**params))
+        engine.generate(**tune_inputs[0], max_new_tokens=8)
+        tokens = seconds = 0.0
+        taus = []
+        for inputs in tune_inputs:
+            run = run_engine(engine, inputs, max_new_tokens, device)
+            tokens += len(run["ids"])
+            seconds += run["seconds"]
+            taus.append(run["stats"].mean_tau)
+        return {"params": dict(params), "tokens_per_second": tokens / seconds, "mean_tau": statistics.mean(taus)}
+
+    best: dict = {}
+    trials = [score(best)]
+    best_speed = trials[0]["tokens_per_second"]
+    for key, values in grid.items():
+        for value in values:
+            candidate = {**best, key: value}
+            try:
+                trial = score(candidate)
+            except ValueError as error:  # an invalid combination (e.g. d_max > d_max_cap)
+                trials.append({"params": candidate, "error": str(error)})
+                continue
+            trials.append(trial)
+            if trial["tokens_per_second"] > best_speed * 1.03:  # keep a change only if clearly faster
+                best, best_speed = candidate, trial["tokens_per_second"]
+    return best, trials
+
+
+def cmd_bench(args) -> int:
+    from tqdm import tqdm
+
+    from .engine import SpeculativeGenerator
+    from .fixtures import DRAFT_DIR, TARGET_DIR, scenes
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    target_path, draft_path = args.target or str(TARGET_DIR), args.draft or str(DRAFT_DIR)
+    target, draft, processor = load_pair(target_path, draft_path, device, dtype)
+    tokenizer = _tokenizer_of(processor)
+    machine = machine_name(device)
+    bench_inputs = _scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset), device, target.dtype)
+    tune_inputs = _scene_inputs(processor, scenes.heldout_scenes(args.tune_scenes, start=args.scene_offset + 5000),
+                                device, target.dtype)
+    print(f"sage-ext bench on {machine}; {args.scenes} scenes x {args.repeats} repeats; {CONVENTION}", flush=True)
+
+    curve = measure_verify_curve(target, bench_inputs[0], [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128], device)
+    print("target verify cost vs tree size: " + ", ".join(f"{c['tokens']}: {c['seconds'] * 1e3:.1f}ms" for c in curve))
+
+    tuned, tuning_trials = None, []
+    if args.tune:
+        grid = {"lag": [False], "first_round_paths": [None], "n_max": [8, 12, 16, 24, 32, 48],
+                "d_max": [6, 10, 12], "w_max": [3, 4, 6], "theta_scale": [0.05, 0.2]}
+        tuned, tuning_trials = tune_sage(target, draft, tune_inputs, args.max_new_tokens, device, grid)
+        print(f"tuned SAGE parameters (tokens/s on {args.tune_scenes} tuning scenes): {tuned or 'paper defaults'}")
+    entries = bench_policy_objects(tuned if args.tune else None)
+    if args.policies:
+        entries = {k: v for k, v in entries.items() if k in args.policies or k == "ar"}
+    engines = {name: SpeculativeGenerator(target, draft, policy) for name, (policy, _) in entries.items()
+               if not isinstance(policy, str)}
+
+    for name, (policy, _) in entries.items():  # warm-up, excluded from the numbers
+        _run_policy(name, policy, engines, target, draft, tune_inputs[0], 8, device)
+
+    runs: dict[str, list[list[dict]]] = {name: [] for name in entries}  # [repeat][scene]
+    eos = eos_ids_of(target)
+    with tqdm(total=args.repeats * len(entries) * len(bench_inputs), desc="bench", unit="run", file=sys.stderr) as bar:
+        for _ in range(args.repeats):
+            for name, (policy, _) in entries.items():  # policies interleaved per repeat: drift hits all alike
+                per_scene = []
+                for inputs in bench_inputs:
+                    per_scene.append(_run_policy(name, policy, engines, target, draft, inputs, args.max_new_tokens, device))
+                    bar.update(1)
+                runs[name].append(per_scene)
+
+    reference = [strip_after_eos(r["ids"], eos) for r in runs["ar"][0]]
+    summary = {}
+    for name, (policy, description) in entries.items():
+        repeat_seconds = [sum(r["seconds"] for r in rep) for rep in runs[name]]
+        median_seconds = statistics.median(repeat_seconds)
+        first = runs[name][0]
+        tokens = sum(len(r["ids"]) for r in first)
+        identical = all(strip_after_eos(r["ids"], eos) == ref for rep in runs[name] for r, ref in zip(rep, reference))
+        row = {"description": description, "identical_to_ar": identical, "new_tokens": tokens,
+               "median_seconds": median_seconds, "repeat_seconds": repeat_seconds,
+               "tokens_per_second": tokens / median_seconds}
+        if isinstance(policy, str):  # HF generate
+            forwards = sum(r["target_forwards"] for r in first)
+            row.update({"target_forwards": forwards, "tokens_per_target_forward": tokens / forwards,
+                        "mean_tau": tokens / forwards - 1, "tau_note": "HF: new tokens / target forwards - 1 "
+                        "(the first forward is the prompt forward that also verifies the first block)"})
+            if "draft_forwards" in first[0]:
+                row["draft_forwards"] = sum(r["draft_forwards"] for r in first)
+                # transformers 5.x hands the target's pre-encoded image to the assistant only in some
+                # cases; record whether the draft was ever given image inputs at all.
+                row["draft_saw_image"] = any(r["draft_saw_image"] for r in first)
+        else:
+            steps = [s for r in first for s in r["stats"].steps]
+            taus = [s.tau for s in steps]
+            depth_max = max((s.tree_depth for s in steps), default=0)
+            by_depth = []
+            for d in range(1, depth_max + 1):
+                eligible = [s for s in steps if s.tree_depth >= d]
+                by_depth.append(sum(s.tau >= d for s in eligible) / len(eligible) if eligible else 0.0)
+            times = {key: 0.0 for key in first[0]["stats"].time}
+            median_repeat = runs[name][repeat_seconds.index(sorted(repeat_seconds)[len(repeat_seconds) // 2])]
+            for r in median_repeat:
+                for key, value in r["stats"].time.items():
+                    times[key] += value
+            row.update({
+                "policy": policy.describe(), "steps": len(steps), "mean_tau": statistics.mean(taus) if taus else 0.0,
+                "tokens_per_target_forward": (statistics.mean(taus) + 1) if taus else 0.0,
+                "mean_tree_size": statistics.mean(s.tree_size for s in steps) if steps else 0.0,
+                "mean_draft_forwards": statistics.mean(s.draft_forwards for s in steps) if steps else 0.0,
+                "acceptance_by_depth": by_depth, "time_breakdown_seconds": times,
+                "time_breakdown_fraction": {k: v / max(1e-12, sum(times.values())) for k, v in times.items()},
+                "engine_overhead_per_step_ms": 1e3 * (times.get("tree_ops", 0) + times.get("other", 0)) / max(1, len(steps) / 1),
+            })
+            if name.startswith("sage"):
+                row["tau_per_step"] = taus
+                row["alpha_per_step"] = [s.alpha_measured for s in steps]
+        summary[name] = row
+    ar_seconds = summary["ar"]["median_seconds"]
+    for row in summary.values():
+        row["speedup_vs_ar"] = ar_seconds / row["median_seconds"]
+
+    checks = {"all_greedy_outputs_identical_to_ar": all(r["identical_to_ar"] for r in summary.values())}
+    for name in ("sage", "sage-tuned"):
+        if name in summary and "static" in summary:
+            static_tau = summary["static"]["mean_tau"]
+            checks[f"{name}_tau_over_static"] = summary[name]["mean_tau"] / static_tau if static_tau > 0 else None
+        if name in summary and "hf-assisted" in summary:
+            checks[f"{name}_speedup_over_hf_assisted"] = summary["hf-assisted"]["median_seconds"] / summary[name]["median_seconds"]
+    sample_text = tokenizer.decode(reference[0], skip_special_tokens=True)
+    report = {
+        "machine": machine, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "target": target_path, "draft": draft_path,
+        "target_params": sum(p.numel() for p in target.parameters()),
+        "draft_params": sum(p.numel() for p in draft.parameters()),
+        "scenes": args.scenes, "scene_offset": args.scene_offset, "repeats": args.repeats,
+        "max_new_tokens": args.max_new_tokens, "convention": CONVENTION,
+        "command": "sage-ext " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line,
+        "verify_cost_curve": curve, "tuned_sage_params": tuned, "tuning_trials": tuning_trials,
+        "policies": summary, "checks": checks, "sample_output": sample_text,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"e2e_{slug(machine)}"
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    plot_bench(report, png_path)
+
+    print(f"\n{'policy':<12} {'tau':>6} {'tok/fwd':>8} {'tok/s':>8} {'speedup':>8}  identical")
+    for name, row in summary.items():
+        print(f"{name:<12} {row['mean_tau']:>6.2f} {row['tokens_per_target_forward']:>8.2f} "
+              f"{row['tokens_per_second']:>8.1f} {row['speedup_vs_ar']:>7.2f}x  {row['identical_to_ar']}")
+    print("checks: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in checks.items()}))
+    print(f"wrote {json_path} and {png_path}")
+    return 0 if checks["all_greedy_outputs_identical_to_ar"] else 1
+
+
+def plot_bench(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["policies"]
+    names = list(summary)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0, 0]
+    bars = ax.bar(names, [summary[n]["speedup_vs_ar"] for n in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_title("wall-clock speedup vs target-only (ar)")
+    ax = axes[0, 1]
+    bars = ax.bar(names, [summary[n]["mean_tau"] for n in names], color="tab:green")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_title("tau (accepted draft tokens per step)")
+    ax = axes[1, 0]
+    for n in names:
+        rates = summary[n].get("acceptance_by_depth")
+        if rates and n != "ar":
+            ax.plot(range(1, len(rates) + 1), rates, marker="o", ms=3, label=n)
+    ax.set_xlabel("depth d")
+    ax.set_ylabel("P(accepted >= d | tree reached d)")
+    ax.set_title("acceptance by depth")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    engine_names = [n for n in names if "time_breakdown_fraction" in summary[n]]
+    bottom = [0.0] * len(engine_names)
+    keys = list(summary[engine_names[0]]["time_breakdown_fraction"]) if engine_names else []
+    for key in keys:
+        values = [summary[n]["time_breakdown_fraction"][key] for n in engine_names]
+        ax.bar(engine_names, values, bottom=bottom, label=key)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_title("engine time breakdown (share of generation time)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for ax in axes.flat:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"sage-ext bench: {report['machine']}\n{report['scenes']} scenes x {report['repeats']} repeats, "
+                 f"medians; target {report['target_params'] / 1e6:.1f}M, draft {report['draft_params'] / 1e6:.2f}M params",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument parsing
+# ---------------------------------------------------------------------------------------------
+def _add_common(parser: argparse.ArgumentParser, models_required: bool) -> None:
+    parser.add_argument("--target", required=models_required, help="target model folder or hub id")
+    parser.add_argument("--draft", required=models_required, help="draft model folder or hub id (same family)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="auto: float32 on CPU, the checkpoint's dtype on GPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--policy-args", default=None, help="policy overrides, e.g. n_max=32,lag=False")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sage-ext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="SAGE on the bundled fixture pair over held-out scenes, with a plot")
+    _add_common(demo, models_required=False)
+    demo.add_argument("--policy", default="sage")
+    demo.add_argument("--scenes", type=int, default=3)
+    demo.add_argument("--scene-offset", type=int, default=0, help="first held-out scene index")
+    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.add_argument("--plot", default="sage_demo.png", help="PNG path of the alpha / accepted-length plot")
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="speculative generation for one image + prompt, streamed")
+    _add_common(gen, models_required=True)
+    gen.add_argument("--image", required=True)
+    gen.add_argument("--prompt", required=True,
+                     help="text; without the image token it is wrapped by the chat template (or <image>\\nTEXT\\n)")
+    gen.add_argument("--policy", default="sage")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (torch.Generator)")
+    gen.add_argument("--draft-prune-ratio", type=float, default=0.0,
+                     help="share of image tokens hidden from the draft (SpecVLM pruning; paper: 0.8-0.9)")
+    gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    gen.add_argument("--stats-json", default=None, help="write the generation stats here")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="all policies + HF assisted generation on held-out scenes")
+    _add_common(bench, models_required=False)
+    bench.add_argument("--scenes", type=int, default=8)
+    bench.add_argument("--scene-offset", type=int, default=0)
+    bench.add_argument("--tune-scenes", type=int, default=6, help="scenes (disjoint) used to tune SAGE")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--max-new-tokens", type=int, default=96)
+    bench.add_argument("--policies", nargs="*", default=None,
+                       help=f"subset of {', '.join(PAPER_DEFAULT_POLICIES)}, sage-tuned (ar always runs)")
+    bench.add_argument("--no-tune", dest="tune", action="store_false", help="skip the SAGE tuning sweep")
+    bench.add_argument("--out-dir", default="benchmarks/results")
+    bench.add_argument("--name", default=None, help="output file stem (default e2e_<machine>)")
+    bench.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""`sage-ext` command line on the bundled fixture pair: demo, generate, bench (small settings)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sage_ext import cli  # noqa: E402
+from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR, scenes  # noqa: E402
+
+
+def test_python_dash_m_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "sage_ext", "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo", "generate", "bench"):
+        assert command in out.stdout
+
+
+def test_policy_overrides_are_parsed():
+    policy = cli.parse_policy("sage", "n_max=40,lag=False,d_max=10")
+    assert (policy.n_max, policy.lag, policy.d_max_init) == (40, False, 10)
+    with pytest.raises(SystemExit):
+        cli.parse_policy("no-such-policy")
+
+
+def test_demo_runs_end_to_end_and_writes_its_plot(tmp_path, capsys):
+    plot = tmp_path / "demo.png"
+    assert cli.main(["demo", "--scenes", "1", "--max-new-tokens", "24", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "tau" in out and "speedup" in out and "identical to target-only greedy: yes" in out
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_generate_streams_the_target_greedy_text(tmp_path, capsys):
+    scene = scenes.heldout_scenes(1, start=300)[0]
+    image_path = tmp_path / "scene.png"
+    scene.render().save(image_path)
+    args = ["generate", "--target", str(TARGET_DIR), "--draft", str(DRAFT_DIR), "--image", str(image_path),
+            "--prompt", scenes.CAPTION_INSTRUCTION, "--max-new-tokens", "40", "--policy", "sage"]
+    assert cli.main(args) == 0
+    streamed = capsys.readouterr().out.strip()
+
+    target, _, processor = cli.load_pair(str(TARGET_DIR), None, torch.device("cpu"), torch.float32)
+    inputs = processor(text=scenes.caption_prompt(), images=Image.open(image_path).convert("RGB"), return_tensors="pt")
+    with torch.inference_mode():
+        out = target.generate(**inputs, max_new_tokens=40, do_sample=False)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert streamed == expected
+    assert len(expected.split()) > 10
+
+
+def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, capsys):
+    args = ["bench", "--scenes", "1", "--repeats", "1", "--max-new-tokens", "24", "--no-tune",
+            "--policies", "hf-assisted", "static", "sage", "--out-dir", str(tmp_path), "--name", "tiny"]
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert set(report["policies"]) == {"ar", "hf-assisted", "static", "sage"}
+    assert report["checks"]["all_greedy_outputs_identical_to_ar"] is True
+    for name in ("static", "sage"):
+        row = report["policies"][name]
+        assert row["tokens_per_target_forward"] == pytest.approx(row["mean_tau"] + 1)
+        assert row["acceptance_by_depth"] and set(row["time_breakdown_seconds"]) >= {"target_verify", "draft_decode"}
+    assert (tmp_path / "tiny.png").stat().st_size > 10_000
