@@ -8,7 +8,7 @@ What it does, deterministically (fixed seeds, fixed data order, fixed thread cou
    questions, answers) and wraps it in `PreTrainedTokenizerFast`;
 2. builds a `LlavaProcessor` (CLIPImageProcessorPil: works without torchvision) around it;
 3. trains two `LlavaForConditionalGeneration` models (tiny CLIP vision tower + Llama decoder) on
-   scenes from `sage_ext.fixtures.scenes`: the target, and a draft about 9x smaller sharing the
+   scenes from `sage_ext.fixtures.scenes`: the target, and a draft about 8x smaller sharing the
    tokenizer and processor; loss on the answer tokens only;
 4. measures on held-out scenes: greedy caption attribute accuracy of both models, and greedy token
    agreement of the draft with the target (teacher-forced on the target's own greedy captions);
@@ -42,9 +42,9 @@ SIZES = {
     "small": {
         "target": {"vision_hidden": 192, "vision_layers": 2, "vision_heads": 4,
                    "text_hidden": 256, "text_layers": 6, "text_heads": 8, "text_intermediate": 640,
-                   "steps": 1100, "batch": 32, "lr": 8e-4},
-        "draft": {"vision_hidden": 64, "vision_layers": 1, "vision_heads": 2,
-                  "text_hidden": 96, "text_layers": 2, "text_heads": 4, "text_intermediate": 256,
+                   "steps": 1000, "batch": 32, "lr": 8e-4},
+        "draft": {"vision_hidden": 96, "vision_layers": 1, "vision_heads": 2,
+                  "text_hidden": 128, "text_layers": 2, "text_heads": 4, "text_intermediate": 384,
                   "steps": 600, "batch": 32, "lr": 1e-3},
     },
     "large": {
