@@ -16,7 +16,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from sage_ext.cli import main  # noqa: E402
 
-DEFAULTS = ["bench", "--scenes", "8", "--repeats", "3", "--tune-scenes", "6", "--max-new-tokens", "96",
+DEFAULTS = ["bench", "--scenes", "20", "--repeats", "5", "--tune-scenes", "8", "--max-new-tokens", "96",
             "--out-dir", str(REPO_ROOT / "benchmarks" / "results")]
 
 if __name__ == "__main__":

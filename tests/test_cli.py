@@ -66,3 +66,18 @@ def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, caps
         assert row["tokens_per_target_forward"] == pytest.approx(row["mean_tau"] + 1)
         assert row["acceptance_by_depth"] and set(row["time_breakdown_seconds"]) >= {"target_verify", "draft_decode"}
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
+    table = (tmp_path / "tiny.md").read_text()
+    assert "| sage | " in table and "| hf-assisted | " in table
+
+
+def test_sage_tuning_times_each_candidate_against_the_best_and_records_invalid_ones():
+    target, draft, processor = cli.load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
+    inputs = cli._scene_inputs(processor, scenes.heldout_scenes(1, start=5000), torch.device("cpu"), torch.float32)
+    grid = {"n_max": [8], "d_max": [6]}  # n_max=8 is invalid with the paper's 25-node first round
+    best, trials = cli.tune_sage(target, draft, inputs, 16, torch.device("cpu"), grid)
+    assert trials[0] == {"params": {"n_max": 8}, "error": "first_round_paths has more nodes than n_max"}
+    timed = trials[1]
+    assert timed["params"] == {"d_max": 6} and timed["against"] == {}
+    assert timed["speedup_over_best"] > 0 and timed["mean_tau"] >= 0
+    assert best in ({}, {"d_max": 6})
+    assert (best == {"d_max": 6}) == (timed["speedup_over_best"] > 1.03)
