@@ -23,11 +23,6 @@ TORCH_LIBRARY(sage_ext, m) {
       "expand_tree(Tensor(a!) tokens, Tensor(b!) parents, Tensor(c!) logprobs, Tensor(d!) cum_logprobs, "
       "Tensor frontier, Tensor topk_logprobs, Tensor topk_ids, Tensor widths, Tensor min_cum_logprob, "
       "int slot_start, int num_slots) -> Tensor count");
-  m.def(
-      "sage_level(Tensor logits, Tensor? alpha, Tensor(a!) tokens, Tensor(b!) parents, Tensor(c!) logprobs, "
-      "Tensor(d!) cum_logprobs, int frontier_start, int level, int slot_start, int num_slots, int k, "
-      "float temperature, float d_min, float d_max, float w_min, float w_max, float theta_scale=0.1) "
-      "-> (Tensor count, Tensor frontier_alpha, Tensor max_depth)");
   m.def("rerank_tree(Tensor parents, Tensor cum_logprobs, int num_select) -> (Tensor keep, Tensor new_parents)");
   m.def(
       "tree_buffers(Tensor parents, int past_len, ScalarType mask_dtype=float) "

@@ -48,8 +48,8 @@ DEFAULT_MAX_VOCAB_PADDING = 256
 # The registered overloads of the hot-path ops, resolved once (the sage_ext.ops wrappers of these are plain
 # pass-throughs; calling the overload directly saves the per-call overload lookup).
 _op_topk_confidence = torch.ops.sage_ext.topk_confidence.default
+_op_sage_tree = torch.ops.sage_ext.sage_tree.default
 _op_expand_tree = torch.ops.sage_ext.expand_tree.default
-_op_sage_level = torch.ops.sage_ext.sage_level.default
 _op_tree_buffers = torch.ops.sage_ext.tree_buffers.default
 _op_verify_greedy = torch.ops.sage_ext.verify_greedy.default
 _op_kv_compact = torch.ops.sage_ext.kv_compact_.default
@@ -175,6 +175,8 @@ class DraftRound:
             index = torch.arange(capacity + 1, device=device)
             row_table = torch.where(index[None, :] < index[:, None], index[None, :], -1)
         self._row_table = row_table
+        self._zero_f32 = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        self.arange2 = self.arange[None]  # [1, cap]: frontier slot ranges as one view
         self.rows_used = 0
         self._identity = True
         self.draft_base = 0  # draft cache length at the root row
@@ -221,6 +223,9 @@ class DraftRound:
     def full_f32(self, value: float) -> Tensor:
         return torch.full((1,), value, dtype=torch.float32, device=self.device)
 
+    def zeros_f32(self, *shape: int) -> Tensor:
+        return self._zero_f32 if shape == (1, 1) else self._zero_f32.expand(*shape)
+
     def read_int(self, tensor: Tensor) -> int:
         """Read a one-element device value on the host (free on CPU; a sync on accelerators)."""
         return int(tensor)
@@ -244,10 +249,14 @@ class DraftRound:
         self.rows_used = 0
         self._identity = True
 
-    # The tree ops below are what policies call between draft forwards.
+    # The three tree ops below are what policies call between draft forwards.
     def topk(self, logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """``topk_confidence`` of draft logits (at the sampling temperature when sampling)."""
         return _op_topk_confidence(logits, k, self.engine.draft_temperature)
+
+    def shape(self, alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale):
+        """``sage_tree`` for one level."""
+        return _op_sage_tree(alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale)
 
     def expand(self, frontier, topk_logprobs, topk_ids, widths, min_cum_logprob, slot_start, num_slots) -> Tensor:
         """``expand_tree`` into the tree state; returns the count of real nodes written (device)."""
@@ -256,17 +265,6 @@ class DraftRound:
             self.tokens, self.parents, self.logprobs, self.cum_logprobs, frontier, topk_logprobs,
             topk_ids, widths, min_cum_logprob, slot_start, num_slots,
         )
-
-    def sage_level(self, logits: Tensor, alpha: Tensor | None, frontier_start: int, level: int, slot_start: int,
-                   num_slots: int, shape_args: tuple) -> tuple[Tensor, Tensor, Tensor]:
-        """``sage_level`` (``topk_confidence`` + ``sage_tree`` + ``expand_tree`` in one op) into the tree state;
-        ``logits [F, V]`` of the frontier slots ``[frontier_start, frontier_start + F)``; ``shape_args`` =
-        ``(k, d_min, d_max, w_min, w_max, theta_scale)``. Returns ``(count [1], frontier_alpha [1, F], max_depth [1])``."""
-        self._layout_parents = None
-        k, d_min, d_max, w_min, w_max, theta_scale = shape_args
-        return _op_sage_level(logits[None], alpha, self.tokens, self.parents, self.logprobs, self.cum_logprobs,
-                              frontier_start, level, slot_start, num_slots, k, self.engine.draft_temperature,
-                              d_min, d_max, w_min, w_max, theta_scale)
 
     # ------------------------------------------------------------------ draft forwards
     def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:

@@ -30,7 +30,6 @@ __all__ = [
     "build_static_tree",
     "sage_tree",
     "expand_tree",
-    "sage_level",
     "rerank_tree",
     "tree_buffers",
     "verify_greedy",
@@ -244,59 +243,6 @@ def expand_tree(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Ten
     """
     return torch.ops.sage_ext.expand_tree(tokens, parents, logprobs, cum_logprobs, frontier, topk_logprobs,
                                           topk_ids, widths, min_cum_logprob, slot_start, num_slots)
-
-
-def sage_level(logits: torch.Tensor, alpha: torch.Tensor | None, tokens: torch.Tensor, parents: torch.Tensor,
-               logprobs: torch.Tensor, cum_logprobs: torch.Tensor, frontier_start: int, level: int, slot_start: int,
-               num_slots: int, k: int, temperature: float, d_min: float, d_max: float, w_min: float, w_max: float,
-               theta_scale: float = 0.1):
-    """One whole SAGE expansion level: `topk_confidence` + `sage_tree` + `expand_tree` in one call.
-
-    The frontier is the slot range `[frontier_start, frontier_start + F)` of the tree state (how SAGE
-    lays a tree out level by level); exactly the composition of the three ops, on every device.
-
-    Parameters
-    ----------
-    logits : torch.Tensor
-        `[B, F, V]` float32/float16/bfloat16: the draft's logits after each frontier node.
-    alpha : torch.Tensor or None
-        `[B]` float32 confidence shaping the level (lagged SAGE: the previous step's root alpha);
-        None: the confidence of each row's first frontier node (at level 1, the root: zero-lag SAGE).
-    tokens, parents, logprobs, cum_logprobs : torch.Tensor
-        `[B, Ncap]` tree state as in `expand_tree`, modified in place.
-    frontier_start : int
-        Slot of the first frontier node (`frontier_start + F <= slot_start`).
-    level : int
-        Depth of the children created (>= 1).
-    slot_start, num_slots : int
-        Slots written, as in `expand_tree`.
-    k, temperature : int, float
-        Top-k and temperature of `topk_confidence`.
-    d_min, d_max, w_min, w_max, theta_scale : float
-        SAGE parameters, as in `sage_tree`.
-
-    Returns
-    -------
-    count : torch.Tensor
-        `[B]` int64, real nodes written (`expand_tree`).
-    frontier_alpha : torch.Tensor
-        `[B, F]` float32, confidence of every frontier node (`topk_confidence`).
-    max_depth : torch.Tensor
-        `[B]` int64, `round(D)` for the alpha used (`sage_tree`).
-
-    Examples
-    --------
-    >>> tokens = torch.zeros(1, 8, dtype=torch.long); parents = torch.full((1, 8), -1)
-    >>> logprobs = torch.zeros(1, 8); cum = torch.zeros(1, 8)
-    >>> logits = torch.tensor([[[4.0, 3.0, 0.0, 0.0]]])  # the root's draft logits
-    >>> count, alpha, max_depth = sage_level(logits, None, tokens, parents, logprobs, cum, 0, 1, 1, 7,
-    ...                                      2, 1.0, 3, 8, 2, 10)
-    >>> count, tokens[0, :3], parents[0, :3], max_depth
-    (tensor([2]), tensor([0, 0, 1]), tensor([-1,  0,  0]), tensor([4]))
-    """
-    return torch.ops.sage_ext.sage_level(logits, alpha, tokens, parents, logprobs, cum_logprobs, frontier_start,
-                                         level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max,
-                                         theta_scale)
 
 
 def rerank_tree(parents: torch.Tensor, cum_logprobs: torch.Tensor, num_select: int):

@@ -5,7 +5,7 @@ exist. It talks to the engine through a ``DraftRound`` (``ctx``): preallocated t
 (``ctx.tokens/parents/logprobs/cum_logprobs [1, Ncap]``), ``ctx.root_logits()`` (the step's first draft
 forward: pending committed tokens + the root), ``ctx.feed(start, count, depth)`` (one draft forward over
 a contiguous range of tree slots, with the tree mask), ``ctx.topk`` (``topk_confidence``), ``ctx.expand``
-(``expand_tree``), ``ctx.sage_level`` (``sage_level``: one whole SAGE level) and ``ctx.root_token()`` (a view of the root). Policies
+(``expand_tree``), ``ctx.shape`` (``sage_tree``) and ``ctx.root_token()`` (a view of the root). Policies
 never loop over tree nodes in Python and never read device values, except SAGE with ``static_shapes=False``
 reading per-level node counts (free on CPU). Trees are laid out level by level, so every level (and every
 set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as ``tree_ops``
@@ -468,30 +468,35 @@ class SagePolicy(TreePolicy):
 
         ctx.start_tree()
         logits = ctx.root_logits()
+        alpha_root, topk_lp, topk_ids = ctx.topk(logits, self.k)
         if host_alpha is None:
-            alpha = None  # zero-lag: sage_level shapes level 1 with this root's own alpha
+            alpha = alpha_root
         elif self.alpha_next is not None and self._alpha_next_device is not None:
             alpha = self._alpha_next_device  # last step's root alpha, still on the device: no upload
         else:
             alpha = ctx.full_f32(host_alpha)
-        slots = self.static_level_slots(host_alpha) if static_shapes else None
+        widths, min_cum, max_depth_t = ctx.shape(alpha, ctx.zeros_f32(1, 1), 1, *shape_args)
+        if static_shapes:
+            slots = self.static_level_slots(host_alpha)
+            max_depth = len(slots)
+        else:
+            max_depth = ctx.read_int(max_depth_t)
+            slots = None
         n_max = self.n_max
-        # level 1: the root's top-k, shaped by alpha; one op per level (sage_level)
-        count, root_alpha, max_depth_t = ctx.sage_level(logits, alpha, 0, 1, 1, slots[0] if static_shapes else n_max,
-                                                        shape_args)
-        alpha_root = root_alpha.view(1)
-        if alpha is None:
-            alpha = alpha_root
-        max_depth = len(slots) if static_shapes else ctx.read_int(max_depth_t)
+        arange, logprobs = ctx.arange2, ctx.logprobs
         forwards, next_slot, used, level = 1, 1, 0, 1
-        frontier_start = 0
+        frontier_start, frontier_count = 0, 1
         while level <= max_depth:
+            num_slots = slots[level - 1] if static_shapes else n_max - used
             if level > 1:
-                num_slots = slots[level - 1] if static_shapes else n_max - used
                 logits = ctx.feed(frontier_start, frontier_count, level - 1)
                 forwards += 1
-                count, _, _ = ctx.sage_level(logits, alpha, frontier_start, level, next_slot, num_slots, shape_args)
-            written = slots[level - 1] if static_shapes else ctx.read_int(count)
+                _, topk_lp, topk_ids = ctx.topk(logits, self.k)
+                frontier_lp = logprobs[:, frontier_start : frontier_start + frontier_count]
+                widths, min_cum, _ = ctx.shape(alpha, frontier_lp, level, *shape_args)
+            frontier = arange[:, frontier_start : frontier_start + frontier_count]
+            count = ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, min_cum, next_slot, num_slots)
+            written = num_slots if static_shapes else ctx.read_int(count)
             if written == 0:
                 break
             frontier_start, frontier_count = next_slot, written

@@ -235,25 +235,6 @@ def expand_tree(tokens, parents, logprobs, cum_logprobs, frontier, topk_logprobs
     return torch.tensor(counts, dtype=torch.int64, device=parents.device)
 
 
-def sage_level(logits, alpha, tokens, parents, logprobs, cum_logprobs, frontier_start, level, slot_start, num_slots,
-               k, temperature, d_min, d_max, w_min, w_max, theta_scale=0.1):
-    """One SAGE level: the composition topk_confidence -> sage_tree -> expand_tree over the frontier slot
-    range [frontier_start, frontier_start + F) (logits [B, F, V]). alpha None: each row's first frontier
-    node's confidence. Returns (count [B], frontier_alpha [B, F], max_depth [B])."""
-    batch, num_frontier, vocab = logits.shape
-    if not 0 <= frontier_start and frontier_start + num_frontier <= min(slot_start, logprobs.shape[1]):
-        raise ValueError("frontier_start must leave the frontier inside the tree and before slot_start")
-    frontier_alpha, topk_lp, topk_ids = topk_confidence(logits.reshape(batch * num_frontier, vocab), k, temperature)
-    frontier_alpha = frontier_alpha.view(batch, num_frontier)
-    level_alpha = frontier_alpha[:, 0] if alpha is None else alpha
-    widths, min_cum, max_depth = sage_tree(level_alpha, logprobs[:, frontier_start:frontier_start + num_frontier],
-                                           level, k, d_min, d_max, w_min, w_max, theta_scale)
-    frontier = torch.arange(frontier_start, frontier_start + num_frontier, device=logprobs.device).expand(batch, -1)
-    count = expand_tree(tokens, parents, logprobs, cum_logprobs, frontier, topk_lp.view(batch, num_frontier, k),
-                        topk_ids.view(batch, num_frontier, k), widths, min_cum, slot_start, num_slots)
-    return count, frontier_alpha, max_depth
-
-
 def rerank_tree(parents, cum_logprobs, num_select):
     """EAGLE-2 global top-N: keep the root and the `num_select - 1` best real nodes.
 

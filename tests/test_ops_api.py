@@ -8,7 +8,7 @@ import torch
 
 from sage_ext import ops, reference
 
-OP_FUNCTIONS = ["topk_confidence", "build_static_tree", "sage_tree", "expand_tree", "sage_level", "rerank_tree", "tree_buffers",
+OP_FUNCTIONS = ["topk_confidence", "build_static_tree", "sage_tree", "expand_tree", "rerank_tree", "tree_buffers",
                 "verify_greedy", "verify_sampling", "kv_compact_"]
 
 

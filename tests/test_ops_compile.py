@@ -27,8 +27,6 @@ def sample_inputs():
                       2.0, 10.0, 0.1),
         "expand_tree": (*state, torch.zeros(2, 1, dtype=torch.int64), topk_lp, torch.randint(0, 16, (2, 1, 4), generator=gen),
                         torch.tensor([[3], [4]]), torch.tensor([-3.0, -3.0]), 1, 5),
-        "sage_level": (torch.randn(2, 1, 16, generator=gen), None,
-                       *(t.clone() for t in state), 0, 1, 1, 5, 4, 1.0, 3.0, 8.0, 2.0, 10.0, 0.1),
         "rerank_tree": (parents, -torch.rand(2, 6, generator=gen), 4),
         "tree_buffers": (parents, 7, torch.float16),
         "verify_greedy": (tokens, parents, torch.randn(2, 6, 16, generator=gen)),

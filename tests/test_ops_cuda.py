@@ -92,22 +92,6 @@ def test_expand_tree(batch, capacity, num_frontier, top_k):
     assert_same_outputs([count_gpu] + gpu_state, [count_cpu] + cpu_state)
 
 
-@pytest.mark.parametrize("batch, capacity, num_frontier, lagged", [(1, 65, 1, False), (1, 65, 6, True), (4, 129, 16, True)])
-def test_sage_level(batch, capacity, num_frontier, lagged):
-    gen = torch.Generator().manual_seed(capacity + num_frontier)
-    logits = torch.randn(batch, num_frontier, 1000, generator=gen).to(torch.bfloat16)
-    logprobs = torch.log(torch.rand(batch, capacity, generator=gen))
-    state = [torch.zeros(batch, capacity, dtype=torch.int64), torch.full((batch, capacity), -1, dtype=torch.int64),
-             logprobs, -torch.rand(batch, capacity, generator=gen) * 4]
-    alpha = torch.rand(batch, generator=gen) if lagged else None
-    cpu_state = [t.clone() for t in state]
-    gpu_state = [t.to(CUDA) for t in state]
-    args = (3, 2, 3 + num_frontier, capacity - 3 - num_frontier, 10, 0.8, 3.0, 8.0, 2.0, 10.0, 0.1)
-    out_cpu = ops.sage_level(logits, alpha, *cpu_state, *args)
-    out_gpu = ops.sage_level(logits.to(CUDA), None if alpha is None else alpha.to(CUDA), *gpu_state, *args)
-    assert_same_outputs(list(out_gpu) + gpu_state, list(out_cpu) + cpu_state, atol=1e-6, rtol=1e-6)
-
-
 @pytest.mark.parametrize("batch, num_nodes", [(1, 1), (1, 64), (8, 128), (2, 1024)])
 def test_rerank_tree(batch, num_nodes):
     parents = random_parents(batch, num_nodes, seed=num_nodes)

@@ -50,22 +50,7 @@ def call_sage_tree(**changes):
     return ops.sage_tree(**args)
 
 
-def call_sage_level(**changes):
-    args = dict(logits=torch.zeros(1, 2, 5), alpha=None, tokens=torch.zeros(1, 6, dtype=i64),
-                parents=torch.full((1, 6), -1, dtype=i64), logprobs=torch.zeros(1, 6), cum_logprobs=torch.zeros(1, 6),
-                frontier_start=0, level=1, slot_start=2, num_slots=3, k=2, temperature=1.0, d_min=3.0, d_max=8.0,
-                w_min=2.0, w_max=10.0)
-    args.update(changes)
-    return ops.sage_level(**args)
-
-
 BAD_CALLS = {
-    # sage_level (its parts check the rest, naming their arguments)
-    "level 2-D logits": (lambda: call_sage_level(logits=torch.zeros(2, 5)), "logits"),
-    "level frontier past Ncap": (lambda: call_sage_level(frontier_start=5, slot_start=7), "frontier_start"),
-    "level frontier overlaps slots": (lambda: call_sage_level(slot_start=1), "slot_start"),
-    "level batch mismatch": (lambda: call_sage_level(logits=torch.zeros(2, 2, 5)), "logprobs"),
-    "level k>V": (lambda: call_sage_level(k=6), "k"),
     # topk_confidence
     "topk int logits": (lambda: ops.topk_confidence(torch.zeros(2, 5, dtype=i64), 2), "logits"),
     "topk float64 logits": (lambda: ops.topk_confidence(torch.zeros(2, 5, dtype=torch.float64), 2), "logits"),

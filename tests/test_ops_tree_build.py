@@ -276,55 +276,6 @@ def test_sage_build_invariants(batch, budget, k, sharpness, seed):
 
 
 # --------------------------------------------------------------------------------------------
-# sage_level: topk_confidence + sage_tree + expand_tree over a frontier slot range, in one op
-# --------------------------------------------------------------------------------------------
-@given(
-    batch=st.integers(1, 4),
-    capacity=st.integers(3, 96),
-    frontier_frac=st.floats(0, 1),
-    num_frontier=st.integers(1, 16),
-    level=st.integers(1, 9),
-    k=st.integers(1, 12),
-    lagged=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    seed=seeds,
-)
-def test_sage_level_is_the_composition_of_the_three_ops(batch, capacity, frontier_frac, num_frontier, level, k,
-                                                         lagged, dtype, seed):
-    num_frontier = min(num_frontier, capacity - 2)
-    frontier_start = int(frontier_frac * (capacity - 1 - num_frontier))
-    slot_start = frontier_start + num_frontier
-    num_slots = capacity - slot_start
-    gen = torch.Generator().manual_seed(seed)
-    vocab = 40
-    logits = (torch.randn(batch, num_frontier, vocab, generator=gen) * 3).to(dtype)
-    tokens, parents, logprobs, cum, *_ = random_expand_inputs(batch, capacity, slot_start, 1, k, seed, False)
-    logprobs[:, frontier_start][torch.rand(batch, generator=gen) < 0.3] = -math.inf  # an empty frontier slot
-    alpha = torch.rand(batch, generator=gen) if lagged else None
-    args = (frontier_start, level, slot_start, num_slots, k, 0.7, 3.0, 8.0, 2.0, 10.0, 0.1)
-
-    fused = [t.clone() for t in (tokens, parents, logprobs, cum)]
-    out = ops.sage_level(logits, alpha, *fused, *args)
-
-    composed = [t.clone() for t in (tokens, parents, logprobs, cum)]
-    frontier_alpha, topk_lp, topk_ids = ops.topk_confidence(logits.flatten(0, 1), k, 0.7)
-    frontier_alpha = frontier_alpha.view(batch, num_frontier)
-    widths, min_cum, max_depth = ops.sage_tree(
-        frontier_alpha[:, 0] if alpha is None else alpha,
-        composed[2][:, frontier_start:slot_start].clone(), level, k, 3.0, 8.0, 2.0, 10.0, 0.1)
-    frontier = torch.arange(frontier_start, slot_start).expand(batch, -1).contiguous()
-    count = ops.expand_tree(*composed, frontier, topk_lp.view(batch, num_frontier, k),
-                            topk_ids.view(batch, num_frontier, k), widths, min_cum, slot_start, num_slots)
-    assert_same_outputs(list(out) + fused, [count, frontier_alpha, max_depth] + composed)
-
-    # the reference's top-k log-probs may differ from the native ones in the last float bit
-    oracle = [t.clone() for t in (tokens, parents, logprobs, cum)]
-    want = reference.sage_level(logits, alpha, *oracle, *args)
-    assert_same_outputs([out[0], out[2]] + fused[:2], [want[0], want[2]] + oracle[:2])
-    assert_same_outputs([out[1]] + fused[2:], [want[1]] + oracle[2:], atol=1e-5, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------------------------
 # rerank_tree
 # --------------------------------------------------------------------------------------------
 def test_rerank_golden():
