@@ -1,6 +1,6 @@
 """Engine benchmarks: the engine's own per-step overhead, and bf16/fp16 near-tie flips.
 
-Two modes (``--mode overhead|flips|all``):
+Three modes (``--mode overhead|flips|prune|all``):
 
 * ``overhead``: per-step engine time outside model forwards (``GenerationStats.engine_overhead``: the
   ``tree_ops`` + ``other`` time categories) for every policy (ar, chain, static, dynamic, sage), for the
@@ -18,6 +18,9 @@ Two modes (``--mode overhead|flips|all``):
   random models of two families (Llama, Qwen2-VL) and the fixture pair; float32 is the control that must
   show no difference. Reports the share of sequences that differ and the mean position (0-based, in new
   tokens) of the first difference. Writes ``results/engine_dtype_flips_<device>.{json,md}``.
+
+* ``prune``: draft-side visual token pruning on the fixture pair: SAGE's tau and tokens/s at prune ratios
+  0, 0.5 and 0.85, and that the output does not change. Writes ``results/engine_prune_<device>.{json,md}``.
 
 Run from the repository root (CPU, one thread by default)::
 
@@ -465,6 +468,50 @@ def flips_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------- pruning
+PRUNE_RATIOS = (0.0, 0.5, 0.85)
+
+
+def bench_prune(args) -> dict:
+    """Draft-side visual pruning on the fixture pair: SAGE's tau and speed at several prune ratios (the
+    output is the same at every ratio; only the draft's view of the image changes)."""
+    torch.set_num_threads(args.threads)
+    pair = fixture_pair()
+    if pair is None:
+        raise SystemExit("the fixture pair is missing")
+    target, draft, processor = pair
+    prompts = fixture_prompts(processor, 3 if args.quick else 8)
+    rows, reference = [], None
+    for ratio in PRUNE_RATIOS:
+        generator = SpeculativeGenerator(target, draft, "sage", draft_prune_ratio=ratio)
+        generator.generate(**prompts[0], max_new_tokens=8)  # warm-up
+        taus, seconds, tokens, outputs = [], 0.0, 0, []
+        for inputs in prompts:
+            start = time.perf_counter()
+            out = generator.generate(**inputs, max_new_tokens=args.max_new_tokens)
+            seconds += time.perf_counter() - start
+            taus.append(out.stats.mean_tau)
+            tokens += out.stats.new_tokens
+            outputs.append(out.sequences)
+        reference = reference or outputs
+        rows.append({"ratio": ratio, "mean_tau": statistics.mean(taus), "tokens_per_second": tokens / seconds,
+                     "same_output_as_ratio_0": all(torch.equal(a, b) for a, b in zip(outputs, reference))})
+        print(f"prune ratio {ratio:.2f}: tau {rows[-1]['mean_tau']:.2f}, {rows[-1]['tokens_per_second']:.0f} tok/s")
+    return {"machine": machine_info(), "fixture": fixture_fingerprint(), "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "rows": rows}
+
+
+def prune_markdown(report: dict) -> str:
+    lines = ["# Draft-side visual pruning on the fixture pair (CPU)", "",
+             f"{cpu_line(report['machine'])}. SAGE (paper defaults), greedy, {report['prompts']} held-out caption "
+             f"prompts x {report['max_new_tokens']} new tokens; the draft sees 16 image tokens unpruned. "
+             f"`python benchmarks/bench_engine.py --mode prune --max-new-tokens {report['max_new_tokens']}`.", "",
+             "| prune ratio | tau | tokens/s | same output as ratio 0 |", "| ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['ratio']:.2f} | {r['mean_tau']:.2f} | {r['tokens_per_second']:.0f} | {r['same_output_as_ratio_0']} |"
+              for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- main
 def write(report: dict, stem: str, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -475,7 +522,7 @@ def write(report: dict, stem: str, markdown: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("overhead", "flips", "all"), default="overhead")
+    parser.add_argument("--mode", choices=("overhead", "flips", "prune", "all"), default="overhead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9, help="overhead: alternating rounds per engine")
@@ -499,6 +546,10 @@ def main(argv: list[str] | None = None) -> None:
         report = bench_flips(args)
         if not args.quick:
             write(report, f"engine_dtype_flips_{device_tag()}{args.output_suffix}", flips_markdown(report))
+    if args.mode in ("prune", "all"):
+        report = bench_prune(args)
+        if not args.quick:
+            write(report, f"engine_prune_{device_tag()}{args.output_suffix}", prune_markdown(report))
 
 
 if __name__ == "__main__":
