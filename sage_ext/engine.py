@@ -631,7 +631,8 @@ class SpeculativeGenerator:
                 # new tokens into the sequence buffer: the accepted path (entries past tau are junk that the
                 # next step overwrites), then the bonus at cur_len + tau
                 block = min(proposal.depth_bound, num_nodes - 1) + 1
-                seq[0, cur_len : cur_len + block - 1] = tokens[0, accepted[0, 1:block]]
+                # (take wraps the -1 padding of accepted like indexing does; it is 3x cheaper than tensor[index] = ...)
+                torch.take(tokens[0], accepted[0, 1:block], out=seq[0, cur_len : cur_len + block - 1])
                 seq[0, cur_len:].index_copy_(0, accept_len, bonus)
                 new_tokens = seq[0, cur_len : cur_len + block]
                 for dev, layer_indices in target_groups:
