@@ -39,7 +39,7 @@ from sage_ext.fixtures import scenes  # noqa: E402
 
 # Model and schedule sizes. "params" in comments are approximate totals (vision + projector + text).
 SIZES = {
-    "small": {
+    "small": {  # ~5.6M target, ~0.72M draft (7.8x smaller)
         "target": {"vision_hidden": 192, "vision_layers": 2, "vision_heads": 4,
                    "text_hidden": 256, "text_layers": 6, "text_heads": 8, "text_intermediate": 640,
                    "steps": 1000, "batch": 32, "lr": 8e-4},
@@ -47,12 +47,12 @@ SIZES = {
                   "text_hidden": 128, "text_layers": 2, "text_heads": 4, "text_intermediate": 384,
                   "steps": 600, "batch": 32, "lr": 1e-3},
     },
-    "large": {
+    "large": {  # ~31.6M target
         "target": {"vision_hidden": 384, "vision_layers": 4, "vision_heads": 6,
                    "text_hidden": 512, "text_layers": 8, "text_heads": 8, "text_intermediate": 1408,
                    "steps": 3000, "batch": 64, "lr": 5e-4},
-        "draft": {"vision_hidden": 128, "vision_layers": 1, "vision_heads": 2,
-                  "text_hidden": 192, "text_layers": 2, "text_heads": 3, "text_intermediate": 512,
+        "draft": {"vision_hidden": 192, "vision_layers": 1, "vision_heads": 4,  # ~4.6M, 6.9x smaller
+                  "text_hidden": 320, "text_layers": 3, "text_heads": 5, "text_intermediate": 864,
                   "steps": 1500, "batch": 64, "lr": 1e-3},
     },
 }

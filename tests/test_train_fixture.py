@@ -30,7 +30,7 @@ def test_a_few_training_steps_give_a_loadable_pair_the_engine_decodes_losslessly
         torch.set_num_threads(threads)
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["size"] == size and summary["target"]["steps"] == 2
-    assert summary["target"]["params"] > 5 * summary["draft"]["params"]
+    assert 5 * summary["draft"]["params"] < summary["target"]["params"] < 10 * summary["draft"]["params"]
     for role in ("target", "draft"):
         card = (tmp_path / role / "README.md").read_text()
         assert f"| attribute_accuracy | {summary[role]['attribute_accuracy']} |" in card
