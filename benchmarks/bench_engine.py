@@ -53,6 +53,7 @@ from tiny_vlms import _qwen_inputs, tiny_qwen2_vl  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import sage_ext  # noqa: E402
+from sage_ext.cli import cpu_model, load_pair, scene_inputs  # noqa: E402
 from sage_ext.engine import SpeculativeGenerator  # noqa: E402
 
 POLICIES = ("ar", "chain", "static", "dynamic", "sage")
@@ -62,16 +63,6 @@ DEFAULT_BASELINE_REV = "1aa750f"
 
 
 # ---------------------------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_details() -> dict:
     """Vendor, family/model/stepping and the vector extensions that matter for bf16/fp16 (Linux)."""
     details: dict = {}
@@ -150,17 +141,13 @@ def llama_5m(seed: int = 0) -> tuple[torch.nn.Module, dict]:
 
 
 def fixture_pair(dtype: torch.dtype = torch.float32):
-    """The bundled trained LLaVA pair and its processor, or None when the fixture folders are missing."""
+    """The bundled trained LLaVA pair and its processor (loaded like `sage-ext` does), or None when the fixture
+    folders are missing."""
     from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR
 
     if not (TARGET_DIR / "config.json").exists() or not (DRAFT_DIR / "config.json").exists():
         return None
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(TARGET_DIR)
-    target = LlavaForConditionalGeneration.from_pretrained(TARGET_DIR, dtype=dtype, attn_implementation="sdpa")
-    draft = LlavaForConditionalGeneration.from_pretrained(DRAFT_DIR, dtype=dtype, attn_implementation="sdpa")
-    return target.eval(), draft.eval(), processor
+    return load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), dtype)
 
 
 def fixture_fingerprint() -> dict | None:
@@ -180,14 +167,10 @@ def fixture_fingerprint() -> dict | None:
 
 
 def fixture_prompts(processor, count: int, start: int = 0) -> list[dict]:
+    """Caption prompts of held-out scenes, as `sage-ext bench` builds them."""
     from sage_ext.fixtures import scenes
 
-    prompt = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
-    prompts = []
-    for scene in scenes.heldout_scenes(count, start=start):
-        inputs = processor(text=prompt, images=scene.render(), return_tensors="pt")
-        prompts.append({key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)})
-    return prompts
+    return scene_inputs(processor, scenes.heldout_scenes(count, start=start), torch.device("cpu"), None)
 
 
 def cast_inputs(inputs: dict, dtype: torch.dtype) -> dict:

@@ -33,6 +33,7 @@ import torch
 
 import sage_ext
 from sage_ext import ops, reference
+from sage_ext.cli import cpu_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 8)
@@ -46,16 +47,6 @@ SAGE = dict(d_min=3, d_max=8, w_min=2, w_max=10)
 # --------------------------------------------------------------------------------------------
 # machine
 # --------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
-
-
 def device_name(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-" + cpu_model()
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

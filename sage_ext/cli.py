@@ -125,17 +125,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def machine_name(device: torch.device) -> str:
-    """CPU model (from /proc/cpuinfo) and core count, plus the GPU name on CUDA."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what `platform` knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    name = f"{cpu}, {os.cpu_count()} cores"
+    return platform.processor() or platform.machine()
+
+
+def machine_name(device: torch.device) -> str:
+    """CPU model and core count, plus the GPU name on CUDA."""
+    name = f"{cpu_model()}, {os.cpu_count()} cores"
     if device.type == "cuda":
         name = f"{torch.cuda.get_device_name(device)} ({name})"
     return name
@@ -209,13 +212,6 @@ def strip_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
         if token in eos_ids:
             return ids[: i + 1]
     return ids
-
-
-def eos_ids_of(model) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +405,8 @@ def bench_policy_objects(tuned: dict | None):
     return entries
 
 
-def _scene_inputs(processor, scene_list, device, dtype):
+def scene_inputs(processor, scene_list, device, dtype) -> list[dict]:
+    """Caption-prompt processor outputs for fixture scenes (see `build_inputs`)."""
     from .fixtures import scenes
 
     prompt_text = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
@@ -477,6 +474,7 @@ def cmd_bench(args) -> int:
     from tqdm import tqdm
 
     from .engine import SpeculativeGenerator
+    from .families import get_adapter
     from .fixtures import DRAFT_DIR, TARGET_DIR, scenes
 
     torch.manual_seed(0)
@@ -488,9 +486,9 @@ def cmd_bench(args) -> int:
     target, draft, processor = load_pair(target_path, draft_path, device, dtype)
     tokenizer = _tokenizer_of(processor)
     machine = machine_name(device)
-    bench_inputs = _scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset), device, target.dtype)
-    tune_inputs = _scene_inputs(processor, scenes.heldout_scenes(args.tune_scenes, start=args.scene_offset + 5000),
-                                device, target.dtype)
+    bench_inputs = scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset), device, target.dtype)
+    tune_inputs = scene_inputs(processor, scenes.heldout_scenes(args.tune_scenes, start=args.scene_offset + 5000),
+                               device, target.dtype)
     print(f"sage-ext bench on {machine}; {args.scenes} scenes x {args.repeats} repeats; {CONVENTION}", flush=True)
 
     curve = measure_verify_curve(target, bench_inputs[0], [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128], device)
@@ -512,7 +510,7 @@ def cmd_bench(args) -> int:
         _run_policy(name, policy, engines, target, draft, tune_inputs[0], 8, device)
 
     runs: dict[str, list[list[dict]]] = {name: [] for name in entries}  # [repeat][scene]
-    eos = eos_ids_of(target)
+    eos = set(get_adapter(target).eos_token_ids())
     with tqdm(total=args.repeats * len(entries) * len(bench_inputs), desc="bench", unit="run", file=sys.stderr) as bar:
         for _ in range(args.repeats):
             for name, (policy, _) in entries.items():  # policies interleaved per repeat: drift hits all alike

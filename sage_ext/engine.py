@@ -107,22 +107,6 @@ _I32 = struct.Struct("<i")
 _F32 = struct.Struct("<f")
 
 
-class _NoRegion:
-    """``ctx.tree_ops()`` for policies: the engine already books the whole tree build as ``tree_ops`` (minus
-    the draft forwards), so a policy's own blocks need no clock of their own."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-_NO_REGION = _NoRegion()
-
-
 def _aligned_width(columns: int) -> int:
     """Row length of a mask buffer: a multiple of 64 elements, so every row view starts at an aligned address
     (CUDA's memory-efficient attention requires an aligned bias pointer and row stride)."""
@@ -152,8 +136,7 @@ class DraftRound:
     ``arange``. Nothing here reads device values.
 
     Time accounting: the engine books the whole tree build as ``tree_ops`` and ``_forward`` moves the draft
-    forwards to ``draft_decode``, so policies need no clock of their own (``tree_ops()`` is a no-op kept for
-    policies written against it).
+    forwards to ``draft_decode``, so policies need no clock of their own.
     """
 
     def __init__(self, engine: "SpeculativeGenerator", capacity: int, max_cache_len: int, device: torch.device,
@@ -216,10 +199,6 @@ class DraftRound:
         row), -1 for the others; the last entry is always -1."""
         return self._row_table[self.rows_used] if self._identity else self._node_row
 
-    def tree_ops(self) -> _NoRegion:
-        """A no-op context manager (the engine books the tree build as ``tree_ops`` already)."""
-        return _NO_REGION
-
     def full_f32(self, value: float) -> Tensor:
         return torch.full((1,), value, dtype=torch.float32, device=self.device)
 
@@ -235,13 +214,12 @@ class DraftRound:
         engine = self.engine
         return engine.seq[:, engine.cur_len - 1 : engine.cur_len]
 
-    def start_tree(self, with_draft: bool = True, parents: Tensor | None = None) -> None:
+    def start_tree(self, parents: Tensor | None = None) -> None:
         """Reset the tree to the root (the last committed token); optionally set a fixed ``parents`` layout.
 
         Slot 0's parent and log-probs never change. The ``parents`` copy is skipped when the same tensor was the
         last layout set and no ``expand`` has written the tree since (policies that write ``ctx.parents``
-        directly should not pass ``parents`` here). ``with_draft`` is accepted for policies written against
-        the first version of this interface; nothing depends on it any more."""
+        directly should not pass ``parents`` here)."""
         self.tokens[0, :1].copy_(self.root_token()[0])
         if parents is not None and parents is not self._layout_parents:
             self.parents[0, : parents.shape[0]].copy_(parents)

@@ -72,7 +72,7 @@ def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, caps
 
 def test_sage_tuning_times_each_candidate_against_the_best_and_records_invalid_ones():
     target, draft, processor = cli.load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
-    inputs = cli._scene_inputs(processor, scenes.heldout_scenes(1, start=5000), torch.device("cpu"), torch.float32)
+    inputs = cli.scene_inputs(processor, scenes.heldout_scenes(1, start=5000), torch.device("cpu"), torch.float32)
     grid = {"n_max": [8], "d_max": [6]}  # n_max=8 is invalid with the paper's 25-node first round
     best, trials = cli.tune_sage(target, draft, inputs, 16, torch.device("cpu"), grid)
     assert trials[0] == {"params": {"n_max": 8}, "error": "first_round_paths has more nodes than n_max"}

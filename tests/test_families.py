@@ -16,34 +16,18 @@ import copy
 
 import pytest
 import torch
-from tiny_vlms import IMAGE_TOKEN_ID, TINY_VLM_BUILDERS
+from tiny_vlms import ADAPTER_CLASSES, BRANCHING_TREE_PARENTS, IMAGE_TOKEN_ID, TINY_VLM_BUILDERS
 from transformers import DynamicCache
 
 from sage_ext.families import get_adapter
-from sage_ext.families.idefics3 import Idefics3Adapter
-from sage_ext.families.llava_onevision import LlavaOnevisionAdapter
 from sage_ext.families.qwen2_vl import Qwen2VLAdapter
 from sage_ext.ops import tree_buffers
 
-ADAPTER_CLASSES = {
-    "qwen2_vl": Qwen2VLAdapter,
-    "qwen2_5_vl": Qwen2VLAdapter,
-    "llava_onevision": LlavaOnevisionAdapter,
-    "idefics3": Idefics3Adapter,
-    "smolvlm": Idefics3Adapter,
-}
 FAMILIES = list(TINY_VLM_BUILDERS)
-
-# root (node 0), branch A: 1 -> 2 -> 3, branch B: 4 -> 5
-TREE_PARENTS = torch.tensor([[-1, 0, 1, 2, 0, 4]])
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def inference_mode():
-    """The engine runs adapters under inference mode; so do these tests (the adapters add no grad mode)."""
-    with torch.inference_mode():
-        yield
+pytestmark = pytest.mark.usefixtures("inference_mode")  # as the engine runs adapters (conftest.py)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -142,12 +126,12 @@ def test_tree_forward_matches_sequential_decoding(family, committed):
     past_len = cache_len(cache)
     assert past_len == prompt_len + committed
     tokens = torch.cat([torch.tensor([history[-1:]]),
-                        torch.randint(0, 240, (1, TREE_PARENTS.shape[1] - 1), generator=generator)], dim=1)
-    _, positions, _, _, paths, _, float_mask, _ = tree_buffers(TREE_PARENTS, past_len)
+                        torch.randint(0, 240, (1, BRANCHING_TREE_PARENTS.shape[1] - 1), generator=generator)], dim=1)
+    _, positions, _, _, paths, _, float_mask, _ = tree_buffers(BRANCHING_TREE_PARENTS, past_len)
     tree_logits = adapter.forward_tree(tokens, positions, float_mask, copy.deepcopy(cache))
-    assert tree_logits.shape == (1, TREE_PARENTS.shape[1], model.config.get_text_config().vocab_size)
+    assert tree_logits.shape == (1, BRANCHING_TREE_PARENTS.shape[1], model.config.get_text_config().vocab_size)
 
-    for node in range(TREE_PARENTS.shape[1]):
+    for node in range(BRANCHING_TREE_PARENTS.shape[1]):
         path = [int(i) for i in paths[0, node] if i >= 0]
         expected = hf_decode(model, copy.deepcopy(reference_cache), tokens[0, path].tolist())
         torch.testing.assert_close(tree_logits[0, node], expected, atol=ATOL, rtol=0,

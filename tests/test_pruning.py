@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vlms import TINY_VLM_BUILDERS, correlated_draft
+from tiny_vlms import ADAPTER_CLASSES, BRANCHING_TREE_PARENTS, TINY_VLM_BUILDERS, correlated_draft
 from transformers import DynamicCache
 
-from sage_ext.families.idefics3 import Idefics3Adapter
-from sage_ext.families.llava_onevision import LlavaOnevisionAdapter
-from sage_ext.families.qwen2_vl import Qwen2VLAdapter
 from sage_ext.ops import tree_buffers
 from sage_ext.pruning import (
     VisualAttentionScorer,
@@ -27,23 +24,11 @@ from sage_ext.pruning import (
     select_visual_tokens,
 )
 
-ADAPTER_CLASSES = {
-    "qwen2_vl": Qwen2VLAdapter,
-    "qwen2_5_vl": Qwen2VLAdapter,
-    "llava_onevision": LlavaOnevisionAdapter,
-    "idefics3": Idefics3Adapter,
-    "smolvlm": Idefics3Adapter,
-}
 FAMILIES = list(TINY_VLM_BUILDERS)
-TREE_PARENTS = torch.tensor([[-1, 0, 1, 2, 0, 4]])
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def inference_mode():
-    """The engine runs adapters under inference mode; so do these tests (the adapters add no grad mode)."""
-    with torch.inference_mode():
-        yield
+pytestmark = pytest.mark.usefixtures("inference_mode")  # as the engine runs adapters (conftest.py)
 
 
 def _layout(visual_scores: list[float], text_before: int = 2, text_after: int = 3):
@@ -202,9 +187,9 @@ def test_pruned_prefill_matches_masked_full_model(name):
 
     # decoding after a pruned prefill: sequence index s (full prompt counted) -> position s + offset;
     # the pruned cache is shorter, so the tree mask is built for its own length
-    tokens = torch.randint(0, 240, TREE_PARENTS.shape, generator=generator)
-    _, positions, *_, reference_mask, _ = tree_buffers(TREE_PARENTS, length)
-    *_, pruned_mask, _ = tree_buffers(TREE_PARENTS, n_kept)
+    tokens = torch.randint(0, 240, BRANCHING_TREE_PARENTS.shape, generator=generator)
+    _, positions, *_, reference_mask, _ = tree_buffers(BRANCHING_TREE_PARENTS, length)
+    *_, pruned_mask, _ = tree_buffers(BRANCHING_TREE_PARENTS, n_kept)
     reference_mask[..., :length] = reference_mask[..., :length].masked_fill(~keep[:, None, None, :],
                                                                             torch.finfo(torch.float32).min)
     pruned_logits = adapter.forward_tree(tokens, positions, pruned_mask, cache)

@@ -5,7 +5,7 @@ No downloads: every model is built from a config, fp32, eval mode, CPU-fast. Eac
 and for LLaVA ``pixel_values`` with the ``<image>`` placeholders expanded in ``input_ids``).
 
 Random transformers give near-uniform logits (near ties make greedy comparisons fragile), so the
-token embeddings and the lm_head are re-drawn with a large std (``LOGIT_STD``): argmaxes are well
+token embeddings and the lm_head are re-drawn with a large std (``tiny_vlms.LOGIT_STD``): argmaxes are well
 separated and exact-match checks are not decided by float rounding.
 
 Drafts for a target: ``same_draft`` (the target's weights: everything is accepted),
@@ -32,39 +32,21 @@ from transformers import (
 )
 
 from tiny_vlms import correlated_draft  # noqa: F401  (re-exported: the same recipe for every family)
+from tiny_vlms import finish, text_config_kwargs
 
 VOCAB_SIZE = 96
 EOS_TOKEN_ID = 95
 IMAGE_TOKEN_ID = 94
 TEXT_VOCAB = 90  # prompt tokens are drawn below this
-LOGIT_STD = 0.5
 
 
 def _text_kwargs(small: bool, vocab_size: int) -> dict:
-    hidden, layers, heads, kv_heads = (32, 1, 2, 1) if small else (64, 2, 4, 2)
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    return text_config_kwargs(small, vocab_size=vocab_size, eos_token_id=EOS_TOKEN_ID, bos_token_id=1,
+                              max_position_embeddings=512, attn_implementation="sdpa")
 
 
 def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Large-std embeddings and lm_head (well separated argmaxes), fp32, eval."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
-        for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-            weight.copy_(torch.randn(weight.shape, generator=generator) * LOGIT_STD)
-    return model.float().eval()
+    return finish(model, seed=10_000 + seed)
 
 
 def text_prompt(length: int, seed: int = 0) -> dict:

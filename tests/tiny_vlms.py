@@ -33,6 +33,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from sage_ext.families.idefics3 import Idefics3Adapter
+from sage_ext.families.llava_onevision import LlavaOnevisionAdapter
+from sage_ext.families.qwen2_vl import Qwen2VLAdapter
+
 VOCAB_SIZE = 256
 # special ids live at the top of the vocabulary; ordinary prompt text is drawn below TEXT_VOCAB
 TEXT_VOCAB = 240
@@ -45,27 +49,29 @@ EOS_TOKEN_ID = 255
 LOGIT_STD = 0.5
 
 
-def _text_config(small: bool, **extra) -> dict:
+def text_config_kwargs(small: bool, vocab_size: int = VOCAB_SIZE, eos_token_id: int = EOS_TOKEN_ID,
+                       bos_token_id: int = 0, max_position_embeddings: int = 1024, **extra) -> dict:
+    """Decoder config of every tiny test model (also the text-only ones of tiny_models)."""
     hidden, layers, heads, kv_heads = (32, 1, 2, 1) if small else (64, 2, 4, 2)
     return dict(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=1024,
-        eos_token_id=EOS_TOKEN_ID,
-        bos_token_id=0,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
         pad_token_id=None,
         tie_word_embeddings=False,
         **extra,
     )
 
 
-def _finish(model: torch.nn.Module) -> torch.nn.Module:
+def finish(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
     """Large-std text embeddings and lm_head (well separated argmaxes), fp32, eval."""
-    generator = torch.Generator().manual_seed(1234)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
             weight.copy_(torch.randn(weight.shape, generator=generator) * LOGIT_STD)
@@ -100,7 +106,7 @@ def _qwen_inputs(model, grid_thw: tuple[int, int, int], seed: int, question_len:
 
 def _qwen_common(small: bool) -> dict:
     head_dim = 16  # mrope_section must sum to head_dim / 2
-    text = _text_config(small, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+    text = text_config_kwargs(small, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                 "mrope_section": [2, 3, 3]})
     text["hidden_size"] = head_dim * text["num_attention_heads"]
     text["intermediate_size"] = 2 * text["hidden_size"]
@@ -119,7 +125,7 @@ def tiny_qwen2_vl(seed: int = 0, small: bool = False, grid_thw=(1, 12, 16), ques
         **common,
     )
     torch.manual_seed(seed)
-    model = _finish(Qwen2VLForConditionalGeneration(config))
+    model = finish(Qwen2VLForConditionalGeneration(config))
     return model, _qwen_inputs(model, grid_thw, seed, question_len)
 
 
@@ -134,7 +140,7 @@ def tiny_qwen2_5_vl(seed: int = 0, small: bool = False, grid_thw=(1, 12, 16), qu
         **common,
     )
     torch.manual_seed(seed)
-    model = _finish(Qwen2_5_VLForConditionalGeneration(config))
+    model = finish(Qwen2_5_VLForConditionalGeneration(config))
     return model, _qwen_inputs(model, grid_thw, seed, question_len)
 
 
@@ -145,7 +151,7 @@ def tiny_llava_onevision(seed: int = 0, small: bool = False, question_len: int =
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                            num_hidden_layers=1, num_attention_heads=2, image_size=crop, patch_size=4,
                            vision_use_head=False),
-        text_config=dict(model_type="qwen2", **_text_config(small)),
+        text_config=dict(model_type="qwen2", **text_config_kwargs(small)),
         image_token_index=IMAGE_TOKEN_ID,
         video_token_index=VIDEO_TOKEN_ID,
         image_grid_pinpoints=[[2 * crop, 2 * crop]],
@@ -154,7 +160,7 @@ def tiny_llava_onevision(seed: int = 0, small: bool = False, question_len: int =
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = _finish(LlavaOnevisionForConditionalGeneration(config))
+    model = finish(LlavaOnevisionForConditionalGeneration(config))
     generator = torch.Generator().manual_seed(seed + 1)
     pixel_values = torch.randn(1, 5, 3, crop, crop, generator=generator)  # base crop + 2x2 grid
     image_sizes = torch.tensor([[2 * crop, 2 * crop]])
@@ -175,13 +181,13 @@ def _idefics3_like(config_class, model_class, seed: int, small: bool, question_l
     config = config_class(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=4),
-        text_config=dict(model_type="llama", **_text_config(small)),
+        text_config=dict(model_type="llama", **text_config_kwargs(small)),
         image_token_id=IMAGE_TOKEN_ID,
         scale_factor=2,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = _finish(model_class(config))
+    model = finish(model_class(config))
     tokens_per_image = model.model.image_seq_len
     one_image = [FAKE_AROUND_IMAGE_ID] + [IMAGE_TOKEN_ID] * tokens_per_image
     input_ids = _prompt(4, one_image * 2 + [FAKE_AROUND_IMAGE_ID], question_len, seed)
@@ -213,6 +219,18 @@ TINY_VLM_BUILDERS = {
     "idefics3": tiny_idefics3,
     "smolvlm": tiny_smolvlm,
 }
+
+#: The sage_ext adapter each family must get (``get_adapter`` finds it from ``config.model_type``).
+ADAPTER_CLASSES = {
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2VLAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,
+    "idefics3": Idefics3Adapter,
+    "smolvlm": Idefics3Adapter,
+}
+
+#: A hand-made 6-node tree for tree-forward checks: root (node 0), branch A: 1 -> 2 -> 3, branch B: 4 -> 5.
+BRANCHING_TREE_PARENTS = torch.tensor([[-1, 0, 1, 2, 0, 4]])
 
 
 def correlated_draft(target: torch.nn.Module, noise: float = 0.1, seed: int = 1) -> torch.nn.Module:
