@@ -113,6 +113,20 @@ def _aligned_width(columns: int) -> int:
     return -(-columns // 64) * 64
 
 
+class FixedLayout(NamedTuple):
+    """A tree whose shape and feed schedule never change (static trees, chains), on one device and dtypes:
+    ``parents [N]``, ``node_row [>= N + 1]`` (the draft row of every slot the draft processes, -1 terminated),
+    ``draft_block [R, R]`` (the additive tree block of the step's R draft rows, draft dtype), ``depth [1, N]``
+    and ``target_block [N, N]`` (the whole tree's additive block, target dtype): what ``tree_buffers`` would
+    compute every step, made once."""
+
+    parents: Tensor
+    node_row: Tensor
+    draft_block: Tensor
+    depth: Tensor
+    target_block: Tensor
+
+
 class DraftRound:
     """Per-generation tree state and draft driver handed to the policies (``ctx``).
 
@@ -140,7 +154,8 @@ class DraftRound:
     """
 
     def __init__(self, engine: "SpeculativeGenerator", capacity: int, max_cache_len: int, device: torch.device,
-                 mask_dtype: torch.dtype | None, static_default: bool, row_table: Tensor | None = None):
+                 mask_dtype: torch.dtype | None, target_dtype: torch.dtype, static_default: bool,
+                 row_table: Tensor | None = None):
         self.engine = engine
         self.device = device
         self.capacity = capacity
@@ -165,6 +180,9 @@ class DraftRound:
         self.draft_base = 0  # draft cache length at the root row
         self.draft_len = 0  # draft cache length (host bookkeeping, no get_seq_length per step)
         self._layout_parents: Tensor | None = None  # fixed parents last copied by start_tree
+        self.mask_dtype = mask_dtype
+        self.target_dtype = target_dtype
+        self._fixed: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
         if mask_dtype is not None:
             blocked = torch.finfo(mask_dtype).min
             width = _aligned_width(max_cache_len + capacity + 1)
@@ -197,6 +215,8 @@ class DraftRound:
     def node_row(self) -> Tensor:
         """``[cap + 1]`` draft-cache row of every slot the draft processed this step (relative to the root
         row), -1 for the others; the last entry is always -1."""
+        if self._fixed is not None:
+            return self._fixed.node_row
         return self._row_table[self.rows_used] if self._identity else self._node_row
 
     def full_f32(self, value: float) -> Tensor:
@@ -214,18 +234,41 @@ class DraftRound:
         engine = self.engine
         return engine.seq[:, engine.cur_len - 1 : engine.cur_len]
 
-    def start_tree(self, parents: Tensor | None = None) -> None:
-        """Reset the tree to the root (the last committed token); optionally set a fixed ``parents`` layout.
+    def start_tree(self, parents: Tensor | None = None, layout: "FixedLayout | None" = None) -> None:
+        """Reset the tree to the root (the last committed token); optionally set a fixed ``parents`` layout, or a
+        whole ``FixedLayout`` (parents, node rows and draft mask block known in advance: no per-level mask work).
 
         Slot 0's parent and log-probs never change. The ``parents`` copy is skipped when the same tensor was the
         last layout set and no ``expand`` has written the tree since (policies that write ``ctx.parents``
         directly should not pass ``parents`` here)."""
         self.tokens[0, :1].copy_(self.root_token()[0])
+        if layout is not None:
+            parents = layout.parents
         if parents is not None and parents is not self._layout_parents:
             self.parents[0, : parents.shape[0]].copy_(parents)
             self._layout_parents = parents
+        self._fixed = layout
         self.rows_used = 0
         self._identity = True
+
+    def fixed_layout(self, parents: Tensor, node_row: Tensor, opened: Tensor) -> FixedLayout:
+        """A ``FixedLayout`` on this round's device and dtypes from a host description: ``parents [N]``,
+        ``node_row [>= N + 1]`` (-1 terminated) and ``opened [R, R]`` bool (draft row c is an ancestor-or-self
+        of draft row r). Policies make it once per device and dtypes (``layout_key``)."""
+        device = self.device
+
+        def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+            blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype)
+            return blocked.masked_fill_(allowed, 0).to(device)
+
+        depth, tree_mask = (ops.tree_buffers(parents[None], 0)[i] for i in (0, 6))
+        return FixedLayout(parents.to(device), node_row.to(device), additive(opened, self.mask_dtype),
+                           depth.to(device), additive(tree_mask[0, 0] == 0, self.target_dtype))
+
+    @property
+    def layout_key(self) -> tuple:
+        """What a ``FixedLayout`` depends on besides the tree: device and the two mask dtypes."""
+        return self.device, self.mask_dtype, self.target_dtype
 
     # The three tree ops below are what policies call between draft forwards.
     def topk(self, logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -274,7 +317,12 @@ class DraftRound:
         # move the tree block to the new base: clear the old one, write the root row and the padding row
         self.mask[0, 0, :, self._block_base : self._block_base + cap].zero_()
         self._block = block = self.mask[0, 0, :, base : base + cap]
-        block.index_copy_(0, self._edge_rows, self._edge_values)
+        fixed = self._fixed
+        if fixed is None:
+            block.index_copy_(0, self._edge_rows, self._edge_values)
+        else:  # every row of the step at once
+            size = fixed.draft_block.shape[0]
+            block[:size, :size].copy_(fixed.draft_block)
         self._block_base = base
         if rows == 1:
             mask = self.mask.as_strided((1, 1, 1, base + 1), self._mask_strides, 0)
@@ -300,18 +348,19 @@ class DraftRound:
         first, last = self.rows_used, self.rows_used + count
         if last > self.capacity:
             raise RuntimeError("draft tree exceeds the preallocated capacity")
-        if self._identity and start == first:
-            parent_rows = self.parents[0, start : start + count]  # slot == row for every fed node so far
-        else:
-            if self._identity:  # first feed where slots and rows part: write the map once
-                self._identity = False
-                self._node_row.copy_(self._row_table[first])
-            self._node_row[start : start + count].copy_(self.arange[first:last])
-            parent_rows = self._node_row[self.parents[0, start : start + count]]
-        # a row = its parent's row (a parent of -1, padding, picks the all-blocked last row) with its own column
-        # opened: max(parent row, [blocked except 0 on the diagonal]) in one op, written straight into the block
-        block = self._block
-        torch.maximum(block[parent_rows], self._self_columns[first:last], out=block[first:last])
+        if self._fixed is None:  # (a fixed layout's rows were all written with the block in root_logits)
+            if self._identity and start == first:
+                parent_rows = self.parents[0, start : start + count]  # slot == row for every fed node so far
+            else:
+                if self._identity:  # first feed where slots and rows part: write the map once
+                    self._identity = False
+                    self._node_row.copy_(self._row_table[first])
+                self._node_row[start : start + count].copy_(self.arange[first:last])
+                parent_rows = self._node_row[self.parents[0, start : start + count]]
+            # a row = its parent's row (a parent of -1, padding, picks the all-blocked last row) with its own
+            # column opened: max(parent row, [blocked except 0 on the diagonal]) in one op, into the block
+            block = self._block
+            torch.maximum(block[parent_rows], self._self_columns[first:last], out=block[first:last])
         # views made with as_strided (one call instead of a multi-axis slice: this runs once per level):
         # mask rows [first, last), columns [0, base + last); every position cur_len - 1 + depth
         mask = self.mask.as_strided((1, 1, count, self.draft_base + last), self._mask_strides,
@@ -551,7 +600,7 @@ class SpeculativeGenerator:
         capacity = policy.capacity
         row_table = self._row_tables.get((device, capacity))
         ctx = DraftRound(
-            self, capacity, max_len, device, self.draft.dtype if use_draft else None,
+            self, capacity, max_len, device, self.draft.dtype if use_draft else None, target_dtype,
             static_default=device.type == "cuda", row_table=row_table,
         )
         self._row_tables[(device, capacity)] = ctx._row_table
@@ -559,8 +608,13 @@ class SpeculativeGenerator:
             ctx.draft_len = self.draft_cache.get_seq_length()
         target_groups = _cache_layout(self.target_cache)
         draft_groups = _cache_layout(self.draft_cache) if use_draft else []
-        # a root-only tree (ar) needs no tree_buffers: its mask is all zeros, its position a view
-        single_mask = torch.zeros(1, 1, 1, _aligned_width(max_len + 1), dtype=target_dtype, device=device)
+        # Target masks without tree_buffers: a root-only tree (ar) takes a view of zeros (its position is a view of
+        # positions_all); a fixed layout writes its precomputed block at columns target_len.. (the previous
+        # step's block zeroed first: the past is all zeros) and takes the view of its rows.
+        target_mask = torch.zeros(1, 1, capacity, _aligned_width(max_len + capacity), dtype=target_dtype,
+                                  device=device)
+        target_mask_strides = target_mask.stride()
+        target_block_at = target_block_size = 0  # where the last fixed block was written
         positions_all = ctx.positions
         seq = self.seq
         verify_sampling = self._verify_sampling
@@ -580,7 +634,15 @@ class SpeculativeGenerator:
             num_nodes = tokens.shape[1]
             if num_nodes == 1:
                 positions = positions_all[:, target_len : target_len + 1]
-                mask = single_mask[:, :, :, : target_len + 1]
+                mask = target_mask[:, :, :1, : target_len + 1]
+            elif proposal.layout is not None:
+                layout = proposal.layout
+                end = target_block_at + target_block_size
+                target_mask[0, 0, :target_block_size, target_block_at:end].zero_()
+                target_mask[0, 0, :num_nodes, target_len : target_len + num_nodes].copy_(layout.target_block)
+                target_block_at, target_block_size = target_len, num_nodes
+                mask = target_mask.as_strided((1, 1, num_nodes, target_len + num_nodes), target_mask_strides, 0)
+                positions = torch.add(layout.depth, target_len)
             else:
                 buffers = _op_tree_buffers(parents, target_len, target_dtype)
                 positions, mask = buffers[1], buffers[6]

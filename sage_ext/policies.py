@@ -53,6 +53,7 @@ class TreeProposal:
     num_real: real draft nodes (root excluded) when the host knows it; None → the engine counts them.
     fed_depth: when the draft processed exactly the nodes of depth < fed_depth (every level but the last is fed
         whole: SAGE, chains), so the host knows how many accepted nodes the draft holds; None → read it.
+    layout: the ``FixedLayout`` the tree was built on (its target mask block and depths are precomputed), or None.
     """
 
     tokens: Tensor
@@ -65,6 +66,7 @@ class TreeProposal:
     info: dict[str, Any] = field(default_factory=dict)
     num_real: int | None = None
     fed_depth: int | None = None
+    layout: Any = None
 
 
 _F32 = struct.Struct("<f")
@@ -174,7 +176,20 @@ class StaticTreePolicy(TreePolicy):
         # the draft holds exactly the nodes above the last level when every such level is fed whole
         above_last = {i for i, d in enumerate(depth_l) if d < self._max_depth}
         self._fed_depth = self._max_depth if fed == above_last else None
-        self._device_cache: dict[torch.device, dict[str, Any]] = {}
+        # The feed schedule is fixed, so is the draft row of every fed slot (root row 0, then in feed order) and
+        # the draft tree mask of the whole step: row r opens the rows of its slot's ancestors-or-self.
+        slot_rows = [0] + [slot for _, _, fed_start, fed_count, _ in self._levels[1:]
+                           for slot in range(fed_start, fed_start + fed_count)]
+        row_of = {slot: row for row, slot in enumerate(slot_rows)}
+        node_row = [row_of.get(slot, -1) for slot in range(self._num_nodes)] + [-1]
+        opened = torch.zeros(len(slot_rows), len(slot_rows), dtype=torch.bool)
+        for row, slot in enumerate(slot_rows):
+            node = slot
+            while node >= 0:
+                opened[row, row_of[node]] = True
+                node = parents_l[node]
+        self._fixed_host = (parents, torch.tensor(node_row, dtype=torch.int64), opened)
+        self._device_cache: dict[tuple, dict[str, Any]] = {}
 
     @property
     def capacity(self) -> int:
@@ -191,21 +206,23 @@ class StaticTreePolicy(TreePolicy):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "nodes": self._num_nodes - 1, "depth": self._max_depth}
 
-    def _on(self, device: torch.device) -> dict[str, Any]:
-        cached = self._device_cache.get(device)
+    def _on(self, ctx) -> dict[str, Any]:
+        key = ctx.layout_key
+        cached = self._device_cache.get(key)
         if cached is None:
             levels = [
-                (start, end, fed_start, fed_count, torch.tensor(flat, dtype=torch.int64, device=device))
+                (start, end, fed_start, fed_count, torch.tensor(flat, dtype=torch.int64, device=ctx.device))
                 for start, end, fed_start, fed_count, flat in self._levels
             ]
-            cached = {"parents": self._parents.to(device), "levels": levels}
-            self._device_cache[device] = cached
+            cached = {"layout": ctx.fixed_layout(*self._fixed_host), "levels": levels}
+            self._device_cache[key] = cached
         return cached
 
     def build(self, ctx) -> TreeProposal:
-        static = self._on(ctx.device)
+        static = self._on(ctx)
         n = self._num_nodes
-        ctx.start_tree(parents=static["parents"])
+        layout = static["layout"]
+        ctx.start_tree(layout=layout)
         logits = ctx.root_logits()
         alpha_root = None
         tokens, logprobs = ctx.tokens[0], ctx.logprobs[0]
@@ -218,8 +235,8 @@ class StaticTreePolicy(TreePolicy):
             torch.index_select(topk_ids.reshape(-1), 0, flat, out=tokens[start:end])
             torch.index_select(topk_lp.reshape(-1), 0, flat, out=logprobs[start:end])
         return TreeProposal(
-            ctx.tokens[:, :n], ctx.parents[:, :n], ctx.node_row, self._max_depth, len(static["levels"]),
-            alpha_root, ctx.logprobs[:, :n], num_real=n - 1, fed_depth=self._fed_depth,
+            ctx.tokens[:, :n], ctx.parents[:, :n], layout.node_row, self._max_depth, len(static["levels"]),
+            alpha_root, ctx.logprobs[:, :n], num_real=n - 1, fed_depth=self._fed_depth, layout=layout,
         )
 
 
