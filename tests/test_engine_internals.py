@@ -3,7 +3,8 @@
 The hot path builds masks and positions as views of persistent buffers (see docs/ENGINE.md): the draft's
 tree mask rows are gathered level by level in a block that moves with the cache length, ``node_row`` is a
 table view while slots equal draft rows, a root-only tree (``ar``) takes its target mask and position as
-views. Here every draft-mask row the draft used (past columns included) and every target forward's mask and
+views, a fixed layout (static, chain, SAGE's first round) copies precomputed draft and target blocks. Here
+every draft-mask row the draft used (past columns included) and every target forward's mask and
 positions are compared with what ``tree_buffers`` computes from the tree's parents, for every policy, with a
 short and a long prompt; the mask views must start at 64-element aligned addresses; and the host-side count
 of draft-processed nodes (``fed_depth``) is checked against the node rows.
@@ -17,8 +18,11 @@ from tiny_models import correlated_draft, one_thread, text_prompt, tiny_llama  #
 
 from sage_ext import ops
 from sage_ext.engine import SpeculativeGenerator
+from sage_ext.policies import StaticTreePolicy
 
 MAX_NEW = 20
+#: the tests' policies plus a static tree whose level-2 feed range covers a childless node (rank path [1])
+INTERNAL_POLICIES = {**POLICIES, "static_gap": lambda: StaticTreePolicy([[0], [1], [2], [0, 0], [2, 0], [2, 0, 0]])}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +64,10 @@ def check_draft_tree(ctx, proposal) -> None:
 
 
 @pytest.mark.parametrize("prompt_len", [12, 300])
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", list(INTERNAL_POLICIES))
 def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
     target, draft = pair
-    generator = SpeculativeGenerator(target, draft, POLICIES[policy]())
+    generator = SpeculativeGenerator(target, draft, INTERNAL_POLICIES[policy]())
     policy_object = generator.policy
     build, forward_tree = policy_object.build, generator.target.forward_tree
     draft_forward = generator.draft.forward_tree
