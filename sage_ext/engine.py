@@ -314,7 +314,8 @@ class DraftRound:
         cache_len = self.draft_len
         base = cache_len + rows - 1
         cap = self.capacity
-        # move the tree block to the new base: clear the old one, write the root row and the padding row
+        # move the tree block to the new base: clear the old one, write the root row and the padding row (a
+        # fixed layout: all the step's rows)
         self.mask[0, 0, :, self._block_base : self._block_base + cap].zero_()
         self._block = block = self.mask[0, 0, :, base : base + cap]
         fixed = self._fixed
@@ -610,9 +611,10 @@ class SpeculativeGenerator:
         draft_groups = _cache_layout(self.draft_cache) if use_draft else []
         # Target masks without tree_buffers: a root-only tree (ar) takes a view of zeros (its position is a view of
         # positions_all); a fixed layout writes its precomputed block at columns target_len.. (the previous
-        # step's block zeroed first: the past is all zeros) and takes the view of its rows.
-        target_mask = torch.zeros(1, 1, capacity, _aligned_width(max_len + capacity), dtype=target_dtype,
-                                  device=device)
+        # step's block zeroed first: the past is all zeros) and takes the view of its rows (the buffer grows to
+        # the layout's size at its first use).
+        mask_width = _aligned_width(max_len + capacity)
+        target_mask = torch.zeros(1, 1, 1, mask_width, dtype=target_dtype, device=device)
         target_mask_strides = target_mask.stride()
         target_block_at = target_block_size = 0  # where the last fixed block was written
         positions_all = ctx.positions
@@ -637,6 +639,9 @@ class SpeculativeGenerator:
                 mask = target_mask[:, :, :1, : target_len + 1]
             elif proposal.layout is not None:
                 layout = proposal.layout
+                if target_mask.shape[2] < num_nodes:  # once per generation
+                    target_mask = torch.zeros(1, 1, num_nodes, mask_width, dtype=target_dtype, device=device)
+                    target_mask_strides, target_block_size = target_mask.stride(), 0
                 end = target_block_at + target_block_size
                 target_mask[0, 0, :target_block_size, target_block_at:end].zero_()
                 target_mask[0, 0, :num_nodes, target_len : target_len + num_nodes].copy_(layout.target_block)
