@@ -234,36 +234,38 @@ class DraftRound:
         engine = self.engine
         return engine.seq[:, engine.cur_len - 1 : engine.cur_len]
 
-    def start_tree(self, parents: Tensor | None = None, layout: "FixedLayout | None" = None) -> None:
-        """Reset the tree to the root (the last committed token); optionally set a fixed ``parents`` layout, or a
-        whole ``FixedLayout`` (parents, node rows and draft mask block known in advance: no per-level mask work).
+    def start_tree(self, layout: FixedLayout | None = None) -> None:
+        """Reset the tree to the root (the last committed token); optionally on a ``FixedLayout`` (parents, node
+        rows and mask blocks known in advance: no per-level mask work).
 
-        Slot 0's parent and log-probs never change. The ``parents`` copy is skipped when the same tensor was the
-        last layout set and no ``expand`` has written the tree since (policies that write ``ctx.parents``
-        directly should not pass ``parents`` here)."""
+        Slot 0's parent and log-probs never change. The layout's ``parents`` copy is skipped when the same layout
+        was the last one set and no ``expand`` has written the tree since."""
         self.tokens[0, :1].copy_(self.root_token()[0])
-        if layout is not None:
-            parents = layout.parents
-        if parents is not None and parents is not self._layout_parents:
-            self.parents[0, : parents.shape[0]].copy_(parents)
-            self._layout_parents = parents
+        if layout is not None and layout.parents is not self._layout_parents:
+            self.parents[0, : layout.parents.shape[0]].copy_(layout.parents)
+            self._layout_parents = layout.parents
         self._fixed = layout
         self.rows_used = 0
         self._identity = True
 
-    def fixed_layout(self, parents: Tensor, node_row: Tensor, opened: Tensor) -> FixedLayout:
-        """A ``FixedLayout`` on this round's device and dtypes from a host description: ``parents [N]``,
-        ``node_row [>= N + 1]`` (-1 terminated) and ``opened [R, R]`` bool (draft row c is an ancestor-or-self
-        of draft row r). Policies make it once per device and dtypes (``layout_key``)."""
+    def fixed_layout(self, parents: Tensor, fed_slots: list[int]) -> FixedLayout:
+        """A ``FixedLayout`` on this round's device and dtypes for the tree ``parents [N]`` (host) whose draft
+        forwards process the slots ``fed_slots`` in that order (draft row r = ``fed_slots[r]``; the root first).
+        Policies make it once per device and dtypes (``layout_key``)."""
         device = self.device
+        buffers = ops.tree_buffers(parents[None], 0)
+        depth, tree_mask = buffers[0], buffers[6]
+        opened = tree_mask[0, 0] == 0  # [N, N]: column c is an ancestor-or-self of row r
+        rows = torch.tensor(fed_slots, dtype=torch.int64)
+        node_row = torch.full((parents.shape[0] + 1,), -1, dtype=torch.int64)
+        node_row[rows] = torch.arange(len(fed_slots))
 
         def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
             blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype)
             return blocked.masked_fill_(allowed, 0).to(device)
 
-        depth, tree_mask = (ops.tree_buffers(parents[None], 0)[i] for i in (0, 6))
-        return FixedLayout(parents.to(device), node_row.to(device), additive(opened, self.mask_dtype),
-                           depth.to(device), additive(tree_mask[0, 0] == 0, self.target_dtype))
+        return FixedLayout(parents.to(device), node_row.to(device), additive(opened[rows][:, rows], self.mask_dtype),
+                           depth.to(device), additive(opened, self.target_dtype))
 
     @property
     def layout_key(self) -> tuple:
@@ -371,6 +373,32 @@ class DraftRound:
         self.rows_used = last
         self.draft_len += count
         return logits[0]
+
+
+class _TargetMasks:
+    """The target's additive masks without ``tree_buffers``, as views of one persistent buffer (rows 64-element
+    aligned, like the draft's): a root-only tree (``ar``) takes a view of zeros; a fixed layout's precomputed
+    ``[N, N]`` block is written at columns ``past_len ..`` after the previous block is zeroed (the past stays all
+    zeros). The buffer grows to the layout's size at its first use."""
+
+    def __init__(self, max_columns: int, dtype: torch.dtype, device: torch.device):
+        self.width, self.dtype, self.device = _aligned_width(max_columns), dtype, device
+        self.buffer = torch.zeros(1, 1, 1, self.width, dtype=dtype, device=device)
+        self.block_at = self.block_size = 0  # where the last block was written
+
+    def root(self, past_len: int) -> Tensor:
+        return self.buffer[:, :, :1, : past_len + 1]
+
+    def fixed(self, block: Tensor, past_len: int) -> Tensor:
+        size = block.shape[0]
+        if self.buffer.shape[2] < size:  # once per generation
+            self.buffer = torch.zeros(1, 1, size, self.width, dtype=self.dtype, device=self.device)
+            self.block_size = 0
+        rows = self.buffer[0, 0]
+        rows[: self.block_size, self.block_at : self.block_at + self.block_size].zero_()
+        rows[:size, past_len : past_len + size].copy_(block)
+        self.block_at, self.block_size = past_len, size
+        return self.buffer.as_strided((1, 1, size, past_len + size), self.buffer.stride(), 0)
 
 
 class SpeculativeGenerator:
@@ -609,14 +637,7 @@ class SpeculativeGenerator:
             ctx.draft_len = self.draft_cache.get_seq_length()
         target_groups = _cache_layout(self.target_cache)
         draft_groups = _cache_layout(self.draft_cache) if use_draft else []
-        # Target masks without tree_buffers: a root-only tree (ar) takes a view of zeros (its position is a view of
-        # positions_all); a fixed layout writes its precomputed block at columns target_len.. (the previous
-        # step's block zeroed first: the past is all zeros) and takes the view of its rows (the buffer grows to
-        # the layout's size at its first use).
-        mask_width = _aligned_width(max_len + capacity)
-        target_mask = torch.zeros(1, 1, 1, mask_width, dtype=target_dtype, device=device)
-        target_mask_strides = target_mask.stride()
-        target_block_at = target_block_size = 0  # where the last fixed block was written
+        target_masks = _TargetMasks(max_len + capacity, target_dtype, device)
         positions_all = ctx.positions
         seq = self.seq
         verify_sampling = self._verify_sampling
@@ -636,18 +657,10 @@ class SpeculativeGenerator:
             num_nodes = tokens.shape[1]
             if num_nodes == 1:
                 positions = positions_all[:, target_len : target_len + 1]
-                mask = target_mask[:, :, :1, : target_len + 1]
+                mask = target_masks.root(target_len)
             elif proposal.layout is not None:
-                layout = proposal.layout
-                if target_mask.shape[2] < num_nodes:  # once per generation
-                    target_mask = torch.zeros(1, 1, num_nodes, mask_width, dtype=target_dtype, device=device)
-                    target_mask_strides, target_block_size = target_mask.stride(), 0
-                end = target_block_at + target_block_size
-                target_mask[0, 0, :target_block_size, target_block_at:end].zero_()
-                target_mask[0, 0, :num_nodes, target_len : target_len + num_nodes].copy_(layout.target_block)
-                target_block_at, target_block_size = target_len, num_nodes
-                mask = target_mask.as_strided((1, 1, num_nodes, target_len + num_nodes), target_mask_strides, 0)
-                positions = torch.add(layout.depth, target_len)
+                positions = torch.add(proposal.layout.depth, target_len)
+                mask = target_masks.fixed(proposal.layout.target_block, target_len)
             else:
                 buffers = _op_tree_buffers(parents, target_len, target_dtype)
                 positions, mask = buffers[1], buffers[6]

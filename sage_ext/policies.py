@@ -176,19 +176,9 @@ class StaticTreePolicy(TreePolicy):
         # the draft holds exactly the nodes above the last level when every such level is fed whole
         above_last = {i for i, d in enumerate(depth_l) if d < self._max_depth}
         self._fed_depth = self._max_depth if fed == above_last else None
-        # The feed schedule is fixed, so is the draft row of every fed slot (root row 0, then in feed order) and
-        # the draft tree mask of the whole step: row r opens the rows of its slot's ancestors-or-self.
-        slot_rows = [0] + [slot for _, _, fed_start, fed_count, _ in self._levels[1:]
-                           for slot in range(fed_start, fed_start + fed_count)]
-        row_of = {slot: row for row, slot in enumerate(slot_rows)}
-        node_row = [row_of.get(slot, -1) for slot in range(self._num_nodes)] + [-1]
-        opened = torch.zeros(len(slot_rows), len(slot_rows), dtype=torch.bool)
-        for row, slot in enumerate(slot_rows):
-            node = slot
-            while node >= 0:
-                opened[row, row_of[node]] = True
-                node = parents_l[node]
-        self._fixed_host = (parents, torch.tensor(node_row, dtype=torch.int64), opened)
+        # the draft processes the root, then every fed range in order: draft row r = slot _fed_slots[r]
+        self._fed_slots = [0] + [slot for _, _, fed_start, fed_count, _ in self._levels[1:]
+                                 for slot in range(fed_start, fed_start + fed_count)]
         self._device_cache: dict[tuple, dict[str, Any]] = {}
 
     @property
@@ -214,7 +204,7 @@ class StaticTreePolicy(TreePolicy):
                 (start, end, fed_start, fed_count, torch.tensor(flat, dtype=torch.int64, device=ctx.device))
                 for start, end, fed_start, fed_count, flat in self._levels
             ]
-            cached = {"layout": ctx.fixed_layout(*self._fixed_host), "levels": levels}
+            cached = {"layout": ctx.fixed_layout(self._parents, self._fed_slots), "levels": levels}
             self._device_cache[key] = cached
         return cached
 
