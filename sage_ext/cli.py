@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .families.base import cache_kwarg
+
 CONVENTION = "tau = accepted draft tokens per step (paper convention); tokens per target forward = tau + 1"
 
 
@@ -370,7 +372,8 @@ def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.d
     curve = []
     with torch.inference_mode():
         cache = DynamicCache()
-        target(**inputs, past_key_values=cache, use_cache=True)
+        cache_arg = cache_kwarg(target)
+        target(**inputs, **{cache_arg: cache}, use_cache=True)
         prompt_len = cache.get_seq_length()
         for n in sizes:
             tokens = torch.full((1, n), int(inputs["input_ids"][0, -1]), device=device)
@@ -379,7 +382,7 @@ def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.d
             for _ in range(repeats + 1):
                 sync(device)
                 start = time.perf_counter()
-                target(input_ids=tokens, attention_mask=mask, past_key_values=cache, use_cache=True)
+                target(input_ids=tokens, attention_mask=mask, **{cache_arg: cache}, use_cache=True)
                 sync(device)
                 times.append(time.perf_counter() - start)
                 cache.crop(prompt_len - cache.get_seq_length())

@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .families.base import cache_kwarg
+
 DEFAULT_PRUNE_RATIO = 0.85
 TOP_MASS_FRACTION = 0.4
 
@@ -310,7 +312,7 @@ def forward_kept(model: torch.nn.Module, inputs: dict, cache, keep: torch.Tensor
         inputs_embeds=embeds[:, kept],
         position_ids=position_ids[..., kept.to(position_ids.device)],
         attention_mask=None if attention_mask is None else attention_mask[:, kept.to(attention_mask.device)],
-        past_key_values=cache,
+        **{cache_kwarg(model): cache},
         use_cache=True,
         logits_to_keep=1,
     )

@@ -20,6 +20,7 @@ from tiny_vlms import ADAPTER_CLASSES, BRANCHING_TREE_PARENTS, IMAGE_TOKEN_ID, T
 from transformers import DynamicCache
 
 from sage_ext.families import get_adapter
+from sage_ext.families.base import cache_kwarg
 from sage_ext.families.qwen2_vl import Qwen2VLAdapter
 from sage_ext.ops import tree_buffers
 
@@ -40,7 +41,7 @@ def hf_prefill(model, inputs):
     """The model's own forward over the prompt (HF computes positions; Qwen caches rope_deltas)."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **{cache_kwarg(model): cache}, use_cache=True)
     return out.logits[:, -1], cache
 
 
@@ -48,7 +49,7 @@ def hf_decode(model, cache, tokens):
     """Plain HF decoding, one token at a time; returns the logits after the last token."""
     with torch.no_grad():
         for token in tokens:
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[token]]), **{cache_kwarg(model): cache}, use_cache=True)
     return out.logits[0, -1]
 
 
@@ -155,3 +156,19 @@ def test_text_only_prompt(family):
     torch.testing.assert_close(result.logits_last, expected_logits, atol=ATOL, rtol=0)
     assert int(result.position_offset) == 0
     assert not adapter.visual_token_mask(inputs).any()
+
+
+def test_cache_kwarg_follows_the_forward_signature():
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``; adapters pass whichever the
+    installed model class takes (the deprecated name warns from 5.24 and goes away in 5.40)."""
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return input_ids
+
+    assert cache_kwarg(Before()) == "past_key_values"
+    assert cache_kwarg(After()) == "cache"

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from ops_helpers import LOGIT_DTYPES, assert_same_outputs, random_parents, seeds
 
 from sage_ext import ops, reference
+from sage_ext.families.base import cache_kwarg
 
 # node 4 is padding; 0 -> {1, 2}, 1 -> 3 -> 5
 GOLDEN_PARENTS = [-1, 0, 0, 1, -1, 3]
@@ -105,10 +106,10 @@ def test_float_mask_drives_a_huggingface_model(attn_implementation):
     parents = torch.tensor([[-1, 0, 0, 1, -1, 1, 3, 2]])  # with a padding slot
     tokens = torch.randint(0, 64, parents.shape)
     _, positions, *_, paths, _, float_mask, _ = ops.tree_buffers(parents, prompt.shape[1], torch.float32)
+    cache, cache_arg = transformers.DynamicCache(), cache_kwarg(model)
     with torch.no_grad():
-        prefill = model(prompt, use_cache=True)
-        tree = model(tokens, position_ids=positions, attention_mask=float_mask,
-                     past_key_values=prefill.past_key_values, use_cache=True)
+        model(prompt, **{cache_arg: cache}, use_cache=True)
+        tree = model(tokens, position_ids=positions, attention_mask=float_mask, **{cache_arg: cache}, use_cache=True)
         for node in range(parents.shape[1]):
             path = [i for i in paths[0, node].tolist() if i >= 0]
             if not path:  # padding

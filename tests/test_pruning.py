@@ -15,6 +15,7 @@ import torch
 from tiny_vlms import ADAPTER_CLASSES, BRANCHING_TREE_PARENTS, TINY_VLM_BUILDERS, correlated_draft
 from transformers import DynamicCache
 
+from sage_ext.families.base import cache_kwarg
 from sage_ext.ops import tree_buffers
 from sage_ext.pruning import (
     VisualAttentionScorer,
@@ -162,7 +163,7 @@ def _masked_reference(model, adapter, inputs, keep):
     cache = DynamicCache(config=model.config)
     forward_inputs = {**adapter.prefill_inputs(inputs), "attention_mask": mask}
     with torch.no_grad():
-        out = model(**forward_inputs, position_ids=_full_positions(adapter, inputs), past_key_values=cache,
+        out = model(**forward_inputs, position_ids=_full_positions(adapter, inputs), **{cache_kwarg(model): cache},
                     use_cache=True)
     return out.logits[:, -1], cache
 

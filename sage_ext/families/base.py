@@ -14,6 +14,8 @@ Models are used as loaded (device, dtype, device_map); nothing inside transforme
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +41,19 @@ class PrefillResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model``'s forward: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before. Read from the class's signature (accelerate
+    hooks wrap the instance's ``forward``, not the class's)."""
+    return _cache_kwarg_of(type(model))
+
+
 def causal_mask_4d(num_new: int, past_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Additive float mask ``[1, 1, num_new, past_len + num_new]`` for a causal chain on top of a cache."""
     blocked = torch.finfo(dtype).min
@@ -60,6 +75,7 @@ class FamilyAdapter:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.position_offset: int | Tensor = 0
+        self.cache_kwarg = cache_kwarg(model)
 
     # ------------------------------------------------------------------ facts about the model
     @property
@@ -159,7 +175,7 @@ class FamilyAdapter:
         model_inputs = self.prefill_inputs(inputs)
         position_ids, offset = self.prefill_position_ids(model_inputs)
         if keep is None:
-            out = self.model(**model_inputs, position_ids=position_ids, past_key_values=cache, use_cache=True,
+            out = self.model(**model_inputs, position_ids=position_ids, **{self.cache_kwarg: cache}, use_cache=True,
                              logits_to_keep=1)
         else:
             from ..pruning import forward_kept  # the model's own embedding + vision path, kept rows only
@@ -178,7 +194,7 @@ class FamilyAdapter:
             input_ids=tokens,
             position_ids=self.rope_position_ids(seq_positions),
             attention_mask=mask_4d,
-            past_key_values=cache,
+            **{self.cache_kwarg: cache},
             use_cache=True,
         )
         return out.logits
