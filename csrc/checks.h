@@ -13,10 +13,12 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 
 #include "core/formulas.h"
 
@@ -69,6 +71,72 @@ inline void expect_tree_tensor(const char* op, const char* name, const at::Tenso
   expect_tree_size(op, name, t.size(1));
 }
 
+// In-place tree state: tokens, parents [B, Ncap] int64 and logprobs, cum_logprobs [B, Ncap] float32,
+// one shape, one device, contiguous.
+inline void expect_tree_state(const char* op, const at::Tensor& tokens, const at::Tensor& parents,
+                              const at::Tensor& logprobs, const at::Tensor& cum_logprobs) {
+  expect_tree_tensor(op, "tokens", tokens);
+  expect_contiguous(op, "tokens", tokens);
+  auto check_state = [&](const char* name, const at::Tensor& t, c10::ScalarType dtype) {
+    expect_dim(op, name, t, 2, "[B, Ncap]");
+    expect_dtype(op, name, t, dtype);
+    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
+                ", got ", t.sizes());
+    expect_device(op, name, t, tokens, "tokens");
+    expect_contiguous(op, name, t);
+  };
+  check_state("parents", parents, c10::kLong);
+  check_state("logprobs", logprobs, c10::kFloat);
+  check_state("cum_logprobs", cum_logprobs, c10::kFloat);
+}
+
+// The top-k size and temperature of topk_confidence / sage_level_ for a vocabulary of `vocab`.
+inline void expect_topk_params(const char* op, int64_t vocab, int64_t k, double temperature) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= std::min<int64_t>(vocab, core::kMaxTopK), op, ": k must be in [1, min(V, ",
+                    core::kMaxTopK, ")] = [1, ", std::min<int64_t>(vocab, core::kMaxTopK), "], got k = ", k);
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+}
+
+// The SAGE shape parameters of sage_tree / sage_level_.
+inline void expect_sage_params(const char* op, int64_t level, int64_t k, double d_min, double d_max, double w_min,
+                               double w_max, double theta_scale) {
+  TORCH_CHECK_VALUE(level >= 1, op, ": level must be >= 1, got ", level);
+  TORCH_CHECK_VALUE(k >= 1 && k <= core::kMaxTopK, op, ": k must be in [1, ", core::kMaxTopK, "], got ", k);
+  TORCH_CHECK_VALUE(std::isfinite(d_min) && std::isfinite(d_max) && d_min > 0.0 && d_min <= d_max, op,
+                    ": d_min and d_max must be finite with 0 < d_min <= d_max, got d_min = ", d_min,
+                    ", d_max = ", d_max);
+  TORCH_CHECK_VALUE(std::isfinite(w_min) && std::isfinite(w_max) && w_min >= 0.0 && w_min <= w_max, op,
+                    ": w_min and w_max must be finite with 0 <= w_min <= w_max, got w_min = ", w_min,
+                    ", w_max = ", w_max);
+  TORCH_CHECK_VALUE(theta_scale > 0.0 && std::isfinite(theta_scale), op,
+                    ": theta_scale must be a finite number > 0, got ", theta_scale);
+}
+
+// A list of KV-cache tensors [B, H, L, D] (floating, last dim contiguous) on `device`, each at least
+// past_len long; `list` names the argument, `past_name` the past length.
+inline void expect_caches(const char* op, const char* list, at::TensorList caches, int64_t batch,
+                          const c10::Device& device, const char* device_of, int64_t past_len,
+                          const char* past_name) {
+  TORCH_CHECK_VALUE(past_len >= 0, op, ": ", past_name, " must be >= 0, got ", past_len);
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const at::Tensor& cache = caches[i];
+    TORCH_CHECK(cache.defined(), op, ": ", list, "[", i, "] is undefined");
+    TORCH_CHECK(cache.dim() == 4, op, ": ", list, "[", i, "] must be a 4-D tensor [B, H, L, D], got shape ",
+                cache.sizes());
+    TORCH_CHECK(c10::isFloatingType(cache.scalar_type()), op, ": ", list, "[", i, "] must have a floating dtype, got ",
+                cache.scalar_type());
+    TORCH_CHECK(cache.size(0) == batch, op, ": ", list, "[", i, "].shape[0] must equal ", device_of, ".shape[0] (",
+                batch, "), got shape ", cache.sizes());
+    TORCH_CHECK(cache.device() == device, op, ": ", list, "[", i, "] must be on the same device as ", device_of,
+                " (", device, "), got ", cache.device());
+    TORCH_CHECK(cache.size(3) <= 1 || cache.stride(3) == 1, op, ": ", list, "[", i,
+                "] must be contiguous in its last dimension, got strides ", cache.strides());
+    TORCH_CHECK(past_len <= cache.size(2), op, ": ", past_name, " (", past_len, ") must be <= ", list, "[", i,
+                "].shape[2] (", cache.size(2), ")");
+  }
+}
+
 }  // namespace check_detail
 
 // topk_confidence(logits [R, V] float32/16/bf16, k, temperature)
@@ -79,10 +147,7 @@ inline void check_topk_confidence_args(const at::Tensor& logits, int64_t k, doub
   expect_logit_dtype(op, "logits", logits);
   const int64_t vocab = logits.size(1);
   TORCH_CHECK(vocab >= 1, op, ": logits must have a non-empty vocabulary dimension, got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(k >= 1 && k <= std::min<int64_t>(vocab, core::kMaxTopK), op, ": k must be in [1, min(V, ",
-                    core::kMaxTopK, ")] = [1, ", std::min<int64_t>(vocab, core::kMaxTopK), "], got k = ", k);
-  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
-                    ": temperature must be a finite number > 0, got ", temperature);
+  expect_topk_params(op, vocab, k, temperature);
 }
 
 // build_static_tree(paths [P, L] int64)
@@ -113,16 +178,7 @@ inline void check_sage_tree_args(const at::Tensor& alpha, const at::Tensor& fron
   TORCH_CHECK_VALUE(frontier_logprobs.size(1) <= core::kMaxTreeNodes, op,
                     ": frontier_logprobs must have at most ", core::kMaxTreeNodes, " frontier slots, got ",
                     frontier_logprobs.size(1));
-  TORCH_CHECK_VALUE(level >= 1, op, ": level must be >= 1, got ", level);
-  TORCH_CHECK_VALUE(k >= 1 && k <= core::kMaxTopK, op, ": k must be in [1, ", core::kMaxTopK, "], got ", k);
-  TORCH_CHECK_VALUE(std::isfinite(d_min) && std::isfinite(d_max) && d_min > 0.0 && d_min <= d_max, op,
-                    ": d_min and d_max must be finite with 0 < d_min <= d_max, got d_min = ", d_min,
-                    ", d_max = ", d_max);
-  TORCH_CHECK_VALUE(std::isfinite(w_min) && std::isfinite(w_max) && w_min >= 0.0 && w_min <= w_max, op,
-                    ": w_min and w_max must be finite with 0 <= w_min <= w_max, got w_min = ", w_min,
-                    ", w_max = ", w_max);
-  TORCH_CHECK_VALUE(theta_scale > 0.0 && std::isfinite(theta_scale), op,
-                    ": theta_scale must be a finite number > 0, got ", theta_scale);
+  expect_sage_params(op, level, k, d_min, d_max, w_min, w_max, theta_scale);
 }
 
 // expand_tree: in-place tree state [B, Ncap], frontier [B, F], top-k [B, F, K], widths [B, F],
@@ -134,21 +190,9 @@ inline void check_expand_tree_args(const at::Tensor& tokens, const at::Tensor& p
                                    int64_t num_slots) {
   using namespace check_detail;
   constexpr const char* op = "expand_tree";
-  expect_tree_tensor(op, "tokens", tokens);
+  expect_tree_state(op, tokens, parents, logprobs, cum_logprobs);
   const int64_t batch = tokens.size(0);
   const int64_t capacity = tokens.size(1);
-  auto check_state = [&](const char* name, const at::Tensor& t, c10::ScalarType dtype) {
-    expect_dim(op, name, t, 2, "[B, Ncap]");
-    expect_dtype(op, name, t, dtype);
-    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
-                ", got ", t.sizes());
-    expect_device(op, name, t, tokens, "tokens");
-    expect_contiguous(op, name, t);
-  };
-  check_state("parents", parents, c10::kLong);
-  check_state("logprobs", logprobs, c10::kFloat);
-  check_state("cum_logprobs", cum_logprobs, c10::kFloat);
-  expect_contiguous(op, "tokens", tokens);
 
   expect_dim(op, "frontier", frontier, 2, "[B, F]");
   expect_dtype(op, "frontier", frontier, c10::kLong);
@@ -286,23 +330,120 @@ inline void check_kv_compact_args(at::TensorList caches, const at::Tensor& accep
   constexpr const char* op = "kv_compact_";
   expect_dim(op, "accepted", accepted, 2, "[B, A]");
   expect_dtype(op, "accepted", accepted, c10::kLong);
-  TORCH_CHECK_VALUE(past_len >= 0, op, ": past_len must be >= 0, got ", past_len);
-  for (size_t i = 0; i < caches.size(); ++i) {
-    const at::Tensor& cache = caches[i];
-    TORCH_CHECK(cache.defined(), op, ": caches[", i, "] is undefined");
-    TORCH_CHECK(cache.dim() == 4, op, ": caches[", i, "] must be a 4-D tensor [B, H, L, D], got shape ",
-                cache.sizes());
-    TORCH_CHECK(c10::isFloatingType(cache.scalar_type()), op, ": caches[", i,
-                "] must have a floating dtype, got ", cache.scalar_type());
-    TORCH_CHECK(cache.size(0) == accepted.size(0), op, ": caches[", i, "].shape[0] must equal accepted.shape[0] (",
-                accepted.size(0), "), got shape ", cache.sizes());
-    TORCH_CHECK(cache.device() == accepted.device(), op, ": caches[", i,
-                "] must be on the same device as accepted (", accepted.device(), "), got ", cache.device());
-    TORCH_CHECK(cache.size(3) <= 1 || cache.stride(3) == 1, op, ": caches[", i,
-                "] must be contiguous in its last dimension, got strides ", cache.strides());
-    TORCH_CHECK(past_len <= cache.size(2), op, ": past_len (", past_len, ") must be <= caches[", i,
-                "].shape[2] (", cache.size(2), ")");
+  expect_caches(op, "caches", caches, accepted.size(0), accepted.device(), "accepted", past_len, "past_len");
+}
+
+// sage_level_: in-place tree state [B, Ncap] (+ optional tree_mask [B, R, C]), logits [B, F, V] of the
+// frontier slots [frontier_start, frontier_start + F), optional alpha [B]; SAGE parameters as sage_tree.
+inline void check_sage_level_args(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
+                                  const at::Tensor& cum_logprobs, const std::optional<at::Tensor>& tree_mask,
+                                  const at::Tensor& logits, const std::optional<at::Tensor>& alpha,
+                                  int64_t frontier_start, int64_t level, int64_t slot_start, int64_t num_slots,
+                                  int64_t k, double temperature, double d_min, double d_max, double w_min,
+                                  double w_max, double theta_scale) {
+  using namespace check_detail;
+  constexpr const char* op = "sage_level_";
+  expect_tree_state(op, tokens, parents, logprobs, cum_logprobs);
+  const int64_t batch = tokens.size(0);
+  const int64_t capacity = tokens.size(1);
+
+  expect_dim(op, "logits", logits, 3, "[B, F, V]");
+  expect_logit_dtype(op, "logits", logits);
+  expect_size(op, "logits", logits, 0, batch, "B");
+  expect_device(op, "logits", logits, tokens, "tokens");
+  const int64_t num_frontier = logits.size(1);
+  const int64_t vocab = logits.size(2);
+  TORCH_CHECK(num_frontier >= 1 && vocab >= 1, op, ": logits must hold at least one frontier row and one token, got shape ",
+              logits.sizes());
+  expect_topk_params(op, vocab, k, temperature);
+  if (alpha.has_value()) {
+    expect_dim(op, "alpha", *alpha, 1, "[B]");
+    expect_dtype(op, "alpha", *alpha, c10::kFloat);
+    expect_size(op, "alpha", *alpha, 0, batch, "B");
+    expect_device(op, "alpha", *alpha, tokens, "tokens");
   }
+  expect_sage_params(op, level, k, d_min, d_max, w_min, w_max, theta_scale);
+  TORCH_CHECK_VALUE(slot_start >= 1 && slot_start <= capacity, op, ": slot_start must be in [1, Ncap] = [1, ",
+                    capacity, "] (slot 0 is the root), got ", slot_start);
+  TORCH_CHECK_VALUE(frontier_start >= 0 && frontier_start + num_frontier <= slot_start, op,
+                    ": the frontier slots [frontier_start, frontier_start + F) must lie before slot_start (",
+                    slot_start, "), got frontier_start = ", frontier_start, ", F = logits.shape[1] = ", num_frontier);
+  TORCH_CHECK_VALUE(num_slots >= 0 && slot_start + num_slots <= capacity, op,
+                    ": num_slots must be >= 0 with slot_start + num_slots <= Ncap (", capacity,
+                    "), got slot_start = ", slot_start, ", num_slots = ", num_slots);
+  if (tree_mask.has_value()) {
+    const at::Tensor& mask = *tree_mask;
+    expect_dim(op, "tree_mask", mask, 3, "[B, R, C]");
+    expect_logit_dtype(op, "tree_mask", mask);
+    expect_size(op, "tree_mask", mask, 0, batch, "B");
+    expect_device(op, "tree_mask", mask, tokens, "tokens");
+    const int64_t end = slot_start + num_slots;
+    TORCH_CHECK_VALUE(mask.size(1) >= end && mask.size(2) >= end, op,
+                      ": tree_mask must have at least slot_start + num_slots (", end,
+                      ") rows and columns, got shape ", mask.sizes());
+    TORCH_CHECK(mask.size(2) <= 1 || mask.stride(2) == 1, op,
+                ": tree_mask must be contiguous in its last dimension (it is written in place), got strides ",
+                mask.strides());
+  }
+}
+
+// commit_tree_: tree tokens/parents [B, N], verify outputs accepted [B, N] / accept_len [B] / bonus [B],
+// sequence [B, S] (written in place from seq_start), two KV-cache lists (as kv_compact_), draft_rows
+// [B, M >= N] or None, alpha [B] float32 or None.
+inline void check_commit_tree_args(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& accepted,
+                                   const at::Tensor& accept_len, const at::Tensor& bonus, const at::Tensor& sequence,
+                                   int64_t seq_start, at::TensorList target_caches, int64_t target_past,
+                                   at::TensorList draft_caches, const std::optional<at::Tensor>& draft_rows,
+                                   int64_t draft_past, const std::optional<at::Tensor>& alpha) {
+  using namespace check_detail;
+  constexpr const char* op = "commit_tree_";
+  expect_tree_tensor(op, "tokens", tokens);
+  const int64_t batch = tokens.size(0);
+  const int64_t nodes = tokens.size(1);
+  auto same_as_tokens = [&](const char* name, const at::Tensor& t) {
+    expect_dim(op, name, t, 2, "[B, N]");
+    expect_dtype(op, name, t, c10::kLong);
+    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
+                ", got ", t.sizes());
+    expect_device(op, name, t, tokens, "tokens");
+  };
+  same_as_tokens("parents", parents);
+  same_as_tokens("accepted", accepted);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"accept_len", &accept_len},
+                                std::pair<const char*, const at::Tensor*>{"bonus", &bonus}}) {
+    expect_dim(op, name, *t, 1, "[B]");
+    expect_dtype(op, name, *t, c10::kLong);
+    expect_size(op, name, *t, 0, batch, "B");
+    expect_device(op, name, *t, tokens, "tokens");
+  }
+  expect_dim(op, "sequence", sequence, 2, "[B, S]");
+  expect_dtype(op, "sequence", sequence, c10::kLong);
+  expect_size(op, "sequence", sequence, 0, batch, "B");
+  expect_device(op, "sequence", sequence, tokens, "tokens");
+  TORCH_CHECK(sequence.size(1) <= 1 || sequence.stride(1) == 1, op,
+              ": sequence must be contiguous in its last dimension (it is written in place), got strides ",
+              sequence.strides());
+  TORCH_CHECK_VALUE(seq_start >= 0 && seq_start + nodes <= sequence.size(1), op,
+                    ": seq_start must be >= 0 with seq_start + N <= S (room for every new token of an N-node tree), "
+                    "got seq_start = ", seq_start, ", N = ", nodes, ", S = ", sequence.size(1));
+  if (draft_rows.has_value()) {
+    expect_dim(op, "draft_rows", *draft_rows, 2, "[B, M]");
+    expect_dtype(op, "draft_rows", *draft_rows, c10::kLong);
+    expect_size(op, "draft_rows", *draft_rows, 0, batch, "B");
+    TORCH_CHECK(draft_rows->size(1) >= nodes, op, ": draft_rows must have at least N (", nodes,
+                ") columns, got shape ", draft_rows->sizes());
+    expect_device(op, "draft_rows", *draft_rows, tokens, "tokens");
+  } else {
+    TORCH_CHECK_VALUE(draft_caches.empty(), op, ": draft_caches need draft_rows (which tree node is which draft row)");
+  }
+  if (alpha.has_value()) {
+    expect_dim(op, "alpha", *alpha, 1, "[B]");
+    expect_dtype(op, "alpha", *alpha, c10::kFloat);
+    expect_size(op, "alpha", *alpha, 0, batch, "B");
+    expect_device(op, "alpha", *alpha, tokens, "tokens");
+  }
+  expect_caches(op, "target_caches", target_caches, batch, tokens.device(), "tokens", target_past, "target_past");
+  expect_caches(op, "draft_caches", draft_caches, batch, tokens.device(), "tokens", draft_past, "draft_past");
 }
 
 }  // namespace sage_ext

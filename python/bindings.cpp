@@ -33,6 +33,16 @@ TORCH_LIBRARY(sage_ext, m) {
       "verify_sampling(Tensor tokens, Tensor parents, Tensor target_probs, Tensor? draft_probs, Tensor uniforms) "
       "-> (Tensor accepted, Tensor accept_len, Tensor bonus)");
   m.def("kv_compact_(Tensor(a!)[] caches, Tensor accepted, int past_len) -> ()");
+  // The fused engine-step ops (docs/OPS.md, "Engine-step ops").
+  m.def(
+      "sage_level_(Tensor(a!) tokens, Tensor(b!) parents, Tensor(c!) logprobs, Tensor(d!) cum_logprobs, "
+      "Tensor(e!)? tree_mask, Tensor logits, Tensor? alpha, int frontier_start, int level, int slot_start, "
+      "int num_slots, int k, float temperature, float d_min, float d_max, float w_min, float w_max, "
+      "float theta_scale=0.1) -> (Tensor count, Tensor frontier_alpha, Tensor max_depth)");
+  m.def(
+      "commit_tree_(Tensor tokens, Tensor parents, Tensor accepted, Tensor accept_len, Tensor bonus, "
+      "Tensor(a!) sequence, int seq_start, Tensor(b!)[] target_caches, int target_past, "
+      "Tensor(c!)[] draft_caches, Tensor? draft_rows, int draft_past, Tensor? alpha) -> Tensor readback");
 }
 
 PYBIND11_MODULE(_C, module) {

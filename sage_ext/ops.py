@@ -35,6 +35,8 @@ __all__ = [
     "verify_greedy",
     "verify_sampling",
     "kv_compact_",
+    "sage_level_",
+    "commit_tree_",
 ]
 
 #: Largest tree (number of nodes N, root included) any op accepts.
@@ -413,6 +415,116 @@ def kv_compact_(caches: Sequence[torch.Tensor], accepted: torch.Tensor, past_len
 
 
 # --------------------------------------------------------------------------------------------
+# engine-step ops: several of the ops above fused into one call (what a decoding loop runs between
+# model forwards, where every separate small call is costly)
+# --------------------------------------------------------------------------------------------
+def sage_level_(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Tensor, cum_logprobs: torch.Tensor,
+                tree_mask: torch.Tensor | None, logits: torch.Tensor, alpha: torch.Tensor | None, frontier_start: int,
+                level: int, slot_start: int, num_slots: int, k: int, temperature: float, d_min: float, d_max: float,
+                w_min: float, w_max: float, theta_scale: float = 0.1):
+    """One whole SAGE level, in place: `topk_confidence` of the frontier's draft logits, `sage_tree`,
+    `expand_tree`, and the tree-mask rows of the new slots.
+
+    Parameters
+    ----------
+    tokens, parents, logprobs, cum_logprobs : torch.Tensor
+        `[B, Ncap]` tree state as in `expand_tree`, modified in place (contiguous).
+    tree_mask : torch.Tensor or None
+        `[B, R, C]` additive mask (float32/float16/bfloat16, last dim contiguous), row and column = tree
+        slot, with `R, C >= slot_start + num_slots`; the rows of the frontier's ancestors-or-self must
+        be written already. Row i of every slot written here becomes row `parents[b, i]` with column i
+        set to 0 (a padding slot: `finfo.min` everywhere but column i), so a level's rows are ready for
+        the draft forward that feeds it. None: no mask is written.
+    logits : torch.Tensor
+        `[B, F, V]` draft logits after the frontier slots `[frontier_start, frontier_start + F)`
+        (padding slots, log-prob -inf, get no children).
+    alpha : torch.Tensor or None
+        `[B]` float32 confidence that shapes the tree (the paper's lagged alpha), or None to use each
+        row's first frontier node's own confidence (zero-lag; at level 1 the frontier is the root).
+    frontier_start, level, slot_start, num_slots : int
+        Frontier slot range start (`frontier_start + F <= slot_start`), depth of the children created
+        (>= 1), and the slots written (as `expand_tree`).
+    k, temperature : int, float
+        Top-k of the draft (as `topk_confidence`, also the widest node).
+    d_min, d_max, w_min, w_max, theta_scale : float
+        As `sage_tree`.
+
+    Returns
+    -------
+    count : torch.Tensor
+        `[B]` int64 real nodes written (as `expand_tree`).
+    frontier_alpha : torch.Tensor
+        `[B, F]` float32 confidence of every frontier node (at level 1: the root's alpha).
+    max_depth : torch.Tensor
+        `[B]` int64 `round(D(alpha))` (as `sage_tree`): no level deeper than it gets children.
+
+    Examples
+    --------
+    >>> tokens = torch.zeros(1, 4, dtype=torch.long); parents = torch.full((1, 4), -1)
+    >>> logprobs = torch.zeros(1, 4); cum = torch.zeros(1, 4)
+    >>> mask = torch.full((1, 4, 4), torch.finfo(torch.float32).min); mask[0, 0, 0] = 0
+    >>> count, alpha, max_depth = sage_level_(tokens, parents, logprobs, cum, mask, torch.tensor([[[0.0, 3.0, 2.9]]]),
+    ...                                       None, 0, 1, 1, 3, 2, 1.0, 3, 8, 2, 10)
+    >>> count, tokens, parents, mask[0, 2] == 0
+    (tensor([2]), tensor([[0, 1, 2, 0]]), tensor([[-1,  0,  0, -1]]), tensor([ True, False,  True, False]))
+    """
+    return torch.ops.sage_ext.sage_level_(tokens, parents, logprobs, cum_logprobs, tree_mask, logits, alpha,
+                                          frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max,
+                                          w_min, w_max, theta_scale)
+
+
+def commit_tree_(tokens: torch.Tensor, parents: torch.Tensor, accepted: torch.Tensor, accept_len: torch.Tensor,
+                 bonus: torch.Tensor, sequence: torch.Tensor, seq_start: int, target_caches: Sequence[torch.Tensor],
+                 target_past: int, draft_caches: Sequence[torch.Tensor], draft_rows: torch.Tensor | None,
+                 draft_past: int, alpha: torch.Tensor | None) -> torch.Tensor:
+    """Commit a verified tree in one call: the new tokens into a sequence buffer, `kv_compact_` of the
+    target's and the draft's caches, and everything the host needs after the step in one tensor.
+
+    Parameters
+    ----------
+    tokens, parents : torch.Tensor
+        `[B, N]` int64 verified tree.
+    accepted, accept_len, bonus : torch.Tensor
+        The outputs of `verify_greedy` / `verify_sampling` for it.
+    sequence : torch.Tensor
+        `[B, S]` int64 token buffer (last dim contiguous), written in place: the new tokens (the
+        accepted path's tokens after the root, then the bonus) go to
+        `sequence[b, seq_start : seq_start + accept_len + 1]`; needs `seq_start + N <= S`.
+    target_caches, target_past : list of torch.Tensor, int
+        As `kv_compact_(target_caches, accepted, target_past)` (the tree was forwarded at rows
+        `target_past ..`).
+    draft_caches, draft_rows, draft_past : list of torch.Tensor, torch.Tensor or None, int
+        `draft_rows [B, M >= N]` int64: the draft-cache row (relative to `draft_past`) of every tree
+        node the draft processed, -1 for the others; the accepted nodes the draft holds must be a
+        prefix of the path. Their rows are compacted like `kv_compact_` does with `accepted`.
+        `draft_rows` None: the draft holds none (`draft_caches` must then be empty).
+    alpha : torch.Tensor or None
+        `[B]` float32 value to pass to the host with the rest (e.g. the root's confidence).
+
+    Returns
+    -------
+    torch.Tensor
+        `readback [B, 4 + N]` int64: `accept_len`, the accepted nodes the draft holds, the real
+        (non-padding) nodes besides the root, the float32 bits of `alpha` as a signed int32 (0 when
+        None), then the `accept_len + 1` new tokens (-1 after them). One `.tolist()` reads the step.
+
+    Examples
+    --------
+    >>> tokens = torch.tensor([[5, 7, 8, 9]]); parents = torch.tensor([[-1, 0, 0, 2]])
+    >>> accepted, accept_len, bonus = verify_greedy(tokens, parents, torch.tensor([[8, 1, 9, 4]]))
+    >>> sequence = torch.zeros(1, 8, dtype=torch.long)
+    >>> keys = torch.arange(6.0).reshape(1, 1, 6, 1)
+    >>> commit_tree_(tokens, parents, accepted, accept_len, bonus, sequence, 3, [keys], 2, [], None, 0, None)
+    tensor([[ 2,  0,  3,  0,  8,  9,  4, -1]])
+    >>> sequence, keys.flatten()
+    (tensor([[0, 0, 0, 8, 9, 4, 0, 0]]), tensor([0., 1., 2., 4., 5., 5.]))
+    """
+    return torch.ops.sage_ext.commit_tree_(tokens, parents, accepted, accept_len, bonus, sequence, seq_start,
+                                           list(target_caches), target_past, list(draft_caches), draft_rows,
+                                           draft_past, alpha)
+
+
+# --------------------------------------------------------------------------------------------
 # fake (meta) implementations: output shapes from input shapes only
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("sage_ext::topk_confidence")
@@ -477,3 +589,19 @@ def _verify_sampling_fake(tokens, parents, target_probs, draft_probs, uniforms):
 @torch.library.register_fake("sage_ext::kv_compact_")
 def _kv_compact_fake(caches, accepted, past_len):
     return None
+
+
+@torch.library.register_fake("sage_ext::sage_level_")
+def _sage_level_fake(tokens, parents, logprobs, cum_logprobs, tree_mask, logits, alpha, frontier_start, level,
+                     slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale=0.1):
+    batch, num_frontier = logits.shape[0], logits.shape[1]
+    return (tokens.new_empty((batch,), dtype=torch.int64),
+            tokens.new_empty((batch, num_frontier), dtype=torch.float32),
+            tokens.new_empty((batch,), dtype=torch.int64))
+
+
+@torch.library.register_fake("sage_ext::commit_tree_")
+def _commit_tree_fake(tokens, parents, accepted, accept_len, bonus, sequence, seq_start, target_caches, target_past,
+                      draft_caches, draft_rows, draft_past, alpha):
+    batch, num_nodes = tokens.shape
+    return tokens.new_empty((batch, 4 + num_nodes), dtype=torch.int64)

@@ -25,6 +25,8 @@ __all__ = [
     "verify_greedy",
     "verify_sampling",
     "kv_compact_",
+    "sage_level_",
+    "commit_tree_",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -454,3 +456,75 @@ def kv_compact_(caches, accepted, past_len):
                     raise ValueError(f"accepted[{b}, {j}] = {node} is out of range")
                 cache[b, :, past_len + j] = cache[b, :, past_len + node]
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# engine-step ops: compositions of the ops above
+# --------------------------------------------------------------------------------------------
+def sage_level_(tokens, parents, logprobs, cum_logprobs, tree_mask, logits, alpha, frontier_start, level,
+                slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale=0.1):
+    """One SAGE level in place: topk_confidence, sage_tree, expand_tree, then the new slots' tree-mask rows.
+
+    logits [B, F, V] belong to the frontier slots [frontier_start, frontier_start + F). The tree is shaped
+    by alpha [B], or (alpha None, zero-lag) by each row's first frontier node's confidence. Tree-mask row
+    i of a new slot (slot_start <= i < slot_start + num_slots) = row parents[b, i] with column i opened
+    (0); a padding slot: finfo.min everywhere but column i. Returns (count [B], frontier_alpha [B, F],
+    max_depth [B]).
+    """
+    batch, num_frontier, vocab = logits.shape
+    frontier_alpha, topk_lp, topk_ids = topk_confidence(logits.reshape(batch * num_frontier, vocab), k, temperature)
+    frontier_alpha = frontier_alpha.reshape(batch, num_frontier)
+    shape_alpha = alpha if alpha is not None else frontier_alpha[:, 0]
+    frontier_slots = slice(frontier_start, frontier_start + num_frontier)
+    widths, min_cum, max_depth = sage_tree(shape_alpha, logprobs[:, frontier_slots], level, k, d_min, d_max,
+                                           w_min, w_max, theta_scale)
+    frontier = torch.arange(frontier_start, frontier_start + num_frontier, device=tokens.device).expand(batch, -1)
+    count = expand_tree(tokens, parents, logprobs, cum_logprobs, frontier, topk_lp.reshape(batch, num_frontier, k),
+                        topk_ids.reshape(batch, num_frontier, k), widths, min_cum, slot_start, num_slots)
+    if tree_mask is not None:
+        blocked = torch.finfo(tree_mask.dtype).min
+        for b in range(batch):
+            for i in range(slot_start, slot_start + num_slots):
+                parent = int(parents[b, i])
+                if parent >= 0:
+                    tree_mask[b, i] = tree_mask[b, parent]
+                else:
+                    tree_mask[b, i] = blocked
+                tree_mask[b, i, i] = 0
+    return count, frontier_alpha, max_depth
+
+
+def commit_tree_(tokens, parents, accepted, accept_len, bonus, sequence, seq_start, target_caches, target_past,
+                 draft_caches, draft_rows, draft_past, alpha):
+    """Commit a verified tree: new tokens into `sequence`, both KV caches compacted, the host readback.
+
+    New tokens = tokens of the accepted path after the root, then the bonus; they go to
+    sequence[b, seq_start : seq_start + accept_len + 1]. target_caches: kv_compact_ with `accepted` at
+    target_past. The draft holds the accepted nodes whose draft_rows entry is >= 0 (a prefix of the
+    path); draft_caches: kv_compact_ with those rows at draft_past. Returns readback [B, 4 + N] int64:
+    accept_len, accepted nodes the draft holds, real (non-padding) nodes besides the root, the int32
+    bits of alpha (0 when None), then the new tokens (-1 after them).
+    """
+    batch, num_nodes = tokens.shape
+    readback = torch.full((batch, 4 + num_nodes), -1, dtype=torch.int64, device=tokens.device)
+    draft_accepted = torch.full_like(accepted, -1)
+    for b in range(batch):
+        tau = int(accept_len[b])
+        path = accepted[b, : tau + 1].tolist()
+        new_tokens = [int(tokens[b, node]) for node in path[1:]] + [int(bonus[b])]
+        sequence[b, seq_start : seq_start + tau + 1] = torch.tensor(new_tokens, dtype=torch.int64)
+        held = 0
+        if draft_rows is not None:
+            for j, node in enumerate(path):
+                row = int(draft_rows[b, node])
+                if row < 0:
+                    break
+                draft_accepted[b, j] = row
+                held += 1
+        real = int((parents[b, 1:] >= 0).sum())
+        bits = int(alpha[b].view(torch.int32)) if alpha is not None else 0
+        readback[b, :4] = torch.tensor([tau, held, real, bits])
+        readback[b, 4 : 4 + tau + 1] = torch.tensor(new_tokens)
+    kv_compact_(target_caches, accepted, target_past)
+    kv_compact_(draft_caches, draft_accepted, draft_past)
+    return readback

@@ -33,6 +33,12 @@ def sample_inputs():
         "verify_sampling": (tokens, parents, probs, probs.flip(-1), torch.rand(2, 6, generator=gen)),
         "kv_compact_": ([torch.randn(2, 2, 10, 4, generator=gen), torch.randn(2, 2, 10, 4, generator=gen)],
                         torch.tensor([[0, 1, 3, -1], [0, 2, 3, 4]]), 3),
+        "sage_level_": (*state, torch.zeros(2, capacity, capacity, dtype=torch.float16),
+                        torch.randn(2, 1, 16, generator=gen), None, 0, 1, 1, 5, 4, 1.0, 3.0, 8.0, 2.0, 10.0, 0.1),
+        "commit_tree_": (tokens, parents, torch.tensor([[0, 1, 3, -1, -1, -1], [0, 1, 2, 3, -1, -1]]),
+                         torch.tensor([2, 3]), torch.tensor([7, 9]), torch.zeros(2, 12, dtype=torch.int64), 4,
+                         [torch.randn(2, 2, 10, 4, generator=gen)], 3, [torch.randn(2, 1, 6, 4, generator=gen)],
+                         torch.tensor([[0, 1, -1, -1, -1, -1], [0, 1, 2, -1, -1, -1]]), 2, torch.rand(2, generator=gen)),
     }
 
 

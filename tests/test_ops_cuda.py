@@ -156,6 +156,60 @@ def test_kv_compact(dtype):
         assert torch.equal(c, g.cpu())
 
 
+@pytest.mark.parametrize("mask_dtype", [None, *LOGIT_DTYPES])
+@pytest.mark.parametrize("lagged", [False, True])
+@pytest.mark.parametrize("batch, capacity, frontier_start, num_frontier, slot_start, vocab", [
+    (1, 65, 0, 1, 1, 32000), (3, 65, 2, 5, 9, 1000), (2, 1024, 100, 64, 300, 4000)])
+def test_sage_level(mask_dtype, lagged, batch, capacity, frontier_start, num_frontier, slot_start, vocab):
+    gen = torch.Generator().manual_seed(capacity + num_frontier)
+    tokens = torch.zeros(batch, capacity, dtype=torch.int64)
+    parents = torch.full((batch, capacity), -1, dtype=torch.int64)
+    logprobs = torch.log(torch.rand(batch, capacity, generator=gen))
+    cum = -torch.rand(batch, capacity, generator=gen) * 3
+    logprobs[:, 0] = cum[:, 0] = 0
+    logits = torch.randn(batch, num_frontier, vocab, generator=gen) * 4
+    alpha = torch.rand(batch, generator=gen) if lagged else None
+    mask = None
+    if mask_dtype is not None:
+        mask = torch.where(torch.rand(batch, capacity + 1, capacity, generator=gen) < 0.5, 0.0,
+                           torch.finfo(mask_dtype).min).to(mask_dtype)
+    num_slots = min(capacity - slot_start, 64)
+    cpu_state = [tokens, parents, logprobs, cum, mask]
+    gpu_state = [t.to(CUDA) if t is not None else None for t in cpu_state]
+    args = (logits, alpha, frontier_start, 2, slot_start, num_slots, 10, 0.8, 3.0, 8.0, 2.0, 10.0, 0.1)
+    cpu = ops.sage_level_(*cpu_state, *args)
+    gpu = ops.sage_level_(*gpu_state, *on_cuda(args))
+    assert_same_outputs(gpu, cpu, atol=2e-5, rtol=1e-5)
+    assert_same_outputs([t for t in gpu_state if t is not None], [t for t in cpu_state if t is not None],
+                        atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_commit_tree(dtype, with_draft):
+    batch, nodes = 4, 64
+    parents = random_parents(batch, nodes, seed=6)
+    tokens = random_tokens_for(parents, 50, seed=6)
+    accepted, accept_len, bonus = ops.verify_greedy(tokens, parents,
+                                                    matching_argmax(tokens, parents, 50, seed=6, hit_prob=0.95))
+    gen = torch.Generator().manual_seed(7)
+    target = [torch.randn(batch, 2, 100 + nodes, 16, generator=gen).to(dtype) for _ in range(4)]
+    draft, draft_rows = [], None
+    if with_draft:  # the draft processed the nodes of depth < 3, in slot order
+        depth = ops.tree_buffers(parents, 0)[0]
+        fed = (depth < 3) & ((parents >= 0) | (torch.arange(nodes) == 0))
+        draft_rows = torch.where(fed, fed.long().cumsum(1) - 1, -1)
+        draft = [torch.randn(batch, 1, 40 + nodes, 16, generator=gen).to(dtype) for _ in range(2)]
+    sequence = torch.zeros(batch, 10 + nodes, dtype=torch.int64)
+    alpha = torch.rand(batch, generator=gen)
+    args = [tokens, parents, accepted, accept_len, bonus, sequence, 5, target, 100, draft, draft_rows, 40, alpha]
+    gpu_args = [[t.to(CUDA) for t in a] if isinstance(a, list) else a.to(CUDA) if isinstance(a, torch.Tensor) else a
+                for a in args]
+    cpu_out = ops.commit_tree_(*args)
+    gpu_out = ops.commit_tree_(*gpu_args)
+    assert_same_outputs([gpu_out, gpu_args[5], *gpu_args[7], *gpu_args[9]], [cpu_out, sequence, *target, *draft])
+
+
 def test_bad_parents_on_cuda_become_padding():
     # node 3 claims parent 5 (not topological): CPU raises, CUDA treats node 3 as padding
     parents = torch.tensor([[-1, 0, 1, 5, 1, 0]])
@@ -206,6 +260,15 @@ def run_every_op(paths, batch=2, vocab=32000):
     ops.verify_sampling(tokens, parents, probs, probs.flip(-1))
     caches = [torch.randn(batch, 2, 100, 16, device=dev) for _ in range(4)]
     ops.kv_compact_(caches, accepted, 50)
+    mask = torch.zeros(batch, capacity, capacity, device=dev)
+    ops.sage_level_(tokens, parents, logprobs, cum, mask, torch.randn(batch, 3, vocab, device=dev), None, 1, 2, 4, 12,
+                    10, 1.0, 3, 8, 2, 10)
+    accept_len = torch.zeros(batch, dtype=torch.int64, device=dev)
+    accepted = torch.full((batch, capacity), -1, dtype=torch.int64, device=dev)
+    accepted[:, 0] = 0
+    ops.commit_tree_(tokens, parents, accepted, accept_len, accept_len, torch.zeros(batch, 64, dtype=torch.int64,
+                     device=dev), 3, caches, 50, caches[:1], torch.zeros(batch, capacity, dtype=torch.int64,
+                     device=dev), 10, alpha)
     return caches
 
 

@@ -50,6 +50,27 @@ def call_sage_tree(**changes):
     return ops.sage_tree(**args)
 
 
+def level_args(**changes):
+    """Valid sage_level_ arguments (B=1, Ncap=6, F=1 at the root, V=8), with some replaced."""
+    args = dict(tokens=torch.zeros(1, 6, dtype=i64), parents=torch.full((1, 6), -1, dtype=i64),
+                logprobs=torch.zeros(1, 6), cum_logprobs=torch.zeros(1, 6), tree_mask=torch.zeros(1, 7, 6),
+                logits=torch.zeros(1, 1, 8), alpha=None, frontier_start=0, level=1, slot_start=1, num_slots=4, k=3,
+                temperature=1.0, d_min=3.0, d_max=8.0, w_min=2.0, w_max=10.0, theta_scale=0.1)
+    args.update(changes)
+    return args
+
+
+def commit_args(**changes):
+    """Valid commit_tree_ arguments (B=1, a 4-node chain, all accepted), with some replaced."""
+    args = dict(tokens=torch.tensor([[1, 2, 3, 4]]), parents=tree(4), accepted=torch.tensor([[0, 1, 2, 3]]),
+                accept_len=torch.tensor([3]), bonus=torch.tensor([5]), sequence=torch.zeros(1, 10, dtype=i64),
+                seq_start=2, target_caches=[torch.zeros(1, 1, 8, 4)], target_past=2,
+                draft_caches=[torch.zeros(1, 1, 6, 4)], draft_rows=torch.tensor([[0, 1, 2, -1]]), draft_past=1,
+                alpha=torch.tensor([0.5]))
+    args.update(changes)
+    return args
+
+
 BAD_CALLS = {
     # topk_confidence
     "topk int logits": (lambda: ops.topk_confidence(torch.zeros(2, 5, dtype=i64), 2), "logits"),
@@ -166,6 +187,55 @@ BAD_CALLS = {
     "kv accepted dtype": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4)], tree(3).int(), 0), "accepted"),
     "kv accepted rank": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4)], tree(3)[0], 0), "accepted"),
     "kv past_len": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4)], tree(3), -1), "past_len"),
+    # sage_level_
+    "level tokens dtype": (lambda: ops.sage_level_(**level_args(tokens=torch.zeros(1, 6, dtype=torch.int32))),
+                           "tokens"),
+    "level parents shape": (lambda: ops.sage_level_(**level_args(parents=torch.full((1, 5), -1))), "parents"),
+    "level strided state": (lambda: ops.sage_level_(**level_args(cum_logprobs=torch.zeros(1, 12)[:, ::2])),
+                            "cum_logprobs"),
+    "level 2-D logits": (lambda: ops.sage_level_(**level_args(logits=torch.zeros(1, 8))), "logits"),
+    "level int logits": (lambda: ops.sage_level_(**level_args(logits=torch.zeros(1, 1, 8, dtype=i64))), "logits"),
+    "level logits batch": (lambda: ops.sage_level_(**level_args(logits=torch.zeros(2, 1, 8))), "logits"),
+    "level alpha dtype": (lambda: ops.sage_level_(**level_args(alpha=torch.zeros(1, dtype=torch.float64))), "alpha"),
+    "level alpha batch": (lambda: ops.sage_level_(**level_args(alpha=torch.zeros(2))), "alpha"),
+    "level k > V": (lambda: ops.sage_level_(**level_args(k=9)), "k"),
+    "level temperature": (lambda: ops.sage_level_(**level_args(temperature=0.0)), "temperature"),
+    "level 0": (lambda: ops.sage_level_(**level_args(level=0)), "level"),
+    "level d_max": (lambda: ops.sage_level_(**level_args(d_max=2.0)), "d_max"),
+    "level theta": (lambda: ops.sage_level_(**level_args(theta_scale=0.0)), "theta_scale"),
+    "level frontier overlaps slots": (lambda: ops.sage_level_(**level_args(logits=torch.zeros(1, 2, 8))),
+                                      "frontier_start"),
+    "level slot_start 0": (lambda: ops.sage_level_(**level_args(slot_start=0)), "slot_start"),
+    "level num_slots": (lambda: ops.sage_level_(**level_args(num_slots=6)), "num_slots"),
+    "level mask rows": (lambda: ops.sage_level_(**level_args(tree_mask=torch.zeros(1, 4, 6))), "tree_mask"),
+    "level mask dtype": (lambda: ops.sage_level_(**level_args(tree_mask=torch.zeros(1, 7, 6, dtype=i64))),
+                         "tree_mask"),
+    "level mask strided": (lambda: ops.sage_level_(**level_args(tree_mask=torch.zeros(1, 7, 12)[..., ::2])),
+                           "tree_mask"),
+    # commit_tree_
+    "commit tokens 1-D": (lambda: ops.commit_tree_(**commit_args(tokens=torch.tensor([1, 2, 3, 4]))), "tokens"),
+    "commit parents shape": (lambda: ops.commit_tree_(**commit_args(parents=tree(3))), "parents"),
+    "commit accepted dtype": (lambda: ops.commit_tree_(**commit_args(accepted=torch.tensor([[0, 1, 2, 3]]).int())),
+                              "accepted"),
+    "commit accept_len shape": (lambda: ops.commit_tree_(**commit_args(accept_len=torch.tensor([[3]]))),
+                                "accept_len"),
+    "commit bonus batch": (lambda: ops.commit_tree_(**commit_args(bonus=torch.tensor([5, 5]))), "bonus"),
+    "commit sequence dtype": (lambda: ops.commit_tree_(**commit_args(sequence=torch.zeros(1, 10))), "sequence"),
+    "commit no room": (lambda: ops.commit_tree_(**commit_args(seq_start=7)), "seq_start"),
+    "commit target cache rank": (lambda: ops.commit_tree_(**commit_args(target_caches=[torch.zeros(1, 8, 4)])),
+                                 "target_caches"),
+    "commit target_past": (lambda: ops.commit_tree_(**commit_args(target_past=-1)), "target_past"),
+    "commit draft cache dtype": (lambda: ops.commit_tree_(**commit_args(
+        draft_caches=[torch.zeros(1, 1, 6, 4, dtype=i64)])), "draft_caches"),
+    "commit draft_past": (lambda: ops.commit_tree_(**commit_args(draft_past=9)), "draft_past"),
+    "commit draft_rows narrow": (lambda: ops.commit_tree_(**commit_args(draft_rows=torch.tensor([[0, 1, 2]]))),
+                                 "draft_rows"),
+    "commit draft caches without rows": (lambda: ops.commit_tree_(**commit_args(draft_rows=None)), "draft_rows"),
+    "commit alpha dtype": (lambda: ops.commit_tree_(**commit_args(alpha=torch.tensor([1], dtype=i64))), "alpha"),
+    "commit accept_len too long": (lambda: ops.commit_tree_(**commit_args(accept_len=torch.tensor([4]))),
+                                   "accept_len"),
+    "commit accepted past the cache": (lambda: ops.commit_tree_(**commit_args(
+        target_caches=[torch.zeros(1, 1, 4, 4)])), "accepted"),
 }
 
 

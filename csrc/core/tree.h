@@ -1,7 +1,8 @@
 // Tree algorithms of docs/OPS.md on plain pointers, one batch row at a time, torch-free:
 // parent validation, build_static_tree, sage_tree (one level's widths and threshold), expand_tree
-// (best-first level expansion), rerank_tree (EAGLE-2 global top-N) and the tree_buffers pieces
-// (depth, links, paths, leaves, ancestor bitsets, packed and additive masks).
+// (best-first level expansion), rerank_tree (EAGLE-2 global top-N), the tree_buffers pieces
+// (depth, links, paths, leaves, ancestor bitsets, packed and additive masks) and the mask rows
+// sage_level_ writes for new slots.
 //
 // Tree format: parents[i] < i, parents[0] == -1; a node i > 0 with parent -1 is padding.
 #pragma once
@@ -106,6 +107,27 @@ void float_mask_row(const uint64_t* bits, int64_t num_nodes, int64_t past_len, T
     const uint64_t* row_bits = bits + i * words;
     for (int64_t c = 0; c < past_len; ++c) row[c] = attend;
     for (int64_t j = 0; j < num_nodes; ++j) row[past_len + j] = test_bit(row_bits, j) ? attend : blocked;
+  }
+}
+
+// ---- tree_mask rows of new slots (sage_level_) ---------------------------------------------------
+// Additive tree-mask rows of the slots [slot_start, slot_start + num_slots), whose parents' rows are
+// already written: row i = row parents[i] with column i set to `attend`; a padding slot (parent -1)
+// gets `blocked` everywhere but column i. Row r starts at mask + r * row_stride and has `width`
+// columns (column c = slot c). Increasing i, so a slot may be the parent of a later one.
+template <typename T>
+void tree_mask_rows(const int64_t* parents, int64_t slot_start, int64_t num_slots, T attend, T blocked, T* mask,
+                    int64_t row_stride, int64_t width) {
+  for (int64_t i = slot_start; i < slot_start + num_slots; ++i) {
+    T* row = mask + i * row_stride;
+    const int64_t parent = parents[i];
+    if (parent >= 0) {
+      const T* parent_row = mask + parent * row_stride;
+      for (int64_t c = 0; c < width; ++c) row[c] = parent_row[c];
+    } else {
+      for (int64_t c = 0; c < width; ++c) row[c] = blocked;
+    }
+    row[i] = attend;
   }
 }
 

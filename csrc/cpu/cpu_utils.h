@@ -1,6 +1,7 @@
 // Helpers shared by the ATen CPU implementations in csrc/cpu/: float-dtype dispatch without
 // ATen/Dispatch.h, the SIMD width of the vocabulary-wide loops, when to go parallel, raising a
-// core::Status as a Python exception, and the common output factory.
+// core::Status as a Python exception, the common output factory, and the row loops of two ops that
+// the fused engine-step ops (step_cpu.cpp) reuse.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -109,5 +110,17 @@ inline at::Tensor empty_on(const at::Tensor& like, at::IntArrayRef sizes, c10::S
 inline at::Tensor with_contiguous_last_dim(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
+
+// topk_confidence over the rows of `logits` [R, V] (float32/float16/bfloat16, last dim contiguous) into
+// alpha[R], topk_logprobs[R * k], topk_ids[R * k]: parallel over rows, and over vocabulary chunks when
+// there are fewer rows than threads (topk_confidence_cpu.cpp). Arguments are checked by the caller.
+void topk_confidence_rows(const at::Tensor& logits, int64_t k, float temperature, float* alpha, float* topk_logprobs,
+                          int64_t* topk_ids);
+
+// kv_compact_ over `caches` with the accepted rows accepted[B * A] (row-major [B, A], validated by the
+// caller): row past_len + j <- past_len + accepted[b, j], in parallel over (cache, b, head) slices
+// when there is enough work (verify_cpu.cpp).
+void compact_caches(at::TensorList caches, const int64_t* accepted, int64_t batch, int64_t num_accepted,
+                    int64_t past_len);
 
 }  // namespace sage_ext::cpu

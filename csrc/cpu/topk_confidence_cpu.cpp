@@ -38,22 +38,14 @@ void add_range_simd(core::TopKAccumulator& acc, const T* logits, int64_t begin, 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Tensor& logits_in, int64_t k,
-                                                                   double temperature) {
-  check_topk_confidence_args(logits_in, k, temperature);
-  const at::Tensor logits = with_contiguous_last_dim(logits_in);
+}  // namespace
+
+void topk_confidence_rows(const at::Tensor& logits, int64_t k, float temperature, float* alpha_out,
+                          float* logprob_out, int64_t* id_out) {
   const int64_t rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   const int64_t row_stride = logits.stride(0);
-  at::Tensor alpha = empty_on(logits, {rows}, c10::kFloat);
-  at::Tensor topk_logprobs = empty_on(logits, {rows, k}, c10::kFloat);
-  at::Tensor topk_ids = empty_on(logits, {rows, k}, c10::kLong);
-  if (rows == 0) return {alpha, topk_logprobs, topk_ids};
-
-  float* alpha_out = alpha.data_ptr<float>();
-  float* logprob_out = topk_logprobs.data_ptr<float>();
-  int64_t* id_out = topk_ids.data_ptr<int64_t>();
-  const float temp = static_cast<float>(temperature);
+  if (rows == 0) return;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks =
       rows >= threads ? 1 : std::clamp<int64_t>(vocab / kParallelGrainWork, 1, (2 * threads + rows - 1) / rows);
@@ -65,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Ten
       parallel_for_work(rows, vocab, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           core::TopKAccumulator acc(k);
-          add_range_simd(acc, data + r * row_stride, 0, vocab, temp);
+          add_range_simd(acc, data + r * row_stride, 0, vocab, temperature);
           acc.finalize(alpha_out + r, logprob_out + r * k, id_out + r * k);
         }
       });
@@ -75,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Ten
     parallel_for_work(rows * chunks, vocab / chunks, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / chunks, c = task % chunks;
-        add_range_simd(partial[task], data + r * row_stride, c * vocab / chunks, (c + 1) * vocab / chunks, temp);
+        add_range_simd(partial[task], data + r * row_stride, c * vocab / chunks, (c + 1) * vocab / chunks,
+                       temperature);
       }
     });
     for (int64_t r = 0; r < rows; ++r) {
@@ -84,6 +77,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Ten
       total.finalize(alpha_out + r, logprob_out + r * k, id_out + r * k);
     }
   });
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Tensor& logits_in, int64_t k,
+                                                                   double temperature) {
+  check_topk_confidence_args(logits_in, k, temperature);
+  const at::Tensor logits = with_contiguous_last_dim(logits_in);
+  const int64_t rows = logits.size(0);
+  at::Tensor alpha = empty_on(logits, {rows}, c10::kFloat);
+  at::Tensor topk_logprobs = empty_on(logits, {rows, k}, c10::kFloat);
+  at::Tensor topk_ids = empty_on(logits, {rows, k}, c10::kLong);
+  topk_confidence_rows(logits, k, static_cast<float>(temperature), alpha.data_ptr<float>(),
+                       topk_logprobs.data_ptr<float>(), topk_ids.data_ptr<int64_t>());
   return {alpha, topk_logprobs, topk_ids};
 }
 

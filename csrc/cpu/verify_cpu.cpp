@@ -159,6 +159,14 @@ void kv_compact_cpu(at::TensorList caches, const at::Tensor& accepted_in, int64_
     raise_if_error(core::validate_accepted(accepted_data + b * num_accepted, num_accepted, past_len, shortest),
                    "kv_compact_", b);
   }
+  compact_caches(caches, accepted_data, batch, num_accepted, past_len);
+}
+
+}  // namespace
+
+void compact_caches(at::TensorList caches, const int64_t* accepted, int64_t batch, int64_t num_accepted,
+                    int64_t past_len) {
+  if (caches.empty()) return;
   // One task per (cache, batch row, head) slice [L, D]; at most num_accepted rows of D move in each.
   std::vector<int64_t> first_task(caches.size() + 1, 0);
   for (size_t c = 0; c < caches.size(); ++c) first_task[c + 1] = first_task[c] + batch * caches[c].size(1);
@@ -170,13 +178,11 @@ void kv_compact_cpu(at::TensorList caches, const at::Tensor& accepted_in, int64_
       const int64_t b = (task - first_task[c]) / heads, h = (task - first_task[c]) % heads;
       const int64_t item = static_cast<int64_t>(cache.element_size());
       std::byte* slice = static_cast<std::byte*>(cache.data_ptr()) + (b * cache.stride(0) + h * cache.stride(1)) * item;
-      core::compact_rows(slice, cache.stride(2) * item, cache.size(3) * item, accepted_data + b * num_accepted,
+      core::compact_rows(slice, cache.stride(2) * item, cache.size(3) * item, accepted + b * num_accepted,
                          num_accepted, past_len);
     }
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sage_ext, CPU, m) {
   m.impl("verify_greedy", &verify_greedy_cpu);

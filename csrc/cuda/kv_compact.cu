@@ -17,6 +17,7 @@
 
 #include "../checks.h"
 #include "cuda_common.cuh"
+#include "launchers.h"
 
 namespace sage_ext::cuda {
 namespace {
@@ -121,8 +122,9 @@ int copy_unit_bytes(const at::Tensor& cache) {
   return unit;
 }
 
-void kv_compact_cuda(at::TensorList caches, const at::Tensor& accepted, int64_t past_len) {
-  check_kv_compact_args(caches, accepted, past_len);
+}  // namespace
+
+void compact_caches_cuda(at::TensorList caches, const at::Tensor& accepted, int64_t past_len) {
   const int64_t batch = accepted.size(0);
   const int64_t num_accepted = accepted.size(1);
   if (caches.empty() || batch == 0 || num_accepted == 0) return;
@@ -163,6 +165,13 @@ void kv_compact_cuda(at::TensorList caches, const at::Tensor& accepted, int64_t 
     if (params.num_caches == kMaxCachesPerLaunch) launch();
   }
   launch();
+}
+
+namespace {
+
+void kv_compact_cuda(at::TensorList caches, const at::Tensor& accepted, int64_t past_len) {
+  check_kv_compact_args(caches, accepted, past_len);
+  compact_caches_cuda(caches, accepted, past_len);
 }
 
 }  // namespace

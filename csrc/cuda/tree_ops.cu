@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "cuda_common.cuh"
+#include "launchers.h"
 
 namespace sage_ext::cuda {
 namespace {
@@ -147,6 +148,8 @@ __global__ void sage_tree_kernel(const float* __restrict__ alpha, const float* _
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_tree_cuda(const at::Tensor& alpha_in,
                                                               const at::Tensor& frontier_logprobs_in, int64_t level,
                                                               int64_t k, double d_min, double d_max, double w_min,
@@ -176,6 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_tree_cuda(const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {widths, min_cum_logprob, max_depth};
 }
+
+namespace {
+
 
 // ==================================================================================================
 // expand_tree
@@ -262,6 +268,8 @@ __global__ void __launch_bounds__(kExpandThreads, 1) expand_tree_kernel(ExpandAr
   if (threadIdx.x == 0) args.count[b] = written;
 }
 
+}  // namespace
+
 at::Tensor expand_tree_cuda(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
                             const at::Tensor& cum_logprobs, const at::Tensor& frontier_in,
                             const at::Tensor& topk_logprobs_in, const at::Tensor& topk_ids_in,
@@ -297,6 +305,9 @@ at::Tensor expand_tree_cuda(const at::Tensor& tokens, const at::Tensor& parents,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return count;
 }
+
+namespace {
+
 
 // ==================================================================================================
 // rerank_tree

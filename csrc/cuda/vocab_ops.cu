@@ -17,6 +17,7 @@
 
 #include "../checks.h"
 #include "cuda_common.cuh"
+#include "launchers.h"
 
 namespace sage_ext::cuda {
 namespace {
@@ -265,6 +266,8 @@ __global__ void __launch_bounds__(kWarpSize)
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cuda(const at::Tensor& logits_in, int64_t k,
                                                                     double temperature) {
   check_topk_confidence_args(logits_in, k, temperature);
@@ -308,6 +311,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cuda(const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {alpha, topk_logprobs, topk_ids};
 }
+
+namespace {
+
 
 // ==================================================================================================
 // verify_greedy

@@ -1,7 +1,8 @@
 // Tests of core/tree.h on hand-built trees with exact expected outputs: parent validation,
 // build_static_tree (the SpecVLM 25-node tree and its errors), sage_tree widths, expand_tree
 // (best-first order, ties, thresholds, budget), rerank_tree (order, ties, ancestor closure) and
-// the tree_buffers pieces (depth, links, paths, leaves, packed and additive masks).
+// the tree_buffers pieces (depth, links, paths, leaves, packed and additive masks) and the mask
+// rows of new slots (tree_mask_rows).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -401,6 +402,29 @@ TEST(TreeBuffers, SpecVlmTreeMasksMatchPaths) {
     EXPECT_EQ(static_cast<int64_t>(on_path.size()), depth[i] + 1);
     for (int64_t j = 0; j < n; ++j) EXPECT_EQ(test_bit(bits.data() + i * ancestor_words(n), j), on_path.count(j) == 1);
   }
+}
+
+// ---- tree_mask_rows ---------------------------------------------------------------------------
+TEST(TreeMaskRows, RowsFromParentsMatchTheAncestorBits) {
+  // kParents-like tree with padding: {0} {0,1} {0,2} {0,1,3} pad {0,1,5} {0,1,3,6}; rows of slots
+  // 1..6 written from row 0 one level at a time (as sage_level_ does), in a stride-9 buffer whose
+  // stale contents must not leak.
+  const I64 parents{-1, 0, 0, 1, -1, 1, 3};
+  const int64_t n = 7, stride = 9;
+  const float B = std::numeric_limits<float>::lowest();
+  std::vector<float> mask(8 * stride, 123.0f);
+  for (int64_t c = 0; c < n; ++c) mask[c] = c == 0 ? 0.0f : B;  // the root's row
+  tree_mask_rows(parents.data(), 1, 2, 0.0f, B, mask.data(), stride, n);
+  tree_mask_rows(parents.data(), 3, 4, 0.0f, B, mask.data(), stride, n);
+  std::vector<uint64_t> bits(n * ancestor_words(n));
+  ancestor_bits_row(parents.data(), n, bits.data());
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < n; ++c) {
+      EXPECT_EQ(mask[i * stride + c], test_bit(bits.data() + i, c) ? 0.0f : B) << "row " << i << " column " << c;
+    }
+    EXPECT_EQ(mask[i * stride + n], 123.0f);  // columns past `width` untouched
+  }
+  EXPECT_EQ(mask[7 * stride], 123.0f);  // rows past the slots untouched
 }
 
 }  // namespace

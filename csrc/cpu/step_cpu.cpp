@@ -1,0 +1,187 @@
+// CPU implementations of the fused engine-step ops of docs/OPS.md:
+//   sage_level_   one SAGE level: topk_confidence of the frontier's logits, sage_tree, expand_tree and
+//                 the tree-mask rows of the new slots, in place;
+//   commit_tree_  after verification: the new tokens into the sequence buffer, kv_compact_ of the
+//                 target's and the draft's caches, and the step's host readback in one tensor.
+// Each is the work of a dozen small ATen calls in one: they run between model forwards, where every
+// separate call pays again for the caches the forward evicted. The row algorithms are core/'s, the
+// vocabulary and KV loops the ones topk_confidence and kv_compact_ use (cpu_utils.h).
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../core/kv_compact.h"
+#include "../core/tree.h"
+#include "cpu_utils.h"
+
+namespace sage_ext::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cpu(
+    const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs, const at::Tensor& cum_logprobs,
+    const std::optional<at::Tensor>& tree_mask, const at::Tensor& logits_in, const std::optional<at::Tensor>& alpha_in,
+    int64_t frontier_start, int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature,
+    double d_min, double d_max, double w_min, double w_max, double theta_scale) {
+  check_sage_level_args(tokens, parents, logprobs, cum_logprobs, tree_mask, logits_in, alpha_in, frontier_start,
+                        level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale);
+  const int64_t batch = tokens.size(0);
+  const int64_t capacity = tokens.size(1);
+  const int64_t num_frontier = logits_in.size(1);
+  const at::Tensor logits = with_contiguous_last_dim(logits_in).reshape({batch * num_frontier, logits_in.size(2)});
+  at::Tensor frontier_alpha = empty_on(tokens, {batch, num_frontier}, c10::kFloat);
+  at::Tensor count = empty_on(tokens, {batch}, c10::kLong);
+  at::Tensor max_depth = empty_on(tokens, {batch}, c10::kLong);
+  std::vector<float> topk_logprobs(batch * num_frontier * k);
+  std::vector<int64_t> topk_ids(batch * num_frontier * k);
+  topk_confidence_rows(logits, k, static_cast<float>(temperature), frontier_alpha.data_ptr<float>(),
+                       topk_logprobs.data(), topk_ids.data());
+
+  const at::Tensor alpha = alpha_in.has_value() ? alpha_in->contiguous() : at::Tensor();
+  const float* alpha_data = alpha.defined() ? alpha.const_data_ptr<float>() : frontier_alpha.const_data_ptr<float>();
+  const int64_t alpha_stride = alpha.defined() ? 1 : num_frontier;  // zero-lag: each row's first frontier node
+  const core::SageParams params{level,
+                                k,
+                                static_cast<float>(d_min),
+                                static_cast<float>(d_max),
+                                static_cast<float>(w_min),
+                                static_cast<float>(w_max),
+                                static_cast<float>(theta_scale)};
+  std::vector<int64_t> frontier(num_frontier), widths(num_frontier);
+  std::iota(frontier.begin(), frontier.end(), frontier_start);
+  for (int64_t b = 0; b < batch; ++b) {
+    const core::TreeRow tree{tokens.data_ptr<int64_t>() + b * capacity, parents.data_ptr<int64_t>() + b * capacity,
+                             logprobs.data_ptr<float>() + b * capacity, cum_logprobs.data_ptr<float>() + b * capacity,
+                             capacity};
+    float min_cum_logprob = 0.0f;
+    core::sage_tree_row(alpha_data[b * alpha_stride], tree.logprobs + frontier_start, num_frontier, params,
+                        widths.data(), &min_cum_logprob, max_depth.data_ptr<int64_t>() + b);
+    const core::FrontierRow proposals{frontier.data(),
+                                      topk_logprobs.data() + b * num_frontier * k,
+                                      topk_ids.data() + b * num_frontier * k,
+                                      widths.data(),
+                                      num_frontier,
+                                      k,
+                                      min_cum_logprob};
+    count.data_ptr<int64_t>()[b] = core::expand_tree_row(tree, proposals, slot_start, num_slots);
+  }
+  if (tree_mask.has_value()) {
+    const at::Tensor& mask = *tree_mask;
+    dispatch_float_dtype(mask.scalar_type(), "sage_level_", [&](auto zero) {
+      using T = decltype(zero);
+      for (int64_t b = 0; b < batch; ++b) {
+        core::tree_mask_rows(parents.const_data_ptr<int64_t>() + b * capacity, slot_start, num_slots, T(0.0f),
+                             std::numeric_limits<T>::lowest(), static_cast<T*>(mask.data_ptr()) + b * mask.stride(0),
+                             mask.stride(1), mask.size(2));
+      }
+    });
+  }
+  return {count, frontier_alpha, max_depth};
+}
+
+// The accepted path of one batch row: accepted[0] = 0 (the root), accepted[j] in [j, N) for j <= tau,
+// -1 after it.
+void validate_path(const int64_t* accepted, int64_t nodes, int64_t tau, int64_t b) {
+  TORCH_CHECK_VALUE(tau >= 0 && tau < nodes, "commit_tree_: batch row ", b, ": accept_len (", tau,
+                    ") must be in [0, N) = [0, ", nodes, ")");
+  TORCH_CHECK_VALUE(accepted[0] == 0, "commit_tree_: batch row ", b, ": accepted[0] must be 0 (the root), got ",
+                    accepted[0]);
+  for (int64_t j = 1; j < nodes; ++j) {
+    const int64_t a = accepted[j];
+    const bool ok = j <= tau ? (a >= j && a < nodes) : a == -1;
+    TORCH_CHECK_VALUE(ok, "commit_tree_: batch row ", b, ": accepted[", j, "] = ", a, " must be ",
+                      j <= tau ? "a node index in [j, N)" : "-1 (past accept_len)");
+  }
+}
+
+int64_t shortest_cache(at::TensorList caches) {
+  int64_t shortest = std::numeric_limits<int64_t>::max();
+  for (const at::Tensor& cache : caches) shortest = std::min(shortest, cache.size(2));
+  return shortest;
+}
+
+at::Tensor commit_tree_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in, const at::Tensor& accepted_in,
+                           const at::Tensor& accept_len_in, const at::Tensor& bonus_in, const at::Tensor& sequence,
+                           int64_t seq_start, at::TensorList target_caches, int64_t target_past,
+                           at::TensorList draft_caches, const std::optional<at::Tensor>& draft_rows_in,
+                           int64_t draft_past, const std::optional<at::Tensor>& alpha_in) {
+  check_commit_tree_args(tokens_in, parents_in, accepted_in, accept_len_in, bonus_in, sequence, seq_start,
+                         target_caches, target_past, draft_caches, draft_rows_in, draft_past, alpha_in);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const at::Tensor parents = parents_in.contiguous();
+  const at::Tensor accepted = accepted_in.contiguous();
+  const at::Tensor accept_len = accept_len_in.contiguous();
+  const at::Tensor bonus = bonus_in.contiguous();
+  const at::Tensor draft_rows = draft_rows_in.has_value() ? draft_rows_in->contiguous() : at::Tensor();
+  const at::Tensor alpha = alpha_in.has_value() ? alpha_in->contiguous() : at::Tensor();
+  const int64_t batch = tokens.size(0);
+  const int64_t nodes = tokens.size(1);
+  const int64_t* accepted_data = accepted.const_data_ptr<int64_t>();
+  const int64_t* tau_data = accept_len.const_data_ptr<int64_t>();
+
+  // Everything is checked before anything is written.
+  std::vector<int64_t> draft_accepted(batch * nodes, -1);  // draft row of each accepted node the draft holds
+  std::vector<int64_t> held(batch, 0);
+  const int64_t target_len = shortest_cache(target_caches);
+  const int64_t draft_len = shortest_cache(draft_caches);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* path = accepted_data + b * nodes;
+    validate_path(path, nodes, tau_data[b], b);
+    if (!target_caches.empty()) {
+      raise_if_error(core::validate_accepted(path, nodes, target_past, target_len), "commit_tree_", b);
+    }
+    if (!draft_rows.defined()) continue;
+    const int64_t* rows = draft_rows.const_data_ptr<int64_t>() + b * draft_rows.size(1);
+    for (int64_t j = 0; j <= tau_data[b]; ++j) {
+      const int64_t row = rows[path[j]];
+      if (row < 0) continue;
+      TORCH_CHECK_VALUE(held[b] == j, "commit_tree_: batch row ", b,
+                        ": the accepted nodes the draft holds (draft_rows >= 0) must be a prefix of the path; node ",
+                        path[j], " at path position ", j, " follows one the draft does not hold");
+      draft_accepted[b * nodes + j] = row;
+      ++held[b];
+    }
+    if (!draft_caches.empty()) {
+      raise_if_error(core::validate_accepted(draft_accepted.data() + b * nodes, nodes, draft_past, draft_len),
+                     "commit_tree_", b);
+    }
+  }
+
+  at::Tensor readback = empty_on(tokens, {batch, 4 + nodes}, c10::kLong);
+  int64_t* out = readback.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b, out += 4 + nodes) {
+    const int64_t* path = accepted_data + b * nodes;
+    const int64_t* token_row = tokens.const_data_ptr<int64_t>() + b * nodes;
+    const int64_t* parent_row = parents.const_data_ptr<int64_t>() + b * nodes;
+    const int64_t tau = tau_data[b];
+    int64_t* new_tokens = out + 4;
+    for (int64_t j = 0; j < tau; ++j) new_tokens[j] = token_row[path[j + 1]];
+    new_tokens[tau] = bonus.const_data_ptr<int64_t>()[b];
+    std::fill(new_tokens + tau + 1, new_tokens + nodes, -1);
+    std::copy(new_tokens, new_tokens + tau + 1, sequence.data_ptr<int64_t>() + b * sequence.stride(0) + seq_start);
+    int32_t alpha_bits = 0;
+    if (alpha.defined()) std::memcpy(&alpha_bits, alpha.const_data_ptr<float>() + b, sizeof(alpha_bits));
+    out[0] = tau;
+    out[1] = held[b];
+    out[2] = std::count_if(parent_row + 1, parent_row + nodes, [](int64_t p) { return p >= 0; });
+    out[3] = alpha_bits;  // sign-extended int32 bits of the float32 alpha
+  }
+  compact_caches(target_caches, accepted_data, batch, nodes, target_past);
+  compact_caches(draft_caches, draft_accepted.data(), batch, nodes, draft_past);
+  return readback;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sage_ext, CPU, m) {
+  m.impl("sage_level_", &sage_level_cpu);
+  m.impl("commit_tree_", &commit_tree_cpu);
+}
+
+}  // namespace sage_ext::cpu
