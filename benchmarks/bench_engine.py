@@ -58,8 +58,9 @@ from sage_ext.engine import SpeculativeGenerator  # noqa: E402
 
 POLICIES = ("ar", "chain", "static", "dynamic", "sage")
 RESULTS = ROOT / "benchmarks" / "results"
-#: The engine before the overhead work (commit "Speculative decoding engine: ...").
-DEFAULT_BASELINE_REV = "1aa750f"
+#: The engine before its TreeWorkspace (stop 7's Python engine; "before" in results/engine_overhead_cpu.md).
+#: 1aa750f is the first engine (before any overhead work).
+DEFAULT_BASELINE_REV = "180cadb"
 
 
 # ---------------------------------------------------------------------------------------------- machine

@@ -7,16 +7,19 @@ A step (see docs/ENGINE.md for the full story):
   2. The target verifies the whole tree in one forward (rows at cache positions ``past_len .. past_len+N-1``,
      rope positions ``sequence index + depth``), and ``verify_greedy`` / ``verify_sampling`` pick the
      accepted path and the bonus token (target's own next token).
-  3. ``kv_compact_`` moves the accepted rows of both caches to contiguous positions; the new tokens are
-     written to a device-side sequence buffer; ONE small int64 tensor (accepted length, draft-processed
-     count, tree size, root alpha — each only when the host does not know it already — then the new
-     tokens) is read to the host: the step's only sync.
+  3. ``commit_tree_`` writes the new tokens to a device-side sequence buffer, moves the accepted rows of
+     both caches to contiguous positions and packs the step's readback (accepted length, draft-processed
+     count, tree size, root alpha, the new tokens) into ONE small int64 tensor, read to the host: the step's
+     only sync. Both caches are cropped to what they now hold.
+  4. Host: stop checks (EOS, stop strings, max_new_tokens), streamer, policy feedback. The bonus is the next
+     step's root.
 
-Hot-path rules: the draft's masks and positions are views of buffers made once per generation (every mask
-view starts at a 64-element aligned row), the only per-step tensor work is the ops and a few
-gathers/copies, and the whole step runs under one ``torch.inference_mode``.
-  4. Host: crop both caches, stop checks (EOS, stop strings, max_new_tokens), streamer, policy feedback.
-     The bonus is the next step's root.
+Hot-path rules: all tensor work between two model forwards is ONE native call into the ``TreeWorkspace``
+(csrc/session: a SAGE level with the next draft forward's inputs, a fixed-tree or EAGLE-2 level, the target's
+mask and positions, verification with the commit); on the CPU each separate small call right after a model
+forward pays again for the caches the forward evicted. Masks and positions are views of buffers made once per
+generation (every mask view starts at a 64-element aligned row); the whole step runs under one
+``torch.inference_mode``.
 
 Models are used as loaded (any device / dtype / device_map); nothing in transformers is patched.
 """
@@ -37,21 +40,23 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from . import ops
-from .families import FamilyAdapter, causal_mask_4d, get_adapter
+from . import _C, ops
+from .families import FamilyAdapter, get_adapter
 from .policies import TreePolicy, make_policy
 from .stats import GenerationStats, StepRecord, Timeline
+
+#: On the CPU the workspace runs the level work with its in-place loops; False routes it through the registered
+#: ops as on accelerators (a test switch: the two must give the same trees).
+_WORKSPACE_DIRECT_CPU = True
 
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
 DEFAULT_MAX_VOCAB_PADDING = 256
 
-# The registered overloads of the hot-path ops, resolved once (the sage_ext.ops wrappers of these are plain
-# pass-throughs; calling the overload directly saves the per-call overload lookup).
+# The registered overloads of the ops the engine calls from Python, resolved once (the sage_ext.ops wrappers of
+# these are plain pass-throughs; calling the overload directly saves the per-call overload lookup). The rest of
+# the hot path runs in the native TreeWorkspace.
 _op_topk_confidence = torch.ops.sage_ext.topk_confidence.default
-_op_sage_tree = torch.ops.sage_ext.sage_tree.default
 _op_expand_tree = torch.ops.sage_ext.expand_tree.default
-_op_tree_buffers = torch.ops.sage_ext.tree_buffers.default
-_op_verify_greedy = torch.ops.sage_ext.verify_greedy.default
 _op_kv_compact = torch.ops.sage_ext.kv_compact_.default
 
 
@@ -99,6 +104,22 @@ def _cache_tensors(cache, layer_indices: list[int]) -> list[Tensor]:
     return [tensor for index in layer_indices for tensor in (layers[index].keys, layers[index].values)]
 
 
+def _crop_layers(cache, layer_indices: list[int], length: int) -> None:
+    """The listed layers of a DynamicCache cut to ``length`` cached tokens (their own ``crop``)."""
+    for index in layer_indices:
+        layer = cache.layers[index]
+        excess = layer.keys.shape[-2] - length
+        if excess > 0:
+            layer.crop(-excess)
+
+
+def _split_layout(groups: list[tuple[torch.device, list[int]]], device: torch.device):
+    """(layers on ``device``, [(other device, its layers)]): the workspace's commit compacts and crops the first,
+    ``_commit_elsewhere`` the others (a model split over devices with ``device_map``)."""
+    here = [index for dev, layers in groups if dev == device for index in layers]
+    return here, [(dev, layers) for dev, layers in groups if dev != device]
+
+
 def _float_from_bits(bits: int) -> float:
     return _F32.unpack(_I32.pack(bits))[0]
 
@@ -107,16 +128,10 @@ _I32 = struct.Struct("<i")
 _F32 = struct.Struct("<f")
 
 
-def _aligned_width(columns: int) -> int:
-    """Row length of a mask buffer: a multiple of 64 elements, so every row view starts at an aligned address
-    (CUDA's memory-efficient attention requires an aligned bias pointer and row stride)."""
-    return -(-columns // 64) * 64
-
-
 class FixedLayout(NamedTuple):
     """A tree whose shape and feed schedule never change (static trees, chains), on one device and dtypes:
-    ``parents [N]``, ``node_row [>= N + 1]`` (the draft row of every slot the draft processes, -1 terminated),
-    ``draft_block [R, R]`` (the additive tree block of the step's R draft rows, draft dtype), ``depth [1, N]``
+    ``parents [N]``, ``node_row [1, N + 1]`` (the draft row of every slot the draft processes, -1 for the others),
+    ``draft_block [1, R, R]`` (the additive tree block of the step's R draft rows, draft dtype), ``depth [1, N]``
     and ``target_block [N, N]`` (the whole tree's additive block, target dtype): what ``tree_buffers`` would
     compute every step, made once."""
 
@@ -130,27 +145,21 @@ class FixedLayout(NamedTuple):
 class DraftRound:
     """Per-generation tree state and draft driver handed to the policies (``ctx``).
 
-    Tree state lives in preallocated tensors of ``capacity`` slots: ``tokens, parents [1, cap]`` int64 and
-    ``logprobs, cum_logprobs [1, cap]`` float32 (node 0 = root). ``node_row [cap + 1]``: the draft-cache row
-    (relative to the root's row) of every node the draft processed this step, -1 otherwise; its last entry is
-    -1, so indexing it with a parent of -1 (padding) gives -1 without a branch. While every draft forward
-    of the step has fed the slot range that starts where the draft rows end (SAGE, chains, the first levels
-    of the other trees), slot == row and ``node_row`` is a view of a precomputed table, so nothing is written
-    per level; the first feed that breaks this writes the explicit map once.
+    The tree state and all the tensor work between two model forwards live in a native
+    ``sage_ext._C.TreeWorkspace`` (``self.ws``, csrc/session/tree_workspace.h): on the CPU every separate
+    small call right after a model forward pays again for the caches the forward evicted, so each gap is one
+    native call. The workspace holds ``tokens, parents [1, cap]`` int64 and ``logprobs, cum_logprobs [1, cap]``
+    float32 (slot 0 = the root), ``node_row [1, cap + 1]`` (the draft-cache row of every slot fed this step, -1
+    otherwise, the last entry -1), the draft's additive tree mask ``mask [1, 1, cap + 1, W]`` (row r = draft
+    row r; columns before the root's cache row are the past, all 0; the tree block follows; rows 64-element
+    aligned) with a chain buffer for the step's first forward (pending committed tokens + the root), the
+    target's mask buffer and a position table. While every feed takes the slots right after the rows used
+    (SAGE, chains, the first levels of other trees) slots are rows and nothing is gathered; ``sage_level``
+    writes the new slots' mask rows with the expansion, a fixed layout copies its whole block at the start.
+    Nothing here reads device values except SAGE's per-level counts on the CPU.
 
-    The draft's tree mask lives in ``mask [1, 1, cap + 1, W]`` (draft dtype, additive, rows 64-element
-    aligned): row r is the mask of draft row r of this step's tree. Columns before ``base`` (the draft cache
-    length at the root) are the past, all 0; the tree block sits at columns ``base .. base + cap`` (0 where row
-    c is an ancestor-or-self). Every forward uses the view of its rows from column 0, so each view starts at
-    an aligned address. Per step the previous block's columns are zeroed and the block's two fixed rows are
-    written (row 0: the root, row cap: all-blocked, what a parent of -1, padding, indexes): two ops. A level's
-    rows are one gather of their parents' rows with the node's own column opened, one ``torch.maximum``
-    against a constant pattern (blocked, 0 on the diagonal). The step's first draft forward (pending tokens
-    + root, a causal chain) uses a second buffer kept the same way. Positions are views of one device
-    ``arange``. Nothing here reads device values.
-
-    Time accounting: the engine books the whole tree build as ``tree_ops`` and ``_forward`` moves the draft
-    forwards to ``draft_decode``, so policies need no clock of their own.
+    Python keeps the control flow, the model forwards (``forward``) and the time accounting: the engine books
+    the whole tree build as ``tree_ops``; ``forward`` books the draft forwards as ``draft_decode``.
     """
 
     def __init__(self, engine: "SpeculativeGenerator", capacity: int, max_cache_len: int, device: torch.device,
@@ -160,70 +169,55 @@ class DraftRound:
         self.device = device
         self.capacity = capacity
         self.static_default = static_default
-        self.arange = torch.arange(max(capacity, 2), device=device)
-        #: ``[1, L]`` sequence index → itself, for position views (rope positions are sequence index based)
-        self.positions = torch.arange(max_cache_len + capacity + 2, device=device)[None]
-        self.tokens = torch.zeros(1, capacity, dtype=torch.int64, device=device)
-        self.parents = torch.full((1, capacity), -1, dtype=torch.int64, device=device)
-        self.logprobs = torch.zeros(1, capacity, dtype=torch.float32, device=device)
-        self.cum_logprobs = torch.zeros(1, capacity, dtype=torch.float32, device=device)
-        self._node_row = torch.full((capacity + 1,), -1, dtype=torch.int64, device=device)
-        # row_table[r] = node_row while slot == row and r rows are fed: [0, 1, ..., r-1, -1, ..., -1]
-        if row_table is None:
-            index = torch.arange(capacity + 1, device=device)
-            row_table = torch.where(index[None, :] < index[:, None], index[None, :], -1)
-        self._row_table = row_table
-        self._zero_f32 = torch.zeros(1, 1, dtype=torch.float32, device=device)
-        self.arange2 = self.arange[None]  # [1, cap]: frontier slot ranges as one view
-        self.rows_used = 0
-        self._identity = True
-        self.draft_base = 0  # draft cache length at the root row
-        self.draft_len = 0  # draft cache length (host bookkeeping, no get_seq_length per step)
-        self._layout_parents: Tensor | None = None  # fixed parents last copied by start_tree
         self.mask_dtype = mask_dtype
         self.target_dtype = target_dtype
-        self._fixed: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
-        if mask_dtype is not None:
-            blocked = torch.finfo(mask_dtype).min
-            width = _aligned_width(max_cache_len + capacity + 1)
-            self.mask = torch.zeros(1, 1, capacity + 1, width, dtype=mask_dtype, device=device)
-            self._mask_strides = self.mask.stride()
-            self._block_base = 0  # column of the tree block (zeros everywhere else)
-            self._block = self.mask[0, 0, :, :capacity]
-            # the block's fixed rows: 0 = the root (itself only), cap = all blocked (padding's parent)
-            self._edge_rows = torch.tensor([0, capacity], dtype=torch.int64, device=device)
-            self._edge_values = torch.full((2, capacity), blocked, dtype=mask_dtype, device=device)
-            self._edge_values[0, 0] = 0
-            self._self_columns = torch.full((capacity, capacity), blocked, dtype=mask_dtype,
-                                            device=device).fill_diagonal_(0)
-            # pending committed tokens + root: a causal chain of at most depth_bound + 2 rows
-            chain = engine.policy.depth_bound + 2
-            self._chain = torch.zeros(1, 1, chain, _aligned_width(max_cache_len + chain), dtype=mask_dtype,
-                                      device=device)
-            self._chain_base = 0
-            self._chain_block = torch.full((chain, chain), blocked, dtype=mask_dtype, device=device).triu_(1)
-        timeline = engine.timeline
-        self._tree_region = timeline.region("tree_ops")
-        self._draft_region = timeline.region("draft_decode")
+        chain_rows = engine.policy.depth_bound + 2  # the longest first forward: pending tokens + the root
+        self.ws = ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, engine.seq, mask_dtype, target_dtype,
+                                        row_table, _WORKSPACE_DIRECT_CPU)
+        self.tokens, self.parents, self.logprobs, self.cum_logprobs = ws.tokens, ws.parents, ws.logprobs, ws.cum_logprobs
+        self.root_parents = self.parents[:, :1]  # [1, 1] = [[-1]]: the parents of a root-only tree
+        self.arange = torch.arange(max(capacity, 2), device=device)
+        self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
+        self._switch = engine.timeline.switch
         self._draft_other_device = engine.draft_device != device
         limit = engine.shared_vocab
         self._vocab_limit = limit if engine.draft is not None and engine.draft.vocab_size > limit else None
         self._token_clamp = engine.draft_token_clamp
 
-    # ------------------------------------------------------------------ helpers for policies
+    # ------------------------------------------------------------------ state (in the workspace)
     @property
     def node_row(self) -> Tensor:
-        """``[cap + 1]`` draft-cache row of every slot the draft processed this step (relative to the root
+        """``[1, cap + 1]`` draft-cache row of every slot the draft processed this step (relative to the root
         row), -1 for the others; the last entry is always -1."""
-        if self._fixed is not None:
-            return self._fixed.node_row
-        return self._row_table[self.rows_used] if self._identity else self._node_row
+        return self.ws.node_row
 
+    @property
+    def mask(self) -> Tensor:
+        """The draft's additive tree mask buffer ``[1, 1, cap + 1, W]``."""
+        return self.ws.mask
+
+    @property
+    def rows_used(self) -> int:
+        """Draft rows fed this step."""
+        return self.ws.rows_used
+
+    @property
+    def draft_base(self) -> int:
+        """Draft cache length at the root row."""
+        return self.ws.draft_base
+
+    @property
+    def draft_len(self) -> int:
+        """Draft cache length (host bookkeeping: no get_seq_length per step)."""
+        return self.ws.draft_len
+
+    @draft_len.setter
+    def draft_len(self, value: int) -> None:
+        self.ws.draft_len = value
+
+    # ------------------------------------------------------------------ helpers for policies
     def full_f32(self, value: float) -> Tensor:
         return torch.full((1,), value, dtype=torch.float32, device=self.device)
-
-    def zeros_f32(self, *shape: int) -> Tensor:
-        return self._zero_f32 if shape == (1, 1) else self._zero_f32.expand(*shape)
 
     def read_int(self, tensor: Tensor) -> int:
         """Read a one-element device value on the host (free on CPU; a sync on accelerators)."""
@@ -235,18 +229,10 @@ class DraftRound:
         return engine.seq[:, engine.cur_len - 1 : engine.cur_len]
 
     def start_tree(self, layout: FixedLayout | None = None) -> None:
-        """Reset the tree to the root (the last committed token); optionally on a ``FixedLayout`` (parents, node
-        rows and mask blocks known in advance: no per-level mask work).
-
-        Slot 0's parent and log-probs never change. The layout's ``parents`` copy is skipped when the same layout
-        was the last one set and no ``expand`` has written the tree since."""
-        self.tokens[0, :1].copy_(self.root_token()[0])
-        if layout is not None and layout.parents is not self._layout_parents:
-            self.parents[0, : layout.parents.shape[0]].copy_(layout.parents)
-            self._layout_parents = layout.parents
-        self._fixed = layout
-        self.rows_used = 0
-        self._identity = True
+        """Start this step's tree at the root, optionally on a ``FixedLayout`` (parents, node rows and mask blocks
+        known in advance: no per-level mask work). ``root_logits`` then writes the root and runs the step's first
+        draft forward."""
+        self._layout = layout
 
     def fixed_layout(self, parents: Tensor, fed_slots: list[int]) -> FixedLayout:
         """A ``FixedLayout`` on this round's device and dtypes for the tree ``parents [N]`` (host) whose draft
@@ -257,33 +243,71 @@ class DraftRound:
         depth, tree_mask = buffers[0], buffers[6]
         opened = tree_mask[0, 0] == 0  # [N, N]: column c is an ancestor-or-self of row r
         rows = torch.tensor(fed_slots, dtype=torch.int64)
-        node_row = torch.full((parents.shape[0] + 1,), -1, dtype=torch.int64)
-        node_row[rows] = torch.arange(len(fed_slots))
+        node_row = torch.full((1, parents.shape[0] + 1), -1, dtype=torch.int64)
+        node_row[0, rows] = torch.arange(len(fed_slots))
 
         def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
             blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype)
             return blocked.masked_fill_(allowed, 0).to(device)
 
-        return FixedLayout(parents.to(device), node_row.to(device), additive(opened[rows][:, rows], self.mask_dtype),
-                           depth.to(device), additive(opened, self.target_dtype))
+        return FixedLayout(parents.to(device), node_row.to(device),
+                           additive(opened[rows][:, rows], self.mask_dtype)[None], depth.to(device),
+                           additive(opened, self.target_dtype))
 
     @property
     def layout_key(self) -> tuple:
         """What a ``FixedLayout`` depends on besides the tree: device and the two mask dtypes."""
         return self.device, self.mask_dtype, self.target_dtype
 
-    # The three tree ops below are what policies call between draft forwards.
-    def topk(self, logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``topk_confidence`` of draft logits (at the sampling temperature when sampling)."""
+    # The tree ops below are what policies call between draft forwards. Draft logits are [1, T, V]; the ops
+    # that take a frontier use its last rows (the step's first forward also returns the pending tokens' rows).
+    def topk(self, logits: Tensor, k: int, rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``topk_confidence`` of draft logits ``[1, T, V]`` (the last ``rows`` rows; None: all), at the sampling
+        temperature when sampling."""
+        logits = logits[0] if rows is None else logits[0, -rows:]
         return _op_topk_confidence(logits, k, self.engine.draft_temperature)
 
-    def shape(self, alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale):
-        """``sage_tree`` for one level."""
-        return _op_sage_tree(alpha, frontier_logprobs, level, k, d_min, d_max, w_min, w_max, theta_scale)
+    def sage_level(self, logits: Tensor, alpha: Tensor | None, frontier_start: int, frontier_count: int, level: int,
+                   slot_start: int, num_slots: int, shape: tuple, used: int, n_max: int, known_count: int = -1,
+                   known_max_depth: int = -1) -> tuple:
+        """One SAGE level (``sage_level_``) on the last ``frontier_count`` rows of the draft logits (the frontier
+        slots ``[frontier_start, ...)``), ``shape`` = ``(k, d_min, d_max, w_min, w_max, theta_scale)``; with the
+        inputs of the next draft forward when the tree goes on (count > 0, level < max_depth, used + count <
+        n_max). Counts come from the host when given (``known_*`` >= 0: static shapes), else are read (CPU).
+        Returns ``(count, frontier_alpha [1, F], max_depth, next forward inputs or None)``."""
+        k, d_min, d_max, w_min, w_max, theta_scale = shape
+        return self.ws.sage_level(logits, alpha, frontier_start, frontier_count, level, slot_start, num_slots, k,
+                                  self.engine.draft_temperature, d_min, d_max, w_min, w_max, theta_scale, used, n_max,
+                                  known_count, known_max_depth)
+
+    def static_level(self, logits: Tensor, frontier_count: int, child_index: Tensor, start: int, k: int,
+                     want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
+        """One level of a fixed tree: the top-``k`` of the last ``frontier_count`` draft-logit rows, the children's
+        tokens and log-probs gathered into the slots from ``start`` (``child_index`` into the flattened top-k),
+        then the inputs of the next feed ``(start, count, depth)`` if any. Returns ``(alpha [F] if want_alpha else
+        None, inputs or None)``."""
+        next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
+        return self.ws.static_level(logits, frontier_count, child_index, start, k, self.engine.draft_temperature,
+                                    want_alpha, next_start, next_count, next_depth)
+
+    def topk_expand(self, logits: Tensor, frontier_count: int, frontier_start: int, k: int, slot_start: int,
+                    num_slots: int, want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
+        """One EAGLE-2 level: the top-``k`` of the last ``frontier_count`` draft-logit rows (the frontier slots from
+        ``frontier_start``), every frontier node allowed ``k`` children and no threshold, best-first into
+        ``[slot_start, slot_start + num_slots)``; then the inputs of the next feed ``(start, count, depth)`` if any.
+        Returns ``(alpha [F] if want_alpha else None, inputs or None)``."""
+        next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
+        return self.ws.topk_expand(logits, frontier_count, frontier_start, k, self.engine.draft_temperature,
+                                   slot_start, num_slots, want_alpha, next_start, next_count, next_depth)
+
+    def rerank(self, num_slots: int, num_select: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """EAGLE-2's final global top-``num_select`` over the slots ``[0, num_slots)`` (``rerank_tree``): the kept
+        nodes' ``tokens, parents, logprobs [1, S]`` and ``node_row [1, S + 1]``."""
+        return self.ws.rerank(num_slots, num_select)
 
     def expand(self, frontier, topk_logprobs, topk_ids, widths, min_cum_logprob, slot_start, num_slots) -> Tensor:
         """``expand_tree`` into the tree state; returns the count of real nodes written (device)."""
-        self._layout_parents = None
+        self.ws.tree_written()
         return _op_expand_tree(
             self.tokens, self.parents, self.logprobs, self.cum_logprobs, frontier, topk_logprobs,
             topk_ids, widths, min_cum_logprob, slot_start, num_slots,
@@ -298,107 +322,35 @@ class DraftRound:
         if self._draft_other_device:  # draft on another device than the target's inputs
             device = engine.draft_device
             tokens, positions, mask = tokens.to(device), positions.to(device), mask.to(device)
-        self._tree_region.__exit__()
-        self._draft_region.__enter__()
+        switch = self._switch
+        switch("draft_decode")
         logits = engine.draft.forward_tree(tokens, positions, mask, engine.draft_cache)
-        self._draft_region.__exit__()
-        self._tree_region.__enter__()
+        switch("tree_ops")
         if self._draft_other_device:
             logits = logits.to(self.device)
         return logits if self._vocab_limit is None else logits[..., : self._vocab_limit]
 
+    def forward(self, inputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """The draft forward of ``(tokens, positions, mask)`` (as the workspace returns them); logits ``[1, n, V]``."""
+        return self._forward(*inputs)
+
     def root_logits(self) -> Tensor:
         """The step's first draft forward: the committed tokens the draft has not processed yet, then the
-        root. Returns the draft's logits after the root ``[1, V_shared]``."""
+        root (written into slot 0 here). Returns the draft's logits ``[1, T, V_shared]``; the last row is the root's."""
         engine = self.engine
-        start, end = engine.draft_done, engine.cur_len
-        rows = end - start  # pending tokens + the root
-        cache_len = self.draft_len
-        base = cache_len + rows - 1
-        cap = self.capacity
-        # move the tree block to the new base: clear the old one, write the root row and the padding row (a
-        # fixed layout: all the step's rows)
-        self.mask[0, 0, :, self._block_base : self._block_base + cap].zero_()
-        self._block = block = self.mask[0, 0, :, base : base + cap]
-        fixed = self._fixed
-        if fixed is None:
-            block.index_copy_(0, self._edge_rows, self._edge_values)
-        else:  # every row of the step at once
-            size = fixed.draft_block.shape[0]
-            block[:size, :size].copy_(fixed.draft_block)
-        self._block_base = base
-        if rows == 1:
-            mask = self.mask.as_strided((1, 1, 1, base + 1), self._mask_strides, 0)
-        elif rows <= self._chain_block.shape[0]:
-            chain = self._chain
-            chain[0, 0, :, self._chain_base : self._chain_base + self._chain_block.shape[0]].zero_()
-            chain[0, 0, :, cache_len : cache_len + self._chain_block.shape[0]] = self._chain_block
-            self._chain_base = cache_len
-            mask = chain[:, :, :rows, : cache_len + rows]
+        layout = self._layout
+        if layout is None:
+            inputs = self.ws.start(engine.cur_len, engine.draft_done, None, None, None)
         else:
-            mask = causal_mask_4d(rows, cache_len, self.mask.dtype, self.device)
-        logits = self._forward(engine.seq[:, start:end], self.positions[:, start:end], mask)
-        self.draft_base = base
-        self.draft_len = cache_len + rows
-        self.rows_used = 1
-        return logits[0, -1:]
+            inputs = self.ws.start(engine.cur_len, engine.draft_done, layout.parents, layout.node_row,
+                                   layout.draft_block)
+        return self._forward(*inputs)
 
     def feed(self, start: int, count: int, depth: int) -> Tensor:
         """One draft forward over the tree slots ``[start, start + count)``, all at tree depth ``depth``
         (padding slots included; they attend to the past and themselves only). Returns their logits
-        ``[count, V_shared]``; their keys/values become the next ``count`` draft-cache rows."""
-        engine = self.engine
-        first, last = self.rows_used, self.rows_used + count
-        if last > self.capacity:
-            raise RuntimeError("draft tree exceeds the preallocated capacity")
-        if self._fixed is None:  # (a fixed layout's rows were all written with the block in root_logits)
-            if self._identity and start == first:
-                parent_rows = self.parents[0, start : start + count]  # slot == row for every fed node so far
-            else:
-                if self._identity:  # first feed where slots and rows part: write the map once
-                    self._identity = False
-                    self._node_row.copy_(self._row_table[first])
-                self._node_row[start : start + count].copy_(self.arange[first:last])
-                parent_rows = self._node_row[self.parents[0, start : start + count]]
-            # a row = its parent's row (a parent of -1, padding, picks the all-blocked last row) with its own
-            # column opened: max(parent row, [blocked except 0 on the diagonal]) in one op, into the block
-            block = self._block
-            torch.maximum(block[parent_rows], self._self_columns[first:last], out=block[first:last])
-        # views made with as_strided (one call instead of a multi-axis slice: this runs once per level):
-        # mask rows [first, last), columns [0, base + last); every position cur_len - 1 + depth
-        mask = self.mask.as_strided((1, 1, count, self.draft_base + last), self._mask_strides,
-                                    first * self._mask_strides[2])
-        positions = self.positions.as_strided((1, count), (0, 0), engine.cur_len - 1 + depth)
-        logits = self._forward(self.tokens[:, start : start + count], positions, mask)
-        self.rows_used = last
-        self.draft_len += count
-        return logits[0]
-
-
-class _TargetMasks:
-    """The target's additive masks without ``tree_buffers``, as views of one persistent buffer (rows 64-element
-    aligned, like the draft's): a root-only tree (``ar``) takes a view of zeros; a fixed layout's precomputed
-    ``[N, N]`` block is written at columns ``past_len ..`` after the previous block is zeroed (the past stays all
-    zeros). The buffer grows to the layout's size at its first use."""
-
-    def __init__(self, max_columns: int, dtype: torch.dtype, device: torch.device):
-        self.width, self.dtype, self.device = _aligned_width(max_columns), dtype, device
-        self.buffer = torch.zeros(1, 1, 1, self.width, dtype=dtype, device=device)
-        self.block_at = self.block_size = 0  # where the last block was written
-
-    def root(self, past_len: int) -> Tensor:
-        return self.buffer[:, :, :1, : past_len + 1]
-
-    def fixed(self, block: Tensor, past_len: int) -> Tensor:
-        size = block.shape[0]
-        if self.buffer.shape[2] < size:  # once per generation
-            self.buffer = torch.zeros(1, 1, size, self.width, dtype=self.dtype, device=self.device)
-            self.block_size = 0
-        rows = self.buffer[0, 0]
-        rows[: self.block_size, self.block_at : self.block_at + self.block_size].zero_()
-        rows[:size, past_len : past_len + size].copy_(block)
-        self.block_at, self.block_size = past_len, size
-        return self.buffer.as_strided((1, 1, size, past_len + size), self.buffer.stride(), 0)
+        ``[1, count, V_shared]``; their keys/values become the next ``count`` draft-cache rows."""
+        return self._forward(*self.ws.feed(start, count, depth))
 
 
 class SpeculativeGenerator:
@@ -573,8 +525,8 @@ class SpeculativeGenerator:
             stop_criteria = StopStringCriteria(tokenizer, stop_strings)
 
         prompt_len = input_ids.shape[1]
-        depth_bound = policy.depth_bound
-        max_len = prompt_len + max_new_tokens + depth_bound + 2  # sequence buffer; bounds every cache length
+        # sequence buffer: bounds every cache length, with room for a whole tree's new tokens (commit_tree_)
+        max_len = prompt_len + max_new_tokens + policy.capacity + 2
         self.seq = torch.zeros(1, max_len, dtype=torch.int64, device=device)
         self.seq[0, :prompt_len] = input_ids[0].to(device)
         # processor outputs go where the models' embeddings are (accelerate hooks move them further)
@@ -632,123 +584,59 @@ class SpeculativeGenerator:
             self, capacity, max_len, device, self.draft.dtype if use_draft else None, target_dtype,
             static_default=device.type == "cuda", row_table=row_table,
         )
-        self._row_tables[(device, capacity)] = ctx._row_table
+        self._row_tables[(device, capacity)] = ctx.ws.row_table
+        workspace = ctx.ws
         if use_draft:
             ctx.draft_len = self.draft_cache.get_seq_length()
-        target_groups = _cache_layout(self.target_cache)
-        draft_groups = _cache_layout(self.draft_cache) if use_draft else []
-        target_masks = _TargetMasks(max_len + capacity, target_dtype, device)
-        positions_all = ctx.positions
-        seq = self.seq
+        # cache layers on the engine's device are compacted and cropped by the workspace's commit; a model split
+        # over devices (device_map) has the others done here (_commit_elsewhere)
+        target_layers, target_elsewhere = _split_layout(_cache_layout(self.target_cache), device)
+        draft_layers, draft_elsewhere = _split_layout(_cache_layout(self.draft_cache) if use_draft else [], device)
+        target_layer_list = [self.target_cache.layers[index] for index in target_layers]
+        draft_layer_list = [self.draft_cache.layers[index] for index in draft_layers] if use_draft else []
         verify_sampling = self._verify_sampling
-        tree_enter, tree_exit = ctx._tree_region.__enter__, ctx._tree_region.__exit__
-        target_region = timeline.region("target_verify")
-        target_enter, target_exit = target_region.__enter__, target_region.__exit__
-        step_begin, step_end = timeline.step_begin, timeline.step_end
+        switch, step_begin, step_end = timeline.switch, timeline.step_begin, timeline.step_end
+        step_rows: list[tuple] = []
         step = 0
         # ---------------------------------------------------------- steps
         while stop_reason is None:
-            step_begin()
-            tree_enter()
+            step_begin("tree_ops")
             cur_len = self.cur_len
             target_len = cur_len - 1  # the root is not in the target cache
             proposal = policy.build(ctx)
-            tokens, parents = proposal.tokens, proposal.parents
+            tokens, parents, layout = proposal.tokens, proposal.parents, proposal.layout
             num_nodes = tokens.shape[1]
-            if num_nodes == 1:
-                positions = positions_all[:, target_len : target_len + 1]
-                mask = target_masks.root(target_len)
-            elif proposal.layout is not None:
-                positions = torch.add(proposal.layout.depth, target_len)
-                mask = target_masks.fixed(proposal.layout.target_block, target_len)
+            if layout is None:
+                positions, mask = workspace.target_inputs(parents, target_len, None, None)
             else:
-                buffers = _op_tree_buffers(parents, target_len, target_dtype)
-                positions, mask = buffers[1], buffers[6]
-            tree_exit()
-            target_enter()
+                positions, mask = workspace.target_inputs(parents, target_len, layout.depth, layout.target_block)
+            switch("target_verify")
             logits = self.target.forward_tree(tokens, positions, mask, self.target_cache)
-            target_exit()
-            tree_enter()
+            switch("tree_ops")
             if logits.device != device:  # lm_head on another device (device_map)
                 logits = logits.to(device)
+            # verification, then the commit: new tokens into the sequence buffer at cur_len, both caches compacted
+            # and cropped, the readback (accepted length, draft-held nodes, tree size, root alpha, new tokens) read
+            # to the host (the step's one sync)
+            node_row = proposal.node_row if use_draft else None
+            alpha_root = proposal.alpha_root
             if do_sample:
                 probs = self._target_probs(logits[0])[None]
-                accepted, accept_len, bonus = verify_sampling(tokens, parents, probs, generator)
+                verified = verify_sampling(tokens, parents, probs, generator)
+                readback, accepted = workspace.commit(tokens, parents, None, *verified, cur_len, target_layer_list,
+                                                      target_len, draft_layer_list, node_row, alpha_root)
             else:
-                accepted, accept_len, bonus = _op_verify_greedy(tokens, parents, logits)
-            # What the host reads, in order: [tau][draft-processed][real nodes][alpha bits] new tokens...
-            # (each header entry only when the host does not know it already)
-            parts = []
-            fed_depth = proposal.fed_depth
-            read_processed = use_draft and fed_depth is None and num_nodes > 1
-            if num_nodes == 1:  # the root alone: tau = 0, nothing to compact, the bonus is the new token
-                seq[0, cur_len : cur_len + 1] = bonus
-                new_tokens = bonus
-            else:
-                parts.append(accept_len)
-                # new tokens into the sequence buffer: the accepted path (entries past tau are junk that the
-                # next step overwrites), then the bonus at cur_len + tau
-                block = min(proposal.depth_bound, num_nodes - 1) + 1
-                # (take wraps the -1 padding of accepted like indexing does; it is 3x cheaper than tensor[index] = ...)
-                torch.take(tokens[0], accepted[0, 1:block], out=seq[0, cur_len : cur_len + block - 1])
-                seq[0, cur_len:].index_copy_(0, accept_len, bonus)
-                new_tokens = seq[0, cur_len : cur_len + block]
-                for dev, layer_indices in target_groups:
-                    _op_kv_compact(_cache_tensors(self.target_cache, layer_indices),
-                                   accepted if dev == device else accepted.to(dev), target_len)
-                if use_draft:
-                    # draft rows of the accepted nodes the draft processed (a prefix of the path)
-                    draft_rows = proposal.node_row[accepted]
-                    for dev, layer_indices in draft_groups:
-                        _op_kv_compact(_cache_tensors(self.draft_cache, layer_indices),
-                                       draft_rows if dev == device else draft_rows.to(dev), ctx.draft_base)
-                    if read_processed:
-                        parts.append((draft_rows >= 0).sum().view(1))
-            if proposal.num_real is None:
-                parts.append((parents[0, 1:] >= 0).sum().view(1))
-            alpha_root = proposal.alpha_root
-            if alpha_root is not None:
-                parts.append(alpha_root.view(torch.int32))  # float bits; cat promotes them to int64 exactly
-            if parts:
-                parts.append(new_tokens)
-                packed = torch.cat(parts)
-            else:
-                packed = new_tokens
-            tree_exit()
-            values = packed.tolist()  # the step's one host sync
-
-            # host bookkeeping
-            index = 0
-            tau = 0
-            if num_nodes > 1:
-                tau = values[0]
-                index = 1
-            if read_processed:
-                processed_n = values[index]
-                index += 1
-            elif fed_depth is not None:
-                processed_n = min(tau + 1, fed_depth)
-            else:
-                processed_n = min(ctx.rows_used, 1)  # the root alone: fed or not
-            if proposal.num_real is None:
-                real_n = values[index]
-                index += 1
-            else:
-                real_n = proposal.num_real
-            alpha_measured = None
-            if alpha_root is not None:
-                alpha_measured = _float_from_bits(values[index])
-                index += 1
-            new_host = values[index : index + tau + 1]
-
-            excess = num_nodes - tau - 1  # the target cache holds target_len + num_nodes rows
-            if excess > 0:
-                self.target_cache.crop(-excess)
+                readback, accepted = workspace.commit(tokens, parents, logits, None, None, None, cur_len,
+                                                      target_layer_list, target_len, draft_layer_list, node_row,
+                                                      alpha_root)
+            switch("other")
+            tau, processed_n, real_n, alpha_bits, *new_host = readback
+            del new_host[tau + 1 :]
+            alpha_measured = _float_from_bits(alpha_bits) if alpha_root is not None else None
+            if target_elsewhere or draft_elsewhere:
+                self._commit_elsewhere(ctx, accepted, node_row, num_nodes, tau, processed_n, target_len,
+                                       target_elsewhere, draft_elsewhere)
             if use_draft:
-                kept = ctx.draft_base + processed_n
-                if ctx.draft_len > kept:
-                    self.draft_cache.crop(kept - ctx.draft_len)
-                    ctx.draft_len = kept
                 self.draft_done = target_len + processed_n
             remaining = max_new_tokens - n_generated
             emitted = new_host if len(new_host) <= remaining else new_host[:remaining]
@@ -775,13 +663,9 @@ class SpeculativeGenerator:
                 stop_reason = "max_new_tokens"
             if streamer is not None and emitted:
                 streamer.put(torch.tensor(emitted))
-            info = policy.step_info(proposal.info, alpha_measured)
-            stats.steps.append(StepRecord(
-                tau=tau, emitted=len(emitted), tree_size=real_n, tree_slots=num_nodes - 1,
-                tree_depth=proposal.depth_bound, draft_forwards=proposal.draft_forwards,
-                alpha=info.get("alpha"), alpha_measured=alpha_measured, depth_target=info.get("depth_target"),
-                width_target=info.get("width_target"), d_max=info.get("d_max"),
-            ))
+            # the step's record, assembled into a StepRecord after the generation (off the hot path)
+            step_rows.append((tau, len(emitted), real_n, num_nodes - 1, proposal.depth_bound, proposal.draft_forwards,
+                              proposal.info, alpha_measured))
             policy.update(tau, alpha_measured)
             step += 1
             if self.step_hook is not None:
@@ -798,11 +682,34 @@ class SpeculativeGenerator:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.wall_time = time.perf_counter() - wall_start
+        for tau, emitted_n, real_n, slots, depth_bound, forwards, info, alpha_measured in step_rows:
+            info = policy.step_info(info, alpha_measured)
+            stats.steps.append(StepRecord(
+                tau=tau, emitted=emitted_n, tree_size=real_n, tree_slots=slots, tree_depth=depth_bound,
+                draft_forwards=forwards, alpha=info.get("alpha"), alpha_measured=alpha_measured,
+                depth_target=info.get("depth_target"), width_target=info.get("width_target"), d_max=info.get("d_max"),
+            ))
         timeline.finish(stats)
         stats.new_tokens = n_generated
         stats.stop_reason = stop_reason
         sequences = self.seq[:, : self.cur_len].clone().to(input_ids.device)
         return GenerationOutput(sequences, stats)
+
+    def _commit_elsewhere(self, ctx: DraftRound, accepted: Tensor, node_row: Tensor | None, num_nodes: int, tau: int,
+                          processed_n: int, target_len: int, target_elsewhere: list, draft_elsewhere: list) -> None:
+        """The commit's compaction and crop for cache layers on other devices than the engine's (device_map)."""
+        for dev, layer_indices in target_elsewhere:
+            if num_nodes > 1:
+                _op_kv_compact(_cache_tensors(self.target_cache, layer_indices), accepted.to(dev), target_len)
+            _crop_layers(self.target_cache, layer_indices, target_len + tau + 1)
+        kept = ctx.draft_base + processed_n
+        for dev, layer_indices in draft_elsewhere:
+            if num_nodes > 1:
+                draft_rows = node_row[:, accepted[0]]  # a -1 of accepted picks the -1 in node_row's last entry
+                _op_kv_compact(_cache_tensors(self.draft_cache, layer_indices), draft_rows.to(dev), ctx.draft_base)
+            _crop_layers(self.draft_cache, layer_indices, kept)
+        if draft_elsewhere:
+            ctx.draft_len = kept
 
     def _verify_sampling(self, tokens: Tensor, parents: Tensor, probs: Tensor, generator) -> tuple:
         """Lossless tree rejection sampling for deterministic top-k drafts (q = 1 rule)."""

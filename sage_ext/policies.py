@@ -5,7 +5,9 @@ exist. It talks to the engine through a ``DraftRound`` (``ctx``): preallocated t
 (``ctx.tokens/parents/logprobs/cum_logprobs [1, Ncap]``), ``ctx.root_logits()`` (the step's first draft
 forward: pending committed tokens + the root), ``ctx.feed(start, count, depth)`` (one draft forward over
 a contiguous range of tree slots, with the tree mask), ``ctx.topk`` (``topk_confidence``), ``ctx.expand``
-(``expand_tree``), ``ctx.shape`` (``sage_tree``) and ``ctx.root_token()`` (a view of the root). Policies
+(``expand_tree``), ``ctx.sage_level`` / ``ctx.static_level`` (a whole SAGE / fixed-tree level and the inputs
+of the next draft forward, one native call; ``ctx.forward`` runs it) and ``ctx.root_token()`` (a view of the
+root). Draft logits come as ``[1, T, V]``; a level's frontier is their last rows. Policies
 never loop over tree nodes in Python and never read device values, except SAGE with ``static_shapes=False``
 reading per-level node counts (free on CPU). Trees are laid out level by level, so every level (and every
 set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as ``tree_ops``
@@ -42,30 +44,26 @@ class TreeProposal:
     """A draft tree ready for verification.
 
     tokens, parents: ``[1, N]`` (node 0 = root = last committed token; padding nodes have parent -1).
-    node_row: int64 ``[>= N + 1]``: the draft-cache row (relative to the step's root row) of every node the
+    node_row: int64 ``[1, >= N + 1]``: the draft-cache row (relative to the step's root row) of every node the
         draft processed this step, -1 for the others (leaves, padding); its last entry is -1, so indexing it
-        with a -1 (padding in ``accepted``) gives -1.
-    depth_bound: host int, no node is deeper (sizes the engine's accepted-token buffer).
+        with a -1 (padding in ``accepted``) gives -1. The accepted nodes the draft holds are a prefix of the path.
+        None for a policy without a draft.
+    depth_bound: host int, no node is deeper.
     draft_forwards: draft forward passes spent on this tree.
     alpha_root: ``[1]`` float32 device tensor, the draft's confidence at the root (None when not measured).
     logprobs: ``[1, N]`` float32 conditional draft log-prob of every node (root 0, padding -inf), or None.
     info: host values for the step record (alpha, depth_target, width_target, d_max).
-    num_real: real draft nodes (root excluded) when the host knows it; None → the engine counts them.
-    fed_depth: when the draft processed exactly the nodes of depth < fed_depth (every level but the last is fed
-        whole: SAGE, chains), so the host knows how many accepted nodes the draft holds; None → read it.
     layout: the ``FixedLayout`` the tree was built on (its target mask block and depths are precomputed), or None.
     """
 
     tokens: Tensor
     parents: Tensor
-    node_row: Tensor
+    node_row: Tensor | None
     depth_bound: int
     draft_forwards: int
     alpha_root: Tensor | None = None
     logprobs: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    num_real: int | None = None
-    fed_depth: int | None = None
     layout: Any = None
 
 
@@ -111,7 +109,9 @@ class TreePolicy:
         """Host-side feedback after a step: accepted draft tokens and the root confidence measured."""
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
-        """The step record's policy fields, given the build-time ``info`` and the measured root alpha."""
+        """The step record's policy fields (alpha, depth_target, width_target, d_max), given the build-time
+        ``info`` and the root alpha measured in that step. Called after the generation, for every step: it may
+        use ``info`` only, not the policy's state (which has moved on)."""
         return info
 
     def describe(self) -> dict[str, Any]:
@@ -134,7 +134,7 @@ class AutoregressivePolicy(TreePolicy):
 
     def build(self, ctx) -> TreeProposal:
         # the root is read straight from the engine's sequence buffer: no tree state is written
-        return TreeProposal(ctx.root_token(), ctx.parents[:, :1], ctx.node_row, 0, 0, num_real=0)
+        return TreeProposal(ctx.root_token(), ctx.root_parents, None, 0, 0)
 
 
 class StaticTreePolicy(TreePolicy):
@@ -165,17 +165,12 @@ class StaticTreePolicy(TreePolicy):
         # it is contiguous), and where each child's token sits in the fed rows' flattened top-k
         # (parent position inside the fed range * topk + rank).
         self._levels: list[tuple[int, int, int, int, list[int]]] = []
-        fed: set[int] = set()
         for level in range(1, self._max_depth + 1):
             children = [i for i, d in enumerate(depth_l) if d == level]
             parents_fed = [i for i, d in enumerate(depth_l) if d == level - 1 and i in has_children]
             fed_start, fed_end = parents_fed[0], parents_fed[-1] + 1
-            fed.update(range(fed_start, fed_end))
             flat = [(parents_l[c] - fed_start) * self._topk + ranks_l[c] for c in children]
             self._levels.append((children[0], children[-1] + 1, fed_start, fed_end - fed_start, flat))
-        # the draft holds exactly the nodes above the last level when every such level is fed whole
-        above_last = {i for i, d in enumerate(depth_l) if d < self._max_depth}
-        self._fed_depth = self._max_depth if fed == above_last else None
         # the draft processes the root, then every fed range in order: draft row r = slot _fed_slots[r]
         self._fed_slots = [0] + [slot for _, _, fed_start, fed_count, _ in self._levels[1:]
                                  for slot in range(fed_start, fed_start + fed_count)]
@@ -215,18 +210,21 @@ class StaticTreePolicy(TreePolicy):
         ctx.start_tree(layout=layout)
         logits = ctx.root_logits()
         alpha_root = None
-        tokens, logprobs = ctx.tokens[0], ctx.logprobs[0]
-        for level, (start, end, fed_start, fed_count, flat) in enumerate(static["levels"], 1):
-            if level > 1:
-                logits = ctx.feed(fed_start, fed_count, level - 1)
-            alpha, topk_lp, topk_ids = ctx.topk(logits, self._topk)
-            if alpha_root is None:
+        levels = static["levels"]
+        for index, (start, _, _, fed_count, flat) in enumerate(levels):
+            # this level's children from the fed rows' top-k, and the next level's feed (one native call)
+            next_feed = None
+            if index + 1 < len(levels):
+                _, _, next_start, next_count, _ = levels[index + 1]
+                next_feed = (next_start, next_count, index + 1)
+            alpha, inputs = ctx.static_level(logits, fed_count, flat, start, self._topk, index == 0, next_feed)
+            if index == 0:
                 alpha_root = alpha
-            torch.index_select(topk_ids.reshape(-1), 0, flat, out=tokens[start:end])
-            torch.index_select(topk_lp.reshape(-1), 0, flat, out=logprobs[start:end])
+            if inputs is not None:
+                logits = ctx.forward(inputs)
         return TreeProposal(
-            ctx.tokens[:, :n], ctx.parents[:, :n], layout.node_row, self._max_depth, len(static["levels"]),
-            alpha_root, ctx.logprobs[:, :n], num_real=n - 1, fed_depth=self._fed_depth, layout=layout,
+            ctx.tokens[:, :n], ctx.parents[:, :n], layout.node_row, self._max_depth, len(levels),
+            alpha_root, ctx.logprobs[:, :n], layout=layout,
         )
 
 
@@ -264,7 +262,6 @@ class DynamicTreePolicy(TreePolicy):
             raise ValueError(f"1 + topk + (depth - 1) * topk^2 = {self._pool} exceeds {ops.MAX_TREE_NODES} nodes")
         if num_nodes + 1 > self._pool:
             raise ValueError(f"num_nodes={num_nodes} exceeds the {self._pool - 1} candidates the tree can hold")
-        self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @property
     def capacity(self) -> int:
@@ -281,39 +278,26 @@ class DynamicTreePolicy(TreePolicy):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "depth": self.depth, "topk": self._topk, "num_nodes": self.num_nodes}
 
-    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        cached = self._device_cache.get(device)
-        if cached is None:
-            widths = torch.full((1, self._topk), self._topk, dtype=torch.int64, device=device)
-            no_threshold = torch.full((1,), -math.inf, dtype=torch.float32, device=device)
-            cached = self._device_cache[device] = (widths, no_threshold)
-        return cached
-
     def build(self, ctx) -> TreeProposal:
         k = self._topk
-        widths, no_threshold = self._constants(ctx.device)
         ctx.start_tree()
         logits = ctx.root_logits()
-        alpha_root, topk_lp, topk_ids = ctx.topk(logits, k)
-        ctx.expand(ctx.arange[:1][None], topk_lp[None], topk_ids[None], widths[:, :1], no_threshold, 1, k)
-        level_start, next_slot = 1, 1 + k
-        for level in range(2, self.depth + 1):
-            # expand_tree sorts each level best-first, so the level's first k slots are its best k nodes
-            logits = ctx.feed(level_start, k, level - 1)
-            _, topk_lp, topk_ids = ctx.topk(logits, k)
-            frontier = ctx.arange[level_start : level_start + k][None]
-            ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, no_threshold, next_slot, k * k)
-            level_start, next_slot = next_slot, next_slot + k * k
-        keep, new_parents = ops.rerank_tree(
-            ctx.parents[:, :next_slot], ctx.cum_logprobs[:, :next_slot], self.num_nodes + 1
-        )
-        # keep is -1 padded; the -1 entries pick junk tokens for padding nodes, which are never accepted
-        kept = keep[0]
-        tokens = ctx.tokens[:, kept]
-        logprobs = ctx.logprobs[:, kept]
-        node_row = ctx.node_row
-        node_row = torch.cat((node_row[kept], node_row[-1:]))
-        return TreeProposal(tokens, new_parents, node_row, self.depth, self.depth, alpha_root, logprobs)
+        # per level (one native call): the frontier's top-k, each frontier node's k children best-first into the
+        # level's slots, and the next feed: the level's first k slots, its best nodes (expand_tree sorts them)
+        frontier_start, frontier_count, next_slot = 0, 1, 1
+        alpha_root = None
+        for level in range(1, self.depth + 1):
+            num_slots = k if level == 1 else k * k
+            next_feed = (next_slot, k, level) if level < self.depth else None
+            alpha, inputs = ctx.topk_expand(logits, frontier_count, frontier_start, k, next_slot, num_slots,
+                                            level == 1, next_feed)
+            if level == 1:
+                alpha_root = alpha
+            frontier_start, frontier_count, next_slot = next_slot, k, next_slot + num_slots
+            if inputs is not None:
+                logits = ctx.forward(inputs)
+        tokens, parents, logprobs, node_row = ctx.rerank(next_slot, self.num_nodes + 1)
+        return TreeProposal(tokens, parents, node_row, self.depth, self.depth, alpha_root, logprobs)
 
 
 class SagePolicy(TreePolicy):
@@ -418,11 +402,13 @@ class SagePolicy(TreePolicy):
         }
 
     # ------------------------------------------------------------------ shape formulas on the host
-    def shape_of(self, alpha: float) -> tuple[float, float, int]:
-        """``(D, W, round(D))`` for a host alpha with the current d_max, in float32 like ``sage_tree``."""
+    def shape_of(self, alpha: float, d_max: int | None = None) -> tuple[float, float, int]:
+        """``(D, W, round(D))`` for a host alpha with ``d_max`` (default: the current one), in float32 like
+        ``sage_tree``."""
+        d_max = self.d_max if d_max is None else d_max
         # each operation rounded to float32 (from float32 operands, double then float32 rounding is exact)
         a = _f32(alpha)
-        depth = _f32(self.d_min + _f32(a * _f32(self.d_max - self.d_min)))
+        depth = _f32(self.d_min + _f32(a * _f32(d_max - self.d_min)))
         width = _f32(self.w_min + _f32(_f32(1.0 - a) * _f32(self.w_max - self.w_min)))
         return depth, width, _round_half_up(depth)
 
@@ -466,65 +452,57 @@ class SagePolicy(TreePolicy):
         host_alpha = None
         if self.lag:
             host_alpha = self.alpha_next if self.alpha_next is not None else self.alpha_init
-        info: dict[str, Any] = {"d_max": self.d_max}
-        if host_alpha is not None:
-            depth, width, _ = self.shape_of(host_alpha)
-            info.update(alpha=host_alpha, depth_target=depth, width_target=width)
-        shape_args = (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max),
-                      self.theta_scale)
+        # the step record's D(alpha) and W(alpha) are computed from this after the generation (step_info)
+        info: dict[str, Any] = {"d_max": self.d_max, "alpha": host_alpha, "zero_lag": not self.lag}
+        shape = (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max), self.theta_scale)
 
         ctx.start_tree()
         logits = ctx.root_logits()
-        alpha_root, topk_lp, topk_ids = ctx.topk(logits, self.k)
         if host_alpha is None:
-            alpha = alpha_root
+            alpha = None  # zero-lag: level 1 is shaped by this root's own alpha, measured by the same op
         elif self.alpha_next is not None and self._alpha_next_device is not None:
             alpha = self._alpha_next_device  # last step's root alpha, still on the device: no upload
         else:
             alpha = ctx.full_f32(host_alpha)
-        widths, min_cum, max_depth_t = ctx.shape(alpha, ctx.zeros_f32(1, 1), 1, *shape_args)
-        if static_shapes:
-            slots = self.static_level_slots(host_alpha)
-            max_depth = len(slots)
-        else:
-            max_depth = ctx.read_int(max_depth_t)
-            slots = None
+        slots = self.static_level_slots(host_alpha) if static_shapes else None
         n_max = self.n_max
-        arange, logprobs = ctx.arange2, ctx.logprobs
+        # one native call per level: top-k, widths and threshold, best-first expansion, the new slots' mask rows
+        # and, when the tree goes on, the inputs of the draft forward over the new slots (ctx.sage_level). With
+        # static shapes the level sizes come from the host; otherwise they are read (free on the CPU).
+        num_slots = slots[0] if static_shapes else n_max
+        known_max_depth = len(slots) if static_shapes else -1
+        count, frontier_alpha, _, inputs = ctx.sage_level(
+            logits, alpha, 0, 1, 1, 1, num_slots, shape, 0, n_max, num_slots if static_shapes else -1, known_max_depth)
+        alpha_root = frontier_alpha[0]
+        if alpha is None:
+            alpha = alpha_root
         forwards, next_slot, used, level = 1, 1, 0, 1
-        frontier_start, frontier_count = 0, 1
-        while level <= max_depth:
-            num_slots = slots[level - 1] if static_shapes else n_max - used
-            if level > 1:
-                logits = ctx.feed(frontier_start, frontier_count, level - 1)
-                forwards += 1
-                _, topk_lp, topk_ids = ctx.topk(logits, self.k)
-                frontier_lp = logprobs[:, frontier_start : frontier_start + frontier_count]
-                widths, min_cum, _ = ctx.shape(alpha, frontier_lp, level, *shape_args)
-            frontier = arange[:, frontier_start : frontier_start + frontier_count]
-            count = ctx.expand(frontier, topk_lp[None], topk_ids[None], widths, min_cum, next_slot, num_slots)
-            written = num_slots if static_shapes else ctx.read_int(count)
-            if written == 0:
-                break
-            frontier_start, frontier_count = next_slot, written
-            next_slot += written
-            used += written
+        while count > 0:
+            frontier_start, frontier_count, next_slot = next_slot, count, next_slot + count
+            used += count
             level += 1
-            if used >= n_max:
+            if inputs is None:  # deeper than max_depth, or the node budget is spent
                 break
+            logits = ctx.forward(inputs)
+            forwards += 1
+            num_slots = slots[level - 1] if static_shapes else n_max - used
+            count, _, _, inputs = ctx.sage_level(
+                logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape, used, n_max,
+                num_slots if static_shapes else -1, known_max_depth)
         self._alpha_next_device = alpha_root
-        # every level but the last was fed whole (padding included): the draft holds the nodes of depth < forwards
         return TreeProposal(
             ctx.tokens[:, :next_slot], ctx.parents[:, :next_slot], ctx.node_row, level - 1, forwards,
-            alpha_root, ctx.logprobs[:, :next_slot], info, num_real=None if static_shapes else used,
-            fed_depth=forwards,
+            alpha_root, ctx.logprobs[:, :next_slot], info,
         )
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
-        if self.lag or alpha_root is None or "alpha" in info or self.rounds == 0 and self.first_round:
-            return info
-        depth, width, _ = self.shape_of(alpha_root)  # zero-lag: this step's root alpha shaped this tree
-        return {**info, "alpha": alpha_root, "depth_target": depth, "width_target": width}
+        # zero-lag: this step's root alpha shaped the tree; lag: the host alpha it was built with; the first
+        # (static) round: none
+        alpha = alpha_root if info.get("zero_lag") else info.get("alpha")
+        if alpha is None:
+            return {"d_max": info["d_max"]}
+        depth, width, _ = self.shape_of(alpha, info["d_max"])
+        return {"d_max": info["d_max"], "alpha": alpha, "depth_target": depth, "width_target": width}
 
 
 POLICIES = {

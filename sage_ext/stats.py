@@ -136,82 +136,83 @@ class GenerationStats:
 
 
 class _Region:
-    """``with timeline.region(name):`` — a plain class (cheaper than a generator context manager)."""
+    """``with timeline.region(name):`` — a plain class (cheaper than a generator context manager). On exit the
+    category that ran before it runs again (inside a step: ``other`` unless the engine switched)."""
 
-    __slots__ = ("timeline", "name", "start")
+    __slots__ = ("timeline", "name", "previous")
 
     def __init__(self, timeline: "Timeline", name: str):
         self.timeline, self.name = timeline, name
 
     def __enter__(self) -> None:
-        self.start = self.timeline._mark()
+        self.previous = self.timeline.current[0]
+        self.timeline.switch(self.name)
 
     def __exit__(self, *exc: Any) -> None:
-        self.timeline._close(self.name, self.start)
+        self.timeline.switch(self.previous)
 
 
 class Timeline:
-    """Accumulates the time categories of one generation without synchronizing mid-generation.
+    """The time categories of one generation, measured without synchronizing mid-generation.
 
-    On CUDA every region records a pair of CUDA events on the current stream; the elapsed times are read
-    once in ``finish`` (after the generation's final sync). Elsewhere regions use the host clock ``clock``
-    (default ``time.perf_counter``) and are summed as they close. Time of a step not covered by any
-    region is booked as ``other``. Regions must not nest.
+    The engine calls ``switch(name)`` at every boundary between categories (``None``: untimed); each call
+    takes one mark — a host clock reading, or on CUDA one event recorded on the current stream — and the
+    category ``name`` lasts until the next mark. Marks are turned into seconds once, in ``finish`` (after
+    the generation's final sync on CUDA). Steps are delimited by ``step_begin`` / ``step_end``; inside a step,
+    ``None`` (no category: e.g. the host bookkeeping after the step's sync, or after a region) is ``other``.
     """
 
     def __init__(self, device: torch.device, clock=time.perf_counter):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.clock = clock
-        self.totals = {key: 0.0 for key in TIME_KEYS}
-        self.step_times: list[float] = []
-        self._covered = 0.0  # host mode: region seconds inside the current step
-        self._events: list[tuple[str, Any, Any]] = []  # CUDA mode
-        self._step_events: list[tuple[Any, Any, int, int]] = []
-        self._step_start: Any = None
-        self._step_first_event = 0
-
-    def _mark(self) -> Any:
+        self._marks: list[tuple[Any, str | None]] = []  # (mark, category running from it)
+        self._steps: list[tuple[int, int]] = []  # (first mark, end mark) of every step
+        self._step_first = 0
+        self.current: list[str | None] = [None]  # the running category (a cell the switch closure writes)
+        self._in_step = [False]
+        append, current, in_step = self._marks.append, self.current, self._in_step
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
-            return event
-        return self.clock()
-
-    def _close(self, name: str, start: Any) -> None:
-        if self.cuda:
-            self._events.append((name, start, self._mark()))
+            def switch(name: str | None) -> None:
+                if name is None and in_step[0]:
+                    name = "other"
+                event = torch.cuda.Event(enable_timing=True)
+                event.record(torch.cuda.current_stream(device))
+                append((event, name))
+                current[0] = name
         else:
-            seconds = self.clock() - start
-            self.totals[name] += seconds
-            self._covered += seconds
+            def switch(name: str | None) -> None:
+                if name is None and in_step[0]:
+                    name = "other"
+                append((clock(), name))
+                current[0] = name
+        #: ``switch(name)``: close the running category and start ``name`` (a bound closure: cheapest call)
+        self.switch = switch
 
     def region(self, name: str) -> _Region:
         return _Region(self, name)
 
-    def step_begin(self) -> None:
-        self._step_start = self._mark()
-        self._covered = 0.0
-        self._step_first_event = len(self._events)
+    def step_begin(self, name: str = "other") -> None:
+        """Start a step in category ``name``."""
+        self._step_first = len(self._marks)
+        self._in_step[0] = True
+        self.switch(name)
 
     def step_end(self) -> None:
-        if self.cuda:
-            self._step_events.append((self._step_start, self._mark(), self._step_first_event, len(self._events)))
-        else:
-            seconds = self.clock() - self._step_start
-            self.step_times.append(seconds)
-            self.totals["other"] += max(seconds - self._covered, 0.0)
+        self._steps.append((self._step_first, len(self._marks)))
+        self._in_step[0] = False
+        self.switch(None)
+
+    def _seconds(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
 
     def finish(self, stats: GenerationStats) -> None:
         """Fill ``stats.time`` and every step's ``time`` (call after the generation's final device sync)."""
-        if self.cuda:
-            for name, start, end in self._events:
-                self.totals[name] += start.elapsed_time(end) / 1000.0
-            for start, end, first, last in self._step_events:
-                seconds = start.elapsed_time(end) / 1000.0
-                covered = sum(s.elapsed_time(e) for _, s, e in self._events[first:last]) / 1000.0
-                self.step_times.append(seconds)
-                self.totals["other"] += max(seconds - covered, 0.0)
-        for record, seconds in zip(stats.steps, self.step_times):
-            record.time = seconds
-        stats.time = dict(self.totals)
+        self.switch(None)
+        totals = {key: 0.0 for key in TIME_KEYS}
+        marks = self._marks
+        for (start, name), (end, _) in zip(marks, marks[1:]):
+            if name is not None:
+                totals[name] += self._seconds(start, end)
+        for record, (first, last) in zip(stats.steps, self._steps):
+            record.time = self._seconds(marks[first][0], marks[last][0])
+        stats.time = totals

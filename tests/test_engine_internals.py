@@ -1,34 +1,50 @@
 """The engine's preallocated tree state against from-scratch recomputation, every step.
 
 The hot path builds masks and positions as views of persistent buffers (see docs/ENGINE.md): the draft's
-tree mask rows are gathered level by level in a block that moves with the cache length, ``node_row`` is a
-table view while slots equal draft rows, a root-only tree (``ar``) takes its target mask and position as
-views, a fixed layout (static, chain, SAGE's first round) copies precomputed draft and target blocks. Here
-every draft-mask row the draft used (past columns included) and every target forward's mask and
-positions are compared with what ``tree_buffers`` computes from the tree's parents, for every policy, with a
-short and a long prompt; the mask views must start at 64-element aligned addresses; and the host-side count
-of draft-processed nodes (``fed_depth``) is checked against the node rows.
+tree mask rows are written level by level in a block that moves with the cache length (by ``sage_level_``
+for SAGE, by a gather otherwise), ``node_row`` is a table view while slots equal draft rows, a root-only
+tree (``ar``) takes its target mask and position as views, a fixed layout (static, chain, SAGE's first
+round) copies precomputed draft and target blocks. Here every draft-mask row the draft used (past columns
+included) and every target forward's mask and positions are compared with what ``tree_buffers`` computes
+from the tree's parents, for every policy of test_engine (SAGE with and without lag and static shapes),
+with a short and a long prompt, with the workspace's CPU loops and with its op path (what runs on GPUs); the mask views must start at 64-element aligned addresses; and the nodes
+the draft holds must be ancestor-closed (so an accepted path's held nodes, which ``commit_tree_``
+compacts, are a prefix of it).
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from test_engine import POLICIES
 from tiny_models import correlated_draft, one_thread, text_prompt, tiny_llama  # noqa: F401  (autouse fixture)
 
+import sage_ext.engine as engine_module
 from sage_ext import ops
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.policies import StaticTreePolicy
+from sage_ext.policies import SagePolicy, StaticTreePolicy
 
 MAX_NEW = 20
-#: the tests' policies plus a static tree whose level-2 feed range covers a childless node (rank path [1])
-INTERNAL_POLICIES = {**POLICIES, "static_gap": lambda: StaticTreePolicy([[0], [1], [2], [0, 0], [2, 0], [2, 0, 0]])}
+#: the tests' policies plus a static tree whose level-2 feed range covers a childless node (rank path [1]), and
+#: SAGE with a flat draft: after the static first round no candidate passes the threshold, so the trees are the
+#: root alone (the target mask buffer must not keep the first round's block)
+INTERNAL_POLICIES = {**POLICIES, "static_gap": lambda: StaticTreePolicy([[0], [1], [2], [0, 0], [2, 0], [2, 0, 0]]),
+                     "sage_flat_draft": lambda: SagePolicy()}
 
 
 @pytest.fixture(scope="module")
 def pair():
     target, _ = tiny_llama()
     return target, correlated_draft(target, noise=0.1)
+
+
+def flat_draft(target: torch.nn.Module) -> torch.nn.Module:
+    """The target with its lm_head scaled down: a near-uniform draft distribution."""
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        draft.get_output_embeddings().weight.mul_(1e-3)
+    return draft
 
 
 def ancestors(parents: list[int], node: int) -> set[int]:
@@ -42,7 +58,8 @@ def ancestors(parents: list[int], node: int) -> set[int]:
 def check_draft_tree(ctx, proposal) -> None:
     """Every draft row of this step: its tree-block columns open exactly at its ancestors-or-self."""
     parents = proposal.parents[0].tolist()
-    node_row = proposal.node_row.tolist()
+    assert proposal.node_row.shape[0] == 1
+    node_row = proposal.node_row[0].tolist()
     assert node_row[-1] == -1 and len(node_row) >= len(parents) + 1
     rows = {slot: row for slot, row in enumerate(node_row[: len(parents)]) if row >= 0}
     # distinct rows below the rows used, the root in row 0 (a rerank may drop fed nodes: rows can have gaps)
@@ -57,16 +74,18 @@ def check_draft_tree(ctx, proposal) -> None:
             expected = {rows[a] for a in ancestors(parents, slot)}
         opened = set((block[row] == 0).nonzero().flatten().tolist())
         assert opened == expected, (slot, row, opened, expected)
-    if proposal.fed_depth is not None:
-        depth = ops.tree_buffers(proposal.parents, 0)[0][0].tolist()
-        real = [s for s in range(len(parents)) if s == 0 or parents[s] >= 0]
-        assert {s for s in real if s in rows} == {s for s in real if depth[s] < proposal.fed_depth}
+    # the real nodes the draft holds are ancestor-closed, so every path's held nodes are a prefix of it
+    assert all(parents[slot] in rows for slot in rows if slot > 0 and parents[slot] >= 0)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["cpu-loops", "ops"])
 @pytest.mark.parametrize("prompt_len", [12, 300])
 @pytest.mark.parametrize("policy", list(INTERNAL_POLICIES))
-def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
+def test_masks_and_positions_match_tree_buffers(monkeypatch, pair, policy, prompt_len, direct):
+    monkeypatch.setattr(engine_module, "_WORKSPACE_DIRECT_CPU", direct)  # the workspace's CPU loops, or the ops
     target, draft = pair
+    if policy == "sage_flat_draft":
+        draft = flat_draft(target)
     generator = SpeculativeGenerator(target, draft, INTERNAL_POLICIES[policy]())
     policy_object = generator.policy
     build, forward_tree = policy_object.build, generator.target.forward_tree
@@ -92,8 +111,12 @@ def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
     def checked_forward(tokens, positions, mask, cache):
         past_len = cache.get_seq_length()
         if mask.shape[-2] == tokens.shape[1] and "parents" in state:  # a verification forward
-            expected = ops.tree_buffers(state.pop("parents"), past_len, mask_dtype=mask.dtype)
-            assert torch.equal(positions, expected[1])
+            parents = state.pop("parents")
+            expected = ops.tree_buffers(parents, past_len, mask_dtype=mask.dtype)
+            # a padding slot's position is free (it sees only itself and its output is never used): the workspace
+            # gives it its level's, tree_buffers 0
+            real = (parents >= 0) | (torch.arange(parents.shape[1]) == 0)
+            assert torch.equal(positions[real], expected[1][real])
             assert torch.equal(mask, expected[6])
             seen["targets"] += 1
         return forward_tree(tokens, positions, mask, cache)
@@ -106,3 +129,5 @@ def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
         reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert torch.equal(out.sequences, reference)
     assert seen["builds"] == seen["targets"] == out.stats.target_forwards > 0
+    if policy == "sage_flat_draft":  # the case it exists for: root-only trees after the fixed first round
+        assert out.stats.steps[0].tree_size == 25 and any(step.tree_size == 0 for step in out.stats.steps[1:])

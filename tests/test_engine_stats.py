@@ -115,3 +115,27 @@ def test_host_shape_matches_the_sage_tree_op(alpha):
     assert len(slots) == max_depth and sum(slots) <= policy.n_max and all(s >= 1 for s in slots)
     assert slots[0] == int(widths[0, 0])
     assert SagePolicy(lag=False).static_level_slots(None)[0] == policy.k  # worst case: the widest level 1
+
+
+def test_timeline_books_every_boundary_once():
+    """One clock reading per boundary; a category lasts until the next switch; a region gives back the category
+    that ran before it; no category inside a step is ``other``, outside steps nobody's; a step spans begin to
+    end."""
+    from sage_ext.stats import GenerationStats, StepRecord, Timeline
+
+    ticks = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 21.0, 28.0, 36.0, 45.0])  # the last: finish's closing mark
+    timeline = Timeline(torch.device("cpu"), clock=lambda: next(ticks))
+    timeline.step_begin("tree_ops")            # 0
+    timeline.switch("draft_decode")            # 1
+    timeline.switch("tree_ops")                # 3
+    with timeline.region("target_verify"):     # 6 .. 10, then tree_ops again
+        pass
+    timeline.switch(None)                      # 15: no category inside a step is "other"
+    timeline.step_end()                        # 21
+    with timeline.region("target_prefill"):    # 28 .. 36, outside any step
+        pass
+    stats = GenerationStats(policy="test", steps=[StepRecord(0, 1, 0, 0, 0, 0)])
+    timeline.finish(stats)
+    assert stats.time == {"draft_prefill": 0.0, "draft_decode": 2.0, "target_prefill": 8.0, "target_verify": 4.0,
+                          "tree_ops": 1.0 + 3.0 + 5.0, "other": 6.0}
+    assert stats.steps[0].time == 21.0

@@ -111,11 +111,12 @@ inline at::Tensor with_contiguous_last_dim(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
-// topk_confidence over the rows of `logits` [R, V] (float32/float16/bfloat16, last dim contiguous) into
-// alpha[R], topk_logprobs[R * k], topk_ids[R * k]: parallel over rows, and over vocabulary chunks when
-// there are fewer rows than threads (topk_confidence_cpu.cpp). Arguments are checked by the caller.
-void topk_confidence_rows(const at::Tensor& logits, int64_t k, float temperature, float* alpha, float* topk_logprobs,
-                          int64_t* topk_ids);
+// topk_confidence over `rows` rows of `vocab` logits of `dtype` (float32/float16/bfloat16), row r at
+// logits + r * row_stride elements, into alpha[rows], topk_logprobs[rows * k], topk_ids[rows * k]: parallel
+// over rows, and over vocabulary chunks when there are fewer rows than threads (topk_confidence_cpu.cpp).
+// Arguments are checked by the caller.
+void topk_confidence_rows(c10::ScalarType dtype, const void* logits, int64_t rows, int64_t vocab, int64_t row_stride,
+                          int64_t k, float temperature, float* alpha, float* topk_logprobs, int64_t* topk_ids);
 
 // kv_compact_ over `caches` with the accepted rows accepted[B * A] (row-major [B, A], validated by the
 // caller): row past_len + j <- past_len + accepted[b, j], in parallel over (cache, b, head) slices

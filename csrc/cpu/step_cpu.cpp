@@ -20,32 +20,49 @@
 #include "../core/kv_compact.h"
 #include "../core/tree.h"
 #include "cpu_utils.h"
+#include "step_cpu.h"
 
 namespace sage_ext::cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cpu(
-    const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs, const at::Tensor& cum_logprobs,
-    const std::optional<at::Tensor>& tree_mask, const at::Tensor& logits_in, const std::optional<at::Tensor>& alpha_in,
-    int64_t frontier_start, int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature,
-    double d_min, double d_max, double w_min, double w_max, double theta_scale) {
-  check_sage_level_args(tokens, parents, logprobs, cum_logprobs, tree_mask, logits_in, alpha_in, frontier_start,
-                        level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale);
-  const int64_t batch = tokens.size(0);
-  const int64_t capacity = tokens.size(1);
-  const int64_t num_frontier = logits_in.size(1);
-  const at::Tensor logits = with_contiguous_last_dim(logits_in).reshape({batch * num_frontier, logits_in.size(2)});
-  at::Tensor frontier_alpha = empty_on(tokens, {batch, num_frontier}, c10::kFloat);
-  at::Tensor count = empty_on(tokens, {batch}, c10::kLong);
-  at::Tensor max_depth = empty_on(tokens, {batch}, c10::kLong);
-  std::vector<float> topk_logprobs(batch * num_frontier * k);
-  std::vector<int64_t> topk_ids(batch * num_frontier * k);
-  topk_confidence_rows(logits, k, static_cast<float>(temperature), frontier_alpha.data_ptr<float>(),
-                       topk_logprobs.data(), topk_ids.data());
+// Top-k of `rows` logit rows starting at `logits` (rows `row_stride` elements apart), into scratch buffers
+// reused across calls (the engine calls these between every two draft forwards: no allocation).
+struct TopkScratch {
+  std::vector<float> logprobs;
+  std::vector<int64_t> ids;
+};
 
+TopkScratch& topk_rows(const at::Tensor& logits, int64_t batch_row, int64_t first_row, int64_t rows, int64_t k,
+                       double temperature, float* alpha) {
+  thread_local TopkScratch scratch;
+  scratch.logprobs.resize(rows * k);
+  scratch.ids.resize(rows * k);
+  const char* data = static_cast<const char*>(logits.const_data_ptr()) +
+                     (batch_row * logits.stride(0) + first_row * logits.stride(1)) *
+                         static_cast<int64_t>(logits.element_size());
+  topk_confidence_rows(logits.scalar_type(), data, rows, logits.size(2), logits.stride(1), k,
+                       static_cast<float>(temperature), alpha, scratch.logprobs.data(), scratch.ids.data());
+  return scratch;
+}
+
+core::TreeRow tree_row(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
+                       const at::Tensor& cum_logprobs, int64_t b) {
+  const int64_t capacity = tokens.size(1);
+  return core::TreeRow{tokens.data_ptr<int64_t>() + b * capacity, parents.data_ptr<int64_t>() + b * capacity,
+                       logprobs.data_ptr<float>() + b * capacity, cum_logprobs.data_ptr<float>() + b * capacity,
+                       capacity};
+}
+
+}  // namespace
+
+void sage_level_into(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
+                     const at::Tensor& cum_logprobs, const std::optional<at::Tensor>& tree_mask,
+                     const at::Tensor& logits, int64_t first_row, int64_t num_frontier,
+                     const std::optional<at::Tensor>& alpha_in, int64_t frontier_start, int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min,
+                     double d_max, double w_min, double w_max, double theta_scale, int64_t* count,
+                     float* frontier_alpha, int64_t* max_depth) {
+  const int64_t batch = tokens.size(0);
   const at::Tensor alpha = alpha_in.has_value() ? alpha_in->contiguous() : at::Tensor();
-  const float* alpha_data = alpha.defined() ? alpha.const_data_ptr<float>() : frontier_alpha.const_data_ptr<float>();
-  const int64_t alpha_stride = alpha.defined() ? 1 : num_frontier;  // zero-lag: each row's first frontier node
   const core::SageParams params{level,
                                 k,
                                 static_cast<float>(d_min),
@@ -53,35 +70,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cpu(
                                 static_cast<float>(w_min),
                                 static_cast<float>(w_max),
                                 static_cast<float>(theta_scale)};
-  std::vector<int64_t> frontier(num_frontier), widths(num_frontier);
+  thread_local std::vector<int64_t> frontier, widths;
+  frontier.resize(num_frontier);
+  widths.resize(num_frontier);
   std::iota(frontier.begin(), frontier.end(), frontier_start);
   for (int64_t b = 0; b < batch; ++b) {
-    const core::TreeRow tree{tokens.data_ptr<int64_t>() + b * capacity, parents.data_ptr<int64_t>() + b * capacity,
-                             logprobs.data_ptr<float>() + b * capacity, cum_logprobs.data_ptr<float>() + b * capacity,
-                             capacity};
+    float* row_alpha = frontier_alpha + b * num_frontier;
+    const TopkScratch& topk = topk_rows(logits, b, first_row, num_frontier, k, temperature, row_alpha);
+    const core::TreeRow tree = tree_row(tokens, parents, logprobs, cum_logprobs, b);
+    // lagged alpha, or (zero-lag) the row's first frontier node's own
+    const float shape_alpha = alpha.defined() ? alpha.const_data_ptr<float>()[b] : row_alpha[0];
     float min_cum_logprob = 0.0f;
-    core::sage_tree_row(alpha_data[b * alpha_stride], tree.logprobs + frontier_start, num_frontier, params,
-                        widths.data(), &min_cum_logprob, max_depth.data_ptr<int64_t>() + b);
-    const core::FrontierRow proposals{frontier.data(),
-                                      topk_logprobs.data() + b * num_frontier * k,
-                                      topk_ids.data() + b * num_frontier * k,
-                                      widths.data(),
-                                      num_frontier,
-                                      k,
-                                      min_cum_logprob};
-    count.data_ptr<int64_t>()[b] = core::expand_tree_row(tree, proposals, slot_start, num_slots);
+    core::sage_tree_row(shape_alpha, tree.logprobs + frontier_start, num_frontier, params, widths.data(),
+                        &min_cum_logprob, max_depth + b);
+    const core::FrontierRow proposals{frontier.data(), topk.logprobs.data(), topk.ids.data(), widths.data(),
+                                      num_frontier,    k,                     min_cum_logprob};
+    count[b] = core::expand_tree_row(tree, proposals, slot_start, num_slots);
   }
   if (tree_mask.has_value()) {
     const at::Tensor& mask = *tree_mask;
     dispatch_float_dtype(mask.scalar_type(), "sage_level_", [&](auto zero) {
       using T = decltype(zero);
       for (int64_t b = 0; b < batch; ++b) {
-        core::tree_mask_rows(parents.const_data_ptr<int64_t>() + b * capacity, slot_start, num_slots, T(0.0f),
+        core::tree_mask_rows(parents.const_data_ptr<int64_t>() + b * tokens.size(1), slot_start, num_slots, T(0.0f),
                              std::numeric_limits<T>::lowest(), static_cast<T*>(mask.data_ptr()) + b * mask.stride(0),
                              mask.stride(1), mask.size(2));
       }
     });
   }
+}
+
+int64_t topk_expand_into(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
+                         const at::Tensor& cum_logprobs, const at::Tensor& logits, int64_t first_row,
+                         int64_t num_frontier, int64_t frontier_start, int64_t k, double temperature,
+                         int64_t slot_start, int64_t num_slots, float* frontier_alpha) {
+  const TopkScratch& topk = topk_rows(logits, 0, first_row, num_frontier, k, temperature, frontier_alpha);
+  thread_local std::vector<int64_t> frontier, widths;
+  frontier.resize(num_frontier);
+  widths.assign(num_frontier, k);
+  std::iota(frontier.begin(), frontier.end(), frontier_start);
+  const core::FrontierRow proposals{frontier.data(), topk.logprobs.data(), topk.ids.data(), widths.data(),
+                                    num_frontier,    k,                     -std::numeric_limits<float>::infinity()};
+  return core::expand_tree_row(tree_row(tokens, parents, logprobs, cum_logprobs, 0), proposals, slot_start, num_slots);
+}
+
+void topk_gather_into(const at::Tensor& tokens, const at::Tensor& logprobs, const at::Tensor& logits,
+                      int64_t first_row, int64_t num_frontier, int64_t k, double temperature,
+                      const at::Tensor& child_index, int64_t start, float* frontier_alpha) {
+  const TopkScratch& topk = topk_rows(logits, 0, first_row, num_frontier, k, temperature, frontier_alpha);
+  const int64_t* index = child_index.const_data_ptr<int64_t>();
+  int64_t* token_out = tokens.data_ptr<int64_t>() + start;
+  float* logprob_out = logprobs.data_ptr<float>() + start;
+  for (int64_t c = 0; c < child_index.size(0); ++c) {
+    token_out[c] = topk.ids[index[c]];
+    logprob_out[c] = topk.logprobs[index[c]];
+  }
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cpu(
+    const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs, const at::Tensor& cum_logprobs,
+    const std::optional<at::Tensor>& tree_mask, const at::Tensor& logits_in, const std::optional<at::Tensor>& alpha,
+    int64_t frontier_start, int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature,
+    double d_min, double d_max, double w_min, double w_max, double theta_scale) {
+  check_sage_level_args(tokens, parents, logprobs, cum_logprobs, tree_mask, logits_in, alpha, frontier_start,
+                        level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale);
+  const int64_t batch = tokens.size(0);
+  at::Tensor frontier_alpha = empty_on(tokens, {batch, logits_in.size(1)}, c10::kFloat);
+  at::Tensor count = empty_on(tokens, {batch}, c10::kLong);
+  at::Tensor max_depth = empty_on(tokens, {batch}, c10::kLong);
+  sage_level_into(tokens, parents, logprobs, cum_logprobs, tree_mask, with_contiguous_last_dim(logits_in), 0,
+                  logits_in.size(1), alpha, frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max,
+                  theta_scale, count.data_ptr<int64_t>(), frontier_alpha.data_ptr<float>(),
+                  max_depth.data_ptr<int64_t>());
   return {count, frontier_alpha, max_depth};
 }
 

@@ -40,19 +40,16 @@ void add_range_simd(core::TopKAccumulator& acc, const T* logits, int64_t begin, 
 
 }  // namespace
 
-void topk_confidence_rows(const at::Tensor& logits, int64_t k, float temperature, float* alpha_out,
-                          float* logprob_out, int64_t* id_out) {
-  const int64_t rows = logits.size(0);
-  const int64_t vocab = logits.size(1);
-  const int64_t row_stride = logits.stride(0);
+void topk_confidence_rows(c10::ScalarType dtype, const void* logits, int64_t rows, int64_t vocab, int64_t row_stride,
+                          int64_t k, float temperature, float* alpha_out, float* logprob_out, int64_t* id_out) {
   if (rows == 0) return;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks =
       rows >= threads ? 1 : std::clamp<int64_t>(vocab / kParallelGrainWork, 1, (2 * threads + rows - 1) / rows);
 
-  dispatch_vocab_dtype(logits.scalar_type(), "topk_confidence", [&](auto zero) {
+  dispatch_vocab_dtype(dtype, "topk_confidence", [&](auto zero) {
     using T = decltype(zero);
-    const T* data = static_cast<const T*>(logits.const_data_ptr());
+    const T* data = static_cast<const T*>(logits);
     if (chunks == 1) {
       parallel_for_work(rows, vocab, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
@@ -89,8 +86,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_confidence_cpu(const at::Ten
   at::Tensor alpha = empty_on(logits, {rows}, c10::kFloat);
   at::Tensor topk_logprobs = empty_on(logits, {rows, k}, c10::kFloat);
   at::Tensor topk_ids = empty_on(logits, {rows, k}, c10::kLong);
-  topk_confidence_rows(logits, k, static_cast<float>(temperature), alpha.data_ptr<float>(),
-                       topk_logprobs.data_ptr<float>(), topk_ids.data_ptr<int64_t>());
+  topk_confidence_rows(logits.scalar_type(), logits.const_data_ptr(), rows, logits.size(1), logits.stride(0), k,
+                       static_cast<float>(temperature), alpha.data_ptr<float>(), topk_logprobs.data_ptr<float>(),
+                       topk_ids.data_ptr<int64_t>());
   return {alpha, topk_logprobs, topk_ids};
 }
 
