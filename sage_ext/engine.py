@@ -156,7 +156,7 @@ class DraftRound:
     target's mask buffer and a position table. While every feed takes the slots right after the rows used
     (SAGE, chains, the first levels of other trees) slots are rows and nothing is gathered; ``sage_level``
     writes the new slots' mask rows with the expansion, a fixed layout copies its whole block at the start.
-    Nothing here reads device values except SAGE's per-level counts on the CPU.
+    Nothing here reads device values except SAGE's per-level counts with ``static_shapes=False`` (the CPU default).
 
     Python keeps the control flow, the model forwards (``forward``) and the time accounting: the engine books
     the whole tree build as ``tree_ops``; ``forward`` books the draft forwards as ``draft_decode``.
@@ -273,7 +273,8 @@ class DraftRound:
         """One SAGE level (``sage_level_``) on the last ``frontier_count`` rows of the draft logits (the frontier
         slots ``[frontier_start, ...)``), ``shape`` = ``(k, d_min, d_max, w_min, w_max, theta_scale)``; with the
         inputs of the next draft forward when the tree goes on (count > 0, level < max_depth, used + count <
-        n_max). Counts come from the host when given (``known_*`` >= 0: static shapes), else are read (CPU).
+        n_max). Counts come from the host when given (``known_*`` >= 0: static shapes), else are read (free on
+        the CPU, a sync elsewhere).
         Returns ``(count, frontier_alpha [1, F], max_depth, next forward inputs or None)``."""
         k, d_min, d_max, w_min, w_max, theta_scale = shape
         return self.ws.sage_level(logits, alpha, frontier_start, frontier_count, level, slot_start, num_slots, k,

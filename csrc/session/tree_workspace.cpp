@@ -105,13 +105,6 @@ double blocked_value(c10::ScalarType dtype) {
   }
 }
 
-// A one-element int64 value known to live on the CPU (reading it is free there).
-int64_t host_int(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.is_cpu(), "TreeWorkspace: ", what, " is on ", t.device(),
-              "; pass it from the host (static shapes) instead of reading it back");
-  return t.const_data_ptr<int64_t>()[0];
-}
-
 }  // namespace
 
 TreeWorkspace::TreeWorkspace(int64_t capacity, int64_t max_cache_len, int64_t chain_rows, const at::Tensor& sequence,
@@ -350,8 +343,10 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
         frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale);
     if (level == 1) frontier_alpha = alpha_t;
     if (num_slots > 0) depth.narrow(1, slot_start, num_slots).fill_(level);
-    if (known_count < 0) count = host_int(count_t, "the level's node count");
-    if (known_max_depth < 0) max_depth = host_int(max_depth_t, "max_depth");
+    // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
+    // with static_shapes=False, the default on the CPU)
+    if (known_count < 0) count = count_t.item<int64_t>();
+    if (known_max_depth < 0) max_depth = max_depth_t.item<int64_t>();
   }
   if (known_count >= 0) count = known_count;  // static shapes: the level's slots, padding included
   if (known_max_depth >= 0) max_depth = known_max_depth;

@@ -6,7 +6,7 @@
 // its warm cost), so the work of a gap — a SAGE level, the views of the next draft forward, the target's
 // mask and positions, verification and the commit — is done here in one call each. On CUDA the same
 // calls only launch kernels (through the dispatcher, so the registered CUDA kernels run) and never read
-// device values, except where the caller asks for a count on the CPU.
+// device values, except a SAGE level's count when the caller does not know it (static_shapes=False).
 //
 // The workspace owns (sizes in tree slots, `cap` = capacity):
 //   tokens, parents [1, cap] int64; logprobs, cum_logprobs [1, cap] float32 (slot 0 = the root);
@@ -61,8 +61,8 @@ class TreeWorkspace {
   // One SAGE level (the sage_level_ op) on the last `frontier_count` rows of the draft logits [1, T, V]; then,
   // when the tree goes on (count > 0, level < max_depth, used + count < n_max), the inputs of the draft forward
   // that feeds the new slots. count / max_depth: known_count / known_max_depth when >= 0 (static shapes), else
-  // read from the op's outputs (the tree must be on the CPU). Returns (count, frontier_alpha [1, F] at level 1
-  // (else none), max_depth, next forward inputs or none).
+  // read from the op's outputs (free on the CPU, a sync elsewhere). Returns (count, frontier_alpha [1, F] at
+  // level 1 (else none), max_depth, next forward inputs or none).
   std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> sage_level(
       const at::Tensor& logits, const std::optional<at::Tensor>& alpha, int64_t frontier_start, int64_t frontier_count,
       int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min, double d_max,
