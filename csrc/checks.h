@@ -353,8 +353,8 @@ inline void check_sage_level_args(const at::Tensor& tokens, const at::Tensor& pa
   expect_device(op, "logits", logits, tokens, "tokens");
   const int64_t num_frontier = logits.size(1);
   const int64_t vocab = logits.size(2);
-  TORCH_CHECK(num_frontier >= 1 && vocab >= 1, op, ": logits must hold at least one frontier row and one token, got shape ",
-              logits.sizes());
+  TORCH_CHECK(num_frontier >= 1 && vocab >= 1, op,
+              ": logits must hold at least one frontier row and one token, got shape ", logits.sizes());
   expect_topk_params(op, vocab, k, temperature);
   if (alpha.has_value()) {
     expect_dim(op, "alpha", *alpha, 1, "[B]");

@@ -42,7 +42,8 @@ void crop_layers(const py::list& layers, int64_t length) {
 // TreeWorkspace::commit on HF cache layers, then both caches cropped: the target to the committed sequence
 // (target_len + accept_len + 1 rows), the draft to the accepted nodes it holds (draft_base + readback[1]).
 std::tuple<std::vector<int64_t>, at::Tensor> commit_and_crop(
-    TreeWorkspace& workspace, const at::Tensor& tokens, const at::Tensor& parents, const std::optional<at::Tensor>& target,
+    TreeWorkspace& workspace, const at::Tensor& tokens, const at::Tensor& parents,
+    const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& accepted, const std::optional<at::Tensor>& accept_len,
     const std::optional<at::Tensor>& bonus, int64_t cur_len, const py::list& target_layers, int64_t target_len,
     const py::list& draft_layers, const std::optional<at::Tensor>& node_row, const std::optional<at::Tensor>& alpha) {

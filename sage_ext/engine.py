@@ -174,7 +174,8 @@ class DraftRound:
         chain_rows = engine.policy.depth_bound + 2  # the longest first forward: pending tokens + the root
         self.ws = ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, engine.seq, mask_dtype, target_dtype,
                                         row_table, _WORKSPACE_DIRECT_CPU)
-        self.tokens, self.parents, self.logprobs, self.cum_logprobs = ws.tokens, ws.parents, ws.logprobs, ws.cum_logprobs
+        self.tokens, self.parents = ws.tokens, ws.parents
+        self.logprobs, self.cum_logprobs = ws.logprobs, ws.cum_logprobs
         self.root_parents = self.parents[:, :1]  # [1, 1] = [[-1]]: the parents of a root-only tree
         self.arange = torch.arange(max(capacity, 2), device=device)
         self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level

@@ -265,7 +265,8 @@ def test_commit_tree_refuses_bad_paths_before_writing(case):
         ops.commit_tree_(**args)
     for key in ("sequence", "target_caches", "draft_caches"):
         value, old = args[key], before[key]
-        assert all(torch.equal(a, b) for a, b in zip(value, old)) if isinstance(value, list) else torch.equal(value, old)
+        pairs = zip(value, old) if isinstance(value, list) else [(value, old)]
+        assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_commit_tree_without_caches_only_writes_the_sequence():

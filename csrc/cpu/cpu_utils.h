@@ -111,6 +111,18 @@ inline at::Tensor with_contiguous_last_dim(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// The SAGE shape parameters of sage_tree / sage_level_ as the core takes them (float32 formulas).
+inline core::SageParams sage_params(int64_t level, int64_t k, double d_min, double d_max, double w_min, double w_max,
+                                    double theta_scale) {
+  return core::SageParams{level,
+                          k,
+                          static_cast<float>(d_min),
+                          static_cast<float>(d_max),
+                          static_cast<float>(w_min),
+                          static_cast<float>(w_max),
+                          static_cast<float>(theta_scale)};
+}
+
 // topk_confidence over `rows` rows of `vocab` logits of `dtype` (float32/float16/bfloat16), row r at
 // logits + r * row_stride elements, into alpha[rows], topk_logprobs[rows * k], topk_ids[rows * k]: parallel
 // over rows, and over vocabulary chunks when there are fewer rows than threads (topk_confidence_cpu.cpp).

@@ -58,18 +58,13 @@ core::TreeRow tree_row(const at::Tensor& tokens, const at::Tensor& parents, cons
 void sage_level_into(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
                      const at::Tensor& cum_logprobs, const std::optional<at::Tensor>& tree_mask,
                      const at::Tensor& logits, int64_t first_row, int64_t num_frontier,
-                     const std::optional<at::Tensor>& alpha_in, int64_t frontier_start, int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min,
-                     double d_max, double w_min, double w_max, double theta_scale, int64_t* count,
-                     float* frontier_alpha, int64_t* max_depth) {
+                     const std::optional<at::Tensor>& alpha_in, int64_t frontier_start, int64_t level,
+                     int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min, double d_max,
+                     double w_min, double w_max, double theta_scale, int64_t* count, float* frontier_alpha,
+                     int64_t* max_depth) {
   const int64_t batch = tokens.size(0);
   const at::Tensor alpha = alpha_in.has_value() ? alpha_in->contiguous() : at::Tensor();
-  const core::SageParams params{level,
-                                k,
-                                static_cast<float>(d_min),
-                                static_cast<float>(d_max),
-                                static_cast<float>(w_min),
-                                static_cast<float>(w_max),
-                                static_cast<float>(theta_scale)};
+  const core::SageParams params = sage_params(level, k, d_min, d_max, w_min, w_max, theta_scale);
   thread_local std::vector<int64_t> frontier, widths;
   frontier.resize(num_frontier);
   widths.resize(num_frontier);
@@ -141,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cpu(
   at::Tensor count = empty_on(tokens, {batch}, c10::kLong);
   at::Tensor max_depth = empty_on(tokens, {batch}, c10::kLong);
   sage_level_into(tokens, parents, logprobs, cum_logprobs, tree_mask, with_contiguous_last_dim(logits_in), 0,
-                  logits_in.size(1), alpha, frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max,
-                  theta_scale, count.data_ptr<int64_t>(), frontier_alpha.data_ptr<float>(),
+                  logits_in.size(1), alpha, frontier_start, level, slot_start, num_slots, k, temperature, d_min,
+                  d_max, w_min, w_max, theta_scale, count.data_ptr<int64_t>(), frontier_alpha.data_ptr<float>(),
                   max_depth.data_ptr<int64_t>());
   return {count, frontier_alpha, max_depth};
 }

@@ -45,13 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_tree_cpu(const at::Tensor& a
   at::Tensor widths = empty_on(alpha, {batch, num_frontier}, c10::kLong);
   at::Tensor min_cum_logprob = empty_on(alpha, {batch}, c10::kFloat);
   at::Tensor max_depth = empty_on(alpha, {batch}, c10::kLong);
-  const core::SageParams params{level,
-                                k,
-                                static_cast<float>(d_min),
-                                static_cast<float>(d_max),
-                                static_cast<float>(w_min),
-                                static_cast<float>(w_max),
-                                static_cast<float>(theta_scale)};
+  const core::SageParams params = sage_params(level, k, d_min, d_max, w_min, w_max, theta_scale);
   const float* alpha_data = alpha.const_data_ptr<float>();
   const float* logprob_data = frontier_logprobs.const_data_ptr<float>();
   int64_t* width_data = widths.data_ptr<int64_t>();

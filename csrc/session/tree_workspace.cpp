@@ -408,7 +408,8 @@ std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::topk_expand(
   } else {
     auto [alpha_t, topk_logprobs, topk_ids] =
         topk_confidence_op().call(logits.narrow(1, first_row, frontier_count).select(0, 0), k, temperature);
-    const at::Tensor frontier = at::arange(frontier_start, frontier_start + frontier_count, tokens.options()).unsqueeze(0);
+    const at::Tensor frontier =
+        at::arange(frontier_start, frontier_start + frontier_count, tokens.options()).unsqueeze(0);
     const at::Tensor widths = at::full({1, frontier_count}, k, tokens.options());
     const at::Tensor no_threshold = at::full({1}, -std::numeric_limits<double>::infinity(), logprobs.options());
     expand_tree_op().call(tokens, parents, logprobs, cum_logprobs, frontier, topk_logprobs.unsqueeze(0),
@@ -476,7 +477,8 @@ std::tuple<at::Tensor, at::Tensor> TreeWorkspace::target_inputs(const at::Tensor
             target_mask_.as_strided({1, 1, 1, target_len + 1}, target_mask_.strides(), target_mask_.storage_offset())};
   }
   if (layout_depth.has_value()) {  // a fixed layout: its precomputed [N, N] block after zeros for the past
-    TORCH_CHECK_VALUE(layout_target_block.has_value(), "TreeWorkspace.target_inputs: a fixed layout needs its target block");
+    TORCH_CHECK_VALUE(layout_target_block.has_value(),
+                      "TreeWorkspace.target_inputs: a fixed layout needs its target block");
     const int64_t size = layout_target_block->size(0);
     if (target_mask_.size(2) < size) {  // once per generation
       target_mask_ = at::zeros({1, 1, size, target_mask_.size(3)}, target_mask_.options());
