@@ -8,6 +8,54 @@
 - `sage_ext.cli`: the `sage-ext` command (demo, generate, bench); `sage_ext.fixtures`: the bundled
   draft/target pair and its procedural scene task.
 """
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("sage_ext")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
+
+def _extension_missing(error: ImportError) -> ImportError:
+    """The error to raise when the compiled extension ``sage_ext._C`` cannot be imported: most often the
+    source tree shadows the installed package (``python -m sage_ext`` or ``import sage_ext`` run in the checkout
+    after a non-editable ``pip install .``, whose ``_C`` lives only in site-packages)."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = []
+    for entry in sys.path:
+        folder = os.path.join(os.path.abspath(entry or os.getcwd()), "sage_ext")
+        if os.path.normcase(folder) != os.path.normcase(here) and os.path.isdir(folder) and any(
+                name.startswith("_C.") for name in os.listdir(folder)):
+            installed.append(folder)
+    if installed:
+        why = (f"the source folder {here} shadows the installed sage_ext in {installed[0]} (Python looks in the "
+               f"current folder first). Run from another folder, or install for development with "
+               f"`pip install --no-build-isolation -e .`")
+    elif importlib.util.find_spec("sage_ext._C") is None:
+        why = (f"sage_ext/_C is not built in {here}: install the package (`pip install --no-build-isolation .`, "
+               f"or `-e .` for development) and import it from outside the source folder")
+    else:
+        why = f"it exists but failed to load ({error}); rebuild it against the installed torch ({sys.executable})"
+    return ImportError(f"sage_ext's compiled extension sage_ext._C cannot be imported: {why}")
+
+
+try:
+    from . import _C  # noqa: F401  (the compiled extension; registers torch.ops.sage_ext.*)
+except ImportError as _error:
+    if "_C" not in str(_error) and "sage_ext" not in str(_error):
+        raise
+    _missing = _extension_missing(_error)
+    import sys as _sys
+
+    if _sys.argv[:1] == ["-m"]:  # `python -m sage_ext` (runpy is still importing the package): one line, no traceback
+        print(f"sage-ext: error: {_missing}", file=_sys.stderr)
+        raise SystemExit(1) from None
+    raise _missing from None
+
 from . import ops, reference  # noqa: F401
 from .engine import GenerationOutput, SpeculativeGenerator, StepDebug, generate
 from .policies import (
@@ -22,6 +70,7 @@ from .policies import (
 from .stats import GenerationStats, StepRecord
 
 __all__ = [
+    "__version__",
     "ops",
     "reference",
     "SpeculativeGenerator",

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -28,6 +30,180 @@ import torch
 from .families.base import cache_kwarg
 
 CONVENTION = "tau = accepted draft tokens per step (paper convention); tokens per target forward = tau + 1"
+
+
+# ---------------------------------------------------------------------------------------------
+# checking the command line before anything is loaded
+# ---------------------------------------------------------------------------------------------
+class UsageError(ValueError):
+    """A bad input the user can fix: printed as one line (``sage-ext: error: ...``), exit status 2."""
+
+
+#: ``--target fixture`` / ``--draft fixture`` name the bundled pair (sage_ext/fixtures/).
+FIXTURE_NAME = "fixture"
+
+_TRUE_VALUES = {"1", "on", "yes", "true"}
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub must not be contacted (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``,
+    read now, or huggingface_hub's own offline constant)."""
+    if any(os.environ.get(name, "").strip().lower() in _TRUE_VALUES for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def resolve_model(name: str | None, role: str) -> str | None:
+    """``fixture`` -> the bundled target or draft folder; anything else unchanged."""
+    if name is None or name.strip().lower() != FIXTURE_NAME:
+        return name
+    from .fixtures import DRAFT_DIR, TARGET_DIR
+
+    return str(DRAFT_DIR if role == "draft" else TARGET_DIR)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the Hub's host answers a TCP connection within ``timeout`` seconds, else the reason."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:  # pragma: no cover
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"cannot reach {host}:{port} ({error.strerror or error})"
+    return None
+
+
+def check_model(name: str, flag: str) -> str:
+    """A model folder or hub id that can be loaded without waiting on the network, or UsageError with the
+    reason. Returns the resolved path or id."""
+    resolved = resolve_model(name, "draft" if flag == "--draft" else "target")
+    path = Path(resolved).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {name}: is a file; give a model folder (with config.json) or a hub id")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{flag} {name}: folder has no config.json, so it is not a saved model")
+        return str(path)
+    looks_local = (path.is_absolute() or resolved.startswith((".", "~")) or "\\" in resolved
+                   or resolved.count("/") > 1 or not _REPO_ID.match(resolved))
+    if looks_local:
+        raise UsageError(f"{flag} {name}: no such model folder (and not a hub id like org/name); "
+                         f"use '{FIXTURE_NAME}' for the bundled pair")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(resolved, "config.json"), str)
+    if hub_offline():
+        if not cached:
+            raise UsageError(f"{flag} {name}: not a local folder and not in the Hugging Face cache, and offline mode "
+                             f"is on (HF_HUB_OFFLINE=1): download it first or give a local folder")
+        return resolved
+    if not cached:
+        reason = _hub_reachable()
+        if reason is not None:
+            raise UsageError(f"{flag} {name}: not a local folder or cached, and the Hugging Face Hub is unreachable: "
+                             f"{reason}; connect, or use a local folder / cached model with HF_HUB_OFFLINE=1")
+    return resolved
+
+
+def check_image(name: str) -> None:
+    """An image file PIL can read, or UsageError saying what is wrong with it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UsageError(f"--image {name}: no such file")
+    if path.is_dir():
+        raise UsageError(f"--image {name}: is a folder, not an image file")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UsageError(f"--image {name}: not an image file PIL can read ({type(error).__name__})") from error
+
+
+def check_device(name: str) -> torch.device:
+    """The device for ``--device`` (``auto``: cuda if available) if this torch and machine have it."""
+    if name == "auto":
+        return pick_device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device {name}: {built} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
+
+
+def _ranged(kind: type, low=None, high=None, low_open: bool = False, what: str | None = None):
+    """An argparse ``type`` for numbers in a range (the error names the range)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+def validate_args(args) -> None:
+    """Everything that can be checked before a model is loaded; UsageError on the first problem. Resolves
+    ``args.target`` / ``args.draft`` (``fixture``, defaults) and sets ``args.device_obj``."""
+    command = args.command
+    if command == "generate":
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty; give the text to answer, e.g. --prompt 'Describe the image.'")
+        check_image(args.image)
+        if args.target is None:
+            args.target = FIXTURE_NAME
+        if args.draft is None:
+            if args.target.strip().lower() == FIXTURE_NAME:
+                args.draft = FIXTURE_NAME
+            elif args.policy != "ar":
+                raise UsageError(f"--draft is needed with --policy {args.policy} (a smaller model of the target's "
+                                 f"family), or use --policy ar")
+        for path in (args.stats_json,):
+            if path and not Path(path).expanduser().resolve().parent.is_dir():
+                raise UsageError(f"--stats-json {path}: folder {Path(path).parent} does not exist")
+    if getattr(args, "policy", None) is not None:
+        parse_policy(args.policy, args.policy_args)
+    elif getattr(args, "policy_args", None):
+        raise UsageError("--policy-args needs --policy")
+    args.device_obj = check_device(args.device)
+    if args.target is not None:
+        args.target = check_model(args.target, "--target")
+    if args.draft is not None:
+        args.draft = check_model(args.draft, "--draft")
+    if command == "demo" and not Path(args.plot).expanduser().resolve().parent.is_dir():
+        raise UsageError(f"--plot {args.plot}: folder {Path(args.plot).parent} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,16 +223,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 def load_model(path_or_id: str, device: torch.device, dtype) -> torch.nn.Module:
     """A vision-language (or text) generation model, in eval mode, with an attention implementation
-    that takes tree masks (sdpa)."""
+    that takes tree masks (sdpa). Offline (``HF_HUB_OFFLINE=1``) nothing is asked of the network."""
     import transformers
 
+    path_or_id = resolve_model(path_or_id, "target")
     errors = []
     for auto_class in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
         loader = getattr(transformers, auto_class, None)
         if loader is None:
             continue
         try:
-            model = loader.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa")
+            model = loader.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa",
+                                           local_files_only=hub_offline())
             return model.to(device).eval()
         except ValueError as error:  # this auto class does not know the config: try the next one
             errors.append(f"{auto_class}: {error}")
@@ -67,7 +245,8 @@ def load_pair(target: str, draft: str | None, device: torch.device, dtype) -> tu
     """(target model, draft model or None, processor of the target)."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(target)
+    target, draft = resolve_model(target, "target"), resolve_model(draft, "draft") if draft else None
+    processor = AutoProcessor.from_pretrained(target, local_files_only=hub_offline())
     target_model = load_model(target, device, dtype)
     draft_model = load_model(draft, device, dtype) if draft else None
     return target_model, draft_model, processor
@@ -111,15 +290,26 @@ def parse_policy(name: str, args_text: str | None = None):
     from . import policies
 
     if name not in policies.POLICIES:
-        raise SystemExit(f"unknown policy {name!r}; choose from {', '.join(policies.POLICIES)}")
+        raise UsageError(f"unknown policy {name!r}; choose from {', '.join(policies.POLICIES)}")
+    policy_class = policies.POLICIES[name]
+    accepted = [p for p in inspect.signature(policy_class.__init__).parameters if p != "self"]
     kwargs = {}
-    for item in filter(None, (args_text or "").split(",")):
-        key, _, value = item.partition("=")
+    for item in filter(None, (part.strip() for part in (args_text or "").split(","))):
+        key, equals, value = item.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise UsageError(f"--policy-args: expected key=value, got {item!r}")
+        if key not in accepted:
+            raise UsageError(f"--policy-args: policy {name!r} has no parameter {key!r}; its parameters: "
+                             + (", ".join(accepted) or "none"))
         try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
+            kwargs[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
-    return policies.POLICIES[name](**kwargs)
+            kwargs[key] = value.strip()
+    try:
+        return policy_class(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--policy-args: {error}") from error
 
 
 def sync(device: torch.device) -> None:
@@ -228,11 +418,12 @@ def cmd_demo(args) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = args.device_obj
+    quiet = getattr(args, "quiet", False)
+    policy = parse_policy(args.policy, args.policy_args)
     target, draft, processor = load_pair(args.target or str(TARGET_DIR), args.draft or str(DRAFT_DIR), device,
                                          pick_dtype(args.dtype, device))
     tokenizer = _tokenizer_of(processor)
-    policy = parse_policy(args.policy, args.policy_args)
     engines = {"ar": SpeculativeGenerator(target, draft, policy="ar"), policy.name: SpeculativeGenerator(target, draft, policy)}
     prompt_text = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
     demo_scenes = scenes.heldout_scenes(args.scenes, start=args.scene_offset)
@@ -247,7 +438,8 @@ def cmd_demo(args) -> int:
     print(f"sage-ext demo on {machine_name(device)}: target {args.target or 'bundled fixture'}, "
           f"policy {policy.name}; {CONVENTION}")
     results = []
-    with tqdm(total=len(demo_scenes) * len(engines), desc="generating", unit="run", file=sys.stderr) as bar:
+    with tqdm(total=len(demo_scenes) * len(engines), desc="generating", unit="run", file=sys.stderr,
+              disable=quiet) as bar:
         for scene, inputs in zip(demo_scenes, inputs_of):
             runs = {}
             for name, engine in engines.items():
@@ -279,6 +471,11 @@ def cmd_demo(args) -> int:
     print(f"\noverall: {sage_name} tau {mean_tau:.2f} over {len(steps)} steps; "
           f"{total[sage_name]['tokens'] / total[sage_name]['seconds']:.1f} tok/s vs "
           f"{total['ar']['tokens'] / total['ar']['seconds']:.1f} tok/s target-only (ar): speedup {speedup:.2f}x")
+    if speedup < 1:
+        print(f"note: {sage_name} measured slower than target-only here. The bundled models are tiny, so the timings "
+              f"follow the machine's load: a busy machine or more torch threads than free cores "
+              f"({torch.get_num_threads()} threads, {os.cpu_count()} cores) hurts the many small draft forwards "
+              f"most; try --threads 1 or 2 on an idle machine. Outputs are identical either way.")
     plot_path = Path(args.plot)
     plot_demo(results, sage_name, plot_path)
     print(f"plot of alpha and accepted length per step: {plot_path}")
@@ -331,14 +528,16 @@ def cmd_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = args.device_obj
+    policy = parse_policy(args.policy, args.policy_args)
+    with Image.open(args.image) as opened:
+        image = opened.convert("RGB")
     target, draft, processor = load_pair(args.target, args.draft, device, pick_dtype(args.dtype, device))
     tokenizer = _tokenizer_of(processor)
-    image = Image.open(args.image).convert("RGB")
     inputs = build_inputs(processor, image, format_prompt(processor, args.prompt), device, target.dtype)
-    policy = parse_policy(args.policy, args.policy_args)
     engine = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio)
-    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stream = not (args.no_stream or args.json)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     sample = args.temperature > 0
     generator = None
     if sample:
@@ -347,12 +546,18 @@ def cmd_generate(args) -> int:
     run = run_engine(engine, inputs, args.max_new_tokens, device, do_sample=sample,
                      temperature=args.temperature if sample else 1.0, top_k=args.top_k, top_p=args.top_p,
                      streamer=streamer, generator=generator)
-    if args.no_stream:
-        print(tokenizer.decode(run["ids"], skip_special_tokens=True))
+    text = tokenizer.decode(run["ids"], skip_special_tokens=True)
     stats = run["stats"]
-    print(f"[{policy.name}] {len(run['ids'])} tokens in {run['seconds']:.2f}s ({len(run['ids']) / run['seconds']:.1f} tok/s); "
-          f"tau {stats.mean_tau:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target forward over "
-          f"{stats.target_forwards} steps ({CONVENTION})", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"text": text, "new_token_ids": run["ids"], "policy": policy.describe(),
+                          "seconds": run["seconds"], "tokens_per_second": len(run["ids"]) / run["seconds"],
+                          "stats": stats.to_dict()}, indent=1))
+    elif args.no_stream:
+        print(text)
+    if not getattr(args, "quiet", False):
+        print(f"[{policy.name}] {len(run['ids'])} tokens in {run['seconds']:.2f}s ({len(run['ids']) / run['seconds']:.1f} tok/s); "
+              f"tau {stats.mean_tau:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target forward over "
+              f"{stats.target_forwards} steps ({CONVENTION})", file=sys.stderr)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats.to_dict(), indent=1) + "\n")
     return 0
@@ -362,6 +567,8 @@ def cmd_generate(args) -> int:
 # bench
 # ---------------------------------------------------------------------------------------------
 PAPER_DEFAULT_POLICIES = ("ar", "hf-greedy", "hf-assisted", "chain", "static", "dynamic", "sage")
+#: `sage-ext bench` writes here (in the current folder) unless --out names a folder.
+DEFAULT_BENCH_DIR = "sage-ext-bench"
 
 
 def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.device, repeats: int = 5) -> list[dict]:
@@ -483,8 +690,13 @@ def cmd_bench(args) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = args.device_obj
     dtype = pick_dtype(args.dtype, device)
+    quiet = getattr(args, "quiet", False)
+    out_dir = Path(args.out_dir).expanduser() if args.out_dir else Path.cwd() / DEFAULT_BENCH_DIR
+    out_dir = out_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {args.out_dir}: is a file, not a folder")
     target_path, draft_path = args.target or str(TARGET_DIR), args.draft or str(DRAFT_DIR)
     target, draft, processor = load_pair(target_path, draft_path, device, dtype)
     tokenizer = _tokenizer_of(processor)
@@ -492,7 +704,9 @@ def cmd_bench(args) -> int:
     bench_inputs = scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset), device, target.dtype)
     tune_inputs = scene_inputs(processor, scenes.heldout_scenes(args.tune_scenes, start=args.scene_offset + 5000),
                                device, target.dtype)
-    print(f"sage-ext bench on {machine}; {args.scenes} scenes x {args.repeats} repeats; {CONVENTION}", flush=True)
+    if not quiet:
+        print(f"sage-ext bench on {machine}; {args.scenes} scenes x {args.repeats} repeats; {CONVENTION}; "
+              f"results go to {out_dir}", flush=True)
 
     curve = measure_verify_curve(target, bench_inputs[0], [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128], device)
     print("target verify cost vs tree size: " + ", ".join(f"{c['tokens']}: {c['seconds'] * 1e3:.1f}ms" for c in curve))
@@ -514,7 +728,8 @@ def cmd_bench(args) -> int:
 
     runs: dict[str, list[list[dict]]] = {name: [] for name in entries}  # [repeat][scene]
     eos = set(get_adapter(target).eos_token_ids())
-    with tqdm(total=args.repeats * len(entries) * len(bench_inputs), desc="bench", unit="run", file=sys.stderr) as bar:
+    with tqdm(total=args.repeats * len(entries) * len(bench_inputs), desc="bench", unit="run", file=sys.stderr,
+              disable=quiet) as bar:
         for _ in range(args.repeats):
             for name, (policy, _) in entries.items():  # policies interleaved per repeat: drift hits all alike
                 per_scene = []
@@ -593,7 +808,6 @@ def cmd_bench(args) -> int:
         "verify_cost_curve": curve, "tuned_sage_params": tuned, "tuning_trials": tuning_trials,
         "policies": summary, "checks": checks, "sample_output": sample_text,
     }
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"e2e_{slug(machine)}"
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
@@ -707,67 +921,164 @@ def plot_bench(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # argument parsing
 # ---------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``sage-ext generate: error: ...``, exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_POSITIVE_INT = _ranged(int, low=1, what=">= 1")
+_NONNEGATIVE_INT = _ranged(int, low=0, what=">= 0")
+
+
+def _flags() -> argparse.ArgumentParser:
+    """--debug / --quiet / --progress, accepted before or after the command (SUPPRESS: no default clobbers
+    the other position's value)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full Python traceback of an error (or set SAGE_EXT_DEBUG=1)")
+    flags.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                       help="print only the results (no progress bars, no info lines)")
+    flags.add_argument("--progress", action="store_true", default=argparse.SUPPRESS,
+                       help="show transformers' model-loading progress bars")
+    return flags
+
+
 def _add_common(parser: argparse.ArgumentParser, models_required: bool) -> None:
-    parser.add_argument("--target", required=models_required, help="target model folder or hub id")
-    parser.add_argument("--draft", required=models_required, help="draft model folder or hub id (same family)")
+    fixture = f"'{FIXTURE_NAME}' = the bundled pair"
+    parser.add_argument("--target", required=models_required,
+                        help=f"target model folder or hub id ({fixture}; default: {FIXTURE_NAME})")
+    parser.add_argument("--draft", required=models_required,
+                        help=f"draft model folder or hub id of the target's family ({fixture}; default: the bundled "
+                             f"draft when the target is the bundled one)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float32 on CPU, the checkpoint's dtype on GPU")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--policy-args", default=None, help="policy overrides, e.g. n_max=32,lag=False")
+    parser.add_argument("--threads", type=_POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--policy-args", default=None,
+                        help="policy overrides key=value,... (names of the policy's parameters), e.g. n_max=32,lag=False")
+
+
+def _version_text() -> str:
+    from . import __version__
+
+    import transformers
+
+    return f"sage-ext {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sage-ext", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .policies import POLICIES
 
-    demo = sub.add_parser("demo", help="SAGE on the bundled fixture pair over held-out scenes, with a plot")
+    policy_names = sorted(POLICIES)
+    flags = _flags()
+    parser = _Parser(prog="sage-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     parents=[flags])
+    parser.add_argument("--version", action="version", version=_version_text())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="SAGE on the bundled fixture pair over held-out scenes, with a plot",
+                          parents=[flags])
     _add_common(demo, models_required=False)
-    demo.add_argument("--policy", default="sage")
-    demo.add_argument("--scenes", type=int, default=3)
-    demo.add_argument("--scene-offset", type=int, default=0, help="first held-out scene index")
-    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.add_argument("--policy", default="sage", choices=policy_names)
+    demo.add_argument("--scenes", type=_POSITIVE_INT, default=3)
+    demo.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0, help="first held-out scene index")
+    demo.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=96)
     demo.add_argument("--plot", default="sage_demo.png", help="PNG path of the alpha / accepted-length plot")
     demo.set_defaults(func=cmd_demo)
 
-    gen = sub.add_parser("generate", help="speculative generation for one image + prompt, streamed")
-    _add_common(gen, models_required=True)
+    gen = sub.add_parser("generate", help="speculative generation for one image + prompt, streamed", parents=[flags])
+    _add_common(gen, models_required=False)
     gen.add_argument("--image", required=True)
     gen.add_argument("--prompt", required=True,
                      help="text; without the image token it is wrapped by the chat template (or <image>\\nTEXT\\n)")
-    gen.add_argument("--policy", default="sage")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--policy", default="sage", choices=policy_names)
+    gen.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=128)
+    gen.add_argument("--temperature", type=_ranged(float, low=0.0, what=">= 0"), default=0.0,
+                     help="0 = greedy (default); > 0 samples losslessly")
+    gen.add_argument("--top-k", type=_NONNEGATIVE_INT, default=None, help="sampling top-k (0 = off)")
+    gen.add_argument("--top-p", type=_ranged(float, low=0.0, high=1.0, low_open=True, what="in (0, 1]"),
+                     default=None, help="sampling top-p, in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (torch.Generator)")
-    gen.add_argument("--draft-prune-ratio", type=float, default=0.0,
-                     help="share of image tokens hidden from the draft (SpecVLM pruning; paper: 0.8-0.9)")
+    gen.add_argument("--draft-prune-ratio", type=_ranged(float, low=0.0, high=1.0, what="in [0, 1]"), default=0.0,
+                     help="share of image tokens hidden from the draft, in [0, 1] (SpecVLM pruning; paper: 0.8-0.9)")
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, new token ids, stats) instead of the text")
     gen.add_argument("--stats-json", default=None, help="write the generation stats here")
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="all policies + HF assisted generation on held-out scenes")
+    bench_choices = [*PAPER_DEFAULT_POLICIES, "sage-tuned"]
+    bench = sub.add_parser("bench", help="all policies + HF assisted generation on held-out scenes", parents=[flags])
     _add_common(bench, models_required=False)
-    bench.add_argument("--scenes", type=int, default=8)
-    bench.add_argument("--scene-offset", type=int, default=0)
-    bench.add_argument("--tune-scenes", type=int, default=6, help="scenes (disjoint) used to tune SAGE")
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--max-new-tokens", type=int, default=96)
-    bench.add_argument("--policies", nargs="*", default=None,
-                       help=f"subset of {', '.join(PAPER_DEFAULT_POLICIES)}, sage-tuned (ar always runs)")
+    bench.add_argument("--scenes", type=_POSITIVE_INT, default=8)
+    bench.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0)
+    bench.add_argument("--tune-scenes", type=_POSITIVE_INT, default=6, help="scenes (disjoint) used to tune SAGE")
+    bench.add_argument("--repeats", type=_POSITIVE_INT, default=3)
+    bench.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=96)
+    bench.add_argument("--policies", nargs="*", default=None, choices=bench_choices, metavar="POLICY",
+                       help=f"subset of {', '.join(bench_choices)} (ar always runs)")
     bench.add_argument("--no-tune", dest="tune", action="store_false", help="skip the SAGE tuning sweep")
-    bench.add_argument("--out-dir", default="benchmarks/results")
+    bench.add_argument("--out", "--out-dir", dest="out_dir", default=None,
+                       help=f"folder for the JSON, markdown and PNG results (default: ./{DEFAULT_BENCH_DIR} in the "
+                            f"current folder); created if needed")
     bench.add_argument("--name", default=None, help="output file stem (default e2e_<machine>)")
     bench.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
+def _debug_requested(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("SAGE_EXT_DEBUG", "").strip().lower() in _TRUE_VALUES
+
+
+def _configure_output(args) -> None:
+    """Model-loading progress bars off unless --progress; transformers' info/warnings off with --quiet."""
+    from transformers.utils import logging as hf_logging
+
+    if getattr(args, "progress", False):
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    if getattr(args, "quiet", False):
+        hf_logging.set_verbosity_error()
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if isinstance(error, ValueError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run the command; every error is one line on stderr and a non-zero exit (2: a bad input, 1: a failure
+    while running), the traceback only with --debug or SAGE_EXT_DEBUG=1."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a one-line argparse error
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    debug = _debug_requested(args)
+    prog = f"sage-ext {args.command}"
+    try:
+        _configure_output(args)
+        validate_args(args)
+        return int(args.func(args) or 0)
+    except UsageError as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI's last resort: one line, traceback with --debug
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def test_python_dash_m_lists_the_commands():
 def test_policy_overrides_are_parsed():
     policy = cli.parse_policy("sage", "n_max=40,lag=False,d_max=10")
     assert (policy.n_max, policy.lag, policy.d_max_init) == (40, False, 10)
-    with pytest.raises(SystemExit):
+    with pytest.raises(cli.UsageError, match="unknown policy 'no-such-policy'; choose from"):
         cli.parse_policy("no-such-policy")
 
 
