@@ -365,7 +365,11 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: t
         `p <- relu(p - q)`). None for a deterministic (top-k) draft: accept x with `p(x)`, else
         zero `p(x)`.
     generator : torch.Generator, optional
-        Source of the `[B, N]` uniforms (on `tokens.device`); seeded runs repeat exactly.
+        Source of the `[B, N]` uniforms; seeded runs repeat exactly. A generator on another device than
+        `tokens` (a CPU generator with CUDA tensors) works too: the uniforms are drawn from it on its own
+        device (B * N values, as the same call on CPU tensors draws), staged in pinned memory and copied to
+        `tokens.device` without a host-device sync. So a CPU generator seeded alike gives the same uniforms,
+        hence the same result up to float rounding, on CPU and CUDA tensors.
 
     Returns
     -------
@@ -381,8 +385,22 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: t
     (tensor([[ 0,  1, -1]]), tensor([1]), tensor([2]))
     """
     batch, num_nodes = tokens.shape
-    uniforms = torch.rand(batch, num_nodes, generator=generator, device=tokens.device)
+    uniforms = _uniforms(batch, num_nodes, generator, tokens.device)
     return torch.ops.sage_ext.verify_sampling(tokens, parents, target_probs, draft_probs, uniforms)
+
+
+def _uniforms(batch: int, num_nodes: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`[batch, num_nodes]` uniforms on `device` from `generator` (None: the default generator of `device`).
+
+    A generator of another device type draws on its own device; from the CPU to CUDA the values go through
+    pinned memory with a non-blocking copy (the caching host allocator keeps the buffer until the copy ran),
+    so no host-device sync happens; the other way (a CUDA generator, CPU tensors) the copy waits for the GPU."""
+    if generator is None or generator.device.type == device.type:
+        return torch.rand(batch, num_nodes, generator=generator, device=device)
+    uniforms = torch.rand(batch, num_nodes, generator=generator, device=generator.device)
+    if uniforms.device.type == "cpu" and device.type == "cuda":
+        uniforms = uniforms.pin_memory()
+    return uniforms.to(device, non_blocking=True)
 
 
 def kv_compact_(caches: Sequence[torch.Tensor], accepted: torch.Tensor, past_len: int) -> None:

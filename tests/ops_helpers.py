@@ -5,6 +5,7 @@ Everything is seeded: a failing hypothesis example reproduces from its printed a
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -130,3 +131,32 @@ seeds = st.integers(min_value=0, max_value=2**31 - 1)
 batches = st.integers(min_value=1, max_value=8)
 # Large vocabularies are costly for the reference; sample them less often.
 vocabs = st.one_of(st.integers(min_value=1, max_value=300), st.sampled_from([1000, 32000, 152064, 160000]))
+
+
+# --------------------------------------------------------------------------------------------
+# topk_confidence with several +inf logits (fp16 overflow)
+# --------------------------------------------------------------------------------------------
+def two_infinity_logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """`[rows, vocab]` logits of `dtype` with +inf at token ids 0 and `vocab - 1 - r` in row r (far apart: in
+    different splits of a split top-k) and finite values below 10 elsewhere: fp16 logits where two overflowed.
+    Needs `vocab > rows`."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    logits[:, 0] = math.inf
+    logits[torch.arange(rows), vocab - 1 - torch.arange(rows)] = math.inf
+    return logits.to(dtype)
+
+
+def assert_two_infinity_golden(alpha: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, vocab: int) -> None:
+    """The exact topk_confidence of `two_infinity_logits` (any k): +inf counts as FLT_MAX, so the two share the
+    whole mass: log-probs -log 2, -log 2, then (z - FLT_MAX) - log 2 (finite, below -1e38); alpha 1 for k = 1,
+    else 1 - log 2 / log k (0 for k = 2)."""
+    alpha, logprobs, ids = alpha.cpu(), logprobs.cpu(), ids.cpu()
+    rows, k = logprobs.shape
+    expected_ids = torch.stack([torch.zeros(rows, dtype=torch.int64), vocab - 1 - torch.arange(rows)], 1)
+    top = min(k, 2)
+    assert torch.equal(ids[:, :top], expected_ids[:, :top])
+    torch.testing.assert_close(logprobs[:, :top], torch.full((rows, top), -math.log(2)), atol=1e-6, rtol=0)
+    if k > 2:
+        assert torch.isfinite(logprobs[:, 2:]).all() and (logprobs[:, 2:] < -1e38).all()
+    expected_alpha = 1.0 if k == 1 else 1 - math.log(2) / math.log(k)
+    torch.testing.assert_close(alpha, torch.full((rows,), expected_alpha), atol=1e-6, rtol=0)

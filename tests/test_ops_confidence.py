@@ -5,7 +5,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from ops_helpers import LOGIT_DTYPES, assert_same_outputs, seeds, vocabs
+from ops_helpers import (
+    LOGIT_DTYPES,
+    assert_same_outputs,
+    assert_two_infinity_golden,
+    seeds,
+    two_infinity_logits,
+    vocabs,
+)
 
 from sage_ext import ops, reference
 
@@ -102,6 +109,24 @@ def test_dead_rows_and_infinities():
     assert alpha[3].item() == pytest.approx(1.0)
     assert not torch.isnan(alpha).any()
     run_both(logits, 3)
+
+
+def test_fp16_overflow_gives_two_infinities_their_exact_share():
+    # two logits above fp16's largest value (65504) become +inf: log-probs (z - max) - log(sum) = -log 2 each,
+    # not z - (max + log(sum)) = 0 (FLT_MAX + log 2 rounds to FLT_MAX)
+    logits = torch.tensor([[7.0e4, 3.0, -1.0, 1.0e5, 2.0]]).to(torch.float16)
+    assert torch.isinf(logits).sum().item() == 2
+    alpha, lp, ids = run_both(logits, 3)
+    assert ids[0].tolist() == [0, 3, 1]
+    assert lp[0, :2].tolist() == [pytest.approx(-math.log(2), abs=1e-6)] * 2
+    assert alpha.item() == pytest.approx(1 - math.log(2) / math.log(3), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("vocab, k", [(7, 1), (7, 2), (7, 5), (256000, 10), (256000, 64)])
+def test_two_infinities_golden(dtype, vocab, k):
+    logits = two_infinity_logits(3, vocab, dtype)
+    assert_two_infinity_golden(*ops.topk_confidence(logits, k, 0.7), vocab)
 
 
 @pytest.mark.parametrize("temperature", [0.25, 1.0, 3.0])

@@ -1,27 +1,26 @@
-"""CUDA kernels against the CPU kernels (same inputs, same outputs), no host-device syncs, CUDA
-generators, device-mismatch errors and CUDA-graph capture. Skipped without a GPU or without a
-CUDA build of the extension."""
+"""CUDA kernels against the CPU kernels (same inputs, same outputs), no host-device syncs, CUDA and CPU
+generators, every kv_compact_ copy path, the split top-k, device-mismatch errors and CUDA-graph capture.
+Skipped without a GPU; on a GPU machine whose build lacks the CUDA kernels every test fails with how to
+build them (tests/cuda_helpers.py)."""
 import math
 
 import pytest
 import torch
+from cuda_helpers import CUDA, cuda_kernels_required, needs_gpu  # noqa: F401  (autouse fixture)
 from ops_helpers import (
     LOGIT_DTYPES,
     assert_same_outputs,
+    assert_two_infinity_golden,
     logits_with_argmax,
     matching_argmax,
     random_parents,
     random_tokens_for,
+    two_infinity_logits,
 )
 
 from sage_ext import ops
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ops.cuda_available()),
-    reason="needs a CUDA device and sage_ext built with its CUDA kernels",
-)
-
-CUDA = torch.device("cuda")
+pytestmark = needs_gpu
 
 
 def on_cuda(values):
@@ -44,7 +43,10 @@ def parity(fn, *args, atol=0.0, rtol=0.0):
 # parity, op by op
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES)
-@pytest.mark.parametrize("rows, vocab, k", [(1, 32000, 10), (8, 152064, 64), (5, 7, 7), (64, 1000, 1), (3, 160000, 33)])
+# 256000 and 300000 columns: 32 splits (the most the finalize warp merges), the second with chunks above the
+# minimum; 152064: 19 splits; 7: one
+@pytest.mark.parametrize("rows, vocab, k", [(1, 32000, 10), (8, 152064, 64), (5, 7, 7), (64, 1000, 1), (3, 160000, 33),
+                                            (1, 256000, 64), (4, 256000, 10), (2, 300000, 33)])
 def test_topk_confidence(dtype, rows, vocab, k):
     gen = torch.Generator().manual_seed(rows * vocab + k)
     logits = torch.randn(rows, vocab, generator=gen) * 3
@@ -52,7 +54,20 @@ def test_topk_confidence(dtype, rows, vocab, k):
     if rows > 2:
         logits[1] = -math.inf
         logits[2] = torch.randint(-2, 2, (vocab,), generator=gen).float()  # many ties
+    if rows > 3:  # two +inf (fp16 overflow), far apart: log-probs -log 2 each (z - max first, then - log(sum))
+        logits[3, 0] = logits[3, vocab - 1] = math.inf
     parity(ops.topk_confidence, logits.to(dtype), k, 0.7, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("vocab, k", [(7, 2), (7, 5), (152064, 64), (256000, 10)])
+def test_topk_confidence_two_infinities_golden(dtype, vocab, k):
+    # the exact values, not only parity: z - (max + log(sum)) would give 0 instead of -log 2
+    logits = two_infinity_logits(3, vocab, dtype)
+    assert_two_infinity_golden(*ops.topk_confidence(logits.to(CUDA), k, 0.7), vocab)
+    fp16 = torch.tensor([[7.0e4, 3.0, -1.0, 1.0e5, 2.0]]).to(torch.float16)  # overflows to two +inf
+    _, lp, _ = parity(ops.topk_confidence, fp16, 3, 1.0, atol=2e-5, rtol=1e-5)
+    assert lp[0, :2].tolist() == [pytest.approx(-math.log(2), abs=1e-6)] * 2
 
 
 def test_build_static_tree():
@@ -141,6 +156,37 @@ def test_verify_sampling_cuda_generator_repeats():
     assert_same_outputs(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_verify_sampling_cpu_generator(with_draft):
+    # a CPU generator with CUDA tensors: the same uniforms as on CPU tensors, so the same outcome; the generator
+    # advances alike; and seeded runs repeat
+    batch, num_nodes, vocab = 6, 24, 500
+    parents = random_parents(batch, num_nodes, seed=21)
+    gen = torch.Generator().manual_seed(21)
+    target = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen) * 2, -1)
+    draft = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen), -1) if with_draft else None
+    tokens = torch.multinomial(target.flatten(0, 1), 1, generator=gen).view(batch, num_nodes)
+    for seed in range(3):
+        cpu_gen, cuda_side_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        cpu = ops.verify_sampling(tokens, parents, target, draft, generator=cpu_gen)
+        gpu = ops.verify_sampling(*on_cuda((tokens, parents, target, draft)), generator=cuda_side_gen)
+        assert all(t.device.type == "cuda" for t in gpu)
+        assert_same_outputs(gpu, cpu)
+        assert torch.equal(cpu_gen.get_state(), cuda_side_gen.get_state())
+
+
+def test_verify_sampling_cuda_generator_on_cpu_tensors():
+    parents = random_parents(4, 16, seed=1)
+    tokens = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+    target = torch.softmax(torch.randn(4, 16, 50, generator=torch.Generator().manual_seed(2)), -1)
+    runs = [ops.verify_sampling(tokens, parents, target, generator=torch.Generator(CUDA).manual_seed(9))
+            for _ in range(2)]
+    assert all(t.device.type == "cpu" for t in runs[0])
+    assert_same_outputs(runs[0], runs[1])
+    uniforms = torch.rand(4, 16, generator=torch.Generator(CUDA).manual_seed(9), device=CUDA).cpu()
+    assert_same_outputs(runs[0], torch.ops.sage_ext.verify_sampling(tokens, parents, target, None, uniforms))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kv_compact(dtype):
     parents = random_parents(8, 64, seed=4)
@@ -154,6 +200,81 @@ def test_kv_compact(dtype):
     ops.kv_compact_(gpu, accepted.to(CUDA), 200)
     for c, g in zip(caches, gpu):
         assert torch.equal(c, g.cpu())
+
+
+def copy_unit_bytes(cache: torch.Tensor) -> int:
+    """The copy width kv_compact.cu picks for a cache (its copy_unit_bytes): the largest power of two <= 16
+    dividing the row's bytes, the address and the B, H, L strides in bytes."""
+    item = cache.element_size()
+    sizes = [cache.size(3) * item, cache.data_ptr()] + [cache.stride(d) * item for d in range(3)]
+    unit = 16
+    while unit > 1 and any(size % unit for size in sizes):
+        unit //= 2
+    return unit
+
+
+# (dtype, [B, H, L, D] of the base tensor, view of it, copy width): every width the kernel has
+KV_LAYOUTS = {
+    "fp32_d128_16B": (torch.float32, (4, 3, 90, 128), lambda t: t, 16),
+    "bf16_transposed_16B": (torch.bfloat16, (4, 90, 3, 64), lambda t: t.transpose(1, 2), 16),
+    "fp32_d6_8B": (torch.float32, (4, 3, 90, 6), lambda t: t, 8),
+    "fp64_d1_8B": (torch.float64, (4, 3, 90, 1), lambda t: t, 8),
+    "fp32_d3_4B": (torch.float32, (4, 3, 90, 3), lambda t: t, 4),
+    "fp32_offset_view_4B": (torch.float32, (4, 3, 90, 9), lambda t: t[..., 1:], 4),
+    "fp16_d3_2B": (torch.float16, (4, 3, 90, 3), lambda t: t, 2),
+    "bf16_offset_view_2B": (torch.bfloat16, (4, 3, 90, 17), lambda t: t[..., 1:], 2),
+    "fp8_d5_1B": (torch.float8_e4m3fn, (4, 3, 90, 5), lambda t: t, 1),
+}
+
+
+def kv_case(dtype, shape, view, seed):
+    """The same cache view on the CPU and on CUDA (from one random base tensor)."""
+    base = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return view(base), view(base.to(CUDA))
+
+
+def same_bytes(cpu: torch.Tensor, gpu: torch.Tensor) -> bool:
+    return torch.equal(cpu.contiguous().view(torch.uint8), gpu.cpu().contiguous().view(torch.uint8))
+
+
+def accepted_for(batch: int, nodes: int, seed: int) -> torch.Tensor:
+    parents = random_parents(batch, nodes, seed=seed)
+    tokens = random_tokens_for(parents, 50, seed=seed)
+    return ops.verify_greedy(tokens, parents, matching_argmax(tokens, parents, 50, seed=seed, hit_prob=0.95))[0]
+
+
+@pytest.mark.parametrize("layout", list(KV_LAYOUTS))
+def test_kv_compact_every_copy_width(layout):
+    dtype, shape, view, unit = KV_LAYOUTS[layout]
+    accepted = accepted_for(4, 40, seed=11)
+    assert (accepted >= 0).sum(1).max() > 3, "a deep accepted path: rows actually move"
+    cpu, gpu = kv_case(dtype, shape, view, seed=12)
+    assert copy_unit_bytes(gpu) == unit, "the case must take the copy path it is named after"
+    before = cpu.clone()
+    ops.kv_compact_([cpu], accepted, 45)
+    ops.kv_compact_([gpu], accepted.to(CUDA), 45)
+    assert not same_bytes(before, cpu.to(CUDA))
+    assert same_bytes(cpu, gpu)
+
+
+def test_kv_compact_several_launches_mixed_widths():
+    # 600 caches: three launches of at most 256 (48 before CUDA 12.1); every copy width and empty caches mixed in
+    accepted = accepted_for(4, 40, seed=13)
+    cpu_caches, gpu_caches = [], []
+    layouts = list(KV_LAYOUTS.values())
+    for i in range(600):
+        if i % 97 == 5:  # an empty cache is skipped
+            cpu_caches.append(torch.empty(4, 0, 90, 8))
+            gpu_caches.append(torch.empty(4, 0, 90, 8, device=CUDA))
+            continue
+        dtype, shape, view, _ = layouts[i % len(layouts)]
+        cpu, gpu = kv_case(dtype, shape, view, seed=100 + i)
+        cpu_caches.append(cpu)
+        gpu_caches.append(gpu)
+    ops.kv_compact_(cpu_caches, accepted, 45)
+    ops.kv_compact_(gpu_caches, accepted.to(CUDA), 45)
+    for i, (c, g) in enumerate(zip(cpu_caches, gpu_caches)):
+        assert same_bytes(c, g), f"cache {i}"
 
 
 @pytest.mark.parametrize("mask_dtype", [None, *LOGIT_DTYPES])
@@ -257,6 +378,7 @@ def run_every_op(paths, batch=2, vocab=32000):
     accepted, _, _ = ops.verify_greedy(tokens, parents, target.argmax(-1))
     probs = torch.softmax(target, -1)
     ops.verify_sampling(tokens, parents, probs, generator=torch.Generator(dev).manual_seed(0))
+    ops.verify_sampling(tokens, parents, probs, generator=torch.Generator().manual_seed(0))  # CPU generator
     ops.verify_sampling(tokens, parents, probs, probs.flip(-1))
     caches = [torch.randn(batch, 2, 100, 16, device=dev) for _ in range(4)]
     ops.kv_compact_(caches, accepted, 50)

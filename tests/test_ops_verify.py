@@ -141,6 +141,23 @@ def test_sampling_matches_reference(batch, num_nodes, vocab, dtype, with_draft, 
     assert_same_outputs(got, want)
 
 
+def test_sampling_draws_from_a_generator_of_another_device():
+    # tensors on the meta device (no data; what runs for CUDA tensors is the same wrapper code) with a CPU
+    # generator: the uniforms come from the CPU generator (it advances by B * N values, exactly as a call on
+    # CPU tensors advances it) and reach the op on the tensors' device
+    tokens, parents, target, _ = sampling_inputs(3, 7, 20, torch.float32, False, seed=2)
+    generator = torch.Generator().manual_seed(42)
+    meta = ops.verify_sampling(tokens.to("meta"), parents.to("meta"), target.to("meta"), generator=generator)
+    assert [t.device.type for t in meta] == ["meta"] * 3
+    assert [tuple(t.shape) for t in meta] == [(3, 7), (3,), (3,)]
+    same_draws = torch.Generator().manual_seed(42)
+    torch.rand(3, 7, generator=same_draws)
+    assert torch.equal(generator.get_state(), same_draws.get_state())
+    # the next draw continues the same stream on CPU tensors
+    assert_same_outputs(ops.verify_sampling(tokens, parents, target, generator=generator),
+                        ops.verify_sampling(tokens, parents, target, generator=same_draws))
+
+
 def test_sampling_seeded_runs_repeat_exactly():
     tokens, parents, target, draft = sampling_inputs(8, 48, 300, torch.float32, True, seed=11)
     runs = [ops.verify_sampling(tokens, parents, target, draft, generator=torch.Generator().manual_seed(123))

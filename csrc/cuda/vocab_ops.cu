@@ -228,7 +228,9 @@ __global__ void __launch_bounds__(kWarpSize)
   __syncwarp();
 
   const bool empty_row = lse.max == kNegInf;
-  const float logsumexp = empty_row ? kNegInf : lse.max + logf(lse.sum);
+  // (z - max) - log(sum), as log_softmax and the CPU (core::TopKAccumulator::finalize) do: exact when z
+  // and max are both FLT_MAX (several +inf logits, e.g. fp16 overflow), where z - (max + log(sum)) gives 0.
+  const float log_sum = empty_row ? 0.0f : logf(lse.sum);
   // Lane l handles ranks l and l + 32 (k <= 64).
   constexpr int kRanksPerLane = kMaxTopK / kWarpSize;
   float lp[kRanksPerLane];
@@ -238,7 +240,7 @@ __global__ void __launch_bounds__(kWarpSize)
     lp[t] = kNegInf;
     if (rank < k) {
       const uint64_t key = best[rank];
-      lp[t] = empty_row ? kNegInf : key_value(key) - logsumexp;
+      lp[t] = empty_row ? kNegInf : (key_value(key) - lse.max) - log_sum;
       topk_logprobs[row * k + rank] = lp[t];
       topk_ids[row * k + rank] = key_index(key);
     }
