@@ -14,7 +14,8 @@ Usage:
     python benchmarks/bench_ops.py                 # CPU, full grid (a few minutes on 2 cores)
     python benchmarks/bench_ops.py --device cuda   # GPU
     python benchmarks/bench_ops.py --quick         # fewer sizes and repeats (smoke run)
-Writes benchmarks/results/ops_<device-name>.json and .md.
+    python benchmarks/bench_ops.py --device cuda --point --out-dir DIR   # B=1, N=64, V=152064 only
+Writes benchmarks/results/ops_<device-name>.json and .md (or into --out-dir).
 """
 from __future__ import annotations
 
@@ -143,6 +144,43 @@ def expand_inputs(batch, num_nodes, seed=0):
     return (*state, frontier, topk_lp, topk_ids, widths, min_cum, slot_start, capacity - slot_start)
 
 
+def sage_level_inputs(batch, num_nodes, vocab, seed=0):
+    """A level-2 SAGE step: F = N/4 frontier nodes in slots [1, F + 1) under the root, their draft logits
+    [B, F, V], into the slots after them, with the draft's tree mask."""
+    gen = torch.Generator().manual_seed(seed)
+    capacity = num_nodes + 1
+    num_frontier = max(1, num_nodes // 4)
+    tokens = torch.zeros(batch, capacity, dtype=torch.int64)
+    parents = torch.full((batch, capacity), -1, dtype=torch.int64)
+    parents[:, 1:num_frontier + 1] = 0
+    logprobs = torch.zeros(batch, capacity)
+    logprobs[:, 1:num_frontier + 1] = torch.log(torch.rand(batch, num_frontier, generator=gen))
+    cum = logprobs.clone()
+    mask = torch.full((batch, capacity + 1, capacity), torch.finfo(torch.float32).min)
+    mask[:, : num_frontier + 1, 0] = 0
+    mask[:, torch.arange(num_frontier + 1), torch.arange(num_frontier + 1)] = 0
+    logits = torch.randn(batch, num_frontier, vocab, generator=gen) * 3
+    slot_start = num_frontier + 1
+    return (tokens, parents, logprobs, cum, mask, logits, torch.rand(batch, generator=gen), 1, 2, slot_start,
+            capacity - slot_start, TOP_K, 1.0, *SAGE.values())
+
+
+def commit_inputs(batch, num_nodes, seed=0):
+    """A verified tree, the target's KV caches (8 x [B, 4, 1024 + N, 128] bf16) and the draft's (4 x
+    [B, 2, 512 + N, 64] bf16, holding the nodes of depth < 3)."""
+    tokens, parents, argmax = tree_inputs(batch, num_nodes, 32000, seed)
+    accepted, accept_len, bonus = ops.verify_greedy(tokens, parents, argmax)
+    depth = ops.tree_buffers(parents, 0)[0]
+    fed = (depth < 3) & ((parents >= 0) | (torch.arange(num_nodes) == 0))
+    draft_rows = torch.where(fed, fed.long().cumsum(1) - 1, -1)
+    gen = torch.Generator().manual_seed(seed)
+    target = [torch.randn(batch, 4, PAST_LEN + num_nodes, 128, generator=gen).to(torch.bfloat16) for _ in range(8)]
+    draft = [torch.randn(batch, 2, 512 + num_nodes, 64, generator=gen).to(torch.bfloat16) for _ in range(4)]
+    sequence = torch.zeros(batch, PAST_LEN + 2 * num_nodes, dtype=torch.int64)
+    return (tokens, parents, accepted, accept_len, bonus, sequence, PAST_LEN, target, PAST_LEN, draft, draft_rows,
+            512, torch.rand(batch, generator=gen))
+
+
 # --------------------------------------------------------------------------------------------
 # the per-step bundle
 # --------------------------------------------------------------------------------------------
@@ -188,11 +226,17 @@ def bundle_inputs(batch, budget, vocab, device, seed=0):
 # --------------------------------------------------------------------------------------------
 # the grid
 # --------------------------------------------------------------------------------------------
-def cases(quick: bool):
+#: ``--point``: the one configuration of a decoding step (and of the per-step bundle)
+POINT = dict(B=1, N=64, V=152064)
+
+
+def cases(quick: bool, point: bool = False):
     """(op, sizes, make_args) for every timed configuration; make_args() -> argument tuple."""
     batches = BATCHES
     tree_sizes = (16, 64) if quick else TREE_SIZES
     vocabs = (32000,) if quick else VOCABS
+    if point:
+        batches, tree_sizes, vocabs = (POINT["B"],), (POINT["N"],), (POINT["V"],)
     static_paths = ops.paths_to_tensor(ops.SPECVLM_TREE_PATHS)
     out = []
     for b in batches:
@@ -218,6 +262,9 @@ def cases(quick: bool):
                 out.append(("verify_sampling[q]", dict(B=b, N=n, V=v), lambda b=b, n=n, v=v: (
                     lambda t, p, a: (t, p, *(lambda probs: (probs, probs.roll(1, -1)))(
                         torch.softmax(target_logits(a, v, 3), -1))))(*tree_inputs(b, n, v))))
+            for v in vocabs:
+                out.append(("sage_level_", dict(B=b, N=n, V=v), lambda b=b, n=n, v=v: sage_level_inputs(b, n, v)))
+            out.append(("commit_tree_", dict(B=b, N=n), lambda b=b, n=n: commit_inputs(b, n)))
             out.append(("kv_compact_", dict(B=b, N=n), lambda b=b, n=n: (
                 [torch.randn(b, 4, PAST_LEN + n, 128, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
                  for i in range(8)],
@@ -238,10 +285,10 @@ def to_device(args, device):
                  else a for a in args)
 
 
-def run(device: torch.device, quick: bool):
+def run(device: torch.device, quick: bool, point: bool = False):
     min_seconds = 0.05 if quick else 0.2
     rows = []
-    for name, sizes, make_args in cases(quick):
+    for name, sizes, make_args in cases(quick, point):
         args = make_args()
         ext_args = to_device(args, device)
         timer = time_cuda if device.type == "cuda" else time_cpu
@@ -295,9 +342,10 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def write_results(rows, info, quick):
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"ops_{info['device_name']}"
+def write_results(rows, info, quick, out_dir=RESULTS_DIR):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"ops_{info['device_name']}"
     payload = dict(machine=info, quick=quick, unit="microseconds (median)",
                    note="speedup = reference / extension; reference = sage_ext.reference on CPU tensors",
                    results=rows)
@@ -327,6 +375,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads for both sides (default: torch's default); 1 gives steadier "
                              "numbers on a loaded machine")
+    parser.add_argument("--point", action="store_true",
+                        help="only B=1, N=64, V=152064 (one decoding step's sizes) and the per-step bundle")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR),
+                        help="folder for ops_<device-name>.json and .md (default: benchmarks/results)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -336,8 +388,8 @@ def main(argv=None):
     info = machine_info(device)
     print(f"{info.get('gpu', info['cpu'])} | torch {info['torch']} | {info['torch_threads']} threads")
     print(HEADER)
-    rows = run(device, args.quick)
-    stem = write_results(rows, info, args.quick)
+    rows = run(device, args.quick, args.point)
+    stem = write_results(rows, info, args.quick, args.out_dir)
     print(f"wrote {stem}.json and {stem}.md")
 
 

@@ -43,8 +43,8 @@ void crop_layers(const py::list& layers, int64_t length) {
 // (target_len + accept_len + 1 rows), the draft to the accepted nodes it holds (draft_base + readback[1]).
 std::tuple<std::vector<int64_t>, at::Tensor> commit_and_crop(
     TreeWorkspace& workspace, const at::Tensor& tokens, const at::Tensor& parents,
-    const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& accepted, const std::optional<at::Tensor>& accept_len,
+    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& accepted,
+    const std::optional<at::Tensor>& accept_len,
     const std::optional<at::Tensor>& bonus, int64_t cur_len, const py::list& target_layers, int64_t target_len,
     const py::list& draft_layers, const std::optional<at::Tensor>& node_row, const std::optional<at::Tensor>& alpha) {
   const bool root_only = tokens.size(1) == 1;  // a root alone: its cache rows are where they belong already
@@ -115,7 +115,9 @@ PYBIND11_MODULE(_C, module) {
   module.attr("MAX_TREE_NODES") = sage_ext::core::kMaxTreeNodes;
   module.attr("MAX_TOPK") = sage_ext::core::kMaxTopK;
 
-  using sage_ext::session::TreeWorkspace;
+  module.def("crop_layers", &crop_layers, py::arg("layers"), py::arg("length"),
+             "Cut HF cache layers (objects with keys / values [B, H, L, D]) to `length` cached rows, as "
+             "DynamicLayer.crop does; layers already that short are left alone.");
   py::class_<TreeWorkspace>(module, "TreeWorkspace",
                             "The engine's per-generation tree state on the device and the tensor work between two "
                             "model forwards, one call per gap (csrc/session/tree_workspace.h).")
@@ -125,7 +127,6 @@ PYBIND11_MODULE(_C, module) {
            py::arg("draft_dtype"), py::arg("target_dtype"), py::arg("row_table") = py::none(),
            py::arg("direct_cpu") = true)
       .def("start", &TreeWorkspace::start)
-      .def("feed", &TreeWorkspace::feed)
       .def("sage_level", &TreeWorkspace::sage_level)
       .def("static_level", &TreeWorkspace::static_level)
       .def("topk_expand", &TreeWorkspace::topk_expand)
@@ -135,18 +136,14 @@ PYBIND11_MODULE(_C, module) {
            "TreeWorkspace.commit on the keys/values of HF cache layers (lists of DynamicLayer), then both caches "
            "cropped to what they hold after the step (layer.keys / layer.values narrowed, as DynamicLayer.crop "
            "does). Returns (readback row, accepted).")
-      .def("tree_written", &TreeWorkspace::tree_written)
       .def_readonly("tokens", &TreeWorkspace::tokens)
       .def_readonly("parents", &TreeWorkspace::parents)
       .def_readonly("logprobs", &TreeWorkspace::logprobs)
       .def_readonly("cum_logprobs", &TreeWorkspace::cum_logprobs)
-      .def_readonly("depth", &TreeWorkspace::depth)
       .def_readonly("mask", &TreeWorkspace::mask)
       .def_property_readonly("node_row", &TreeWorkspace::node_row)
       .def_property_readonly("row_table", &TreeWorkspace::row_table)
-      .def_property_readonly("capacity", &TreeWorkspace::capacity)
       .def_readonly("rows_used", &TreeWorkspace::rows_used)
       .def_readonly("draft_base", &TreeWorkspace::draft_base)
-      .def_readwrite("draft_len", &TreeWorkspace::draft_len)
-      .def_readonly("slots_are_rows", &TreeWorkspace::slots_are_rows);
+      .def_readwrite("draft_len", &TreeWorkspace::draft_len);
 }

@@ -52,11 +52,7 @@ _WORKSPACE_DIRECT_CPU = True
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
 DEFAULT_MAX_VOCAB_PADDING = 256
 
-# The registered overloads of the ops the engine calls from Python, resolved once (the sage_ext.ops wrappers of
-# these are plain pass-throughs; calling the overload directly saves the per-call overload lookup). The rest of
-# the hot path runs in the native TreeWorkspace.
-_op_topk_confidence = torch.ops.sage_ext.topk_confidence.default
-_op_expand_tree = torch.ops.sage_ext.expand_tree.default
+# kv_compact_ for cache layers on other devices (device_map); the hot path's ops run in the native TreeWorkspace.
 _op_kv_compact = torch.ops.sage_ext.kv_compact_.default
 
 
@@ -85,39 +81,28 @@ class StepDebug:
     draft_keep: Tensor | None  # prompt positions the draft saw (visual pruning), None = all
 
 
-def _cache_layout(cache) -> list[tuple[torch.device, list[int]]]:
-    """Which layers of a DynamicCache hold keys/values, grouped by device (kv_compact_ takes one device).
-
-    Computed once per generation after the prefill: layers keep their device, while their tensors are new
-    objects after every forward, so the tensors themselves are collected per step (``_cache_tensors``)."""
-    groups: dict[torch.device, list[int]] = {}
+def _cache_layers(cache, device: torch.device, elsewhere_from: int | None = None
+                  ) -> tuple[list, list[tuple[torch.device, list]]]:
+    """The layers of a DynamicCache that hold keys/values: (those on ``device``, [(other device, its layers)]).
+    The workspace's commit compacts and crops the first; ``_commit_elsewhere`` the others (a model split over
+    devices with ``device_map``; kv_compact_ takes one device per call). Computed once per generation after the
+    prefill: layers keep their device, while their tensors are new objects after every forward.
+    ``elsewhere_from``: layers from this index on go to the second list even on ``device`` (a test seam)."""
+    here: list = []
+    groups: dict[torch.device, list] = {}
     for index, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
-        if keys is None or keys.numel() == 0:
-            continue
-        groups.setdefault(keys.device, []).append(index)
-    return list(groups.items())
+        if keys is not None and keys.numel() > 0:
+            if keys.device == device and (elsewhere_from is None or index < elsewhere_from):
+                here.append(layer)
+            else:
+                groups.setdefault(keys.device, []).append(layer)
+    return here, list(groups.items())
 
 
-def _cache_tensors(cache, layer_indices: list[int]) -> list[Tensor]:
-    layers = cache.layers
-    return [tensor for index in layer_indices for tensor in (layers[index].keys, layers[index].values)]
-
-
-def _crop_layers(cache, layer_indices: list[int], length: int) -> None:
-    """The listed layers of a DynamicCache cut to ``length`` cached tokens (their own ``crop``)."""
-    for index in layer_indices:
-        layer = cache.layers[index]
-        excess = layer.keys.shape[-2] - length
-        if excess > 0:
-            layer.crop(-excess)
-
-
-def _split_layout(groups: list[tuple[torch.device, list[int]]], device: torch.device):
-    """(layers on ``device``, [(other device, its layers)]): the workspace's commit compacts and crops the first,
-    ``_commit_elsewhere`` the others (a model split over devices with ``device_map``)."""
-    here = [index for dev, layers in groups if dev == device for index in layers]
-    return here, [(dev, layers) for dev, layers in groups if dev != device]
+def _layer_tensors(layers: list) -> list[Tensor]:
+    """Every layer's keys and values, as kv_compact_ takes them."""
+    return [tensor for layer in layers for tensor in (layer.keys, layer.values)]
 
 
 def _float_from_bits(bits: int) -> float:
@@ -177,7 +162,6 @@ class DraftRound:
         self.tokens, self.parents = ws.tokens, ws.parents
         self.logprobs, self.cum_logprobs = ws.logprobs, ws.cum_logprobs
         self.root_parents = self.parents[:, :1]  # [1, 1] = [[-1]]: the parents of a root-only tree
-        self.arange = torch.arange(max(capacity, 2), device=device)
         self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
         self._switch = engine.timeline.switch
         self._draft_other_device = engine.draft_device != device
@@ -220,10 +204,6 @@ class DraftRound:
     def full_f32(self, value: float) -> Tensor:
         return torch.full((1,), value, dtype=torch.float32, device=self.device)
 
-    def read_int(self, tensor: Tensor) -> int:
-        """Read a one-element device value on the host (free on CPU; a sync on accelerators)."""
-        return int(tensor)
-
     def root_token(self) -> Tensor:
         """``[1, 1]`` view of the root (the last committed token) in the engine's sequence buffer."""
         engine = self.engine
@@ -260,14 +240,8 @@ class DraftRound:
         """What a ``FixedLayout`` depends on besides the tree: device and the two mask dtypes."""
         return self.device, self.mask_dtype, self.target_dtype
 
-    # The tree ops below are what policies call between draft forwards. Draft logits are [1, T, V]; the ops
-    # that take a frontier use its last rows (the step's first forward also returns the pending tokens' rows).
-    def topk(self, logits: Tensor, k: int, rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``topk_confidence`` of draft logits ``[1, T, V]`` (the last ``rows`` rows; None: all), at the sampling
-        temperature when sampling."""
-        logits = logits[0] if rows is None else logits[0, -rows:]
-        return _op_topk_confidence(logits, k, self.engine.draft_temperature)
-
+    # The levels below are what policies call between draft forwards, one native call each. Draft logits are
+    # [1, T, V]; a level's frontier is their last rows (the step's first forward also returns the pending tokens').
     def sage_level(self, logits: Tensor, alpha: Tensor | None, frontier_start: int, frontier_count: int, level: int,
                    slot_start: int, num_slots: int, shape: tuple, used: int, n_max: int, known_count: int = -1,
                    known_max_depth: int = -1) -> tuple:
@@ -307,14 +281,6 @@ class DraftRound:
         nodes' ``tokens, parents, logprobs [1, S]`` and ``node_row [1, S + 1]``."""
         return self.ws.rerank(num_slots, num_select)
 
-    def expand(self, frontier, topk_logprobs, topk_ids, widths, min_cum_logprob, slot_start, num_slots) -> Tensor:
-        """``expand_tree`` into the tree state; returns the count of real nodes written (device)."""
-        self.ws.tree_written()
-        return _op_expand_tree(
-            self.tokens, self.parents, self.logprobs, self.cum_logprobs, frontier, topk_logprobs,
-            topk_ids, widths, min_cum_logprob, slot_start, num_slots,
-        )
-
     # ------------------------------------------------------------------ draft forwards
     def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         """One draft forward, booked as ``draft_decode`` (the caller is inside the engine's tree_ops region)."""
@@ -327,9 +293,10 @@ class DraftRound:
         switch = self._switch
         switch("draft_decode")
         logits = engine.draft.forward_tree(tokens, positions, mask, engine.draft_cache)
-        switch("tree_ops")
         if self._draft_other_device:
+            # inside draft_decode: the copy waits for the draft's forward on its device, which is draft time
             logits = logits.to(self.device)
+        switch("tree_ops")
         return logits if self._vocab_limit is None else logits[..., : self._vocab_limit]
 
     def forward(self, inputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
@@ -347,12 +314,6 @@ class DraftRound:
             inputs = self.ws.start(engine.cur_len, engine.draft_done, layout.parents, layout.node_row,
                                    layout.draft_block)
         return self._forward(*inputs)
-
-    def feed(self, start: int, count: int, depth: int) -> Tensor:
-        """One draft forward over the tree slots ``[start, start + count)``, all at tree depth ``depth``
-        (padding slots included; they attend to the past and themselves only). Returns their logits
-        ``[1, count, V_shared]``; their keys/values become the next ``count`` draft-cache rows."""
-        return self._forward(*self.ws.feed(start, count, depth))
 
 
 class SpeculativeGenerator:
@@ -399,6 +360,9 @@ class SpeculativeGenerator:
         #: host clock of the time statistics off CUDA (e.g. ``time.thread_time`` on a shared machine)
         self.host_clock: Callable[[], float] = time.perf_counter
         self._row_tables: dict[tuple[torch.device, int], Tensor] = {}  # DraftRound's slot == row tables
+        #: test seam for a model split over devices on one device: (target, draft) cache layers from these indices
+        #: on take the per-device commit (``_commit_elsewhere``), as the layers a device_map puts on another GPU
+        self.elsewhere_from: tuple[int | None, int | None] = (None, None)
 
     # ------------------------------------------------------------------ checks
     def _check_pair(self, max_vocab_padding: int) -> None:
@@ -592,10 +556,10 @@ class SpeculativeGenerator:
             ctx.draft_len = self.draft_cache.get_seq_length()
         # cache layers on the engine's device are compacted and cropped by the workspace's commit; a model split
         # over devices (device_map) has the others done here (_commit_elsewhere)
-        target_layers, target_elsewhere = _split_layout(_cache_layout(self.target_cache), device)
-        draft_layers, draft_elsewhere = _split_layout(_cache_layout(self.draft_cache) if use_draft else [], device)
-        target_layer_list = [self.target_cache.layers[index] for index in target_layers]
-        draft_layer_list = [self.draft_cache.layers[index] for index in draft_layers] if use_draft else []
+        target_from, draft_from = self.elsewhere_from
+        target_layer_list, target_elsewhere = _cache_layers(self.target_cache, device, target_from)
+        draft_layer_list, draft_elsewhere = (_cache_layers(self.draft_cache, device, draft_from) if use_draft
+                                             else ([], []))
         verify_sampling = self._verify_sampling
         switch, step_begin, step_end = timeline.switch, timeline.step_begin, timeline.step_end
         step_rows: list[tuple] = []
@@ -700,16 +664,16 @@ class SpeculativeGenerator:
     def _commit_elsewhere(self, ctx: DraftRound, accepted: Tensor, node_row: Tensor | None, num_nodes: int, tau: int,
                           processed_n: int, target_len: int, target_elsewhere: list, draft_elsewhere: list) -> None:
         """The commit's compaction and crop for cache layers on other devices than the engine's (device_map)."""
-        for dev, layer_indices in target_elsewhere:
+        for dev, layers in target_elsewhere:
             if num_nodes > 1:
-                _op_kv_compact(_cache_tensors(self.target_cache, layer_indices), accepted.to(dev), target_len)
-            _crop_layers(self.target_cache, layer_indices, target_len + tau + 1)
+                _op_kv_compact(_layer_tensors(layers), accepted.to(dev), target_len)
+            _C.crop_layers(layers, target_len + tau + 1)
         kept = ctx.draft_base + processed_n
-        for dev, layer_indices in draft_elsewhere:
+        for dev, layers in draft_elsewhere:
             if num_nodes > 1:
                 draft_rows = node_row[:, accepted[0]]  # a -1 of accepted picks the -1 in node_row's last entry
-                _op_kv_compact(_cache_tensors(self.draft_cache, layer_indices), draft_rows.to(dev), ctx.draft_base)
-            _crop_layers(self.draft_cache, layer_indices, kept)
+                _op_kv_compact(_layer_tensors(layers), draft_rows.to(dev), ctx.draft_base)
+            _C.crop_layers(layers, kept)
         if draft_elsewhere:
             ctx.draft_len = kept
 

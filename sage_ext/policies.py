@@ -2,17 +2,16 @@
 
 Every policy runs inside the same engine loop (``sage_ext.engine``); it only decides which draft nodes
 exist. It talks to the engine through a ``DraftRound`` (``ctx``): preallocated tree tensors
-(``ctx.tokens/parents/logprobs/cum_logprobs [1, Ncap]``), ``ctx.root_logits()`` (the step's first draft
-forward: pending committed tokens + the root), ``ctx.feed(start, count, depth)`` (one draft forward over
-a contiguous range of tree slots, with the tree mask), ``ctx.topk`` (``topk_confidence``), ``ctx.expand``
-(``expand_tree``), ``ctx.sage_level`` / ``ctx.static_level`` (a whole SAGE / fixed-tree level and the inputs
-of the next draft forward, one native call; ``ctx.forward`` runs it) and ``ctx.root_token()`` (a view of the
-root). Draft logits come as ``[1, T, V]``; a level's frontier is their last rows. Policies
-never loop over tree nodes in Python and never read device values, except SAGE with ``static_shapes=False``
-reading per-level node counts (free on CPU). Trees are laid out level by level, so every level (and every
-set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as ``tree_ops``
-except the draft forwards, so policies keep no clocks; ``build`` runs once per step on the hot path: no
-per-level Python objects beyond views, constants cached per device.
+(``ctx.tokens/parents/logprobs/cum_logprobs [1, Ncap]``), ``ctx.start_tree`` / ``ctx.root_logits()`` (the step's
+first draft forward: pending committed tokens + the root), the levels ``ctx.sage_level`` / ``ctx.static_level`` /
+``ctx.topk_expand`` (a whole SAGE / fixed-tree / EAGLE-2 level and the inputs of the draft forward over its new
+slots, one native call; ``ctx.forward`` runs that forward), ``ctx.rerank`` (EAGLE-2's final selection) and
+``ctx.root_token()`` (a view of the root). Draft logits come as ``[1, T, V]``; a level's frontier is their last
+rows. Policies never loop over tree nodes in Python and never read device values, except SAGE with
+``static_shapes=False`` reading per-level node counts (free on CPU). Trees are laid out level by level, so every
+level (and every set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as
+``tree_ops`` except the draft forwards, so policies keep no clocks; ``build`` runs once per step on the hot
+path: no per-level Python objects beyond views, constants cached per device.
 
 Policies (names for ``SpeculativeGenerator(policy=...)``):
   ``"ar"``       AutoregressivePolicy  — no draft; the target decodes one token per forward (the baseline).

@@ -38,8 +38,9 @@ def recomputed_cache(model, inputs, sequence: list[int], length: int, keep=None)
     prompt_len = inputs["input_ids"].shape[1]
     extra = length - prompt_len
     if extra > 0:
-        tokens = torch.tensor([sequence[prompt_len:length]])
-        positions = torch.arange(prompt_len, length)[None]
+        device = inputs["input_ids"].device  # the model's (CPU, or CUDA in tests/test_engine_cuda.py)
+        tokens = torch.tensor([sequence[prompt_len:length]], device=device)
+        positions = torch.arange(prompt_len, length, device=device)[None]
         mask = causal_mask_4d(extra, cache.get_seq_length(), adapter.dtype, tokens.device)
         adapter.forward_tree(tokens, positions, mask, cache)
     return cache

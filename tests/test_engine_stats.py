@@ -26,9 +26,14 @@ def test_stats_are_consistent(llama, policy):
     target, inputs = llama
     out = SpeculativeGenerator(target, correlated_draft(target, noise=0.1), policy).generate(
         **inputs, max_new_tokens=MAX_NEW)
-    stats = out.stats
-    assert stats.policy == policy and stats.prompt_len == inputs["input_ids"].shape[1]
-    assert stats.new_tokens == MAX_NEW == 1 + sum(step.emitted for step in stats.steps)
+    check_stats(out.stats, policy, inputs["input_ids"].shape[1], MAX_NEW)
+
+
+def check_stats(stats, policy: str, prompt_len: int, max_new: int) -> None:
+    """The statistics of a generation of ``max_new`` tokens with ``policy`` (a name) agree with each other; every
+    time category that ran is positive (CPU clock or CUDA events: tests/test_engine_cuda.py)."""
+    assert stats.policy == policy and stats.prompt_len == prompt_len
+    assert stats.new_tokens == max_new == 1 + sum(step.emitted for step in stats.steps)
     assert stats.target_forwards == len(stats.steps)
     assert stats.mean_tau == pytest.approx(sum(step.tau for step in stats.steps) / len(stats.steps))
     assert stats.tokens_per_target_forward == pytest.approx(stats.mean_tau + 1)
@@ -44,7 +49,7 @@ def test_stats_are_consistent(llama, policy):
     assert len(rates) == max(step.tree_depth for step in stats.steps)
     assert all(0 <= rate <= 1 for rate in rates)
     encoded = json.loads(json.dumps(stats.to_dict()))
-    assert encoded["new_tokens"] == MAX_NEW and len(encoded["steps"]) == len(stats.steps)
+    assert encoded["new_tokens"] == max_new and len(encoded["steps"]) == len(stats.steps)
 
 
 def test_sage_records_alpha_depth_and_width(llama):

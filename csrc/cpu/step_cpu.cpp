@@ -45,6 +45,14 @@ TopkScratch& topk_rows(const at::Tensor& logits, int64_t batch_row, int64_t firs
   return scratch;
 }
 
+// The frontier as expand_tree takes it: the slots [start, start + count), in a buffer reused across calls.
+const std::vector<int64_t>& slot_range(int64_t start, int64_t count) {
+  thread_local std::vector<int64_t> slots;
+  slots.resize(count);
+  std::iota(slots.begin(), slots.end(), start);
+  return slots;
+}
+
 core::TreeRow tree_row(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
                        const at::Tensor& cum_logprobs, int64_t b) {
   const int64_t capacity = tokens.size(1);
@@ -65,10 +73,9 @@ void sage_level_into(const at::Tensor& tokens, const at::Tensor& parents, const 
   const int64_t batch = tokens.size(0);
   const at::Tensor alpha = alpha_in.has_value() ? alpha_in->contiguous() : at::Tensor();
   const core::SageParams params = sage_params(level, k, d_min, d_max, w_min, w_max, theta_scale);
-  thread_local std::vector<int64_t> frontier, widths;
-  frontier.resize(num_frontier);
+  const std::vector<int64_t>& frontier = slot_range(frontier_start, num_frontier);
+  thread_local std::vector<int64_t> widths;
   widths.resize(num_frontier);
-  std::iota(frontier.begin(), frontier.end(), frontier_start);
   for (int64_t b = 0; b < batch; ++b) {
     float* row_alpha = frontier_alpha + b * num_frontier;
     const TopkScratch& topk = topk_rows(logits, b, first_row, num_frontier, k, temperature, row_alpha);
@@ -100,10 +107,9 @@ int64_t topk_expand_into(const at::Tensor& tokens, const at::Tensor& parents, co
                          int64_t num_frontier, int64_t frontier_start, int64_t k, double temperature,
                          int64_t slot_start, int64_t num_slots, float* frontier_alpha) {
   const TopkScratch& topk = topk_rows(logits, 0, first_row, num_frontier, k, temperature, frontier_alpha);
-  thread_local std::vector<int64_t> frontier, widths;
-  frontier.resize(num_frontier);
+  const std::vector<int64_t>& frontier = slot_range(frontier_start, num_frontier);
+  thread_local std::vector<int64_t> widths;
   widths.assign(num_frontier, k);
-  std::iota(frontier.begin(), frontier.end(), frontier_start);
   const core::FrontierRow proposals{frontier.data(), topk.logprobs.data(), topk.ids.data(), widths.data(),
                                     num_frontier,    k,                     -std::numeric_limits<float>::infinity()};
   return core::expand_tree_row(tree_row(tokens, parents, logprobs, cum_logprobs, 0), proposals, slot_start, num_slots);

@@ -47,38 +47,24 @@ using CommitSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Ten
                              const at::Tensor&, const at::Tensor&, int64_t, at::TensorList, int64_t, at::TensorList,
                              const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+// op<"sage_ext::name", Sig>(): the operator's typed handle, looked up once per operator.
+template <size_t N>
+struct OpName {
+  char value[N];
+  constexpr OpName(const char (&name)[N]) { std::copy_n(name, N, value); }  // NOLINT: implicit by design
+};
+
+template <OpName name, typename Sig>
+const c10::TypedOperatorHandle<Sig>& op() {
+  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name.value, "").template typed<Sig>();
+  return handle;
 }
 
-const c10::TypedOperatorHandle<TopkSig>& topk_confidence_op() {
-  static const auto handle = op<TopkSig>("sage_ext::topk_confidence");
-  return handle;
-}
-const c10::TypedOperatorHandle<SageLevelSig>& sage_level_op() {
-  static const auto handle = op<SageLevelSig>("sage_ext::sage_level_");
-  return handle;
-}
-const c10::TypedOperatorHandle<TreeBuffersSig>& tree_buffers_op() {
-  static const auto handle = op<TreeBuffersSig>("sage_ext::tree_buffers");
-  return handle;
-}
-const c10::TypedOperatorHandle<VerifyGreedySig>& verify_greedy_op() {
-  static const auto handle = op<VerifyGreedySig>("sage_ext::verify_greedy");
-  return handle;
-}
-const c10::TypedOperatorHandle<CommitSig>& commit_tree_op() {
-  static const auto handle = op<CommitSig>("sage_ext::commit_tree_");
-  return handle;
-}
-const c10::TypedOperatorHandle<ExpandSig>& expand_tree_op() {
-  static const auto handle = op<ExpandSig>("sage_ext::expand_tree");
-  return handle;
-}
-const c10::TypedOperatorHandle<RerankSig>& rerank_tree_op() {
-  static const auto handle = op<RerankSig>("sage_ext::rerank_tree");
-  return handle;
+// The op path's top-k of the last `frontier_count` rows of draft logits [1, T, V].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> frontier_topk(const at::Tensor& logits, int64_t frontier_count,
+                                                             int64_t k, double temperature) {
+  const at::Tensor rows = logits.narrow(1, logits.size(1) - frontier_count, frontier_count).select(0, 0);
+  return op<"sage_ext::topk_confidence", TopkSig>().call(rows, k, temperature);
 }
 
 void check_draft_logits(const at::Tensor& logits, int64_t frontier_count, const char* what) {
@@ -120,7 +106,7 @@ TreeWorkspace::TreeWorkspace(int64_t capacity, int64_t max_cache_len, int64_t ch
   parents = at::full({1, capacity}, -1, longs);
   logprobs = at::zeros({1, capacity}, floats);
   cum_logprobs = at::zeros({1, capacity}, floats);
-  depth = at::zeros({1, capacity}, longs);
+  depth_ = at::zeros({1, capacity}, longs);
   node_row_ = at::full({1, capacity + 1}, -1, longs);
   if (row_table.has_value()) {
     row_table_ = *row_table;
@@ -149,7 +135,7 @@ bool TreeWorkspace::direct(const at::Tensor& logits) const {
 
 at::Tensor TreeWorkspace::node_row() const {
   if (fixed_node_row_.defined()) return fixed_node_row_;
-  return slots_are_rows ? row_table_.select(0, rows_used) : node_row_;
+  return slots_are_rows_ ? row_table_.select(0, rows_used) : node_row_;
 }
 
 void TreeWorkspace::tree_written() { layout_parents_ = at::Tensor(); }
@@ -177,7 +163,7 @@ ForwardInputs TreeWorkspace::start(int64_t cur_len, int64_t draft_done, const st
     fixed_node_row_ = at::Tensor();
   }
   rows_used = 0;
-  slots_are_rows = true;
+  slots_are_rows_ = true;
   rows_ready_ = 0;
 
   // move the tree block to the new base: clear the old one, write the root row and the padding row (a
@@ -252,9 +238,9 @@ void feed_rows(T* block, int64_t row_stride, int64_t width, const int64_t* paren
 
 void TreeWorkspace::write_feed_rows(int64_t slot_start, int64_t count) {
   const int64_t first = rows_used;
-  const bool slot_is_row = slots_are_rows && slot_start == first;  // slot == row for every fed node so far
-  if (!slot_is_row && slots_are_rows) {  // the first feed where slots and rows part: write the map once
-    slots_are_rows = false;
+  const bool slot_is_row = slots_are_rows_ && slot_start == first;  // slot == row for every fed node so far
+  if (!slot_is_row && slots_are_rows_) {  // the first feed where slots and rows part: write the map once
+    slots_are_rows_ = false;
     node_row_.copy_(row_table_.select(0, first));
   }
   const at::Tensor map = node_row_.select(0, 0);
@@ -302,7 +288,7 @@ ForwardInputs TreeWorkspace::feed(int64_t slot_start, int64_t count, int64_t nod
                     " fed rows exceed the draft tree's capacity (", capacity_, ")");
   // a fixed layout's rows were all written by start(); sage_level wrote the rows of the slots it expanded
   // while slots were rows
-  if (!fixed_node_row_.defined() && !(slots_are_rows && slot_start == first && last <= rows_ready_)) {
+  if (!fixed_node_row_.defined() && !(slots_are_rows_ && slot_start == first && last <= rows_ready_)) {
     write_feed_rows(slot_start, count);
   }
   ForwardInputs inputs = draft_inputs(slot_start, count, node_depth);
@@ -320,7 +306,7 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   const int64_t first_row = logits.size(1) - frontier_count;
   tree_written();
   std::optional<at::Tensor> rows_mask;
-  if (mask.defined() && slots_are_rows && !fixed_node_row_.defined() && slot_start <= rows_ready_) {
+  if (mask.defined() && slots_are_rows_ && !fixed_node_row_.defined() && slot_start <= rows_ready_) {
     rows_mask = block_;  // the new slots' rows come with the expansion
     rows_ready_ = slot_start + num_slots;
     rows_written_ = std::max(rows_written_, rows_ready_);
@@ -328,25 +314,28 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   at::Tensor frontier_alpha;  // returned for the root level only
   int64_t count = 0, max_depth = 0;
   if (direct(logits)) {
-    float* alpha_out = scratch_alpha(frontier_count);
-    if (level == 1) {
-      frontier_alpha = at::empty({1, frontier_count}, logprobs.options());
-      alpha_out = frontier_alpha.data_ptr<float>();
-    }
+    float* alpha_out = alpha_output(level == 1, frontier_count, frontier_alpha, {1, frontier_count});
     cpu::sage_level_into(tokens, parents, logprobs, cum_logprobs, rows_mask, logits, first_row, frontier_count, alpha,
                          frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max,
                          theta_scale, &count, alpha_out, &max_depth);
-    std::fill_n(depth.data_ptr<int64_t>() + slot_start, num_slots, level);
+    std::fill_n(depth_.data_ptr<int64_t>() + slot_start, num_slots, level);
   } else {
-    auto [count_t, alpha_t, max_depth_t] = sage_level_op().call(
+    auto [count_t, alpha_t, max_depth_t] = op<"sage_ext::sage_level_", SageLevelSig>().call(
         tokens, parents, logprobs, cum_logprobs, rows_mask, logits.narrow(1, first_row, frontier_count), alpha,
         frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale);
     if (level == 1) frontier_alpha = alpha_t;
-    if (num_slots > 0) depth.narrow(1, slot_start, num_slots).fill_(level);
+    if (num_slots > 0) depth_.narrow(1, slot_start, num_slots).fill_(level);
     // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
-    // with static_shapes=False, the default on the CPU)
-    if (known_count < 0) count = count_t.item<int64_t>();
-    if (known_max_depth < 0) max_depth = max_depth_t.item<int64_t>();
+    // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two
+    if (known_count < 0 && known_max_depth < 0) {
+      const at::Tensor both = at::cat({count_t.reshape({1}), max_depth_t.reshape({1}).to(count_t.dtype())}).cpu();
+      count = both[0].item<int64_t>();
+      max_depth = both[1].item<int64_t>();
+    } else if (known_count < 0) {
+      count = count_t.item<int64_t>();
+    } else if (known_max_depth < 0) {
+      max_depth = max_depth_t.item<int64_t>();
+    }
   }
   if (known_count >= 0) count = known_count;  // static shapes: the level's slots, padding included
   if (known_max_depth >= 0) max_depth = known_max_depth;
@@ -362,16 +351,11 @@ std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::static_level
   const int64_t first_row = logits.size(1) - frontier_count;
   at::Tensor alpha;
   if (direct(logits) && child_index.is_cpu() && child_index.is_contiguous()) {
-    float* alpha_out = scratch_alpha(frontier_count);
-    if (want_alpha) {
-      alpha = at::empty({frontier_count}, logprobs.options());
-      alpha_out = alpha.data_ptr<float>();
-    }
+    float* alpha_out = alpha_output(want_alpha, frontier_count, alpha, {frontier_count});
     cpu::topk_gather_into(tokens, logprobs, logits, first_row, frontier_count, k, temperature, child_index, start,
                           alpha_out);
   } else {
-    auto [alpha_t, topk_logprobs, topk_ids] =
-        topk_confidence_op().call(logits.narrow(1, first_row, frontier_count).select(0, 0), k, temperature);
+    auto [alpha_t, topk_logprobs, topk_ids] = frontier_topk(logits, frontier_count, k, temperature);
     const int64_t children = child_index.size(0);
     at::Tensor child_tokens = tokens.select(0, 0).narrow(0, start, children);
     at::Tensor child_logprobs = logprobs.select(0, 0).narrow(0, start, children);
@@ -398,22 +382,18 @@ std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::topk_expand(
   tree_written();
   at::Tensor alpha;
   if (direct(logits)) {
-    float* alpha_out = scratch_alpha(frontier_count);
-    if (want_alpha) {
-      alpha = at::empty({frontier_count}, logprobs.options());
-      alpha_out = alpha.data_ptr<float>();
-    }
+    float* alpha_out = alpha_output(want_alpha, frontier_count, alpha, {frontier_count});
     cpu::topk_expand_into(tokens, parents, logprobs, cum_logprobs, logits, first_row, frontier_count, frontier_start,
                           k, temperature, slot_start, num_slots, alpha_out);
   } else {
-    auto [alpha_t, topk_logprobs, topk_ids] =
-        topk_confidence_op().call(logits.narrow(1, first_row, frontier_count).select(0, 0), k, temperature);
+    auto [alpha_t, topk_logprobs, topk_ids] = frontier_topk(logits, frontier_count, k, temperature);
     const at::Tensor frontier =
         at::arange(frontier_start, frontier_start + frontier_count, tokens.options()).unsqueeze(0);
     const at::Tensor widths = at::full({1, frontier_count}, k, tokens.options());
     const at::Tensor no_threshold = at::full({1}, -std::numeric_limits<double>::infinity(), logprobs.options());
-    expand_tree_op().call(tokens, parents, logprobs, cum_logprobs, frontier, topk_logprobs.unsqueeze(0),
-                          topk_ids.unsqueeze(0), widths, no_threshold, slot_start, num_slots);
+    op<"sage_ext::expand_tree", ExpandSig>().call(tokens, parents, logprobs, cum_logprobs, frontier,
+                                                  topk_logprobs.unsqueeze(0), topk_ids.unsqueeze(0), widths,
+                                                  no_threshold, slot_start, num_slots);
     if (want_alpha) alpha = alpha_t;
   }
   std::optional<ForwardInputs> next;
@@ -437,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> TreeWorkspace::rerank
                           num_select, keep.data(), kept_parents.data_ptr<int64_t>());
     const int64_t* slot_rows = node_row().const_data_ptr<int64_t>();
     for (int64_t j = 0; j < num_select; ++j) {
-      const int64_t slot = keep[j] >= 0 ? keep[j] : num_slots - 1;  // padding (-1): any slot, never accepted
+      const int64_t slot = keep[j] >= 0 ? keep[j] : capacity_ - 1;  // padding (-1): the last slot, as indexing
       kept_tokens.data_ptr<int64_t>()[j] = tokens.const_data_ptr<int64_t>()[slot];
       kept_logprobs.data_ptr<float>()[j] = logprobs.const_data_ptr<float>()[slot];
       kept_rows.data_ptr<int64_t>()[j] = keep[j] >= 0 ? slot_rows[slot] : -1;
@@ -445,8 +425,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> TreeWorkspace::rerank
     kept_rows.data_ptr<int64_t>()[num_select] = -1;
     return {kept_tokens, kept_parents, kept_logprobs, kept_rows};
   }
-  auto [keep, new_parents] =
-      rerank_tree_op().call(parents.narrow(1, 0, num_slots), cum_logprobs.narrow(1, 0, num_slots), num_select);
+  auto [keep, new_parents] = op<"sage_ext::rerank_tree", RerankSig>().call(
+      parents.narrow(1, 0, num_slots), cum_logprobs.narrow(1, 0, num_slots), num_select);
   // keep is -1 padded: a -1 picks the last slot's token (padding is never accepted) and node_row's -1 entry
   const c10::List<std::optional<at::Tensor>> columns({std::nullopt, keep.select(0, 0)});
   const at::Tensor rows = node_row();
@@ -454,7 +434,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> TreeWorkspace::rerank
           at::cat({at::index(rows, columns), rows.narrow(1, capacity_, 1)}, 1)};
 }
 
-float* TreeWorkspace::scratch_alpha(int64_t count) {
+float* TreeWorkspace::alpha_output(bool wanted, int64_t count, at::Tensor& alpha, at::IntArrayRef shape) {
+  if (wanted) {
+    alpha = at::empty(shape, logprobs.options());
+    return alpha.data_ptr<float>();
+  }
   alpha_scratch_.resize(std::max<int64_t>(count, 1));
   return alpha_scratch_.data();
 }
@@ -496,12 +480,12 @@ std::tuple<at::Tensor, at::Tensor> TreeWorkspace::target_inputs(const at::Tensor
   // a tree built in place this step (slots 0 .. N-1 are the tree, their draft mask rows all written by
   // sage_level): with no draft-side pruning the draft's past is the target's, so its mask is the target's
   const bool in_place = tree_parents.is_alias_of(parents) && tree_parents.storage_offset() == parents.storage_offset();
-  if (in_place && mask.defined() && slots_are_rows && !fixed_node_row_.defined() && nodes <= rows_ready_ &&
+  if (in_place && mask.defined() && slots_are_rows_ && !fixed_node_row_.defined() && nodes <= rows_ready_ &&
       draft_base == target_len && mask.scalar_type() == target_dtype_ && mask.device() == target_mask_.device()) {
-    return {at::add(depth.narrow(1, 0, nodes), target_len),
+    return {at::add(depth_.narrow(1, 0, nodes), target_len),
             mask.as_strided({1, 1, nodes, target_len + nodes}, mask.strides(), mask.storage_offset())};
   }
-  const auto buffers = tree_buffers_op().call(tree_parents, target_len, target_dtype_);
+  const auto buffers = op<"sage_ext::tree_buffers", TreeBuffersSig>().call(tree_parents, target_len, target_dtype_);
   return {std::get<1>(buffers), std::get<6>(buffers)};
 }
 
@@ -520,11 +504,13 @@ std::tuple<std::vector<int64_t>, at::Tensor> TreeWorkspace::commit(
     bonus_token = *bonus;
   } else {
     TORCH_CHECK_VALUE(target.has_value(), "TreeWorkspace.commit: pass the target logits or the verification outputs");
-    std::tie(path, path_len, bonus_token) = verify_greedy_op().call(tree_tokens, tree_parents, *target);
+    std::tie(path, path_len, bonus_token) =
+        op<"sage_ext::verify_greedy", VerifyGreedySig>().call(tree_tokens, tree_parents, *target);
   }
   const at::Tensor readback =
-      commit_tree_op().call(tree_tokens, tree_parents, path, path_len, bonus_token, sequence_, cur_len, target_caches,
-                            target_len, draft_caches, draft_rows, draft_base, alpha);
+      op<"sage_ext::commit_tree_", CommitSig>().call(tree_tokens, tree_parents, path, path_len, bonus_token,
+                                                     sequence_, cur_len, target_caches, target_len, draft_caches,
+                                                     draft_rows, draft_base, alpha);
   const at::Tensor host = readback.is_cpu() ? readback : readback.to(at::kCPU);  // the step's one sync
   const int64_t* values = host.const_data_ptr<int64_t>();
   return {std::vector<int64_t>(values, values + host.size(1)), path};

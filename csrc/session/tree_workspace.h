@@ -53,11 +53,6 @@ class TreeWorkspace {
                       const std::optional<at::Tensor>& layout_node_row,
                       const std::optional<at::Tensor>& layout_draft_block);
 
-  // The inputs of a draft forward over the slots [slot_start, slot_start + count), all at tree depth
-  // `depth` (sequence index root + depth); their mask rows are written here unless sage_level already did
-  // (or a fixed layout holds them).
-  ForwardInputs feed(int64_t slot_start, int64_t count, int64_t depth);
-
   // One SAGE level (the sage_level_ op) on the last `frontier_count` rows of the draft logits [1, T, V]; then,
   // when the tree goes on (count > 0, level < max_depth, used + count < n_max), the inputs of the draft forward
   // that feeds the new slots. count / max_depth: known_count / known_max_depth when >= 0 (static shapes), else
@@ -111,27 +106,32 @@ class TreeWorkspace {
       const std::optional<at::Tensor>& alpha);
 
   // ---- state ----------------------------------------------------------------------------------------
-  at::Tensor tokens, parents, logprobs, cum_logprobs, depth;
+  at::Tensor tokens, parents, logprobs, cum_logprobs;
   at::Tensor mask;  // the draft's tree mask (undefined without a draft)
   at::Tensor node_row() const;  // [1, cap + 1] draft row of every slot fed this step (-1: not fed)
-  // The tree state was written level by level (expand_tree): a fixed layout's parents must be copied again.
-  void tree_written();
   at::Tensor row_table() const { return row_table_; }
-  int64_t capacity() const { return capacity_; }
   int64_t rows_used = 0;   // draft rows fed this step
   int64_t draft_base = 0;  // draft cache length at the root row
   int64_t draft_len = 0;   // draft cache length
-  bool slots_are_rows = true;  // every feed so far took the slots right after the rows used (row == slot)
 
  private:
-  void write_feed_rows(int64_t slot_start, int64_t count);  // gather path of feed
+  // The inputs of a draft forward over the slots [slot_start, slot_start + count), all at tree depth
+  // `depth` (sequence index root + depth); their mask rows are written here unless sage_level already did
+  // (or a fixed layout holds them).
+  ForwardInputs feed(int64_t slot_start, int64_t count, int64_t depth);
+  // The tree state was written by a level's expansion: a fixed layout's parents must be copied again.
+  void tree_written();
+  void write_feed_rows(int64_t slot_start, int64_t count);  // the mask rows of a feed (sage_level wrote none)
   ForwardInputs draft_inputs(int64_t slot_start, int64_t count, int64_t depth);
-  float* scratch_alpha(int64_t count);  // where a level's frontier alphas go when nobody reads them
+  // Where a level's frontier alphas go: a new tensor of `shape` in `alpha` when wanted, else a scratch buffer.
+  float* alpha_output(bool wanted, int64_t count, at::Tensor& alpha, at::IntArrayRef shape);
 
   bool direct(const at::Tensor& logits) const;  // the level work can run with core/'s loops in place
   int64_t capacity_;
   bool direct_cpu_;
   at::Tensor sequence_, positions_, arange_;
+  at::Tensor depth_;  // [1, cap]: the level each slot was expanded at (target positions of in-place trees)
+  bool slots_are_rows_ = true;  // every feed so far took the slots right after the rows used (row == slot)
   at::Tensor node_row_, row_table_;
   at::Tensor block_;  // [1, cap + 1, cap] view of the tree block at columns draft_base ..
   at::Tensor edge_rows_, edge_values_, self_columns_;

@@ -36,7 +36,7 @@ TEST(ValidateParents, RejectsBadEntriesNamingParents) {
 }
 
 // ---- build_static_tree ------------------------------------------------------------------------
-// The SpecVLM 25-node static tree (DESIGN.md), as a [25, 5] -1 padded paths matrix.
+// The SpecVLM 25-node static tree (sage_ext.policies.SPECVLM_TREE_PATHS), as a [25, 5] -1 padded paths matrix.
 const std::vector<I64> kSpecVlmPaths{
     {0}, {1}, {2}, {3}, {0, 0}, {0, 1}, {0, 2}, {1, 0}, {1, 1}, {2, 0}, {2, 1}, {3, 0}, {0, 0, 0},
     {0, 0, 1}, {0, 0, 2}, {0, 1, 0}, {0, 1, 1}, {0, 2, 0}, {0, 2, 1}, {1, 0, 0}, {0, 0, 0, 0},
