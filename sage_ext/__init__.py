@@ -2,8 +2,11 @@
 
 - `sage_ext.ops`: the native tree-speculation ops (C++ on CPU, CUDA on GPU; contract in docs/OPS.md);
 - `sage_ext.reference`: plain-PyTorch oracles of the same ops;
-- `SpeculativeGenerator` / `generate`: the engine driving an HF draft and target model with a tree
-  policy (`"ar"`, `"chain"`, `"static"`, `"dynamic"`, `"sage"` or a policy object);
+- `SpeculativeGenerator` / `generate` / `stream`: the engine driving an HF draft and target model with a tree
+  policy (`"ar"`, `"chain"`, `"static"`, `"dynamic"`, `"sage"` or a policy object); `stream` yields the text
+  (or token ids) as it is generated;
+- `custom_generate_path()`: the folder for transformers' ``model.generate(custom_generate=...,
+  trust_remote_code=True, assistant_model=draft)`` (sage_ext/custom_generate/generate.py);
 - `sage_ext.families`: per-family adapters; `sage_ext.pruning`: draft-side visual token pruning;
 - `sage_ext.cli`: the `sage-ext` command (demo, generate, bench); `sage_ext.fixtures`: the bundled
   draft/target pair and its procedural scene task.
@@ -57,7 +60,7 @@ except ImportError as _error:
     raise _missing from None
 
 from . import ops, reference  # noqa: F401
-from .engine import GenerationOutput, SpeculativeGenerator, StepDebug, generate
+from .engine import GenerationOutput, SpeculativeGenerator, StepDebug, generate, stream
 from .policies import (
     SPECVLM_TREE_PATHS,
     AutoregressivePolicy,
@@ -69,12 +72,28 @@ from .policies import (
 )
 from .stats import GenerationStats, StepRecord
 
+
+def custom_generate_path() -> str:
+    """The folder to pass to transformers' ``generate(custom_generate=...)``: the installed sage_ext package,
+    which holds ``custom_generate/generate.py`` (transformers' layout for a custom decoding method). Local code,
+    so transformers asks for ``trust_remote_code=True``::
+
+        out = target.generate(**inputs, custom_generate=sage_ext.custom_generate_path(), trust_remote_code=True,
+                              assistant_model=draft, max_new_tokens=64)
+    """
+    import os
+
+    return os.path.dirname(os.path.abspath(__file__))
+
+
 __all__ = [
     "__version__",
+    "custom_generate_path",
     "ops",
     "reference",
     "SpeculativeGenerator",
     "generate",
+    "stream",
     "GenerationOutput",
     "StepDebug",
     "GenerationStats",

@@ -158,6 +158,25 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+#: ``--device-map`` values: accelerate's placements of each model over the visible GPUs (then CPU memory).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(args) -> None:
+    """``--device-map`` needs accelerate, and ``--device`` auto or cuda: the inputs go to the first GPU, where
+    accelerate puts the embeddings (without a GPU everything stays on the CPU)."""
+    device_map = getattr(args, "device_map", None)
+    if device_map is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError(f"--device-map {device_map} needs the accelerate package (pip install accelerate)")
+    if args.device not in ("auto", "cuda"):
+        raise UsageError(f"--device-map {device_map} places the models over the visible GPUs itself; use --device "
+                         f"auto (or cuda), not --device {args.device}")
+
+
 def _ranged(kind: type, low=None, high=None, low_open: bool = False, what: str | None = None):
     """An argparse ``type`` for numbers in a range (the error names the range)."""
     def parse(text: str):
@@ -197,6 +216,7 @@ def validate_args(args) -> None:
         parse_policy(args.policy, args.policy_args)
     elif getattr(args, "policy_args", None):
         raise UsageError("--policy-args needs --policy")
+    check_device_map(args)
     args.device_obj = check_device(args.device)
     if args.target is not None:
         args.target = check_model(args.target, "--target")
@@ -221,9 +241,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def load_model(path_or_id: str, device: torch.device, dtype) -> torch.nn.Module:
+def load_model(path_or_id: str, device: torch.device, dtype, device_map: str | None = None) -> torch.nn.Module:
     """A vision-language (or text) generation model, in eval mode, with an attention implementation
-    that takes tree masks (sdpa). Offline (``HF_HUB_OFFLINE=1``) nothing is asked of the network."""
+    that takes tree masks (sdpa). Offline (``HF_HUB_OFFLINE=1``) nothing is asked of the network.
+    ``device_map`` (accelerate's ``auto``, ...): the model is placed by accelerate instead of moved to ``device``."""
     import transformers
 
     path_or_id = resolve_model(path_or_id, "target")
@@ -233,22 +254,24 @@ def load_model(path_or_id: str, device: torch.device, dtype) -> torch.nn.Module:
         if loader is None:
             continue
         try:
+            placement = {"device_map": device_map} if device_map else {}
             model = loader.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa",
-                                           local_files_only=hub_offline())
-            return model.to(device).eval()
+                                           local_files_only=hub_offline(), **placement)
+            return (model if device_map else model.to(device)).eval()
         except ValueError as error:  # this auto class does not know the config: try the next one
             errors.append(f"{auto_class}: {error}")
     raise ValueError(f"could not load {path_or_id!r} as a generation model:\n" + "\n".join(errors))
 
 
-def load_pair(target: str, draft: str | None, device: torch.device, dtype) -> tuple[Any, Any, Any]:
-    """(target model, draft model or None, processor of the target)."""
+def load_pair(target: str, draft: str | None, device: torch.device, dtype,
+              device_map: str | None = None) -> tuple[Any, Any, Any]:
+    """(target model, draft model or None, processor of the target); ``device_map``: see ``load_model``."""
     from transformers import AutoProcessor
 
     target, draft = resolve_model(target, "target"), resolve_model(draft, "draft") if draft else None
     processor = AutoProcessor.from_pretrained(target, local_files_only=hub_offline())
-    target_model = load_model(target, device, dtype)
-    draft_model = load_model(draft, device, dtype) if draft else None
+    target_model = load_model(target, device, dtype, device_map)
+    draft_model = load_model(draft, device, dtype, device_map) if draft else None
     return target_model, draft_model, processor
 
 
@@ -429,11 +452,12 @@ def cmd_demo(args) -> int:
     demo_scenes = scenes.heldout_scenes(args.scenes, start=args.scene_offset)
     inputs_of = [build_inputs(processor, s.render(), prompt_text, device, target.dtype) for s in demo_scenes]
 
-    # One short warm-up generation per engine so first-call costs do not count.
+    # A warm-up generation per engine on a scene outside the demo's, so first-call costs (allocations, lazy
+    # initialisation, cold caches) are not timed: several steps long, like a real run.
     warm = build_inputs(processor, scenes.heldout_scenes(1, start=args.scene_offset + 10_000)[0].render(),
                         prompt_text, device, target.dtype)
     for engine in engines.values():
-        engine.generate(**warm, max_new_tokens=8)
+        engine.generate(**warm, max_new_tokens=min(args.max_new_tokens, DEMO_WARMUP_TOKENS))
 
     print(f"sage-ext demo on {machine_name(device)}: target {args.target or 'bundled fixture'}, "
           f"policy {policy.name}; {CONVENTION}")
@@ -471,50 +495,118 @@ def cmd_demo(args) -> int:
     print(f"\noverall: {sage_name} tau {mean_tau:.2f} over {len(steps)} steps; "
           f"{total[sage_name]['tokens'] / total[sage_name]['seconds']:.1f} tok/s vs "
           f"{total['ar']['tokens'] / total['ar']['seconds']:.1f} tok/s target-only (ar): speedup {speedup:.2f}x")
-    if speedup < 1:
-        print(f"note: {sage_name} measured slower than target-only here. The bundled models are tiny, so the timings "
-              f"follow the machine's load: a busy machine or more torch threads than free cores "
-              f"({torch.get_num_threads()} threads, {os.cpu_count()} cores) hurts the many small draft forwards "
-              f"most; try --threads 1 or 2 on an idle machine. Outputs are identical either way.")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    note = slow_speedup_note(sage_name, speedup, mean_tau + 1, torch.get_num_threads(), os.cpu_count(), load)
+    if note:
+        print(note)
     plot_path = Path(args.plot)
     plot_demo(results, sage_name, plot_path)
-    print(f"plot of alpha and accepted length per step: {plot_path}")
+    print(f"plot of tokens per target forward per step and tokens/s against target-only (ar): {plot_path}")
     return 0
 
 
-def plot_demo(results, policy_name: str, path: Path) -> None:
+#: new tokens of each engine's warm-up generation in the demo (capped by --max-new-tokens)
+DEMO_WARMUP_TOKENS = 32
+
+
+def slow_speedup_note(policy_name: str, speedup: float, tokens_per_forward: float, threads: int,
+                      cores: int | None, load: float | None = None) -> str | None:
+    """The demo's explanation when the speculative policy measured slower than target-only (None otherwise).
+    ``load``: the 1-minute load average (the demo passes ``os.getloadavg()[0]``), None where unknown."""
+    if speedup >= 1:
+        return None
+    cores = cores or 1
+    causes = []
+    if load is not None and load > 0.75 * cores:
+        causes.append(f"the machine is busy (load average {load:.1f} on {cores} cores): models this small are timed "
+                      f"against whatever else runs")
+    if threads > cores:
+        causes.append(f"torch uses {threads} threads on {cores} cores, so the small forwards wait for each other: "
+                      f"use --threads 1")
+    elif threads > 1:
+        causes.append(f"torch uses {threads} threads: for models this small the thread pool's hand-offs can cost more "
+                      f"than they save, and a thread that shares its core with another process stalls every forward; "
+                      f"try --threads 1")
+    if not causes:
+        causes.append("timing noise of other processes on the machine (the models are tiny, each forward is "
+                      "milliseconds)")
+    return (f"note: {policy_name} measured {speedup:.2f}x, slower than target-only, although it needed "
+            f"{tokens_per_forward:.1f}x fewer target forwards per token. Likely cause: {'; '.join(causes)}. Run again "
+            f"on an idle machine; the outputs are identical either way.")
+
+
+def demo_plot_data(results, policy_name: str) -> dict:
+    """What the demo plot shows, per scene: tokens per target forward at every step of ``policy_name`` (tau + 1;
+    target-only decoding makes 1) with the tree size, and the tokens/s of the policy and of target-only ("ar")."""
+    scenes_data = []
+    for scene, runs in results:
+        steps = runs[policy_name]["stats"].steps
+        scenes_data.append({
+            "scene": scene.seed,
+            "tokens_per_step": [s.tau + 1 for s in steps],
+            "tree_size": [s.tree_size for s in steps],
+            "tokens_per_second": {name: len(run["ids"]) / run["seconds"] for name, run in runs.items()},
+            "identical_to_ar": runs[policy_name]["ids"] == runs["ar"]["ids"],
+        })
+    return {"policy": policy_name, "scenes": scenes_data}
+
+
+def plot_demo(results, policy_name: str, path: Path) -> dict:
+    """Two panels: tokens per target forward at each step (bars; target-only: 1) with the draft tree's size, and
+    tokens/s per scene, the policy against target-only. Returns the plotted numbers (``demo_plot_data``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_alpha, ax_tau) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    data = demo_plot_data(results, policy_name)
+    fig, (ax_steps, ax_speed) = plt.subplots(2, 1, figsize=(10, 6.5), gridspec_kw={"height_ratios": [3, 2]})
+    ax_tree = ax_steps.twinx()
     offset = 0
-    for index, (scene, runs) in enumerate(results):
-        steps = runs[policy_name]["stats"].steps
-        xs = list(range(offset, offset + len(steps)))
-        measured = [s.alpha_measured if s.alpha_measured is not None else math.nan for s in steps]
-        shaping = [s.alpha if s.alpha is not None else math.nan for s in steps]
-        ax_alpha.plot(xs, measured, color="tab:blue", lw=1.2, label="alpha measured at the root" if index == 0 else None)
-        ax_alpha.plot(xs, shaping, color="tab:orange", lw=1.0, ls="--", label="alpha shaping the tree" if index == 0 else None)
-        ax_tau.bar(xs, [s.tau for s in steps], color="tab:green", width=0.85, label="tau (accepted draft tokens)" if index == 0 else None)
-        ax_tau.step(xs, [s.tree_depth for s in steps], where="mid", color="tab:gray", lw=1.0,
-                    label="tree depth" if index == 0 else None)
+    for index, scene in enumerate(data["scenes"]):
+        per_step = scene["tokens_per_step"]
+        xs = list(range(offset, offset + len(per_step)))
+        ax_steps.bar(xs, per_step, color="tab:green", width=0.85,
+                     label=f"{policy_name}: tokens per target forward (tau + 1)" if index == 0 else None)
+        ax_tree.plot(xs, scene["tree_size"], color="tab:gray", lw=1.0, marker=".", ms=3,
+                     label="draft tree size (nodes)" if index == 0 else None)
         if index:
-            for ax in (ax_alpha, ax_tau):
-                ax.axvline(offset - 0.5, color="k", lw=0.6, alpha=0.4)
-        offset += len(steps)
-    ax_alpha.set_ylabel("alpha (draft confidence)")
-    ax_alpha.set_ylim(-0.02, 1.02)
-    ax_alpha.legend(loc="lower right", fontsize=8)
-    ax_tau.set_ylabel("tokens")
-    ax_tau.set_xlabel("speculation step (scenes separated by vertical lines)")
-    ax_tau.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"sage-ext demo: {policy_name} on the fixture pair ({len(results)} held-out scenes)")
+            ax_steps.axvline(offset - 0.5, color="k", lw=0.6, alpha=0.4)
+        offset += len(per_step)
+    ax_steps.axhline(1.0, color="tab:red", lw=1.2, ls="--", label="target-only: 1 token per forward")
+    tallest = max((max(scene["tokens_per_step"], default=1) for scene in data["scenes"]), default=1)
+    ax_steps.set_ylim(0, tallest * 1.45)  # room for the legend above the bars
+    biggest = max((max(scene["tree_size"], default=1) for scene in data["scenes"]), default=1)
+    ax_tree.set_ylim(0, biggest * 1.45)
+    ax_steps.set_ylabel("tokens per target forward")
+    ax_steps.set_xlabel("speculation step (scenes separated by vertical lines)")
+    ax_tree.set_ylabel("draft tree nodes", color="tab:gray")
+    lines = ax_steps.get_legend_handles_labels()
+    tree_lines = ax_tree.get_legend_handles_labels()
+    ax_steps.legend(lines[0] + tree_lines[0], lines[1] + tree_lines[1], loc="upper center", ncol=3, fontsize=8)
+
+    labels = [str(scene["scene"]) for scene in data["scenes"]]
+    xs = list(range(len(labels)))
+    width = 0.4
+    for shift, name, color in ((-width / 2, "ar", "tab:red"), (width / 2, policy_name, "tab:green")):
+        values = [scene["tokens_per_second"][name] for scene in data["scenes"]]
+        bars = ax_speed.bar([x + shift for x in xs], values, width=width, color=color,
+                            label="target-only (ar)" if name == "ar" else policy_name)
+        ax_speed.bar_label(bars, fmt="%.0f", fontsize=8)
+    top = max((max(scene["tokens_per_second"].values()) for scene in data["scenes"]), default=1)
+    ax_speed.set_ylim(0, top * 1.3)
+    speedups = [scene["tokens_per_second"][policy_name] / scene["tokens_per_second"]["ar"] for scene in data["scenes"]]
+    ax_speed.set_xticks(xs, [f"scene {label}: {speedup:.2f}x" for label, speedup in zip(labels, speedups)])
+    ax_speed.set_ylabel("tokens / s")
+    ax_speed.legend(loc="upper left", fontsize=8)
+    same = all(scene["identical_to_ar"] for scene in data["scenes"])
+    fig.suptitle(f"sage-ext demo: {policy_name} on the fixture pair ({len(results)} held-out scenes; outputs "
+                 f"{'identical to' if same else 'DIFFERENT from'} target-only greedy)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +624,8 @@ def cmd_generate(args) -> int:
     policy = parse_policy(args.policy, args.policy_args)
     with Image.open(args.image) as opened:
         image = opened.convert("RGB")
-    target, draft, processor = load_pair(args.target, args.draft, device, pick_dtype(args.dtype, device))
+    target, draft, processor = load_pair(args.target, args.draft, device, pick_dtype(args.dtype, device),
+                                         args.device_map)
     tokenizer = _tokenizer_of(processor)
     inputs = build_inputs(processor, image, format_prompt(processor, args.prompt), device, target.dtype)
     engine = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio)
@@ -698,7 +791,7 @@ def cmd_bench(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {args.out_dir}: is a file, not a folder")
     target_path, draft_path = args.target or str(TARGET_DIR), args.draft or str(DRAFT_DIR)
-    target, draft, processor = load_pair(target_path, draft_path, device, dtype)
+    target, draft, processor = load_pair(target_path, draft_path, device, dtype, args.device_map)
     tokenizer = _tokenizer_of(processor)
     machine = machine_name(device)
     bench_inputs = scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset), device, target.dtype)
@@ -960,6 +1053,12 @@ def _add_common(parser: argparse.ArgumentParser, models_required: bool) -> None:
                         help="policy overrides key=value,... (names of the policy's parameters), e.g. n_max=32,lag=False")
 
 
+def _add_device_map(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                        help="place each model over the visible GPUs with accelerate (needs accelerate); target and "
+                             "draft may end up on different devices")
+
+
 def _version_text() -> str:
     from . import __version__
 
@@ -981,15 +1080,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="SAGE on the bundled fixture pair over held-out scenes, with a plot",
                           parents=[flags])
     _add_common(demo, models_required=False)
-    demo.add_argument("--policy", default="sage", choices=policy_names)
+    demo.add_argument("--policy", default="sage", choices=policy_names,
+                      help="tree policy timed against target-only decoding (default sage): ar (target only), chain "
+                           "(draft's greedy chain), static (SpecVLM 25-node tree), dynamic (EAGLE-2), sage")
     demo.add_argument("--scenes", type=_POSITIVE_INT, default=3)
     demo.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0, help="first held-out scene index")
     demo.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=96)
-    demo.add_argument("--plot", default="sage_demo.png", help="PNG path of the alpha / accepted-length plot")
+    demo.add_argument("--plot", default="sage_demo.png",
+                      help="PNG path of the plot: tokens per target forward per step, tokens/s against target-only")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="speculative generation for one image + prompt, streamed", parents=[flags])
     _add_common(gen, models_required=False)
+    _add_device_map(gen)
     gen.add_argument("--image", required=True)
     gen.add_argument("--prompt", required=True,
                      help="text; without the image token it is wrapped by the chat template (or <image>\\nTEXT\\n)")
@@ -1012,6 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_choices = [*PAPER_DEFAULT_POLICIES, "sage-tuned"]
     bench = sub.add_parser("bench", help="all policies + HF assisted generation on held-out scenes", parents=[flags])
     _add_common(bench, models_required=False)
+    _add_device_map(bench)
     bench.add_argument("--scenes", type=_POSITIVE_INT, default=8)
     bench.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0)
     bench.add_argument("--tune-scenes", type=_POSITIVE_INT, default=6, help="scenes (disjoint) used to tune SAGE")

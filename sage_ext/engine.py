@@ -416,7 +416,7 @@ class SpeculativeGenerator:
     def generate(
         self,
         input_ids: Tensor,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -440,6 +440,11 @@ class SpeculativeGenerator:
         ``tokenizer``; same rule as HF's StopStringCriteria), ``streamer`` (``put``/``end``, receives the
         prompt first, then the tokens of every step), ``generator`` (torch.Generator for sampling).
         """
+        from .validation import check_generate_call  # lists, max_length, refused generate arguments, image inputs
+
+        input_ids, max_new_tokens, inputs = check_generate_call(
+            self.target, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, inputs=inputs)
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(
                 f"sage_ext speculative decoding supports batch size 1 only; got input_ids of shape "
@@ -691,6 +696,22 @@ class SpeculativeGenerator:
                 return "stop_string"
         return None
 
+    # ------------------------------------------------------------------ streaming (sage_ext/streaming.py)
+    def stream(self, *, tokenizer=None, skip_special_tokens: bool = True, **kwargs: Any):
+        """``generate(**kwargs)`` as an iterator over its output: with ``tokenizer`` (or a processor) the decoded
+        text pieces (str, prompt excluded; ``tokenizer`` also serves ``stop_strings``), without it the new tokens
+        of every step as a 1-D LongTensor. The same loop runs in a worker thread behind the ``streamer`` hook;
+        ``.output`` holds the ``GenerationOutput`` once the iteration ends; ``break`` stops the generation.
+
+            for text in gen.stream(tokenizer=processor, **inputs, max_new_tokens=64):
+                print(text, end="", flush=True)
+        """
+        from .streaming import GenerationStream
+
+        if tokenizer is not None:
+            kwargs["tokenizer"] = getattr(tokenizer, "tokenizer", tokenizer)
+        return GenerationStream(self.generate, kwargs, tokenizer, skip_special_tokens)
+
 
 def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = "sage",
              **kwargs: Any) -> GenerationOutput:
@@ -700,3 +721,11 @@ def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str
     """
     generator_kwargs = {key: kwargs.pop(key) for key in ("draft_prune_ratio", "max_vocab_padding") if key in kwargs}
     return SpeculativeGenerator(target, draft, policy, **generator_kwargs).generate(**kwargs)
+
+
+def stream(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = "sage",
+           **kwargs: Any):
+    """One-call streaming: ``SpeculativeGenerator(target, draft, policy).stream(**kwargs)`` (see
+    ``SpeculativeGenerator.stream``); ``draft_prune_ratio`` and ``max_vocab_padding`` go to the generator."""
+    generator_kwargs = {key: kwargs.pop(key) for key in ("draft_prune_ratio", "max_vocab_padding") if key in kwargs}
+    return SpeculativeGenerator(target, draft, policy, **generator_kwargs).stream(**kwargs)

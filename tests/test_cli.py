@@ -36,6 +36,63 @@ def test_demo_runs_end_to_end_and_writes_its_plot(tmp_path, capsys):
         assert image.format == "PNG" and image.size[0] > 300
 
 
+def test_slow_speedup_note_names_the_likely_cause():
+    assert cli.slow_speedup_note("sage", 1.3, 8.0, threads=2, cores=2, load=3.5) is None
+    busy = cli.slow_speedup_note("sage", 0.8, 8.0, threads=1, cores=2, load=3.5)
+    assert busy.startswith("note: sage measured 0.80x") and "busy (load average 3.5 on 2 cores)" in busy
+    assert "8.0x fewer target forwards" in busy
+    oversubscribed = cli.slow_speedup_note("sage", 0.9, 5.0, threads=8, cores=2, load=0.2)
+    assert "8 threads on 2 cores" in oversubscribed and "--threads 1" in oversubscribed and "busy" not in oversubscribed
+    assert "--threads 1" in cli.slow_speedup_note("chain", 0.9, 5.0, threads=2, cores=4, load=0.5)
+    assert "timing noise" in cli.slow_speedup_note("sage", 0.9, 5.0, threads=1, cores=4, load=None)
+
+
+def test_demo_warms_up_notes_a_slowdown_and_plots_steps_and_speed(tmp_path, capsys, monkeypatch):
+    calls, plotted = [], []
+    real_run_engine, real_plot = cli.run_engine, cli.plot_demo
+
+    def slow_speculation(engine, inputs, max_new_tokens, device, **kwargs):  # timings made up: sage looks slow
+        calls.append(engine.policy.name)
+        run = real_run_engine(engine, inputs, max_new_tokens, device, **kwargs)
+        if engine.policy.name != "ar":
+            run["seconds"] *= 1000
+        return run
+
+    def recording_plot(results, policy_name, path):
+        plotted.append(real_plot(results, policy_name, path))
+        return plotted[-1]
+
+    warmups = []
+    from sage_ext.engine import SpeculativeGenerator
+
+    real_generate = SpeculativeGenerator.generate
+
+    def counting_generate(self, *args, **kwargs):
+        if not calls:  # before the first timed run: the warm-ups
+            warmups.append((self.policy.name, kwargs.get("max_new_tokens")))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_engine", slow_speculation)
+    monkeypatch.setattr(cli, "plot_demo", recording_plot)
+    monkeypatch.setattr(SpeculativeGenerator, "generate", counting_generate)
+    plot = tmp_path / "demo.png"
+    assert cli.main(["demo", "--scenes", "2", "--max-new-tokens", "40", "--plot", str(plot), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(warmups) == [("ar", 32), ("sage", 32)]  # one warm-up per engine, before any timing
+    assert "note: sage measured" in out and "slower than target-only" in out and "Likely cause" in out
+
+    (data,) = plotted
+    assert data["policy"] == "sage" and len(data["scenes"]) == 2
+    for scene in data["scenes"]:
+        per_step = scene["tokens_per_step"]
+        assert scene["identical_to_ar"] and set(scene["tokens_per_second"]) == {"ar", "sage"}
+        assert len(per_step) == len(scene["tree_size"]) and min(per_step) >= 1
+        assert sum(per_step) / len(per_step) > 2  # the fixture draft is accepted: several tokens per forward
+        assert all(size >= 1 for size in scene["tree_size"])
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+
+
 def test_generate_streams_the_target_greedy_text(tmp_path, capsys):
     scene = scenes.heldout_scenes(1, start=300)[0]
     image_path = tmp_path / "scene.png"

@@ -1,0 +1,86 @@
+"""sage_ext speculative decoding behind transformers' ``generate(custom_generate=...)``.
+
+transformers copies this file into its modules cache and calls ``generate(model=target, **arguments)`` with
+every argument of the user's ``target.generate(...)`` call (``inputs``, ``generation_config``,
+``assistant_model``, ``streamer``, ``logits_processor``, ... and the keyword arguments). Only absolute imports:
+the copy is imported outside the sage_ext package.
+
+    import sage_ext
+    out = target.generate(**inputs, custom_generate=sage_ext.custom_generate_path(), trust_remote_code=True,
+                          assistant_model=draft, max_new_tokens=64)          # policy="sage" by default
+
+Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
+``policy`` (a name or a policy object) and ``draft_prune_ratio`` go to ``SpeculativeGenerator``; the generation
+settings are those ``target.generate`` would use: the call's keyword arguments over ``generation_config`` (or the
+model's own), 20 new tokens when no length is set anywhere (transformers' default). What the engine does not
+implement (beam search, logits processors, output_scores, ...) is refused with a ValueError, not ignored.
+Returns the sequences (LongTensor ``[1, prompt + new]``), or with ``return_dict_in_generate=True`` a
+``SpeculativeGenerateOutput`` (a ``GenerateDecoderOnlyOutput`` with the run's ``stats`` added).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from sage_ext.engine import SpeculativeGenerator
+
+#: transformers' number of new tokens when neither max_new_tokens nor max_length is set.
+HF_DEFAULT_MAX_NEW_TOKENS = 20
+
+#: generate() arguments that mean nothing when None (anything else is passed on and refused by the engine).
+_NONE_MEANS_UNSET = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "negative_prompt_ids",
+                     "negative_prompt_attention_mask", "synced_gpus", "assistant_tokenizer")
+
+#: config entries that are bookkeeping, not settings.
+_NOT_SETTINGS = ("transformers_version", "_from_model_config")
+
+
+@dataclass
+class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
+    """``GenerateDecoderOnlyOutput`` (``sequences``; scores, logits, attentions stay None) plus the sage_ext
+    ``GenerationStats`` of the run (``stats``: tau, steps, timings)."""
+
+    stats: Any = None
+
+
+def _settings(model, generation_config, kwargs: dict) -> dict:
+    """The call's settings over the config's non-default ones, with transformers' length rules."""
+    config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    base = {} if config is None else {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_SETTINGS}
+    if "max_length" in kwargs and kwargs.get("max_new_tokens") is None:  # the call's max_length beats the config's
+        base.pop("max_new_tokens", None)
+    settings = {**base, **kwargs}
+    if settings.get("max_new_tokens") is not None:  # max_new_tokens takes precedence, as in transformers
+        settings.pop("max_length", None)
+    elif settings.get("max_length") is None:
+        settings.pop("max_length", None)
+        settings["max_new_tokens"] = HF_DEFAULT_MAX_NEW_TOKENS
+    return settings
+
+
+def generate(model, inputs=None, generation_config=None, assistant_model=None, streamer=None, *,
+             policy="sage", draft_prune_ratio: float = 0.0, **kwargs: Any):
+    """``model.generate(...)`` decoded by sage_ext with ``assistant_model`` as the draft; see the module doc."""
+    for key in _NONE_MEANS_UNSET:
+        if kwargs.get(key) is None or (key == "synced_gpus" and kwargs[key] is False):
+            kwargs.pop(key, None)
+    for key in ("past_key_values", "cache"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{key}: sage_ext builds its own caches for target and draft; leave it out")
+        kwargs.pop(key, None)
+    if inputs is not None:
+        if kwargs.get("input_ids") is not None:
+            raise ValueError("pass the prompt once: as `inputs` or as `input_ids`, not both")
+        kwargs["input_ids"] = inputs
+    if assistant_model is None and policy != "ar":
+        raise ValueError("sage_ext's custom_generate needs the draft model: pass assistant_model=<draft> "
+                         "(or policy='ar' for target-only decoding)")
+    settings = _settings(model, generation_config, kwargs)
+    return_dict = bool(settings.pop("return_dict_in_generate", False))
+    engine = SpeculativeGenerator(model, assistant_model, policy, draft_prune_ratio=draft_prune_ratio)
+    sequences, stats = engine.generate(streamer=streamer, **settings)
+    if return_dict:
+        return SpeculativeGenerateOutput(sequences=sequences, stats=stats)
+    return sequences

@@ -1,0 +1,292 @@
+"""Checks of a `SpeculativeGenerator.generate` call, before anything runs.
+
+`check_generate_call` is called first thing by the engine's ``generate``. It turns what transformers' own
+``generate`` accepts into what the engine runs (``input_ids`` as a list, ``max_length``), refuses the
+``generate`` arguments the engine does not implement instead of ignoring them, and catches inputs that would
+otherwise fail deep inside transformers (or, worse, run): image placeholder tokens without pixel values,
+pixel values of the wrong shape or count. Every refusal is a ``ValueError`` (a wrong value) or a ``TypeError``
+(a wrong kind of object) whose message names the argument and what was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: What ``generate`` produces when ``max_new_tokens`` and ``max_length`` are both left out.
+DEFAULT_MAX_NEW_TOKENS = 64
+
+#: The engine's own ``generate`` arguments (handled by its signature), listed in refusals.
+ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+                    "stop_strings", "tokenizer", "streamer", "generator")
+
+#: transformers ``generate`` arguments that change nothing in a batch-size-1, unpadded, greedy/sampling decode
+#: when they have these values (their defaults): accepted and dropped.
+NO_OP_VALUES: dict[str, tuple] = {
+    "num_beams": (1,),
+    "num_beam_groups": (1,),
+    "num_return_sequences": (1,),
+    "use_cache": (True,),
+    "return_dict_in_generate": (False,),
+    "output_scores": (False,),
+    "output_logits": (False,),
+    "output_attentions": (False,),
+    "output_hidden_states": (False,),
+    "repetition_penalty": (1.0,),
+    "encoder_repetition_penalty": (1.0,),
+    "length_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,),
+    "renormalize_logits": (False,),
+    "remove_invalid_values": (False,),
+    "min_new_tokens": (0,),
+    "min_length": (0,),
+    "typical_p": (1.0,),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "diversity_penalty": (0.0,),
+    "guidance_scale": (1.0,),
+    "low_memory": (False,),
+    "synced_gpus": (False,),
+}
+
+#: Token ids with no effect on a batch-size-1 prompt without padding (no padding, the prompt already starts).
+IGNORABLE_IDS = ("pad_token_id", "bos_token_id", "decoder_start_token_id")
+
+#: Arguments of transformers' ``generate`` itself (beside the GenerationConfig fields), with what to do instead.
+GENERATE_ONLY = {
+    "generation_config": "pass its settings as arguments (max_new_tokens, do_sample, temperature, top_k, top_p, "
+                         "eos_token_id, stop_strings)",
+    "assistant_model": "the draft is SpeculativeGenerator's second argument",
+    "assistant_tokenizer": "target and draft must share the tokenizer",
+    "logits_processor": "only HF's temperature / top-k / top-p warpers are applied (lossless verification needs the "
+                        "same processing on both sides)",
+    "stopping_criteria": "use eos_token_id or stop_strings",
+    "prefix_allowed_tokens_fn": "constrained decoding is not implemented",
+    "negative_prompt_ids": "classifier-free guidance is not implemented",
+    "negative_prompt_attention_mask": "classifier-free guidance is not implemented",
+    "custom_generate": "this already is a custom generation loop",
+}
+
+
+def _generation_config_fields() -> set[str]:
+    from transformers import GenerationConfig
+
+    return set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+
+
+def _as_token_tensor(value: Any, name: str) -> Tensor:
+    """``value`` as an int64 tensor ``[1, L]``: a tensor as it is, a list / tuple / NumPy array of token ids
+    (one prompt: ``[ids]`` or ``ids``) converted like ``torch.tensor``."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool and name == "input_ids":
+            raise TypeError(f"{name} must hold integer token ids, got a tensor of dtype {value.dtype}")
+        return value
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be token ids (a LongTensor [1, L] or a list of ints), got text {value!r}; "
+                        f"tokenize it first (processor(text=..., return_tensors='pt'))")
+    if isinstance(value, (list, tuple)) or type(value).__module__ == "numpy":
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} given as a {type(value).__name__} must be a list of int token ids (or a list "
+                            f"of one such list), not {value!r:.80}") from error
+        if tensor.numel() == 0:
+            raise ValueError(f"{name} is empty; the prompt needs at least one token")
+        if tensor.is_floating_point() or tensor.is_complex():
+            raise TypeError(f"{name} given as a {type(value).__name__} must hold int token ids, got {tensor.dtype}")
+        tensor = tensor.to(torch.int64)
+        return tensor[None] if tensor.dim() == 1 else tensor
+    raise TypeError(f"{name} must be a LongTensor [1, L] or a list of int token ids, got {type(value).__name__}")
+
+
+def _check_number(name: str, value: Any, *, low: float, low_open: bool, high: float | None = None,
+                  integer: bool = False) -> None:
+    kind = "an int" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (value <= low if low_open else value < low) or (high is not None and value > high):
+        lo = "(" if low_open else "["
+        where = f"in {lo}{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name} must be {where}, got {value}")
+
+
+def _is_no_op(key: str, value: Any) -> bool:
+    """Whether ``value`` is the value of ``key`` that changes nothing (booleans match booleans only)."""
+    if not isinstance(value, (bool, int, float)):
+        return False
+    for ok in NO_OP_VALUES.get(key, ()):
+        if isinstance(ok, bool) or isinstance(value, bool):
+            if value is ok:
+                return True
+        elif value == ok:
+            return True
+    return False
+
+
+def _config_value(config, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _shape(value: Any) -> tuple | str:
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
+def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> None:
+    """Image / video placeholder tokens against the pixel values given with them."""
+    config = model.config
+    model_name = type(model).__name__
+    image_id = _config_value(config, "image_token_id", "image_token_index")
+    video_id = _config_value(config, "video_token_id", "video_token_index")
+    for kind, token_id, key in (("image", image_id, "pixel_values"), ("video", video_id, "pixel_values_videos")):
+        if token_id is None:
+            continue
+        count = int((input_ids == int(token_id)).sum())
+        given = inputs.get(key) is not None
+        precomputed = any(inputs.get(k) is not None for k in ("inputs_embeds", "image_features", f"{kind}_embeds"))
+        if count and not given and not precomputed:
+            raise ValueError(
+                f"input_ids hold {count} {kind} placeholder tokens (id {int(token_id)}) but no {key} were given: pass "
+                f"the processor's whole output (processor(text=..., {kind}s=..., return_tensors='pt')), not only its "
+                f"input_ids"
+            )
+        if given and not count:
+            raise ValueError(
+                f"{key} were given but input_ids hold no {kind} placeholder token (id {int(token_id)}) for "
+                f"{model_name} to put them at: build the prompt with the processor (its {kind} token), or leave "
+                f"{key} out"
+            )
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is None:
+        return
+    if not isinstance(pixel_values, Tensor):
+        raise TypeError(f"pixel_values must be a tensor (the processor's return_tensors='pt'), got "
+                        f"{type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+    model_type = getattr(config, "model_type", "")
+    vision = getattr(config, "vision_config", None)
+    if model_type == "llava" and vision is not None:
+        _check_llava_pixels(model_name, config, vision, input_ids, pixel_values, int(image_id))
+    elif model_type in ("qwen2_vl", "qwen2_5_vl") and vision is not None:
+        _check_qwen2_vl_pixels(model_name, config, vision, input_ids, inputs, pixel_values, int(image_id))
+
+
+def _check_llava_pixels(model_name, config, vision, input_ids, pixel_values, image_id) -> None:
+    channels = int(getattr(vision, "num_channels", 3))
+    size = int(vision.image_size)
+    expected = f"[num_images, {channels}, {size}, {size}]"
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or tuple(pixel_values.shape[2:]) != (size, size):
+        raise ValueError(
+            f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects {expected} (vision_config: "
+            f"num_channels {channels}, image_size {size}): make them with the model's processor"
+        )
+    per_image = (size // int(vision.patch_size)) ** 2
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        per_image += 1
+    tokens = int((input_ids == image_id).sum())
+    images = pixel_values.shape[0]
+    if tokens != images * per_image:
+        raise ValueError(
+            f"input_ids hold {tokens} image placeholder tokens (id {image_id}) but pixel_values hold {images} "
+            f"image(s) of {per_image} tokens each ({images * per_image}): use the processor for the text and the "
+            f"images together"
+        )
+
+
+def _check_qwen2_vl_pixels(model_name, config, vision, input_ids, inputs, pixel_values, image_id) -> None:
+    grid = inputs.get("image_grid_thw")
+    if grid is None:
+        raise ValueError(f"pixel_values were given without image_grid_thw; {model_name} needs both (the processor "
+                         f"returns them together)")
+    if not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[1] != 3:
+        raise ValueError(f"image_grid_thw has shape {_shape(grid)}; {model_name} expects [num_images, 3] (t, h, w)")
+    patch = int(vision.patch_size)
+    temporal = int(getattr(vision, "temporal_patch_size", 2))
+    channels = int(getattr(vision, "in_channels", getattr(vision, "num_channels", 3)))
+    width = channels * temporal * patch * patch
+    patches = int(grid.prod(-1).sum())
+    if pixel_values.dim() != 2 or tuple(pixel_values.shape) != (patches, width):
+        raise ValueError(
+            f"pixel_values has shape {_shape(pixel_values)}; with image_grid_thw {grid.tolist()} {model_name} expects "
+            f"[{patches}, {width}] (sum of t*h*w patches, channels*temporal_patch*patch^2)"
+        )
+    merge = int(getattr(vision, "spatial_merge_size", 2))
+    tokens = int((input_ids == image_id).sum())
+    if tokens != patches // (merge * merge):
+        raise ValueError(
+            f"input_ids hold {tokens} image placeholder tokens (id {image_id}) but image_grid_thw {grid.tolist()} "
+            f"gives {patches // (merge * merge)}: use the processor for the text and the images together"
+        )
+
+
+def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_sample: Any, temperature: Any,
+                        top_k: Any, top_p: Any, inputs: dict[str, Any]) -> tuple[Tensor, int, dict[str, Any]]:
+    """Check and normalize a ``generate`` call of the engine whose target is ``target`` (a family adapter or the
+    model). Returns ``(input_ids [1, L] tensor, max_new_tokens, model inputs)``: lists converted, ``max_length``
+    turned into ``max_new_tokens``, no-op ``generate`` arguments dropped. Raises ValueError / TypeError."""
+    model = getattr(target, "model", target)
+    inputs = dict(inputs)
+    if input_ids is None:
+        raise TypeError("input_ids is required (the processor's or tokenizer's output)")
+    input_ids = _as_token_tensor(input_ids, "input_ids")
+    if "attention_mask" in inputs and inputs["attention_mask"] is not None:
+        inputs["attention_mask"] = _as_token_tensor(inputs["attention_mask"], "attention_mask")
+    if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty; the prompt needs at least one token")
+
+    # transformers generate arguments: honoured, dropped as no-ops, or refused
+    config_fields = _generation_config_fields()
+    max_length = inputs.pop("max_length", None)
+    refused = []
+    for key in list(inputs):
+        if key in GENERATE_ONLY:
+            if inputs[key] is None or (key == "synced_gpus" and inputs[key] is False):
+                inputs.pop(key)
+                continue
+            raise ValueError(f"generate argument {key!r} is not supported by sage_ext: {GENERATE_ONLY[key]}")
+        if key not in config_fields and key not in NO_OP_VALUES:
+            continue  # a model input (pixel values, grids, ...)
+        value = inputs.pop(key)
+        if value is None or key in IGNORABLE_IDS or _is_no_op(key, value):
+            continue
+        refused.append(f"{key}={value!r}")
+    if refused:
+        raise ValueError(
+            f"generate argument(s) {', '.join(refused)} not supported by sage_ext's engine (refused rather than ignored); "
+            f"it takes: {', '.join(ENGINE_ARGUMENTS)}, and the model inputs"
+        )
+
+    prompt_len = input_ids.shape[-1]
+    if max_length is not None:
+        if max_new_tokens is not None:
+            raise ValueError(f"pass max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both")
+        _check_number("max_length", max_length, low=1, low_open=False, integer=True)
+        if max_length <= prompt_len:
+            raise ValueError(f"max_length ({max_length}) leaves no room for new tokens after the {prompt_len}-token "
+                             f"prompt; use max_new_tokens")
+        max_new_tokens = max_length - prompt_len
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    _check_number("max_new_tokens", max_new_tokens, low=1, low_open=False, integer=True)
+    max_new_tokens = int(max_new_tokens)
+
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
+    _check_number("temperature", temperature, low=0.0, low_open=False)
+    if top_k is not None:
+        _check_number("top_k", top_k, low=0, low_open=False, integer=True)
+    if top_p is not None:
+        _check_number("top_p", top_p, low=0.0, low_open=True, high=1.0)
+
+    if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # batch > 1 is refused by the engine with its own message
+        _check_visual_inputs(model, input_ids, inputs)
+    return input_ids, max_new_tokens, inputs

@@ -1,0 +1,138 @@
+"""The Python API's answers to mistakes (sage_ext/validation.py, called first thing by ``generate``): lists taken
+where transformers takes them, ``max_length`` honoured, every other ``generate`` argument honoured, dropped as a
+no-op or refused by name, bad numbers and mismatched image inputs caught with a message naming the mismatch.
+The CLI's counterparts are in tests/test_cli_errors.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_llava  # noqa: F401  (one_thread: autouse)
+from tiny_vlms import tiny_qwen2_vl
+
+from sage_ext.engine import SpeculativeGenerator
+
+
+@pytest.fixture(scope="module")
+def llama():
+    target, inputs = tiny_llama()
+    return SpeculativeGenerator(target, correlated_draft(target), "chain"), target, inputs
+
+
+def _reference(target, inputs, **kwargs):
+    with torch.no_grad():
+        return target.generate(**inputs, do_sample=False, **kwargs)
+
+
+def test_input_ids_as_a_list_like_transformers(llama):
+    generator, target, inputs = llama
+    ids = inputs["input_ids"]
+    as_list = generator.generate(input_ids=ids[0].tolist(), max_new_tokens=6).sequences
+    as_nested = generator.generate(input_ids=ids.tolist(), max_new_tokens=6).sequences
+    expected = _reference(target, inputs, max_new_tokens=6)
+    assert torch.equal(as_list, expected) and torch.equal(as_nested, expected)
+
+
+@pytest.mark.parametrize("value, error, fragment", [
+    ("a photo of", TypeError, "tokenize it first"),
+    ([], ValueError, "input_ids is empty"),
+    ([1.5, 2.0], TypeError, "int token ids"),
+    (torch.ones(1, 4), TypeError, "integer token ids"),
+    (None, TypeError, "input_ids is required"),
+])
+def test_bad_input_ids(llama, value, error, fragment):
+    generator, *_ = llama
+    with pytest.raises(error, match=fragment):
+        generator.generate(input_ids=value, max_new_tokens=4)
+
+
+def test_max_length_is_honoured(llama):
+    generator, target, inputs = llama
+    prompt_len = inputs["input_ids"].shape[1]
+    out = generator.generate(**inputs, max_length=prompt_len + 5)
+    assert torch.equal(out.sequences, _reference(target, inputs, max_new_tokens=5))
+    assert out.sequences.shape[1] == prompt_len + 5
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(max_length=30, max_new_tokens=4), "not both"),
+    (dict(max_length=3), "leaves no room"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
+    (dict(do_sample=True, temperature=-1.0), "temperature must be >= 0"),
+    (dict(do_sample=True, top_p=2.0), r"top_p must be in \(0.0, 1.0\]"),
+    (dict(do_sample=True, top_k=-3), "top_k must be >= 0"),
+    (dict(min_new_tokens=5), "min_new_tokens=5.*refused rather than ignored"),
+    (dict(num_beams=4), "num_beams=4.*not supported"),
+    (dict(repetition_penalty=1.3), "repetition_penalty=1.3"),
+    (dict(generation_config=object()), "'generation_config' is not supported.*pass its settings as arguments"),
+    (dict(assistant_model=object()), "'assistant_model'.*second argument"),
+    (dict(logits_processor=[object()]), "'logits_processor'"),
+])
+def test_generate_arguments_are_honoured_or_refused(llama, kwargs, fragment):
+    generator, _, inputs = llama
+    with pytest.raises((ValueError, TypeError), match=fragment):
+        generator.generate(**inputs, **kwargs)
+
+
+def test_do_sample_must_be_a_bool(llama):
+    generator, _, inputs = llama
+    with pytest.raises(TypeError, match="do_sample must be True or False"):
+        generator.generate(**inputs, do_sample="yes", max_new_tokens=3)
+
+
+def test_no_op_generate_arguments_are_accepted(llama):
+    generator, target, inputs = llama
+    out = generator.generate(**inputs, max_new_tokens=6, num_beams=1, use_cache=True, repetition_penalty=1.0,
+                             pad_token_id=0, min_new_tokens=0)
+    assert torch.equal(out.sequences, _reference(target, inputs, max_new_tokens=6))
+
+
+# ------------------------------------------------------------------------------------------------ image inputs
+@pytest.fixture(scope="module")
+def llava():
+    target, inputs = tiny_llava()
+    return SpeculativeGenerator(target, correlated_draft(target), "chain"), inputs
+
+
+def test_image_tokens_without_pixel_values(llava):
+    generator, inputs = llava
+    with pytest.raises(ValueError, match="16 image placeholder tokens .* but no pixel_values were given"):
+        generator.generate(input_ids=inputs["input_ids"], max_new_tokens=3)
+
+
+def test_pixel_values_without_image_tokens(llava):
+    generator, inputs = llava
+    text_only = inputs["input_ids"][:, :4]
+    with pytest.raises(ValueError, match="pixel_values were given but input_ids hold no image placeholder"):
+        generator.generate(input_ids=text_only, pixel_values=inputs["pixel_values"], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ((1, 3, 32, 32), r"pixel_values has shape \(1, 3, 32, 32\).*expects \[num_images, 3, 16, 16\]"),
+    ((3, 16, 16), r"pixel_values has shape \(3, 16, 16\)"),
+    ((2, 3, 16, 16), "16 image placeholder tokens .* 2 image\\(s\\) of 16 tokens each"),
+])
+def test_llava_pixel_values_of_the_wrong_shape(llava, shape, fragment):
+    generator, inputs = llava
+    with pytest.raises(ValueError, match=fragment):
+        generator.generate(**{**inputs, "pixel_values": torch.randn(shape)}, max_new_tokens=3)
+
+
+def test_integer_pixel_values(llava):
+    generator, inputs = llava
+    with pytest.raises(TypeError, match="pixel_values must be a floating-point tensor"):
+        generator.generate(**{**inputs, "pixel_values": torch.ones(1, 3, 16, 16, dtype=torch.long)},
+                           max_new_tokens=3)
+
+
+def test_qwen2_vl_pixel_values_and_grid_mismatch():
+    target, inputs = tiny_qwen2_vl(small=True)
+    generator = SpeculativeGenerator(target, correlated_draft(target), "chain")
+    with pytest.raises(ValueError, match=r"pixel_values has shape .* with image_grid_thw \[\[1, 12, 16\]\]"):
+        generator.generate(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]}, max_new_tokens=3)
+    with pytest.raises(ValueError, match="without image_grid_thw"):
+        generator.generate(**{k: v for k, v in inputs.items() if k != "image_grid_thw"}, max_new_tokens=3)
+    with pytest.raises(ValueError, match="image_grid_thw .* gives 12"):
+        generator.generate(**{**inputs, "pixel_values": inputs["pixel_values"][:48],
+                              "image_grid_thw": torch.tensor([[1, 4, 12]])}, max_new_tokens=3)
