@@ -467,6 +467,10 @@ class SpeculativeGenerator:
                     f"attention here supports sequences up to the window only (prompt {input_ids.shape[1]} + "
                     f"{max_new_tokens} new tokens + a {self.policy.capacity}-node tree)"
                 )
+        rope_reason = self.target.rope_refusal({"input_ids": input_ids, **inputs}, max_new_tokens,
+                                               self.policy.depth_bound)
+        if rope_reason is not None:
+            raise ValueError(rope_reason)
         with torch.inference_mode():
             return self._generate(
                 input_ids, inputs, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,

@@ -24,7 +24,8 @@ The draft sees only a small share of the image/video tokens; the target always s
    it builds the draft's full ``inputs_embeds`` through the model's own embedding + vision path
    (:func:`multimodal_embeddings`), keeps the selected rows and runs the draft on them with their
    ORIGINAL positions, so a later token at sequence index ``s`` still has rope position
-   ``s + position_offset`` while the draft cache only holds ``keep.sum()`` entries.
+   ``s + position_offset`` while the draft cache only holds ``keep.sum()`` entries. Families that feed
+   visual features into later decoder layers too (Qwen3-VL's DeepStack) get the kept visual rows' features.
 
 One-call form of 1-3 for a decoding loop: :func:`prefill_with_pruning`.
 """
@@ -266,18 +267,20 @@ class _EmbeddingsReady(Exception):
     """Raised by the text-decoder pre-hook to stop the forward once inputs_embeds exist."""
 
 
-@torch.no_grad()
-def multimodal_embeddings(model: torch.nn.Module, inputs: dict, **forward_kwargs) -> torch.Tensor:
-    """``inputs_embeds [B, L, hidden]`` exactly as the model builds them (token embeddings with the
-    vision features scattered in), obtained by running the model's own forward up to its text
-    decoder and stopping there (a pre-hook on the decoder), so no family's vision path is re-implemented
-    here. ``forward_kwargs`` are added to the call (e.g. explicit ``position_ids`` so that Qwen2-VL
-    does not compute and cache its own)."""
+#: Decoder inputs that hold one row per visual token (Qwen3-VL's DeepStack: vision-tower features added to the
+#: visual rows' hidden states after the first decoder layers); a kept-rows forward must get the kept rows' share.
+DEEPSTACK_INPUTS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def _decoder_inputs(model: torch.nn.Module, inputs: dict, **forward_kwargs) -> dict[str, Any]:
+    """What the model's forward hands its text decoder for ``inputs``: ``inputs_embeds`` and, when the family
+    passes them, the DeepStack inputs (``DEEPSTACK_INPUTS``). The forward stops at the decoder (a pre-hook)."""
     decoder = text_decoder(model)
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, Any] = {}
 
     def grab(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else args[0]
+        captured["inputs_embeds"] = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else args[0]
+        captured.update({name: kwargs[name] for name in DEEPSTACK_INPUTS if kwargs.get(name) is not None})
         raise _EmbeddingsReady
 
     handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
@@ -287,35 +290,80 @@ def multimodal_embeddings(model: torch.nn.Module, inputs: dict, **forward_kwargs
         pass
     finally:
         handle.remove()
-    if "embeds" not in captured:
+    if "inputs_embeds" not in captured:
         raise RuntimeError(f"{type(model).__name__} forward never reached its text decoder")
-    return captured["embeds"]
+    return captured
 
 
 @torch.no_grad()
-def forward_kept(model: torch.nn.Module, inputs: dict, cache, keep: torch.Tensor, position_ids: torch.Tensor):
+def multimodal_embeddings(model: torch.nn.Module, inputs: dict, **forward_kwargs) -> torch.Tensor:
+    """``inputs_embeds [B, L, hidden]`` exactly as the model builds them (token embeddings with the
+    vision features scattered in), obtained by running the model's own forward up to its text
+    decoder and stopping there (a pre-hook on the decoder), so no family's vision path is re-implemented
+    here. ``forward_kwargs`` are added to the call (e.g. explicit ``position_ids`` so that Qwen2-VL
+    does not compute and cache its own)."""
+    return _decoder_inputs(model, inputs, **forward_kwargs)["inputs_embeds"]
+
+
+def _kept_deepstack(captured: dict[str, Any], kept: torch.Tensor) -> dict[str, Any]:
+    """The DeepStack inputs of the kept columns ``kept`` (indices into L): the visual mask restricted to them, and
+    each layer's features for the kept visual tokens only. The features hold one row per True of
+    ``visual_pos_masks`` in row-major order, so a visual token's row is its rank among the visual tokens."""
+    if "deepstack_visual_embeds" not in captured:
+        return {}
+    visual = captured["visual_pos_masks"]
+    if visual.shape[0] != 1:
+        raise ValueError("pruned prefill with DeepStack features runs batch size 1")
+    kept_visual = visual[0, kept.to(visual.device)]  # [n_kept] bool: which kept columns are visual
+    rows = visual[0].long().cumsum(0)[kept.to(visual.device)][kept_visual] - 1  # feature row of each
+    return {
+        "visual_pos_masks": kept_visual[None],
+        "deepstack_visual_embeds": [layer[rows.to(layer.device)] for layer in captured["deepstack_visual_embeds"]],
+    }
+
+
+@torch.no_grad()
+def forward_kept(model: torch.nn.Module, inputs: dict, cache, keep: torch.Tensor, position_ids: torch.Tensor,
+                 token_inputs: tuple[str, ...] = ()):
     """Run ``model`` on the kept prompt positions only, with their original positions.
 
-    ``position_ids``: the full prompt's positions (``[B, L]``, or ``[3, B, L]`` for M-RoPE); the kept
-    columns are selected. ``keep``: bool ``[1, L]``. Returns the model output (``logits`` of the last
-    kept position only); ``cache`` then holds ``keep.sum()`` entries. Cost: the embeddings and the
-    vision encoder run once as in a plain prefill (that pass stops before the text decoder), then the
-    decoder runs on ``keep.sum()`` tokens instead of L.
+    ``position_ids``: the full prompt's positions (``[B, L]``, or ``[4, B, L]`` for M-RoPE: a text row and three rope rows); the kept
+    columns are selected. ``keep``: bool ``[1, L]``. ``token_inputs``: names of further ``[B, L]`` inputs
+    that go with the kept columns (e.g. ``token_type_ids``, which shape Gemma 3's and PaliGemma's prompt
+    mask). Returns the model output (``logits`` of the last kept position only); ``cache`` then holds
+    ``keep.sum()`` entries. Cost: the embeddings and the vision encoder run once as in a plain prefill
+    (that pass stops before the text decoder), then the decoder runs on ``keep.sum()`` tokens instead of L.
     """
     if keep.dim() != 2 or keep.shape != inputs["input_ids"].shape:
         raise ValueError(f"keep must be bool [B, L] like input_ids; got {tuple(keep.shape)}")
     # explicit positions also stop Qwen2-VL from computing (and caching) its own rope_deltas here
-    embeds = multimodal_embeddings(model, inputs, position_ids=position_ids)
+    captured = _decoder_inputs(model, inputs, position_ids=position_ids)
+    embeds = captured["inputs_embeds"]
     kept = keep[0].bool().nonzero().squeeze(1).to(embeds.device)
     attention_mask = inputs.get("attention_mask")
-    return model(
-        inputs_embeds=embeds[:, kept],
-        position_ids=position_ids[..., kept.to(position_ids.device)],
-        attention_mask=None if attention_mask is None else attention_mask[:, kept.to(attention_mask.device)],
-        **{cache_kwarg(model): cache},
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    per_token = {name: inputs[name][:, kept.to(inputs[name].device)] for name in token_inputs
+                 if inputs.get(name) is not None}
+    deepstack = _kept_deepstack(captured, kept)
+
+    def add_deepstack(module, args, kwargs):
+        # the kept-rows call passes no pixels, so the model hands its decoder no DeepStack inputs: give it the
+        # kept visual rows' (the model's forward has no argument of its own for them)
+        return args, {**kwargs, **deepstack}
+
+    handle = text_decoder(model).register_forward_pre_hook(add_deepstack, with_kwargs=True) if deepstack else None
+    try:
+        return model(
+            **per_token,
+            inputs_embeds=embeds[:, kept],
+            position_ids=position_ids[..., kept.to(position_ids.device)],
+            attention_mask=None if attention_mask is None else attention_mask[:, kept.to(attention_mask.device)],
+            **{cache_kwarg(model): cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------

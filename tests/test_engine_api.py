@@ -16,7 +16,7 @@ from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
     tiny_qwen2,
     tiny_tokenizer,
 )
-from transformers import GPT2Config, GPT2LMHeadModel, TextStreamer
+from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, TextStreamer
 
 from sage_ext.engine import GenerationOutput, SpeculativeGenerator, generate
 from sage_ext.policies import POLICIES, SagePolicy, make_policy
@@ -162,8 +162,10 @@ def test_different_families_are_rejected():
 
 
 def test_unsupported_model_lists_the_supported_families():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=96))
-    with pytest.raises(ValueError, match="Supported model types: .*llama.*llava"):
+    """GPT-2 is a causal LM the generic adapter serves; Mamba keeps a recurrent state and is refused."""
+    assert SpeculativeGenerator(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=96)), None, "ar")
+    model = MambaForCausalLM(MambaConfig(vocab_size=96, hidden_size=16, state_size=4, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="recurrent.*Supported: any decoder-only causal LM.*llama.*llava"):
         SpeculativeGenerator(model, None, "ar")
 
 

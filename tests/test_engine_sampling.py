@@ -6,6 +6,9 @@ enumerating every prefix with batched target forwards and the same HF logits war
 empirical frequencies over a few thousand seeded runs must pass a chi-square test (p > 1e-3). The
 negative control — a verifier that forgets to remove a rejected draft token from the residual
 distribution — must fail it (p < 1e-6), so the test has the power to see a real bias.
+
+One vision-language case: Qwen3-VL (image prompt, M-RoPE, DeepStack) with the same 24-token vocabulary; its exact
+marginals come from the model's own cached decoding after its own prompt forward (fewer runs: each costs more).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from tiny_models import correlated_draft, one_thread, tiny_llama  # noqa: F401  (one_thread: autouse fixture)
+from tiny_vlms_more import tiny_qwen3_vl
+from transformers import DynamicCache
 
 from sage_ext.engine import SpeculativeGenerator
 from sage_ext.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
@@ -59,11 +64,11 @@ def chi_square_p(samples: list[int], probs: torch.Tensor) -> float:
     return float(chisquare(observed_cells.numpy(), expected_cells.numpy()).pvalue)
 
 
-def sample_tokens(generator_obj, inputs, **kwargs) -> tuple[list[int], list[int], float]:
+def sample_tokens(generator_obj, inputs, runs: int = RUNS, **kwargs) -> tuple[list[int], list[int], float]:
     rng = torch.Generator().manual_seed(1234)
     prompt_len = inputs["input_ids"].shape[1]
     second, third, taus = [], [], []
-    for _ in range(RUNS):
+    for _ in range(runs):
         out = generator_obj.generate(**inputs, max_new_tokens=3, do_sample=True, eos_token_id=-1,
                                      generator=rng, **kwargs)
         second.append(int(out.sequences[0, prompt_len + 1]))
@@ -143,3 +148,48 @@ def test_seeded_sampling_repeats_exactly(setup):
                             generator=torch.Generator().manual_seed(seed)).sequences for seed in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+# ------------------------------------------------------------------------------------------- a vision-language model
+VLM_RUNS = 1000  # ~40 ms per generate on one thread; the text-only cases above carry the power check
+
+
+def cached_distributions(target, inputs, warp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``exact_marginals``' three distributions (first ``[V]``, second ``[V, V]`` by t1, third ``[V*V, V]`` by
+    (t1, t2)) for a multimodal prompt: the prompt forward is the model's own (it computes its positions and keeps
+    its rope deltas), then every one- and two-token continuation is decoded on copies of its cache, at the
+    positions the model derives itself for cached decoding."""
+    vocab = torch.arange(VOCAB)
+    with torch.no_grad():
+        cache = DynamicCache(config=target.config)
+        first = warp(target(**inputs, cache=cache, use_cache=True).logits[:, -1])[0]
+        cache.batch_repeat_interleave(VOCAB)
+        second = warp(target(input_ids=vocab[:, None], cache=cache, use_cache=True).logits[:, -1])
+        cache.batch_repeat_interleave(VOCAB)
+        third = warp(target(input_ids=vocab.repeat(VOCAB)[:, None], cache=cache, use_cache=True).logits[:, -1])
+    return first, second, third
+
+
+def test_sampled_tokens_follow_the_target_distribution_qwen3_vl():
+    target, inputs = tiny_qwen3_vl(vocab_size=VOCAB, grid_thw=(1, 4, 6), question_len=4)
+    kwargs = {"temperature": 2.0, "top_k": 0}
+    engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.3), StaticTreePolicy())
+    warp = hf_warper(engine, **kwargs)
+    first, second, third = cached_distributions(target, inputs, warp)
+
+    # the oracle against the model's uncached forward of the prompt + two text tokens (t1, t2) = (1, 2), at the
+    # positions the model computes for the whole sequence
+    extended = torch.cat((inputs["input_ids"], torch.tensor([[1, 2]])), dim=1)
+    with torch.no_grad():
+        full = target(**{**inputs, "input_ids": extended, "attention_mask": torch.ones_like(extended),
+                         "mm_token_type_ids": torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2))}).logits
+    torch.testing.assert_close(warp(full[:, -3])[0], first)
+    torch.testing.assert_close(warp(full[:, -2])[0], second[1])
+    torch.testing.assert_close(warp(full[:, -1])[0], third[1 * VOCAB + 2])
+
+    p2 = (first @ second).double()
+    p3 = ((first[:, None] * second).reshape(-1) @ third).double()
+    samples_2, samples_3, mean_tau = sample_tokens(engine, inputs, runs=VLM_RUNS, **kwargs)
+    assert mean_tau > 0.3, "the draft should get tokens accepted"
+    assert chi_square_p(samples_2, p2) > P_PASS
+    assert chi_square_p(samples_3, p3) > P_PASS

@@ -86,12 +86,13 @@ def test_prefill_matches_model_forward(family):
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_position_offset_is_rope_delta(name):
+def test_qwen_position_offset_follows_the_prompts_last_position(name):
     model, inputs = TINY_VLM_BUILDERS[name]()
     result = Qwen2VLAdapter(model).prefill(inputs, DynamicCache(config=model.config))
     # 4 text tokens + <vision_start> (positions 0..4), a 12x16 patch grid merged 2x2 spans positions
-    # 5..12 (max(6, 8) = 8 of them) for its 48 tokens, so later text runs 48 - 8 = 40 positions behind
-    assert int(result.position_offset) == 8 - 48
+    # 5..12 (max(6, 8) = 8 of them) for its 48 tokens, so later text runs 48 - 8 = 40 positions behind on the
+    # three M-RoPE rows; the text row (generate's first row, used for packed-sequence masks) is the plain index
+    assert result.position_offset.flatten().tolist() == [0, 8 - 48, 8 - 48, 8 - 48]
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
@@ -154,7 +155,7 @@ def test_text_only_prompt(family):
     result = adapter.prefill(inputs, DynamicCache(config=model.config))
     expected_logits, _ = hf_prefill(model, inputs)
     torch.testing.assert_close(result.logits_last, expected_logits, atol=ATOL, rtol=0)
-    assert int(result.position_offset) == 0
+    assert not torch.as_tensor(result.position_offset).any()
     assert not adapter.visual_token_mask(inputs).any()
 
 

@@ -2,9 +2,10 @@
 
 - the budget arithmetic and the selection rule on hand-made scores (exact kept indices);
 - the hook-based attention scorer equals scores computed from the model's own eager
-  ``output_attentions`` (every family);
+  ``output_attentions`` (every family; Qwen3-VL too);
 - a pruned draft prefill (kept tokens only, original positions) gives the same logits, and a later
-  tree forward the same logits, as the unpruned model whose pruned tokens are masked out by a 4D mask;
+  tree forward the same logits, as the unpruned model whose pruned tokens are masked out by a 4D mask
+  (Qwen3-VL: with the kept visual rows' DeepStack features; dropping them is seen);
 - ``prefill_with_pruning`` end to end: the target sees everything, the draft cache holds the kept count;
 - the engine with a pruned draft still returns exactly the target's greedy output.
 """
@@ -13,9 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_vlms import ADAPTER_CLASSES, BRANCHING_TREE_PARENTS, TINY_VLM_BUILDERS, correlated_draft
+from tiny_vlms_more import tiny_qwen3_vl, tiny_qwen3_vl_video
 from transformers import DynamicCache
 
+from sage_ext import pruning
 from sage_ext.families.base import cache_kwarg
+from sage_ext.families.qwen3_vl import Qwen3VLAdapter
 from sage_ext.ops import tree_buffers
 from sage_ext.pruning import (
     VisualAttentionScorer,
@@ -26,6 +30,14 @@ from sage_ext.pruning import (
 )
 
 FAMILIES = list(TINY_VLM_BUILDERS)
+# Qwen3-VL feeds visual features into early decoder layers too (DeepStack): its image, and an image + video prompt.
+# Always the 2-layer decoder: with one layer the features land after the last layer and reach no logit or cache.
+DEEPSTACK_BUILDERS = {
+    "qwen3_vl": lambda small=False: tiny_qwen3_vl(),
+    "qwen3_vl-image-and-video": lambda small=False: tiny_qwen3_vl_video(image_grid=(1, 8, 12)),
+}
+BUILDERS = {**TINY_VLM_BUILDERS, **DEEPSTACK_BUILDERS}
+ADAPTERS = {**ADAPTER_CLASSES, **{name: Qwen3VLAdapter for name in DEEPSTACK_BUILDERS}}
 ATOL = 1e-4
 
 
@@ -124,10 +136,10 @@ def test_default_query_mask_is_text_after_first_visual():
 # scoring from the target's prefill
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + ["qwen3_vl"])
 def test_scorer_matches_eager_output_attentions(name):
-    model, inputs = TINY_VLM_BUILDERS[name]()
-    adapter = ADAPTER_CLASSES[name](model)
+    model, inputs = BUILDERS[name]()
+    adapter = ADAPTERS[name](model)
     visual = adapter.visual_token_mask(inputs)
     queries = default_query_mask(visual)
     with VisualAttentionScorer(model, queries) as scorer:  # default (sdpa) attention
@@ -168,10 +180,10 @@ def _masked_reference(model, adapter, inputs, keep):
     return out.logits[:, -1], cache
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + list(DEEPSTACK_BUILDERS))
 def test_pruned_prefill_matches_masked_full_model(name):
-    draft, inputs = TINY_VLM_BUILDERS[name](small=True)
-    adapter = ADAPTER_CLASSES[name](draft)
+    draft, inputs = BUILDERS[name](small=True)
+    adapter = ADAPTERS[name](draft)
     visual = adapter.visual_token_mask(inputs)
     generator = torch.Generator().manual_seed(5)
     scores = torch.rand(visual.shape, generator=generator)
@@ -198,6 +210,21 @@ def test_pruned_prefill_matches_masked_full_model(name):
     torch.testing.assert_close(pruned_logits, reference_tree, atol=ATOL, rtol=0)
 
 
+def test_pruned_prefill_without_the_kept_deepstack_features_is_seen(monkeypatch):
+    """Negative control of the Qwen3-VL cases above: a kept-rows forward that drops the DeepStack features (as the
+    kept rows' embeddings alone would) misses the masked full forward by far more than the tolerance."""
+    draft, inputs = tiny_qwen3_vl()
+    adapter = Qwen3VLAdapter(draft)
+    visual = adapter.visual_token_mask(inputs)
+    keep = select_visual_tokens(torch.rand(visual.shape, generator=torch.Generator().manual_seed(5)), visual, 0.85)
+    reference_logits, _ = _masked_reference(draft, adapter, inputs, keep)
+    kept = adapter.prefill(inputs, DynamicCache(config=draft.config), keep=keep)
+    torch.testing.assert_close(kept.logits_last, reference_logits, atol=ATOL, rtol=0)
+    monkeypatch.setattr(pruning, "_kept_deepstack", lambda captured, kept: {})
+    dropped = adapter.prefill(inputs, DynamicCache(config=draft.config), keep=keep)
+    assert (dropped.logits_last - reference_logits).abs().max() > 100 * ATOL
+
+
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])
 def test_prefill_keeping_everything_equals_plain_prefill(name):
     """keep = all True goes through the embeddings path and must change nothing."""
@@ -207,7 +234,7 @@ def test_prefill_keeping_everything_equals_plain_prefill(name):
     keep_all = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     kept = adapter.prefill(inputs, DynamicCache(config=model.config), keep=keep_all)
     torch.testing.assert_close(kept.logits_last, plain.logits_last, atol=ATOL, rtol=0)
-    assert int(kept.position_offset) == int(plain.position_offset)
+    assert torch.equal(torch.as_tensor(kept.position_offset), torch.as_tensor(plain.position_offset))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -1,7 +1,9 @@
 """Family adapters: one class per HuggingFace model family, found from ``config.model_type``.
 
-``get_adapter(model)`` returns the adapter instance for a model; an unsupported model raises ValueError
-listing the supported families. Adapters live one per module here; ``base.py`` holds the base class.
+``get_adapter(model)`` returns the adapter instance for a model: the family's own adapter when one lists the
+model's ``config.model_type``, else the generic ``CausalLMAdapter`` for any decoder-only causal LM that
+``support.causal_lm_refusal`` accepts (standard attention cache, explicit positions, 4-D masks); anything else
+raises ValueError saying why. Adapters live one per module here; ``base.py`` holds the base class.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import torch
 from .base import FamilyAdapter, PrefillResult, causal_mask_4d
 from .causal_lm import CausalLMAdapter
 from .llava import LlavaAdapter
+from .support import cache_refusal, causal_lm_refusal
 
 # Modules of this package that hold no adapter of their own.
-_NOT_ADAPTER_MODULES = {"base", "causal_lm", "llava"}
+_NOT_ADAPTER_MODULES = {"base", "causal_lm", "llava", "support", "token_types"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,20 +46,31 @@ def supported_model_types() -> dict[str, type[FamilyAdapter]]:
 
 
 def get_adapter(model: torch.nn.Module) -> FamilyAdapter:
-    """The adapter for ``model`` (chosen by ``model.config.model_type``)."""
+    """The adapter for ``model``: its family's (by ``model.config.model_type``), else the generic causal-LM adapter
+    when the model qualifies (``support.causal_lm_refusal``); ValueError with the reason otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     registry = supported_model_types()
-    if model_type not in registry:
+    adapter_class = registry.get(model_type)
+    reason = None
+    if model_type is None:
+        reason = f"{type(model).__name__} has no config.model_type (not a transformers model)"
+    elif adapter_class is None:
+        reason = causal_lm_refusal(model)
+        adapter_class = CausalLMAdapter
+    else:
+        reason = cache_refusal(model)
+    if reason is not None:
         raise ValueError(
-            f"sage_ext does not support {type(model).__name__} (model_type={model_type!r}). "
-            f"Supported model types: {', '.join(sorted(registry))}."
+            f"sage_ext does not support {type(model).__name__} (model_type={model_type!r}): {reason}. "
+            f"Supported: any decoder-only causal LM with an attention cache, and the families "
+            f"{', '.join(sorted(registry))}."
         )
     if model.get_output_embeddings() is None:
         raise ValueError(
             f"{type(model).__name__} has no language-modeling head; pass the generation class "
             f"(e.g. ...ForCausalLM / ...ForConditionalGeneration)."
         )
-    return registry[model_type](model)
+    return adapter_class(model)
 
 
 __all__ = ["FamilyAdapter", "PrefillResult", "causal_mask_4d", "get_adapter", "supported_model_types"]

@@ -14,6 +14,7 @@ Models are used as loaded (device, dtype, device_map); nothing inside transforme
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-# Attention backends that take an arbitrary additive 4-D mask and give exact results (DESIGN.md §4).
+from .support import position_dependent_ropes, rope_refusal
+
+# Attention backends that take an arbitrary additive 4-D mask and give exact results (flash-attention kernels take
+# no arbitrary mask: docs/ENGINE.md, API).
 TREE_MASK_ATTENTION = ("eager", "sdpa")
 
 
@@ -31,8 +35,8 @@ class PrefillResult:
     """What a prompt forward returns to the engine.
 
     logits_last: ``[1, V]`` logits after the last prompt token (predicts the first new token).
-    position_offset: int or 0-d tensor; sequence index ``s`` has rope position ``s + position_offset``
-        (M-RoPE: ``rope_deltas``; plain RoPE: 0).
+    position_offset: int 0 or a tensor ``[..., 1, 1]``; sequence index ``s`` after the prompt has position
+        ids ``s + position_offset`` (``FamilyAdapter.prefill_position_ids``).
     extras: family-specific outputs (e.g. attentions asked for by visual pruning).
     """
 
@@ -61,6 +65,21 @@ def causal_mask_4d(num_new: int, past_len: int, dtype: torch.dtype, device: torc
     mask[:, :past_len] = 0
     mask[:, past_len:] = torch.triu(mask[:, past_len:], diagonal=1)
     return mask[None, None]
+
+
+@contextlib.contextmanager
+def _kept_rope_deltas(model: torch.nn.Module):
+    """Restore the ``rope_deltas`` attribute that M-RoPE models (Qwen2-VL, ...) set on their inner model while
+    computing prompt positions: the engine passes explicit positions to every forward and leaves the model's
+    state as it found it."""
+    holder = getattr(model, "model", None)
+    had = holder is not None and hasattr(holder, "rope_deltas")
+    saved = getattr(holder, "rope_deltas", None) if had else None
+    try:
+        yield
+    finally:
+        if had:
+            holder.rope_deltas = saved
 
 
 class FamilyAdapter:
@@ -152,19 +171,50 @@ class FamilyAdapter:
                 f"attn_implementation='sdpa' (or 'eager'); sage_ext does not switch it for you."
             )
 
+    def rope_refusal(self, inputs: dict[str, Any], max_new_tokens: int, depth_bound: int) -> str | None:
+        """Why trees up to ``depth_bound`` deep would not reproduce ``generate``'s output under the decoder's rope
+        scaling (a position-dependent type reached or crossed: ``support.rope_refusal``), or None. Decided from the
+        config; the prompt's positions are computed only for models with such a rope."""
+        if depth_bound < 1 or not position_dependent_ropes(self.text_config):
+            return None
+        positions, offset = self.prefill_position_ids(self.prefill_inputs(inputs))
+        length = inputs["input_ids"].shape[1]
+        # the deepest node of the last possible step: root at sequence index L + max_new - 2, depth_bound below it
+        deepest = length + max_new_tokens - 2 + depth_bound + int(torch.as_tensor(offset).max())
+        prompt_max = int(positions.max())
+        return rope_refusal(type(self.model).__name__, self.text_config, prompt_max, max(deepest, prompt_max))
+
     # ------------------------------------------------------------------ forwards
     def prefill_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The processor outputs passed to the prompt forward (None values dropped)."""
         return {key: value for key, value in inputs.items() if value is not None}
 
     def rope_position_ids(self, seq_positions: Tensor) -> Tensor:
-        """Position ids for tokens at sequence indices ``seq_positions [1, n]`` (default: 1-D RoPE)."""
+        """Position ids for tokens at sequence indices ``seq_positions [1, n]`` after the prompt:
+        ``seq_positions + position_offset`` (``[1, n]``, or ``[R, 1, n]`` when the model has R position rows)."""
         return seq_positions + self.position_offset
 
     def prefill_position_ids(self, inputs: dict[str, Any]) -> tuple[Tensor, int | Tensor]:
-        """Position ids ``[1, L]`` of the full prompt and the position offset (default: ``arange(L)`` and 0)."""
+        """The prompt's position ids as ``generate`` computes them, and the offset of the tokens after it.
+
+        The positions are the model's own ``_prepare_position_ids_for_generation`` (``[1, L]``; ``[4, 1, L]``
+        for Qwen2-VL-style M-RoPE: a text row and three rope axes), so a family's position rule is never
+        re-derived here. ``generate`` places each new token at the previous one's position + 1, row by row;
+        so sequence index ``s >= L`` sits at ``positions[..., -1] + (s - L + 1)``, i.e. ``s + offset`` with
+        ``offset = positions[..., -1:] - (L - 1)`` (an int 0 when that is 0 on a single row: plain RoPE).
+        """
         input_ids = inputs["input_ids"]
-        return torch.arange(input_ids.shape[1], device=input_ids.device)[None], 0
+        length = input_ids.shape[1]
+        prepare = getattr(self.model, "_prepare_position_ids_for_generation", None)
+        if prepare is None:
+            return torch.arange(length, device=input_ids.device)[None], 0
+        model_kwargs = {key: value for key, value in inputs.items() if key != "input_ids"}
+        with _kept_rope_deltas(self.model):  # M-RoPE models cache rope_deltas on themselves: not our business
+            positions = prepare(input_ids, model_kwargs)
+        offset = positions[..., -1:] - (length - 1)
+        if positions.dim() == 2 and not bool(offset.any()):  # one host read per prompt
+            return positions, 0
+        return positions, offset
 
     def prefill(self, inputs: dict[str, Any], cache, keep: Tensor | None = None) -> PrefillResult:
         """Run the prompt through the model, filling ``cache``.

@@ -1,0 +1,121 @@
+"""Families served by the generic causal-LM adapter (Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2) and the
+vision-language families LLaVA-NeXT, Gemma 3, PaliGemma and Qwen3-VL (dense and MoE decoders; M-RoPE, DeepStack)
+(tests/tiny_vlms_more.py).
+
+- every family x every policy: greedy output token-identical to ``target.generate`` in fp32, and after every
+  step both KV caches equal a from-scratch recomputation (tests/test_engine_kv.py's check), correlated draft;
+- the VLMs with draft-side visual pruning: same two checks (static and SAGE trees);
+- ``get_adapter`` picks the family's adapter, else the generic one, and refuses with the reason what cannot
+  work: recurrent / hybrid caches, cross-attention layers (Mllama), encoder-decoders, forwards without
+  ``position_ids`` or 4-D masks, multimodal models of unknown families; a sliding window shorter than the
+  sequence is refused at ``generate``.
+(Qwen3-VL's pruned prefill against a masked full forward runs in tests/test_pruning.py, its video in
+tests/test_video.py; tests/test_families.py's prefill and tree-forward checks cover tests/tiny_vlms.py's families.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from test_engine import POLICIES
+from test_engine_kv import MAX_NEW, run_with_cache_checks
+from tiny_models import correlated_draft, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny_vlms_more import (
+    CAUSAL_LM_BUILDERS,
+    MORE_ADAPTER_CLASSES,
+    MORE_VLM_BUILDERS,
+    tiny_gemma2,
+    tiny_gemma3_text,
+)
+
+from sage_ext.engine import SpeculativeGenerator
+from sage_ext.families import get_adapter
+
+BUILDERS = {**CAUSAL_LM_BUILDERS, **MORE_VLM_BUILDERS}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request):
+    target, inputs = BUILDERS[request.param]()
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    return request.param, target, inputs, correlated_draft(target, noise=0.1), reference
+
+
+def test_registry_picks_the_adapter(family):
+    name, target, *_ = family
+    assert type(get_adapter(target)) is MORE_ADAPTER_CLASSES[name]
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_greedy_equals_generate_and_caches_match_recomputation(family, policy):
+    name, target, inputs, draft, reference = family
+    out, taus = run_with_cache_checks(target, draft, inputs, POLICIES[policy]())
+    assert torch.equal(out.sequences, reference), name
+    if policy != "ar":
+        assert max(taus) > 0, "the correlated draft should get tokens accepted"
+
+
+@pytest.mark.parametrize("name", list(MORE_VLM_BUILDERS))
+@pytest.mark.parametrize("policy", ["static", "sage"])
+def test_pruned_draft_is_lossless_and_its_cache_matches_recomputation(name, policy):
+    target, inputs = MORE_VLM_BUILDERS[name]()
+    draft = correlated_draft(target, noise=0.1)
+    assert get_adapter(target).visual_token_mask(inputs).sum() >= 16
+    out, _ = run_with_cache_checks(target, draft, inputs, POLICIES[policy](), draft_prune_ratio=0.75)
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def _on_meta(model_class, config):
+    """A model instance without weights: refusals are decided from the config and class alone."""
+    with torch.device("meta"):
+        return model_class(config)
+
+
+REFUSED = {
+    "mamba (state-space)": (lambda: _on_meta(transformers.MambaForCausalLM, transformers.MambaConfig(
+        vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1)), "recurrent"),
+    "qwen3_next (linear attention)": (lambda: _on_meta(transformers.Qwen3NextForCausalLM, transformers.Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])),
+        "'linear_attention'"),
+    "jamba (hybrid)": (lambda: _on_meta(transformers.JambaForCausalLM, transformers.JambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+        expert_layer_offset=1, mamba_d_state=4, mamba_expand=1, mamba_dt_rank=4)), "recurrent|linear-attention"),
+    "mllama (cross-attention)": (lambda: _on_meta(transformers.MllamaForConditionalGeneration,
+                                                  transformers.MllamaConfig()), "cross-attention layers"),
+    "t5 (encoder-decoder)": (lambda: _on_meta(transformers.T5ForConditionalGeneration, transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)), "encoder-decoder"),
+    "bloom (no position_ids)": (lambda: _on_meta(transformers.BloomForCausalLM, transformers.BloomConfig(
+        vocab_size=64, hidden_size=16, n_layer=1, n_head=2)), "takes no position_ids"),
+    "openai-gpt (no 4-D masks)": (lambda: _on_meta(transformers.OpenAIGPTLMHeadModel, transformers.OpenAIGPTConfig(
+        vocab_size=64, n_embd=16, n_layer=1, n_head=2)), "4-D attention mask"),
+    "internvl (unknown multimodal family)": (lambda: _on_meta(
+        transformers.InternVLForConditionalGeneration, transformers.InternVLConfig()), "multimodal model"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_cannot_work_is_refused_with_the_reason(case):
+    build, reason = REFUSED[case]
+    model = build()
+    with pytest.raises(ValueError, match=f"sage_ext does not support {type(model).__name__}") as error:
+        SpeculativeGenerator(model, None, "ar")
+    assert error.match(reason) and error.match("any decoder-only causal LM")
+
+
+@pytest.mark.parametrize("builder", [tiny_gemma2, tiny_gemma3_text])
+def test_sliding_window_shorter_than_the_sequence_is_refused(builder):
+    target, inputs = builder(sliding_window=32)
+    generator = SpeculativeGenerator(target, correlated_draft(target), "chain")
+    with pytest.raises(ValueError, match="sliding-window attention \\(window 32\\)"):
+        generator.generate(**inputs, max_new_tokens=24)
+    # within the window the same model runs, and is lossless
+    out = SpeculativeGenerator(target, correlated_draft(target), "ar").generate(**inputs, max_new_tokens=8)
+    with torch.no_grad():
+        assert torch.equal(out.sequences, target.generate(**inputs, do_sample=False, max_new_tokens=8))
