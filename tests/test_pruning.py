@@ -17,7 +17,7 @@ from tiny_vlms import ADAPTER_CLASSES, BRANCHING_TREE_PARENTS, TINY_VLM_BUILDERS
 from tiny_vlms_more import tiny_qwen3_vl, tiny_qwen3_vl_video
 from transformers import DynamicCache
 
-from sage_ext import pruning
+from sage_ext.families import model_access
 from sage_ext.families.base import cache_kwarg
 from sage_ext.families.qwen3_vl import Qwen3VLAdapter
 from sage_ext.ops import tree_buffers
@@ -220,7 +220,7 @@ def test_pruned_prefill_without_the_kept_deepstack_features_is_seen(monkeypatch)
     reference_logits, _ = _masked_reference(draft, adapter, inputs, keep)
     kept = adapter.prefill(inputs, DynamicCache(config=draft.config), keep=keep)
     torch.testing.assert_close(kept.logits_last, reference_logits, atol=ATOL, rtol=0)
-    monkeypatch.setattr(pruning, "_kept_deepstack", lambda captured, kept: {})
+    monkeypatch.setattr(model_access, "_kept_deepstack", lambda captured, kept: {})
     dropped = adapter.prefill(inputs, DynamicCache(config=draft.config), keep=keep)
     assert (dropped.logits_last - reference_logits).abs().max() > 100 * ATOL
 

@@ -19,7 +19,7 @@ from .llava import LlavaAdapter
 from .support import cache_refusal, causal_lm_refusal
 
 # Modules of this package that hold no adapter of their own.
-_NOT_ADAPTER_MODULES = {"base", "causal_lm", "llava", "support", "token_types"}
+_NOT_ADAPTER_MODULES = {"base", "causal_lm", "llava", "model_access", "support", "token_types"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,14 +15,13 @@ Models are used as loaded (device, dtype, device_map); nothing inside transforme
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .model_access import cache_kwarg, forward_kept
 from .support import position_dependent_ropes, rope_refusal
 
 # Attention backends that take an arbitrary additive 4-D mask and give exact results (flash-attention kernels take
@@ -43,19 +42,6 @@ class PrefillResult:
     logits_last: Tensor
     position_offset: int | Tensor = 0
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg_of(model_class: type) -> str:
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the KV-cache argument of ``model``'s forward: ``cache`` from transformers 5.24 on (where
-    ``past_key_values`` is deprecated), ``past_key_values`` before. Read from the class's signature (accelerate
-    hooks wrap the instance's ``forward``, not the class's)."""
-    return _cache_kwarg_of(type(model))
 
 
 def causal_mask_4d(num_new: int, past_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -228,8 +214,6 @@ class FamilyAdapter:
             out = self.model(**model_inputs, position_ids=position_ids, **{self.cache_kwarg: cache}, use_cache=True,
                              logits_to_keep=1)
         else:
-            from ..pruning import forward_kept  # the model's own embedding + vision path, kept rows only
-
             out = forward_kept(self.model, model_inputs, cache, keep, position_ids)
         self.position_offset = offset
         return PrefillResult(out.logits[:, -1], offset)

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from .base import FamilyAdapter, PrefillResult
+from .model_access import forward_kept
 
 #: the per-token inputs that travel with the kept rows of a pruned prefill
 KEPT_TOKEN_INPUTS = ("token_type_ids",)
@@ -27,8 +28,6 @@ class TokenTypeAdapter(FamilyAdapter):
     def prefill(self, inputs: dict[str, Any], cache, keep: Tensor | None = None) -> PrefillResult:
         if keep is None:
             return super().prefill(inputs, cache)
-        from ..pruning import forward_kept
-
         model_inputs = self.prefill_inputs(inputs)
         position_ids, offset = self.prefill_position_ids(model_inputs)
         out = forward_kept(self.model, model_inputs, cache, keep, position_ids, token_inputs=KEPT_TOKEN_INPUTS)
