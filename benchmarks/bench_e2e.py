@@ -4,7 +4,7 @@ results (benchmarks/results/e2e_<machine>.json / .png).
     python benchmarks/bench_e2e.py                 # bundled fixture pair, CPU, 2 threads
     python benchmarks/bench_e2e.py --device cuda   # any extra argument is passed to `sage-ext bench`
 
-The logic lives in `sage_ext.cli` (cmd_bench) so the installed `sage-ext bench` command runs the same
+The logic lives in `sage_ext.cli.bench` (cmd_bench) so the installed `sage-ext bench` command runs the same
 code; see benchmarks/README.md ("End-to-end benchmark") for what is measured and how to read it.
 """
 import sys

@@ -7,7 +7,7 @@ Three modes (``--mode overhead|flips|prune|all``):
   current engine and, in the same run, for the engine of an earlier git revision (``--baseline-rev``, loaded
   from ``git show`` as a side module), on the same models and prompts. Runs of the two engines alternate
   (ABBA) and the medians over ``--rounds`` rounds are reported, so a changing machine load hits both alike;
-  the greedy outputs of both engines are checked to be identical. Models: the tests' tiny random Llama
+  the greedy outputs of both engines are checked to be identical. Models: a tiny random Llama
   (hidden 64, 2 layers) with a correlated draft, a ~5M-parameter random Llama (hidden 256, 4 layers,
   vocabulary 4096) with a correlated draft, and the bundled trained LLaVA fixture pair (5.6M target, 0.4M
   draft) when present. Writes ``results/engine_overhead_<device>.{json,md}``.
@@ -46,14 +46,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny model builders
-
-from tiny_models import correlated_draft, text_prompt, tiny_llama  # noqa: E402
-from tiny_vlms import _qwen_inputs, tiny_qwen2_vl  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import sage_ext  # noqa: E402
-from sage_ext.cli import cpu_model, load_pair, scene_inputs  # noqa: E402
+from random_models import (  # noqa: E402  (benchmarks/random_models.py: the benchmarks' own random models)
+    correlated_draft,
+    qwen2_vl_inputs,
+    random_llama,
+    text_prompt,
+    tiny_llama,
+    tiny_qwen2_vl,
+)
+from sage_ext.cli.models import load_pair, scene_inputs  # noqa: E402
+from sage_ext.cli.runs import cpu_model  # noqa: E402
 from sage_ext.engine import SpeculativeGenerator  # noqa: E402
 
 POLICIES = ("ar", "chain", "static", "dynamic", "sage")
@@ -115,26 +119,6 @@ def device_tag() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def random_llama(hidden: int, layers: int, vocab: int, large_logits: bool = True, seed: int = 0) -> torch.nn.Module:
-    """A random Llama (heads of 64 dims, MLP 2.7x), fp32, sdpa. ``large_logits``: the embeddings and lm_head
-    get a large std like the tests' tiny models (well separated argmaxes); otherwise HF's default init
-    (std 0.02: nearly uniform logits, near-ties everywhere: the stress case for reduced precision)."""
-    heads = max(hidden // 64, 1)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.6875 * hidden), num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, bos_token_id=1,
-        eos_token_id=vocab - 1, pad_token_id=None, tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    if large_logits:
-        generator = torch.Generator().manual_seed(10_000 + seed)
-        with torch.no_grad():
-            for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
-    return model.float().eval()
-
-
 def llama_5m(seed: int = 0) -> tuple[torch.nn.Module, dict]:
     """A random ~5.3M-parameter Llama (hidden 256, 4 layers, 4 heads, vocabulary 4096) with large-std
     embeddings / lm_head, and a 24-token prompt."""
@@ -187,10 +171,10 @@ def parameter_count(model: torch.nn.Module) -> int:
 def overhead_models(quick: bool) -> list[dict]:
     """(name, target, draft, prompts) for the overhead benchmark."""
     models = []
-    target, inputs = tiny_llama()
+    target = tiny_llama()
     models.append({"name": "tiny-llama", "target": target, "draft": correlated_draft(target, noise=0.1),
                    "prompts": [text_prompt(12, seed) for seed in range(3)],
-                   "about": "tests/tiny_models.tiny_llama (hidden 64, 2 layers, vocab 96) + correlated draft "
+                   "about": "benchmarks/random_models.tiny_llama (hidden 64, 2 layers, vocab 96) + correlated draft "
                             "(noise 0.1)"})
     target, _ = llama_5m()
     models.append({"name": "llama-5M", "target": target, "draft": correlated_draft(target, noise=0.1),
@@ -334,15 +318,15 @@ def overhead_markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- flips
 def flip_model_sets(count: int):
-    """(name, target fp32, draft fp32, prompts) for the precision benchmark: the tests' tiny models (large-std
+    """(name, target fp32, draft fp32, prompts) for the precision benchmark: the tiny random models (large-std
     lm_head: separated argmaxes), the trained fixture pair (realistic), and HF-default-init Llamas (nearly
     uniform logits: the stress case)."""
     text_prompts = [text_prompt(12, 100 + i) for i in range(count)]
-    target, _ = tiny_llama()
+    target = tiny_llama()
     yield "tiny-llama", target, correlated_draft(target, noise=0.1), text_prompts
-    target, _ = tiny_qwen2_vl()
+    target = tiny_qwen2_vl()
     yield ("tiny-qwen2-vl", target, correlated_draft(target, noise=0.1),
-           [_qwen_inputs(target, (1, 12, 16), 100 + i, 12) for i in range(count)])
+           [qwen2_vl_inputs(target, (1, 12, 16), 100 + i, 12) for i in range(count)])
     pair = fixture_pair()
     if pair is not None:
         target, draft, processor = pair
@@ -354,10 +338,10 @@ def flip_model_sets(count: int):
 
 
 FLIP_MODELS = {
-    "tiny-llama": "tests/tiny_models.tiny_llama (hidden 64, 2 layers, vocab 96, large-std lm_head: separated "
+    "tiny-llama": "benchmarks/random_models.tiny_llama (hidden 64, 2 layers, vocab 96, large-std lm_head: separated "
                   "argmaxes), random 12-token prompts",
-    "tiny-qwen2-vl": "tests/tiny_vlms.tiny_qwen2_vl (M-RoPE, 48 image tokens, large-std lm_head), random prompts "
-                     "and pixels",
+    "tiny-qwen2-vl": "benchmarks/random_models.tiny_qwen2_vl (M-RoPE, 48 image tokens, large-std lm_head), random "
+                     "prompts and pixels",
     "fixture-llava": "the trained sage_ext/fixtures LLaVA pair (5.6M / 0.4M), caption prompts of held-out scenes",
     "tiny-llama-default-init": "Llama hidden 64, 2 layers, vocab 96 with HF's default init (nearly uniform "
                                "logits: near-ties at most tokens, the stress case)",

@@ -34,7 +34,7 @@ import torch
 
 import sage_ext
 from sage_ext import ops, reference
-from sage_ext.cli import cpu_model
+from sage_ext.cli.runs import cpu_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 8)

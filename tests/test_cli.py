@@ -11,6 +11,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sage_ext import cli  # noqa: E402
+from sage_ext.cli import demo, models, tuning, validation  # noqa: E402
 from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR, scenes  # noqa: E402
 
 
@@ -21,10 +22,10 @@ def test_python_dash_m_lists_the_commands():
 
 
 def test_policy_overrides_are_parsed():
-    policy = cli.parse_policy("sage", "n_max=40,lag=False,d_max=10")
+    policy = validation.parse_policy("sage", "n_max=40,lag=False,d_max=10")
     assert (policy.n_max, policy.lag, policy.d_max_init) == (40, False, 10)
     with pytest.raises(cli.UsageError, match="unknown policy 'no-such-policy'; choose from"):
-        cli.parse_policy("no-such-policy")
+        validation.parse_policy("no-such-policy")
 
 
 def test_demo_runs_end_to_end_and_writes_its_plot(tmp_path, capsys):
@@ -37,19 +38,19 @@ def test_demo_runs_end_to_end_and_writes_its_plot(tmp_path, capsys):
 
 
 def test_slow_speedup_note_names_the_likely_cause():
-    assert cli.slow_speedup_note("sage", 1.3, 8.0, threads=2, cores=2, load=3.5) is None
-    busy = cli.slow_speedup_note("sage", 0.8, 8.0, threads=1, cores=2, load=3.5)
+    assert demo.slow_speedup_note("sage", 1.3, 8.0, threads=2, cores=2, load=3.5) is None
+    busy = demo.slow_speedup_note("sage", 0.8, 8.0, threads=1, cores=2, load=3.5)
     assert busy.startswith("note: sage measured 0.80x") and "busy (load average 3.5 on 2 cores)" in busy
     assert "8.0x fewer target forwards" in busy
-    oversubscribed = cli.slow_speedup_note("sage", 0.9, 5.0, threads=8, cores=2, load=0.2)
+    oversubscribed = demo.slow_speedup_note("sage", 0.9, 5.0, threads=8, cores=2, load=0.2)
     assert "8 threads on 2 cores" in oversubscribed and "--threads 1" in oversubscribed and "busy" not in oversubscribed
-    assert "--threads 1" in cli.slow_speedup_note("chain", 0.9, 5.0, threads=2, cores=4, load=0.5)
-    assert "timing noise" in cli.slow_speedup_note("sage", 0.9, 5.0, threads=1, cores=4, load=None)
+    assert "--threads 1" in demo.slow_speedup_note("chain", 0.9, 5.0, threads=2, cores=4, load=0.5)
+    assert "timing noise" in demo.slow_speedup_note("sage", 0.9, 5.0, threads=1, cores=4, load=None)
 
 
 def test_demo_warms_up_notes_a_slowdown_and_plots_steps_and_speed(tmp_path, capsys, monkeypatch):
     calls, plotted = [], []
-    real_run_engine, real_plot = cli.run_engine, cli.plot_demo
+    real_run_engine, real_plot = demo.run_engine, demo.plot_demo
 
     def slow_speculation(engine, inputs, max_new_tokens, device, **kwargs):  # timings made up: sage looks slow
         calls.append(engine.policy.name)
@@ -72,8 +73,8 @@ def test_demo_warms_up_notes_a_slowdown_and_plots_steps_and_speed(tmp_path, caps
             warmups.append((self.policy.name, kwargs.get("max_new_tokens")))
         return real_generate(self, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "run_engine", slow_speculation)
-    monkeypatch.setattr(cli, "plot_demo", recording_plot)
+    monkeypatch.setattr(demo, "run_engine", slow_speculation)  # where cmd_demo looks them up
+    monkeypatch.setattr(demo, "plot_demo", recording_plot)
     monkeypatch.setattr(SpeculativeGenerator, "generate", counting_generate)
     plot = tmp_path / "demo.png"
     assert cli.main(["demo", "--scenes", "2", "--max-new-tokens", "40", "--plot", str(plot), "--quiet"]) == 0
@@ -102,7 +103,7 @@ def test_generate_streams_the_target_greedy_text(tmp_path, capsys):
     assert cli.main(args) == 0
     streamed = capsys.readouterr().out.strip()
 
-    target, _, processor = cli.load_pair(str(TARGET_DIR), None, torch.device("cpu"), torch.float32)
+    target, _, processor = models.load_pair(str(TARGET_DIR), None, torch.device("cpu"), torch.float32)
     inputs = processor(text=scenes.caption_prompt(), images=Image.open(image_path).convert("RGB"), return_tensors="pt")
     with torch.inference_mode():
         out = target.generate(**inputs, max_new_tokens=40, do_sample=False)
@@ -128,10 +129,10 @@ def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, caps
 
 
 def test_sage_tuning_times_each_candidate_against_the_best_and_records_invalid_ones():
-    target, draft, processor = cli.load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
-    inputs = cli.scene_inputs(processor, scenes.heldout_scenes(1, start=5000), torch.device("cpu"), torch.float32)
+    target, draft, processor = models.load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
+    inputs = models.scene_inputs(processor, scenes.heldout_scenes(1, start=5000), torch.device("cpu"), torch.float32)
     grid = {"n_max": [8], "d_max": [6]}  # n_max=8 is invalid with the paper's 25-node first round
-    best, trials = cli.tune_sage(target, draft, inputs, 16, torch.device("cpu"), grid)
+    best, trials = tuning.tune_sage(target, draft, inputs, 16, torch.device("cpu"), grid)
     assert trials[0] == {"params": {"n_max": 8}, "error": "first_round_paths has more nodes than n_max"}
     timed = trials[1]
     assert timed["params"] == {"d_max": 6} and timed["against"] == {}

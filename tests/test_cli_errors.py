@@ -11,6 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sage_ext import cli  # noqa: E402
+from sage_ext.cli import models  # noqa: E402
 from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR, scenes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +29,8 @@ def no_loading(monkeypatch):
     """Fails the test if a model is loaded: these inputs must be refused before that."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded for an input that can be checked first")
-    monkeypatch.setattr(cli, "load_pair", refuse)
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(models, "load_pair", refuse)  # the commands call models.load_pair
+    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def run_cli(argv, capsys, tmp_path):

@@ -1,0 +1,129 @@
+"""Loading what a command runs on: the bundled fixture pair (``--target fixture``), the Hugging Face offline
+switch, devices and dtypes, models and their processor, and the processor inputs of a prompt or of fixture
+scenes. Used by every command and by benchmarks/; nothing here reads the command line.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+#: ``--target fixture`` / ``--draft fixture`` name the bundled pair (sage_ext/fixtures/).
+FIXTURE_NAME = "fixture"
+
+_TRUE_VALUES = {"1", "on", "yes", "true"}
+
+
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to 1, on, yes or true (any case)."""
+    return os.environ.get(name, "").strip().lower() in _TRUE_VALUES
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub must not be contacted (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``,
+    read now, or huggingface_hub's own offline constant)."""
+    if any(env_flag(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def resolve_model(name: str | None, role: str) -> str | None:
+    """``fixture`` -> the bundled target or draft folder; anything else unchanged."""
+    if name is None or name.strip().lower() != FIXTURE_NAME:
+        return name
+    from ..fixtures import DRAFT_DIR, TARGET_DIR
+
+    return str(DRAFT_DIR if role == "draft" else TARGET_DIR)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    if name == "auto":  # the models' own dtype on GPU; float32 on CPU (half precision is slow there)
+        return "auto" if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_model(path_or_id: str, device: torch.device, dtype, device_map: str | None = None) -> torch.nn.Module:
+    """A vision-language (or text) generation model, in eval mode, with an attention implementation
+    that takes tree masks (sdpa). Offline (``HF_HUB_OFFLINE=1``) nothing is asked of the network.
+    ``device_map`` (accelerate's ``auto``, ...): the model is placed by accelerate instead of moved to ``device``."""
+    import transformers
+
+    path_or_id = resolve_model(path_or_id, "target")
+    errors = []
+    for auto_class in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        loader = getattr(transformers, auto_class, None)
+        if loader is None:
+            continue
+        try:
+            placement = {"device_map": device_map} if device_map else {}
+            model = loader.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa",
+                                           local_files_only=hub_offline(), **placement)
+            return (model if device_map else model.to(device)).eval()
+        except ValueError as error:  # this auto class does not know the config: try the next one
+            errors.append(f"{auto_class}: {error}")
+    raise ValueError(f"could not load {path_or_id!r} as a generation model:\n" + "\n".join(errors))
+
+
+def load_pair(target: str, draft: str | None, device: torch.device, dtype,
+              device_map: str | None = None) -> tuple[Any, Any, Any]:
+    """(target model, draft model or None, processor of the target); ``device_map``: see ``load_model``."""
+    from transformers import AutoProcessor
+
+    target, draft = resolve_model(target, "target"), resolve_model(draft, "draft") if draft else None
+    processor = AutoProcessor.from_pretrained(target, local_files_only=hub_offline())
+    target_model = load_model(target, device, dtype, device_map)
+    draft_model = load_model(draft, device, dtype, device_map) if draft else None
+    return target_model, draft_model, processor
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def format_prompt(processor, prompt: str) -> str:
+    """The prompt text given to the processor.
+
+    A prompt that already holds the processor's image token is used verbatim. Otherwise a processor with
+    a chat template gets a one-turn user message (image, then the text) with the generation prompt; one
+    without (like the bundled fixture pair) gets the fixture format ``<image>\\n{prompt}\\n``.
+    """
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if image_token in prompt:
+        return prompt
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"{image_token}\n{prompt}\n"
+
+
+def build_inputs(processor, image, prompt_text: str, device: torch.device, dtype=None) -> dict:
+    """Processor outputs on the model's device; floating inputs (pixel values) in the model dtype."""
+    inputs = processor(text=prompt_text, images=image, return_tensors="pt")
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if value.is_floating_point() and isinstance(dtype, torch.dtype):
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def scene_inputs(processor, scene_list, device, dtype) -> list[dict]:
+    """Caption-prompt processor outputs for fixture scenes (see `build_inputs`)."""
+    from ..fixtures import scenes
+
+    prompt_text = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
+    return [build_inputs(processor, s.render(), prompt_text, device, dtype) for s in scene_list]
