@@ -46,6 +46,10 @@ def _extension_missing(error: ImportError) -> ImportError:
     return ImportError(f"sage_ext's compiled extension sage_ext._C cannot be imported: {why}")
 
 
+# torch first: it loads libtorch_cpu / libc10, which _C needs and otherwise finds only through its runpath
+# (torch installed beside it); with torch in another site folder (a venv over system packages, --user) it would not
+import torch as _torch  # noqa: F401,E402
+
 try:
     from . import _C  # noqa: F401  (the compiled extension; registers torch.ops.sage_ext.*)
 except ImportError as _error:
