@@ -10,7 +10,8 @@ A step (see docs/ENGINE.md for the full story):
   3. ``commit_tree_`` writes the new tokens to a device-side sequence buffer, moves the accepted rows of
      both caches to contiguous positions and packs the step's readback (accepted length, draft-processed
      count, tree size, root alpha, the new tokens) into ONE small int64 tensor, read to the host: the step's
-     only sync. Both caches are cropped to what they now hold.
+     only sync. The workspace decodes it into a ``CommitResult`` (named host values). Both caches are cropped
+     to what they now hold (the draft's length is the workspace's ``draft_len``).
   4. Host: stop checks (EOS, stop strings, max_new_tokens), streamer, policy feedback. The bonus is the next
      step's root.
 
@@ -25,7 +26,6 @@ Models are used as loaded (any device / dtype / device_map); nothing in transfor
 """
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -105,14 +105,6 @@ def _layer_tensors(layers: list) -> list[Tensor]:
     return [tensor for layer in layers for tensor in (layer.keys, layer.values)]
 
 
-def _float_from_bits(bits: int) -> float:
-    return _F32.unpack(_I32.pack(bits))[0]
-
-
-_I32 = struct.Struct("<i")
-_F32 = struct.Struct("<f")
-
-
 class FixedLayout(NamedTuple):
     """A tree whose shape and feed schedule never change (static trees, chains), on one device and dtypes:
     ``parents [N]``, ``node_row [1, N + 1]`` (the draft row of every slot the draft processes, -1 for the others),
@@ -152,15 +144,13 @@ class DraftRound:
                  row_table: Tensor | None = None):
         self.engine = engine
         self.device = device
-        self.capacity = capacity
         self.static_default = static_default
         self.mask_dtype = mask_dtype
         self.target_dtype = target_dtype
         chain_rows = engine.policy.depth_bound + 2  # the longest first forward: pending tokens + the root
         self.ws = ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, engine.seq, mask_dtype, target_dtype,
                                         row_table, _WORKSPACE_DIRECT_CPU)
-        self.tokens, self.parents = ws.tokens, ws.parents
-        self.logprobs, self.cum_logprobs = ws.logprobs, ws.cum_logprobs
+        self.tokens, self.parents, self.logprobs = ws.tokens, ws.parents, ws.logprobs
         self.root_parents = self.parents[:, :1]  # [1, 1] = [[-1]]: the parents of a root-only tree
         self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
         self._switch = engine.timeline.switch
@@ -193,12 +183,9 @@ class DraftRound:
 
     @property
     def draft_len(self) -> int:
-        """Draft cache length (host bookkeeping: no get_seq_length per step)."""
+        """Draft cache length (host bookkeeping: no get_seq_length per step), kept by the workspace alone:
+        ``start_generation`` sets it, its forwards' inputs grow it, its commit shrinks it to what the draft keeps."""
         return self.ws.draft_len
-
-    @draft_len.setter
-    def draft_len(self, value: int) -> None:
-        self.ws.draft_len = value
 
     # ------------------------------------------------------------------ helpers for policies
     def full_f32(self, value: float) -> Tensor:
@@ -220,20 +207,14 @@ class DraftRound:
         forwards process the slots ``fed_slots`` in that order (draft row r = ``fed_slots[r]``; the root first).
         Policies make it once per device and dtypes (``layout_key``)."""
         device = self.device
-        buffers = ops.tree_buffers(parents[None], 0)
-        depth, tree_mask = buffers[0], buffers[6]
-        opened = tree_mask[0, 0] == 0  # [N, N]: column c is an ancestor-or-self of row r
+        # the tree's additive masks [N, N] in both dtypes, straight from tree_buffers (the ops' one mask rule)
+        depth, *_, target_mask, _ = ops.tree_buffers(parents[None], 0, self.target_dtype)
+        draft_mask = ops.tree_buffers(parents[None], 0, self.mask_dtype)[6][0, 0]
         rows = torch.tensor(fed_slots, dtype=torch.int64)
         node_row = torch.full((1, parents.shape[0] + 1), -1, dtype=torch.int64)
         node_row[0, rows] = torch.arange(len(fed_slots))
-
-        def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-            blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype)
-            return blocked.masked_fill_(allowed, 0).to(device)
-
-        return FixedLayout(parents.to(device), node_row.to(device),
-                           additive(opened[rows][:, rows], self.mask_dtype)[None], depth.to(device),
-                           additive(opened, self.target_dtype))
+        return FixedLayout(parents.to(device), node_row.to(device), draft_mask[rows][:, rows][None].to(device),
+                           depth.to(device), target_mask[0, 0].to(device))
 
     @property
     def layout_key(self) -> tuple:
@@ -562,7 +543,7 @@ class SpeculativeGenerator:
         self._row_tables[(device, capacity)] = ctx.ws.row_table
         workspace = ctx.ws
         if use_draft:
-            ctx.draft_len = self.draft_cache.get_seq_length()
+            workspace.start_generation(self.draft_cache.get_seq_length())
         # cache layers on the engine's device are compacted and cropped by the workspace's commit; a model split
         # over devices (device_map) has the others done here (_commit_elsewhere)
         target_from, draft_from = self.elsewhere_from
@@ -598,18 +579,17 @@ class SpeculativeGenerator:
             if do_sample:
                 probs = self._target_probs(logits[0])[None]
                 verified = verify_sampling(tokens, parents, probs, generator)
-                readback, accepted = workspace.commit(tokens, parents, None, *verified, cur_len, target_layer_list,
-                                                      target_len, draft_layer_list, node_row, alpha_root)
+                committed = workspace.commit(tokens, parents, None, *verified, cur_len, target_layer_list,
+                                             target_len, draft_layer_list, node_row, alpha_root)
             else:
-                readback, accepted = workspace.commit(tokens, parents, logits, None, None, None, cur_len,
-                                                      target_layer_list, target_len, draft_layer_list, node_row,
-                                                      alpha_root)
+                committed = workspace.commit(tokens, parents, logits, None, None, None, cur_len,
+                                             target_layer_list, target_len, draft_layer_list, node_row, alpha_root)
             switch("other")
-            tau, processed_n, real_n, alpha_bits, *new_host = readback
-            del new_host[tau + 1 :]
-            alpha_measured = _float_from_bits(alpha_bits) if alpha_root is not None else None
+            # the readback, decoded by the workspace (host ints, a float, a list: no device access)
+            tau, processed_n, real_n = committed.accept_len, committed.draft_held, committed.real_nodes
+            new_host, alpha_measured, accepted = committed.tokens, committed.alpha, committed.accepted
             if target_elsewhere or draft_elsewhere:
-                self._commit_elsewhere(ctx, accepted, node_row, num_nodes, tau, processed_n, target_len,
+                self._commit_elsewhere(ctx, accepted, node_row, num_nodes, tau, target_len,
                                        target_elsewhere, draft_elsewhere)
             if use_draft:
                 self.draft_done = target_len + processed_n
@@ -671,20 +651,18 @@ class SpeculativeGenerator:
         return GenerationOutput(sequences, stats)
 
     def _commit_elsewhere(self, ctx: DraftRound, accepted: Tensor, node_row: Tensor | None, num_nodes: int, tau: int,
-                          processed_n: int, target_len: int, target_elsewhere: list, draft_elsewhere: list) -> None:
+                          target_len: int, target_elsewhere: list, draft_elsewhere: list) -> None:
         """The commit's compaction and crop for cache layers on other devices than the engine's (device_map)."""
         for dev, layers in target_elsewhere:
             if num_nodes > 1:
                 _op_kv_compact(_layer_tensors(layers), accepted.to(dev), target_len)
             _C.crop_layers(layers, target_len + tau + 1)
-        kept = ctx.draft_base + processed_n
+        kept = ctx.draft_len  # the workspace's commit set it: draft_base + the accepted nodes the draft holds
         for dev, layers in draft_elsewhere:
             if num_nodes > 1:
                 draft_rows = node_row[:, accepted[0]]  # a -1 of accepted picks the -1 in node_row's last entry
                 _op_kv_compact(_layer_tensors(layers), draft_rows.to(dev), ctx.draft_base)
             _C.crop_layers(layers, kept)
-        if draft_elsewhere:
-            ctx.draft_len = kept
 
     def _verify_sampling(self, tokens: Tensor, parents: Tensor, probs: Tensor, generator) -> tuple:
         """Lossless tree rejection sampling for deterministic top-k drafts (q = 1 rule)."""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (loading it registers torch.ops.sage_ext.*)
+from . import _C  # loading it registers torch.ops.sage_ext.*; also the limits below
 
 __all__ = [
     "MAX_TREE_NODES",
@@ -39,10 +39,10 @@ __all__ = [
     "commit_tree_",
 ]
 
-#: Largest tree (number of nodes N, root included) any op accepts.
-MAX_TREE_NODES = 1024
-#: Largest top-k any op accepts.
-MAX_TOPK = 64
+#: Largest tree (number of nodes N, root included) any op accepts (csrc/core/formulas.h, read from the extension).
+MAX_TREE_NODES: int = _C.MAX_TREE_NODES
+#: Largest top-k any op accepts (csrc/core/formulas.h, read from the extension).
+MAX_TOPK: int = _C.MAX_TOPK
 
 #: The 25-draft-node, depth-5 static tree of SpecVLM (SAGE's first round and the "SD-Tree"
 #: baseline), as paths of child ranks from the root. Level sizes 4, 8, 8, 3, 2.

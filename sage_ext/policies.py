@@ -2,7 +2,7 @@
 
 Every policy runs inside the same engine loop (``sage_ext.engine``); it only decides which draft nodes
 exist. It talks to the engine through a ``DraftRound`` (``ctx``): preallocated tree tensors
-(``ctx.tokens/parents/logprobs/cum_logprobs [1, Ncap]``), ``ctx.start_tree`` / ``ctx.root_logits()`` (the step's
+(``ctx.tokens/parents/logprobs [1, Ncap]``), ``ctx.start_tree`` / ``ctx.root_logits()`` (the step's
 first draft forward: pending committed tokens + the root), the levels ``ctx.sage_level`` / ``ctx.static_level`` /
 ``ctx.topk_expand`` (a whole SAGE / fixed-tree / EAGLE-2 level and the inputs of the draft forward over its new
 slots, one native call; ``ctx.forward`` runs that forward), ``ctx.rerank`` (EAGLE-2's final selection) and
@@ -11,7 +11,8 @@ rows. Policies never loop over tree nodes in Python and never read device values
 ``static_shapes=False`` reading per-level node counts (free on CPU). Trees are laid out level by level, so every
 level (and every set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as
 ``tree_ops`` except the draft forwards, so policies keep no clocks; ``build`` runs once per step on the hot
-path: no per-level Python objects beyond views, constants cached per device.
+path: no per-level Python objects beyond views, constants cached per device. SAGE's host-side shapes (D, W,
+round(D), level widths) are the kernels' own float32 formulas (csrc/core/formulas.h, through ``sage_ext._C``).
 
 Policies (names for ``SpeculativeGenerator(policy=...)``):
   ``"ar"``       AutoregressivePolicy  — no draft; the target decodes one token per forward (the baseline).
@@ -23,8 +24,6 @@ Policies (names for ``SpeculativeGenerator(policy=...)``):
 """
 from __future__ import annotations
 
-import math
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -32,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _C, ops
 
 #: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
 SPECVLM_TREE_PATHS: list[list[int]] = [list(path) for path in ops.SPECVLM_TREE_PATHS]
@@ -64,18 +63,6 @@ class TreeProposal:
     logprobs: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     layout: Any = None
-
-
-_F32 = struct.Struct("<f")
-
-
-def _f32(x: float) -> float:
-    """Round a Python float to float32 (host copy of the ops' float32 arithmetic)."""
-    return _F32.unpack(_F32.pack(x))[0]
-
-
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
 
 
 class TreePolicy:
@@ -402,14 +389,10 @@ class SagePolicy(TreePolicy):
 
     # ------------------------------------------------------------------ shape formulas on the host
     def shape_of(self, alpha: float, d_max: int | None = None) -> tuple[float, float, int]:
-        """``(D, W, round(D))`` for a host alpha with ``d_max`` (default: the current one), in float32 like
-        ``sage_tree``."""
+        """``(D, W, round(D))`` for a host alpha with ``d_max`` (default: the current one): the kernels' own
+        float32 formulas (``sage_ext._C.sage_shape``), so they agree with ``sage_tree`` bit for bit."""
         d_max = self.d_max if d_max is None else d_max
-        # each operation rounded to float32 (from float32 operands, double then float32 rounding is exact)
-        a = _f32(alpha)
-        depth = _f32(self.d_min + _f32(a * _f32(d_max - self.d_min)))
-        width = _f32(self.w_min + _f32(_f32(1.0 - a) * _f32(self.w_max - self.w_min)))
-        return depth, width, _round_half_up(depth)
+        return _C.sage_shape(alpha, self.d_min, d_max, self.w_min, self.w_max)  # csrc/core/formulas.h
 
     def static_level_slots(self, alpha: float | None) -> list[int]:
         """Host-known slot count of every level for static shapes.
@@ -427,8 +410,8 @@ class SagePolicy(TreePolicy):
             depth_limit, width, max_depth = self.shape_of(alpha)
         slots, remaining, previous = [], self.n_max, 1
         for level in range(1, max_depth + 1):
-            per_node = _round_half_up(width if level == 1 else 1.5 * width / level)
-            bound = previous * min(max(per_node, 1), self.k)
+            # the kernels' width rule (csrc/core/formulas.h) at the largest parent probability, 1
+            bound = previous * _C.sage_level_width(width, 0.0, level, self.k)
             bound = min(bound, int(depth_limit / (self.theta_scale * level)) + 1)
             share = remaining if level == 1 else -(-remaining // (max_depth - level + 1))
             count = min(bound, share)

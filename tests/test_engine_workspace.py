@@ -59,3 +59,67 @@ def test_cpu_loops_build_the_trees_the_ops_build(monkeypatch, pair, policy, samp
     for a, b in zip(out_direct.stats.steps, out_ops.stats.steps):
         assert (a.tau, a.tree_size, a.tree_slots, a.alpha_measured) == (b.tau, b.tree_size, b.tree_slots,
                                                                         b.alpha_measured)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_commit_result_and_draft_len_have_one_writer(direct):
+    """The workspace decodes the commit's readback into named host values, and it alone keeps the draft cache
+    length: ``start_generation`` sets it, a feed grows it, the commit shrinks it to what the draft keeps (the
+    binding crops the draft layers to it); Python cannot write it."""
+    from types import SimpleNamespace
+
+    from sage_ext import _C
+
+    sequence = torch.zeros(1, 16, dtype=torch.int64)
+    sequence[0, :4] = torch.tensor([11, 12, 13, 14])  # 3 committed tokens the caches hold, then the root
+    ws = _C.TreeWorkspace(4, 16, 3, sequence, torch.float32, torch.float32, None, direct)
+    with pytest.raises(AttributeError):
+        ws.draft_len = 7
+    ws.start_generation(3)
+    assert ws.draft_len == 3
+    ws.start(4, 3, None, None, None)  # the root row
+    assert (ws.draft_base, ws.draft_len) == (3, 4)
+    logits = torch.full((1, 1, 10), -30.0)
+    logits[0, 0, 5], logits[0, 0, 6] = 1.0, 0.9  # two likely children, both kept
+    count, frontier_alpha, _, inputs = ws.sage_level(logits, None, 0, 1, 1, 1, 2, 2, 1.0, 3.0, 8.0, 2.0, 10.0, 0.1,
+                                                     0, 3, -1, -1)
+    assert count == 2 and inputs is not None and ws.draft_len == 6  # the feed of slots 1, 2
+    tree_tokens, tree_parents = ws.tokens[:, :3].clone(), ws.parents[:, :3].clone()
+
+    def layers(length):
+        return [SimpleNamespace(keys=torch.randn(1, 1, length, 2), values=torch.randn(1, 1, length, 2))]
+
+    target_layers, draft_layers = layers(6), layers(6)
+    alpha = torch.tensor([0.1])
+    accepted = torch.tensor([[0, 2, -1]])
+    result = ws.commit(tree_tokens, tree_parents, None, accepted, torch.tensor([1]), torch.tensor([7]), 4,
+                       target_layers, 3, draft_layers, ws.node_row, alpha)
+    assert isinstance(result, _C.CommitResult)
+    assert (result.accept_len, result.draft_held, result.real_nodes) == (1, 2, 2)
+    assert result.tokens == [int(tree_tokens[0, 2]), 7] and sequence[0, 4:6].tolist() == result.tokens
+    assert result.alpha == float(alpha[0])  # the float32 value, exactly
+    assert torch.equal(result.accepted, accepted)
+    assert ws.draft_len == 3 + 2  # the root row and slot 2's row
+    assert draft_layers[0].keys.shape[2] == 5 and target_layers[0].keys.shape[2] == 3 + 1 + 1
+    # no alpha passed: None
+    ws.start(6, 5, None, None, None)
+    root_only = ws.commit(ws.tokens[:, :1], ws.parents[:, :1], None, torch.tensor([[0]]), torch.tensor([0]),
+                          torch.tensor([8]), 6, target_layers, 5, draft_layers, ws.node_row, None)
+    assert root_only.alpha is None and root_only.tokens == [8] and root_only.draft_held == 1
+
+
+def test_sage_formulas_come_from_the_core():
+    """policies' host shapes are csrc/core/formulas.h's float32 values: ``sage_shape`` and ``sage_level_width``
+    agree with the sage_tree op bit for bit, alpha near rounding edges included."""
+    from sage_ext import _C, ops
+
+    alphas = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 0.099999994, 0.70000005, 1 / 3], dtype=torch.float32)
+    for level in (1, 2, 3, 5):
+        logprobs = torch.tensor([[0.0, -0.1, -0.7, -2.5]]).expand(len(alphas), 4).contiguous()
+        widths, _, max_depth = ops.sage_tree(alphas, logprobs, level, 10, 3.0, 8.0, 2.0, 10.0, 0.1)
+        for b, alpha in enumerate(alphas.tolist()):
+            depth, width, rounded = _C.sage_shape(alpha, 3, 8, 2, 10)
+            assert rounded == int(max_depth[b])
+            for f, lp in enumerate(logprobs[b].tolist()):
+                expected = _C.sage_level_width(width, lp, level, 10) if level <= rounded else 0
+                assert int(widths[b, f]) == expected

@@ -1,8 +1,9 @@
 // Tree algorithms of docs/OPS.md on plain pointers, one batch row at a time, torch-free:
 // parent validation, build_static_tree, sage_tree (one level's widths and threshold), expand_tree
 // (best-first level expansion), rerank_tree (EAGLE-2 global top-N), the tree_buffers pieces
-// (depth, links, paths, leaves, ancestor bitsets, packed and additive masks) and the mask rows
-// sage_level_ writes for new slots.
+// (depth, links, paths, leaves, ancestor bitsets, packed and additive masks), the tree-mask row rule
+// (tree_mask_row, host and device: the one definition the CPU loops, the CUDA kernel and the engine's
+// workspace call) and the mask rows sage_level_ writes for new slots.
 //
 // Tree format: parents[i] < i, parents[0] == -1; a node i > 0 with parent -1 is padding.
 #pragma once
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "formulas.h"  // SAGE_HD
 #include "status.h"
 
 namespace sage_ext::core {
@@ -110,24 +112,34 @@ void float_mask_row(const uint64_t* bits, int64_t num_nodes, int64_t past_len, T
   }
 }
 
+// ---- the tree-mask row rule ----------------------------------------------------------------------
+// THE rule every additive tree-mask row written incrementally follows (sage_level_'s CPU loop and CUDA
+// kernel, the TreeWorkspace's feed rows): a node's row is its parent's row with the node's own column
+// `self` set to `attend`; a node without a parent row (padding, parent -1) gets `blocked` everywhere but
+// column `self`. Writes the columns first, first + step, ... < width of `row` (a CUDA thread passes its
+// share of a block's columns; host loops 0 and 1). `parent_row` (nullptr: padding) must not be `row`.
+template <typename T>
+SAGE_HD void tree_mask_row(const T* parent_row, int64_t self, T attend, T blocked, T* row, int64_t width,
+                           int64_t first = 0, int64_t step = 1) {
+  if (parent_row != nullptr) {
+    for (int64_t c = first; c < width; c += step) row[c] = parent_row[c];
+  } else {
+    for (int64_t c = first; c < width; c += step) row[c] = blocked;
+  }
+  if (self >= first && self < width && (self - first) % step == 0) row[self] = attend;
+}
+
 // ---- tree_mask rows of new slots (sage_level_) ---------------------------------------------------
 // Additive tree-mask rows of the slots [slot_start, slot_start + num_slots), whose parents' rows are
-// already written: row i = row parents[i] with column i set to `attend`; a padding slot (parent -1)
-// gets `blocked` everywhere but column i. Row r starts at mask + r * row_stride and has `width`
-// columns (column c = slot c). Increasing i, so a slot may be the parent of a later one.
+// already written, by tree_mask_row (column c = slot c; a padding slot has parent -1). Row r starts at
+// mask + r * row_stride and has `width` columns. Increasing i, so a slot may be the parent of a later one.
 template <typename T>
 void tree_mask_rows(const int64_t* parents, int64_t slot_start, int64_t num_slots, T attend, T blocked, T* mask,
                     int64_t row_stride, int64_t width) {
   for (int64_t i = slot_start; i < slot_start + num_slots; ++i) {
-    T* row = mask + i * row_stride;
     const int64_t parent = parents[i];
-    if (parent >= 0) {
-      const T* parent_row = mask + parent * row_stride;
-      for (int64_t c = 0; c < width; ++c) row[c] = parent_row[c];
-    } else {
-      for (int64_t c = 0; c < width; ++c) row[c] = blocked;
-    }
-    row[i] = attend;
+    tree_mask_row(parent >= 0 ? mask + parent * row_stride : nullptr, i, attend, blocked, mask + i * row_stride,
+                  width);
   }
 }
 

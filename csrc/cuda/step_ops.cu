@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../core/tree.h"
 #include "cuda_common.cuh"
 #include "launchers.h"
 
@@ -28,8 +29,8 @@ namespace {
 // ==================================================================================================
 constexpr int kMaskRowThreads = 256;
 
-// grid (num_slots, B), block kMaskRowThreads. Row slot_start + blockIdx.x of batch row blockIdx.y = its
-// parent's row with its own column opened. expand_tree only gives new slots parents before slot_start,
+// grid (num_slots, B), block kMaskRowThreads. Row slot_start + blockIdx.x of batch row blockIdx.y by the
+// tree-mask row rule (core::tree_mask_row, each thread its share of the columns). expand_tree only gives new slots parents before slot_start,
 // so no block reads a row another block writes; any other parent (padding, bad data) gives the padding row.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaskRowThreads)
@@ -40,9 +41,7 @@ __global__ void __launch_bounds__(kMaskRowThreads)
   const int64_t parent = parents[b * capacity + slot];
   scalar_t* row = mask + b * stride_b + slot * stride_r;
   const scalar_t* from = (parent >= 0 && parent < slot_start) ? mask + b * stride_b + parent * stride_r : nullptr;
-  for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
-    row[c] = c == slot ? scalar_t(0.0f) : (from != nullptr ? from[c] : blocked);
-  }
+  core::tree_mask_row(from, slot, scalar_t(0.0f), blocked, row, width, threadIdx.x, blockDim.x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cuda(

@@ -23,6 +23,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
@@ -141,6 +142,14 @@ at::Tensor TreeWorkspace::node_row() const {
 void TreeWorkspace::tree_written() { layout_parents_ = at::Tensor(); }
 
 // ---- draft side -------------------------------------------------------------------------------------
+void TreeWorkspace::start_generation(int64_t draft_cache_len) {
+  TORCH_CHECK_VALUE(draft_cache_len >= 0, "TreeWorkspace.start_generation: draft_cache_len must be >= 0, got ",
+                    draft_cache_len);
+  draft_len = draft_cache_len;
+  draft_base = 0;
+  rows_used = 0;
+}
+
 ForwardInputs TreeWorkspace::start(int64_t cur_len, int64_t draft_done, const std::optional<at::Tensor>& layout_parents,
                                    const std::optional<at::Tensor>& layout_node_row,
                                    const std::optional<at::Tensor>& layout_draft_block) {
@@ -229,8 +238,10 @@ void feed_rows(T* block, int64_t row_stride, int64_t width, const int64_t* paren
     const int64_t parent = parents[slot_start + j];
     int64_t parent_row = parent < 0 ? padding_row : (node_row != nullptr ? node_row[parent] : parent);
     if (parent_row < 0) parent_row = padding_row;
-    std::copy_n(block + parent_row * row_stride, width, block + row * row_stride);
-    block[row * row_stride + row] = T(0.0f);
+    // the tree-mask row rule; the padding row is a real (all-blocked) row of the block, so there is always a
+    // parent row to copy
+    core::tree_mask_row(block + parent_row * row_stride, row, T(0.0f), std::numeric_limits<T>::lowest(),
+                        block + row * row_stride, width);
   }
 }
 
@@ -271,8 +282,8 @@ void TreeWorkspace::write_feed_rows(int64_t slot_start, int64_t count) {
       map.narrow(0, slot_start, count).copy_(arange_.narrow(0, first, count));
       parent_rows = at::index(map, c10::List<std::optional<at::Tensor>>({slot_parents}));
     }
-    // a row = its parent's row (a parent of -1, padding, picks the all-blocked last row) with its own column
-    // opened: max(parent row, [blocked except 0 on the diagonal]) in one op, into the block
+    // core::tree_mask_row as tensor ops: a row = its parent's row (a parent of -1, padding, picks the
+    // all-blocked last row) with its own column opened: max(parent row, [blocked except 0 on the diagonal])
     at::Tensor rows = block.narrow(0, first, count);
     at::maximum_out(rows, at::index(block, c10::List<std::optional<at::Tensor>>({parent_rows})),
                     self_columns_.narrow(0, first, count));
@@ -489,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor> TreeWorkspace::target_inputs(const at::Tensor
   return {std::get<1>(buffers), std::get<6>(buffers)};
 }
 
-std::tuple<std::vector<int64_t>, at::Tensor> TreeWorkspace::commit(
+CommitResult TreeWorkspace::commit(
     const at::Tensor& tree_tokens, const at::Tensor& tree_parents, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& accepted, const std::optional<at::Tensor>& accept_len,
     const std::optional<at::Tensor>& bonus, int64_t cur_len, const std::vector<at::Tensor>& target_caches,
@@ -512,8 +523,24 @@ std::tuple<std::vector<int64_t>, at::Tensor> TreeWorkspace::commit(
                                                      sequence_, cur_len, target_caches, target_len, draft_caches,
                                                      draft_rows, draft_base, alpha);
   const at::Tensor host = readback.is_cpu() ? readback : readback.to(at::kCPU);  // the step's one sync
+  // the row (docs/OPS.md, commit_tree_): accept_len, draft-held nodes, real nodes, alpha's float32 bits as a
+  // sign-extended int32, then the new tokens and -1 after them
   const int64_t* values = host.const_data_ptr<int64_t>();
-  return {std::vector<int64_t>(values, values + host.size(1)), path};
+  CommitResult result;
+  result.accept_len = values[0];
+  result.draft_held = values[1];
+  result.real_nodes = values[2];
+  if (alpha.has_value()) {
+    const auto bits = static_cast<uint32_t>(static_cast<int32_t>(values[3]));
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    result.alpha = value;
+  }
+  result.tokens.assign(values + 4, values + 5 + result.accept_len);
+  result.accepted = path;
+  // the draft keeps the rows of the accepted nodes it holds (a prefix of the path, compacted to the root row on)
+  if (draft_rows.has_value()) draft_len = std::min(draft_len, draft_base + result.draft_held);
+  return result;
 }
 
 }  // namespace sage_ext::session

@@ -19,7 +19,9 @@
 //     forward (pending committed tokens + the root, a causal chain);
 //   the target's additive mask buffer and the position table [1, L] (sequence index -> itself).
 // Host bookkeeping (rows_used, draft_base, draft_len, whether slots are rows) lives here too, so the
-// Python side only passes the ints a gap depends on.
+// Python side only passes the ints a gap depends on. The workspace is the only writer of that bookkeeping:
+// draft_len (the draft cache's length) is set by start_generation, grows with start() and every feed, and
+// shrinks in commit() to the rows the draft keeps; Python reads it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +37,16 @@ namespace sage_ext::session {
 // Inputs of one model forward: tokens [1, n], sequence positions [1, n], additive mask [1, 1, n, past + n].
 using ForwardInputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// What the host learns from a step's commit, decoded from commit_tree_'s readback row (one device-to-host copy).
+struct CommitResult {
+  int64_t accept_len = 0;        // tau: accepted draft tokens
+  int64_t draft_held = 0;        // accepted nodes (root included) the draft cache holds: a prefix of the path
+  int64_t real_nodes = 0;        // real (non-padding) tree nodes besides the root
+  std::optional<double> alpha;   // the root alpha passed to commit (a float32 value), none when none was passed
+  std::vector<int64_t> tokens;   // the accept_len + 1 new tokens: the accepted path's, then the bonus
+  at::Tensor accepted;           // [1, N] the accepted path's node indices, -1 padded (on the device)
+};
+
 class TreeWorkspace {
  public:
   // sequence: the engine's [1, S] int64 token buffer (device of the tree). draft_dtype: dtype of the draft's
@@ -46,6 +58,10 @@ class TreeWorkspace {
                 const std::optional<at::Tensor>& row_table, bool direct_cpu = true);
 
   // ---- draft side -----------------------------------------------------------------------------------
+  // A generation starts on a draft cache of `draft_cache_len` rows (after the prefill): resets the host
+  // bookkeeping (draft_len = draft_cache_len, draft_base and rows_used 0).
+  void start_generation(int64_t draft_cache_len);
+
   // Step start: the root (sequence[cur_len - 1]) into slot 0; optionally a fixed layout (parents [N],
   // node_row [1, N + 1], draft block [1, R, R] of the step's R draft rows); the tree block moved to the
   // new base; returns the inputs of the step's first draft forward (sequence [draft_done, cur_len)).
@@ -96,9 +112,11 @@ class TreeWorkspace {
 
   // Verify (greedily from `target` logits [1, N, V], or take the given verify_sampling outputs) and commit
   // (commit_tree_ at cur_len, draft rows node_row relative to draft_base): new tokens into the sequence,
-  // both cache lists compacted. Returns the readback row (accept_len, accepted draft-held nodes, real nodes,
-  // alpha bits, new tokens...), read to the host here (the step's one sync on accelerators), and `accepted`.
-  std::tuple<std::vector<int64_t>, at::Tensor> commit(
+  // both cache lists compacted. Returns the step's CommitResult: commit_tree_'s readback row, read to the host
+  // here (the step's one sync on accelerators) and decoded, and `accepted`.
+  // With draft rows, draft_len drops to what the draft cache holds after the step (draft_base + the accepted
+  // nodes it holds): the caller crops the draft cache to draft_len.
+  CommitResult commit(
       const at::Tensor& tokens, const at::Tensor& parents, const std::optional<at::Tensor>& target,
       const std::optional<at::Tensor>& accepted, const std::optional<at::Tensor>& accept_len,
       const std::optional<at::Tensor>& bonus, int64_t cur_len, const std::vector<at::Tensor>& target_caches,
@@ -110,6 +128,7 @@ class TreeWorkspace {
   at::Tensor mask;  // the draft's tree mask (undefined without a draft)
   at::Tensor node_row() const;  // [1, cap + 1] draft row of every slot fed this step (-1: not fed)
   at::Tensor row_table() const { return row_table_; }
+  // host bookkeeping: written by the methods above only (read-only from Python)
   int64_t rows_used = 0;   // draft rows fed this step
   int64_t draft_base = 0;  // draft cache length at the root row
   int64_t draft_len = 0;   // draft cache length

@@ -1,7 +1,8 @@
 // Tests of core/tree.h on hand-built trees with exact expected outputs: parent validation,
 // build_static_tree (the SpecVLM 25-node tree and its errors), sage_tree widths, expand_tree
 // (best-first order, ties, thresholds, budget), rerank_tree (order, ties, ancestor closure) and
-// the tree_buffers pieces (depth, links, paths, leaves, packed and additive masks) and the mask
+// the tree_buffers pieces (depth, links, paths, leaves, packed and additive masks), the tree-mask
+// row rule (tree_mask_row, whole and split into column shares as the CUDA kernel does) and the mask
 // rows of new slots (tree_mask_rows).
 #include <gtest/gtest.h>
 
@@ -425,6 +426,33 @@ TEST(TreeMaskRows, RowsFromParentsMatchTheAncestorBits) {
     EXPECT_EQ(mask[i * stride + n], 123.0f);  // columns past `width` untouched
   }
   EXPECT_EQ(mask[7 * stride], 123.0f);  // rows past the slots untouched
+}
+
+// ---- tree_mask_row (the row rule, as the CUDA kernel's threads split it) ---------------------------
+TEST(TreeMaskRow, ColumnSharesGiveTheWholeRow) {
+  // a parent row and padding (no parent row), written whole and as `step` interleaved shares (first =
+  // thread, step = threads), for every own column: the same row, own column opened, nothing past width.
+  const float B = std::numeric_limits<float>::lowest();
+  const int64_t width = 11;
+  const std::vector<float> parent_row{0.0f, B, 0.0f, B, B, 0.0f, B, B, B, 0.0f, B};
+  for (const float* from : {parent_row.data(), static_cast<const float*>(nullptr)}) {
+    for (int64_t self = 0; self < width; ++self) {
+      std::vector<float> whole(width + 1, 7.0f);
+      tree_mask_row(from, self, 0.0f, B, whole.data(), width);
+      for (int64_t c = 0; c < width; ++c) {
+        const float expected = c == self ? 0.0f : (from != nullptr ? parent_row[c] : B);
+        EXPECT_EQ(whole[c], expected) << "self " << self << " column " << c;
+      }
+      EXPECT_EQ(whole[width], 7.0f);
+      for (int64_t step : {2, 3, 4, 16}) {
+        std::vector<float> shared(width + 1, 7.0f);
+        for (int64_t first = 0; first < step; ++first) {
+          tree_mask_row(from, self, 0.0f, B, shared.data(), width, first, step);
+        }
+        EXPECT_EQ(shared, whole) << "self " << self << " step " << step;
+      }
+    }
+  }
 }
 
 }  // namespace
