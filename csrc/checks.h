@@ -446,4 +446,120 @@ inline void check_commit_tree_args(const at::Tensor& tokens, const at::Tensor& p
   expect_caches(op, "draft_caches", draft_caches, batch, tokens.device(), "tokens", draft_past, "draft_past");
 }
 
+// The frontier logits [B, F, V] of a draft level (expand_level_, gather_level_): float, batch B, on tokens' device.
+inline void check_level_logits(const char* op, const at::Tensor& logits, const at::Tensor& tokens, int64_t k,
+                               double temperature) {
+  using namespace check_detail;
+  expect_dim(op, "logits", logits, 3, "[B, F, V]");
+  expect_logit_dtype(op, "logits", logits);
+  expect_size(op, "logits", logits, 0, tokens.size(0), "B");
+  expect_device(op, "logits", logits, tokens, "tokens");
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1, op,
+              ": logits must hold at least one frontier row and one token, got shape ", logits.sizes());
+  expect_topk_params(op, logits.size(2), k, temperature);
+}
+
+// expand_level_: in-place tree state [B, Ncap], frontier logits [B, F, V] of the slots [frontier_start,
+// frontier_start + F), every frontier slot k children into [slot_start, slot_start + num_slots).
+inline void check_expand_level_args(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
+                                    const at::Tensor& cum_logprobs, const at::Tensor& logits, int64_t frontier_start,
+                                    int64_t k, double temperature, int64_t slot_start, int64_t num_slots) {
+  using namespace check_detail;
+  constexpr const char* op = "expand_level_";
+  expect_tree_state(op, tokens, parents, logprobs, cum_logprobs);
+  check_level_logits(op, logits, tokens, k, temperature);
+  const int64_t capacity = tokens.size(1);
+  TORCH_CHECK_VALUE(slot_start >= 1 && slot_start <= capacity, op, ": slot_start must be in [1, Ncap] = [1, ",
+                    capacity, "] (slot 0 is the root), got ", slot_start);
+  TORCH_CHECK_VALUE(frontier_start >= 0 && frontier_start + logits.size(1) <= slot_start, op,
+                    ": the frontier slots [frontier_start, frontier_start + F) must lie before slot_start (",
+                    slot_start, "), got frontier_start = ", frontier_start, ", F = logits.shape[1] = ", logits.size(1));
+  TORCH_CHECK_VALUE(num_slots >= 0 && slot_start + num_slots <= capacity, op,
+                    ": num_slots must be >= 0 with slot_start + num_slots <= Ncap (", capacity,
+                    "), got slot_start = ", slot_start, ", num_slots = ", num_slots);
+}
+
+// gather_level_: tokens [B, Ncap] int64 and logprobs [B, Ncap] float32 (written in place), frontier logits
+// [B, F, V], child_index [C] int64 into the flattened [F * k] top-k, slots [slot_start, slot_start + C).
+inline void check_gather_level_args(const at::Tensor& tokens, const at::Tensor& logprobs, const at::Tensor& logits,
+                                    const at::Tensor& child_index, int64_t slot_start, int64_t k, double temperature) {
+  using namespace check_detail;
+  constexpr const char* op = "gather_level_";
+  expect_tree_tensor(op, "tokens", tokens);
+  expect_contiguous(op, "tokens", tokens);
+  expect_dim(op, "logprobs", logprobs, 2, "[B, Ncap]");
+  expect_dtype(op, "logprobs", logprobs, c10::kFloat);
+  TORCH_CHECK(logprobs.sizes() == tokens.sizes(), op, ": logprobs must have the shape of tokens ", tokens.sizes(),
+              ", got ", logprobs.sizes());
+  expect_device(op, "logprobs", logprobs, tokens, "tokens");
+  expect_contiguous(op, "logprobs", logprobs);
+  check_level_logits(op, logits, tokens, k, temperature);
+  expect_dim(op, "child_index", child_index, 1, "[C]");
+  expect_dtype(op, "child_index", child_index, c10::kLong);
+  expect_device(op, "child_index", child_index, tokens, "tokens");
+  TORCH_CHECK_VALUE(slot_start >= 1 && slot_start + child_index.size(0) <= tokens.size(1), op,
+                    ": the slots [slot_start, slot_start + C) must lie in [1, Ncap = ", tokens.size(1),
+                    "), got slot_start = ", slot_start, ", C = ", child_index.size(0));
+}
+
+// rerank_select: a built tree tokens, parents [B, N] int64, logprobs, cum_logprobs [B, N] float32, node_row
+// [B, M >= N] int64, num_select in [1, N].
+inline void check_rerank_select_args(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
+                                     const at::Tensor& cum_logprobs, const at::Tensor& node_row, int64_t num_select) {
+  using namespace check_detail;
+  constexpr const char* op = "rerank_select";
+  expect_tree_tensor(op, "tokens", tokens);
+  auto same_shape = [&](const char* name, const at::Tensor& t, c10::ScalarType dtype) {
+    expect_dim(op, name, t, 2, "[B, N]");
+    expect_dtype(op, name, t, dtype);
+    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
+                ", got ", t.sizes());
+    expect_device(op, name, t, tokens, "tokens");
+  };
+  same_shape("parents", parents, c10::kLong);
+  same_shape("logprobs", logprobs, c10::kFloat);
+  same_shape("cum_logprobs", cum_logprobs, c10::kFloat);
+  expect_dim(op, "node_row", node_row, 2, "[B, M]");
+  expect_dtype(op, "node_row", node_row, c10::kLong);
+  expect_size(op, "node_row", node_row, 0, tokens.size(0), "B");
+  expect_device(op, "node_row", node_row, tokens, "tokens");
+  TORCH_CHECK(node_row.size(1) >= tokens.size(1), op, ": node_row must have at least N (", tokens.size(1),
+              ") columns, got shape ", node_row.sizes());
+  TORCH_CHECK_VALUE(num_select >= 1 && num_select <= tokens.size(1), op, ": num_select must be in [1, N] = [1, ",
+                    tokens.size(1), "], got ", num_select);
+}
+
+// tree_mask_feed_: tree_mask [B, R, C] (written in place, last dim contiguous; row R - 1 the all-blocked padding
+// row), parents [B, Ncap] int64, node_row [B, >= Ncap] int64 or None, rows [first_row, first_row + count) for the
+// slots [slot_start, slot_start + count).
+inline void check_tree_mask_feed_args(const at::Tensor& tree_mask, const at::Tensor& parents,
+                                      const std::optional<at::Tensor>& node_row, int64_t slot_start,
+                                      int64_t first_row, int64_t count) {
+  using namespace check_detail;
+  constexpr const char* op = "tree_mask_feed_";
+  expect_tree_tensor(op, "parents", parents);
+  expect_dim(op, "tree_mask", tree_mask, 3, "[B, R, C]");
+  expect_logit_dtype(op, "tree_mask", tree_mask);
+  expect_size(op, "tree_mask", tree_mask, 0, parents.size(0), "B");
+  expect_device(op, "tree_mask", tree_mask, parents, "parents");
+  TORCH_CHECK(tree_mask.size(2) <= 1 || tree_mask.stride(2) == 1, op,
+              ": tree_mask must be contiguous in its last dimension (it is written in place), got strides ",
+              tree_mask.strides());
+  if (node_row.has_value()) {
+    expect_dim(op, "node_row", *node_row, 2, "[B, M]");
+    expect_dtype(op, "node_row", *node_row, c10::kLong);
+    expect_size(op, "node_row", *node_row, 0, parents.size(0), "B");
+    expect_device(op, "node_row", *node_row, parents, "parents");
+    TORCH_CHECK(node_row->size(1) >= parents.size(1), op, ": node_row must have at least Ncap (", parents.size(1),
+                ") columns, got shape ", node_row->sizes());
+  }
+  TORCH_CHECK_VALUE(slot_start >= 1 && count >= 0 && slot_start + count <= parents.size(1), op,
+                    ": the slots [slot_start, slot_start + count) must lie in [1, Ncap = ", parents.size(1),
+                    "), got slot_start = ", slot_start, ", count = ", count);
+  TORCH_CHECK_VALUE(first_row >= 1 && first_row + count < tree_mask.size(1) && first_row + count <= tree_mask.size(2),
+                    op, ": the rows [first_row, first_row + count) must lie in [1, R - 1) and within the C columns "
+                    "(row R - 1 is the padding row), got first_row = ", first_row, ", count = ", count,
+                    ", tree_mask shape ", tree_mask.sizes());
+}
+
 }  // namespace sage_ext

@@ -1,7 +1,8 @@
-// The binding layer of sage_ext: every op schema of docs/OPS.md (TORCH_LIBRARY) and the Python module
-// `sage_ext._C`: build facts, csrc/core's limits and SAGE formulas (the one source sage_ext.ops and
-// sage_ext.policies read), and the engine's TreeWorkspace with its CommitResult (csrc/session). The CPU and CUDA
-// implementations of the ops register themselves from csrc/cpu and csrc/cuda with TORCH_LIBRARY_IMPL.
+// The binding layer of sage_ext, registration only: every op schema of docs/OPS.md (TORCH_LIBRARY) and the Python
+// module `sage_ext._C`: build facts, csrc/core's limits and SAGE formulas (the one source sage_ext.ops and
+// sage_ext.policies read), and the engine's TreeWorkspace with its FixedLayout and CommitResult (csrc/session).
+// The CPU and CUDA implementations of the ops register themselves from csrc/cpu and csrc/cuda with
+// TORCH_LIBRARY_IMPL.
 //
 // This is the only file with torch's pybind11 type casters (torch/csrc/utils/pybind.h, the slow part of
 // torch/extension.h): the longest compile of the build.
@@ -14,52 +15,7 @@
 #include "../csrc/session/tree_workspace.h"
 
 namespace py = pybind11;
-
-namespace {
-
 using sage_ext::session::TreeWorkspace;
-
-// The keys and values of HF cache layers (objects with `keys` / `values` [B, H, L, D] tensors).
-std::vector<at::Tensor> layer_tensors(const py::list& layers) {
-  std::vector<at::Tensor> tensors;
-  tensors.reserve(2 * layers.size());
-  for (const py::handle layer : layers) {
-    tensors.push_back(py::cast<at::Tensor>(layer.attr("keys")));
-    tensors.push_back(py::cast<at::Tensor>(layer.attr("values")));
-  }
-  return tensors;
-}
-
-// Every layer cut to `length` cached rows (what DynamicLayer.crop does: keys / values narrowed on the sequence dim).
-void crop_layers(const py::list& layers, int64_t length) {
-  for (const py::handle layer : layers) {
-    for (const char* name : {"keys", "values"}) {
-      const auto cached = py::cast<at::Tensor>(layer.attr(name));
-      if (cached.size(2) > length) layer.attr(name) = cached.narrow(2, 0, length);
-    }
-  }
-}
-
-// TreeWorkspace::commit on HF cache layers, then both caches cropped: the target to the committed sequence
-// (target_len + accept_len + 1 rows), the draft to the workspace's draft_len (which commit set to draft_base +
-// the accepted nodes the draft holds).
-sage_ext::session::CommitResult commit_and_crop(
-    TreeWorkspace& workspace, const at::Tensor& tokens, const at::Tensor& parents,
-    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& accepted,
-    const std::optional<at::Tensor>& accept_len,
-    const std::optional<at::Tensor>& bonus, int64_t cur_len, const py::list& target_layers, int64_t target_len,
-    const py::list& draft_layers, const std::optional<at::Tensor>& node_row, const std::optional<at::Tensor>& alpha) {
-  const bool root_only = tokens.size(1) == 1;  // a root alone: its cache rows are where they belong already
-  const int64_t draft_len_before = workspace.draft_len;
-  auto result = workspace.commit(tokens, parents, target, accepted, accept_len, bonus, cur_len,
-                                 root_only ? std::vector<at::Tensor>{} : layer_tensors(target_layers), target_len,
-                                 root_only ? std::vector<at::Tensor>{} : layer_tensors(draft_layers), node_row, alpha);
-  if (!root_only) crop_layers(target_layers, target_len + result.accept_len + 1);
-  if (workspace.draft_len < draft_len_before) crop_layers(draft_layers, workspace.draft_len);
-  return result;
-}
-
-}  // namespace
 
 TORCH_LIBRARY(sage_ext, m) {
   m.def(
@@ -90,6 +46,19 @@ TORCH_LIBRARY(sage_ext, m) {
       "Tensor(e!)? tree_mask, Tensor logits, Tensor? alpha, int frontier_start, int level, int slot_start, "
       "int num_slots, int k, float temperature, float d_min, float d_max, float w_min, float w_max, "
       "float theta_scale=0.1) -> (Tensor count, Tensor frontier_alpha, Tensor max_depth)");
+  m.def(
+      "expand_level_(Tensor(a!) tokens, Tensor(b!) parents, Tensor(c!) logprobs, Tensor(d!) cum_logprobs, "
+      "Tensor logits, int frontier_start, int k, float temperature, int slot_start, int num_slots) "
+      "-> (Tensor count, Tensor frontier_alpha)");
+  m.def(
+      "gather_level_(Tensor(a!) tokens, Tensor(b!) logprobs, Tensor logits, Tensor child_index, int slot_start, "
+      "int k, float temperature) -> Tensor frontier_alpha");
+  m.def(
+      "rerank_select(Tensor tokens, Tensor parents, Tensor logprobs, Tensor cum_logprobs, Tensor node_row, "
+      "int num_select) -> (Tensor tokens, Tensor parents, Tensor logprobs, Tensor node_row)");
+  m.def(
+      "tree_mask_feed_(Tensor(a!) tree_mask, Tensor parents, Tensor? node_row, int slot_start, int first_row, "
+      "int count) -> ()");
   m.def(
       "commit_tree_(Tensor tokens, Tensor parents, Tensor accepted, Tensor accept_len, Tensor bonus, "
       "Tensor(a!) sequence, int seq_start, Tensor(b!)[] target_caches, int target_past, "
@@ -132,9 +101,6 @@ PYBIND11_MODULE(_C, module) {
       "Children a frontier node gets at depth `level` (csrc/core/formulas.h, float32): clamp(round(W), 1, k) at "
       "level 1, clamp(round(W (0.5 + exp(parent_logprob)) / level), 1, k) deeper.");
 
-  module.def("crop_layers", &crop_layers, py::arg("layers"), py::arg("length"),
-             "Cut HF cache layers (objects with keys / values [B, H, L, D]) to `length` cached rows, as "
-             "DynamicLayer.crop does; layers already that short are left alone.");
   using sage_ext::session::CommitResult;
   py::class_<CommitResult>(module, "CommitResult",
                            "What TreeWorkspace.commit tells the host about a step (one device-to-host copy): "
@@ -151,25 +117,43 @@ PYBIND11_MODULE(_C, module) {
                std::to_string(r.draft_held) + ", real_nodes=" + std::to_string(r.real_nodes) + ", tokens=" +
                std::to_string(r.tokens.size()) + " ints)";
       });
+  using sage_ext::session::FixedLayout;
+  py::class_<FixedLayout>(module, "FixedLayout",
+                          "A tree whose shape and feed schedule never change (static trees, chains), on the workspace's "
+                          "device and dtypes: parents [N], node_row [1, N + 1] (the draft row of every slot the draft "
+                          "processes, -1 for the others), draft_block [1, R, R] (the additive block of the step's R "
+                          "draft rows, draft dtype), depth [1, N] and target_block [N, N] (target dtype).")
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(), py::arg("parents"),
+           py::arg("node_row"), py::arg("draft_block"), py::arg("depth"), py::arg("target_block"))
+      .def_readonly("parents", &FixedLayout::parents)
+      .def_readonly("node_row", &FixedLayout::node_row)
+      .def_readonly("draft_block", &FixedLayout::draft_block)
+      .def_readonly("depth", &FixedLayout::depth)
+      .def_readonly("target_block", &FixedLayout::target_block);
   py::class_<TreeWorkspace>(module, "TreeWorkspace",
                             "The engine's per-generation tree state on the device and the tensor work between two "
                             "model forwards, one call per gap (csrc/session/tree_workspace.h).")
       .def(py::init<int64_t, int64_t, int64_t, const at::Tensor&, std::optional<c10::ScalarType>, c10::ScalarType,
-                    const std::optional<at::Tensor>&, bool>(),
+                    const std::optional<at::Tensor>&>(),
            py::arg("capacity"), py::arg("max_cache_len"), py::arg("chain_rows"), py::arg("sequence"),
-           py::arg("draft_dtype"), py::arg("target_dtype"), py::arg("row_table") = py::none(),
-           py::arg("direct_cpu") = true)
+           py::arg("draft_dtype"), py::arg("target_dtype"), py::arg("row_table") = py::none())
       .def("start_generation", &TreeWorkspace::start_generation, py::arg("draft_cache_len"))
-      .def("start", &TreeWorkspace::start)
+      .def("start", &TreeWorkspace::start, py::arg("cur_len"), py::arg("draft_done"), py::arg("layout") = py::none())
+      .def("root_only", &TreeWorkspace::root_only, py::arg("cur_len"))
       .def("sage_level", &TreeWorkspace::sage_level)
       .def("static_level", &TreeWorkspace::static_level)
       .def("topk_expand", &TreeWorkspace::topk_expand)
-      .def("rerank", &TreeWorkspace::rerank)
-      .def("target_inputs", &TreeWorkspace::target_inputs)
-      .def("commit", &commit_and_crop,
-           "TreeWorkspace.commit on the keys/values of HF cache layers (lists of DynamicLayer), then both caches "
-           "cropped to what they hold after the step (layer.keys / layer.values narrowed, as DynamicLayer.crop "
-           "does). Returns a CommitResult.")
+      .def("use_slots", &TreeWorkspace::use_slots, py::arg("num_nodes"))
+      .def("rerank", &TreeWorkspace::rerank, py::arg("num_slots"), py::arg("num_select"))
+      .def_property_readonly("tree_nodes", &TreeWorkspace::tree_nodes)
+      .def_property_readonly("tree_tokens", &TreeWorkspace::tree_tokens)
+      .def_property_readonly("tree_parents", &TreeWorkspace::tree_parents)
+      .def_property_readonly("tree_logprobs", &TreeWorkspace::tree_logprobs)
+      .def_property_readonly("tree_node_row", &TreeWorkspace::tree_node_row)
+      .def("target_inputs", &TreeWorkspace::target_inputs, py::arg("target_len"))
+      .def("commit", &TreeWorkspace::commit, py::arg("target"), py::arg("accepted"), py::arg("accept_len"),
+           py::arg("bonus"), py::arg("cur_len"), py::arg("target_caches"), py::arg("target_len"),
+           py::arg("draft_caches"))
       .def_readonly("tokens", &TreeWorkspace::tokens)
       .def_readonly("parents", &TreeWorkspace::parents)
       .def_readonly("logprobs", &TreeWorkspace::logprobs)

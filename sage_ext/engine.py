@@ -11,13 +11,15 @@ A step (see docs/ENGINE.md for the full story):
      both caches to contiguous positions and packs the step's readback (accepted length, draft-processed
      count, tree size, root alpha, the new tokens) into ONE small int64 tensor, read to the host: the step's
      only sync. The workspace decodes it into a ``CommitResult`` (named host values). Both caches are cropped
-     to what they now hold (the draft's length is the workspace's ``draft_len``).
+     with HF's ``Cache.crop`` to what they now hold (the draft's length is the workspace's ``draft_len``;
+     ``sage_ext.caches``).
   4. Host: stop checks (EOS, stop strings, max_new_tokens), streamer, policy feedback. The bonus is the next
      step's root.
 
 Hot-path rules: all tensor work between two model forwards is ONE native call into the ``TreeWorkspace``
 (csrc/session: a SAGE level with the next draft forward's inputs, a fixed-tree or EAGLE-2 level, the target's
-mask and positions, verification with the commit); on the CPU each separate small call right after a model
+mask and positions, verification with the commit), which runs registered sage_ext ops (CPU or CUDA kernels,
+one path on every device) and owns the step's tree; on the CPU each separate small call right after a model
 forward pays again for the caches the forward evicted. Masks and positions are views of buffers made once per
 generation (every mask view starts at a 64-element aligned row); the whole step runs under one
 ``torch.inference_mode``.
@@ -41,19 +43,13 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from . import _C, ops
+from .caches import CacheGroups
 from .families import FamilyAdapter, get_adapter
 from .policies import TreePolicy, make_policy
 from .stats import GenerationStats, StepRecord, Timeline
 
-#: On the CPU the workspace runs the level work with its in-place loops; False routes it through the registered
-#: ops as on accelerators (a test switch: the two must give the same trees).
-_WORKSPACE_DIRECT_CPU = True
-
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
 DEFAULT_MAX_VOCAB_PADDING = 256
-
-# kv_compact_ for cache layers on other devices (device_map); the hot path's ops run in the native TreeWorkspace.
-_op_kv_compact = torch.ops.sage_ext.kv_compact_.default
 
 
 class GenerationOutput(NamedTuple):
@@ -81,42 +77,11 @@ class StepDebug:
     draft_keep: Tensor | None  # prompt positions the draft saw (visual pruning), None = all
 
 
-def _cache_layers(cache, device: torch.device, elsewhere_from: int | None = None
-                  ) -> tuple[list, list[tuple[torch.device, list]]]:
-    """The layers of a DynamicCache that hold keys/values: (those on ``device``, [(other device, its layers)]).
-    The workspace's commit compacts and crops the first; ``_commit_elsewhere`` the others (a model split over
-    devices with ``device_map``; kv_compact_ takes one device per call). Computed once per generation after the
-    prefill: layers keep their device, while their tensors are new objects after every forward.
-    ``elsewhere_from``: layers from this index on go to the second list even on ``device`` (a test seam)."""
-    here: list = []
-    groups: dict[torch.device, list] = {}
-    for index, layer in enumerate(cache.layers):
-        keys = getattr(layer, "keys", None)
-        if keys is not None and keys.numel() > 0:
-            if keys.device == device and (elsewhere_from is None or index < elsewhere_from):
-                here.append(layer)
-            else:
-                groups.setdefault(keys.device, []).append(layer)
-    return here, list(groups.items())
-
-
-def _layer_tensors(layers: list) -> list[Tensor]:
-    """Every layer's keys and values, as kv_compact_ takes them."""
-    return [tensor for layer in layers for tensor in (layer.keys, layer.values)]
-
-
-class FixedLayout(NamedTuple):
-    """A tree whose shape and feed schedule never change (static trees, chains), on one device and dtypes:
-    ``parents [N]``, ``node_row [1, N + 1]`` (the draft row of every slot the draft processes, -1 for the others),
-    ``draft_block [1, R, R]`` (the additive tree block of the step's R draft rows, draft dtype), ``depth [1, N]``
-    and ``target_block [N, N]`` (the whole tree's additive block, target dtype): what ``tree_buffers`` would
-    compute every step, made once."""
-
-    parents: Tensor
-    node_row: Tensor
-    draft_block: Tensor
-    depth: Tensor
-    target_block: Tensor
+#: A tree whose shape and feed schedule never change (static trees, chains): ``parents [N]``, ``node_row [1, N + 1]``
+#: (the draft row of every slot the draft processes, -1 for the others), ``draft_block [1, R, R]`` (the additive
+#: tree block of the step's R draft rows, draft dtype), ``depth [1, N]`` and ``target_block [N, N]`` (target dtype):
+#: what ``tree_buffers`` would compute every step, made once (``DraftRound.fixed_layout``), held by the workspace.
+FixedLayout = _C.FixedLayout
 
 
 class DraftRound:
@@ -125,18 +90,15 @@ class DraftRound:
     The tree state and all the tensor work between two model forwards live in a native
     ``sage_ext._C.TreeWorkspace`` (``self.ws``, csrc/session/tree_workspace.h): on the CPU every separate
     small call right after a model forward pays again for the caches the forward evicted, so each gap is one
-    native call. The workspace holds ``tokens, parents [1, cap]`` int64 and ``logprobs, cum_logprobs [1, cap]``
-    float32 (slot 0 = the root), ``node_row [1, cap + 1]`` (the draft-cache row of every slot fed this step, -1
-    otherwise, the last entry -1), the draft's additive tree mask ``mask [1, 1, cap + 1, W]`` (row r = draft
-    row r; columns before the root's cache row are the past, all 0; the tree block follows; rows 64-element
-    aligned) with a chain buffer for the step's first forward (pending committed tokens + the root), the
-    target's mask buffer and a position table. While every feed takes the slots right after the rows used
-    (SAGE, chains, the first levels of other trees) slots are rows and nothing is gathered; ``sage_level``
-    writes the new slots' mask rows with the expansion, a fixed layout copies its whole block at the start.
-    Nothing here reads device values except SAGE's per-level counts with ``static_shapes=False`` (the CPU default).
+    native call. The workspace owns the step's tree: a policy starts it (``start_tree`` + ``root_logits``), grows it
+    level by level (``sage_level`` / ``static_level`` / ``topk_expand``, each with the inputs of the next draft
+    forward, which ``forward`` runs) and says which tree the target verifies (``use_slots``: the slots ``[0, N)``;
+    ``rerank``: EAGLE-2's selection; ``root_only``: no draft). The engine then asks the workspace for the target's
+    inputs and the commit; no tree tensor goes back to it from Python. Nothing here reads device values except
+    SAGE's per-level counts with ``static_shapes=False`` (the CPU default).
 
-    Python keeps the control flow, the model forwards (``forward``) and the time accounting: the engine books
-    the whole tree build as ``tree_ops``; ``forward`` books the draft forwards as ``draft_decode``.
+    Python keeps the control flow, the model forwards and the time accounting: the engine books the whole tree
+    build as ``tree_ops``; ``forward`` books the draft forwards as ``draft_decode``.
     """
 
     def __init__(self, engine: "SpeculativeGenerator", capacity: int, max_cache_len: int, device: torch.device,
@@ -144,14 +106,12 @@ class DraftRound:
                  row_table: Tensor | None = None):
         self.engine = engine
         self.device = device
-        self.static_default = static_default
-        self.mask_dtype = mask_dtype
-        self.target_dtype = target_dtype
+        self.static_default = static_default  # SAGE's static_shapes default (True on CUDA)
+        self._mask_dtype = mask_dtype
+        self._target_dtype = target_dtype
         chain_rows = engine.policy.depth_bound + 2  # the longest first forward: pending tokens + the root
-        self.ws = ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, engine.seq, mask_dtype, target_dtype,
-                                        row_table, _WORKSPACE_DIRECT_CPU)
-        self.tokens, self.parents, self.logprobs = ws.tokens, ws.parents, ws.logprobs
-        self.root_parents = self.parents[:, :1]  # [1, 1] = [[-1]]: the parents of a root-only tree
+        self.ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, engine.seq, mask_dtype, target_dtype,
+                                   row_table)
         self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
         self._switch = engine.timeline.switch
         self._draft_other_device = engine.draft_device != device
@@ -159,42 +119,9 @@ class DraftRound:
         self._vocab_limit = limit if engine.draft is not None and engine.draft.vocab_size > limit else None
         self._token_clamp = engine.draft_token_clamp
 
-    # ------------------------------------------------------------------ state (in the workspace)
-    @property
-    def node_row(self) -> Tensor:
-        """``[1, cap + 1]`` draft-cache row of every slot the draft processed this step (relative to the root
-        row), -1 for the others; the last entry is always -1."""
-        return self.ws.node_row
-
-    @property
-    def mask(self) -> Tensor:
-        """The draft's additive tree mask buffer ``[1, 1, cap + 1, W]``."""
-        return self.ws.mask
-
-    @property
-    def rows_used(self) -> int:
-        """Draft rows fed this step."""
-        return self.ws.rows_used
-
-    @property
-    def draft_base(self) -> int:
-        """Draft cache length at the root row."""
-        return self.ws.draft_base
-
-    @property
-    def draft_len(self) -> int:
-        """Draft cache length (host bookkeeping: no get_seq_length per step), kept by the workspace alone:
-        ``start_generation`` sets it, its forwards' inputs grow it, its commit shrinks it to what the draft keeps."""
-        return self.ws.draft_len
-
     # ------------------------------------------------------------------ helpers for policies
     def full_f32(self, value: float) -> Tensor:
         return torch.full((1,), value, dtype=torch.float32, device=self.device)
-
-    def root_token(self) -> Tensor:
-        """``[1, 1]`` view of the root (the last committed token) in the engine's sequence buffer."""
-        engine = self.engine
-        return engine.seq[:, engine.cur_len - 1 : engine.cur_len]
 
     def start_tree(self, layout: FixedLayout | None = None) -> None:
         """Start this step's tree at the root, optionally on a ``FixedLayout`` (parents, node rows and mask blocks
@@ -208,8 +135,8 @@ class DraftRound:
         Policies make it once per device and dtypes (``layout_key``)."""
         device = self.device
         # the tree's additive masks [N, N] in both dtypes, straight from tree_buffers (the ops' one mask rule)
-        depth, *_, target_mask, _ = ops.tree_buffers(parents[None], 0, self.target_dtype)
-        draft_mask = ops.tree_buffers(parents[None], 0, self.mask_dtype)[6][0, 0]
+        depth, *_, target_mask, _ = ops.tree_buffers(parents[None], 0, self._target_dtype)
+        draft_mask = ops.tree_buffers(parents[None], 0, self._mask_dtype)[6][0, 0]
         rows = torch.tensor(fed_slots, dtype=torch.int64)
         node_row = torch.full((1, parents.shape[0] + 1), -1, dtype=torch.int64)
         node_row[0, rows] = torch.arange(len(fed_slots))
@@ -219,7 +146,7 @@ class DraftRound:
     @property
     def layout_key(self) -> tuple:
         """What a ``FixedLayout`` depends on besides the tree: device and the two mask dtypes."""
-        return self.device, self.mask_dtype, self.target_dtype
+        return self.device, self._mask_dtype, self._target_dtype
 
     # The levels below are what policies call between draft forwards, one native call each. Draft logits are
     # [1, T, V]; a level's frontier is their last rows (the step's first forward also returns the pending tokens').
@@ -239,28 +166,37 @@ class DraftRound:
 
     def static_level(self, logits: Tensor, frontier_count: int, child_index: Tensor, start: int, k: int,
                      want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
-        """One level of a fixed tree: the top-``k`` of the last ``frontier_count`` draft-logit rows, the children's
-        tokens and log-probs gathered into the slots from ``start`` (``child_index`` into the flattened top-k),
-        then the inputs of the next feed ``(start, count, depth)`` if any. Returns ``(alpha [F] if want_alpha else
-        None, inputs or None)``."""
+        """One level of a fixed tree (``gather_level_``): the top-``k`` of the last ``frontier_count`` draft-logit
+        rows, the children's tokens and log-probs gathered into the slots from ``start`` (``child_index`` into the
+        flattened top-k), then the inputs of the next feed ``(start, count, depth)`` if any. Returns ``(alpha [F] if
+        want_alpha else None, inputs or None)``."""
         next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
         return self.ws.static_level(logits, frontier_count, child_index, start, k, self.engine.draft_temperature,
                                     want_alpha, next_start, next_count, next_depth)
 
     def topk_expand(self, logits: Tensor, frontier_count: int, frontier_start: int, k: int, slot_start: int,
                     num_slots: int, want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
-        """One EAGLE-2 level: the top-``k`` of the last ``frontier_count`` draft-logit rows (the frontier slots from
-        ``frontier_start``), every frontier node allowed ``k`` children and no threshold, best-first into
-        ``[slot_start, slot_start + num_slots)``; then the inputs of the next feed ``(start, count, depth)`` if any.
-        Returns ``(alpha [F] if want_alpha else None, inputs or None)``."""
+        """One EAGLE-2 level (``expand_level_``): the top-``k`` of the last ``frontier_count`` draft-logit rows (the
+        frontier slots from ``frontier_start``), every frontier node allowed ``k`` children and no threshold,
+        best-first into ``[slot_start, slot_start + num_slots)``; then the inputs of the next feed ``(start, count,
+        depth)`` if any. Returns ``(alpha [F] if want_alpha else None, inputs or None)``."""
         next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
         return self.ws.topk_expand(logits, frontier_count, frontier_start, k, self.engine.draft_temperature,
                                    slot_start, num_slots, want_alpha, next_start, next_count, next_depth)
 
-    def rerank(self, num_slots: int, num_select: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """EAGLE-2's final global top-``num_select`` over the slots ``[0, num_slots)`` (``rerank_tree``): the kept
-        nodes' ``tokens, parents, logprobs [1, S]`` and ``node_row [1, S + 1]``."""
-        return self.ws.rerank(num_slots, num_select)
+    # ------------------------------------------------------------------ the tree the target verifies
+    def use_slots(self, num_nodes: int) -> None:
+        """The step's tree is the slots ``[0, num_nodes)`` as the levels wrote them."""
+        self.ws.use_slots(num_nodes)
+
+    def rerank(self, num_slots: int, num_select: int) -> None:
+        """The step's tree is EAGLE-2's final global top-``num_select`` over the slots ``[0, num_slots)``
+        (``rerank_select``)."""
+        self.ws.rerank(num_slots, num_select)
+
+    def root_only(self) -> None:
+        """The step's tree is the root alone (no draft): one ordinary decode step."""
+        self.ws.root_only(self.engine.cur_len)
 
     # ------------------------------------------------------------------ draft forwards
     def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
@@ -288,13 +224,7 @@ class DraftRound:
         """The step's first draft forward: the committed tokens the draft has not processed yet, then the
         root (written into slot 0 here). Returns the draft's logits ``[1, T, V_shared]``; the last row is the root's."""
         engine = self.engine
-        layout = self._layout
-        if layout is None:
-            inputs = self.ws.start(engine.cur_len, engine.draft_done, None, None, None)
-        else:
-            inputs = self.ws.start(engine.cur_len, engine.draft_done, layout.parents, layout.node_row,
-                                   layout.draft_block)
-        return self._forward(*inputs)
+        return self._forward(*self.ws.start(engine.cur_len, engine.draft_done, self._layout))
 
 
 class SpeculativeGenerator:
@@ -342,7 +272,7 @@ class SpeculativeGenerator:
         self.host_clock: Callable[[], float] = time.perf_counter
         self._row_tables: dict[tuple[torch.device, int], Tensor] = {}  # DraftRound's slot == row tables
         #: test seam for a model split over devices on one device: (target, draft) cache layers from these indices
-        #: on take the per-device commit (``_commit_elsewhere``), as the layers a device_map puts on another GPU
+        #: on form a device group of their own (``CacheGroups``), as the layers a device_map puts on another GPU
         self.elsewhere_from: tuple[int | None, int | None] = (None, None)
 
     # ------------------------------------------------------------------ checks
@@ -544,12 +474,12 @@ class SpeculativeGenerator:
         workspace = ctx.ws
         if use_draft:
             workspace.start_generation(self.draft_cache.get_seq_length())
-        # cache layers on the engine's device are compacted and cropped by the workspace's commit; a model split
-        # over devices (device_map) has the others done here (_commit_elsewhere)
+        # the caches' key/value tensors grouped by device (a model split with device_map has several groups): the
+        # workspace's commit compacts every group, then HF's Cache.crop cuts both caches
         target_from, draft_from = self.elsewhere_from
-        target_layer_list, target_elsewhere = _cache_layers(self.target_cache, device, target_from)
-        draft_layer_list, draft_elsewhere = (_cache_layers(self.draft_cache, device, draft_from) if use_draft
-                                             else ([], []))
+        target_groups = CacheGroups(self.target_cache, device, target_from)
+        draft_groups = CacheGroups(self.draft_cache, device, draft_from) if use_draft else None
+        no_groups: list = []
         verify_sampling = self._verify_sampling
         switch, step_begin, step_end = timeline.switch, timeline.step_begin, timeline.step_end
         step_rows: list[tuple] = []
@@ -559,39 +489,34 @@ class SpeculativeGenerator:
             step_begin("tree_ops")
             cur_len = self.cur_len
             target_len = cur_len - 1  # the root is not in the target cache
-            proposal = policy.build(ctx)
-            tokens, parents, layout = proposal.tokens, proposal.parents, proposal.layout
-            num_nodes = tokens.shape[1]
-            if layout is None:
-                positions, mask = workspace.target_inputs(parents, target_len, None, None)
-            else:
-                positions, mask = workspace.target_inputs(parents, target_len, layout.depth, layout.target_block)
+            proposal = policy.build(ctx)  # the tree is in the workspace now
+            num_nodes = workspace.tree_nodes
+            tokens, positions, mask = workspace.target_inputs(target_len)
             switch("target_verify")
             logits = self.target.forward_tree(tokens, positions, mask, self.target_cache)
             switch("tree_ops")
             if logits.device != device:  # lm_head on another device (device_map)
                 logits = logits.to(device)
-            # verification, then the commit: new tokens into the sequence buffer at cur_len, both caches compacted
-            # and cropped, the readback (accepted length, draft-held nodes, tree size, root alpha, new tokens) read
-            # to the host (the step's one sync)
-            node_row = proposal.node_row if use_draft else None
-            alpha_root = proposal.alpha_root
+            # verification, then the commit: new tokens into the sequence buffer at cur_len, both caches compacted,
+            # the readback (accepted length, draft-held nodes, tree size, root alpha, new tokens) read to the host
+            # (the step's one sync); then both caches cropped to what they hold
+            draft_len_before = workspace.draft_len
+            target_tensors = target_groups.tensors() if num_nodes > 1 else no_groups
+            draft_tensors = draft_groups.tensors() if use_draft and num_nodes > 1 else no_groups
             if do_sample:
                 probs = self._target_probs(logits[0])[None]
-                verified = verify_sampling(tokens, parents, probs, generator)
-                committed = workspace.commit(tokens, parents, None, *verified, cur_len, target_layer_list,
-                                             target_len, draft_layer_list, node_row, alpha_root)
+                verified = verify_sampling(tokens, workspace.tree_parents, probs, generator)
+                committed = workspace.commit(None, *verified, cur_len, target_tensors, target_len, draft_tensors)
             else:
-                committed = workspace.commit(tokens, parents, logits, None, None, None, cur_len,
-                                             target_layer_list, target_len, draft_layer_list, node_row, alpha_root)
+                committed = workspace.commit(logits, None, None, None, cur_len, target_tensors, target_len,
+                                             draft_tensors)
             switch("other")
             # the readback, decoded by the workspace (host ints, a float, a list: no device access)
             tau, processed_n, real_n = committed.accept_len, committed.draft_held, committed.real_nodes
             new_host, alpha_measured, accepted = committed.tokens, committed.alpha, committed.accepted
-            if target_elsewhere or draft_elsewhere:
-                self._commit_elsewhere(ctx, accepted, node_row, num_nodes, tau, target_len,
-                                       target_elsewhere, draft_elsewhere)
+            target_groups.crop(target_len + num_nodes, target_len + tau + 1)
             if use_draft:
+                draft_groups.crop(draft_len_before, workspace.draft_len)
                 self.draft_done = target_len + processed_n
             remaining = max_new_tokens - n_generated
             emitted = new_host if len(new_host) <= remaining else new_host[:remaining]
@@ -627,7 +552,7 @@ class SpeculativeGenerator:
                 self.step_hook(StepDebug(
                     step=step, sequence=list(sequence_host), target_cache=self.target_cache,
                     draft_cache=self.draft_cache, draft_done=self.draft_done, tree_tokens=tokens,
-                    tree_parents=parents, tree_logprobs=proposal.logprobs,
+                    tree_parents=workspace.tree_parents, tree_logprobs=workspace.tree_logprobs,
                     accepted=accepted, tau=tau, finished=stop_reason is not None, draft_keep=keep,
                 ))
             step_end()
@@ -649,20 +574,6 @@ class SpeculativeGenerator:
         stats.stop_reason = stop_reason
         sequences = self.seq[:, : self.cur_len].clone().to(input_ids.device)
         return GenerationOutput(sequences, stats)
-
-    def _commit_elsewhere(self, ctx: DraftRound, accepted: Tensor, node_row: Tensor | None, num_nodes: int, tau: int,
-                          target_len: int, target_elsewhere: list, draft_elsewhere: list) -> None:
-        """The commit's compaction and crop for cache layers on other devices than the engine's (device_map)."""
-        for dev, layers in target_elsewhere:
-            if num_nodes > 1:
-                _op_kv_compact(_layer_tensors(layers), accepted.to(dev), target_len)
-            _C.crop_layers(layers, target_len + tau + 1)
-        kept = ctx.draft_len  # the workspace's commit set it: draft_base + the accepted nodes the draft holds
-        for dev, layers in draft_elsewhere:
-            if num_nodes > 1:
-                draft_rows = node_row[:, accepted[0]]  # a -1 of accepted picks the -1 in node_row's last entry
-                _op_kv_compact(_layer_tensors(layers), draft_rows.to(dev), ctx.draft_base)
-            _C.crop_layers(layers, kept)
 
     def _verify_sampling(self, tokens: Tensor, parents: Tensor, probs: Tensor, generator) -> tuple:
         """Lossless tree rejection sampling for deterministic top-k drafts (q = 1 rule)."""

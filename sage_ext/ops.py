@@ -36,6 +36,10 @@ __all__ = [
     "verify_sampling",
     "kv_compact_",
     "sage_level_",
+    "expand_level_",
+    "gather_level_",
+    "rerank_select",
+    "tree_mask_feed_",
     "commit_tree_",
 ]
 
@@ -491,6 +495,135 @@ def sage_level_(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Ten
                                           w_min, w_max, theta_scale)
 
 
+def expand_level_(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Tensor, cum_logprobs: torch.Tensor,
+                  logits: torch.Tensor, frontier_start: int, k: int, temperature: float, slot_start: int,
+                  num_slots: int):
+    """One whole EAGLE-2 level, in place: `topk_confidence` of the frontier's draft logits, then `expand_tree`
+    with every frontier slot allowed `k` children and no threshold (the best `num_slots` candidates by
+    cumulative log-prob).
+
+    Parameters
+    ----------
+    tokens, parents, logprobs, cum_logprobs : torch.Tensor
+        `[B, Ncap]` tree state as in `expand_tree`, modified in place (contiguous).
+    logits : torch.Tensor
+        `[B, F, V]` draft logits of the frontier slots `[frontier_start, frontier_start + F)`.
+    frontier_start, k, temperature, slot_start, num_slots : int, int, float, int, int
+        As `sage_level_` (`frontier_start + F <= slot_start`).
+
+    Returns
+    -------
+    count : torch.Tensor
+        `[B]` int64 real nodes written.
+    frontier_alpha : torch.Tensor
+        `[B, F]` float32 confidence of every frontier node.
+
+    Examples
+    --------
+    >>> tokens = torch.zeros(1, 4, dtype=torch.long); parents = torch.full((1, 4), -1)
+    >>> logprobs = torch.zeros(1, 4); cum = torch.zeros(1, 4)
+    >>> count, alpha = expand_level_(tokens, parents, logprobs, cum, torch.tensor([[[0.0, 3.0, 2.9]]]), 0, 2, 1.0, 1, 3)
+    >>> count, tokens, parents
+    (tensor([2]), tensor([[0, 1, 2, 0]]), tensor([[-1,  0,  0, -1]]))
+    """
+    return torch.ops.sage_ext.expand_level_(tokens, parents, logprobs, cum_logprobs, logits, frontier_start, k,
+                                            temperature, slot_start, num_slots)
+
+
+def gather_level_(tokens: torch.Tensor, logprobs: torch.Tensor, logits: torch.Tensor, child_index: torch.Tensor,
+                  slot_start: int, k: int, temperature: float) -> torch.Tensor:
+    """One level of a fixed tree (static trees, chains), in place: `topk_confidence` of the frontier's draft
+    logits, then the children's tokens and log-probs picked from each row's flattened top-k.
+
+    Parameters
+    ----------
+    tokens, logprobs : torch.Tensor
+        `[B, Ncap]` int64 / float32 tree state, modified in place (contiguous): slot `slot_start + c` of row b
+        gets entry `child_index[c]` of row b's flattened `[F * k]` top-k ids / log-probs.
+    logits : torch.Tensor
+        `[B, F, V]` draft logits of the frontier (the nodes whose children this level holds).
+    child_index : torch.Tensor
+        `[C]` int64, each in `[0, F * k)` (frontier position * k + rank).
+    slot_start, k, temperature : int, int, float
+        First slot written (>= 1, `slot_start + C <= Ncap`), top-k and temperature as `topk_confidence`.
+
+    Returns
+    -------
+    torch.Tensor
+        `frontier_alpha [B, F]` float32.
+
+    Examples
+    --------
+    >>> tokens = torch.zeros(1, 4, dtype=torch.long); logprobs = torch.zeros(1, 4)
+    >>> alpha = gather_level_(tokens, logprobs, torch.tensor([[[0.0, 3.0, 2.9]]]), torch.tensor([1, 0]), 1, 2, 1.0)
+    >>> tokens
+    tensor([[0, 2, 1, 0]])
+    """
+    return torch.ops.sage_ext.gather_level_(tokens, logprobs, logits, child_index, slot_start, k, temperature)
+
+
+def rerank_select(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Tensor, cum_logprobs: torch.Tensor,
+                  node_row: torch.Tensor, num_select: int):
+    """EAGLE-2's final selection as a new tree: `rerank_tree` over a built tree, then the kept nodes' tokens,
+    parents, log-probs and draft rows.
+
+    Parameters
+    ----------
+    tokens, parents : torch.Tensor
+        `[B, N]` int64 built tree.
+    logprobs, cum_logprobs : torch.Tensor
+        `[B, N]` float32 conditional and cumulative draft log-probs (the score of `rerank_tree`).
+    node_row : torch.Tensor
+        `[B, M >= N]` int64 draft-cache row of every node (-1: not fed to the draft).
+    num_select : int
+        Nodes kept, the root included (`1 <= num_select <= N`).
+
+    Returns
+    -------
+    tokens, parents, logprobs : torch.Tensor
+        `[B, S]` the kept nodes in index order (parents as positions in the selection); padding positions
+        (fewer real nodes than `num_select`) get token 0, parent -1, log-prob -inf.
+    node_row : torch.Tensor
+        `[B, S + 1]` int64 the kept nodes' rows (-1 for padding), then -1 (so a -1 of `accepted` picks -1).
+
+    Examples
+    --------
+    >>> parents = torch.tensor([[-1, 0, 0, 1]]); cum = torch.tensor([[0.0, -0.5, -2.0, -0.7]])
+    >>> rerank_select(torch.tensor([[9, 5, 6, 7]]), parents, cum, cum, torch.tensor([[0, 1, 2, -1]]), 3)
+    (tensor([[9, 5, 7]]), tensor([[-1,  0,  1]]), tensor([[ 0.0000, -0.5000, -0.7000]]), tensor([[ 0,  1, -1, -1]]))
+    """
+    return torch.ops.sage_ext.rerank_select(tokens, parents, logprobs, cum_logprobs, node_row, num_select)
+
+
+def tree_mask_feed_(tree_mask: torch.Tensor, parents: torch.Tensor, node_row: torch.Tensor | None, slot_start: int,
+                    first_row: int, count: int) -> None:
+    """The draft's tree-mask rows of a feed (the slots `[slot_start, slot_start + count)` processed as draft rows
+    `[first_row, first_row + count)`), in place: each row is its parent's row with its own column opened.
+
+    Parameters
+    ----------
+    tree_mask : torch.Tensor
+        `[B, R, C]` additive mask (float32/float16/bfloat16, last dim contiguous), row and column = draft row;
+        row `R - 1` is the padding row (all `finfo.min`). Needs `first_row + count < R` and `<= C`.
+    parents : torch.Tensor
+        `[B, Ncap]` int64 tree.
+    node_row : torch.Tensor or None
+        `[B, >= Ncap]` int64 draft row of every slot fed before (the parents' rows); None: slot i is row i.
+        A parent that is padding (-1), was not fed, or whose row is not before `first_row` gives the padding row.
+    slot_start, first_row, count : int
+
+    Examples
+    --------
+    >>> mask = torch.full((1, 4, 3), torch.finfo(torch.float32).min); mask[0, 0, 0] = 0
+    >>> tree_mask_feed_(mask, torch.tensor([[-1, 0, 0]]), None, 1, 1, 2)
+    >>> (mask[0, :3] == 0).int()
+    tensor([[1, 0, 0],
+            [1, 1, 0],
+            [1, 0, 1]], dtype=torch.int32)
+    """
+    torch.ops.sage_ext.tree_mask_feed_(tree_mask, parents, node_row, slot_start, first_row, count)
+
+
 def commit_tree_(tokens: torch.Tensor, parents: torch.Tensor, accepted: torch.Tensor, accept_len: torch.Tensor,
                  bonus: torch.Tensor, sequence: torch.Tensor, seq_start: int, target_caches: Sequence[torch.Tensor],
                  target_past: int, draft_caches: Sequence[torch.Tensor], draft_rows: torch.Tensor | None,
@@ -623,3 +756,30 @@ def _commit_tree_fake(tokens, parents, accepted, accept_len, bonus, sequence, se
                       draft_caches, draft_rows, draft_past, alpha):
     batch, num_nodes = tokens.shape
     return tokens.new_empty((batch, 4 + num_nodes), dtype=torch.int64)
+
+
+@torch.library.register_fake("sage_ext::expand_level_")
+def _expand_level_fake(tokens, parents, logprobs, cum_logprobs, logits, frontier_start, k, temperature, slot_start,
+                       num_slots):
+    batch, num_frontier = logits.shape[0], logits.shape[1]
+    return (tokens.new_empty((batch,), dtype=torch.int64),
+            tokens.new_empty((batch, num_frontier), dtype=torch.float32))
+
+
+@torch.library.register_fake("sage_ext::gather_level_")
+def _gather_level_fake(tokens, logprobs, logits, child_index, slot_start, k, temperature):
+    return tokens.new_empty((logits.shape[0], logits.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("sage_ext::rerank_select")
+def _rerank_select_fake(tokens, parents, logprobs, cum_logprobs, node_row, num_select):
+    batch = tokens.shape[0]
+    return (tokens.new_empty((batch, num_select), dtype=torch.int64),
+            tokens.new_empty((batch, num_select), dtype=torch.int64),
+            tokens.new_empty((batch, num_select), dtype=torch.float32),
+            tokens.new_empty((batch, num_select + 1), dtype=torch.int64))
+
+
+@torch.library.register_fake("sage_ext::tree_mask_feed_")
+def _tree_mask_feed_fake(tree_mask, parents, node_row, slot_start, first_row, count):
+    return None

@@ -1,13 +1,13 @@
 """Tree policies: how the draft's proposal tree is shaped each step.
 
 Every policy runs inside the same engine loop (``sage_ext.engine``); it only decides which draft nodes
-exist. It talks to the engine through a ``DraftRound`` (``ctx``): preallocated tree tensors
-(``ctx.tokens/parents/logprobs [1, Ncap]``), ``ctx.start_tree`` / ``ctx.root_logits()`` (the step's
-first draft forward: pending committed tokens + the root), the levels ``ctx.sage_level`` / ``ctx.static_level`` /
-``ctx.topk_expand`` (a whole SAGE / fixed-tree / EAGLE-2 level and the inputs of the draft forward over its new
-slots, one native call; ``ctx.forward`` runs that forward), ``ctx.rerank`` (EAGLE-2's final selection) and
-``ctx.root_token()`` (a view of the root). Draft logits come as ``[1, T, V]``; a level's frontier is their last
-rows. Policies never loop over tree nodes in Python and never read device values, except SAGE with
+exist. It talks to the engine through a ``DraftRound`` (``ctx``), whose native workspace holds the tree:
+``ctx.start_tree`` / ``ctx.root_logits()`` (the step's first draft forward: pending committed tokens + the root),
+the levels ``ctx.sage_level`` / ``ctx.static_level`` / ``ctx.topk_expand`` (a whole SAGE / fixed-tree / EAGLE-2
+level and the inputs of the draft forward over its new slots, one native call; ``ctx.forward`` runs that
+forward), then which tree the target verifies: ``ctx.use_slots(n)`` (the slots ``[0, n)``), ``ctx.rerank``
+(EAGLE-2's final selection) or ``ctx.root_only()`` (no draft). Draft logits come as ``[1, T, V]``; a level's
+frontier is their last rows. Policies never loop over tree nodes in Python and never read device values, except SAGE with
 ``static_shapes=False`` reading per-level node counts (free on CPU). Trees are laid out level by level, so every
 level (and every set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as
 ``tree_ops`` except the draft forwards, so policies keep no clocks; ``build`` runs once per step on the hot
@@ -39,30 +39,18 @@ SPECVLM_TREE_PATHS: list[list[int]] = [list(path) for path in ops.SPECVLM_TREE_P
 
 @dataclass
 class TreeProposal:
-    """A draft tree ready for verification.
+    """What a policy tells the engine about the tree it left in the workspace (the tree itself stays there).
 
-    tokens, parents: ``[1, N]`` (node 0 = root = last committed token; padding nodes have parent -1).
-    node_row: int64 ``[1, >= N + 1]``: the draft-cache row (relative to the step's root row) of every node the
-        draft processed this step, -1 for the others (leaves, padding); its last entry is -1, so indexing it
-        with a -1 (padding in ``accepted``) gives -1. The accepted nodes the draft holds are a prefix of the path.
-        None for a policy without a draft.
     depth_bound: host int, no node is deeper.
     draft_forwards: draft forward passes spent on this tree.
     alpha_root: ``[1]`` float32 device tensor, the draft's confidence at the root (None when not measured).
-    logprobs: ``[1, N]`` float32 conditional draft log-prob of every node (root 0, padding -inf), or None.
     info: host values for the step record (alpha, depth_target, width_target, d_max).
-    layout: the ``FixedLayout`` the tree was built on (its target mask block and depths are precomputed), or None.
     """
 
-    tokens: Tensor
-    parents: Tensor
-    node_row: Tensor | None
     depth_bound: int
     draft_forwards: int
     alpha_root: Tensor | None = None
-    logprobs: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    layout: Any = None
 
 
 class TreePolicy:
@@ -119,8 +107,8 @@ class AutoregressivePolicy(TreePolicy):
         return 0
 
     def build(self, ctx) -> TreeProposal:
-        # the root is read straight from the engine's sequence buffer: no tree state is written
-        return TreeProposal(ctx.root_token(), ctx.root_parents, None, 0, 0)
+        ctx.root_only()  # the root is read straight from the engine's sequence buffer: no tree state is written
+        return TreeProposal(0, 0)
 
 
 class StaticTreePolicy(TreePolicy):
@@ -208,10 +196,8 @@ class StaticTreePolicy(TreePolicy):
                 alpha_root = alpha
             if inputs is not None:
                 logits = ctx.forward(inputs)
-        return TreeProposal(
-            ctx.tokens[:, :n], ctx.parents[:, :n], layout.node_row, self._max_depth, len(levels),
-            alpha_root, ctx.logprobs[:, :n], layout=layout,
-        )
+        ctx.use_slots(n)
+        return TreeProposal(self._max_depth, len(levels), alpha_root)
 
 
 class ChainPolicy(StaticTreePolicy):
@@ -282,8 +268,8 @@ class DynamicTreePolicy(TreePolicy):
             frontier_start, frontier_count, next_slot = next_slot, k, next_slot + num_slots
             if inputs is not None:
                 logits = ctx.forward(inputs)
-        tokens, parents, logprobs, node_row = ctx.rerank(next_slot, self.num_nodes + 1)
-        return TreeProposal(tokens, parents, node_row, self.depth, self.depth, alpha_root, logprobs)
+        ctx.rerank(next_slot, self.num_nodes + 1)
+        return TreeProposal(self.depth, self.depth, alpha_root)
 
 
 class SagePolicy(TreePolicy):
@@ -472,10 +458,8 @@ class SagePolicy(TreePolicy):
                 logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape, used, n_max,
                 num_slots if static_shapes else -1, known_max_depth)
         self._alpha_next_device = alpha_root
-        return TreeProposal(
-            ctx.tokens[:, :next_slot], ctx.parents[:, :next_slot], ctx.node_row, level - 1, forwards,
-            alpha_root, ctx.logprobs[:, :next_slot], info,
-        )
+        ctx.use_slots(next_slot)
+        return TreeProposal(level - 1, forwards, alpha_root, info)
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
         # zero-lag: this step's root alpha shaped the tree; lag: the host alpha it was built with; the first

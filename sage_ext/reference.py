@@ -26,6 +26,10 @@ __all__ = [
     "verify_sampling",
     "kv_compact_",
     "sage_level_",
+    "expand_level_",
+    "gather_level_",
+    "rerank_select",
+    "tree_mask_feed_",
     "commit_tree_",
 ]
 
@@ -492,6 +496,76 @@ def sage_level_(tokens, parents, logprobs, cum_logprobs, tree_mask, logits, alph
                     tree_mask[b, i] = blocked
                 tree_mask[b, i, i] = 0
     return count, frontier_alpha, max_depth
+
+
+def expand_level_(tokens, parents, logprobs, cum_logprobs, logits, frontier_start, k, temperature, slot_start,
+                  num_slots):
+    """One EAGLE-2 level in place: topk_confidence of the frontier's logits [B, F, V] (the slots [frontier_start,
+    frontier_start + F)), then expand_tree with every frontier slot allowed k children and no threshold.
+    Returns (count [B], frontier_alpha [B, F])."""
+    batch, num_frontier, vocab = logits.shape
+    alpha, topk_lp, topk_ids = topk_confidence(logits.reshape(batch * num_frontier, vocab), k, temperature)
+    frontier = torch.arange(frontier_start, frontier_start + num_frontier, device=tokens.device).expand(batch, -1)
+    widths = torch.full((batch, num_frontier), k, dtype=torch.int64, device=tokens.device)
+    no_threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=tokens.device)
+    count = expand_tree(tokens, parents, logprobs, cum_logprobs, frontier, topk_lp.reshape(batch, num_frontier, k),
+                        topk_ids.reshape(batch, num_frontier, k), widths, no_threshold, slot_start, num_slots)
+    return count, alpha.reshape(batch, num_frontier)
+
+
+def gather_level_(tokens, logprobs, logits, child_index, slot_start, k, temperature):
+    """One level of a fixed tree in place: topk_confidence of the frontier's logits [B, F, V]; slot
+    slot_start + c of every row gets the token and log-prob at child_index[c] of that row's flattened [F * k]
+    top-k. Returns frontier_alpha [B, F]."""
+    batch, num_frontier, vocab = logits.shape
+    if ((child_index < 0) | (child_index >= num_frontier * k)).any():
+        raise ValueError(f"child_index entries must be in [0, F * k) = [0, {num_frontier * k})")
+    alpha, topk_lp, topk_ids = topk_confidence(logits.reshape(batch * num_frontier, vocab), k, temperature)
+    for b in range(batch):
+        flat_ids = topk_ids.reshape(batch, num_frontier * k)[b]
+        flat_lp = topk_lp.reshape(batch, num_frontier * k)[b]
+        for c, index in enumerate(child_index.tolist()):
+            tokens[b, slot_start + c] = flat_ids[index]
+            logprobs[b, slot_start + c] = flat_lp[index]
+    return alpha.reshape(batch, num_frontier)
+
+
+def rerank_select(tokens, parents, logprobs, cum_logprobs, node_row, num_select):
+    """EAGLE-2's final selection as a new tree: rerank_tree, then the kept nodes' tokens, parents (positions in
+    the selection), log-probs and node_row entries; a padding position (fewer real nodes than num_select) gets
+    token 0, parent -1, log-prob -inf and row -1. The rows get one more entry, -1.
+    Returns (tokens [B, S], parents [B, S], logprobs [B, S], node_row [B, S + 1])."""
+    keep, new_parents = rerank_tree(parents, cum_logprobs, num_select)
+    batch = tokens.shape[0]
+    kept_tokens = torch.zeros((batch, num_select), dtype=torch.int64, device=tokens.device)
+    kept_logprobs = torch.full((batch, num_select), -math.inf, dtype=torch.float32, device=tokens.device)
+    kept_rows = torch.full((batch, num_select + 1), -1, dtype=torch.int64, device=tokens.device)
+    for b in range(batch):
+        for j, slot in enumerate(keep[b].tolist()):
+            if slot >= 0:
+                kept_tokens[b, j] = tokens[b, slot]
+                kept_logprobs[b, j] = logprobs[b, slot]
+                kept_rows[b, j] = max(int(node_row[b, slot]), -1)
+    return kept_tokens, new_parents, kept_logprobs, kept_rows
+
+
+def tree_mask_feed_(tree_mask, parents, node_row, slot_start, first_row, count):
+    """The draft tree-mask rows of a feed, in place: row first_row + j (for slot slot_start + j) = the row of the
+    slot's parent with column first_row + j set to 0. The parent's row is node_row[b, parent] (node_row None: the
+    parent index itself); a padding parent (-1), or a row that is not before first_row, gives the last row of
+    tree_mask (the all-blocked padding row). Returns None."""
+    batch, rows, _ = tree_mask.shape
+    padding_row = rows - 1
+    for b in range(batch):
+        for j in range(count):
+            parent = int(parents[b, slot_start + j])
+            parent_row = parent if node_row is None or parent < 0 else int(node_row[b, parent])
+            if parent < 0 or parent_row < 0 or parent_row >= first_row:
+                parent_row = padding_row
+            row = first_row + j
+            tree_mask[b, row] = tree_mask[b, parent_row]
+            tree_mask[b, row, row] = 0
+    return None
 
 
 def commit_tree_(tokens, parents, accepted, accept_len, bonus, sequence, seq_start, target_caches, target_past,

@@ -117,6 +117,16 @@ def run_ops(call: Caller, dtype: torch.dtype) -> None:
     call(f"sage_level_[zero-lag,no mask,{tag}]", ops.sage_level_, tokens2.clone(), parents2.clone(),
          logprobs2.clone(), cum2.clone(), None, level_logits, None, 1, 2, 17, n - 17, TOP_K, 0.8, *SAGE.values())
 
+    # the other level ops of the engine's workspace: an EAGLE-2 level, a fixed-tree level, the final selection,
+    # the mask rows of a feed
+    call(f"expand_level_[{tag}]", ops.expand_level_, tokens2.clone(), parents2.clone(), logprobs2.clone(),
+         cum2.clone(), level_logits, 1, TOP_K, 0.8, 17, n - 17)
+    call(f"gather_level_[{tag}]", ops.gather_level_, tokens2.clone(), logprobs2.clone(), level_logits,
+         torch.arange(0, 16 * TOP_K, 5, device=dev), 17, TOP_K, 1.0)
+    call(f"rerank_select[{tag}]", ops.rerank_select, tokens, parents, logprobs2, cum2,
+         torch.arange(n + 1, device=dev).expand(BATCH, -1).contiguous(), 40)
+    call(f"tree_mask_feed_[{tag}]", ops.tree_mask_feed_, mask, parents2, None, 17, 17, 16)
+
     depth = ops.tree_buffers(parents, 0)[0]
     fed = (depth < 3) & ((parents >= 0) | (torch.arange(n, device=dev) == 0))
     draft_rows = torch.where(fed, fed.long().cumsum(1) - 1, -1)

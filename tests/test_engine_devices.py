@@ -1,10 +1,11 @@
 """Models split over several devices (``device_map``), checked on one CPU.
 
 A cache whose layers sit on two devices cannot be made on a CPU-only machine, so these tests route part of the
-cache layers through the engine's per-device commit (``SpeculativeGenerator._commit_elsewhere``, the code that
-compacts and crops the layers a device_map puts on a second GPU, or a draft on another device than the
-target) with the engine's seam ``elsewhere_from = (target_index, draft_index)``: layers from that index on are
-committed there even though they are on the engine's device. Checked: after every step both caches equal a
+cache layers through the commit's path for other devices (``sage_ext.caches.CacheGroups``: group 0 is compacted
+by ``commit_tree_``, every other group — the layers a device_map puts on a second GPU, or a draft on another
+device than the target — by ``kv_compact_`` in the same workspace commit) with the engine's seam
+``elsewhere_from = (target_index, draft_index)``: layers from that index on form a group of their own even though
+they are on the engine's device. Checked: after every step both caches equal a
 recomputation (tests/test_engine_kv.py), greedy output equals ``target.generate``, and seeded sampling gives
 the same tokens split or not. Also: ``--device-map`` of the CLI without accelerate is a one-line usage error.
 
@@ -24,7 +25,8 @@ from tiny_models import all_family_builders, correlated_draft, one_thread  # noq
 from transformers import DynamicCache
 
 from sage_ext import cli
-from sage_ext.engine import SpeculativeGenerator, _cache_layers
+from sage_ext.caches import CacheGroups
+from sage_ext.engine import SpeculativeGenerator
 
 BUILDERS = all_family_builders()
 FAMILIES = ["llama", "llava", "qwen2_vl"]
@@ -63,19 +65,24 @@ def family(request):
     return target, inputs, draft, hf_greedy(target, inputs, max_new_tokens=MAX_NEW)
 
 
-def test_cache_layers_partition():
+def test_cache_groups_partition_and_crop():
     cache = DynamicCache()
     for index in range(3):
-        cache.update(torch.full((1, 1, 2, 4), float(index)), torch.zeros(1, 1, 2, 4), index)
+        cache.update(torch.full((1, 1, 5, 4), float(index)), torch.zeros(1, 1, 5, 4), index)
     cpu = torch.device("cpu")
-    here, elsewhere = _cache_layers(cache, cpu)
-    assert [float(layer.keys[0, 0, 0, 0]) for layer in here] == [0.0, 1.0, 2.0] and elsewhere == []
-    here, elsewhere = _cache_layers(cache, cpu, 1)
-    assert [float(layer.keys[0, 0, 0, 0]) for layer in here] == [0.0]
-    assert [(dev, [float(layer.keys[0, 0, 0, 0]) for layer in layers]) for dev, layers in elsewhere] == \
-        [(cpu, [1.0, 2.0])]
-    here, elsewhere = _cache_layers(cache, cpu, 0)
-    assert here == [] and len(elsewhere[0][1]) == 3
+
+    def first_values(groups):
+        return [[float(layer.keys[0, 0, 0, 0]) for layer in layers] for layers in groups.groups]
+
+    assert first_values(CacheGroups(cache, cpu)) == [[0.0, 1.0, 2.0]]
+    split = CacheGroups(cache, cpu, 1)
+    assert first_values(split) == [[0.0], [1.0, 2.0]] and split.devices == [cpu, cpu]
+    assert first_values(CacheGroups(cache, cpu, 0)) == [[], [0.0, 1.0, 2.0]]  # group 0 empty: nothing here
+    assert [len(tensors) for tensors in split.tensors()] == [2, 4]
+    split.crop(5, 3)  # HF's Cache.crop: every layer, every group
+    assert [layer.keys.shape[2] for layer in cache.layers] == [3, 3, 3] and cache.get_seq_length() == 3
+    split.crop(3, 3)  # nothing to remove: untouched
+    assert cache.get_seq_length() == 3
 
 
 @pytest.mark.parametrize("split", list(SPLITS))

@@ -7,7 +7,7 @@ tree (``ar``) takes its target mask and position as views, a fixed layout (stati
 round) copies precomputed draft and target blocks. Here every draft-mask row the draft used (past columns
 included) and every target forward's mask and positions are compared with what ``tree_buffers`` computes
 from the tree's parents, for every policy of test_engine (SAGE with and without lag and static shapes),
-with a short and a long prompt, with the workspace's CPU loops and with its op path (what runs on GPUs); the mask views must start at 64-element aligned addresses; and the nodes
+with a short and a long prompt; the mask views must start at 64-element aligned addresses; and the nodes
 the draft holds must be ancestor-closed (so an accepted path's held nodes, which ``commit_tree_``
 compacts, are a prefix of it).
 """
@@ -20,7 +20,6 @@ import torch
 from test_engine import POLICIES
 from tiny_models import correlated_draft, one_thread, text_prompt, tiny_llama  # noqa: F401  (autouse fixture)
 
-import sage_ext.engine as engine_module
 from sage_ext import ops
 from sage_ext.engine import SpeculativeGenerator
 from sage_ext.policies import SagePolicy, StaticTreePolicy
@@ -55,18 +54,18 @@ def ancestors(parents: list[int], node: int) -> set[int]:
     return found
 
 
-def check_draft_tree(ctx, proposal) -> None:
+def check_draft_tree(ws) -> None:
     """Every draft row of this step: its tree-block columns open exactly at its ancestors-or-self."""
-    parents = proposal.parents[0].tolist()
-    assert proposal.node_row.shape[0] == 1
-    node_row = proposal.node_row[0].tolist()
+    parents = ws.tree_parents[0].tolist()
+    assert ws.tree_node_row.shape[0] == 1
+    node_row = ws.tree_node_row[0].tolist()
     assert node_row[-1] == -1 and len(node_row) >= len(parents) + 1
     rows = {slot: row for slot, row in enumerate(node_row[: len(parents)]) if row >= 0}
     # distinct rows below the rows used, the root in row 0 (a rerank may drop fed nodes: rows can have gaps)
-    assert len(set(rows.values())) == len(rows) and max(rows.values()) < ctx.rows_used and rows.get(0) == 0
-    base = ctx.draft_base
-    assert not ctx.mask[0, 0, : ctx.rows_used, :base].any()  # the past: all zeros
-    block = ctx.mask[0, 0, :, base : base + ctx.rows_used]
+    assert len(set(rows.values())) == len(rows) and max(rows.values()) < ws.rows_used and rows.get(0) == 0
+    base = ws.draft_base
+    assert not ws.mask[0, 0, : ws.rows_used, :base].any()  # the past: all zeros
+    block = ws.mask[0, 0, :, base : base + ws.rows_used]
     for slot, row in rows.items():
         if slot > 0 and parents[slot] < 0:  # padding: itself only
             expected = {row}
@@ -78,11 +77,9 @@ def check_draft_tree(ctx, proposal) -> None:
     assert all(parents[slot] in rows for slot in rows if slot > 0 and parents[slot] >= 0)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["cpu-loops", "ops"])
 @pytest.mark.parametrize("prompt_len", [12, 300])
 @pytest.mark.parametrize("policy", list(INTERNAL_POLICIES))
-def test_masks_and_positions_match_tree_buffers(monkeypatch, pair, policy, prompt_len, direct):
-    monkeypatch.setattr(engine_module, "_WORKSPACE_DIRECT_CPU", direct)  # the workspace's CPU loops, or the ops
+def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
     target, draft = pair
     if policy == "sage_flat_draft":
         draft = flat_draft(target)
@@ -103,8 +100,8 @@ def test_masks_and_positions_match_tree_buffers(monkeypatch, pair, policy, promp
     def checked_build(ctx):
         proposal = build(ctx)
         if policy_object.uses_draft:
-            check_draft_tree(ctx, proposal)
-        state["parents"] = proposal.parents.clone()
+            check_draft_tree(ctx.ws)
+        state["parents"] = ctx.ws.tree_parents.clone()
         seen["builds"] += 1
         return proposal
 

@@ -1,111 +1,111 @@
-"""The engine's native TreeWorkspace: its in-place CPU loops against the registered ops.
+"""The engine's native TreeWorkspace: the step's tree it owns, the commit's named readback, draft_len's one writer,
+and SAGE's host formulas from csrc/core.
 
-On the CPU the workspace runs a level's work (SAGE level, fixed-tree level, EAGLE-2 level, mask rows of a feed,
-the final rerank) with core/'s row loops in place; on other devices, or with ``_WORKSPACE_DIRECT_CPU`` off, the
-same work goes through the registered ops (the ops' own tests check those against the reference). Both must
-build the same trees step by step, for every policy, greedy and sampling; the engine internals tests check
-either path's masks and positions against ``tree_buffers``.
+Every piece of the workspace's tensor work is a registered op (one path on every device, tested op by op against
+the reference in test_ops_step.py); the engine tests check the trees it builds end to end.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import POLICIES
-from tiny_models import correlated_draft, one_thread, text_prompt, tiny_llama  # noqa: F401  (autouse fixture)
 
-import sage_ext.engine as engine_module
-from sage_ext.engine import SpeculativeGenerator
-
-MAX_NEW = 30
+from sage_ext import _C, ops
 
 
-@pytest.fixture(scope="module")
-def pair():
-    target, _ = tiny_llama()
-    return target, correlated_draft(target, noise=0.1)
-
-
-def run_steps(monkeypatch, target, draft, policy, direct: bool, **options):
-    """Generate with the workspace's CPU loops on or off; returns the output and every step's verified tree."""
-    monkeypatch.setattr(engine_module, "_WORKSPACE_DIRECT_CPU", direct)
-    generator = SpeculativeGenerator(target, draft, POLICIES[policy]())
-    steps = []
-
-    def record(debug):
-        parents = debug.tree_parents.clone()
-        real = (parents >= 0) | (torch.arange(parents.shape[1]) == 0)  # padding slots carry arbitrary tokens
-        steps.append((parents, torch.where(real, debug.tree_tokens, -1), debug.tau))
-
-    generator.step_hook = record
-    out = generator.generate(**text_prompt(12, seed=5), max_new_tokens=MAX_NEW, **options)
-    return out, steps
-
-
-@pytest.mark.parametrize("sampling", [False, True])
-@pytest.mark.parametrize("policy", list(POLICIES))
-def test_cpu_loops_build_the_trees_the_ops_build(monkeypatch, pair, policy, sampling):
-    target, draft = pair
-    options = {"do_sample": True, "temperature": 0.8} if sampling else {}
-    runs = {}
-    for direct in (True, False):
-        if sampling:
-            options["generator"] = torch.Generator().manual_seed(11)
-        runs[direct] = run_steps(monkeypatch, target, draft, policy, direct, **options)
-    (out_direct, steps_direct), (out_ops, steps_ops) = runs[True], runs[False]
-    assert torch.equal(out_direct.sequences, out_ops.sequences)
-    assert len(steps_direct) == len(steps_ops) > 0
-    for (parents_a, tokens_a, tau_a), (parents_b, tokens_b, tau_b) in zip(steps_direct, steps_ops):
-        assert torch.equal(parents_a, parents_b) and torch.equal(tokens_a, tokens_b) and tau_a == tau_b
-    for a, b in zip(out_direct.stats.steps, out_ops.stats.steps):
-        assert (a.tau, a.tree_size, a.tree_slots, a.alpha_measured) == (b.tau, b.tree_size, b.tree_slots,
-                                                                        b.alpha_measured)
-
-
-@pytest.mark.parametrize("direct", [True, False])
-def test_commit_result_and_draft_len_have_one_writer(direct):
+def test_commit_result_and_draft_len_have_one_writer():
     """The workspace decodes the commit's readback into named host values, and it alone keeps the draft cache
     length: ``start_generation`` sets it, a feed grows it, the commit shrinks it to what the draft keeps (the
-    binding crops the draft layers to it); Python cannot write it."""
-    from types import SimpleNamespace
-
-    from sage_ext import _C
-
+    engine crops the draft cache to it); Python cannot write it. The commit takes no tree from Python: it verifies
+    and commits the tree the workspace holds (here the slots [0, 3)), and the root alpha its first level measured."""
     sequence = torch.zeros(1, 16, dtype=torch.int64)
     sequence[0, :4] = torch.tensor([11, 12, 13, 14])  # 3 committed tokens the caches hold, then the root
-    ws = _C.TreeWorkspace(4, 16, 3, sequence, torch.float32, torch.float32, None, direct)
+    ws = _C.TreeWorkspace(4, 16, 3, sequence, torch.float32, torch.float32, None)
     with pytest.raises(AttributeError):
         ws.draft_len = 7
     ws.start_generation(3)
     assert ws.draft_len == 3
-    ws.start(4, 3, None, None, None)  # the root row
+    ws.start(4, 3)  # the root row
     assert (ws.draft_base, ws.draft_len) == (3, 4)
     logits = torch.full((1, 1, 10), -30.0)
     logits[0, 0, 5], logits[0, 0, 6] = 1.0, 0.9  # two likely children, both kept
     count, frontier_alpha, _, inputs = ws.sage_level(logits, None, 0, 1, 1, 1, 2, 2, 1.0, 3.0, 8.0, 2.0, 10.0, 0.1,
                                                      0, 3, -1, -1)
     assert count == 2 and inputs is not None and ws.draft_len == 6  # the feed of slots 1, 2
-    tree_tokens, tree_parents = ws.tokens[:, :3].clone(), ws.parents[:, :3].clone()
+    ws.use_slots(3)
+    assert ws.tree_nodes == 3 and ws.tree_parents.tolist() == [[-1, 0, 0]]
+    tree_tokens = ws.tree_tokens.clone()
+    assert tree_tokens.tolist() == [[14, 5, 6]]
+    target_tokens, positions, mask = ws.target_inputs(3)
+    assert torch.equal(target_tokens, tree_tokens) and positions.tolist() == [[3, 4, 4]]
+    assert torch.equal(mask, ops.tree_buffers(ws.tree_parents, 3)[6])
 
-    def layers(length):
-        return [SimpleNamespace(keys=torch.randn(1, 1, length, 2), values=torch.randn(1, 1, length, 2))]
-
-    target_layers, draft_layers = layers(6), layers(6)
-    alpha = torch.tensor([0.1])
+    target_cache = torch.arange(6.0).reshape(1, 1, 6, 1)  # rows 3, 4, 5 hold the tree's nodes 0, 1, 2
+    draft_cache = torch.arange(6.0).reshape(1, 1, 6, 1) + 10
     accepted = torch.tensor([[0, 2, -1]])
-    result = ws.commit(tree_tokens, tree_parents, None, accepted, torch.tensor([1]), torch.tensor([7]), 4,
-                       target_layers, 3, draft_layers, ws.node_row, alpha)
+    result = ws.commit(None, accepted, torch.tensor([1]), torch.tensor([7]), 4, [[target_cache]], 3, [[draft_cache]])
     assert isinstance(result, _C.CommitResult)
     assert (result.accept_len, result.draft_held, result.real_nodes) == (1, 2, 2)
-    assert result.tokens == [int(tree_tokens[0, 2]), 7] and sequence[0, 4:6].tolist() == result.tokens
-    assert result.alpha == float(alpha[0])  # the float32 value, exactly
+    assert result.tokens == [6, 7] and sequence[0, 4:6].tolist() == result.tokens
+    assert result.alpha == float(frontier_alpha[0, 0])  # the root alpha of the first level, the float32 value
     assert torch.equal(result.accepted, accepted)
     assert ws.draft_len == 3 + 2  # the root row and slot 2's row
-    assert draft_layers[0].keys.shape[2] == 5 and target_layers[0].keys.shape[2] == 3 + 1 + 1
-    # no alpha passed: None
-    ws.start(6, 5, None, None, None)
-    root_only = ws.commit(ws.tokens[:, :1], ws.parents[:, :1], None, torch.tensor([[0]]), torch.tensor([0]),
-                          torch.tensor([8]), 6, target_layers, 5, draft_layers, ws.node_row, None)
+    assert target_cache.flatten()[3:5].tolist() == [3.0, 5.0] and draft_cache.flatten()[3:5].tolist() == [13.0, 15.0]
+    # a step whose tree is the root alone, no level measured an alpha: None
+    ws.start(6, 5)
+    ws.use_slots(1)
+    root_only = ws.commit(None, torch.tensor([[0]]), torch.tensor([0]), torch.tensor([8]), 6, [], 5, [])
     assert root_only.alpha is None and root_only.tokens == [8] and root_only.draft_held == 1
+
+
+def test_commit_compacts_every_device_group_alike():
+    """Cache groups the commit does not hand to commit_tree_ (another device; here a second group on the same
+    device, as the engine's split seam makes) are compacted with the same path: equal to the group that is."""
+    sequence = torch.zeros(1, 16, dtype=torch.int64)
+    sequence[0, :3] = torch.tensor([1, 2, 3])
+    ws = _C.TreeWorkspace(8, 16, 3, sequence, torch.float32, torch.float32, None)
+    ws.start_generation(2)
+    ws.start(3, 2)
+    logits = torch.randn(1, 1, 12)
+    ws.topk_expand(logits, 1, 0, 3, 1.0, 1, 3, True, 1, 3, 1)  # slots 1..3, fed as rows 1..3
+    ws.use_slots(4)
+    caches = [torch.randn(1, 2, 6, 4) for _ in range(4)]  # 2 + 4 rows: target (2 groups), draft (2 groups)
+    expected = [cache.clone() for cache in caches]
+    accepted = torch.tensor([[0, 3, -1, -1]])
+    draft_rows = ws.tree_node_row[0, accepted[0]]  # the node_row entry of each accepted node (-1 past the path)
+    for cache in expected[:2]:
+        cache[:, :, 3] = cache[:, :, 2 + 3]
+    for cache in expected[2:]:
+        cache[:, :, ws.draft_base + 1] = cache[:, :, ws.draft_base + int(draft_rows[1])]
+    result = ws.commit(None, accepted, torch.tensor([1]), torch.tensor([9]), 3, [[caches[0]], [caches[1]]], 2,
+                       [[caches[2]], [caches[3]]])
+    assert result.draft_held == 2
+    for got, want in zip(caches, expected):
+        assert torch.equal(got[:, :, :4], want[:, :, :4])
+
+
+def test_workspace_trees_selection_and_root():
+    """``rerank`` makes EAGLE-2's selection the step's tree (tokens, parents, draft rows of the kept slots);
+    ``root_only`` the root alone, read from the sequence buffer."""
+    from sage_ext import reference
+
+    sequence = torch.zeros(1, 32, dtype=torch.int64)
+    sequence[0, :5] = torch.tensor([4, 3, 2, 1, 9])
+    ws = _C.TreeWorkspace(13, 32, 4, sequence, torch.float32, torch.float32, None)
+    ws.start_generation(4)
+    torch.manual_seed(0)
+    ws.start(5, 4)
+    ws.topk_expand(torch.randn(1, 1, 20), 1, 0, 3, 1.0, 1, 3, True, 1, 3, 1)
+    ws.topk_expand(torch.randn(1, 3, 20), 3, 1, 3, 1.0, 4, 9, False, 0, 0, 0)
+    slots = (ws.tokens.clone(), ws.parents.clone(), ws.logprobs.clone(), ws.cum_logprobs.clone(), ws.node_row.clone())
+    ws.rerank(13, 6)
+    want = reference.rerank_select(*slots, 6)
+    assert ws.tree_nodes == 6
+    assert torch.equal(ws.tree_tokens, want[0]) and torch.equal(ws.tree_parents, want[1])
+    assert torch.equal(ws.tree_logprobs, want[2]) and torch.equal(ws.tree_node_row, want[3])
+    root = _C.TreeWorkspace(1, 32, 2, sequence, None, torch.float32, None)
+    root.root_only(5)
+    tokens, positions, mask = root.target_inputs(4)
+    assert tokens.tolist() == [[9]] and positions.tolist() == [[4]] and mask.shape == (1, 1, 1, 5) and not mask.any()
 
 
 def test_sage_formulas_come_from_the_core():

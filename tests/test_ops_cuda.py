@@ -305,6 +305,65 @@ def test_sage_level(mask_dtype, lagged, batch, capacity, frontier_start, num_fro
                         atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch, capacity, frontier_start, num_frontier, slot_start, num_slots, k, vocab", [
+    (1, 9, 0, 1, 1, 8, 8, 32000), (3, 73, 1, 8, 9, 64, 8, 1000), (2, 200, 10, 30, 50, 150, 10, 4000)])
+def test_expand_level(batch, capacity, frontier_start, num_frontier, slot_start, num_slots, k, vocab):
+    gen = torch.Generator().manual_seed(capacity)
+    state = [torch.zeros(batch, capacity, dtype=torch.int64), torch.full((batch, capacity), -1, dtype=torch.int64),
+             torch.log(torch.rand(batch, capacity, generator=gen)), -torch.rand(batch, capacity, generator=gen) * 3]
+    state[2][:, 0] = state[3][:, 0] = 0
+    logits = torch.randn(batch, num_frontier, vocab, generator=gen) * 4
+    gpu_state = on_cuda(state)
+    args = (frontier_start, k, 0.8, slot_start, num_slots)
+    cpu = ops.expand_level_(*state, logits, *args)
+    gpu = ops.expand_level_(*gpu_state, logits.to(CUDA), *args)
+    assert_same_outputs(gpu, cpu, atol=2e-5, rtol=1e-5)
+    assert_same_outputs(gpu_state, state, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+def test_gather_level(dtype):
+    gen = torch.Generator().manual_seed(3)
+    tokens, logprobs = torch.zeros(2, 26, dtype=torch.int64), torch.zeros(2, 26)
+    logits = (torch.randn(2, 4, 32000, generator=gen) * 3).to(dtype)
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 12, 13, 14])
+    gpu_state = on_cuda([tokens, logprobs])
+    cpu = ops.gather_level_(tokens, logprobs, logits, index, 5, 4, 1.0)
+    gpu = ops.gather_level_(*gpu_state, logits.to(CUDA), index.to(CUDA), 5, 4, 1.0)
+    assert_same_outputs([gpu], [cpu], atol=2e-5, rtol=1e-5)
+    assert_same_outputs(gpu_state, [tokens, logprobs], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch, num_nodes, num_select", [(1, 457, 65), (3, 40, 40), (2, 30, 5)])
+def test_rerank_select(batch, num_nodes, num_select):
+    parents = random_parents(batch, num_nodes, seed=num_nodes)
+    gen = torch.Generator().manual_seed(num_nodes)
+    tokens = torch.randint(0, 1000, (batch, num_nodes), generator=gen)
+    logprobs = torch.log(torch.rand(batch, num_nodes, generator=gen))
+    cum = -torch.rand(batch, num_nodes, generator=gen) * 5
+    node_row = torch.randint(-1, 60, (batch, num_nodes + 1), generator=gen)
+    args = (tokens, parents, logprobs, cum, node_row, num_select)
+    parity(ops.rerank_select, *args)
+
+
+@pytest.mark.parametrize("mask_dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("with_node_row", [False, True])
+def test_tree_mask_feed(mask_dtype, with_node_row):
+    gen = torch.Generator().manual_seed(5)
+    batch, capacity = 2, 65
+    parents = random_parents(batch, capacity, seed=5)
+    mask = torch.where(torch.rand(batch, capacity + 1, capacity, generator=gen) < 0.5, 0.0,
+                       torch.finfo(mask_dtype).min).to(mask_dtype)
+    mask[:, -1] = torch.finfo(mask_dtype).min
+    node_row = torch.randint(-1, 20, (batch, capacity + 1), generator=gen) if with_node_row else None
+    slot_start, first_row, count = (30, 20, 25) if with_node_row else (20, 20, 25)
+    gpu_mask = mask.to(CUDA)
+    ops.tree_mask_feed_(mask, parents, node_row, slot_start, first_row, count)
+    ops.tree_mask_feed_(gpu_mask, parents.to(CUDA), None if node_row is None else node_row.to(CUDA), slot_start,
+                        first_row, count)
+    assert torch.equal(gpu_mask.cpu(), mask)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_draft", [False, True])
 def test_commit_tree(dtype, with_draft):

@@ -1,4 +1,5 @@
-"""The fused engine-step ops: sage_level_ and commit_tree_.
+"""The fused engine-step ops: sage_level_, expand_level_, gather_level_, rerank_select, tree_mask_feed_ and
+commit_tree_ (what the engine's workspace calls between model forwards, on every device).
 
 sage_level_ must be exactly the composition it fuses (topk_confidence -> sage_tree -> expand_tree of the
 native ops, then the new slots' mask rows) and agree with the reference; a whole SAGE build with it leaves
@@ -155,6 +156,101 @@ def test_sage_build_leaves_the_tree_buffers_mask(batch, budget, k, sharpness, la
 # --------------------------------------------------------------------------------------------
 # commit_tree_
 # --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# expand_level_, gather_level_, rerank_select, tree_mask_feed_
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("batch, capacity, frontier_start, num_frontier, slot_start, num_slots, k", [
+    (1, 9, 0, 1, 1, 8, 8), (3, 40, 1, 4, 5, 16, 4), (2, 80, 3, 6, 12, 60, 10), (1, 20, 2, 3, 5, 0, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expand_level_matches_the_reference(dtype, batch, capacity, frontier_start, num_frontier, slot_start,
+                                            num_slots, k, seed):
+    inputs = random_level_inputs(batch, capacity, frontier_start, num_frontier, slot_start, 300, dtype, None, seed)
+    mine = [t.clone() for t in inputs[:4]]
+    theirs = [t.clone() for t in inputs[:4]]
+    args = (inputs[5], frontier_start, k, 0.7, slot_start, num_slots)
+    got = ops.expand_level_(*mine, *args)
+    want = reference.expand_level_(*theirs, *args)
+    assert_same_outputs(got, want, atol=1e-5, rtol=1e-5)
+    assert_same_outputs(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert int(got[0].max()) <= num_slots
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("batch, num_frontier, k, child_index, slot_start", [
+    (1, 1, 4, [0, 1, 2, 3], 1), (2, 3, 3, [0, 1, 3, 8, 4], 4), (3, 2, 1, [1], 7)])
+def test_gather_level_matches_the_reference(dtype, batch, num_frontier, k, child_index, slot_start):
+    gen = torch.Generator().manual_seed(num_frontier * 7 + k)
+    tokens = torch.randint(0, 50, (batch, 12), generator=gen)
+    logprobs = torch.randn(batch, 12, generator=gen)
+    logits = (torch.randn(batch, num_frontier, 50, generator=gen) * 2).to(dtype)
+    index = torch.tensor(child_index)
+    mine, theirs = (tokens.clone(), logprobs.clone()), (tokens.clone(), logprobs.clone())
+    got = ops.gather_level_(*mine, logits, index, slot_start, k, 0.9)
+    want = reference.gather_level_(*theirs, logits, index, slot_start, k, 0.9)
+    assert_same_outputs([got], [want], atol=1e-6, rtol=1e-6)
+    assert_same_outputs(mine, theirs, atol=1e-6, rtol=1e-6)
+    untouched = [i for i in range(12) if not slot_start <= i < slot_start + len(child_index)]
+    assert torch.equal(mine[0][:, untouched], tokens[:, untouched])
+
+
+def test_gather_level_refuses_an_index_outside_the_top_k():
+    tokens, logprobs = torch.zeros(1, 6, dtype=torch.int64), torch.zeros(1, 6)
+    with pytest.raises(ValueError, match=r"child_index\[1\] = 4 must be in \[0, F \* k\)"):
+        ops.gather_level_(tokens, logprobs, torch.randn(1, 2, 10), torch.tensor([0, 4]), 1, 2, 1.0)
+    with pytest.raises(ValueError, match="slot_start"):
+        ops.gather_level_(tokens, logprobs, torch.randn(1, 2, 10), torch.tensor([0, 1]), 5, 2, 1.0)
+
+
+@given(seed=seeds, batch=st.integers(1, 4), num_nodes=st.integers(1, 40), select_frac=st.floats(0.0, 1.0))
+def test_rerank_select_matches_the_reference(seed, batch, num_nodes, select_frac):
+    parents = random_parents(batch, num_nodes, seed)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = random_tokens_for(parents, 1000, seed)
+    logprobs = torch.log(torch.rand(batch, num_nodes, generator=gen))
+    cum = -torch.rand(batch, num_nodes, generator=gen) * 5
+    node_row = torch.where(torch.rand(batch, num_nodes + 3, generator=gen) < 0.7,
+                           torch.randint(0, 50, (batch, num_nodes + 3), generator=gen), -1)
+    num_select = 1 + int(select_frac * (num_nodes - 1))
+    got = ops.rerank_select(tokens, parents, logprobs, cum, node_row, num_select)
+    want = reference.rerank_select(tokens, parents, logprobs, cum, node_row, num_select)
+    assert_same_outputs(got, want)
+    keep, new_parents = ops.rerank_tree(parents, cum, num_select)
+    assert torch.equal(got[1], new_parents) and (got[3][:, -1] == -1).all()
+
+
+@pytest.mark.parametrize("mask_dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("with_node_row", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_mask_feed_matches_the_reference(mask_dtype, with_node_row, seed):
+    batch, capacity, rows, columns = 2, 30, 17, 20
+    parents = random_parents(batch, capacity, seed)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.where(torch.rand(batch, rows, columns, generator=gen) < 0.5, 0.0,
+                       torch.finfo(mask_dtype).min).to(mask_dtype)
+    mask[:, -1] = torch.finfo(mask_dtype).min  # the padding row
+    node_row = None
+    slot_start, first_row, count = 9, 6, 8
+    if with_node_row:  # some slots fed before (rows < first_row), others not (-1), one with a row too late
+        node_row = torch.randint(-1, first_row, (batch, capacity + 1), generator=gen)
+        node_row[:, 0] = 0
+        node_row[:, 2] = first_row + 3
+    else:
+        slot_start = first_row  # slots are rows
+    mine, theirs = mask.clone(), mask.clone()
+    ops.tree_mask_feed_(mine, parents, node_row, slot_start, first_row, count)
+    reference.tree_mask_feed_(theirs, parents, node_row, slot_start, first_row, count)
+    assert torch.equal(mine, theirs)
+    untouched = [r for r in range(rows) if not first_row <= r < first_row + count]
+    assert torch.equal(mine[:, untouched], mask[:, untouched])
+
+
+def test_tree_mask_feed_refuses_rows_past_the_padding_row():
+    mask = torch.zeros(1, 5, 8)
+    with pytest.raises(ValueError, match="first_row"):
+        ops.tree_mask_feed_(mask, torch.tensor([[-1, 0, 0, 1]]), None, 1, 2, 3)
+
+
 def depths_of(parents_row):
     depth = [0] * len(parents_row)
     for i in range(1, len(parents_row)):

@@ -1,11 +1,17 @@
 // CPU implementations of the fused engine-step ops of docs/OPS.md:
-//   sage_level_   one SAGE level: topk_confidence of the frontier's logits, sage_tree, expand_tree and
-//                 the tree-mask rows of the new slots, in place;
-//   commit_tree_  after verification: the new tokens into the sequence buffer, kv_compact_ of the
-//                 target's and the draft's caches, and the step's host readback in one tensor.
-// Each is the work of a dozen small ATen calls in one: they run between model forwards, where every
+//   sage_level_      one SAGE level: topk_confidence of the frontier's logits, sage_tree, expand_tree and
+//                    the tree-mask rows of the new slots, in place;
+//   expand_level_    one EAGLE-2 level: topk_confidence, then expand_tree with k children per frontier slot;
+//   gather_level_    one level of a fixed tree: topk_confidence, then the children's tokens and log-probs
+//                    gathered from the flattened top-k;
+//   rerank_select    EAGLE-2's final selection: rerank_tree, then the kept nodes' tokens, log-probs and rows;
+//   tree_mask_feed_  the draft tree-mask rows of the slots fed to the draft (parents' rows, own column open);
+//   commit_tree_     after verification: the new tokens into the sequence buffer, kv_compact_ of the
+//                    target's and the draft's caches, and the step's host readback in one tensor.
+// Each is the work of several small ATen calls in one: they run between model forwards, where every
 // separate call pays again for the caches the forward evicted. The row algorithms are core/'s, the
-// vocabulary and KV loops the ones topk_confidence and kv_compact_ use (cpu_utils.h).
+// vocabulary and KV loops the ones topk_confidence and kv_compact_ use (cpu_utils.h); top-k scratch and
+// frontier lists are thread-local buffers reused across calls.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -20,7 +26,6 @@
 #include "../core/kv_compact.h"
 #include "../core/tree.h"
 #include "cpu_utils.h"
-#include "step_cpu.h"
 
 namespace sage_ext::cpu {
 namespace {
@@ -61,8 +66,7 @@ core::TreeRow tree_row(const at::Tensor& tokens, const at::Tensor& parents, cons
                        capacity};
 }
 
-}  // namespace
-
+// sage_level_ on checked arguments: count[B], frontier_alpha[B * F], max_depth[B].
 void sage_level_into(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
                      const at::Tensor& cum_logprobs, const std::optional<at::Tensor>& tree_mask,
                      const at::Tensor& logits, int64_t first_row, int64_t num_frontier,
@@ -102,34 +106,6 @@ void sage_level_into(const at::Tensor& tokens, const at::Tensor& parents, const 
   }
 }
 
-int64_t topk_expand_into(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs,
-                         const at::Tensor& cum_logprobs, const at::Tensor& logits, int64_t first_row,
-                         int64_t num_frontier, int64_t frontier_start, int64_t k, double temperature,
-                         int64_t slot_start, int64_t num_slots, float* frontier_alpha) {
-  const TopkScratch& topk = topk_rows(logits, 0, first_row, num_frontier, k, temperature, frontier_alpha);
-  const std::vector<int64_t>& frontier = slot_range(frontier_start, num_frontier);
-  thread_local std::vector<int64_t> widths;
-  widths.assign(num_frontier, k);
-  const core::FrontierRow proposals{frontier.data(), topk.logprobs.data(), topk.ids.data(), widths.data(),
-                                    num_frontier,    k,                     -std::numeric_limits<float>::infinity()};
-  return core::expand_tree_row(tree_row(tokens, parents, logprobs, cum_logprobs, 0), proposals, slot_start, num_slots);
-}
-
-void topk_gather_into(const at::Tensor& tokens, const at::Tensor& logprobs, const at::Tensor& logits,
-                      int64_t first_row, int64_t num_frontier, int64_t k, double temperature,
-                      const at::Tensor& child_index, int64_t start, float* frontier_alpha) {
-  const TopkScratch& topk = topk_rows(logits, 0, first_row, num_frontier, k, temperature, frontier_alpha);
-  const int64_t* index = child_index.const_data_ptr<int64_t>();
-  int64_t* token_out = tokens.data_ptr<int64_t>() + start;
-  float* logprob_out = logprobs.data_ptr<float>() + start;
-  for (int64_t c = 0; c < child_index.size(0); ++c) {
-    token_out[c] = topk.ids[index[c]];
-    logprob_out[c] = topk.logprobs[index[c]];
-  }
-}
-
-namespace {
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cpu(
     const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs, const at::Tensor& cum_logprobs,
     const std::optional<at::Tensor>& tree_mask, const at::Tensor& logits_in, const std::optional<at::Tensor>& alpha,
@@ -146,6 +122,124 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cpu(
                   d_max, w_min, w_max, theta_scale, count.data_ptr<int64_t>(), frontier_alpha.data_ptr<float>(),
                   max_depth.data_ptr<int64_t>());
   return {count, frontier_alpha, max_depth};
+}
+
+std::tuple<at::Tensor, at::Tensor> expand_level_cpu(const at::Tensor& tokens, const at::Tensor& parents,
+                                                    const at::Tensor& logprobs, const at::Tensor& cum_logprobs,
+                                                    const at::Tensor& logits_in, int64_t frontier_start, int64_t k,
+                                                    double temperature, int64_t slot_start, int64_t num_slots) {
+  check_expand_level_args(tokens, parents, logprobs, cum_logprobs, logits_in, frontier_start, k, temperature,
+                          slot_start, num_slots);
+  const at::Tensor logits = with_contiguous_last_dim(logits_in);
+  const int64_t batch = tokens.size(0);
+  const int64_t num_frontier = logits.size(1);
+  at::Tensor frontier_alpha = empty_on(tokens, {batch, num_frontier}, c10::kFloat);
+  at::Tensor count = empty_on(tokens, {batch}, c10::kLong);
+  const std::vector<int64_t>& frontier = slot_range(frontier_start, num_frontier);
+  thread_local std::vector<int64_t> widths;
+  widths.assign(num_frontier, k);  // every frontier slot k children, no threshold
+  for (int64_t b = 0; b < batch; ++b) {
+    const TopkScratch& topk =
+        topk_rows(logits, b, 0, num_frontier, k, temperature, frontier_alpha.data_ptr<float>() + b * num_frontier);
+    const core::FrontierRow proposals{frontier.data(), topk.logprobs.data(), topk.ids.data(), widths.data(),
+                                      num_frontier,    k,                     -std::numeric_limits<float>::infinity()};
+    count.data_ptr<int64_t>()[b] =
+        core::expand_tree_row(tree_row(tokens, parents, logprobs, cum_logprobs, b), proposals, slot_start, num_slots);
+  }
+  return {count, frontier_alpha};
+}
+
+at::Tensor gather_level_cpu(const at::Tensor& tokens, const at::Tensor& logprobs, const at::Tensor& logits_in,
+                            const at::Tensor& child_index_in, int64_t slot_start, int64_t k, double temperature) {
+  check_gather_level_args(tokens, logprobs, logits_in, child_index_in, slot_start, k, temperature);
+  const at::Tensor logits = with_contiguous_last_dim(logits_in);
+  const at::Tensor child_index = child_index_in.contiguous();
+  const int64_t batch = tokens.size(0);
+  const int64_t capacity = tokens.size(1);
+  const int64_t num_frontier = logits.size(1);
+  const int64_t children = child_index.size(0);
+  const int64_t* index = child_index.const_data_ptr<int64_t>();
+  for (int64_t c = 0; c < children; ++c) {
+    TORCH_CHECK_VALUE(index[c] >= 0 && index[c] < num_frontier * k, "gather_level_: child_index[", c, "] = ",
+                      index[c], " must be in [0, F * k) = [0, ", num_frontier * k, ")");
+  }
+  at::Tensor frontier_alpha = empty_on(tokens, {batch, num_frontier}, c10::kFloat);
+  for (int64_t b = 0; b < batch; ++b) {
+    const TopkScratch& topk =
+        topk_rows(logits, b, 0, num_frontier, k, temperature, frontier_alpha.data_ptr<float>() + b * num_frontier);
+    int64_t* token_out = tokens.data_ptr<int64_t>() + b * capacity + slot_start;
+    float* logprob_out = logprobs.data_ptr<float>() + b * capacity + slot_start;
+    for (int64_t c = 0; c < children; ++c) {
+      token_out[c] = topk.ids[index[c]];
+      logprob_out[c] = topk.logprobs[index[c]];
+    }
+  }
+  return frontier_alpha;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rerank_select_cpu(
+    const at::Tensor& tokens_in, const at::Tensor& parents_in, const at::Tensor& logprobs_in,
+    const at::Tensor& cum_logprobs_in, const at::Tensor& node_row_in, int64_t num_select) {
+  check_rerank_select_args(tokens_in, parents_in, logprobs_in, cum_logprobs_in, node_row_in, num_select);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const at::Tensor parents = parents_in.contiguous();
+  const at::Tensor logprobs = logprobs_in.contiguous();
+  const at::Tensor cum_logprobs = cum_logprobs_in.contiguous();
+  const at::Tensor node_row = node_row_in.contiguous();
+  validate_parent_rows("rerank_select", parents);
+  const int64_t batch = tokens.size(0);
+  const int64_t nodes = tokens.size(1);
+  at::Tensor kept_tokens = empty_on(tokens, {batch, num_select}, c10::kLong);
+  at::Tensor kept_parents = empty_on(tokens, {batch, num_select}, c10::kLong);
+  at::Tensor kept_logprobs = empty_on(tokens, {batch, num_select}, c10::kFloat);
+  at::Tensor kept_rows = empty_on(tokens, {batch, num_select + 1}, c10::kLong);
+  thread_local std::vector<int64_t> keep;
+  keep.resize(num_select);
+  for (int64_t b = 0; b < batch; ++b) {
+    core::rerank_tree_row(parents.const_data_ptr<int64_t>() + b * nodes, cum_logprobs.const_data_ptr<float>() + b * nodes,
+                          nodes, num_select, keep.data(), kept_parents.data_ptr<int64_t>() + b * num_select);
+    const int64_t* token_row = tokens.const_data_ptr<int64_t>() + b * nodes;
+    const float* logprob_row = logprobs.const_data_ptr<float>() + b * nodes;
+    const int64_t* slot_rows = node_row.const_data_ptr<int64_t>() + b * node_row.size(1);
+    int64_t* token_out = kept_tokens.data_ptr<int64_t>() + b * num_select;
+    float* logprob_out = kept_logprobs.data_ptr<float>() + b * num_select;
+    int64_t* row_out = kept_rows.data_ptr<int64_t>() + b * (num_select + 1);
+    for (int64_t j = 0; j < num_select; ++j) {
+      const int64_t slot = keep[j];  // -1: padding (fewer real nodes than num_select)
+      token_out[j] = slot >= 0 ? token_row[slot] : 0;
+      logprob_out[j] = slot >= 0 ? logprob_row[slot] : -std::numeric_limits<float>::infinity();
+      row_out[j] = slot >= 0 ? std::max<int64_t>(slot_rows[slot], -1) : -1;
+    }
+    row_out[num_select] = -1;
+  }
+  return {kept_tokens, kept_parents, kept_logprobs, kept_rows};
+}
+
+void tree_mask_feed_cpu(const at::Tensor& tree_mask, const at::Tensor& parents_in,
+                        const std::optional<at::Tensor>& node_row_in, int64_t slot_start, int64_t first_row,
+                        int64_t count) {
+  check_tree_mask_feed_args(tree_mask, parents_in, node_row_in, slot_start, first_row, count);
+  const at::Tensor parents = parents_in.contiguous();
+  const at::Tensor node_row = node_row_in.has_value() ? node_row_in->contiguous() : at::Tensor();
+  const int64_t batch = parents.size(0);
+  const int64_t padding_row = tree_mask.size(1) - 1;
+  dispatch_float_dtype(tree_mask.scalar_type(), "tree_mask_feed_", [&](auto zero) {
+    using T = decltype(zero);
+    for (int64_t b = 0; b < batch; ++b) {
+      T* block = static_cast<T*>(tree_mask.data_ptr()) + b * tree_mask.stride(0);
+      const int64_t* parent_slots = parents.const_data_ptr<int64_t>() + b * parents.size(1);
+      const int64_t* row_of = node_row.defined() ? node_row.const_data_ptr<int64_t>() + b * node_row.size(1) : nullptr;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t row = first_row + j;
+        const int64_t parent = parent_slots[slot_start + j];
+        int64_t parent_row = parent < 0 ? -1 : (row_of != nullptr ? row_of[parent] : parent);
+        // a padding parent, one the draft was not fed, or a row not written before this one: the padding row
+        if (parent_row < 0 || parent_row >= first_row) parent_row = padding_row;
+        core::tree_mask_row(block + parent_row * tree_mask.stride(1), row, T(0.0f), std::numeric_limits<T>::lowest(),
+                            block + row * tree_mask.stride(1), tree_mask.size(2));
+      }
+    }
+  });
 }
 
 // The accepted path of one batch row: accepted[0] = 0 (the root), accepted[j] in [j, N) for j <= tau,
@@ -244,6 +338,10 @@ at::Tensor commit_tree_cpu(const at::Tensor& tokens_in, const at::Tensor& parent
 
 TORCH_LIBRARY_IMPL(sage_ext, CPU, m) {
   m.impl("sage_level_", &sage_level_cpu);
+  m.impl("expand_level_", &expand_level_cpu);
+  m.impl("gather_level_", &gather_level_cpu);
+  m.impl("rerank_select", &rerank_select_cpu);
+  m.impl("tree_mask_feed_", &tree_mask_feed_cpu);
   m.impl("commit_tree_", &commit_tree_cpu);
 }
 

@@ -24,6 +24,9 @@ at::Tensor expand_tree_cuda(const at::Tensor& tokens, const at::Tensor& parents,
                             const at::Tensor& topk_logprobs, const at::Tensor& topk_ids, const at::Tensor& widths,
                             const at::Tensor& min_cum_logprob, int64_t slot_start, int64_t num_slots);  // tree_ops.cu
 
+std::tuple<at::Tensor, at::Tensor> rerank_tree_cuda(const at::Tensor& parents, const at::Tensor& cum_logprobs,
+                                                    int64_t num_select);  // tree_ops.cu
+
 void compact_caches_cuda(at::TensorList caches, const at::Tensor& accepted, int64_t past_len);  // kv_compact.cu
 
 }  // namespace sage_ext::cuda

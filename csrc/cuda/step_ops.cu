@@ -1,11 +1,15 @@
 // CUDA implementations of the fused engine-step ops of docs/OPS.md: sage_level_ (the topk_confidence,
-// sage_tree and expand_tree kernels, then one kernel for the new slots' tree-mask rows) and commit_tree_
-// (one kernel for the sequence, the readback and the draft rows of the accepted path, then the kv_compact_
-// kernel for each cache list). Nothing is read back to the host: bad data is clamped or skipped, never
+// sage_tree and expand_tree kernels, then one kernel for the new slots' tree-mask rows), expand_level_
+// (topk_confidence and expand_tree), gather_level_ (topk_confidence and two gathers), rerank_select
+// (rerank_tree and gathers), tree_mask_feed_ (one kernel for the fed rows) and commit_tree_ (one kernel for
+// the sequence, the readback and the draft rows of the accepted path, then the kv_compact_ kernel for each
+// cache list). Nothing is read back to the host: bad data is clamped or skipped, never
 // raised (docs/OPS.md), and every kernel runs on the current stream of the tensors' device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -82,6 +86,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sage_level_cuda(
     });
   }
   return {count, frontier_alpha, std::get<2>(shape)};
+}
+
+// ==================================================================================================
+// expand_level_, gather_level_, rerank_select
+// ==================================================================================================
+std::tuple<at::Tensor, at::Tensor> expand_level_cuda(const at::Tensor& tokens, const at::Tensor& parents,
+                                                     const at::Tensor& logprobs, const at::Tensor& cum_logprobs,
+                                                     const at::Tensor& logits, int64_t frontier_start, int64_t k,
+                                                     double temperature, int64_t slot_start, int64_t num_slots) {
+  check_expand_level_args(tokens, parents, logprobs, cum_logprobs, logits, frontier_start, k, temperature,
+                          slot_start, num_slots);
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  const int64_t batch = tokens.size(0);
+  const int64_t num_frontier = logits.size(1);
+  const auto topk = topk_confidence_cuda(logits.reshape({batch * num_frontier, logits.size(2)}), k, temperature);
+  const at::Tensor frontier =
+      at::arange(frontier_start, frontier_start + num_frontier, tokens.options()).expand({batch, num_frontier});
+  const at::Tensor widths = at::full({batch, num_frontier}, k, tokens.options());
+  const at::Tensor no_threshold = at::full({batch}, -std::numeric_limits<float>::infinity(), logprobs.options());
+  at::Tensor count = expand_tree_cuda(tokens, parents, logprobs, cum_logprobs, frontier,
+                                      std::get<1>(topk).view({batch, num_frontier, k}),
+                                      std::get<2>(topk).view({batch, num_frontier, k}), widths, no_threshold,
+                                      slot_start, num_slots);
+  return {count, std::get<0>(topk).view({batch, num_frontier})};
+}
+
+at::Tensor gather_level_cuda(const at::Tensor& tokens, const at::Tensor& logprobs, const at::Tensor& logits,
+                             const at::Tensor& child_index, int64_t slot_start, int64_t k, double temperature) {
+  check_gather_level_args(tokens, logprobs, logits, child_index, slot_start, k, temperature);
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  const int64_t batch = tokens.size(0);
+  const int64_t num_frontier = logits.size(1);
+  const int64_t children = child_index.size(0);
+  const auto topk = topk_confidence_cuda(logits.reshape({batch * num_frontier, logits.size(2)}), k, temperature);
+  if (children > 0) {
+    // bad indices are clamped (nothing is read back to check them)
+    const at::Tensor index = child_index.clamp(0, num_frontier * k - 1);
+    tokens.narrow(1, slot_start, children).copy_(std::get<2>(topk).view({batch, num_frontier * k}).index_select(1, index));
+    logprobs.narrow(1, slot_start, children)
+        .copy_(std::get<1>(topk).view({batch, num_frontier * k}).index_select(1, index));
+  }
+  return std::get<0>(topk).view({batch, num_frontier});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rerank_select_cuda(
+    const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& logprobs, const at::Tensor& cum_logprobs,
+    const at::Tensor& node_row, int64_t num_select) {
+  check_rerank_select_args(tokens, parents, logprobs, cum_logprobs, node_row, num_select);
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  auto [keep, kept_parents] = rerank_tree_cuda(parents, cum_logprobs, num_select);
+  const at::Tensor padding = keep.lt(0);
+  const at::Tensor slots = keep.clamp_min(0);  // padding (-1) reads slot 0, then is overwritten
+  at::Tensor kept_tokens = tokens.gather(1, slots).masked_fill_(padding, 0);
+  at::Tensor kept_logprobs = logprobs.gather(1, slots).masked_fill_(padding, -std::numeric_limits<float>::infinity());
+  at::Tensor kept_rows = node_row.gather(1, slots).clamp_min_(-1).masked_fill_(padding, -1);
+  kept_rows = at::cat({kept_rows, at::full({keep.size(0), 1}, -1, keep.options())}, 1);
+  return {kept_tokens, kept_parents, kept_logprobs, kept_rows};
+}
+
+// ==================================================================================================
+// tree_mask_feed_
+// ==================================================================================================
+// grid (count, B), block kMaskRowThreads. Row first_row + blockIdx.x = the row of its slot's parent (node_row of
+// the parent, or the parent itself without node_row) with its own column opened; a parent row that is not a row
+// written before first_row (padding, not fed, bad data) gives the all-blocked padding row R - 1. No block reads a
+// row another block writes.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaskRowThreads)
+    tree_mask_feed_kernel(const int64_t* __restrict__ parents, int64_t capacity, const int64_t* __restrict__ node_row,
+                          int64_t node_row_len, scalar_t* mask, int64_t stride_b, int64_t stride_r, int64_t rows,
+                          int64_t width, int64_t slot_start, int64_t first_row, scalar_t blocked) {
+  const int64_t b = blockIdx.y;
+  const int64_t row = first_row + blockIdx.x;
+  const int64_t parent = parents[b * capacity + slot_start + blockIdx.x];
+  int64_t parent_row = parent;
+  if (parent >= 0 && node_row != nullptr) parent_row = parent < node_row_len ? node_row[b * node_row_len + parent] : -1;
+  if (parent < 0 || parent_row < 0 || parent_row >= first_row) parent_row = rows - 1;
+  scalar_t* base = mask + b * stride_b;
+  core::tree_mask_row(base + parent_row * stride_r, row, scalar_t(0.0f), blocked, base + row * stride_r, width,
+                      threadIdx.x, blockDim.x);
+}
+
+void tree_mask_feed_cuda(const at::Tensor& tree_mask, const at::Tensor& parents_in,
+                         const std::optional<at::Tensor>& node_row_in, int64_t slot_start, int64_t first_row,
+                         int64_t count) {
+  check_tree_mask_feed_args(tree_mask, parents_in, node_row_in, slot_start, first_row, count);
+  const c10::cuda::CUDAGuard guard(tree_mask.device());
+  const int64_t batch = parents_in.size(0);
+  if (count == 0 || batch == 0) return;
+  TORCH_CHECK(count <= INT32_MAX && batch <= 65535, "tree_mask_feed_: too many rows or batch rows for one launch");
+  const at::Tensor parents = parents_in.contiguous();
+  const at::Tensor node_row = node_row_in.has_value() ? node_row_in->contiguous() : at::Tensor();
+  dispatch_float_dtype(tree_mask.scalar_type(), "tree_mask_feed_", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    tree_mask_feed_kernel<scalar_t>
+        <<<dim3(static_cast<unsigned>(count), static_cast<unsigned>(batch)), kMaskRowThreads, 0,
+           c10::cuda::getCurrentCUDAStream()>>>(
+            parents.const_data_ptr<int64_t>(), parents.size(1),
+            node_row.defined() ? node_row.const_data_ptr<int64_t>() : nullptr,
+            node_row.defined() ? node_row.size(1) : 0, static_cast<scalar_t*>(tree_mask.data_ptr()),
+            tree_mask.stride(0), tree_mask.stride(1), tree_mask.size(1), tree_mask.size(2), slot_start, first_row,
+            std::numeric_limits<scalar_t>::lowest());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // ==================================================================================================
@@ -194,6 +302,10 @@ at::Tensor commit_tree_cuda(const at::Tensor& tokens_in, const at::Tensor& paren
 
 TORCH_LIBRARY_IMPL(sage_ext, CUDA, m) {
   m.impl("sage_level_", &sage_level_cuda);
+  m.impl("expand_level_", &expand_level_cuda);
+  m.impl("gather_level_", &gather_level_cuda);
+  m.impl("rerank_select", &rerank_select_cuda);
+  m.impl("tree_mask_feed_", &tree_mask_feed_cuda);
   m.impl("commit_tree_", &commit_tree_cuda);
 }
 

@@ -365,6 +365,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rerank_tree_cuda(const at::Tensor& parents_in, const at::Tensor& cum_logprobs_in,
                                                     int64_t num_select) {
   check_rerank_tree_args(parents_in, cum_logprobs_in, num_select);
@@ -382,6 +384,8 @@ std::tuple<at::Tensor, at::Tensor> rerank_tree_cuda(const at::Tensor& parents_in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {keep, new_parents};
 }
+
+namespace {
 
 // ==================================================================================================
 // tree_buffers

@@ -3,8 +3,7 @@
 // minus the Python argument parsing), the glue (views, copies, fills) through ATen.
 #include "tree_workspace.h"
 
-#include "../core/tree.h"
-#include "../cpu/step_cpu.h"
+#include "../op_signatures.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
@@ -13,8 +12,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/index.h>
-#include <ATen/ops/index_select.h>
-#include <ATen/ops/maximum.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
@@ -25,30 +22,12 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <numeric>
 
 namespace sage_ext::session {
 namespace {
 
-// ---- the sage_ext ops, resolved once (signatures of their registered kernels) ----------------------
-using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using TopkSig = TensorTriple(const at::Tensor&, int64_t, double);
-using SageLevelSig = TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                  int64_t, int64_t, int64_t, int64_t, int64_t, double, double, double, double, double,
-                                  double);
-using TreeBuffersSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor>(const at::Tensor&, int64_t, c10::ScalarType);
-using VerifyGreedySig = TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&);
-using ExpandSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, int64_t, int64_t);
-using RerankSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t);
-using CommitSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, int64_t, at::TensorList, int64_t, at::TensorList,
-                             const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&);
-
-// op<"sage_ext::name", Sig>(): the operator's typed handle, looked up once per operator.
+// op<"sage_ext::name", Sig>(): the operator's typed handle, looked up once per operator (the dispatcher then
+// picks the kernel of the arguments' device on every call).
 template <size_t N>
 struct OpName {
   char value[N];
@@ -61,17 +40,15 @@ const c10::TypedOperatorHandle<Sig>& op() {
   return handle;
 }
 
-// The op path's top-k of the last `frontier_count` rows of draft logits [1, T, V].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> frontier_topk(const at::Tensor& logits, int64_t frontier_count,
-                                                             int64_t k, double temperature) {
-  const at::Tensor rows = logits.narrow(1, logits.size(1) - frontier_count, frontier_count).select(0, 0);
-  return op<"sage_ext::topk_confidence", TopkSig>().call(rows, k, temperature);
-}
-
 void check_draft_logits(const at::Tensor& logits, int64_t frontier_count, const char* what) {
   TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(0) == 1 && frontier_count >= 1 && logits.size(1) >= frontier_count,
                     "TreeWorkspace.", what, ": logits must be [1, T, V] with T >= frontier_count (", frontier_count,
                     "), got shape ", logits.sizes());
+}
+
+// The frontier's rows of draft logits [1, T, V]: the last `frontier_count`.
+at::Tensor frontier_rows(const at::Tensor& logits, int64_t frontier_count) {
+  return logits.size(1) == frontier_count ? logits : logits.narrow(1, logits.size(1) - frontier_count, frontier_count);
 }
 
 // Row length of a mask buffer: a multiple of 64 elements, so every row view starts at an aligned address
@@ -92,12 +69,17 @@ double blocked_value(c10::ScalarType dtype) {
   }
 }
 
+// A host int64 of a one-element device tensor (free on the CPU, a sync elsewhere).
+int64_t host_int(const at::Tensor& value) {
+  return value.is_cpu() ? value.const_data_ptr<int64_t>()[0] : value.item<int64_t>();
+}
+
 }  // namespace
 
 TreeWorkspace::TreeWorkspace(int64_t capacity, int64_t max_cache_len, int64_t chain_rows, const at::Tensor& sequence,
                              std::optional<c10::ScalarType> draft_dtype, c10::ScalarType target_dtype,
-                             const std::optional<at::Tensor>& row_table, bool direct_cpu)
-    : capacity_(capacity), direct_cpu_(direct_cpu), sequence_(sequence), target_dtype_(target_dtype) {
+                             const std::optional<at::Tensor>& row_table)
+    : capacity_(capacity), sequence_(sequence), target_dtype_(target_dtype) {
   TORCH_CHECK_VALUE(capacity >= 1, "TreeWorkspace: capacity must be >= 1, got ", capacity);
   const auto longs = sequence.options().dtype(at::kLong);
   const auto floats = sequence.options().dtype(at::kFloat);
@@ -125,17 +107,12 @@ TreeWorkspace::TreeWorkspace(int64_t capacity, int64_t max_cache_len, int64_t ch
   edge_rows_ = at::tensor({int64_t{0}, capacity}, longs);
   edge_values_ = at::full({1, 2, capacity}, blocked, mask_options);
   edge_values_.select(0, 0).select(0, 0).select(0, 0).fill_(0);
-  self_columns_ = at::full({capacity, capacity}, blocked, mask_options).fill_diagonal_(0);
   chain_ = at::zeros({1, 1, chain_rows, aligned_width(max_cache_len + chain_rows)}, mask_options);
   chain_block_ = at::full({chain_rows, chain_rows}, blocked, mask_options).triu_(1);
 }
 
-bool TreeWorkspace::direct(const at::Tensor& logits) const {
-  return direct_cpu_ && tokens.is_cpu() && logits.is_cpu() && (logits.size(2) <= 1 || logits.stride(2) == 1);
-}
-
 at::Tensor TreeWorkspace::node_row() const {
-  if (fixed_node_row_.defined()) return fixed_node_row_;
+  if (layout_.has_value()) return layout_->node_row;
   return slots_are_rows_ ? row_table_.select(0, rows_used) : node_row_;
 }
 
@@ -150,26 +127,33 @@ void TreeWorkspace::start_generation(int64_t draft_cache_len) {
   rows_used = 0;
 }
 
-ForwardInputs TreeWorkspace::start(int64_t cur_len, int64_t draft_done, const std::optional<at::Tensor>& layout_parents,
-                                   const std::optional<at::Tensor>& layout_node_row,
-                                   const std::optional<at::Tensor>& layout_draft_block) {
+void TreeWorkspace::root_only(int64_t cur_len) {
+  TORCH_CHECK_VALUE(cur_len >= 1 && cur_len <= sequence_.size(1), "TreeWorkspace.root_only: cur_len must be in [1, ",
+                    sequence_.size(1), "], got ", cur_len);
+  root_position_ = cur_len - 1;
+  root_alpha_ = at::Tensor();
+  tree_kind_ = TreeKind::kRoot;
+  tree_nodes_ = 1;
+}
+
+ForwardInputs TreeWorkspace::start(int64_t cur_len, int64_t draft_done, const FixedLayout* layout) {
   TORCH_CHECK(mask.defined(), "TreeWorkspace.start: the workspace was made without a draft");
   const int64_t rows = cur_len - draft_done;  // pending committed tokens + the root
   TORCH_CHECK_VALUE(rows >= 1 && draft_done >= 0, "TreeWorkspace.start: need 0 <= draft_done < cur_len, got ",
                     draft_done, " and ", cur_len);
   tokens.narrow(1, 0, 1).copy_(sequence_.narrow(1, cur_len - 1, 1));
   root_position_ = cur_len - 1;
-  const bool fixed = layout_parents.has_value();
-  if (fixed) {
-    TORCH_CHECK_VALUE(layout_node_row.has_value() && layout_draft_block.has_value(),
-                      "TreeWorkspace.start: a fixed layout needs its parents, node_row and draft block");
-    if (!layout_parents_.defined() || !layout_parents_.is_same(*layout_parents)) {
-      parents.select(0, 0).narrow(0, 0, layout_parents->size(0)).copy_(*layout_parents);
-      layout_parents_ = *layout_parents;
+  root_alpha_ = at::Tensor();
+  tree_kind_ = TreeKind::kSlots;
+  tree_nodes_ = 1;
+  if (layout != nullptr) {
+    if (!layout_parents_.defined() || !layout_parents_.is_same(layout->parents)) {
+      parents.select(0, 0).narrow(0, 0, layout->parents.size(0)).copy_(layout->parents);
+      layout_parents_ = layout->parents;
     }
-    fixed_node_row_ = *layout_node_row;
+    layout_ = *layout;
   } else {
-    fixed_node_row_ = at::Tensor();
+    layout_.reset();
   }
   rows_used = 0;
   slots_are_rows_ = true;
@@ -184,9 +168,9 @@ ForwardInputs TreeWorkspace::start(int64_t cur_len, int64_t draft_done, const st
   if (rows_written_ > 0) block_.narrow(1, 0, rows_written_).zero_();
   block_.narrow(1, capacity_, 1).zero_();
   block_ = mask.select(0, 0).narrow(2, base, capacity_);
-  if (fixed) {
-    const int64_t size = layout_draft_block->size(1);
-    block_.narrow(1, 0, size).narrow(2, 0, size).copy_(*layout_draft_block);
+  if (layout != nullptr) {
+    const int64_t size = layout->draft_block.size(1);
+    block_.narrow(1, 0, size).narrow(2, 0, size).copy_(layout->draft_block);
     rows_written_ = size;
   } else {
     block_.index_copy_(1, edge_rows_, edge_values_);
@@ -226,81 +210,26 @@ ForwardInputs TreeWorkspace::draft_inputs(int64_t slot_start, int64_t count, int
   return {tokens.narrow(1, slot_start, count), node_positions, mask_rows};
 }
 
-namespace {
-
-// CPU path of write_feed_rows: draft row first + j = the row of slot (slot_start + j)'s parent (the padding
-// row when the parent is padding or was not fed) with its own column opened.
-template <typename T>
-void feed_rows(T* block, int64_t row_stride, int64_t width, const int64_t* parents, const int64_t* node_row,
-               int64_t slot_start, int64_t first, int64_t count, int64_t padding_row) {
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t row = first + j;
-    const int64_t parent = parents[slot_start + j];
-    int64_t parent_row = parent < 0 ? padding_row : (node_row != nullptr ? node_row[parent] : parent);
-    if (parent_row < 0) parent_row = padding_row;
-    // the tree-mask row rule; the padding row is a real (all-blocked) row of the block, so there is always a
-    // parent row to copy
-    core::tree_mask_row(block + parent_row * row_stride, row, T(0.0f), std::numeric_limits<T>::lowest(),
-                        block + row * row_stride, width);
-  }
-}
-
-}  // namespace
-
-void TreeWorkspace::write_feed_rows(int64_t slot_start, int64_t count) {
-  const int64_t first = rows_used;
-  const bool slot_is_row = slots_are_rows_ && slot_start == first;  // slot == row for every fed node so far
-  if (!slot_is_row && slots_are_rows_) {  // the first feed where slots and rows part: write the map once
-    slots_are_rows_ = false;
-    node_row_.copy_(row_table_.select(0, first));
-  }
-  const at::Tensor map = node_row_.select(0, 0);
-  const at::Tensor block = block_.select(0, 0);
-  if (direct_cpu_ && block.is_cpu()) {
-    int64_t* rows = map.data_ptr<int64_t>();
-    if (!slot_is_row) std::iota(rows + slot_start, rows + slot_start + count, first);
-    const int64_t* parent_slots = parents.const_data_ptr<int64_t>();
-    const int64_t* row_of = slot_is_row ? nullptr : rows;
-    switch (block.scalar_type()) {
-      case c10::kFloat:
-        feed_rows(block.data_ptr<float>(), block.stride(0), capacity_, parent_slots, row_of, slot_start, first, count,
-                  capacity_);
-        break;
-      case c10::kHalf:
-        feed_rows(block.data_ptr<c10::Half>(), block.stride(0), capacity_, parent_slots, row_of, slot_start, first,
-                  count, capacity_);
-        break;
-      default:
-        feed_rows(block.data_ptr<c10::BFloat16>(), block.stride(0), capacity_, parent_slots, row_of, slot_start,
-                  first, count, capacity_);
-        break;
-    }
-  } else {
-    const at::Tensor slot_parents = parents.select(0, 0).narrow(0, slot_start, count);
-    at::Tensor parent_rows = slot_parents;
-    if (!slot_is_row) {
-      map.narrow(0, slot_start, count).copy_(arange_.narrow(0, first, count));
-      parent_rows = at::index(map, c10::List<std::optional<at::Tensor>>({slot_parents}));
-    }
-    // core::tree_mask_row as tensor ops: a row = its parent's row (a parent of -1, padding, picks the
-    // all-blocked last row) with its own column opened: max(parent row, [blocked except 0 on the diagonal])
-    at::Tensor rows = block.narrow(0, first, count);
-    at::maximum_out(rows, at::index(block, c10::List<std::optional<at::Tensor>>({parent_rows})),
-                    self_columns_.narrow(0, first, count));
-  }
-  rows_written_ = std::max(rows_written_, first + count);
-}
-
 ForwardInputs TreeWorkspace::feed(int64_t slot_start, int64_t count, int64_t node_depth) {
-  TORCH_CHECK(mask.defined(), "TreeWorkspace.feed: the workspace was made without a draft");
-  const int64_t first = rows_used, last = rows_used + count;
-  TORCH_CHECK_VALUE(count >= 1 && slot_start >= 1 && slot_start + count <= capacity_ && last <= capacity_,
-                    "TreeWorkspace.feed: slots [", slot_start, ", ", slot_start + count, ") after ", first,
-                    " fed rows exceed the draft tree's capacity (", capacity_, ")");
-  // a fixed layout's rows were all written by start(); sage_level wrote the rows of the slots it expanded
+  TORCH_CHECK_VALUE(count >= 1 && slot_start >= 1 && slot_start + count <= capacity_ && rows_used + count <= capacity_,
+                    "TreeWorkspace: cannot feed slots [", slot_start, ", ", slot_start + count, ") after ", rows_used,
+                    " rows (capacity ", capacity_, ")");
+  const int64_t first = rows_used;
+  const int64_t last = first + count;
+  // mask rows: a fixed layout's are all written by start(); sage_level wrote the rows of the slots it expanded
   // while slots were rows
-  if (!fixed_node_row_.defined() && !(slots_are_rows_ && slot_start == first && last <= rows_ready_)) {
-    write_feed_rows(slot_start, count);
+  if (!layout_.has_value() && !(slots_are_rows_ && slot_start == first && last <= rows_ready_)) {
+    const bool slot_is_row = slots_are_rows_ && slot_start == first;  // slot == row for every fed node so far
+    if (!slot_is_row) {
+      if (slots_are_rows_) {  // the first feed where slots and rows part: the map of the rows fed so far
+        slots_are_rows_ = false;
+        node_row_.copy_(row_table_.select(0, first));
+      }
+      node_row_.narrow(1, slot_start, count).copy_(arange_.narrow(0, first, count).unsqueeze(0));
+    }
+    op<"sage_ext::tree_mask_feed_", TreeMaskFeedSig>().call(
+        block_, parents, slot_is_row ? std::nullopt : std::optional<at::Tensor>(node_row_), slot_start, first, count);
+    rows_written_ = std::max(rows_written_, last);
   }
   ForwardInputs inputs = draft_inputs(slot_start, count, node_depth);
   rows_used = last;
@@ -314,42 +243,33 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
     double w_min, double w_max, double theta_scale, int64_t used, int64_t n_max, int64_t known_count,
     int64_t known_max_depth) {
   check_draft_logits(logits, frontier_count, "sage_level");
-  const int64_t first_row = logits.size(1) - frontier_count;
   tree_written();
   std::optional<at::Tensor> rows_mask;
-  if (mask.defined() && slots_are_rows_ && !fixed_node_row_.defined() && slot_start <= rows_ready_) {
+  if (mask.defined() && slots_are_rows_ && !layout_.has_value() && slot_start <= rows_ready_) {
     rows_mask = block_;  // the new slots' rows come with the expansion
     rows_ready_ = slot_start + num_slots;
     rows_written_ = std::max(rows_written_, rows_ready_);
   }
+  auto [count_t, alpha_t, max_depth_t] = op<"sage_ext::sage_level_", SageLevelSig>().call(
+      tokens, parents, logprobs, cum_logprobs, rows_mask, frontier_rows(logits, frontier_count), alpha, frontier_start,
+      level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale);
   at::Tensor frontier_alpha;  // returned for the root level only
-  int64_t count = 0, max_depth = 0;
-  if (direct(logits)) {
-    float* alpha_out = alpha_output(level == 1, frontier_count, frontier_alpha, {1, frontier_count});
-    cpu::sage_level_into(tokens, parents, logprobs, cum_logprobs, rows_mask, logits, first_row, frontier_count, alpha,
-                         frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max,
-                         theta_scale, &count, alpha_out, &max_depth);
-    std::fill_n(depth_.data_ptr<int64_t>() + slot_start, num_slots, level);
-  } else {
-    auto [count_t, alpha_t, max_depth_t] = op<"sage_ext::sage_level_", SageLevelSig>().call(
-        tokens, parents, logprobs, cum_logprobs, rows_mask, logits.narrow(1, first_row, frontier_count), alpha,
-        frontier_start, level, slot_start, num_slots, k, temperature, d_min, d_max, w_min, w_max, theta_scale);
-    if (level == 1) frontier_alpha = alpha_t;
-    if (num_slots > 0) depth_.narrow(1, slot_start, num_slots).fill_(level);
-    // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
-    // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two
-    if (known_count < 0 && known_max_depth < 0) {
-      const at::Tensor both = at::cat({count_t.reshape({1}), max_depth_t.reshape({1}).to(count_t.dtype())}).cpu();
-      count = both[0].item<int64_t>();
-      max_depth = both[1].item<int64_t>();
-    } else if (known_count < 0) {
-      count = count_t.item<int64_t>();
-    } else if (known_max_depth < 0) {
-      max_depth = max_depth_t.item<int64_t>();
-    }
+  if (level == 1) {
+    frontier_alpha = alpha_t;
+    root_alpha_ = alpha_t.select(1, 0);
   }
-  if (known_count >= 0) count = known_count;  // static shapes: the level's slots, padding included
-  if (known_max_depth >= 0) max_depth = known_max_depth;
+  if (num_slots > 0) depth_.narrow(1, slot_start, num_slots).fill_(level);
+  // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
+  // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two
+  int64_t count = known_count, max_depth = known_max_depth;
+  if (known_count < 0 && known_max_depth < 0 && !count_t.is_cpu()) {
+    const at::Tensor both = at::cat({count_t.reshape({1}), max_depth_t.reshape({1})}).cpu();
+    count = both.const_data_ptr<int64_t>()[0];
+    max_depth = both.const_data_ptr<int64_t>()[1];
+  } else {
+    if (known_count < 0) count = host_int(count_t);
+    if (known_max_depth < 0) max_depth = host_int(max_depth_t);
+  }
   std::optional<ForwardInputs> next;
   if (count > 0 && level < max_depth && used + count < n_max) next = feed(slot_start, count, level);
   return {count, frontier_alpha, max_depth, next};
@@ -359,20 +279,12 @@ std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::static_level
     const at::Tensor& logits, int64_t frontier_count, const at::Tensor& child_index, int64_t start, int64_t k,
     double temperature, bool want_alpha, int64_t next_start, int64_t next_count, int64_t next_depth) {
   check_draft_logits(logits, frontier_count, "static_level");
-  const int64_t first_row = logits.size(1) - frontier_count;
+  const at::Tensor frontier_alpha = op<"sage_ext::gather_level_", GatherLevelSig>().call(
+      tokens, logprobs, frontier_rows(logits, frontier_count), child_index, start, k, temperature);
   at::Tensor alpha;
-  if (direct(logits) && child_index.is_cpu() && child_index.is_contiguous()) {
-    float* alpha_out = alpha_output(want_alpha, frontier_count, alpha, {frontier_count});
-    cpu::topk_gather_into(tokens, logprobs, logits, first_row, frontier_count, k, temperature, child_index, start,
-                          alpha_out);
-  } else {
-    auto [alpha_t, topk_logprobs, topk_ids] = frontier_topk(logits, frontier_count, k, temperature);
-    const int64_t children = child_index.size(0);
-    at::Tensor child_tokens = tokens.select(0, 0).narrow(0, start, children);
-    at::Tensor child_logprobs = logprobs.select(0, 0).narrow(0, start, children);
-    at::index_select_out(child_tokens, topk_ids.reshape({-1}), 0, child_index);
-    at::index_select_out(child_logprobs, topk_logprobs.reshape({-1}), 0, child_index);
-    if (want_alpha) alpha = alpha_t;
+  if (want_alpha) {
+    alpha = frontier_alpha.select(0, 0);
+    if (start == 1) root_alpha_ = frontier_alpha.select(1, 0);  // the frontier is the root
   }
   std::optional<ForwardInputs> next;
   if (next_count > 0) next = feed(next_start, next_count, next_depth);
@@ -384,81 +296,79 @@ std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::topk_expand(
     int64_t slot_start, int64_t num_slots, bool want_alpha, int64_t next_start, int64_t next_count,
     int64_t next_depth) {
   check_draft_logits(logits, frontier_count, "topk_expand");
-  TORCH_CHECK_VALUE(frontier_start >= 0 && frontier_start + frontier_count <= slot_start && slot_start >= 1 &&
-                        num_slots >= 0 && slot_start + num_slots <= capacity_,
-                    "TreeWorkspace.topk_expand: the frontier [", frontier_start, ", ", frontier_start + frontier_count,
-                    ") must precede the slots [", slot_start, ", ", slot_start + num_slots, ") within the capacity (",
-                    capacity_, ")");
-  const int64_t first_row = logits.size(1) - frontier_count;
   tree_written();
+  auto [count, frontier_alpha] = op<"sage_ext::expand_level_", ExpandLevelSig>().call(
+      tokens, parents, logprobs, cum_logprobs, frontier_rows(logits, frontier_count), frontier_start, k, temperature,
+      slot_start, num_slots);
   at::Tensor alpha;
-  if (direct(logits)) {
-    float* alpha_out = alpha_output(want_alpha, frontier_count, alpha, {frontier_count});
-    cpu::topk_expand_into(tokens, parents, logprobs, cum_logprobs, logits, first_row, frontier_count, frontier_start,
-                          k, temperature, slot_start, num_slots, alpha_out);
-  } else {
-    auto [alpha_t, topk_logprobs, topk_ids] = frontier_topk(logits, frontier_count, k, temperature);
-    const at::Tensor frontier =
-        at::arange(frontier_start, frontier_start + frontier_count, tokens.options()).unsqueeze(0);
-    const at::Tensor widths = at::full({1, frontier_count}, k, tokens.options());
-    const at::Tensor no_threshold = at::full({1}, -std::numeric_limits<double>::infinity(), logprobs.options());
-    op<"sage_ext::expand_tree", ExpandSig>().call(tokens, parents, logprobs, cum_logprobs, frontier,
-                                                  topk_logprobs.unsqueeze(0), topk_ids.unsqueeze(0), widths,
-                                                  no_threshold, slot_start, num_slots);
-    if (want_alpha) alpha = alpha_t;
+  if (want_alpha) {
+    alpha = frontier_alpha.select(0, 0);
+    if (frontier_start == 0) root_alpha_ = frontier_alpha.select(1, 0);
   }
   std::optional<ForwardInputs> next;
   if (next_count > 0) next = feed(next_start, next_count, next_depth);
   return {alpha, next};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> TreeWorkspace::rerank(int64_t num_slots,
-                                                                                  int64_t num_select) {
+void TreeWorkspace::use_slots(int64_t num_nodes) {
+  TORCH_CHECK_VALUE(tree_kind_ == TreeKind::kSlots, "TreeWorkspace.use_slots: call start() first");
+  TORCH_CHECK_VALUE(num_nodes >= 1 && num_nodes <= capacity_, "TreeWorkspace.use_slots: num_nodes must be in [1, ",
+                    capacity_, "], got ", num_nodes);
+  TORCH_CHECK_VALUE(!layout_.has_value() || layout_->parents.size(0) == num_nodes,
+                    "TreeWorkspace.use_slots: the fixed layout has ", layout_->parents.size(0), " nodes, not ",
+                    num_nodes);
+  tree_nodes_ = num_nodes;
+}
+
+void TreeWorkspace::rerank(int64_t num_slots, int64_t num_select) {
+  TORCH_CHECK_VALUE(tree_kind_ == TreeKind::kSlots, "TreeWorkspace.rerank: call start() first");
   TORCH_CHECK_VALUE(num_slots >= 1 && num_slots <= capacity_ && num_select >= 1 && num_select <= num_slots,
                     "TreeWorkspace.rerank: need 1 <= num_select <= num_slots <= capacity (", capacity_, "), got ",
                     num_select, " and ", num_slots);
-  if (direct_cpu_ && tokens.is_cpu()) {  // core's rerank and the gathers as loops: four small outputs, no dispatch
-    at::Tensor kept_tokens = at::empty({1, num_select}, tokens.options());
-    at::Tensor kept_parents = at::empty({1, num_select}, tokens.options());
-    at::Tensor kept_logprobs = at::empty({1, num_select}, logprobs.options());
-    at::Tensor kept_rows = at::empty({1, num_select + 1}, tokens.options());
-    thread_local std::vector<int64_t> keep;
-    keep.resize(num_select);
-    core::rerank_tree_row(parents.const_data_ptr<int64_t>(), cum_logprobs.const_data_ptr<float>(), num_slots,
-                          num_select, keep.data(), kept_parents.data_ptr<int64_t>());
-    const int64_t* slot_rows = node_row().const_data_ptr<int64_t>();
-    for (int64_t j = 0; j < num_select; ++j) {
-      const int64_t slot = keep[j] >= 0 ? keep[j] : capacity_ - 1;  // padding (-1): the last slot, as indexing
-      kept_tokens.data_ptr<int64_t>()[j] = tokens.const_data_ptr<int64_t>()[slot];
-      kept_logprobs.data_ptr<float>()[j] = logprobs.const_data_ptr<float>()[slot];
-      kept_rows.data_ptr<int64_t>()[j] = keep[j] >= 0 ? slot_rows[slot] : -1;
-    }
-    kept_rows.data_ptr<int64_t>()[num_select] = -1;
-    return {kept_tokens, kept_parents, kept_logprobs, kept_rows};
-  }
-  auto [keep, new_parents] = op<"sage_ext::rerank_tree", RerankSig>().call(
-      parents.narrow(1, 0, num_slots), cum_logprobs.narrow(1, 0, num_slots), num_select);
-  // keep is -1 padded: a -1 picks the last slot's token (padding is never accepted) and node_row's -1 entry
-  const c10::List<std::optional<at::Tensor>> columns({std::nullopt, keep.select(0, 0)});
-  const at::Tensor rows = node_row();
-  return {at::index(tokens, columns), new_parents, at::index(logprobs, columns),
-          at::cat({at::index(rows, columns), rows.narrow(1, capacity_, 1)}, 1)};
+  std::tie(selected_tokens_, selected_parents_, selected_logprobs_, selected_rows_) =
+      op<"sage_ext::rerank_select", RerankSelectSig>().call(
+          tokens.narrow(1, 0, num_slots), parents.narrow(1, 0, num_slots), logprobs.narrow(1, 0, num_slots),
+          cum_logprobs.narrow(1, 0, num_slots), node_row(), num_select);
+  tree_kind_ = TreeKind::kSelected;
+  tree_nodes_ = num_select;
 }
 
-float* TreeWorkspace::alpha_output(bool wanted, int64_t count, at::Tensor& alpha, at::IntArrayRef shape) {
-  if (wanted) {
-    alpha = at::empty(shape, logprobs.options());
-    return alpha.data_ptr<float>();
+// ---- the step's tree --------------------------------------------------------------------------------
+at::Tensor TreeWorkspace::tree_tokens() const {
+  switch (tree_kind_) {
+    case TreeKind::kRoot:
+      return sequence_.narrow(1, root_position_, 1);
+    case TreeKind::kSlots:
+      return tokens.narrow(1, 0, tree_nodes_);
+    default:
+      return selected_tokens_;
   }
-  alpha_scratch_.resize(std::max<int64_t>(count, 1));
-  return alpha_scratch_.data();
+}
+
+at::Tensor TreeWorkspace::tree_parents() const {
+  return tree_kind_ == TreeKind::kSelected ? selected_parents_ : parents.narrow(1, 0, tree_nodes_);
+}
+
+at::Tensor TreeWorkspace::tree_logprobs() const {
+  switch (tree_kind_) {
+    case TreeKind::kRoot:
+      return at::Tensor();
+    case TreeKind::kSlots:
+      return logprobs.narrow(1, 0, tree_nodes_);
+    default:
+      return selected_logprobs_;
+  }
+}
+
+at::Tensor TreeWorkspace::tree_node_row() const {
+  if (!mask.defined()) return at::Tensor();
+  return tree_kind_ == TreeKind::kSelected ? selected_rows_ : node_row();
 }
 
 // ---- target side ------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> TreeWorkspace::target_inputs(const at::Tensor& tree_parents, int64_t target_len,
-                                                                const std::optional<at::Tensor>& layout_depth,
-                                                                const std::optional<at::Tensor>& layout_target_block) {
-  const int64_t nodes = tree_parents.size(1);
+ForwardInputs TreeWorkspace::target_inputs(int64_t target_len) {
+  const int64_t nodes = tree_nodes_;
+  const at::Tensor tree = tree_tokens();
   const at::Tensor target_rows = target_mask_.select(0, 0).select(0, 0);
   auto clear_target_block = [&]() {
     if (target_block_size_ > 0) {
@@ -468,44 +378,40 @@ std::tuple<at::Tensor, at::Tensor> TreeWorkspace::target_inputs(const at::Tensor
   };
   if (nodes == 1) {  // the root alone: a row of zeros (the past and itself)
     clear_target_block();
-    return {positions_.narrow(1, target_len, 1),
+    return {tree, positions_.narrow(1, target_len, 1),
             target_mask_.as_strided({1, 1, 1, target_len + 1}, target_mask_.strides(), target_mask_.storage_offset())};
   }
-  if (layout_depth.has_value()) {  // a fixed layout: its precomputed [N, N] block after zeros for the past
-    TORCH_CHECK_VALUE(layout_target_block.has_value(),
-                      "TreeWorkspace.target_inputs: a fixed layout needs its target block");
-    const int64_t size = layout_target_block->size(0);
+  if (tree_kind_ == TreeKind::kSlots && layout_.has_value()) {  // its precomputed [N, N] block after zeros
+    const int64_t size = layout_->target_block.size(0);
     if (target_mask_.size(2) < size) {  // once per generation
       target_mask_ = at::zeros({1, 1, size, target_mask_.size(3)}, target_mask_.options());
       target_block_size_ = 0;
-      return target_inputs(tree_parents, target_len, layout_depth, layout_target_block);
     }
     clear_target_block();
-    target_rows.narrow(0, 0, size).narrow(1, target_len, size).copy_(*layout_target_block);
+    target_mask_.select(0, 0).select(0, 0).narrow(0, 0, size).narrow(1, target_len, size).copy_(layout_->target_block);
     target_block_at_ = target_len;
     target_block_size_ = size;
-    return {at::add(*layout_depth, target_len),
+    return {tree, at::add(layout_->depth, target_len),
             target_mask_.as_strided({1, 1, size, target_len + size}, target_mask_.strides(),
                                     target_mask_.storage_offset())};
   }
-  // a tree built in place this step (slots 0 .. N-1 are the tree, their draft mask rows all written by
-  // sage_level): with no draft-side pruning the draft's past is the target's, so its mask is the target's
-  const bool in_place = tree_parents.is_alias_of(parents) && tree_parents.storage_offset() == parents.storage_offset();
-  if (in_place && mask.defined() && slots_are_rows_ && !fixed_node_row_.defined() && nodes <= rows_ready_ &&
+  // a tree built in place this step (slots 0 .. N-1, their draft mask rows all written by sage_level): with no
+  // draft-side pruning the draft's past is the target's, so its mask is the target's
+  if (tree_kind_ == TreeKind::kSlots && mask.defined() && slots_are_rows_ && nodes <= rows_ready_ &&
       draft_base == target_len && mask.scalar_type() == target_dtype_ && mask.device() == target_mask_.device()) {
-    return {at::add(depth_.narrow(1, 0, nodes), target_len),
+    return {tree, at::add(depth_.narrow(1, 0, nodes), target_len),
             mask.as_strided({1, 1, nodes, target_len + nodes}, mask.strides(), mask.storage_offset())};
   }
-  const auto buffers = op<"sage_ext::tree_buffers", TreeBuffersSig>().call(tree_parents, target_len, target_dtype_);
-  return {std::get<1>(buffers), std::get<6>(buffers)};
+  const auto buffers = op<"sage_ext::tree_buffers", TreeBuffersSig>().call(tree_parents(), target_len, target_dtype_);
+  return {tree, std::get<1>(buffers), std::get<6>(buffers)};
 }
 
-CommitResult TreeWorkspace::commit(
-    const at::Tensor& tree_tokens, const at::Tensor& tree_parents, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& accepted, const std::optional<at::Tensor>& accept_len,
-    const std::optional<at::Tensor>& bonus, int64_t cur_len, const std::vector<at::Tensor>& target_caches,
-    int64_t target_len, const std::vector<at::Tensor>& draft_caches, const std::optional<at::Tensor>& draft_rows,
-    const std::optional<at::Tensor>& alpha) {
+CommitResult TreeWorkspace::commit(const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& accepted,
+                                   const std::optional<at::Tensor>& accept_len, const std::optional<at::Tensor>& bonus,
+                                   int64_t cur_len, const CacheGroups& target_caches, int64_t target_len,
+                                   const CacheGroups& draft_caches) {
+  const at::Tensor tree_tokens_now = tree_tokens();
+  const at::Tensor tree_parents_now = tree_parents();
   at::Tensor path, path_len, bonus_token;
   if (accepted.has_value()) {
     TORCH_CHECK_VALUE(accept_len.has_value() && bonus.has_value(),
@@ -516,12 +422,38 @@ CommitResult TreeWorkspace::commit(
   } else {
     TORCH_CHECK_VALUE(target.has_value(), "TreeWorkspace.commit: pass the target logits or the verification outputs");
     std::tie(path, path_len, bonus_token) =
-        op<"sage_ext::verify_greedy", VerifyGreedySig>().call(tree_tokens, tree_parents, *target);
+        op<"sage_ext::verify_greedy", VerifyGreedySig>().call(tree_tokens_now, tree_parents_now, *target);
   }
-  const at::Tensor readback =
-      op<"sage_ext::commit_tree_", CommitSig>().call(tree_tokens, tree_parents, path, path_len, bonus_token,
-                                                     sequence_, cur_len, target_caches, target_len, draft_caches,
-                                                     draft_rows, draft_base, alpha);
+  const at::Tensor draft_rows = tree_node_row();
+  const bool root_alone = tree_nodes_ == 1;  // its cache rows are where they belong already
+  // group 0 (the layers on the tree's device) goes through commit_tree_; any other group through kv_compact_ below
+  const bool target_here = !root_alone && !target_caches.empty();
+  const bool draft_here = !root_alone && draft_rows.defined() && !draft_caches.empty();
+  const std::vector<at::Tensor> none;
+  const at::Tensor readback = op<"sage_ext::commit_tree_", CommitTreeSig>().call(
+      tree_tokens_now, tree_parents_now, path, path_len, bonus_token, sequence_, cur_len,
+      target_here ? target_caches[0] : none, target_len, draft_here ? draft_caches[0] : none,
+      draft_rows.defined() ? std::optional<at::Tensor>(draft_rows) : std::nullopt, draft_base,
+      root_alpha_.defined() ? std::optional<at::Tensor>(root_alpha_) : std::nullopt);
+  if (!root_alone) {  // groups on other devices (device_map): the same compaction, the path copied there
+    for (size_t g = 1; g < target_caches.size(); ++g) {
+      if (target_caches[g].empty()) continue;
+      op<"sage_ext::kv_compact_", KvCompactSig>().call(target_caches[g], path.to(target_caches[g][0].device()),
+                                                       target_len);
+    }
+    if (draft_rows.defined()) {
+      at::Tensor held_rows;  // the draft row of each accepted node (-1 past the prefix the draft holds)
+      for (size_t g = 1; g < draft_caches.size(); ++g) {
+        if (draft_caches[g].empty()) continue;
+        if (!held_rows.defined()) {
+          // a -1 in the path picks node_row's last entry, which is -1
+          held_rows = at::index(draft_rows, c10::List<std::optional<at::Tensor>>({std::nullopt, path.select(0, 0)}));
+        }
+        op<"sage_ext::kv_compact_", KvCompactSig>().call(draft_caches[g], held_rows.to(draft_caches[g][0].device()),
+                                                         draft_base);
+      }
+    }
+  }
   const at::Tensor host = readback.is_cpu() ? readback : readback.to(at::kCPU);  // the step's one sync
   // the row (docs/OPS.md, commit_tree_): accept_len, draft-held nodes, real nodes, alpha's float32 bits as a
   // sign-extended int32, then the new tokens and -1 after them
@@ -530,7 +462,7 @@ CommitResult TreeWorkspace::commit(
   result.accept_len = values[0];
   result.draft_held = values[1];
   result.real_nodes = values[2];
-  if (alpha.has_value()) {
+  if (root_alpha_.defined()) {
     const auto bits = static_cast<uint32_t>(static_cast<int32_t>(values[3]));
     float value;
     std::memcpy(&value, &bits, sizeof value);
@@ -539,7 +471,7 @@ CommitResult TreeWorkspace::commit(
   result.tokens.assign(values + 4, values + 5 + result.accept_len);
   result.accepted = path;
   // the draft keeps the rows of the accepted nodes it holds (a prefix of the path, compacted to the root row on)
-  if (draft_rows.has_value()) draft_len = std::min(draft_len, draft_base + result.draft_held);
+  if (draft_rows.defined()) draft_len = std::min(draft_len, draft_base + result.draft_held);
   return result;
 }
 
