@@ -284,13 +284,12 @@ inline void check_verify_greedy_args(const at::Tensor& tokens, const at::Tensor&
   }
 }
 
-// verify_sampling(tokens, parents [B, N] int64, target_probs [B, N, V] float, draft_probs None or
-// [B, N, V] of target_probs' dtype, uniforms [B, N] float32)
+// verify_sampling and verify_traversal (`op`, which the messages name): tokens, parents [B, N] int64,
+// target_probs [B, N, V] float, draft_probs None or [B, N, V] of target_probs' dtype, uniforms [B, N] float32
 inline void check_verify_sampling_args(const at::Tensor& tokens, const at::Tensor& parents,
                                        const at::Tensor& target_probs, const std::optional<at::Tensor>& draft_probs,
-                                       const at::Tensor& uniforms) {
+                                       const at::Tensor& uniforms, const char* op = "verify_sampling") {
   using namespace check_detail;
-  constexpr const char* op = "verify_sampling";
   expect_tree_tensor(op, "tokens", tokens);
   expect_dim(op, "parents", parents, 2, "[B, N]");
   expect_dtype(op, "parents", parents, c10::kLong);

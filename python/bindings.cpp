@@ -39,6 +39,10 @@ TORCH_LIBRARY(sage_ext, m) {
   m.def(
       "verify_sampling(Tensor tokens, Tensor parents, Tensor target_probs, Tensor? draft_probs, Tensor uniforms) "
       "-> (Tensor accepted, Tensor accept_len, Tensor bonus)");
+  // Traversal Verification: verify_sampling's schema and outputs (the engine may swap one for the other).
+  m.def(
+      "verify_traversal(Tensor tokens, Tensor parents, Tensor target_probs, Tensor? draft_probs, Tensor uniforms) "
+      "-> (Tensor accepted, Tensor accept_len, Tensor bonus)");
   m.def("kv_compact_(Tensor(a!)[] caches, Tensor accepted, int past_len) -> ()");
   // The fused engine-step ops (docs/OPS.md, "Engine-step ops").
   m.def(

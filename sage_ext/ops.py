@@ -34,6 +34,7 @@ __all__ = [
     "tree_buffers",
     "verify_greedy",
     "verify_sampling",
+    "verify_traversal",
     "kv_compact_",
     "sage_level_",
     "expand_level_",
@@ -393,6 +394,52 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: t
     return torch.ops.sage_ext.verify_sampling(tokens, parents, target_probs, draft_probs, uniforms)
 
 
+def verify_traversal(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+                     draft_probs: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """Traversal Verification (leaf to root, sequence-level acceptance): lossless, and a drop-in for
+    `verify_sampling` that accepts at least as many draft tokens in expectation on chains (typically
+    more on trees).
+
+    The tree is visited in post-order (children in increasing index): a node is decided once all its
+    children were rejected, with an acceptance probability for the whole path from the root,
+    `alpha_c = min(1, alpha_parent * p(x_c) / q(x_c))` (clipped product of target/draft ratios);
+    a rejected subtree leaves its parent the residual `relu(alpha p - q)` and a new
+    `alpha = R / (1 - alpha + R)` (R the residual's mass). On a chain this is Block Verification; on
+    trees whose children all hang under the root it makes `verify_sampling`'s decisions.
+
+    Parameters
+    ----------
+    tokens, parents : torch.Tensor
+        `[B, N]` int64 draft tree.
+    target_probs : torch.Tensor
+        `[B, N, V]` float: row u = the target's distribution of the token after node u (need not
+        be exactly normalized).
+    draft_probs : torch.Tensor, optional
+        `[B, N, V]` (dtype of `target_probs`): row u = the draft distribution q the children of u
+        were *sampled* from (independently of each other). None for a deterministic (top-k) draft:
+        child c's draft distribution is the point mass on its token, so `alpha_c = alpha_u p(x_c)` and
+        a rejection zeroes `p(x_c)`.
+    generator : torch.Generator, optional
+        Source of the `[B, N]` uniforms, exactly as in `verify_sampling` (same count, same draw):
+        `uniforms[b, c]` decides node c when the traversal reaches it, `uniforms[b, 0]` draws the bonus.
+
+    Returns
+    -------
+    accepted, accept_len, bonus : torch.Tensor
+        As in `verify_sampling`; `bonus` is sampled from the residual distribution at the accepted node.
+
+    Examples
+    --------
+    >>> tokens = torch.tensor([[0, 1, 2]]); parents = torch.tensor([[-1, 0, 1]])
+    >>> probs = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])
+    >>> verify_traversal(tokens, parents, probs, generator=torch.Generator().manual_seed(0))
+    (tensor([[0, 1, 2]]), tensor([2]), tensor([0]))
+    """
+    batch, num_nodes = tokens.shape
+    uniforms = _uniforms(batch, num_nodes, generator, tokens.device)
+    return torch.ops.sage_ext.verify_traversal(tokens, parents, target_probs, draft_probs, uniforms)
+
+
 def _uniforms(batch: int, num_nodes: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """`[batch, num_nodes]` uniforms on `device` from `generator` (None: the default generator of `device`).
 
@@ -734,6 +781,11 @@ def _verify_greedy_fake(tokens, parents, target):
 
 @torch.library.register_fake("sage_ext::verify_sampling")
 def _verify_sampling_fake(tokens, parents, target_probs, draft_probs, uniforms):
+    return _verify_fake(tokens)
+
+
+@torch.library.register_fake("sage_ext::verify_traversal")
+def _verify_traversal_fake(tokens, parents, target_probs, draft_probs, uniforms):
     return _verify_fake(tokens)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "tree_buffers",
     "verify_greedy",
     "verify_sampling",
+    "verify_traversal",
     "kv_compact_",
     "sage_level_",
     "expand_level_",
@@ -438,6 +439,111 @@ def verify_sampling(tokens, parents, target_probs, draft_probs=None, generator=N
             mass = _mass(p)
         walks.append(walk)
         bonuses.append(_sample_index(p, mass, uniforms[b, 0]))
+    return _walk_outputs(batch, num_nodes, walks, bonuses, tokens.device)
+
+
+def verify_traversal(tokens, parents, target_probs, draft_probs=None, generator=None):
+    """Traversal Verification (Weng et al., NeurIPS 2025): the tree is verified leaf to root, a path
+    at a time, with the draft model of `verify_sampling` (children of u drawn independently from
+    q = draft_probs[u], or fixed tokens when draft_probs is None: q = the point mass on the child's token).
+
+    Uniforms as `verify_sampling` (uniforms[b, c] decides node c, uniforms[b, 0] the bonus). Post-order
+    depth-first walk from the root, children in increasing index. Every open node u carries alpha_u
+    (the root: 1) and a residual r_u with mass m_u, p_u = r_u / m_u; r_u starts as target_probs[u].
+    - Entering child c of u (token x): alpha_c = 0 if alpha_u or m_u is not positive; else, with
+      w = alpha_u * (r_u[x] / m_u), alpha_c = clamp(w, 0, 1) without q, and with q = draft_probs[u]:
+      1 if q[x] == 0 and w > 0, 0 if q[x] == 0 otherwise, else clamp(w / q[x], 0, 1).
+    - Once all of u's children were entered and rejected, u is decided: the root is accepted; another
+      node is accepted iff uniforms[b, u] < alpha_u, else it is rejected and its parent updated.
+    - Rejecting child c of u (skipped if alpha_u or m_u is not positive): the new residual is
+      relu(alpha_u p_u - q); without q that is r_u with r_u[x] zeroed, m_u' = max(0, m_u - r_u[x]); with
+      q it is proportional to relu(target_probs[u] - coef_u * q) where coef_u grows by m_u / alpha_u (from
+      0), m_u' = its sum. Then R = alpha_u * (m_u' / m_u) and alpha_u' = R / ((1 - alpha_u) + R)
+      (1 if that denominator is 0 and alpha_u == 1, else 0).
+    - The accepted node's bonus is drawn from its residual (threshold uniforms[b, 0] * m_u), or from
+      target_probs[u] itself when m_u is not positive.
+    Returns (accepted, accept_len, bonus) laid out as in `verify_greedy`.
+    """
+    _check_parents(parents)
+    batch, num_nodes = parents.shape
+    uniforms = torch.rand(batch, num_nodes, generator=generator, device=tokens.device).cpu()
+    target_probs = target_probs.cpu()
+    draft_probs = None if draft_probs is None else draft_probs.cpu()
+    one, zero = _f32(1.0), _f32(0.0)
+    walks, bonuses = [], []
+    for b in range(batch):
+        children = _children(parents[b].tolist())
+        row_tokens = tokens[b].tolist()
+        target = target_probs[b].float()
+        draft = None if draft_probs is None else draft_probs[b].float()
+        alpha = {0: one}
+        coef, mass, zeroed = {}, {}, {}
+
+        def open_node(u):
+            coef[u], mass[u], zeroed[u] = zero, _mass(target[u]), set()
+
+        def residual(u):
+            if draft is None:
+                r = target[u].clone()
+                if zeroed[u]:
+                    r[sorted(zeroed[u])] = 0.0
+                return r
+            return target[u] if coef[u] == 0 else torch.clamp(target[u] - coef[u] * draft[u], min=0.0)
+
+        def residual_at(u, x):
+            if draft is None:
+                return zero if x in zeroed[u] else target[u, x]
+            return torch.clamp(target[u, x] - coef[u] * draft[u, x], min=0.0)
+
+        def child_alpha(u, x):
+            if not (alpha[u] > 0 and mass[u] > 0):
+                return zero
+            weight = alpha[u] * (residual_at(u, x) / mass[u])
+            if draft is not None:
+                if draft[u, x] == 0:
+                    return one if weight > 0 else zero
+                weight = weight / draft[u, x]
+            return torch.nan_to_num(weight, nan=0.0).clamp(0.0, 1.0)
+
+        def reject_child(u, x):
+            if not (alpha[u] > 0 and mass[u] > 0):
+                return
+            if draft is None:
+                new_mass = torch.clamp(mass[u] - residual_at(u, x), min=0.0)
+                zeroed[u].add(x)
+            else:
+                coef[u] = coef[u] + mass[u] / alpha[u]
+                new_mass = _mass(residual(u))
+            kept = alpha[u] * (new_mass / mass[u])
+            denominator = (one - alpha[u]) + kept
+            if denominator > 0:
+                alpha[u] = kept / denominator
+            else:
+                alpha[u] = one if alpha[u] >= 1 else zero
+            mass[u] = new_mass
+
+        open_node(0)
+        stack = [(0, iter(children[0]))]  # the open nodes, root first, each with its children not yet entered
+        while True:
+            u, pending = stack[-1]
+            c = next(pending, None)
+            if c is not None:
+                alpha[c] = child_alpha(u, row_tokens[c])
+                open_node(c)
+                stack.append((c, iter(children[c])))
+                continue
+            if u == 0 or uniforms[b, u] < alpha[u]:
+                break
+            stack.pop()
+            reject_child(stack[-1][0], row_tokens[u])
+        walks.append([node for node, _ in stack])
+        accepted_node = stack[-1][0]
+        if mass[accepted_node] > 0:
+            p, m = residual(accepted_node), mass[accepted_node]
+        else:  # the residual vanished numerically: draw from the target row itself
+            p = target[accepted_node]
+            m = _mass(p)
+        bonuses.append(_sample_index(p, m, uniforms[b, 0]))
     return _walk_outputs(batch, num_nodes, walks, bonuses, tokens.device)
 
 

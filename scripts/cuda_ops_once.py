@@ -96,6 +96,9 @@ def run_ops(call: Caller, dtype: torch.dtype) -> None:
          rng)
     cpu_rng = torch.Generator().manual_seed(0)
     call(f"verify_sampling[cpu generator,{tag}]", ops.verify_sampling, tokens, parents, probs, None, cpu_rng)
+    call(f"verify_traversal[q=1,{tag}]", ops.verify_traversal, tokens, parents, probs, None, rng)
+    call(f"verify_traversal[q,{tag}]", ops.verify_traversal, tokens, parents, probs, probs.roll(1, -1).contiguous(),
+         rng)
 
     caches = [torch.randn(BATCH, 4, PAST + n, 128, generator=gen).to(dtype).to(dev) for _ in range(8)]
     call(f"kv_compact_[{tag}]", ops.kv_compact_, caches, accepted, PAST)

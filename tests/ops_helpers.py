@@ -73,6 +73,23 @@ def matching_argmax(tokens: torch.Tensor, parents: torch.Tensor, vocab: int, see
     return argmax
 
 
+def sampling_inputs(batch, num_nodes, vocab, dtype, with_draft, seed, sharpness=2.0):
+    """verify_sampling / verify_traversal inputs: a random tree whose children are likely under the
+    target, so walks go deep; each child's token is drawn from its parent's draft distribution."""
+    parents = random_parents(batch, num_nodes, seed)
+    gen = torch.Generator().manual_seed(seed)
+    target_logits = torch.randn(batch, num_nodes, vocab, generator=gen) * sharpness
+    draft_logits = target_logits + torch.randn(batch, num_nodes, vocab, generator=gen)
+    target = torch.softmax(target_logits, -1)
+    draft = torch.softmax(draft_logits, -1)
+    tokens = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    for b in range(batch):
+        for i in range(1, num_nodes):
+            if parents[b, i] >= 0:
+                tokens[b, i] = torch.multinomial(draft[b, parents[b, i]], 1, generator=gen)
+    return tokens, parents, target.to(dtype), (draft.to(dtype) if with_draft else None)
+
+
 def logits_with_argmax(argmax: torch.Tensor, vocab: int, dtype: torch.dtype, seed: int, ties: bool = False) -> torch.Tensor:
     """Logits `[B, N, V]` whose argmax is `argmax`; with `ties`, a lower id sometimes ties with it
     (the lower id must then win, so the expected argmax is recomputed by the caller)."""

@@ -9,7 +9,7 @@ import torch
 from sage_ext import ops, reference
 
 OP_FUNCTIONS = ["topk_confidence", "build_static_tree", "sage_tree", "expand_tree", "rerank_tree", "tree_buffers",
-                "verify_greedy", "verify_sampling", "kv_compact_", "sage_level_", "commit_tree_"]
+                "verify_greedy", "verify_sampling", "verify_traversal", "kv_compact_", "sage_level_", "commit_tree_"]
 
 
 @pytest.mark.parametrize("name", OP_FUNCTIONS)

@@ -31,6 +31,7 @@ def sample_inputs():
         "tree_buffers": (parents, 7, torch.float16),
         "verify_greedy": (tokens, parents, torch.randn(2, 6, 16, generator=gen)),
         "verify_sampling": (tokens, parents, probs, probs.flip(-1), torch.rand(2, 6, generator=gen)),
+        "verify_traversal": (tokens, parents, probs, probs.flip(-1), torch.rand(2, 6, generator=gen)),
         "kv_compact_": ([torch.randn(2, 2, 10, 4, generator=gen), torch.randn(2, 2, 10, 4, generator=gen)],
                         torch.tensor([[0, 1, 3, -1], [0, 2, 3, 4]]), 3),
         "sage_level_": (*state, torch.zeros(2, capacity, capacity, dtype=torch.float16),
@@ -83,9 +84,10 @@ def test_meta_tensors_give_the_real_shapes(name):
 
 
 def wrapper_call(name, args):
-    """The `sage_ext.ops` wrapper of op `name` on `args` (verify_sampling: the op with explicit uniforms)."""
-    if name == "verify_sampling":
-        return torch.ops.sage_ext.verify_sampling(*args)
+    """The `sage_ext.ops` wrapper of op `name` on `args` (verify_sampling / verify_traversal: the op with
+    explicit uniforms)."""
+    if name in ("verify_sampling", "verify_traversal"):
+        return getattr(torch.ops.sage_ext, name)(*args)
     return getattr(ops, name)(*args)
 
 
@@ -107,10 +109,12 @@ def test_fullgraph_compile_matches_eager(name):
             assert all(torch.equal(x, y) for x, y in zip(e, c))
 
 
-def test_compiled_sampling_wrapper_draws_its_own_uniforms():
+@pytest.mark.parametrize("name", ["verify_sampling", "verify_traversal"])
+def test_compiled_sampling_wrapper_draws_its_own_uniforms(name):
     torch._dynamo.reset()
-    tokens, parents, probs, draft, _ = sample_inputs()["verify_sampling"]
-    fn = torch.compile(lambda t, p, q, d: ops.verify_sampling(t, p, q, d), fullgraph=True, backend=BACKEND)
+    tokens, parents, probs, draft, _ = sample_inputs()[name]
+    wrapper = getattr(ops, name)
+    fn = torch.compile(lambda t, p, q, d: wrapper(t, p, q, d), fullgraph=True, backend=BACKEND)
     accepted, accept_len, bonus = fn(tokens, parents, probs, draft)
     assert accepted.shape == (2, 6) and accept_len.shape == (2,) and bonus.shape == (2,)
     assert torch.all((bonus >= 0) & (bonus < 16))

@@ -187,6 +187,57 @@ def test_verify_sampling_cuda_generator_on_cpu_tensors():
     assert_same_outputs(runs[0], torch.ops.sage_ext.verify_sampling(tokens, parents, target, None, uniforms))
 
 
+@pytest.mark.parametrize("with_draft", [False, True])
+@pytest.mark.parametrize("vocab, dtype", [(8, torch.float32), (1000, torch.float16), (32000, torch.bfloat16),
+                                          (152064, torch.float32)])
+@pytest.mark.parametrize("shape", ["random", "chain", "wide"])
+def test_verify_traversal_same_uniforms(with_draft, vocab, dtype, shape):
+    batch, num_nodes = 8, 32
+    if shape == "random":
+        parents = random_parents(batch, num_nodes, seed=vocab)
+    elif shape == "chain":
+        parents = torch.tensor([[-1] + list(range(num_nodes - 1))] * batch)
+    else:
+        parents = torch.tensor([[-1] + [0] * (num_nodes - 1)] * batch)
+    gen = torch.Generator().manual_seed(vocab)
+    target = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen) * 3, -1)
+    draft = torch.softmax(torch.log(target) + torch.randn(batch, num_nodes, vocab, generator=gen), -1)
+    parent_rows = draft[torch.arange(batch)[:, None], parents.clamp(min=0)]  # each child ~ its parent's q
+    tokens = torch.multinomial(parent_rows.flatten(0, 1), 1, generator=gen).view(batch, num_nodes)
+    for seed in range(4):
+        uniforms = torch.rand(batch, num_nodes, generator=torch.Generator().manual_seed(seed))
+        parity(torch.ops.sage_ext.verify_traversal, tokens, parents, target.to(dtype),
+               draft.to(dtype) if with_draft else None, uniforms)
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_verify_traversal_largest_tree_and_cpu_generator(with_draft):
+    # N = 1024 (a block's worth of nodes), a CPU generator with CUDA tensors: the same uniforms, the same outcome
+    batch, num_nodes, vocab = 3, ops.MAX_TREE_NODES, 64
+    parents = random_parents(batch, num_nodes, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    target = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen) * 2, -1)
+    draft = torch.softmax(torch.log(target) + torch.randn(batch, num_nodes, vocab, generator=gen), -1)
+    tokens = torch.multinomial(target.flatten(0, 1), 1, generator=gen).view(batch, num_nodes)
+    draft = draft if with_draft else None
+    for seed in range(3):
+        cpu_gen, cuda_side_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        cpu = ops.verify_traversal(tokens, parents, target, draft, generator=cpu_gen)
+        gpu = ops.verify_traversal(*on_cuda((tokens, parents, target, draft)), generator=cuda_side_gen)
+        assert all(t.device.type == "cuda" for t in gpu)
+        assert_same_outputs(gpu, cpu)
+
+
+def test_verify_traversal_never_accepts_a_token_outside_the_vocabulary():
+    # the CPU op raises; the CUDA op does not read data back and rejects such a child
+    tokens = torch.tensor([[0, 9, 1]], device=CUDA)
+    parents = torch.tensor([[-1, 0, 0]], device=CUDA)
+    probs = torch.tensor([[[0.0, 1.0], [0.5, 0.5], [0.5, 0.5]]], device=CUDA)
+    accepted, accept_len, bonus = torch.ops.sage_ext.verify_traversal(tokens, parents, probs, None,
+                                                                      torch.zeros(1, 3, device=CUDA))
+    assert accepted.tolist() == [[0, 2, -1]] and accept_len.tolist() == [1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kv_compact(dtype):
     parents = random_parents(8, 64, seed=4)
@@ -439,6 +490,8 @@ def run_every_op(paths, batch=2, vocab=32000):
     ops.verify_sampling(tokens, parents, probs, generator=torch.Generator(dev).manual_seed(0))
     ops.verify_sampling(tokens, parents, probs, generator=torch.Generator().manual_seed(0))  # CPU generator
     ops.verify_sampling(tokens, parents, probs, probs.flip(-1))
+    ops.verify_traversal(tokens, parents, probs, generator=torch.Generator(dev).manual_seed(0))
+    ops.verify_traversal(tokens, parents, probs, probs.flip(-1), generator=torch.Generator().manual_seed(0))
     caches = [torch.randn(batch, 2, 100, 16, device=dev) for _ in range(4)]
     ops.kv_compact_(caches, accepted, 50)
     mask = torch.zeros(batch, capacity, capacity, device=dev)

@@ -179,6 +179,27 @@ BAD_CALLS = {
         tree(3), tree(3), torch.ones(1, 3, 5), None, torch.rand(1, 3, dtype=torch.float64)), "uniforms"),
     "sampling uniforms shape": (lambda: torch.ops.sage_ext.verify_sampling(
         tree(3), tree(3), torch.ones(1, 3, 5), None, torch.rand(1, 4)), "uniforms"),
+    # verify_traversal (verify_sampling's checks, messages naming verify_traversal)
+    "traversal target dtype": (lambda: ops.verify_traversal(**sampling_args(
+        target_probs=torch.ones(1, 3, 5, dtype=i64))), "target_probs"),
+    "traversal target shape": (lambda: ops.verify_traversal(**sampling_args(target_probs=torch.ones(1, 2, 5))),
+                               "target_probs"),
+    "traversal draft shape": (lambda: ops.verify_traversal(**sampling_args(draft_probs=torch.ones(1, 3, 4))),
+                              "draft_probs"),
+    "traversal draft dtype": (lambda: ops.verify_traversal(**sampling_args(
+        draft_probs=torch.ones(1, 3, 5, dtype=torch.float16))), "draft_probs"),
+    "traversal token outside vocab": (lambda: ops.verify_traversal(**sampling_args(tokens=torch.tensor([[0, 1, 7]]))),
+                                      "tokens"),
+    "traversal not topological": (lambda: ops.verify_traversal(**sampling_args(parents=torch.tensor([[-1, 2, 0]]))),
+                                  "parents"),
+    "traversal child of padding": (lambda: ops.verify_traversal(**sampling_args(
+        parents=torch.tensor([[-1, -1, 1]]))), "parents"),
+    "traversal uniforms dtype": (lambda: torch.ops.sage_ext.verify_traversal(
+        tree(3), tree(3), torch.ones(1, 3, 5), None, torch.rand(1, 3, dtype=torch.float64)), "uniforms"),
+    "traversal uniforms shape": (lambda: torch.ops.sage_ext.verify_traversal(
+        tree(3), tree(3), torch.ones(1, 3, 5), None, torch.rand(1, 4)), "uniforms"),
+    "traversal N > 1024": (lambda: torch.ops.sage_ext.verify_traversal(
+        tree(1025), tree(1025), torch.ones(1, 1025, 2), None, torch.rand(1, 1025)), "tokens"),
     # kv_compact_
     "kv 3-D cache": (lambda: ops.kv_compact_([torch.zeros(1, 8, 4)], tree(3), 0), "caches"),
     "kv int cache": (lambda: ops.kv_compact_([torch.zeros(1, 1, 8, 4, dtype=i64)], tree(3), 0), "caches"),
@@ -245,6 +266,12 @@ def test_bad_input_names_the_argument(name):
     with pytest.raises((RuntimeError, ValueError)) as info:
         call()
     assert re.search(rf"\b{re.escape(argument)}\b", str(info.value)), f"message does not name {argument!r}: {info.value}"
+
+
+@pytest.mark.parametrize("name", [name for name in BAD_CALLS if name.startswith("traversal")])
+def test_traversal_errors_name_the_op(name):
+    with pytest.raises((RuntimeError, ValueError), match="verify_traversal"):
+        BAD_CALLS[name][0]()
 
 
 def test_constants_match_the_extension():

@@ -13,6 +13,7 @@ from ops_helpers import (
     matching_argmax,
     random_parents,
     random_tokens_for,
+    sampling_inputs,
     seeds,
     vocabs,
 )
@@ -113,22 +114,6 @@ def test_sampling_rejects_everything_then_samples_the_residual():
     probs = torch.tensor([[[0.0, 0.0, 2.0, 0.0], [0.25] * 4, [0.25] * 4]])  # unnormalized is fine
     accepted, accept_len, bonus = ops.verify_sampling(tokens, parents, probs, generator=torch.Generator().manual_seed(1))
     assert accept_len.tolist() == [0] and bonus.tolist() == [2]
-
-
-def sampling_inputs(batch, num_nodes, vocab, dtype, with_draft, seed, sharpness=2.0):
-    """A random tree whose children are likely under the target, so walks go deep."""
-    parents = random_parents(batch, num_nodes, seed)
-    gen = torch.Generator().manual_seed(seed)
-    target_logits = torch.randn(batch, num_nodes, vocab, generator=gen) * sharpness
-    draft_logits = target_logits + torch.randn(batch, num_nodes, vocab, generator=gen)
-    target = torch.softmax(target_logits, -1)
-    draft = torch.softmax(draft_logits, -1)
-    tokens = torch.zeros(batch, num_nodes, dtype=torch.int64)
-    for b in range(batch):  # each child's token drawn from its parent's draft distribution
-        for i in range(1, num_nodes):
-            if parents[b, i] >= 0:
-                tokens[b, i] = torch.multinomial(draft[b, parents[b, i]], 1, generator=gen)
-    return tokens, parents, target.to(dtype), (draft.to(dtype) if with_draft else None)
 
 
 @given(batch=batches, num_nodes=st.integers(1, 64), vocab=vocabs, dtype=st.sampled_from(LOGIT_DTYPES),

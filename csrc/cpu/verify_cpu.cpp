@@ -1,7 +1,7 @@
 // CPU implementations of verification and KV-cache compaction (docs/OPS.md): verify_greedy,
-// verify_sampling and kv_compact_. The target tensors are read in place (only the rows of nodes on
-// the accepted path are touched) with the widest SIMD the CPU has; batch rows, and for kv_compact_
-// every (cache, b, head) slice, run in parallel when there is enough work.
+// verify_sampling, verify_traversal and kv_compact_. The target tensors are read in place (only the
+// rows of nodes the walk reaches are touched) with the widest SIMD the CPU has; batch rows, and for
+// kv_compact_ every (cache, b, head) slice, run in parallel when there is enough work.
 
 // The W = 8 SIMD kernels are instantiated in templates built without AVX, for which GCC notes the
 // AVX ABI (at the end of the file); no vector is passed out of line (core/simd.h).
@@ -57,6 +57,25 @@ core::VerifyResult verify_sampling_row_simd(const int64_t* tokens, const int64_t
   }
   return core::verify_sampling_row<core::simd::kPortableWidth>(tokens, parents, nodes, target, draft, vocab, uniforms,
                                                                accepted, residual);
+}
+
+template <typename T>
+SAGE_EXT_AVX2_FMA core::VerifyResult verify_traversal_row_avx2_fma(const int64_t* tokens, const int64_t* parents,
+                                                                   int64_t nodes, const T* target, const T* draft,
+                                                                   int64_t vocab, const float* uniforms,
+                                                                   int64_t* accepted, core::TraversalScratch& scratch) {
+  return core::verify_traversal_row<8>(tokens, parents, nodes, target, draft, vocab, uniforms, accepted, scratch);
+}
+
+template <typename T>
+core::VerifyResult verify_traversal_row_simd(const int64_t* tokens, const int64_t* parents, int64_t nodes,
+                                             const T* target, const T* draft, int64_t vocab, const float* uniforms,
+                                             int64_t* accepted, core::TraversalScratch& scratch) {
+  if (cpu_has_avx2_fma()) {
+    return verify_traversal_row_avx2_fma(tokens, parents, nodes, target, draft, vocab, uniforms, accepted, scratch);
+  }
+  return core::verify_traversal_row<core::simd::kPortableWidth>(tokens, parents, nodes, target, draft, vocab,
+                                                                uniforms, accepted, scratch);
 }
 
 VerifyOutputs verify_greedy_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in, const at::Tensor& target_in) {
@@ -146,6 +165,49 @@ VerifyOutputs verify_sampling_cpu(const at::Tensor& tokens_in, const at::Tensor&
   return {accepted, accept_len, bonus};
 }
 
+VerifyOutputs verify_traversal_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in,
+                                   const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
+                                   const at::Tensor& uniforms_in) {
+  constexpr const char* op = "verify_traversal";
+  check_verify_sampling_args(tokens_in, parents_in, target_probs_in, draft_probs_in, uniforms_in, op);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const at::Tensor parents = parents_in.contiguous();
+  const at::Tensor uniforms = uniforms_in.contiguous();
+  const at::Tensor target_probs = target_probs_in.contiguous();  // [N, V] rows back to back
+  at::Tensor draft_probs;  // undefined: deterministic top-k draft
+  if (draft_probs_in.has_value()) draft_probs = draft_probs_in->contiguous();
+  validate_parent_rows(op, parents);
+  const int64_t batch = tokens.size(0);
+  const int64_t nodes = tokens.size(1);
+  const int64_t vocab = target_probs.size(2);
+  for (int64_t b = 0; b < batch; ++b) {
+    raise_if_error(core::validate_tokens(tokens.const_data_ptr<int64_t>() + b * nodes,
+                                         parents.const_data_ptr<int64_t>() + b * nodes, nodes, vocab),
+                   op, b);
+  }
+  at::Tensor accepted = empty_on(tokens, {batch, nodes}, c10::kLong);
+  at::Tensor accept_len = empty_on(tokens, {batch}, c10::kLong);
+  at::Tensor bonus = empty_on(tokens, {batch}, c10::kLong);
+  dispatch_vocab_dtype(target_probs.scalar_type(), op, [&](auto zero) {
+    using T = decltype(zero);
+    const T* target = static_cast<const T*>(target_probs.const_data_ptr());
+    const T* draft = draft_probs.defined() ? static_cast<const T*>(draft_probs.const_data_ptr()) : nullptr;
+    // A walk may read every row of its tree (more than verify_sampling's path): N * V of work per row.
+    parallel_for_work(batch, nodes * vocab, [&](int64_t begin, int64_t end) {
+      core::TraversalScratch scratch;
+      for (int64_t b = begin; b < end; ++b) {
+        const core::VerifyResult result = verify_traversal_row_simd(
+            tokens.const_data_ptr<int64_t>() + b * nodes, parents.const_data_ptr<int64_t>() + b * nodes, nodes,
+            target + b * nodes * vocab, draft ? draft + b * nodes * vocab : nullptr, vocab,
+            uniforms.const_data_ptr<float>() + b * nodes, accepted.data_ptr<int64_t>() + b * nodes, scratch);
+        accept_len.data_ptr<int64_t>()[b] = result.accept_len;
+        bonus.data_ptr<int64_t>()[b] = result.bonus;
+      }
+    });
+  });
+  return {accepted, accept_len, bonus};
+}
+
 void kv_compact_cpu(at::TensorList caches, const at::Tensor& accepted_in, int64_t past_len) {
   check_kv_compact_args(caches, accepted_in, past_len);
   if (caches.empty()) return;
@@ -187,6 +249,7 @@ void compact_caches(at::TensorList caches, const int64_t* accepted, int64_t batc
 TORCH_LIBRARY_IMPL(sage_ext, CPU, m) {
   m.impl("verify_greedy", &verify_greedy_cpu);
   m.impl("verify_sampling", &verify_sampling_cpu);
+  m.impl("verify_traversal", &verify_traversal_cpu);
   m.impl("kv_compact_", &kv_compact_cpu);
 }
 

@@ -1,5 +1,5 @@
-// CUDA implementations of the vocabulary-wide ops of docs/OPS.md: topk_confidence, verify_greedy
-// and verify_sampling. Nothing here reads device data on the host; every kernel runs on the
+// CUDA implementations of the vocabulary-wide ops of docs/OPS.md: topk_confidence, verify_greedy,
+// verify_sampling and verify_traversal. Nothing here reads device data on the host; every kernel runs on the
 // current stream of the input's device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -452,35 +452,42 @@ __device__ float load_residual(const scalar_t* __restrict__ row, int vocab, floa
   return static_cast<float>(block_reduce(sum, SumOp{}, 0.0, smem.sums));
 }
 
-// Smallest x with cumsum(w)[x] > threshold (cumulative sums in double); the last positive entry
-// when rounding leaves none (core::verify_detail::sample_from). Each thread scans a contiguous
-// segment starting from the block-wide prefix of the segments before it.
-template <typename T>
-__device__ int block_inverse_cdf(const T* __restrict__ w, int vocab, double threshold, SamplingSmem& smem) {
+// Smallest x with cumsum(w)[x] > threshold (cumulative sums in double), w[x] = weight(x) as float;
+// the last positive entry when rounding leaves none (core::verify_detail::inverse_cdf). Each thread
+// scans a contiguous segment starting from the block-wide prefix of the segments before it.
+// sums, ints: kWarpSize + 1 elements of shared scratch each.
+template <typename WeightFn>
+__device__ int block_inverse_cdf_of(int vocab, double threshold, double* sums, int* ints, WeightFn weight) {
   const int segment = (vocab + blockDim.x - 1) / blockDim.x;
   const int begin = threadIdx.x * segment;
   const int end = min(begin + segment, vocab);
   double segment_sum = 0.0;
   int last_positive = -1;
   for (int v = begin; v < end; ++v) {
-    const float p = static_cast<float>(w[v]);
+    const float p = weight(v);
     segment_sum += p;
     if (p > 0.0f) last_positive = v;
   }
   double total;
-  double cumulative = block_exclusive_sum(segment_sum, smem.sums, &total);
+  double cumulative = block_exclusive_sum(segment_sum, sums, &total);
   int found = INT32_MAX;
   for (int v = begin; v < end; ++v) {
-    cumulative += static_cast<float>(w[v]);
+    cumulative += weight(v);
     if (cumulative > threshold) {
       found = v;
       break;
     }
   }
-  found = block_reduce(found, MinOp{}, INT32_MAX, smem.ints);
+  found = block_reduce(found, MinOp{}, INT32_MAX, ints);
   if (found != INT32_MAX) return found;
-  last_positive = block_reduce(last_positive, MaxOp{}, -1, smem.ints);
+  last_positive = block_reduce(last_positive, MaxOp{}, -1, ints);
   return last_positive < 0 ? 0 : last_positive;
+}
+
+// block_inverse_cdf_of over an array w[0, vocab).
+template <typename T>
+__device__ int block_inverse_cdf(const T* __restrict__ w, int vocab, double threshold, SamplingSmem& smem) {
+  return block_inverse_cdf_of(vocab, threshold, smem.sums, smem.ints, [w](int v) { return static_cast<float>(w[v]); });
 }
 
 // tokens, parents, uniforms: [B, N]; target_probs, draft_probs (or null): [B, N, V] contiguous;
@@ -617,12 +624,333 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(const at::Te
   return {accepted, accept_len, bonus};
 }
 
+// ==================================================================================================
+// verify_traversal
+// ==================================================================================================
+// One block per batch row. Thread 0 walks the tree in post-order like core::verify_traversal_row,
+// with each node's alpha, coef and mass in shared memory; whenever the walk needs a vocabulary-wide
+// pass (a target row's sum, the mass of relu(t - coef q) after a rejection, the bonus draw) it posts
+// a request that the whole block runs, sums accumulated in double. A row whose walk needs no pass
+// (the deterministic draft's rejections) costs no block-wide step.
+constexpr int kTraversalThreads = kMaxBlockThreads;
+
+enum TraversalRequest : int {
+  kRequestRowSum = 0,       // sum(target row of request_node)
+  kRequestClippedMass = 1,  // sum(max(0, t - request_coef q)) of request_node
+  kRequestBonus = 2,        // inverse CDF over request_source at request_threshold
+  kRequestDone = 3,
+};
+enum BonusSource : int {
+  kBonusRow = 0,      // the target row
+  kBonusClipped = 1,  // max(0, t - coef q)
+  kBonusZeroed = 2,   // the target row with the tokens of the node's children zeroed
+};
+
+struct TraversalSmem {
+  TreeSmem tree;  // tree.link holds the accepted path after the walk
+  int first_child[core::kMaxTreeNodes];
+  int next_sibling[core::kMaxTreeNodes];
+  int cursor[core::kMaxTreeNodes];  // next child to enter, -1 when all were entered
+  float alpha[core::kMaxTreeNodes];
+  float coef[core::kMaxTreeNodes];
+  float mass[core::kMaxTreeNodes];
+  bool mass_known[core::kMaxTreeNodes];
+  double sums[kWarpSize + 1];
+  int ints[kWarpSize + 1];
+  // posted by thread 0 for the whole block
+  int request;
+  int request_node;
+  int request_source;
+  float request_coef;
+  double request_threshold;
+  int path_length;
+};
+
+// An acceptance probability: x clamped to [0, 1], NaN -> 0 (core::verify_detail::unit_clamp).
+__device__ __forceinline__ float unit_clamp(float x) { return x >= 1.0f ? 1.0f : (x > 0.0f ? x : 0.0f); }
+
+// Thread 0's walk (core::verify_traversal_row step by step). advance() consumes the result of the
+// request it posted last, moves on until the next vocabulary-wide pass is needed, and posts it.
+template <typename scalar_t>
+struct TraversalWalk {
+  enum Pending : int { kNothing, kMass, kReject, kFallback, kBonus };
+  const int64_t* tokens;     // [N] of this row
+  const scalar_t* target;    // [N, V] of this row
+  const scalar_t* draft;     // [N, V] of this row, or null (deterministic draft)
+  const float* uniforms;     // [N] of this row
+  int vocab;
+  int node = 0;       // the open node the walk is at
+  int accepted = -1;  // the accepted node once decided
+  int pending = kNothing;
+
+  __device__ bool in_vocab(int64_t x) const { return x >= 0 && x < vocab; }
+
+  // r_u(x) while the children of u before `child` have been rejected (x in the vocabulary).
+  __device__ float residual_at(const TraversalSmem& smem, int u, int64_t x, int child) const {
+    const scalar_t* t = target + static_cast<int64_t>(u) * vocab;
+    if (draft != nullptr) {
+      const float r = static_cast<float>(t[x]) - smem.coef[u] * static_cast<float>(draft[static_cast<int64_t>(u) * vocab + x]);
+      return 0.0f < r ? r : 0.0f;
+    }
+    for (int c = smem.first_child[u]; c != child; c = smem.next_sibling[c]) {
+      if (tokens[c] == x) return 0.0f;
+    }
+    return static_cast<float>(t[x]);
+  }
+
+  __device__ float child_alpha(const TraversalSmem& smem, int u, int child) const {
+    const float alpha = smem.alpha[u], mass = smem.mass[u];
+    const int64_t x = tokens[child];
+    if (!(alpha > 0.0f) || !(mass > 0.0f) || !in_vocab(x)) return 0.0f;  // out of vocabulary: never accepted
+    const float weight = alpha * (residual_at(smem, u, x, child) / mass);
+    if (draft == nullptr) return unit_clamp(weight);
+    const float q_x = static_cast<float>(draft[static_cast<int64_t>(u) * vocab + x]);
+    if (q_x == 0.0f) return weight > 0.0f ? 1.0f : 0.0f;
+    return unit_clamp(weight / q_x);
+  }
+
+  // alpha_u and m_u after a rejection that leaves the residual mass new_mass.
+  __device__ static void finish_reject(TraversalSmem& smem, int u, float new_mass) {
+    const float alpha = smem.alpha[u], mass = smem.mass[u];
+    const float kept = alpha * (new_mass / mass);
+    const float denominator = (1.0f - alpha) + kept;
+    smem.alpha[u] = denominator > 0.0f ? kept / denominator : (alpha >= 1.0f ? 1.0f : 0.0f);
+    smem.mass[u] = new_mass;
+  }
+
+  __device__ void post(TraversalSmem& smem, int request, int request_node, int source = kBonusRow, float coef = 0.0f,
+                       double threshold = 0.0) {
+    smem.request = request;
+    smem.request_node = request_node;
+    smem.request_source = source;
+    smem.request_coef = coef;
+    smem.request_threshold = threshold;
+  }
+
+  __device__ void advance(TraversalSmem& smem, float result) {
+    switch (pending) {
+      case kMass:
+        smem.mass[node] = result;
+        smem.mass_known[node] = true;
+        break;
+      case kReject:
+        finish_reject(smem, node, result);
+        break;
+      case kFallback:  // the residual vanished numerically: draw from the target row itself
+        pending = kBonus;
+        post(smem, kRequestBonus, node, kBonusRow, 0.0f, static_cast<double>(uniforms[0]) * result);
+        return;
+      case kBonus:
+        post(smem, kRequestDone, node);
+        return;
+      default:
+        break;
+    }
+    pending = kNothing;
+    while (accepted < 0) {
+      const int u = node;
+      const int child = smem.cursor[u];
+      if (child >= 0) {
+        if (!smem.mass_known[u]) {
+          pending = kMass;
+          post(smem, kRequestRowSum, u);
+          return;
+        }
+        smem.cursor[u] = smem.next_sibling[child];
+        smem.alpha[child] = child_alpha(smem, u, child);
+        node = child;
+        continue;
+      }
+      if (u == 0 || uniforms[u] < smem.alpha[u]) {  // every child of u was rejected
+        accepted = u;
+        break;
+      }
+      const int parent = smem.tree.parent[u];
+      node = parent;
+      const float alpha = smem.alpha[parent], mass = smem.mass[parent];
+      const int64_t x = tokens[u];
+      if (!(alpha > 0.0f) || !(mass > 0.0f) || !in_vocab(x)) continue;
+      if (draft != nullptr) {
+        smem.coef[parent] = smem.coef[parent] + mass / alpha;
+        pending = kReject;
+        post(smem, kRequestClippedMass, parent, kBonusRow, smem.coef[parent]);
+        return;
+      }
+      const float left = mass - residual_at(smem, parent, x, u);
+      finish_reject(smem, parent, 0.0f < left ? left : 0.0f);
+    }
+    node = accepted;
+    if (!smem.mass_known[node]) {
+      pending = kMass;
+      post(smem, kRequestRowSum, node);
+      return;
+    }
+    const float mass = smem.mass[node];
+    if (mass > 0.0f) {
+      const int source = draft != nullptr ? (smem.coef[node] != 0.0f ? kBonusClipped : kBonusRow)
+                                          : (smem.first_child[node] >= 0 ? kBonusZeroed : kBonusRow);
+      pending = kBonus;
+      post(smem, kRequestBonus, node, source, smem.coef[node], static_cast<double>(uniforms[0]) * mass);
+      return;
+    }
+    pending = kFallback;
+    post(smem, kRequestRowSum, node);
+  }
+};
+
+// tokens, parents, uniforms: [B, N]; target_probs, draft_probs (or null): [B, N, V] contiguous;
+// zeroed_workspace: [B, V] float32 (deterministic draft) or null. grid B, block kTraversalThreads (>= N).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTraversalThreads, 1)
+    verify_traversal_kernel(const int64_t* __restrict__ tokens, const int64_t* __restrict__ parents,
+                            const scalar_t* __restrict__ target_probs, const scalar_t* __restrict__ draft_probs,
+                            const float* __restrict__ uniforms, int num_nodes, int vocab,
+                            float* __restrict__ zeroed_workspace, int64_t* __restrict__ accepted,
+                            int64_t* __restrict__ accept_len, int64_t* __restrict__ bonus) {
+  const int64_t b = blockIdx.x;
+  const int i = threadIdx.x;
+  __shared__ TraversalSmem smem;
+  load_tree(parents + b * num_nodes, num_nodes, smem.tree);  // ends with a barrier
+  const int64_t* row_tokens = tokens + b * num_nodes;
+  const scalar_t* row_target = target_probs + b * num_nodes * static_cast<int64_t>(vocab);
+  const scalar_t* row_draft =
+      draft_probs != nullptr ? draft_probs + b * num_nodes * static_cast<int64_t>(vocab) : nullptr;
+  if (i < num_nodes) {
+    smem.first_child[i] = -1;
+    smem.next_sibling[i] = -1;
+    smem.alpha[i] = 0.0f;
+    smem.coef[i] = 0.0f;
+    smem.mass[i] = 0.0f;
+    smem.mass_known[i] = false;
+  }
+  __syncthreads();
+  if (i == 0) {  // children lists in increasing index
+    for (int c = num_nodes - 1; c >= 1; --c) {
+      const int p = smem.tree.parent[c];
+      if (p < 0) continue;
+      smem.next_sibling[c] = smem.first_child[p];
+      smem.first_child[p] = c;
+    }
+    smem.alpha[0] = 1.0f;
+  }
+  __syncthreads();
+  if (i < num_nodes) smem.cursor[i] = smem.first_child[i];
+  __syncthreads();
+
+  TraversalWalk<scalar_t> walk{row_tokens, row_target, row_draft, uniforms + b * num_nodes, vocab};
+  float result = 0.0f;
+  int token = 0;
+  for (;;) {
+    if (i == 0) walk.advance(smem, result);
+    __syncthreads();
+    const int request = smem.request;
+    if (request == kRequestDone) break;
+    const int node = smem.request_node;
+    const scalar_t* t = row_target + static_cast<int64_t>(node) * vocab;
+    const scalar_t* q = row_draft != nullptr ? row_draft + static_cast<int64_t>(node) * vocab : nullptr;
+    const float coef = smem.request_coef;
+    if (request == kRequestRowSum) {
+      double sum = 0.0;
+      for (int v = i; v < vocab; v += blockDim.x) sum += static_cast<float>(t[v]);
+      result = static_cast<float>(block_reduce(sum, SumOp{}, 0.0, smem.sums));
+    } else if (request == kRequestClippedMass) {
+      double sum = 0.0;
+      for (int v = i; v < vocab; v += blockDim.x) {
+        const float d = static_cast<float>(t[v]) - coef * static_cast<float>(q[v]);
+        sum += 0.0f < d ? d : 0.0f;
+      }
+      result = static_cast<float>(block_reduce(sum, SumOp{}, 0.0, smem.sums));
+    } else {  // kRequestBonus
+      const int source = smem.request_source;
+      const double threshold = smem.request_threshold;
+      if (source == kBonusZeroed) {
+        float* w = zeroed_workspace + b * vocab;
+        for (int v = i; v < vocab; v += blockDim.x) w[v] = static_cast<float>(t[v]);
+        __syncthreads();
+        if (i < num_nodes && smem.tree.parent[i] == node) {
+          const int64_t x = row_tokens[i];
+          if (x >= 0 && x < vocab) w[x] = 0.0f;
+        }
+        __syncthreads();
+        token = block_inverse_cdf_of(vocab, threshold, smem.sums, smem.ints, [w](int v) { return w[v]; });
+      } else if (source == kBonusClipped) {
+        token = block_inverse_cdf_of(vocab, threshold, smem.sums, smem.ints, [t, q, coef](int v) {
+          const float d = static_cast<float>(t[v]) - coef * static_cast<float>(q[v]);
+          return 0.0f < d ? d : 0.0f;
+        });
+      } else {
+        token = block_inverse_cdf_of(vocab, threshold, smem.sums, smem.ints,
+                                     [t](int v) { return static_cast<float>(t[v]); });
+      }
+    }
+    __syncthreads();  // every thread has read the request before thread 0 posts the next one
+  }
+
+  if (i == 0) {
+    int u = walk.accepted;
+    const int length = smem.tree.depth[u];
+    for (int j = length; j >= 0; --j) {
+      smem.tree.link[j] = u;
+      u = smem.tree.parent[u];
+    }
+    smem.path_length = length;
+  }
+  __syncthreads();
+  const int length = smem.path_length;
+  if (i < num_nodes) accepted[b * num_nodes + i] = i <= length ? smem.tree.link[i] : -1;
+  if (i == 0) {
+    accept_len[b] = length;
+    bonus[b] = token;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_traversal_cuda(const at::Tensor& tokens_in,
+                                                                     const at::Tensor& parents_in,
+                                                                     const at::Tensor& target_probs_in,
+                                                                     const std::optional<at::Tensor>& draft_probs_in,
+                                                                     const at::Tensor& uniforms_in) {
+  check_verify_sampling_args(tokens_in, parents_in, target_probs_in, draft_probs_in, uniforms_in, "verify_traversal");
+  const c10::cuda::CUDAGuard guard(tokens_in.device());
+  const at::Tensor tokens = tokens_in.contiguous();
+  const at::Tensor parents = parents_in.contiguous();
+  const at::Tensor uniforms = uniforms_in.contiguous();
+  const at::Tensor target_probs = target_probs_in.contiguous();
+  at::Tensor draft_probs;  // undefined: deterministic draft
+  if (draft_probs_in.has_value()) draft_probs = draft_probs_in->contiguous();
+  const int64_t batch = tokens.size(0);
+  const int64_t nodes = tokens.size(1);
+  const int64_t vocab = target_probs.size(2);
+  TORCH_CHECK(vocab <= INT32_MAX, "verify_traversal: target_probs must have fewer than 2^31 columns, got ", vocab);
+  const auto long_options = tokens.options().dtype(at::kLong);
+  at::Tensor accepted = at::empty({batch, nodes}, long_options);
+  at::Tensor accept_len = at::empty({batch}, long_options);
+  at::Tensor bonus = at::empty({batch}, long_options);
+  if (batch == 0) return {accepted, accept_len, bonus};
+  at::Tensor zeroed;  // the deterministic draft's bonus row (target row with the children's tokens zeroed)
+  if (!draft_probs.defined()) zeroed = at::empty({batch, vocab}, target_probs.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  dispatch_float_dtype(target_probs.scalar_type(), "verify_traversal: target_probs", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* draft =
+        draft_probs.defined() ? static_cast<const scalar_t*>(draft_probs.const_data_ptr()) : nullptr;
+    verify_traversal_kernel<scalar_t><<<grid_dim(batch), kTraversalThreads, 0, stream>>>(
+        tokens.const_data_ptr<int64_t>(), parents.const_data_ptr<int64_t>(),
+        static_cast<const scalar_t*>(target_probs.const_data_ptr()), draft, uniforms.const_data_ptr<float>(),
+        static_cast<int>(nodes), static_cast<int>(vocab), zeroed.defined() ? zeroed.data_ptr<float>() : nullptr,
+        accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(), bonus.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {accepted, accept_len, bonus};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sage_ext, CUDA, m) {
   m.impl("topk_confidence", &topk_confidence_cuda);
   m.impl("verify_greedy", &verify_greedy_cuda);
   m.impl("verify_sampling", &verify_sampling_cuda);
+  m.impl("verify_traversal", &verify_traversal_cuda);
 }
 
 }  // namespace sage_ext::cuda
