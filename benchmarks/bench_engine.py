@@ -207,6 +207,11 @@ def load_baseline_engine(rev: str):
         }
     except (OSError, subprocess.CalledProcessError) as error:
         return None, f"baseline {rev!r} unavailable: {error}"
+    # revisions before the engine package import these as sage_ext.stats / sage_ext.caches (today's modules)
+    import importlib
+
+    for old_name, today in (("sage_ext.stats", "sage_ext.engine.stats"), ("sage_ext.caches", "sage_ext.engine.caches")):
+        sys.modules.setdefault(old_name, importlib.import_module(today))
     modules = {}
     for path, name in (("sage_ext/policies.py", "sage_ext._baseline_policies"),
                        ("sage_ext/engine.py", "sage_ext._baseline_engine")):

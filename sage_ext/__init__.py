@@ -65,7 +65,7 @@ except ImportError as _error:
 
 from . import ops, reference  # noqa: F401
 from .engine import GenerationOutput, SpeculativeGenerator, StepDebug, generate, stream
-from .policies import (
+from .engine.policies import (
     SPECVLM_TREE_PATHS,
     AutoregressivePolicy,
     ChainPolicy,
@@ -74,7 +74,7 @@ from .policies import (
     StaticTreePolicy,
     TreePolicy,
 )
-from .stats import GenerationStats, StepRecord
+from .engine.stats import GenerationStats, StepRecord
 
 
 def custom_generate_path() -> str:

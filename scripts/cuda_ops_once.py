@@ -146,7 +146,7 @@ def run_engine(call: Caller) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sage_ext.engine import SpeculativeGenerator
-    from sage_ext.policies import SagePolicy, StaticTreePolicy
+    from sage_ext.engine.policies import SagePolicy, StaticTreePolicy
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

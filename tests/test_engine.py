@@ -27,7 +27,7 @@ from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
 )
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
+from sage_ext.engine.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
 
 BUILDERS = all_family_builders()
 MAX_NEW = 24

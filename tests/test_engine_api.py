@@ -19,7 +19,7 @@ from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, TextStreamer
 
 from sage_ext.engine import GenerationOutput, SpeculativeGenerator, generate
-from sage_ext.policies import POLICIES, SagePolicy, make_policy
+from sage_ext.engine.policies import POLICIES, SagePolicy, make_policy
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from tiny_models import all_family_builders, correlated_draft, one_thread, tiny_
 
 from sage_ext import ops
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.policies import SagePolicy
+from sage_ext.engine.policies import SagePolicy
 
 pytestmark = needs_gpu
 
@@ -256,7 +256,7 @@ def test_stats_with_cuda_event_timings(llava, policy):
 def test_timeline_books_gpu_time_where_it_ran():
     """Events, not the host clock: a region that only queues GPU work (which returns at once on the host) is
     booked the GPU's time of that work."""
-    from sage_ext.stats import GenerationStats, StepRecord, Timeline
+    from sage_ext.engine.stats import GenerationStats, StepRecord, Timeline
 
     cycles = 50_000_000
     torch.cuda._sleep(4 * cycles)  # warm-up (clocks up)

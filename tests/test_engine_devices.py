@@ -1,7 +1,7 @@
 """Models split over several devices (``device_map``), checked on one CPU.
 
 A cache whose layers sit on two devices cannot be made on a CPU-only machine, so these tests route part of the
-cache layers through the commit's path for other devices (``sage_ext.caches.CacheGroups``: group 0 is compacted
+cache layers through the commit's path for other devices (``sage_ext.engine.caches.CacheGroups``: group 0 is compacted
 by ``commit_tree_``, every other group — the layers a device_map puts on a second GPU, or a draft on another
 device than the target — by ``kv_compact_`` in the same workspace commit) with the engine's seam
 ``elsewhere_from = (target_index, draft_index)``: layers from that index on form a group of their own even though
@@ -25,7 +25,7 @@ from tiny_models import all_family_builders, correlated_draft, one_thread  # noq
 from transformers import DynamicCache
 
 from sage_ext import cli
-from sage_ext.caches import CacheGroups
+from sage_ext.engine.caches import CacheGroups
 from sage_ext.engine import SpeculativeGenerator
 
 BUILDERS = all_family_builders()

@@ -22,7 +22,7 @@ from tiny_models import correlated_draft, one_thread, text_prompt, tiny_llama  #
 
 from sage_ext import ops
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.policies import SagePolicy, StaticTreePolicy
+from sage_ext.engine.policies import SagePolicy, StaticTreePolicy
 
 MAX_NEW = 20
 #: the tests' policies plus a static tree whose level-2 feed range covers a childless node (rank path [1]), and

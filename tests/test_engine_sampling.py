@@ -20,7 +20,7 @@ from tiny_vlms_more import tiny_qwen3_vl
 from transformers import DynamicCache
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
+from sage_ext.engine.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
 
 VOCAB = 24
 RUNS = 3000

@@ -9,8 +9,8 @@ from tiny_models import contrary_draft, correlated_draft, one_thread, same_draft
 
 from sage_ext import ops
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.policies import SagePolicy
-from sage_ext.stats import TIME_KEYS
+from sage_ext.engine.policies import SagePolicy
+from sage_ext.engine.stats import TIME_KEYS
 
 MAX_NEW = 30
 
@@ -126,7 +126,7 @@ def test_timeline_books_every_boundary_once():
     """One clock reading per boundary; a category lasts until the next switch; a region gives back the category
     that ran before it; no category inside a step is ``other``, outside steps nobody's; a step spans begin to
     end."""
-    from sage_ext.stats import GenerationStats, StepRecord, Timeline
+    from sage_ext.engine.stats import GenerationStats, StepRecord, Timeline
 
     ticks = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 21.0, 28.0, 36.0, 45.0])  # the last: finish's closing mark
     timeline = Timeline(torch.device("cpu"), clock=lambda: next(ticks))

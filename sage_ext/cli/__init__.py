@@ -88,7 +88,7 @@ def _version_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..policies import POLICIES
+    from ..engine.policies import POLICIES
 
     policy_names = sorted(POLICIES)
     flags = _flags()

@@ -110,7 +110,7 @@ def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.d
 
 def bench_policy_objects(tuned: dict | None):
     """name -> (policy object or marker string, description) in run order."""
-    from .. import policies
+    from ..engine import policies
 
     entries = {
         "ar": (policies.AutoregressivePolicy(), "target-only greedy by the engine (the baseline)"),
@@ -279,7 +279,7 @@ def cmd_bench(args) -> int:
 
 def bench_markdown(report: dict) -> str:
     """The report as a markdown table (written beside the JSON and the chart)."""
-    from ..stats import TIME_KEYS
+    from ..engine.stats import TIME_KEYS
 
     lines = [
         f"# sage-ext bench: {report['machine']}",

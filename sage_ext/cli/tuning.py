@@ -18,7 +18,7 @@ def tune_sage(target, draft, tune_inputs, max_new_tokens, device, grid: dict) ->
     current best in interleaved A-B-B-A rounds over the same scenes (greedy outputs are identical, so the
     token counts are too), and kept only if it is at least 3% faster: drift of a shared machine's load hits
     both sides alike instead of favouring whichever ran first."""
-    from .. import policies
+    from ..engine import policies
     from ..engine import SpeculativeGenerator
 
     def engine_for(params: dict):

@@ -182,7 +182,7 @@ def validate_args(args) -> None:
 
 def parse_policy(name: str, args_text: str | None = None):
     """A policy object from a name plus ``key=value,...`` overrides (values are Python literals)."""
-    from .. import policies
+    from ..engine import policies
 
     if name not in policies.POLICIES:
         raise UsageError(f"unknown policy {name!r}; choose from {', '.join(policies.POLICIES)}")

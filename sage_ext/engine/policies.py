@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from . import _C, ops
+from .. import _C, ops
 
 #: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
 SPECVLM_TREE_PATHS: list[list[int]] = [list(path) for path in ops.SPECVLM_TREE_PATHS]

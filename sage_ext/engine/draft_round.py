@@ -1,0 +1,166 @@
+"""The policies' handle on the engine's native workspace: ``DraftRound`` (``ctx``) and ``FixedLayout``.
+
+A policy builds each step's tree through a ``DraftRound``: the levels and the draft forwards between them, then
+which tree the target verifies. The tree itself and all tensor work live in ``sage_ext._C.TreeWorkspace``
+(csrc/session/tree_workspace.h); Python keeps the control flow, the draft forwards and their time accounting.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .. import _C, ops
+
+if TYPE_CHECKING:
+    from .loop import SpeculativeGenerator
+
+#: A tree whose shape and feed schedule never change (static trees, chains): ``parents [N]``, ``node_row [1, N + 1]``
+#: (the draft row of every slot the draft processes, -1 for the others), ``draft_block [1, R, R]`` (the additive
+#: tree block of the step's R draft rows, draft dtype), ``depth [1, N]`` and ``target_block [N, N]`` (target dtype):
+#: what ``tree_buffers`` would compute every step, made once (``DraftRound.fixed_layout``), held by the workspace.
+FixedLayout = _C.FixedLayout
+
+
+class DraftRound:
+    """Per-generation tree state and draft driver handed to the policies (``ctx``).
+
+    The tree state and all the tensor work between two model forwards live in a native
+    ``sage_ext._C.TreeWorkspace`` (``self.ws``, csrc/session/tree_workspace.h): on the CPU every separate
+    small call right after a model forward pays again for the caches the forward evicted, so each gap is one
+    native call. The workspace owns the step's tree: a policy starts it (``start_tree`` + ``root_logits``), grows it
+    level by level (``sage_level`` / ``static_level`` / ``topk_expand``, each with the inputs of the next draft
+    forward, which ``forward`` runs) and says which tree the target verifies (``use_slots``: the slots ``[0, N)``;
+    ``rerank``: EAGLE-2's selection; ``root_only``: no draft). The engine then asks the workspace for the target's
+    inputs and the commit; no tree tensor goes back to it from Python. Nothing here reads device values except
+    SAGE's per-level counts with ``static_shapes=False`` (the CPU default).
+
+    Python keeps the control flow, the model forwards and the time accounting: the engine books the whole tree
+    build as ``tree_ops``; ``forward`` books the draft forwards as ``draft_decode``.
+    """
+
+    def __init__(self, engine: "SpeculativeGenerator", capacity: int, max_cache_len: int, device: torch.device,
+                 mask_dtype: torch.dtype | None, target_dtype: torch.dtype, static_default: bool,
+                 row_table: Tensor | None = None):
+        self.engine = engine
+        self.device = device
+        self.static_default = static_default  # SAGE's static_shapes default (True on CUDA)
+        self._mask_dtype = mask_dtype
+        self._target_dtype = target_dtype
+        chain_rows = engine.policy.depth_bound + 2  # the longest first forward: pending tokens + the root
+        self.ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, engine.seq, mask_dtype, target_dtype,
+                                   row_table)
+        self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
+        self._switch = engine.timeline.switch
+        self._draft_other_device = engine.draft_device != device
+        limit = engine.shared_vocab
+        self._vocab_limit = limit if engine.draft is not None and engine.draft.vocab_size > limit else None
+        self._token_clamp = engine.draft_token_clamp
+
+    # ------------------------------------------------------------------ helpers for policies
+    def full_f32(self, value: float) -> Tensor:
+        return torch.full((1,), value, dtype=torch.float32, device=self.device)
+
+    def start_tree(self, layout: FixedLayout | None = None) -> None:
+        """Start this step's tree at the root, optionally on a ``FixedLayout`` (parents, node rows and mask blocks
+        known in advance: no per-level mask work). ``root_logits`` then writes the root and runs the step's first
+        draft forward."""
+        self._layout = layout
+
+    def fixed_layout(self, parents: Tensor, fed_slots: list[int]) -> FixedLayout:
+        """A ``FixedLayout`` on this round's device and dtypes for the tree ``parents [N]`` (host) whose draft
+        forwards process the slots ``fed_slots`` in that order (draft row r = ``fed_slots[r]``; the root first).
+        Policies make it once per device and dtypes (``layout_key``)."""
+        device = self.device
+        # the tree's additive masks [N, N] in both dtypes, straight from tree_buffers (the ops' one mask rule)
+        depth, *_, target_mask, _ = ops.tree_buffers(parents[None], 0, self._target_dtype)
+        draft_mask = ops.tree_buffers(parents[None], 0, self._mask_dtype)[6][0, 0]
+        rows = torch.tensor(fed_slots, dtype=torch.int64)
+        node_row = torch.full((1, parents.shape[0] + 1), -1, dtype=torch.int64)
+        node_row[0, rows] = torch.arange(len(fed_slots))
+        return FixedLayout(parents.to(device), node_row.to(device), draft_mask[rows][:, rows][None].to(device),
+                           depth.to(device), target_mask[0, 0].to(device))
+
+    @property
+    def layout_key(self) -> tuple:
+        """What a ``FixedLayout`` depends on besides the tree: device and the two mask dtypes."""
+        return self.device, self._mask_dtype, self._target_dtype
+
+    # The levels below are what policies call between draft forwards, one native call each. Draft logits are
+    # [1, T, V]; a level's frontier is their last rows (the step's first forward also returns the pending tokens').
+    def sage_level(self, logits: Tensor, alpha: Tensor | None, frontier_start: int, frontier_count: int, level: int,
+                   slot_start: int, num_slots: int, shape: tuple, used: int, n_max: int, known_count: int = -1,
+                   known_max_depth: int = -1) -> tuple:
+        """One SAGE level (``sage_level_``) on the last ``frontier_count`` rows of the draft logits (the frontier
+        slots ``[frontier_start, ...)``), ``shape`` = ``(k, d_min, d_max, w_min, w_max, theta_scale)``; with the
+        inputs of the next draft forward when the tree goes on (count > 0, level < max_depth, used + count <
+        n_max). Counts come from the host when given (``known_*`` >= 0: static shapes), else are read (free on
+        the CPU, a sync elsewhere).
+        Returns ``(count, frontier_alpha [1, F], max_depth, next forward inputs or None)``."""
+        k, d_min, d_max, w_min, w_max, theta_scale = shape
+        return self.ws.sage_level(logits, alpha, frontier_start, frontier_count, level, slot_start, num_slots, k,
+                                  self.engine.draft_temperature, d_min, d_max, w_min, w_max, theta_scale, used, n_max,
+                                  known_count, known_max_depth)
+
+    def static_level(self, logits: Tensor, frontier_count: int, child_index: Tensor, start: int, k: int,
+                     want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
+        """One level of a fixed tree (``gather_level_``): the top-``k`` of the last ``frontier_count`` draft-logit
+        rows, the children's tokens and log-probs gathered into the slots from ``start`` (``child_index`` into the
+        flattened top-k), then the inputs of the next feed ``(start, count, depth)`` if any. Returns ``(alpha [F] if
+        want_alpha else None, inputs or None)``."""
+        next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
+        return self.ws.static_level(logits, frontier_count, child_index, start, k, self.engine.draft_temperature,
+                                    want_alpha, next_start, next_count, next_depth)
+
+    def topk_expand(self, logits: Tensor, frontier_count: int, frontier_start: int, k: int, slot_start: int,
+                    num_slots: int, want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
+        """One EAGLE-2 level (``expand_level_``): the top-``k`` of the last ``frontier_count`` draft-logit rows (the
+        frontier slots from ``frontier_start``), every frontier node allowed ``k`` children and no threshold,
+        best-first into ``[slot_start, slot_start + num_slots)``; then the inputs of the next feed ``(start, count,
+        depth)`` if any. Returns ``(alpha [F] if want_alpha else None, inputs or None)``."""
+        next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
+        return self.ws.topk_expand(logits, frontier_count, frontier_start, k, self.engine.draft_temperature,
+                                   slot_start, num_slots, want_alpha, next_start, next_count, next_depth)
+
+    # ------------------------------------------------------------------ the tree the target verifies
+    def use_slots(self, num_nodes: int) -> None:
+        """The step's tree is the slots ``[0, num_nodes)`` as the levels wrote them."""
+        self.ws.use_slots(num_nodes)
+
+    def rerank(self, num_slots: int, num_select: int) -> None:
+        """The step's tree is EAGLE-2's final global top-``num_select`` over the slots ``[0, num_slots)``
+        (``rerank_select``)."""
+        self.ws.rerank(num_slots, num_select)
+
+    def root_only(self) -> None:
+        """The step's tree is the root alone (no draft): one ordinary decode step."""
+        self.ws.root_only(self.engine.cur_len)
+
+    # ------------------------------------------------------------------ draft forwards
+    def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """One draft forward, booked as ``draft_decode`` (the caller is inside the engine's tree_ops region)."""
+        engine = self.engine
+        if self._token_clamp is not None:
+            tokens = tokens.clamp_max(self._token_clamp)
+        if self._draft_other_device:  # draft on another device than the target's inputs
+            device = engine.draft_device
+            tokens, positions, mask = tokens.to(device), positions.to(device), mask.to(device)
+        switch = self._switch
+        switch("draft_decode")
+        logits = engine.draft.forward_tree(tokens, positions, mask, engine.draft_cache)
+        if self._draft_other_device:
+            # inside draft_decode: the copy waits for the draft's forward on its device, which is draft time
+            logits = logits.to(self.device)
+        switch("tree_ops")
+        return logits if self._vocab_limit is None else logits[..., : self._vocab_limit]
+
+    def forward(self, inputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """The draft forward of ``(tokens, positions, mask)`` (as the workspace returns them); logits ``[1, n, V]``."""
+        return self._forward(*inputs)
+
+    def root_logits(self) -> Tensor:
+        """The step's first draft forward: the committed tokens the draft has not processed yet, then the
+        root (written into slot 0 here). Returns the draft's logits ``[1, T, V_shared]``; the last row is the root's."""
+        engine = self.engine
+        return self._forward(*self.ws.start(engine.cur_len, engine.draft_done, self._layout))
