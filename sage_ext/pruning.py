@@ -28,7 +28,8 @@ The draft sees only a small share of the image/video tokens; the target always s
    ``s + position_offset`` while the draft cache only holds ``keep.sum()`` entries. Families that feed
    visual features into later decoder layers too (Qwen3-VL's DeepStack) get the kept visual rows' features.
 
-One-call form of 1-3 for a decoding loop: :func:`prefill_with_pruning`.
+1 and 2 as one call: :func:`scored_prefill` (what the engine runs, timing the target's and the draft's prefill
+apart); 1-3 as one call for a decoding loop: :func:`prefill_with_pruning`.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ __all__ = [
     "forward_kept",
     "multimodal_embeddings",
     "prefill_with_pruning",
+    "scored_prefill",
     "pruning_budget",
     "select_visual_tokens",
     "text_decoder",
@@ -255,6 +257,24 @@ class PrunedPrefill(NamedTuple):
     scores: torch.Tensor | None
 
 
+def scored_prefill(target_adapter, inputs: dict, target_cache, ratio: float = DEFAULT_PRUNE_RATIO):
+    """The target's ordinary prefill, scoring the visual tokens when pruning is on (1 and 2 above).
+
+    Returns ``(target PrefillResult, keep, scores)``: ``keep`` the ``[1, L]`` mask of prompt positions the draft
+    sees (every text position, the top-scored visual ones, and the last position, whose logits give the draft's
+    first prediction), ``scores`` the target's attention scores; both ``None`` when ``ratio`` is 0 or the prompt has
+    no visual token (then this is a plain prefill)."""
+    visual = target_adapter.visual_token_mask(inputs) if ratio > 0.0 else None
+    if visual is None or not bool(visual.any()):
+        return target_adapter.prefill(inputs, target_cache), None, None
+    queries = default_query_mask(visual, inputs.get("attention_mask"))
+    with VisualAttentionScorer(target_adapter.model, queries, inputs.get("attention_mask")) as scorer:
+        target_result = target_adapter.prefill(inputs, target_cache)
+    keep = select_visual_tokens(scorer.scores, visual, ratio)
+    keep[:, -1] = True  # the draft's last-position logits must belong to the last prompt token
+    return target_result, keep, scorer.scores
+
+
 def prefill_with_pruning(target_adapter, draft_adapter, inputs: dict, target_cache, draft_cache,
                          ratio: float = DEFAULT_PRUNE_RATIO) -> PrunedPrefill:
     """Prefill target (full prompt, scored) and draft (kept tokens only).
@@ -264,13 +284,5 @@ def prefill_with_pruning(target_adapter, draft_adapter, inputs: dict, target_cac
     those of the full prompt: build the draft's tree mask with ``past_len = draft cache length`` but
     its ``seq_positions`` from the full sequence length (as for the target).
     """
-    visual = target_adapter.visual_token_mask(inputs)
-    if ratio <= 0.0 or visual is None or not bool(visual.any()):
-        return PrunedPrefill(target_adapter.prefill(inputs, target_cache),
-                             draft_adapter.prefill(inputs, draft_cache), None, None)
-    queries = default_query_mask(visual, inputs.get("attention_mask"))
-    with VisualAttentionScorer(target_adapter.model, queries, inputs.get("attention_mask")) as scorer:
-        target_result = target_adapter.prefill(inputs, target_cache)
-    keep = select_visual_tokens(scorer.scores, visual, ratio)
-    keep[:, -1] = True  # the draft's last-position logits must belong to the last prompt token
-    return PrunedPrefill(target_result, draft_adapter.prefill(inputs, draft_cache, keep=keep), keep, scorer.scores)
+    target_result, keep, scores = scored_prefill(target_adapter, inputs, target_cache, ratio)
+    return PrunedPrefill(target_result, draft_adapter.prefill(inputs, draft_cache, keep=keep), keep, scores)

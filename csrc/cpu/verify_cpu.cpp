@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -123,58 +124,21 @@ VerifyOutputs verify_greedy_cpu(const at::Tensor& tokens_in, const at::Tensor& p
   return {accepted, accept_len, bonus};
 }
 
-VerifyOutputs verify_sampling_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in,
-                                  const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
-                                  const at::Tensor& uniforms_in) {
-  check_verify_sampling_args(tokens_in, parents_in, target_probs_in, draft_probs_in, uniforms_in);
-  const at::Tensor tokens = tokens_in.contiguous();
-  const at::Tensor parents = parents_in.contiguous();
-  const at::Tensor uniforms = uniforms_in.contiguous();
-  // The row pointer arithmetic of core::verify_sampling_row needs [N, V] rows back to back.
-  const at::Tensor target_probs = target_probs_in.contiguous();
-  at::Tensor draft_probs;  // undefined when the draft is a deterministic top-k (q = 1)
-  if (draft_probs_in.has_value()) draft_probs = draft_probs_in->contiguous();
-  validate_parent_rows("verify_sampling", parents);
-  const int64_t batch = tokens.size(0);
-  const int64_t nodes = tokens.size(1);
-  const int64_t vocab = target_probs.size(2);
-  for (int64_t b = 0; b < batch; ++b) {
-    raise_if_error(core::validate_tokens(tokens.const_data_ptr<int64_t>() + b * nodes,
-                                         parents.const_data_ptr<int64_t>() + b * nodes, nodes, vocab),
-                   "verify_sampling", b);
-  }
-  at::Tensor accepted = empty_on(tokens, {batch, nodes}, c10::kLong);
-  at::Tensor accept_len = empty_on(tokens, {batch}, c10::kLong);
-  at::Tensor bonus = empty_on(tokens, {batch}, c10::kLong);
-  dispatch_vocab_dtype(target_probs.scalar_type(), "verify_sampling", [&](auto zero) {
-    using T = decltype(zero);
-    const T* target = static_cast<const T*>(target_probs.const_data_ptr());
-    const T* draft = draft_probs.defined() ? static_cast<const T*>(draft_probs.const_data_ptr()) : nullptr;
-    parallel_for_work(batch, vocab, [&](int64_t begin, int64_t end) {
-      std::vector<float> residual;
-      for (int64_t b = begin; b < end; ++b) {
-        const core::VerifyResult result = verify_sampling_row_simd(
-            tokens.const_data_ptr<int64_t>() + b * nodes, parents.const_data_ptr<int64_t>() + b * nodes, nodes,
-            target + b * nodes * vocab, draft ? draft + b * nodes * vocab : nullptr, vocab,
-            uniforms.const_data_ptr<float>() + b * nodes, accepted.data_ptr<int64_t>() + b * nodes, residual);
-        accept_len.data_ptr<int64_t>()[b] = result.accept_len;
-        bonus.data_ptr<int64_t>()[b] = result.bonus;
-      }
-    });
-  });
-  return {accepted, accept_len, bonus};
-}
-
-VerifyOutputs verify_traversal_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in,
-                                   const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
-                                   const at::Tensor& uniforms_in) {
-  constexpr const char* op = "verify_traversal";
+// verify_sampling and verify_traversal share their checks, layout and batch loop: `walk` decides one row (a
+// core:: walker over [N, V] rows back to back, with the per-thread `Scratch` it reuses); `reads_per_row` is the
+// work of one row for at::parallel_for's split (verify_sampling reads a path's rows, verify_traversal may read
+// every row of its tree).
+template <typename Scratch, typename Walk>
+VerifyOutputs verify_sampled_rows(const char* op, int64_t reads_per_row, const at::Tensor& tokens_in,
+                                  const at::Tensor& parents_in, const at::Tensor& target_probs_in,
+                                  const std::optional<at::Tensor>& draft_probs_in, const at::Tensor& uniforms_in,
+                                  Walk walk) {
   check_verify_sampling_args(tokens_in, parents_in, target_probs_in, draft_probs_in, uniforms_in, op);
   const at::Tensor tokens = tokens_in.contiguous();
   const at::Tensor parents = parents_in.contiguous();
   const at::Tensor uniforms = uniforms_in.contiguous();
   const at::Tensor target_probs = target_probs_in.contiguous();  // [N, V] rows back to back
-  at::Tensor draft_probs;  // undefined: deterministic top-k draft
+  at::Tensor draft_probs;  // undefined when the draft is a deterministic top-k (q = 1)
   if (draft_probs_in.has_value()) draft_probs = draft_probs_in->contiguous();
   validate_parent_rows(op, parents);
   const int64_t batch = tokens.size(0);
@@ -192,20 +156,34 @@ VerifyOutputs verify_traversal_cpu(const at::Tensor& tokens_in, const at::Tensor
     using T = decltype(zero);
     const T* target = static_cast<const T*>(target_probs.const_data_ptr());
     const T* draft = draft_probs.defined() ? static_cast<const T*>(draft_probs.const_data_ptr()) : nullptr;
-    // A walk may read every row of its tree (more than verify_sampling's path): N * V of work per row.
-    parallel_for_work(batch, nodes * vocab, [&](int64_t begin, int64_t end) {
-      core::TraversalScratch scratch;
+    parallel_for_work(batch, reads_per_row * vocab, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
       for (int64_t b = begin; b < end; ++b) {
-        const core::VerifyResult result = verify_traversal_row_simd(
-            tokens.const_data_ptr<int64_t>() + b * nodes, parents.const_data_ptr<int64_t>() + b * nodes, nodes,
-            target + b * nodes * vocab, draft ? draft + b * nodes * vocab : nullptr, vocab,
-            uniforms.const_data_ptr<float>() + b * nodes, accepted.data_ptr<int64_t>() + b * nodes, scratch);
+        const core::VerifyResult result =
+            walk(tokens.const_data_ptr<int64_t>() + b * nodes, parents.const_data_ptr<int64_t>() + b * nodes, nodes,
+                 target + b * nodes * vocab, draft ? draft + b * nodes * vocab : nullptr, vocab,
+                 uniforms.const_data_ptr<float>() + b * nodes, accepted.data_ptr<int64_t>() + b * nodes, scratch);
         accept_len.data_ptr<int64_t>()[b] = result.accept_len;
         bonus.data_ptr<int64_t>()[b] = result.bonus;
       }
     });
   });
   return {accepted, accept_len, bonus};
+}
+
+VerifyOutputs verify_sampling_cpu(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target_probs,
+                                  const std::optional<at::Tensor>& draft_probs, const at::Tensor& uniforms) {
+  return verify_sampled_rows<std::vector<float>>(
+      "verify_sampling", 1, tokens, parents, target_probs, draft_probs, uniforms,
+      [](auto&&... args) { return verify_sampling_row_simd(std::forward<decltype(args)>(args)...); });
+}
+
+VerifyOutputs verify_traversal_cpu(const at::Tensor& tokens, const at::Tensor& parents,
+                                   const at::Tensor& target_probs, const std::optional<at::Tensor>& draft_probs,
+                                   const at::Tensor& uniforms) {
+  return verify_sampled_rows<core::TraversalScratch>(
+      "verify_traversal", tokens.size(1), tokens, parents, target_probs, draft_probs, uniforms,
+      [](auto&&... args) { return verify_traversal_row_simd(std::forward<decltype(args)>(args)...); });
 }
 
 void kv_compact_cpu(at::TensorList caches, const at::Tensor& accepted_in, int64_t past_len) {

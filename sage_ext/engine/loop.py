@@ -44,6 +44,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .. import ops
 from ..families import FamilyAdapter, get_adapter
+from ..pruning import scored_prefill
 from .caches import CacheGroups
 from .draft_round import DraftRound
 from .policies import TreePolicy, make_policy
@@ -277,21 +278,10 @@ class SpeculativeGenerator:
         # ---------------------------------------------------------- prefill
         self.target_cache = DynamicCache()
         self.draft_cache = DynamicCache() if use_draft else None
-        keep = None
-        if use_draft and self.draft_prune_ratio > 0:
-            from ..pruning import VisualAttentionScorer, default_query_mask, select_visual_tokens
-
-            visual = self.target.visual_token_mask(inputs)
-            if visual is not None and bool(visual.any()):
-                queries = default_query_mask(visual, inputs.get("attention_mask"))
-                with timeline.region("target_prefill"):
-                    with VisualAttentionScorer(self.target.model, queries, inputs.get("attention_mask")) as scorer:
-                        target_prefill = self.target.prefill(inputs, self.target_cache)
-                    keep = select_visual_tokens(scorer.scores, visual, self.draft_prune_ratio)
-                    keep[:, -1] = True
-        if keep is None:
-            with timeline.region("target_prefill"):
-                target_prefill = self.target.prefill(inputs, self.target_cache)
+        # the target's prefill, scoring the visual tokens for the draft's pruning when it is on
+        with timeline.region("target_prefill"):
+            target_prefill, keep, _ = scored_prefill(self.target, inputs, self.target_cache,
+                                                     self.draft_prune_ratio if use_draft else 0.0)
         if use_draft:
             with timeline.region("draft_prefill"):
                 self.draft.prefill(draft_inputs, self.draft_cache,
