@@ -71,6 +71,16 @@ inline void expect_tree_tensor(const char* op, const char* name, const at::Tenso
   expect_tree_size(op, name, t.size(1));
 }
 
+// `t` is 2-D (`shape` names its dimensions) with dtype `dtype`, the shape of `ref` (named `ref_name`) and its device.
+inline void expect_like(const char* op, const char* name, const at::Tensor& t, c10::ScalarType dtype,
+                        const at::Tensor& ref, const char* ref_name, const char* shape = "[B, N]") {
+  expect_dim(op, name, t, 2, shape);
+  expect_dtype(op, name, t, dtype);
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", ref.sizes(),
+              ", got ", t.sizes());
+  expect_device(op, name, t, ref, ref_name);
+}
+
 // In-place tree state: tokens, parents [B, Ncap] int64 and logprobs, cum_logprobs [B, Ncap] float32,
 // one shape, one device, contiguous.
 inline void expect_tree_state(const char* op, const at::Tensor& tokens, const at::Tensor& parents,
@@ -78,11 +88,7 @@ inline void expect_tree_state(const char* op, const at::Tensor& tokens, const at
   expect_tree_tensor(op, "tokens", tokens);
   expect_contiguous(op, "tokens", tokens);
   auto check_state = [&](const char* name, const at::Tensor& t, c10::ScalarType dtype) {
-    expect_dim(op, name, t, 2, "[B, Ncap]");
-    expect_dtype(op, name, t, dtype);
-    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
-                ", got ", t.sizes());
-    expect_device(op, name, t, tokens, "tokens");
+    expect_like(op, name, t, dtype, tokens, "tokens", "[B, Ncap]");
     expect_contiguous(op, name, t);
   };
   check_state("parents", parents, c10::kLong);
@@ -399,15 +405,8 @@ inline void check_commit_tree_args(const at::Tensor& tokens, const at::Tensor& p
   expect_tree_tensor(op, "tokens", tokens);
   const int64_t batch = tokens.size(0);
   const int64_t nodes = tokens.size(1);
-  auto same_as_tokens = [&](const char* name, const at::Tensor& t) {
-    expect_dim(op, name, t, 2, "[B, N]");
-    expect_dtype(op, name, t, c10::kLong);
-    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
-                ", got ", t.sizes());
-    expect_device(op, name, t, tokens, "tokens");
-  };
-  same_as_tokens("parents", parents);
-  same_as_tokens("accepted", accepted);
+  expect_like(op, "parents", parents, c10::kLong, tokens, "tokens");
+  expect_like(op, "accepted", accepted, c10::kLong, tokens, "tokens");
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"accept_len", &accept_len},
                                 std::pair<const char*, const at::Tensor*>{"bonus", &bonus}}) {
     expect_dim(op, name, *t, 1, "[B]");
@@ -508,16 +507,9 @@ inline void check_rerank_select_args(const at::Tensor& tokens, const at::Tensor&
   using namespace check_detail;
   constexpr const char* op = "rerank_select";
   expect_tree_tensor(op, "tokens", tokens);
-  auto same_shape = [&](const char* name, const at::Tensor& t, c10::ScalarType dtype) {
-    expect_dim(op, name, t, 2, "[B, N]");
-    expect_dtype(op, name, t, dtype);
-    TORCH_CHECK(t.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of tokens ", tokens.sizes(),
-                ", got ", t.sizes());
-    expect_device(op, name, t, tokens, "tokens");
-  };
-  same_shape("parents", parents, c10::kLong);
-  same_shape("logprobs", logprobs, c10::kFloat);
-  same_shape("cum_logprobs", cum_logprobs, c10::kFloat);
+  expect_like(op, "parents", parents, c10::kLong, tokens, "tokens");
+  expect_like(op, "logprobs", logprobs, c10::kFloat, tokens, "tokens");
+  expect_like(op, "cum_logprobs", cum_logprobs, c10::kFloat, tokens, "tokens");
   expect_dim(op, "node_row", node_row, 2, "[B, M]");
   expect_dtype(op, "node_row", node_row, c10::kLong);
   expect_size(op, "node_row", node_row, 0, tokens.size(0), "B");

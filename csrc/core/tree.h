@@ -113,8 +113,8 @@ void float_mask_row(const uint64_t* bits, int64_t num_nodes, int64_t past_len, T
 }
 
 // ---- the tree-mask row rule ----------------------------------------------------------------------
-// THE rule every additive tree-mask row written incrementally follows (sage_level_'s CPU loop and CUDA
-// kernel, the TreeWorkspace's feed rows): a node's row is its parent's row with the node's own column
+// THE rule every additive tree-mask row written incrementally follows (sage_level_'s and tree_mask_feed_'s CPU
+// loops and CUDA kernels): a node's row is its parent's row with the node's own column
 // `self` set to `attend`; a node without a parent row (padding, parent -1) gets `blocked` everywhere but
 // column `self`. Writes the columns first, first + step, ... < width of `row` (a CUDA thread passes its
 // share of a block's columns; host loops 0 and 1). `parent_row` (nullptr: padding) must not be `row`.
@@ -127,6 +127,17 @@ SAGE_HD void tree_mask_row(const T* parent_row, int64_t self, T attend, T blocke
     for (int64_t c = first; c < width; c += step) row[c] = blocked;
   }
   if (self >= first && self < width && (self - first) % step == 0) row[self] = attend;
+}
+
+// ---- the draft row a fed slot copies (tree_mask_feed_) ------------------------------------------------
+// The mask row a slot fed as draft row `first_row + j` starts from: the row of its parent (`node_row[parent]`, or
+// the parent itself when slots are rows: node_row == nullptr; node_row holds node_row_len entries). A padding
+// parent, one the draft was not fed, or a row not written before `first_row` gives `padding_row` (all blocked).
+SAGE_HD int64_t feed_parent_row(int64_t parent, const int64_t* node_row, int64_t node_row_len,
+                                int64_t first_row, int64_t padding_row) {
+  if (parent < 0) return padding_row;
+  const int64_t row = node_row == nullptr ? parent : (parent < node_row_len ? node_row[parent] : -1);
+  return row < 0 || row >= first_row ? padding_row : row;
 }
 
 // ---- tree_mask rows of new slots (sage_level_) ---------------------------------------------------

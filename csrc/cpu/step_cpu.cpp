@@ -229,12 +229,11 @@ void tree_mask_feed_cpu(const at::Tensor& tree_mask, const at::Tensor& parents_i
       T* block = static_cast<T*>(tree_mask.data_ptr()) + b * tree_mask.stride(0);
       const int64_t* parent_slots = parents.const_data_ptr<int64_t>() + b * parents.size(1);
       const int64_t* row_of = node_row.defined() ? node_row.const_data_ptr<int64_t>() + b * node_row.size(1) : nullptr;
+      const int64_t row_of_len = node_row.defined() ? node_row.size(1) : 0;
       for (int64_t j = 0; j < count; ++j) {
         const int64_t row = first_row + j;
-        const int64_t parent = parent_slots[slot_start + j];
-        int64_t parent_row = parent < 0 ? -1 : (row_of != nullptr ? row_of[parent] : parent);
-        // a padding parent, one the draft was not fed, or a row not written before this one: the padding row
-        if (parent_row < 0 || parent_row >= first_row) parent_row = padding_row;
+        const int64_t parent_row =
+            core::feed_parent_row(parent_slots[slot_start + j], row_of, row_of_len, first_row, padding_row);
         core::tree_mask_row(block + parent_row * tree_mask.stride(1), row, T(0.0f), std::numeric_limits<T>::lowest(),
                             block + row * tree_mask.stride(1), tree_mask.size(2));
       }

@@ -159,10 +159,10 @@ __global__ void __launch_bounds__(kMaskRowThreads)
                           int64_t width, int64_t slot_start, int64_t first_row, scalar_t blocked) {
   const int64_t b = blockIdx.y;
   const int64_t row = first_row + blockIdx.x;
-  const int64_t parent = parents[b * capacity + slot_start + blockIdx.x];
-  int64_t parent_row = parent;
-  if (parent >= 0 && node_row != nullptr) parent_row = parent < node_row_len ? node_row[b * node_row_len + parent] : -1;
-  if (parent < 0 || parent_row < 0 || parent_row >= first_row) parent_row = rows - 1;
+  const int64_t parent_row =
+      core::feed_parent_row(parents[b * capacity + slot_start + blockIdx.x],
+                            node_row != nullptr ? node_row + b * node_row_len : nullptr, node_row_len, first_row,
+                            rows - 1);
   scalar_t* base = mask + b * stride_b;
   core::tree_mask_row(base + parent_row * stride_r, row, scalar_t(0.0f), blocked, base + row * stride_r, width,
                       threadIdx.x, blockDim.x);
