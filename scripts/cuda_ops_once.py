@@ -166,10 +166,10 @@ def run_engine(call: Caller) -> None:
     policies = (("static", StaticTreePolicy()), ("sage", SagePolicy()), ("sage zero-lag", SagePolicy(lag=False)))
     for name, policy in policies:
         engine = SpeculativeGenerator(target, draft, policy)
-        call(f"engine generate [{name}]", lambda e=engine: e.generate(input_ids=prompt, max_new_tokens=12))
+        call(f"engine generate [{name}]", lambda e=engine: e.generate(input_ids=prompt, max_new_tokens=8))
     engine = SpeculativeGenerator(target, draft, SagePolicy())
     call("engine generate [sage, sampling]", lambda: engine.generate(
-        input_ids=prompt, max_new_tokens=12, do_sample=True, generator=torch.Generator(call.device).manual_seed(0)))
+        input_ids=prompt, max_new_tokens=8, do_sample=True, generator=torch.Generator(call.device).manual_seed(0)))
 
 
 def main(argv=None) -> int:

@@ -20,16 +20,13 @@
 #   memcheck_engine  compute-sanitizer memcheck over scripts/cuda_ops_once.py --only engine (tiny models)
 #   e2e              benchmarks/bench_e2e.py --device cuda on the bundled pair, small settings -> OUTDIR/e2e/
 #
-# Budget (seconds; the stage timeouts add up to 480 = 8 minutes, and DEVICE_CHECK_BUDGET, default 470, caps the
-# whole run: a stage gets at most what is left, and none starts with under 5 s left). Measured on this project's
-# 2-core CPU (DEVICE_CHECK_DEVICE=cpu, the same scripts on CPU tensors) and scaled:
-#   env 15 | build 140 (CPU-only build here: 34 s for the longest file, 2 cores; nvcc on the 4 .cu files adds
-#   about a minute, in parallel on 16 cores) | tests_ops 50 (21 tests, many parametrized, small tensors) |
-#   memcheck 45, racecheck 35 (the calls take 0.1 s on the CPU; sanitizer start-up with torch dominates) |
-#   bench_ops 25 (5 s on the CPU, reference timed on the CPU) | tests_engine 75 | tests_devices 25 (22 s on the
-#   CPU) | memcheck_engine 30 (4 generations of 12 tokens, 5 s on the CPU) | e2e 40 (22 s on the CPU with
-#   2 scenes x 1 repeat x 32 tokens; GPU forwards of these tiny models are launch-bound, about as fast; plus
-#   CUDA start-up)
+# Budget (seconds; the stage timeouts add up to 600, and DEVICE_CHECK_BUDGET, default 540 = 9 minutes, caps the
+# whole run: a stage gets at most what is left, and none starts with under 5 s left). Measured on the first GPU
+# run (NVIDIA H200, 16 cores, 2026-12-04; benchmarks/results/device_check_h200.md), with headroom:
+#   env 11 of 15 | build 60 of 140 (nvcc on 16 cores) | tests_ops 40 of 50 | memcheck 10 of 45 | racecheck 15 of
+#   35 | bench_ops 9 of 25 | tests_engine 115 (313 tests, 4 workers, with start-up) of 150 | tests_devices 19 of 40
+#   (66 tests) | memcheck_engine: 10 s for one generation under the sanitizer, so 4 generations of 8 tokens in
+#   60 | e2e 27 of 40
 #
 # Environment: DEVICE_CHECK_DEVICE=cpu runs the stages that need no GPU as a dry run on the CPU (build: no pip,
 # only the installed build is imported; sanitizer stages: the script without compute-sanitizer; tests: they skip;
@@ -50,7 +47,7 @@ outdir=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 repo=$(pwd)
 mode=${DEVICE_CHECK_DEVICE:-cuda}
-budget=${DEVICE_CHECK_BUDGET:-470}
+budget=${DEVICE_CHECK_BUDGET:-540}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 if [ "$mode" != cpu ] && [ -d /usr/local/cuda/bin ]; then export PATH="$PATH:/usr/local/cuda/bin"; fi  # nvcc, sanitizer
@@ -60,7 +57,7 @@ stages_file="$outdir/stages.tsv"
 
 STAGES=(env build tests_ops memcheck racecheck bench_ops tests_engine tests_devices memcheck_engine e2e)
 declare -A TIMEOUT=([env]=15 [build]=140 [tests_ops]=50 [memcheck]=45 [racecheck]=35 [bench_ops]=25
-                    [tests_engine]=75 [tests_devices]=25 [memcheck_engine]=30 [e2e]=40)
+                    [tests_engine]=150 [tests_devices]=40 [memcheck_engine]=60 [e2e]=40)
 
 write_summary() {
   "$py" - "$outdir" "$mode" "$budget" "$(($(date +%s) - t0))" "${STAGES[@]}" <<'EOF'
@@ -197,6 +194,10 @@ else
     nvcc_path=\$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
     SAGE_EXT_CUDA=ON CUDACXX=\$nvcc_path TORCH_CUDA_ARCH_LIST=\$cap CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) \
       $py -m pip install --no-build-isolation --no-deps --no-index -v -e . -Ccmake.define.SAGE_EXT_CUDA_ARCHS=\$arch || exit 1
+    so=\$(cd /tmp && $py -c 'import sage_ext._C as m; print(m.__file__)')
+    if nm -C --defined-only \"\$so\" 2>/dev/null | grep -q 'std::locale::classic'; then
+      echo \"the module carries a static copy of libstdc++ (its error messages crash): see CMakeLists.txt\"; exit 1
+    fi
     cd /tmp && $py -c 'from sage_ext import ops; import sys; ok = ops.cuda_available(); print(\"sage_ext built for sm_'\$arch', cuda kernels:\", ok); sys.exit(0 if ok else 1)'"
   sanitizer="compute-sanitizer --error-exitcode 1 --report-api-errors no --print-limit 40"
   memcheck_cmd="$sanitizer --tool memcheck $py scripts/cuda_ops_once.py --only ops"
@@ -205,7 +206,7 @@ else
   bench_ops_cmd="$py benchmarks/bench_ops.py --device cuda --point --out-dir '$outdir/bench_ops'"
   e2e_cmd="$py benchmarks/bench_e2e.py --device cuda --scenes 3 --repeats 1 --no-tune --tune-scenes 1 --max-new-tokens 48 --out-dir '$outdir/e2e'"
   tests_engine_cmd="$(pytest_cmd tests_engine tests/test_engine_cuda.py) $xdist"
-  tests_devices_cmd=$(pytest_cmd tests_devices tests/test_engine_devices.py)
+  tests_devices_cmd="$(pytest_cmd tests_devices tests/test_engine_devices.py) $xdist"
 fi
 
 echo "sage_ext device check ($mode) into $outdir, budget $budget s"

@@ -33,12 +33,13 @@ def recomputed_cache(model, inputs, sequence: list[int], length: int, keep=None)
     """Prefill the prompt (``keep``: the draft's pruned prompt) and forward the generated tokens as one causal
     chain, up to sequence index ``length``; through the family adapter, which sets the positions."""
     adapter = get_adapter(model)
+    device = adapter.input_device  # the model's (CPU, or CUDA; a draft may sit elsewhere than the inputs)
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
     cache = DynamicCache()
-    adapter.prefill(inputs, cache, keep=keep)
+    adapter.prefill(inputs, cache, keep=None if keep is None else keep.to(device))
     prompt_len = inputs["input_ids"].shape[1]
     extra = length - prompt_len
     if extra > 0:
-        device = inputs["input_ids"].device  # the model's (CPU, or CUDA in tests/test_engine_cuda.py)
         tokens = torch.tensor([sequence[prompt_len:length]], device=device)
         positions = torch.arange(prompt_len, length, device=device)[None]
         mask = causal_mask_4d(extra, cache.get_seq_length(), adapter.dtype, tokens.device)

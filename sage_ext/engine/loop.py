@@ -289,7 +289,12 @@ class SpeculativeGenerator:
         with timeline.region("tree_ops"):
             first_logits = target_prefill.logits_last.to(device)
             if do_sample:
-                first = torch.multinomial(self._target_probs(first_logits), 1, generator=generator).reshape(())
+                # drawn on the generator's device (a CPU generator with a model on CUDA works too): this is the
+                # prefill, whose token is read on the host just below anyway
+                probs = self._target_probs(first_logits)
+                if generator is not None:
+                    probs = probs.to(generator.device)
+                first = torch.multinomial(probs, 1, generator=generator).reshape(()).to(device)
             else:
                 first = first_logits.argmax(dim=-1).reshape(())
             self.seq[0, prompt_len] = first
