@@ -289,3 +289,13 @@ def test_largest_sizes_are_accepted():
     assert depth.shape == (1, n)
     alpha, lp, ids = ops.topk_confidence(torch.randn(2, 100), ops.MAX_TOPK)
     assert ids.shape == (2, ops.MAX_TOPK)
+
+
+def test_messages_keep_their_numbers():
+    """The numbers of a message survive formatting. A module that carries a static copy of libstdc++ (a compiler
+    without a shared one, see CMakeLists.txt) formats them with an uninitialized locale: GCC 12 drops everything
+    from the first number on, GCC 13 crashes the process."""
+    with pytest.raises(ValueError) as info:
+        ops.tree_buffers(torch.tensor([[-1, 0, 1, 5, 1, 0]]), 4)
+    assert "batch row 0: parents[3] = 5 is not topological" in str(info.value)
+    assert "earlier node in [0, 3)" in str(info.value)
