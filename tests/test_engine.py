@@ -27,7 +27,13 @@ from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
 )
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.engine.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
+from sage_ext.engine.policies import (
+    ChainPolicy,
+    CostAwareSagePolicy,
+    DynamicTreePolicy,
+    SagePolicy,
+    StaticTreePolicy,
+)
 
 BUILDERS = all_family_builders()
 MAX_NEW = 24
@@ -42,6 +48,7 @@ POLICIES = {
     "sage_static_shapes": lambda: SagePolicy(static_shapes=True),
     "sage_zero_lag_static_shapes": lambda: SagePolicy(lag=False, static_shapes=True),
     "sage_no_first_static": lambda: SagePolicy(first_round_paths=None, n_max=20),
+    "sage_cost": lambda: CostAwareSagePolicy(),
 }
 SPECULATIVE = [name for name in POLICIES if name != "ar"]
 

@@ -104,7 +104,7 @@ def test_autoregressive_policy_needs_no_draft(llama):
 
 
 def test_policy_names_and_objects():
-    assert sorted(POLICIES) == ["ar", "chain", "dynamic", "sage", "static"]
+    assert sorted(POLICIES) == ["ar", "chain", "dynamic", "sage", "sage_cost", "static"]
     policy = SagePolicy(d_max=6)
     assert make_policy(policy) is policy
     with pytest.raises(ValueError, match="unknown policy"):

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .bench import DEFAULT_BENCH_DIR, PAPER_DEFAULT_POLICIES, cmd_bench
+from .bench import DEFAULT_BENCH_DIR, BENCH_POLICIES, cmd_bench
 from .demo import cmd_demo
 from .generate import cmd_generate
 from .models import FIXTURE_NAME, env_flag
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats-json", default=None, help="write the generation stats here")
     gen.set_defaults(func=cmd_generate)
 
-    bench_choices = [*PAPER_DEFAULT_POLICIES, "sage-tuned"]
+    bench_choices = [*BENCH_POLICIES, "sage-tuned"]
     bench = sub.add_parser("bench", help="all policies + HF assisted generation on held-out scenes", parents=[flags])
     _add_common(bench, models_required=False)
     _add_device_map(bench)

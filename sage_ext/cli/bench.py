@@ -21,7 +21,7 @@ from .tuning import BENCH_GRID, tune_sage
 from .validation import UsageError
 
 
-PAPER_DEFAULT_POLICIES = ("ar", "hf-greedy", "hf-assisted", "chain", "static", "dynamic", "sage")
+BENCH_POLICIES = ("ar", "hf-greedy", "hf-assisted", "chain", "static", "dynamic", "sage", "sage-cost")
 
 #: `sage-ext bench` writes here (in the current folder) unless --out names a folder.
 DEFAULT_BENCH_DIR = "sage-ext-bench"
@@ -120,6 +120,8 @@ def bench_policy_objects(tuned: dict | None):
         "static": (policies.StaticTreePolicy(), "SpecVLM 25-node static tree (SD-Tree)"),
         "dynamic": (policies.DynamicTreePolicy(), "EAGLE-2 dynamic tree (depth 6, top-8, 64 nodes)"),
         "sage": (policies.SagePolicy(), "SAGE, paper defaults"),
+        "sage-cost": (policies.CostAwareSagePolicy(), "SAGE whose depth cap maximizes the tokens per second it "
+                      "measures as it runs (learned across the bench's calls, warm-up included)"),
     }
     if tuned:
         entries["sage-tuned"] = (policies.SagePolicy(**tuned), f"SAGE tuned for this device: {tuned}")

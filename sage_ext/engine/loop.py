@@ -46,6 +46,7 @@ from .. import ops
 from ..families import FamilyAdapter, get_adapter
 from ..pruning import scored_prefill
 from .caches import CacheGroups
+from .costs import StepCost
 from .draft_round import DraftRound
 from .policies import TreePolicy, make_policy
 from .stats import GenerationStats, StepRecord, Timeline
@@ -329,6 +330,7 @@ class SpeculativeGenerator:
         verify_sampling = self._verify_sampling
         switch, step_begin, step_end = timeline.switch, timeline.step_begin, timeline.step_end
         step_rows: list[tuple] = []
+        learns_costs = policy.learns_costs
         step = 0
         # ---------------------------------------------------------- steps
         while stop_reason is None:
@@ -394,6 +396,11 @@ class SpeculativeGenerator:
                               proposal.info, alpha_measured))
             policy.update(tau, alpha_measured)
             step += 1
+            if learns_costs and step >= 2:  # the step before this one: its times are final (see Timeline)
+                before = step_rows[step - 2]
+                seconds, draft_seconds, verify_seconds = timeline.step_costs(step - 2)
+                policy.observe_cost(StepCost(seconds, draft_seconds, verify_seconds, draft_forwards=before[5],
+                                             verified_slots=before[3], tree_depth=before[4], accepted=before[0]))
             if self.step_hook is not None:
                 self.step_hook(StepDebug(
                     step=step, sequence=list(sequence_host), target_cache=self.target_cache,

@@ -21,6 +21,8 @@ Policies (names for ``SpeculativeGenerator(policy=...)``):
   ``"dynamic"``  DynamicTreePolicy     — EAGLE-2: per level the best ``topk`` new nodes expand their top
                                          ``topk`` children; a final global top-``num_nodes`` rerank.
   ``"sage"``     SagePolicy            — SAGE: depth and width from the draft's confidence alpha.
+  ``"sage_cost"`` CostAwareSagePolicy  — SAGE whose depth cap maximizes measured tokens per second
+                                         (``sage_ext.engine.costs``).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, ops
+from .costs import CostModel, DepthAcceptance, StepCost, best_depth
 
 #: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
 SPECVLM_TREE_PATHS: list[list[int]] = [list(path) for path in ops.SPECVLM_TREE_PATHS]
@@ -59,6 +62,8 @@ class TreePolicy:
 
     name: str = "policy"
     uses_draft: bool = True
+    #: True: the engine hands every finished step's measured costs to ``observe_cost`` (one step late)
+    learns_costs: bool = False
 
     @property
     def capacity(self) -> int:
@@ -81,6 +86,9 @@ class TreePolicy:
 
     def update(self, tau: int, alpha_root: float | None) -> None:
         """Host-side feedback after a step: accepted draft tokens and the root confidence measured."""
+
+    def observe_cost(self, cost: StepCost) -> None:
+        """A finished step's measured seconds and tree (policies with ``learns_costs``)."""
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
         """The step record's policy fields (alpha, depth_target, width_target, d_max), given the build-time
@@ -471,12 +479,65 @@ class SagePolicy(TreePolicy):
         return {"d_max": info["d_max"], "alpha": alpha, "depth_target": depth, "width_target": width}
 
 
+class CostAwareSagePolicy(SagePolicy):
+    """SAGE whose depth cap follows measured costs instead of the accepted-length history.
+
+    The proposal is SAGE's (depth and width from alpha, probability threshold, node budget); only ``d_max``
+    moves differently: after every step it takes one step (at most) towards the depth cap with the most
+    expected tokens per second, from a ``CostModel`` (seconds per draft forward, verify against tree size,
+    the rest of a step) and a ``DepthAcceptance`` (how often each depth is accepted) learned from the engine's
+    own measurements (``sage_ext.engine.costs``). A slow draft or a fast verify makes trees shallower, a draft
+    that is accepted deep makes them deeper, on whatever machine it runs. Both estimates outlast ``reset``:
+    they belong to the pair of models and the device, not to one generation. Arguments as ``SagePolicy``
+    (``history``, ``history_low``, ``history_high`` are not used).
+    """
+
+    name = "sage_cost"
+    learns_costs = True
+
+    def __init__(self, *args, **kwargs):
+        self.depth_goal: int | None = None  # none yet: SagePolicy's constructor resets before it is known
+        super().__init__(*args, **kwargs)
+        self.costs = CostModel()
+        self.acceptance = DepthAcceptance(self.d_max_cap)
+        self.depth_goal = self.d_max_init
+        self.mean_alpha = self.alpha_init  # recent root confidence (exponentially weighted)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.depth_goal is not None:
+            self.d_max = self.depth_goal  # a new generation starts where the last one's costs pointed
+
+    def update(self, tau: int, alpha_root: float | None) -> None:
+        self.rounds += 1
+        if alpha_root is not None:
+            self.alpha_next = alpha_root
+            self.mean_alpha += 0.2 * (alpha_root - self.mean_alpha)
+        if self.costs.steps >= 2:  # a first estimate of every cost
+            if self.d_max < self.depth_goal:
+                self.d_max += 1
+            elif self.d_max > self.depth_goal:
+                self.d_max -= 1
+
+    def observe_cost(self, cost: StepCost) -> None:
+        self.costs.observe(cost)
+        self.acceptance.observe(cost.accepted, cost.tree_depth)
+        d_min, alpha = self.d_min, self.mean_alpha
+        self.depth_goal = best_depth(self.costs, self.acceptance, d_min + 1, self.d_max_cap,
+                                     depth_of=lambda cap: d_min + alpha * (cap - d_min))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "name": self.name, "costs": self.costs.describe(),
+                "acceptance_by_depth": [round(p, 3) for p in self.acceptance.probabilities()]}
+
+
 POLICIES = {
     "ar": AutoregressivePolicy,
     "chain": ChainPolicy,
     "static": StaticTreePolicy,
     "dynamic": DynamicTreePolicy,
     "sage": SagePolicy,
+    "sage_cost": CostAwareSagePolicy,
 }
 
 

@@ -202,6 +202,21 @@ class Timeline:
         self._in_step[0] = False
         self.switch(None)
 
+    def step_costs(self, index: int) -> tuple[float, float, float]:
+        """(whole step, draft_decode, target_verify) seconds of finished step ``index`` (0-based). On CUDA only
+        for a step whose events are complete (one before the step whose readback synchronized): reading them
+        then waits for nothing."""
+        first, last = self._steps[index]
+        marks = self._marks
+        draft = verify = 0.0
+        for position in range(first, last):
+            name = marks[position][1]
+            if name == "draft_decode":
+                draft += self._seconds(marks[position][0], marks[position + 1][0])
+            elif name == "target_verify":
+                verify += self._seconds(marks[position][0], marks[position + 1][0])
+        return self._seconds(marks[first][0], marks[last][0]), draft, verify
+
     def _seconds(self, start: Any, end: Any) -> float:
         return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
 

@@ -1,0 +1,160 @@
+"""What a speculation step costs and how deep the draft gets accepted, learned while the engine runs.
+
+The engine measures every step anyway (its ``Timeline``); a cost-aware policy (``CostAwareSagePolicy``) is
+handed each finished step as a ``StepCost`` one step late: on CUDA the previous step's events are complete once
+this step's readback has synchronized, so reading them costs no extra host-device sync. From those it keeps:
+
+- ``CostModel``: seconds per draft forward, the target's verify as a line in the verified slots (weighted
+  least squares) and the rest of a step (tree ops, bookkeeping); exponentially weighted, so a busier machine
+  or a longer context moves the estimates within a few dozen steps.
+- ``DepthAcceptance``: the probability that depth d is accepted given depth d-1 was and the tree reached d,
+  from each step's accepted length (Beta counts, decayed). A depth never reached borrows the estimate of the
+  one above it, so deeper trees are neither ruled out nor assumed free.
+- ``best_depth``: the depth cap with the most expected tokens per second, given how deep a tree gets under
+  a cap (for SAGE: ``d_min + alpha (cap - d_min)`` at the draft's recent confidence).
+
+Both models live in the policy object, so they outlast ``generate`` calls of one ``SpeculativeGenerator``
+(one pair of models on one device) and start from their priors in a new one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class StepCost:
+    """One finished step: measured seconds and the tree that was verified."""
+
+    seconds: float  # the whole step
+    draft_seconds: float  # its draft forwards
+    verify_seconds: float  # the target's verify forward
+    draft_forwards: int
+    verified_slots: int  # draft slots the target verified (root excluded, padding included)
+    tree_depth: int  # levels built
+    accepted: int  # accepted draft tokens (tau)
+
+
+class CostModel:
+    """Exponentially weighted step costs (``decay`` per observed step)."""
+
+    def __init__(self, decay: float = 0.9):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.steps = 0
+        self._weight = 0.0
+        self._forward = 0.0  # seconds per draft forward
+        self._fixed = 0.0  # seconds of a step outside draft forwards and the verify
+        self._extra_forwards = 0.0  # draft forwards beyond the tree depth (the root forward, feeds)
+        self._slots_per_level = 0.0
+        # verify seconds = intercept + slope * (slots + 1): weighted sums for least squares
+        self._sx = self._sy = self._sxx = self._sxy = 0.0
+
+    def observe(self, cost: StepCost) -> None:
+        d = self.decay
+        self.steps += 1
+        self._weight = d * self._weight + 1.0
+        rate = 1.0 / self._weight  # the running weighted mean's step size
+
+        def mean(old: float, new: float) -> float:
+            return old + rate * (new - old)
+
+        if cost.draft_forwards > 0:
+            self._forward = mean(self._forward, cost.draft_seconds / cost.draft_forwards)
+        self._fixed = mean(self._fixed, max(0.0, cost.seconds - cost.draft_seconds - cost.verify_seconds))
+        self._extra_forwards = mean(self._extra_forwards, max(0, cost.draft_forwards - cost.tree_depth))
+        if cost.tree_depth > 0:
+            self._slots_per_level = mean(self._slots_per_level, cost.verified_slots / cost.tree_depth)
+        x, y = float(cost.verified_slots + 1), cost.verify_seconds
+        self._sx, self._sy = mean(self._sx, x), mean(self._sy, y)
+        self._sxx, self._sxy = mean(self._sxx, x * x), mean(self._sxy, x * y)
+
+    @property
+    def draft_forward_seconds(self) -> float:
+        return self._forward
+
+    @property
+    def fixed_seconds(self) -> float:
+        return self._fixed
+
+    def verify_line(self) -> tuple[float, float]:
+        """(intercept, slope) of verify seconds against verified tokens (slots + root). Slope 0 until the
+        tree sizes seen vary (a fixed tree cannot tell the two apart); never negative."""
+        variance = self._sxx - self._sx * self._sx
+        slope = (self._sxy - self._sx * self._sy) / variance if variance > 1e-9 else 0.0
+        slope = max(0.0, slope)
+        return max(0.0, self._sy - slope * self._sx), slope
+
+    def step_seconds(self, depth: float) -> float:
+        """Predicted seconds of a step whose tree is ``depth`` levels deep."""
+        intercept, slope = self.verify_line()
+        slots = self._slots_per_level * depth
+        forwards = depth + self._extra_forwards
+        return self._fixed + forwards * self._forward + intercept + slope * (slots + 1)
+
+    def describe(self) -> dict:
+        intercept, slope = self.verify_line()
+        return {"steps": self.steps, "draft_forward_s": self._forward, "fixed_s": self._fixed,
+                "verify_intercept_s": intercept, "verify_per_token_s": slope,
+                "slots_per_level": self._slots_per_level}
+
+
+class DepthAcceptance:
+    """P(depth d accepted | depth d-1 accepted, the tree reached d), d = 1..max_depth, from accepted lengths."""
+
+    def __init__(self, max_depth: int, decay: float = 0.95, prior: float = 0.7, prior_weight: float = 2.0):
+        if max_depth < 1 or not 0.0 < decay <= 1.0 or not 0.0 < prior < 1.0 or prior_weight <= 0:
+            raise ValueError("need max_depth >= 1, decay in (0, 1], prior in (0, 1), prior_weight > 0")
+        self.max_depth, self.decay, self.prior, self.prior_weight = max_depth, decay, prior, prior_weight
+        self._accepted = [0.0] * (max_depth + 1)  # index d: decayed count of steps that accepted depth d
+        self._reached = [0.0] * (max_depth + 1)  # index d: decayed count of steps whose depth d was tried
+
+    def observe(self, accepted: int, tree_depth: int) -> None:
+        """A step that built ``tree_depth`` levels and accepted ``accepted`` draft tokens: depths 1..accepted
+        were accepted, depth accepted + 1 (if built) was tried and rejected."""
+        d = self.decay
+        for depth in range(1, self.max_depth + 1):
+            self._accepted[depth] *= d
+            self._reached[depth] *= d
+        for depth in range(1, min(accepted + 1, tree_depth, self.max_depth) + 1):
+            self._reached[depth] += 1.0
+            if depth <= accepted:
+                self._accepted[depth] += 1.0
+
+    def probabilities(self) -> list[float]:
+        """[p_1, ..., p_max_depth]: each shrunk towards the one above it (p_0 = ``prior``)."""
+        out, above = [], self.prior
+        for depth in range(1, self.max_depth + 1):
+            p = (self._accepted[depth] + self.prior_weight * above) / (self._reached[depth] + self.prior_weight)
+            out.append(p)
+            above = p
+        return out
+
+
+def expected_tokens(probabilities: list[float], depth: float) -> float:
+    """Tokens a step emits on average with a tree ``depth`` deep: the bonus token plus each depth's chance
+    of being reached and accepted (a fractional depth interpolates between its neighbours)."""
+    totals, reach = [1.0], 1.0
+    for p in probabilities[:int(depth) + 1]:
+        reach *= p
+        totals.append(totals[-1] + reach)
+    whole = min(int(depth), len(totals) - 1)
+    if whole + 1 < len(totals):
+        return totals[whole] + (depth - whole) * (totals[whole + 1] - totals[whole])
+    return totals[whole]
+
+
+def best_depth(costs: CostModel, acceptance: DepthAcceptance, low: int, high: int,
+               depth_of: Callable[[int], float] = float) -> int:
+    """The depth cap in [low, high] with the most expected tokens per second (the lowest of ties).
+    ``depth_of(cap)``: the depth a tree reaches on average under that cap (SAGE: d_min + alpha (cap - d_min))."""
+    probabilities = acceptance.probabilities()
+    best, best_rate = low, -1.0
+    for cap in range(low, high + 1):
+        depth = depth_of(cap)
+        seconds = costs.step_seconds(depth)
+        rate = expected_tokens(probabilities, depth) / seconds if seconds > 0 else 0.0
+        if rate > best_rate + 1e-12:
+            best, best_rate = cap, rate
+    return best

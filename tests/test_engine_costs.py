@@ -1,0 +1,176 @@
+"""The live cost and acceptance models (sage_ext.engine.costs) and the policy that uses them (``sage_cost``).
+
+The models on synthetic steps with known costs; the policy inside the engine with a priced clock (the
+Timeline's clock advanced by a fixed price for each category that ends), so the test decides what a draft
+forward and a verify cost and checks that the depth cap moves the way those prices say, with the output
+identical to the target alone throughout.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import hf_greedy
+from tiny_models import correlated_draft, one_thread, same_draft, tiny_llama  # noqa: F401  (autouse fixture)
+
+from sage_ext.engine import SpeculativeGenerator
+from sage_ext.engine.costs import CostModel, DepthAcceptance, StepCost, best_depth, expected_tokens
+from sage_ext.engine.policies import CostAwareSagePolicy, make_policy
+
+
+def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, verify0=0.005, verify1=1e-4, fixed=0.003):
+    forwards = depth + 1
+    draft, verify = forwards * forward, verify0 + verify1 * (slots + 1)
+    return StepCost(seconds=draft + verify + fixed, draft_seconds=draft, verify_seconds=verify,
+                    draft_forwards=forwards, verified_slots=slots, tree_depth=depth, accepted=accepted)
+
+
+def test_cost_model_recovers_known_costs():
+    model = CostModel()
+    for step in range(40):
+        model.observe(synthetic_step(slots=8 + 7 * (step % 6), depth=4, accepted=2))
+    intercept, slope = model.verify_line()
+    assert model.draft_forward_seconds == pytest.approx(0.002)
+    assert model.fixed_seconds == pytest.approx(0.003)
+    assert intercept == pytest.approx(0.005, rel=1e-6)
+    assert slope == pytest.approx(1e-4, rel=1e-6)
+    slots = model.describe()["slots_per_level"]
+    # a 4-deep tree: 5 forwards, the slots of 4 levels at the mean width, the fixed part
+    assert model.step_seconds(4) == pytest.approx(0.003 + 5 * 0.002 + 0.005 + 1e-4 * (4 * slots + 1), rel=1e-6)
+
+
+def test_fixed_tree_size_puts_the_verify_in_the_intercept():
+    model = CostModel()
+    for _ in range(10):
+        model.observe(synthetic_step(slots=24, depth=5, accepted=3))
+    intercept, slope = model.verify_line()
+    assert slope == 0.0
+    assert intercept == pytest.approx(0.005 + 1e-4 * 25)
+
+
+def test_cost_model_follows_a_change():
+    model = CostModel(decay=0.8)
+    for _ in range(30):
+        model.observe(synthetic_step(slots=10, depth=3, accepted=1, forward=0.001))
+    for _ in range(30):
+        model.observe(synthetic_step(slots=10, depth=3, accepted=1, forward=0.004))
+    assert model.draft_forward_seconds == pytest.approx(0.004, rel=0.01)
+
+
+def test_depth_acceptance_counts_accepted_lengths():
+    acceptance = DepthAcceptance(max_depth=6, decay=1.0, prior=0.5, prior_weight=1e-6)
+    # trees 4 deep: accepted 4, 2, 0 and 1 draft tokens
+    for accepted in (4, 2, 0, 1):
+        acceptance.observe(accepted, tree_depth=4)
+    p = acceptance.probabilities()
+    assert p[0] == pytest.approx(3 / 4)  # depth 1 tried 4 times, accepted 3
+    assert p[1] == pytest.approx(2 / 3)  # tried by the 3 that accepted depth 1
+    assert p[2] == pytest.approx(1 / 2)
+    assert p[3] == pytest.approx(1.0)
+    assert p[4] == pytest.approx(p[3]) and p[5] == pytest.approx(p[3])  # never reached: the depth above
+
+
+def test_unreached_depths_start_from_the_prior():
+    p = DepthAcceptance(max_depth=3, prior=0.6).probabilities()
+    assert p == pytest.approx([0.6, 0.6, 0.6])
+
+
+def test_expected_tokens():
+    p = [0.5] * 6
+    assert expected_tokens(p, 0) == 1.0
+    assert expected_tokens(p, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(p, 2.5) == pytest.approx(1 + 0.5 + 0.25 + 0.0625)
+    assert expected_tokens(p, 10) == pytest.approx(2 - 0.5 ** 6)
+
+
+@pytest.mark.parametrize("forward, accepted, expect", [
+    (0.050, 2, "shallow"),  # draft forwards dear, little accepted
+    (1e-5, 8, "deep"),  # draft forwards nearly free, every depth accepted
+])
+def test_best_depth_weighs_cost_against_acceptance(forward, accepted, expect):
+    costs, acceptance = CostModel(), DepthAcceptance(max_depth=12)
+    for _ in range(20):
+        step = synthetic_step(slots=4 * 8, depth=8, accepted=accepted, forward=forward)
+        costs.observe(step)
+        acceptance.observe(step.accepted, step.tree_depth)
+    depth = best_depth(costs, acceptance, 4, 12)
+    assert depth == (4 if expect == "shallow" else 12)
+
+
+def test_best_depth_maximizes_the_rate_it_predicts():
+    costs, acceptance = CostModel(), DepthAcceptance(max_depth=12)
+    accepted = [6, 6, 5, 6, 4, 6, 3, 6]  # acceptance falls off past depth 3
+    for step in range(30):
+        cost = synthetic_step(slots=3 * 6, depth=6, accepted=accepted[step % len(accepted)], forward=0.002)
+        costs.observe(cost)
+        acceptance.observe(cost.accepted, cost.tree_depth)
+    p = acceptance.probabilities()
+    rates = {cap: expected_tokens(p, cap) / costs.step_seconds(cap) for cap in range(4, 13)}
+    assert best_depth(costs, acceptance, 4, 12) == max(rates, key=rates.get)
+    assert 4 < max(rates, key=rates.get) < 12, rates  # an inner optimum for these numbers
+
+
+# --------------------------------------------------------------------------------------------
+# the policy in the engine
+# --------------------------------------------------------------------------------------------
+def priced_clock(engine: SpeculativeGenerator, prices: dict[str, float]):
+    """A Timeline clock that advances by ``prices[category]`` each time a category ends (so a draft forward,
+    one ``draft_decode`` span, costs its price), plus a microsecond."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += prices.get(engine.timeline.current[0], 0.0) + 1e-6
+        return now[0]
+    return clock
+
+
+@pytest.mark.parametrize("prices, direction", [
+    ({"draft_decode": 10.0, "target_verify": 1.0}, "down"),
+    ({"draft_decode": 1e-4, "target_verify": 1.0}, "up"),
+])
+def test_the_depth_cap_follows_the_prices(prices, direction):
+    target, inputs = tiny_llama(seed=3)
+    reference = hf_greedy(target, inputs, max_new_tokens=64)
+    policy = CostAwareSagePolicy()
+    engine = SpeculativeGenerator(target, same_draft(target), policy)
+    engine.host_clock = priced_clock(engine, prices)
+    caps = []
+    engine.step_hook = lambda info: caps.append(policy.d_max)
+    out = engine.generate(**inputs, max_new_tokens=64)
+    assert torch.equal(out.sequences, reference)
+    assert policy.costs.steps == len(out.stats.steps) - 1  # every step but the last, one step late
+    start = policy.d_max_init
+    if direction == "down":
+        assert caps[-1] == policy.d_min + 1 < start, caps
+        assert all(b <= a for a, b in zip(caps, caps[1:])), caps
+    else:
+        assert caps[-1] > start, caps
+    # the next generation starts from where this one's costs pointed
+    policy.reset()
+    assert policy.d_max == policy.depth_goal
+
+
+def test_cost_aware_policy_by_name_and_description():
+    policy = make_policy("sage_cost")
+    assert isinstance(policy, CostAwareSagePolicy)
+    described = policy.describe()
+    assert described["name"] == "sage_cost" and described["costs"]["steps"] == 0
+    assert len(described["acceptance_by_depth"]) == policy.d_max_cap
+
+
+def test_seeded_sampling_repeats_under_the_same_prices():
+    """The tree shape depends on measured time, so sampled tokens repeat per seed when the times do (a priced
+    clock): the policy adds no randomness of its own."""
+    target, inputs = tiny_llama(seed=1)
+    draft = correlated_draft(target, noise=0.2)
+
+    def sample(seed):
+        engine = SpeculativeGenerator(target, draft, CostAwareSagePolicy())
+        engine.host_clock = priced_clock(engine, {"draft_decode": 1.0, "target_verify": 2.0})
+        out = engine.generate(**inputs, max_new_tokens=20, do_sample=True, eos_token_id=-1,
+                              generator=torch.Generator().manual_seed(seed))
+        assert engine.policy.costs.steps == len(out.stats.steps) - 1
+        return out.sequences
+
+    first = sample(5)
+    assert torch.equal(sample(5), first)
+    assert any(not torch.equal(sample(seed), first) for seed in range(6, 10)), "other seeds, other tokens"
