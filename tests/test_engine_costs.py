@@ -17,9 +17,11 @@ from sage_ext.engine.costs import CostModel, DepthAcceptance, StepCost, best_dep
 from sage_ext.engine.policies import CostAwareSagePolicy, make_policy
 
 
-def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, verify0=0.005, verify1=1e-4, fixed=0.003):
+def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, first=0.004, verify0=0.005, verify1=1e-4,
+                   fixed=0.003):
+    """A step with known costs: the first draft forward costs ``first``, every other one ``forward``."""
     forwards = depth + 1
-    draft, verify = forwards * forward, verify0 + verify1 * (slots + 1)
+    draft, verify = first + (forwards - 1) * forward, verify0 + verify1 * (slots + 1)
     return StepCost(seconds=draft + verify + fixed, draft_seconds=draft, verify_seconds=verify,
                     draft_forwards=forwards, verified_slots=slots, tree_depth=depth, accepted=accepted)
 
@@ -27,33 +29,35 @@ def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, verify0
 def test_cost_model_recovers_known_costs():
     model = CostModel()
     for step in range(40):
-        model.observe(synthetic_step(slots=8 + 7 * (step % 6), depth=4, accepted=2))
-    intercept, slope = model.verify_line()
-    assert model.draft_forward_seconds == pytest.approx(0.002)
+        depth = 3 + step % 5
+        model.observe(synthetic_step(slots=3 * depth, depth=depth, accepted=2))
+    draft_intercept, per_forward = model.draft_line()
+    verify_intercept, per_token = model.verify_line()
+    assert per_forward == pytest.approx(0.002)  # what one more level adds
+    assert draft_intercept == pytest.approx(0.004 - 0.002)  # the first forward's premium
     assert model.fixed_seconds == pytest.approx(0.003)
-    assert intercept == pytest.approx(0.005, rel=1e-6)
-    assert slope == pytest.approx(1e-4, rel=1e-6)
-    slots = model.describe()["slots_per_level"]
-    # a 4-deep tree: 5 forwards, the slots of 4 levels at the mean width, the fixed part
-    assert model.step_seconds(4) == pytest.approx(0.003 + 5 * 0.002 + 0.005 + 1e-4 * (4 * slots + 1), rel=1e-6)
+    assert verify_intercept == pytest.approx(0.005, rel=1e-6)
+    assert per_token == pytest.approx(1e-4, rel=1e-6)
+    # a 6-deep tree: 7 forwards, 3 slots per level, the fixed part
+    assert model.step_seconds(6) == pytest.approx(synthetic_step(slots=18, depth=6, accepted=0).seconds, rel=1e-6)
 
 
-def test_fixed_tree_size_puts_the_verify_in_the_intercept():
+def test_fixed_tree_puts_the_costs_in_the_intercepts():
     model = CostModel()
     for _ in range(10):
         model.observe(synthetic_step(slots=24, depth=5, accepted=3))
-    intercept, slope = model.verify_line()
-    assert slope == 0.0
-    assert intercept == pytest.approx(0.005 + 1e-4 * 25)
+    assert model.verify_line() == pytest.approx((0.005 + 1e-4 * 25, 0.0))
+    assert model.draft_line() == pytest.approx((0.004 + 5 * 0.002, 0.0))
+    assert model.step_seconds(5) == pytest.approx(synthetic_step(slots=24, depth=5, accepted=3).seconds)
 
 
 def test_cost_model_follows_a_change():
     model = CostModel(decay=0.8)
-    for _ in range(30):
-        model.observe(synthetic_step(slots=10, depth=3, accepted=1, forward=0.001))
-    for _ in range(30):
-        model.observe(synthetic_step(slots=10, depth=3, accepted=1, forward=0.004))
-    assert model.draft_forward_seconds == pytest.approx(0.004, rel=0.01)
+    for step in range(30):
+        model.observe(synthetic_step(slots=10, depth=3 + step % 3, accepted=1, forward=0.001))
+    for step in range(30):
+        model.observe(synthetic_step(slots=10, depth=3 + step % 3, accepted=1, forward=0.004))
+    assert model.draft_line()[1] == pytest.approx(0.004, rel=0.01)
 
 
 def test_depth_acceptance_counts_accepted_lengths():
@@ -88,8 +92,9 @@ def test_expected_tokens():
 ])
 def test_best_depth_weighs_cost_against_acceptance(forward, accepted, expect):
     costs, acceptance = CostModel(), DepthAcceptance(max_depth=12)
-    for _ in range(20):
-        step = synthetic_step(slots=4 * 8, depth=8, accepted=accepted, forward=forward)
+    for step in range(20):
+        depth = 6 + step % 3
+        step = synthetic_step(slots=4 * depth, depth=depth, accepted=min(accepted, depth), forward=forward)
         costs.observe(step)
         acceptance.observe(step.accepted, step.tree_depth)
     depth = best_depth(costs, acceptance, 4, 12)
@@ -100,7 +105,8 @@ def test_best_depth_maximizes_the_rate_it_predicts():
     costs, acceptance = CostModel(), DepthAcceptance(max_depth=12)
     accepted = [6, 6, 5, 6, 4, 6, 3, 6]  # acceptance falls off past depth 3
     for step in range(30):
-        cost = synthetic_step(slots=3 * 6, depth=6, accepted=accepted[step % len(accepted)], forward=0.002)
+        depth = 6 + step % 2
+        cost = synthetic_step(slots=3 * depth, depth=depth, accepted=accepted[step % len(accepted)], forward=0.002)
         costs.observe(cost)
         acceptance.observe(cost.accepted, cost.tree_depth)
     p = acceptance.probabilities()

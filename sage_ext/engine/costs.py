@@ -4,9 +4,10 @@ The engine measures every step anyway (its ``Timeline``); a cost-aware policy (`
 handed each finished step as a ``StepCost`` one step late: on CUDA the previous step's events are complete once
 this step's readback has synchronized, so reading them costs no extra host-device sync. From those it keeps:
 
-- ``CostModel``: seconds per draft forward, the target's verify as a line in the verified slots (weighted
-  least squares) and the rest of a step (tree ops, bookkeeping); exponentially weighted, so a busier machine
-  or a longer context moves the estimates within a few dozen steps.
+- ``CostModel``: a step's draft seconds as a line in its draft forwards (the slope is what one more level
+  costs), the target's verify as a line in the verified tokens (both weighted least squares) and the rest of a
+  step (tree ops, bookkeeping); exponentially weighted, so a busier machine or a longer context moves the
+  estimates within a few dozen steps.
 - ``DepthAcceptance``: the probability that depth d is accepted given depth d-1 was and the tree reached d,
   from each step's accepted length (Beta counts, decayed). A depth never reached borrows the estimate of the
   one above it, so deeper trees are neither ruled out nor assumed free.
@@ -35,8 +36,32 @@ class StepCost:
     accepted: int  # accepted draft tokens (tau)
 
 
+class _WeightedLine:
+    """y = intercept + slope * x by exponentially weighted least squares (the running means of x, y, x^2, xy)."""
+
+    def __init__(self):
+        self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, x: float, y: float, rate: float) -> None:
+        self.x += rate * (x - self.x)
+        self.y += rate * (y - self.y)
+        self.xx += rate * (x * x - self.xx)
+        self.xy += rate * (x * y - self.xy)
+
+    def fit(self) -> tuple[float, float]:
+        """(intercept, slope); slope 0 until x varies (then all of y is the intercept), never negative."""
+        variance = self.xx - self.x * self.x
+        slope = (self.xy - self.x * self.y) / variance if variance > 1e-9 else 0.0
+        slope = max(0.0, slope)
+        return max(0.0, self.y - slope * self.x), slope
+
+
 class CostModel:
-    """Exponentially weighted step costs (``decay`` per observed step)."""
+    """Exponentially weighted step costs (``decay`` per observed step).
+
+    Draft seconds are a line in the step's draft forwards: the first forward of a step (the tokens accepted last
+    step plus the root) costs more than a level's, and only the slope, one more level, is what a deeper tree
+    adds. The verify is a line in the verified tokens (tree slots + root)."""
 
     def __init__(self, decay: float = 0.9):
         if not 0.0 < decay < 1.0:
@@ -44,59 +69,50 @@ class CostModel:
         self.decay = decay
         self.steps = 0
         self._weight = 0.0
-        self._forward = 0.0  # seconds per draft forward
         self._fixed = 0.0  # seconds of a step outside draft forwards and the verify
         self._extra_forwards = 0.0  # draft forwards beyond the tree depth (the root forward, feeds)
         self._slots_per_level = 0.0
-        # verify seconds = intercept + slope * (slots + 1): weighted sums for least squares
-        self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._draft = _WeightedLine()  # draft seconds against draft forwards
+        self._verify = _WeightedLine()  # verify seconds against verified tokens
 
     def observe(self, cost: StepCost) -> None:
-        d = self.decay
         self.steps += 1
-        self._weight = d * self._weight + 1.0
+        self._weight = self.decay * self._weight + 1.0
         rate = 1.0 / self._weight  # the running weighted mean's step size
-
-        def mean(old: float, new: float) -> float:
-            return old + rate * (new - old)
-
-        if cost.draft_forwards > 0:
-            self._forward = mean(self._forward, cost.draft_seconds / cost.draft_forwards)
-        self._fixed = mean(self._fixed, max(0.0, cost.seconds - cost.draft_seconds - cost.verify_seconds))
-        self._extra_forwards = mean(self._extra_forwards, max(0, cost.draft_forwards - cost.tree_depth))
+        self._fixed += rate * (max(0.0, cost.seconds - cost.draft_seconds - cost.verify_seconds) - self._fixed)
+        self._extra_forwards += rate * (max(0, cost.draft_forwards - cost.tree_depth) - self._extra_forwards)
         if cost.tree_depth > 0:
-            self._slots_per_level = mean(self._slots_per_level, cost.verified_slots / cost.tree_depth)
-        x, y = float(cost.verified_slots + 1), cost.verify_seconds
-        self._sx, self._sy = mean(self._sx, x), mean(self._sy, y)
-        self._sxx, self._sxy = mean(self._sxx, x * x), mean(self._sxy, x * y)
-
-    @property
-    def draft_forward_seconds(self) -> float:
-        return self._forward
+            self._slots_per_level += rate * (cost.verified_slots / cost.tree_depth - self._slots_per_level)
+        self._draft.add(float(cost.draft_forwards), cost.draft_seconds, rate)
+        self._verify.add(float(cost.verified_slots + 1), cost.verify_seconds, rate)
 
     @property
     def fixed_seconds(self) -> float:
         return self._fixed
 
+    def draft_line(self) -> tuple[float, float]:
+        """(intercept, slope) of a step's draft seconds against its draft forwards."""
+        return self._draft.fit()
+
     def verify_line(self) -> tuple[float, float]:
         """(intercept, slope) of verify seconds against verified tokens (slots + root). Slope 0 until the
-        tree sizes seen vary (a fixed tree cannot tell the two apart); never negative."""
-        variance = self._sxx - self._sx * self._sx
-        slope = (self._sxy - self._sx * self._sy) / variance if variance > 1e-9 else 0.0
-        slope = max(0.0, slope)
-        return max(0.0, self._sy - slope * self._sx), slope
+        tree sizes seen vary (a fixed tree cannot tell the two apart)."""
+        return self._verify.fit()
 
     def step_seconds(self, depth: float) -> float:
         """Predicted seconds of a step whose tree is ``depth`` levels deep."""
-        intercept, slope = self.verify_line()
-        slots = self._slots_per_level * depth
+        draft_intercept, per_forward = self._draft.fit()
+        verify_intercept, per_token = self._verify.fit()
         forwards = depth + self._extra_forwards
-        return self._fixed + forwards * self._forward + intercept + slope * (slots + 1)
+        slots = self._slots_per_level * depth
+        return self._fixed + draft_intercept + per_forward * forwards + verify_intercept + per_token * (slots + 1)
 
     def describe(self) -> dict:
-        intercept, slope = self.verify_line()
-        return {"steps": self.steps, "draft_forward_s": self._forward, "fixed_s": self._fixed,
-                "verify_intercept_s": intercept, "verify_per_token_s": slope,
+        draft_intercept, per_forward = self.draft_line()
+        verify_intercept, per_token = self.verify_line()
+        return {"steps": self.steps, "fixed_s": self._fixed, "draft_intercept_s": draft_intercept,
+                "draft_per_forward_s": per_forward, "verify_intercept_s": verify_intercept,
+                "verify_per_token_s": per_token, "extra_forwards": self._extra_forwards,
                 "slots_per_level": self._slots_per_level}
 
 
