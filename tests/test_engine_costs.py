@@ -29,35 +29,39 @@ def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, first=0
 def test_cost_model_recovers_known_costs():
     model = CostModel()
     for step in range(40):
-        depth = 3 + step % 5
+        depth = 2 + 4 * (step % 4)  # depths 2..14: the forwards vary by far more than the draft line's prior
         model.observe(synthetic_step(slots=3 * depth, depth=depth, accepted=2))
     draft_intercept, per_forward = model.draft_line()
     verify_intercept, per_token = model.verify_line()
-    assert per_forward == pytest.approx(0.002)  # what one more level adds
-    assert draft_intercept == pytest.approx(0.004 - 0.002)  # the first forward's premium
+    assert per_forward == pytest.approx(0.002, rel=0.02)  # what one more level adds
+    assert draft_intercept == pytest.approx(0.004 - 0.002, rel=0.1)  # the first forward's premium
     assert model.fixed_seconds == pytest.approx(0.003)
     assert verify_intercept == pytest.approx(0.005, rel=1e-6)
     assert per_token == pytest.approx(1e-4, rel=1e-6)
     # a 6-deep tree: 7 forwards, 3 slots per level, the fixed part
-    assert model.step_seconds(6) == pytest.approx(synthetic_step(slots=18, depth=6, accepted=0).seconds, rel=1e-6)
+    assert model.step_seconds(6) == pytest.approx(synthetic_step(slots=18, depth=6, accepted=0).seconds, rel=0.01)
 
 
-def test_fixed_tree_puts_the_costs_in_the_intercepts():
+def test_fixed_tree_size_and_depth():
+    """The verify's cost all in its intercept; the draft's spread evenly over its forwards (a level is never
+    free just because the depth did not vary)."""
     model = CostModel()
     for _ in range(10):
         model.observe(synthetic_step(slots=24, depth=5, accepted=3))
+    draft_seconds = 0.004 + 5 * 0.002
     assert model.verify_line() == pytest.approx((0.005 + 1e-4 * 25, 0.0))
-    assert model.draft_line() == pytest.approx((0.004 + 5 * 0.002, 0.0))
+    assert model.draft_line() == pytest.approx((0.0, draft_seconds / 6))
     assert model.step_seconds(5) == pytest.approx(synthetic_step(slots=24, depth=5, accepted=3).seconds)
+    assert model.step_seconds(6) - model.step_seconds(5) == pytest.approx(draft_seconds / 6)  # verify: no slope seen
 
 
 def test_cost_model_follows_a_change():
     model = CostModel(decay=0.8)
     for step in range(30):
-        model.observe(synthetic_step(slots=10, depth=3 + step % 3, accepted=1, forward=0.001))
+        model.observe(synthetic_step(slots=10, depth=2 + 4 * (step % 4), accepted=1, forward=0.001))
     for step in range(30):
-        model.observe(synthetic_step(slots=10, depth=3 + step % 3, accepted=1, forward=0.004))
-    assert model.draft_line()[1] == pytest.approx(0.004, rel=0.01)
+        model.observe(synthetic_step(slots=10, depth=2 + 4 * (step % 4), accepted=1, forward=0.004))
+    assert model.draft_line()[1] == pytest.approx(0.004, rel=0.03)
 
 
 def test_depth_acceptance_counts_accepted_lengths():

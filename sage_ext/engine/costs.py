@@ -48,10 +48,16 @@ class _WeightedLine:
         self.xx += rate * (x * x - self.xx)
         self.xy += rate * (x * y - self.xy)
 
-    def fit(self) -> tuple[float, float]:
-        """(intercept, slope); slope 0 until x varies (then all of y is the intercept), never negative."""
+    def fit(self, prior_slope: float = 0.0, prior_variance: float = 0.0) -> tuple[float, float]:
+        """(intercept, slope), slope never negative. ``prior_variance`` > 0 shrinks the slope towards
+        ``prior_slope`` while x has varied less than that (ridge towards the prior); without it the slope is 0
+        until x varies (then all of y is the intercept)."""
         variance = self.xx - self.x * self.x
-        slope = (self.xy - self.x * self.y) / variance if variance > 1e-9 else 0.0
+        covariance = self.xy - self.x * self.y
+        if variance + prior_variance > 1e-9:
+            slope = (covariance + prior_variance * prior_slope) / (variance + prior_variance)
+        else:
+            slope = 0.0
         slope = max(0.0, slope)
         return max(0.0, self.y - slope * self.x), slope
 
@@ -91,8 +97,12 @@ class CostModel:
         return self._fixed
 
     def draft_line(self) -> tuple[float, float]:
-        """(intercept, slope) of a step's draft seconds against its draft forwards."""
-        return self._draft.fit()
+        """(intercept, slope) of a step's draft seconds against its draft forwards. Until the forwards per step
+        have varied by about one, the slope leans towards draft seconds / forwards (every forward alike):
+        taking a level for free because the tree depth never changed would send the cap to its maximum."""
+        draft = self._draft
+        proportional = draft.y / draft.x if draft.x > 0 else 0.0
+        return draft.fit(prior_slope=proportional, prior_variance=1.0)
 
     def verify_line(self) -> tuple[float, float]:
         """(intercept, slope) of verify seconds against verified tokens (slots + root). Slope 0 until the
@@ -101,8 +111,8 @@ class CostModel:
 
     def step_seconds(self, depth: float) -> float:
         """Predicted seconds of a step whose tree is ``depth`` levels deep."""
-        draft_intercept, per_forward = self._draft.fit()
-        verify_intercept, per_token = self._verify.fit()
+        draft_intercept, per_forward = self.draft_line()
+        verify_intercept, per_token = self.verify_line()
         forwards = depth + self._extra_forwards
         slots = self._slots_per_level * depth
         return self._fixed + draft_intercept + per_forward * forwards + verify_intercept + per_token * (slots + 1)

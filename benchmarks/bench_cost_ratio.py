@@ -1,0 +1,162 @@
+"""Which tree is fastest as a draft forward gets dearer against a verify? A simulated-cost study on the real pair.
+
+Acceptance is real: the bundled fixture pair, greedy, float32, held-out scenes. Time is simulated, so the answer
+does not depend on this shared machine's noise: a step costs
+
+    ratio * (draft forwards) + 1 + per_token * (verified tokens)
+
+units (a target verify of one token costs 1 + per_token; engine overhead, about 2% of a step here, is left out).
+Fixed-shape policies build the same trees whatever the costs, so they run once and every ratio is priced from
+their step records. The cost-aware policy (``sage_cost``) learns from the engine's clock, so it runs once per
+ratio with the Timeline's clock priced the same way (a ``draft_decode`` span costs ``ratio``, a
+``target_verify`` span ``1 + per_token * tokens``), adapting as it would on a device whose draft is that dear;
+its priced step times are checked against the formula. Reported: simulated tokens per unit of time relative to
+``ar`` (one token per step of cost 1 + per_token), per policy and ratio, with every output checked identical to
+``ar``'s. Real devices: the fixture pair's ratio (draft time per forward over verify time, from the e2e time
+breakdowns) is about 0.2-0.3 on the 2-core CPU and about 0.4 on an H200, where the tiny models are launch-bound
+(benchmarks/results/device_check_h200/e2e_nvidia-h200.md).
+
+    python benchmarks/bench_cost_ratio.py            # ~4 min on 2 cores; results/cost_ratio_cpu.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sage_ext.cli.models import load_pair, scene_inputs  # noqa: E402
+from sage_ext.cli.runs import cpu_model  # noqa: E402
+from sage_ext.engine import SpeculativeGenerator  # noqa: E402
+from sage_ext.engine.policies import (  # noqa: E402
+    AutoregressivePolicy,
+    ChainPolicy,
+    CostAwareSagePolicy,
+    DynamicTreePolicy,
+    SagePolicy,
+    StaticTreePolicy,
+)
+from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR, scenes  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+FIXED_POLICIES = {"ar": AutoregressivePolicy, "chain": ChainPolicy, "static": StaticTreePolicy,
+                  "dynamic": DynamicTreePolicy, "sage": SagePolicy}
+
+
+def step_units(record, ratio: float, per_token: float) -> float:
+    """A step's simulated cost (the module docstring's formula); the verify covers the slots and the root."""
+    return ratio * record.draft_forwards + 1.0 + per_token * (record.tree_slots + 1)
+
+
+def priced(engine: SpeculativeGenerator, ratio: float, per_token: float) -> None:
+    """Price the engine's timeline clock: a draft_decode span costs ``ratio``, a target_verify span
+    ``1 + per_token * tokens`` (tokens of the last verify forward), every other span nothing."""
+    now, verified = [0.0], [0]
+    forward_tree = engine.target.forward_tree
+
+    def counting_forward_tree(tokens, *args, **kwargs):
+        verified[0] = tokens.shape[1]
+        return forward_tree(tokens, *args, **kwargs)
+
+    def clock() -> float:
+        ending = engine.timeline.current[0]
+        if ending == "draft_decode":
+            now[0] += ratio
+        elif ending == "target_verify":
+            now[0] += 1.0 + per_token * verified[0]
+        return now[0]
+
+    engine.target.forward_tree = counting_forward_tree
+    engine.host_clock = clock
+
+
+def run(engine: SpeculativeGenerator, prompts: list[dict], max_new_tokens: int) -> tuple[list, list]:
+    """(outputs, step records) over all prompts."""
+    outputs, records = [], []
+    for inputs in prompts:
+        out = engine.generate(**inputs, max_new_tokens=max_new_tokens)
+        outputs.append(out.sequences[0].tolist())
+        records += out.stats.steps
+    return outputs, records
+
+
+def rate(records, ratio: float, per_token: float) -> float:
+    """Simulated tokens per unit time over the step records."""
+    return sum(r.emitted for r in records) / sum(step_units(r, ratio, per_token) for r in records)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ratios", default="0.02,0.05,0.1,0.2,0.3,0.5,0.8",
+                        help="draft forward cost / verify cost, comma-separated")
+    parser.add_argument("--per-token", type=float, default=0.02, help="verify cost per verified token")
+    parser.add_argument("--scenes", type=int, default=8)
+    parser.add_argument("--scene-offset", type=int, default=300, help="first held-out scene (apart from tuning)")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    torch.set_num_threads(args.threads)
+    target, draft, processor = load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
+    prompts = scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset),
+                           torch.device("cpu"), torch.float32)
+
+    fixed_runs = {}
+    for name, make in FIXED_POLICIES.items():
+        fixed_runs[name] = run(SpeculativeGenerator(target, draft, make()), prompts, args.max_new_tokens)
+        print(f"{name}: {len(fixed_runs[name][1])} steps", flush=True)
+    reference = fixed_runs["ar"][0]
+
+    table: dict[str, dict[str, float]] = {name: {} for name in [*FIXED_POLICIES, "sage_cost"]}
+    identical = {name: outputs == reference for name, (outputs, _) in fixed_runs.items()}
+    learned = {}
+    for ratio in ratios:
+        ar_rate = rate(fixed_runs["ar"][1], ratio, args.per_token)
+        for name, (_, records) in fixed_runs.items():
+            table[name][str(ratio)] = rate(records, ratio, args.per_token) / ar_rate
+        policy = CostAwareSagePolicy()
+        engine = SpeculativeGenerator(target, draft, policy)
+        priced(engine, ratio, args.per_token)
+        outputs, records = run(engine, prompts, args.max_new_tokens)
+        for record in records:  # the priced clock and the formula agree
+            assert abs(record.time - step_units(record, ratio, args.per_token)) < 1e-6, (record, ratio)
+        identical[f"sage_cost@{ratio}"] = outputs == reference
+        table["sage_cost"][str(ratio)] = rate(records, ratio, args.per_token) / ar_rate
+        learned[str(ratio)] = {"final_d_max": policy.d_max, "mean_tau": sum(r.tau for r in records) / len(records),
+                               "mean_draft_forwards": sum(r.draft_forwards for r in records) / len(records)}
+        print(f"ratio {ratio}: " + ", ".join(f"{n} {t[str(ratio)]:.2f}x" for n, t in table.items()), flush=True)
+
+    report = {"machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "scenes": args.scenes,
+              "scene_offset": args.scene_offset, "max_new_tokens": args.max_new_tokens, "per_token": args.per_token,
+              "ratios": ratios, "speedup_vs_ar": table, "identical_to_ar": identical, "sage_cost": learned,
+              "command": "python benchmarks/bench_cost_ratio.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cost_ratio_cpu.json").write_text(json.dumps(report, indent=1) + "\n")
+    best = {str(r): max(table, key=lambda n: table[n][str(r)]) for r in ratios}
+    lines = ["# Simulated draft/verify cost ratios: which tree is fastest (fixture pair, real acceptance)", "",
+             f"`{report['command'].strip()}` — {report['machine']}, torch {report['torch']}; {args.scenes} held-out "
+             f"scenes from {args.scene_offset}, up to {args.max_new_tokens} new tokens, greedy. A step costs "
+             f"ratio x draft forwards + 1 + {args.per_token} x verified tokens; speed-up = simulated tokens per unit "
+             "time over ar's. Every output identical to ar: " + str(all(identical.values())) + ".", "",
+             "| policy | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
+             "| --- | " + " | ".join("---:" for _ in ratios) + " |"]
+    for name, row in table.items():
+        cells = [f"**{row[str(r)]:.2f}x**" if best[str(r)] == name else f"{row[str(r)]:.2f}x" for r in ratios]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "sage_cost per ratio (its depth cap at the end, mean accepted tokens and draft forwards per step): "
+              + "; ".join(f"{r}: d_max {v['final_d_max']}, tau {v['mean_tau']:.2f}, "
+                          f"{v['mean_draft_forwards']:.1f} forwards" for r, v in learned.items()) + "."]
+    (out_dir / "cost_ratio_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(identical.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
