@@ -159,6 +159,15 @@ def test_the_depth_cap_follows_the_prices(prices, direction):
     assert policy.d_max == policy.depth_goal
 
 
+def test_cost_aware_policy_takes_sages_arguments_on_the_command_line():
+    from sage_ext.cli.validation import UsageError, parse_policy
+
+    policy = parse_policy("sage_cost", "d_max=10,n_max=32")
+    assert isinstance(policy, CostAwareSagePolicy) and policy.d_max == 10 and policy.n_max == 32
+    with pytest.raises(UsageError, match="no parameter 'depth'; its parameters: d_min, d_max"):
+        parse_policy("sage_cost", "depth=3")
+
+
 def test_cost_aware_policy_by_name_and_description():
     policy = make_policy("sage_cost")
     assert isinstance(policy, CostAwareSagePolicy)

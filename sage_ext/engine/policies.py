@@ -26,6 +26,7 @@ Policies (names for ``SpeculativeGenerator(policy=...)``):
 """
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -529,6 +530,10 @@ class CostAwareSagePolicy(SagePolicy):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "costs": self.costs.describe(),
                 "acceptance_by_depth": [round(p, 3) for p in self.acceptance.probabilities()]}
+
+
+# SagePolicy's parameters, for introspection (the CLI's --policy-args check lists them)
+CostAwareSagePolicy.__init__.__signature__ = inspect.signature(SagePolicy.__init__)
 
 
 POLICIES = {
