@@ -94,7 +94,7 @@ def test_policy_name_lists_the_choices(image_path, tmp_path, capsys, no_loading)
 
 def test_policy_choices_are_in_the_help(capsys):
     assert cli.main(["generate", "--help"]) == 0
-    assert "{ar,chain,dynamic,sage,static}" in capsys.readouterr().out
+    assert "{ar,chain,dynamic,sage,sage_cost,static}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("policy_args, fragment", [
