@@ -207,15 +207,19 @@ class Timeline:
         for a step whose events are complete (one before the step whose readback synchronized): reading them
         then waits for nothing."""
         first, last = self._steps[index]
+        totals = self._category_seconds(first, last)
+        seconds = self._seconds(self._marks[first][0], self._marks[last][0])
+        return seconds, totals["draft_decode"], totals["target_verify"]
+
+    def _category_seconds(self, first: int, last: int) -> dict[str, float]:
+        """Seconds per category between marks ``first`` and ``last``."""
+        totals = {key: 0.0 for key in TIME_KEYS}
         marks = self._marks
-        draft = verify = 0.0
         for position in range(first, last):
             name = marks[position][1]
-            if name == "draft_decode":
-                draft += self._seconds(marks[position][0], marks[position + 1][0])
-            elif name == "target_verify":
-                verify += self._seconds(marks[position][0], marks[position + 1][0])
-        return self._seconds(marks[first][0], marks[last][0]), draft, verify
+            if name is not None:
+                totals[name] += self._seconds(marks[position][0], marks[position + 1][0])
+        return totals
 
     def _seconds(self, start: Any, end: Any) -> float:
         return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
@@ -223,11 +227,8 @@ class Timeline:
     def finish(self, stats: GenerationStats) -> None:
         """Fill ``stats.time`` and every step's ``time`` (call after the generation's final device sync)."""
         self.switch(None)
-        totals = {key: 0.0 for key in TIME_KEYS}
         marks = self._marks
-        for (start, name), (end, _) in zip(marks, marks[1:]):
-            if name is not None:
-                totals[name] += self._seconds(start, end)
+        totals = self._category_seconds(0, len(marks) - 1)
         for record, (first, last) in zip(stats.steps, self._steps):
             record.time = self._seconds(marks[first][0], marks[last][0])
         stats.time = totals
