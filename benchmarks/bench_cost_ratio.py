@@ -41,7 +41,7 @@ from sage_ext.engine.policies import (  # noqa: E402
     SagePolicy,
     StaticTreePolicy,
 )
-from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR, scenes  # noqa: E402
+from sage_ext.fixtures import DRAFT_DIR, PAIRS, TARGET_DIR  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FIXED_POLICIES = {"ar": AutoregressivePolicy, "chain": ChainPolicy, "static": StaticTreePolicy,
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.set_num_threads(args.threads)
     target, draft, processor = load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
-    prompts = scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset),
+    pair = PAIRS["llava"]
+    prompts = scene_inputs(processor, pair, pair.heldout_scenes(args.scenes, start=args.scene_offset),
                            torch.device("cpu"), torch.float32)
 
     fixed_runs = {}

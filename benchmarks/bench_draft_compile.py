@@ -34,7 +34,7 @@ from transformers import DynamicCache  # noqa: E402
 from sage_ext.cli.models import load_pair, scene_inputs  # noqa: E402
 from sage_ext.cli.runs import cpu_model  # noqa: E402
 from sage_ext.engine import SpeculativeGenerator  # noqa: E402
-from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR, scenes  # noqa: E402
+from sage_ext.fixtures import DRAFT_DIR, PAIRS, TARGET_DIR  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     target, draft, processor = load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
-    prompts = scene_inputs(processor, scenes.heldout_scenes(args.scenes, start=args.scene_offset),
+    pair = PAIRS["llava"]
+    prompts = scene_inputs(processor, pair, pair.heldout_scenes(args.scenes, start=args.scene_offset),
                            torch.device("cpu"), None)
     eager = SpeculativeGenerator(target, draft, "sage")
     compiled_model = torch.compile(draft, dynamic=True)

@@ -153,9 +153,10 @@ def fixture_fingerprint() -> dict | None:
 
 def fixture_prompts(processor, count: int, start: int = 0) -> list[dict]:
     """Caption prompts of held-out scenes, as `sage-ext bench` builds them."""
-    from sage_ext.fixtures import scenes
+    from sage_ext.fixtures import PAIRS
 
-    return scene_inputs(processor, scenes.heldout_scenes(count, start=start), torch.device("cpu"), None)
+    pair = PAIRS["llava"]
+    return scene_inputs(processor, pair, pair.heldout_scenes(count, start=start), torch.device("cpu"), None)
 
 
 def cast_inputs(inputs: dict, dtype: torch.dtype) -> dict:

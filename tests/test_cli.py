@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sage_ext import cli  # noqa: E402
 from sage_ext.cli import demo, models, tuning, validation  # noqa: E402
-from sage_ext.fixtures import DRAFT_DIR, TARGET_DIR, scenes  # noqa: E402
+from sage_ext.fixtures import DRAFT_DIR, PAIRS, TARGET_DIR, scenes  # noqa: E402
 
 
 def test_python_dash_m_lists_the_commands():
@@ -128,9 +128,23 @@ def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, caps
     assert "| sage | " in table and "| hf-assisted | " in table
 
 
+def test_bench_with_temperature_samples_every_entry_and_reports_tau(tmp_path):
+    args = ["bench", "--scenes", "2", "--repeats", "1", "--max-new-tokens", "16", "--no-tune", "--temperature", "0.7",
+            "--policies", "hf-greedy", "chain", "sage", "--out-dir", str(tmp_path)]
+    assert cli.main(args) == 0
+    (path,) = tmp_path.glob("e2e_t0.7_*.json")  # the file name says it sampled
+    report = json.loads(path.read_text())
+    assert report["temperature"] == 0.7 and "all_greedy_outputs_identical_to_ar" not in report["checks"]
+    rows = report["policies"]
+    assert all(row["identical_to_ar"] is None for row in rows.values())
+    assert rows["chain"]["steps"] > 0 and rows["chain"]["tokens_per_target_forward"] > 1
+    assert "n/a (sampling)" in path.with_suffix(".md").read_text()
+
+
 def test_sage_tuning_times_each_candidate_against_the_best_and_records_invalid_ones():
     target, draft, processor = models.load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
-    inputs = models.scene_inputs(processor, scenes.heldout_scenes(1, start=5000), torch.device("cpu"), torch.float32)
+    inputs = models.scene_inputs(processor, PAIRS["llava"], scenes.heldout_scenes(1, start=5000), torch.device("cpu"),
+                                 torch.float32)
     grid = {"n_max": [8], "d_max": [6]}  # n_max=8 is invalid with the paper's 25-node first round
     best, trials = tuning.tune_sage(target, draft, inputs, 16, torch.device("cpu"), grid)
     assert trials[0] == {"params": {"n_max": 8}, "error": "first_round_paths has more nodes than n_max"}

@@ -230,3 +230,45 @@ def test_python_dash_m_bad_input_is_one_line_and_debug_gives_a_traceback(tmp_pat
     assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
     assert "UsageError: --image" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_bundled_pair_is_named(capsys, tmp_path, image_path, no_loading):
+    code, out, err = run_cli(generate_args(image_path, tmp_path, "--target", "fixture-gpt9"), capsys, tmp_path)
+    assert_one_line(code, out, err, 2, "fixture-gpt9", "fixture-qwen2vl")
+
+
+def test_bench_with_own_target_needs_its_draft(capsys, tmp_path, no_loading):
+    code, out, err = run_cli(["bench", "--target", str(TARGET_DIR), "--out", str(tmp_path / "b")], capsys, tmp_path)
+    assert_one_line(code, out, err, 2, "--draft is needed")
+
+
+@pytest.mark.parametrize("pair", ["llava", "qwen2vl"])
+def test_pair_flag_picks_that_pairs_models(pair, tmp_path, monkeypatch):
+    import dataclasses
+
+    from sage_ext.cli.validation import validate_args
+    from sage_ext.fixtures import PAIRS
+
+    if not (PAIRS[pair].target_dir / "config.json").exists():  # a pair trained into a folder of its own
+        folders = {role: tmp_path / role for role in ("target", "draft")}
+        for folder in folders.values():
+            folder.mkdir()
+            (folder / "config.json").write_text("{}")
+        monkeypatch.setitem(PAIRS, pair, dataclasses.replace(PAIRS[pair], target_dir=folders["target"],
+                                                             draft_dir=folders["draft"]))
+    args = cli.build_parser().parse_args(["demo", "--pair", pair, "--device", "cpu"])
+    validate_args(args)
+    assert (args.target, args.draft) == (str(PAIRS[pair].target_dir), str(PAIRS[pair].draft_dir))
+    args = cli.build_parser().parse_args(["generate", "--target", f"fixture-{pair}", "--image", "x", "--prompt", "p"])
+    assert models.resolve_model(args.target, "draft") == str(PAIRS[pair].draft_dir)
+
+
+def test_a_missing_bundled_pair_says_how_to_train_it(capsys, tmp_path, monkeypatch, no_loading):
+    import dataclasses
+
+    from sage_ext.fixtures import PAIRS
+
+    gone = dataclasses.replace(PAIRS["qwen2vl"], target_dir=tmp_path / "nothing", draft_dir=tmp_path / "nothing")
+    monkeypatch.setitem(PAIRS, "qwen2vl", gone)
+    code, out, err = run_cli(["demo", "--pair", "qwen2vl"], capsys, tmp_path)
+    assert_one_line(code, out, err, 2, "qwen2vl pair is not in this installation", "train_qwen2vl_fixture.py")

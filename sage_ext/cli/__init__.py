@@ -59,18 +59,26 @@ def _flags() -> argparse.ArgumentParser:
 
 
 def _add_common(parser: argparse.ArgumentParser, models_required: bool) -> None:
-    fixture = f"'{FIXTURE_NAME}' = the bundled pair"
+    fixture = f"'{FIXTURE_NAME}' = the bundled LLaVA pair, '{FIXTURE_NAME}-qwen2vl' the bundled Qwen2-VL pair"
     parser.add_argument("--target", required=models_required,
-                        help=f"target model folder or hub id ({fixture}; default: {FIXTURE_NAME})")
+                        help=f"target model folder or hub id ({fixture}; default: {FIXTURE_NAME}, or --pair's)")
     parser.add_argument("--draft", required=models_required,
                         help=f"draft model folder or hub id of the target's family ({fixture}; default: the bundled "
-                             f"draft when the target is the bundled one)")
+                             f"draft when the target is a bundled one)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float32 on CPU, the checkpoint's dtype on GPU")
     parser.add_argument("--threads", type=_POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--policy-args", default=None,
                         help="policy overrides key=value,... (names of the policy's parameters), e.g. n_max=32,lag=False")
+
+
+def _add_pair(parser: argparse.ArgumentParser) -> None:
+    from ..fixtures import DEFAULT_PAIR, PAIRS
+
+    parser.add_argument("--pair", default=DEFAULT_PAIR, choices=sorted(PAIRS),
+                        help="bundled pair whose held-out scenes are run (and whose models, unless --target/--draft "
+                             "name others): " + "; ".join(f"{n}: {p.description}" for n, p in PAIRS.items()))
 
 
 def _add_device_map(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--policy", default="sage", choices=policy_names,
                       help="tree policy timed against target-only decoding (default sage): ar (target only), chain "
                            "(draft's greedy chain), static (SpecVLM 25-node tree), dynamic (EAGLE-2), sage")
+    _add_pair(demo)
     demo.add_argument("--scenes", type=_POSITIVE_INT, default=3)
     demo.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0, help="first held-out scene index")
     demo.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=96)
@@ -136,11 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="all policies + HF assisted generation on held-out scenes", parents=[flags])
     _add_common(bench, models_required=False)
     _add_device_map(bench)
+    _add_pair(bench)
     bench.add_argument("--scenes", type=_POSITIVE_INT, default=8)
     bench.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0)
     bench.add_argument("--tune-scenes", type=_POSITIVE_INT, default=6, help="scenes (disjoint) used to tune SAGE")
     bench.add_argument("--repeats", type=_POSITIVE_INT, default=3)
     bench.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=96)
+    bench.add_argument("--temperature", type=ranged(float, low=0.0, what=">= 0"), default=0.0,
+                       help="0 = greedy (default; outputs checked identical to ar); > 0 samples (tau and speed only)")
     bench.add_argument("--policies", nargs="*", default=None, choices=bench_choices, metavar="POLICY",
                        help=f"subset of {', '.join(bench_choices)} (ar always runs)")
     bench.add_argument("--no-tune", dest="tune", action="store_false", help="skip the SAGE tuning sweep")

@@ -1,5 +1,5 @@
-"""`sage-ext demo`: a speculative policy against target-only decoding on held-out scenes of the bundled fixture
-pair: one warm-up per engine, per-scene and overall lines, a note when the policy measured slower, and the
+"""`sage-ext demo`: a speculative policy against target-only decoding on held-out scenes of a bundled fixture
+pair (--pair): one warm-up per engine, per-scene and overall lines, a note when the policy measured slower, and the
 plot (drawn by plots.plot_demo).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def cmd_demo(args) -> int:
     from tqdm import tqdm
 
     from ..engine import SpeculativeGenerator
-    from ..fixtures import DRAFT_DIR, TARGET_DIR, scenes
+    from ..fixtures import PAIRS
 
     torch.manual_seed(0)
     if args.threads:
@@ -32,22 +32,21 @@ def cmd_demo(args) -> int:
     device = args.device_obj
     quiet = getattr(args, "quiet", False)
     policy = parse_policy(args.policy, args.policy_args)
-    target, draft, processor = models.load_pair(args.target or str(TARGET_DIR), args.draft or str(DRAFT_DIR), device,
-                                                models.pick_dtype(args.dtype, device))
+    pair = PAIRS[args.pair]
+    target, draft, processor = models.load_pair(args.target, args.draft, device, models.pick_dtype(args.dtype, device))
     tokenizer = models.tokenizer_of(processor)
     engines = {"ar": SpeculativeGenerator(target, draft, policy="ar"), policy.name: SpeculativeGenerator(target, draft, policy)}
-    prompt_text = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
-    demo_scenes = scenes.heldout_scenes(args.scenes, start=args.scene_offset)
-    inputs_of = [models.build_inputs(processor, s.render(), prompt_text, device, target.dtype) for s in demo_scenes]
+    demo_scenes = pair.heldout_scenes(args.scenes, start=args.scene_offset)
+    inputs_of = models.scene_inputs(processor, pair, demo_scenes, device, target.dtype)
 
     # A warm-up generation per engine on a scene outside the demo's, so first-call costs (allocations, lazy
     # initialisation, cold caches) are not timed: several steps long, like a real run.
-    warm = models.build_inputs(processor, scenes.heldout_scenes(1, start=args.scene_offset + 10_000)[0].render(),
-                        prompt_text, device, target.dtype)
+    warm = models.scene_inputs(processor, pair, pair.heldout_scenes(1, start=args.scene_offset + 10_000), device,
+                               target.dtype)[0]
     for engine in engines.values():
         engine.generate(**warm, max_new_tokens=min(args.max_new_tokens, DEMO_WARMUP_TOKENS))
 
-    print(f"sage-ext demo on {machine_name(device)}: target {args.target or 'bundled fixture'}, "
+    print(f"sage-ext demo on {machine_name(device)}: target {args.target}, "
           f"policy {policy.name}; {CONVENTION}")
     results = []
     with tqdm(total=len(demo_scenes) * len(engines), desc="generating", unit="run", file=sys.stderr,
@@ -64,12 +63,12 @@ def cmd_demo(args) -> int:
     for scene, runs in results:
         spec = runs[sage_name]
         text = tokenizer.decode(spec["ids"], skip_special_tokens=True)
-        score = scenes.score_caption(scene, text)
+        correct, total_facts = pair.score(scene, text)
         same = spec["ids"] == runs["ar"]["ids"]
         st = spec["stats"]
         speed = {n: len(r["ids"]) / r["seconds"] for n, r in runs.items()}
         print(f"\nscene {scene.seed}: {text}")
-        print(f"  caption attributes correct: {score['correct']}/{score['total']}; "
+        print(f"  facts stated correctly: {correct}/{total_facts}; "
               f"identical to target-only greedy: {'yes' if same else 'NO'}")
         print(f"  {sage_name}: tau {st.mean_tau:.2f} ({st.tokens_per_target_forward:.2f} tokens/target forward, "
               f"{st.target_forwards} steps), {speed[sage_name]:.1f} tok/s; ar: {speed['ar']:.1f} tok/s; "

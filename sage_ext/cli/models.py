@@ -1,6 +1,6 @@
-"""Loading what a command runs on: the bundled fixture pair (``--target fixture``), the Hugging Face offline
-switch, devices and dtypes, models and their processor, and the processor inputs of a prompt or of fixture
-scenes. Used by every command and by benchmarks/; nothing here reads the command line.
+"""Loading what a command runs on: the bundled fixture pairs (``--target fixture``, ``fixture-qwen2vl``), the
+Hugging Face offline switch, devices and dtypes, models and their processor, and the processor inputs of a prompt
+or of fixture scenes. Used by every command and by benchmarks/; nothing here reads the command line.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 
-#: ``--target fixture`` / ``--draft fixture`` name the bundled pair (sage_ext/fixtures/).
+#: ``--target fixture`` / ``--draft fixture`` name the bundled LLaVA pair, ``fixture-qwen2vl`` the Qwen2-VL
+#: pair (sage_ext/fixtures/; ``fixture-<pair>`` for every pair of `sage_ext.fixtures.PAIRS`).
 FIXTURE_NAME = "fixture"
 
 _TRUE_VALUES = {"1", "on", "yes", "true"}
@@ -33,13 +34,32 @@ def hub_offline() -> bool:
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
-def resolve_model(name: str | None, role: str) -> str | None:
-    """``fixture`` -> the bundled target or draft folder; anything else unchanged."""
-    if name is None or name.strip().lower() != FIXTURE_NAME:
-        return name
-    from ..fixtures import DRAFT_DIR, TARGET_DIR
+def fixture_pair_name(name: str | None) -> str | None:
+    """The bundled pair a model name refers to (``fixture`` -> llava, ``fixture-qwen2vl`` -> qwen2vl), or None."""
+    from ..fixtures import DEFAULT_PAIR, PAIRS
 
-    return str(DRAFT_DIR if role == "draft" else TARGET_DIR)
+    if name is None:
+        return None
+    key = name.strip().lower()
+    if key == FIXTURE_NAME:
+        return DEFAULT_PAIR
+    if key.startswith(FIXTURE_NAME + "-"):
+        pair = key[len(FIXTURE_NAME) + 1:]
+        if pair not in PAIRS:
+            raise ValueError(f"unknown bundled pair {name!r}: use " + ", ".join(
+                [FIXTURE_NAME] + [f"{FIXTURE_NAME}-{p}" for p in PAIRS]))
+        return pair
+    return None
+
+
+def resolve_model(name: str | None, role: str) -> str | None:
+    """``fixture`` / ``fixture-<pair>`` -> that bundled pair's target or draft folder; anything else unchanged."""
+    from ..fixtures import PAIRS
+
+    pair = fixture_pair_name(name)
+    if pair is None:
+        return name
+    return str(PAIRS[pair].draft_dir if role == "draft" else PAIRS[pair].target_dir)
 
 
 def pick_device(name: str) -> torch.device:
@@ -79,10 +99,10 @@ def load_model(path_or_id: str, device: torch.device, dtype, device_map: str | N
 def load_pair(target: str, draft: str | None, device: torch.device, dtype,
               device_map: str | None = None) -> tuple[Any, Any, Any]:
     """(target model, draft model or None, processor of the target); ``device_map``: see ``load_model``."""
-    from transformers import AutoProcessor
+    from ..processors import load_processor
 
     target, draft = resolve_model(target, "target"), resolve_model(draft, "draft") if draft else None
-    processor = AutoProcessor.from_pretrained(target, local_files_only=hub_offline())
+    processor = load_processor(target, local_files_only=hub_offline())
     target_model = load_model(target, device, dtype, device_map)
     draft_model = load_model(draft, device, dtype, device_map) if draft else None
     return target_model, draft_model, processor
@@ -121,9 +141,8 @@ def build_inputs(processor, image, prompt_text: str, device: torch.device, dtype
     return out
 
 
-def scene_inputs(processor, scene_list, device, dtype) -> list[dict]:
-    """Caption-prompt processor outputs for fixture scenes (see `build_inputs`)."""
-    from ..fixtures import scenes
-
-    prompt_text = scenes.caption_prompt(getattr(processor, "image_token", "<image>"))
+def scene_inputs(processor, pair, scene_list, device, dtype) -> list[dict]:
+    """Processor outputs of the benchmark prompt of bundled pair `pair` (a `sage_ext.fixtures.FixturePair`)
+    for each of its scenes in `scene_list` (see `build_inputs`)."""
+    prompt_text = pair.prompt_text(processor)
     return [build_inputs(processor, s.render(), prompt_text, device, dtype) for s in scene_list]

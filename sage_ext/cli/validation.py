@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .models import FIXTURE_NAME, hub_offline, pick_device, resolve_model
+from .models import FIXTURE_NAME, fixture_pair_name, hub_offline, pick_device, resolve_model
 
 
 class UsageError(ValueError):
@@ -43,11 +43,26 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
     return None
 
 
+def bundled_pair(name: str | None, flag: str) -> str | None:
+    """The bundled pair `name` refers to (``fixture``, ``fixture-qwen2vl``), None for other names; UsageError
+    for ``fixture-<unknown>``."""
+    try:
+        return fixture_pair_name(name)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from error
+
+
 def check_model(name: str, flag: str) -> str:
     """A model folder or hub id that can be loaded without waiting on the network, or UsageError with the
     reason. Returns the resolved path or id."""
+    pair = bundled_pair(name, flag)
     resolved = resolve_model(name, "draft" if flag == "--draft" else "target")
     path = Path(resolved).expanduser()
+    from ..fixtures import PAIRS
+
+    if pair is not None and not (path / "config.json").is_file():
+        raise UsageError(f"{flag} {name}: the bundled {pair} pair is not in this installation ({path} is missing); "
+                         f"train it with {PAIRS[pair].training_script}")
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{flag} {name}: is a file; give a model folder (with config.json) or a hub id")
@@ -58,7 +73,7 @@ def check_model(name: str, flag: str) -> str:
                    or resolved.count("/") > 1 or not _REPO_ID.match(resolved))
     if looks_local:
         raise UsageError(f"{flag} {name}: no such model folder (and not a hub id like org/name); "
-                         f"use '{FIXTURE_NAME}' for the bundled pair")
+                         f"use '{FIXTURE_NAME}' or '{FIXTURE_NAME}-qwen2vl' for a bundled pair")
     from huggingface_hub import try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(resolved, "config.json"), str)
@@ -158,14 +173,20 @@ def validate_args(args) -> None:
         if args.target is None:
             args.target = FIXTURE_NAME
         if args.draft is None:
-            if args.target.strip().lower() == FIXTURE_NAME:
-                args.draft = FIXTURE_NAME
+            if bundled_pair(args.target, "--target") is not None:  # a bundled target: its own draft
+                args.draft = args.target
             elif args.policy != "ar":
                 raise UsageError(f"--draft is needed with --policy {args.policy} (a smaller model of the target's "
                                  f"family), or use --policy ar")
         for path in (args.stats_json,):
             if path and not Path(path).expanduser().resolve().parent.is_dir():
                 raise UsageError(f"--stats-json {path}: folder {Path(path).parent} does not exist")
+    if command in ("demo", "bench"):  # the models default to the bundled pair whose scenes are used
+        if args.target is None:
+            args.target = f"{FIXTURE_NAME}-{args.pair}"
+            args.draft = args.draft or args.target
+        elif args.draft is None:
+            raise UsageError(f"--draft is needed with --target {args.target} (a smaller model of the target's family)")
     if getattr(args, "policy", None) is not None:
         parse_policy(args.policy, args.policy_args)
     elif getattr(args, "policy_args", None):
