@@ -1,0 +1,89 @@
+"""benchmarks/train_qwen2vl_fixture.py at a few steps: the training data supervises exactly the assistant turns,
+and the saved pair (Qwen2-VL, differently padded vocabularies) loads offline with its processor and is decoded
+losslessly by every policy from real processor outputs (hundreds of visual tokens, non-square grids), with the
+draft pruned or not."""
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoModelForImageTextToText  # noqa: E402
+
+from sage_ext.cli.models import scene_inputs  # noqa: E402
+from sage_ext.engine import SpeculativeGenerator  # noqa: E402
+from sage_ext.fixtures import PAIRS, photo_scenes  # noqa: E402
+from sage_ext.processors import load_processor  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import train_qwen2vl_fixture as train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen2vl")
+    threads = torch.get_num_threads()
+    try:
+        assert train.main(["--out-dir", str(out), "--target-steps", "2", "--draft-steps", "2",
+                           "--eval-scenes", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_labels_cover_exactly_the_assistant_turns(trained):
+    processor = load_processor(str(trained / "qwen2vl_target"))
+    batcher = train.Batcher(processor)
+    scene = photo_scenes.generate_scene(4)
+    turns = train.conversation(scene, random.Random(0))
+    batch = batcher([train.chat_text(processor, turns)], [scene.render()])
+    labels = batch["labels"][0]
+    supervised = processor.tokenizer.decode(labels[labels != -100])
+    expected = "".join(answer + "<|im_end|>" for _, answer in turns)
+    assert supervised == expected
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((batch["input_ids"] == image_id).sum()) >= 256
+
+
+def test_saved_pair_loads_with_differently_padded_vocabularies(trained):
+    summary = json.loads((trained / "qwen2vl_training_summary.json").read_text())
+    processor = load_processor(str(trained / "qwen2vl_target"))
+    vocab = {}
+    for role in ("target", "draft"):
+        folder = trained / f"qwen2vl_{role}"
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and model.dtype == torch.float32
+        vocab[role] = model.config.text_config.vocab_size
+        assert vocab[role] == summary[role]["vocab"]
+        card = (folder / "README.md").read_text()
+        assert f"| caption_fact_accuracy | {summary[role]['caption_fact_accuracy']} |" in card
+    assert len(processor.tokenizer) <= vocab["target"] < vocab["draft"] and vocab["draft"] % 128 == 0
+    assert 5 <= summary["target"]["params"] / summary["draft"]["params"] <= 10
+
+
+def test_large_size_keeps_the_draft_5_to_10x_smaller():
+    tokenizer = train.build_tokenizer()
+    sizes = {role: train.count_params(train.build_model(spec, tokenizer, 768))
+             for role, spec in train.SIZES["large"].items()}
+    assert 10e6 <= sizes["target"] <= 30e6 and 5 <= sizes["target"] / sizes["draft"] <= 10
+
+
+@pytest.mark.parametrize("prune", [0.0, 0.8])
+def test_every_policy_decodes_the_saved_pair_losslessly(trained, prune):
+    processor = load_processor(str(trained / "qwen2vl_target"))
+    target = AutoModelForImageTextToText.from_pretrained(trained / "qwen2vl_target").eval()
+    draft = AutoModelForImageTextToText.from_pretrained(trained / "qwen2vl_draft").eval()
+    pair = PAIRS["qwen2vl"]
+    scene = photo_scenes.generate_scene(photo_scenes.HELDOUT_SEED_BASE + 7, size=(352, 224))  # non-square grid
+    inputs = scene_inputs(processor, pair, [scene], torch.device("cpu"), torch.float32)[0]
+    assert inputs["image_grid_thw"][0].tolist() == [1, 224 // 8, 352 // 8]
+    with torch.inference_mode():
+        expected = target.generate(**inputs, max_new_tokens=20, do_sample=False)
+    for policy in ("ar", "chain", "static", "dynamic", "sage", "sage_cost"):
+        out = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=prune).generate(**inputs, max_new_tokens=20)
+        assert torch.equal(out.sequences, expected), policy
