@@ -142,7 +142,7 @@ def _run_policy(name, policy, engines, target, draft, inputs, max_new_tokens, de
     if temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
         return run_engine(engines[name], inputs, max_new_tokens, device, do_sample=True, temperature=temperature,
-                          generator=generator)
+                          top_k=0, generator=generator)  # top_k 0 like run_hf: pure temperature sampling
     return run_engine(engines[name], inputs, max_new_tokens, device)
 
 
@@ -270,7 +270,8 @@ def cmd_bench(args) -> int:
     sample_text = tokenizer.decode(reference[0], skip_special_tokens=True)
     report = {
         "machine": machine, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "pair": args.pair, "target": target_path, "draft": draft_path,
+        "transformers": __import__("transformers").__version__, "pair": args.pair, "target": target_path,
+        "draft": draft_path,
         "target_params": sum(p.numel() for p in target.parameters()),
         "draft_params": sum(p.numel() for p in draft.parameters()),
         "scenes": args.scenes, "scene_offset": args.scene_offset, "repeats": args.repeats,
@@ -304,11 +305,13 @@ def bench_markdown(report: dict) -> str:
     lines = [
         f"# sage-ext bench: {report['machine']}",
         "",
-        f"`{report['command']}` — pair {report.get('pair', 'llava')}; torch {report['torch']}, transformers {report['transformers']}, "
+        f"`{report['command']}` — pair {report.get('pair', 'llava')}; torch {report['torch']}, "
+        f"transformers {report['transformers']}, "
         f"{report['threads']} thread(s); target {report['target_params'] / 1e6:.2f}M, draft "
         f"{report['draft_params'] / 1e6:.2f}M parameters; {report['scenes']} held-out scenes x "
         f"{report['repeats']} repeats (median), up to {report['max_new_tokens']} new tokens, "
-        + (f"sampling at temperature {report['temperature']} (outputs differ by design: no identity column)."
+        + (f"sampling at temperature {report['temperature']}, no top-k / top-p (outputs differ by design: no "
+           "identity column)."
            if report.get("temperature") else "greedy."),
         f"{report['convention']}.",
         "",
