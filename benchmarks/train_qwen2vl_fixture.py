@@ -47,6 +47,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from sage_ext.fixtures import photo_scenes as ps  # noqa: E402
 from sage_ext.processors import image_only_processor  # noqa: E402
+from train_fixture import count_params, save_pair_member  # noqa: E402  (the LLaVA pair's script, same folder)
 
 SIZES = {
     "small": {
@@ -149,10 +150,6 @@ def build_model(spec: dict, tokenizer, vocab_size: int):
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = ids["<|endoftext|>"]
     return model
-
-
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,22 +341,6 @@ def greedy_agreement(target_ids: list[list[int]], draft, processor, eval_scenes)
     return round(agree / total, 4)
 
 
-def save_member(model, processor, out: Path, card: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.safetensors"):
-        stale.unlink()
-    model.half().save_pretrained(out, safe_serialization=True)
-    config_path = out / "config.json"  # fp16 weights on disk, float32 compute when loaded
-    config = json.loads(config_path.read_text())
-    for section in (config, config.get("text_config", {}), config.get("vision_config", {})):
-        if "dtype" in section:
-            section["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    model.float()
-    processor.save_pretrained(out)
-    (out / "README.md").write_text(card)
-
-
 def model_card(role: str, size: str, params: int, vocab: int, train_info: dict, metrics: dict, spec: dict) -> str:
     lines = [
         f"# sage_ext Qwen2-VL fixture {role} ({size})",
@@ -433,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         card_metrics = {"parameters": params, "vocabulary": vocab[role], **metrics,
                         "held-out scenes": args.eval_scenes, "train seconds": info["train_seconds"],
                         "device": f"cpu ({args.threads} threads)"}
-        save_member(model, processor, args.out_dir / f"qwen2vl_{role}",
+        save_pair_member(model, processor, args.out_dir / f"qwen2vl_{role}",
                     model_card(role, args.size, params, vocab[role], info, card_metrics, sizes[role]))
         summary[role] = {"params": params, "vocab": vocab[role], **metrics, **info}
         print(f"{role}: {json.dumps(summary[role])}", flush=True)
