@@ -87,3 +87,23 @@ def test_every_policy_decodes_the_saved_pair_losslessly(trained, prune):
     for policy in ("ar", "chain", "static", "dynamic", "sage", "sage_cost"):
         out = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=prune).generate(**inputs, max_new_tokens=20)
         assert torch.equal(out.sequences, expected), policy
+
+
+def test_visual_dropout_hides_the_image_in_training_only(trained):
+    processor = load_processor(str(trained / "qwen2vl_target"))
+    batcher = train.Batcher(processor)
+    model = AutoModelForImageTextToText.from_pretrained(trained / "qwen2vl_draft")
+    hook = train.add_visual_dropout(model, 1.0, seed=0)
+    text = train.chat_text(processor, [(photo_scenes.CAPTION_INSTRUCTION, "A red circle.")])
+    scenes = [photo_scenes.generate_scene(seed, size=(256, 256)) for seed in (1, 2)]
+
+    def logits(scene):
+        inputs = {k: v for k, v in batcher([text], [scene.render()]).items() if k != "labels"}
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    model.train()
+    assert torch.equal(logits(scenes[0]), logits(scenes[1]))  # every image feature dropped
+    model.eval()
+    assert not torch.allclose(logits(scenes[0]), logits(scenes[1]))
+    hook.remove()
