@@ -68,7 +68,7 @@ SIZES = {
     },
 }
 PATCH, MERGE, TEMPORAL = 8, 2, 2
-MIN_PIXELS, MAX_PIXELS = 256 * 256, 400 * 16 * 16  # 256 to 400 visual tokens per image
+MIN_PIXELS, MAX_PIXELS = 256 * 256, 400 * 16 * 16  # at least 256 visual tokens per image (the task's: 256-324)
 HEAD_DIM = 32
 MROPE_SECTION = [4, 6, 6]  # temporal, height, width rotary pairs: sums to HEAD_DIM / 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -348,7 +348,7 @@ def model_card(role: str, size: str, params: int, vocab: int, train_info: dict, 
         f"A `Qwen2VLForConditionalGeneration` ({params / 1e6:.2f}M parameters, vocabulary padded to {vocab})",
         "trained from scratch by `benchmarks/train_qwen2vl_fixture.py` on the photo-scene task of",
         "`sage_ext.fixtures.photo_scenes`: textured backgrounds with 2-6 coloured shapes, images of six sizes",
-        f"and aspect ratios (256-400 visual tokens: patch {PATCH}, {MERGE}x{MERGE} merge), answers drawn from many correct",
+        f"and aspect ratios (256-324 visual tokens: patch {PATCH}, {MERGE}x{MERGE} merge), answers drawn from many correct",
         "phrasings. It exists so that the engine, CLI and benchmarks run offline on a trained Qwen2-VL pair",
         "(M-RoPE positions, padded vocabularies). Not a general model.",
         "",

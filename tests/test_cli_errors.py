@@ -272,3 +272,11 @@ def test_a_missing_bundled_pair_says_how_to_train_it(capsys, tmp_path, monkeypat
     monkeypatch.setitem(PAIRS, "qwen2vl", gone)
     code, out, err = run_cli(["demo", "--pair", "qwen2vl"], capsys, tmp_path)
     assert_one_line(code, out, err, 2, "qwen2vl pair is not in this installation", "train_qwen2vl_fixture.py")
+
+
+def test_bench_with_a_bundled_target_takes_its_draft():
+    from sage_ext.cli.validation import validate_args
+
+    args = cli.build_parser().parse_args(["bench", "--target", "fixture", "--device", "cpu"])
+    validate_args(args)
+    assert (args.target, args.draft) == (str(TARGET_DIR), str(DRAFT_DIR))

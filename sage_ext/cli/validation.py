@@ -55,11 +55,11 @@ def bundled_pair(name: str | None, flag: str) -> str | None:
 def check_model(name: str, flag: str) -> str:
     """A model folder or hub id that can be loaded without waiting on the network, or UsageError with the
     reason. Returns the resolved path or id."""
+    from ..fixtures import PAIRS
+
     pair = bundled_pair(name, flag)
     resolved = resolve_model(name, "draft" if flag == "--draft" else "target")
     path = Path(resolved).expanduser()
-    from ..fixtures import PAIRS
-
     if pair is not None and not (path / "config.json").is_file():
         raise UsageError(f"{flag} {name}: the bundled {pair} pair is not in this installation ({path} is missing); "
                          f"train it with {PAIRS[pair].training_script}")
@@ -186,7 +186,10 @@ def validate_args(args) -> None:
             args.target = f"{FIXTURE_NAME}-{args.pair}"
             args.draft = args.draft or args.target
         elif args.draft is None:
-            raise UsageError(f"--draft is needed with --target {args.target} (a smaller model of the target's family)")
+            if bundled_pair(args.target, "--target") is None:
+                raise UsageError(f"--draft is needed with --target {args.target} (a smaller model of the target's "
+                                 f"family)")
+            args.draft = args.target  # a bundled target: its own draft
     if getattr(args, "policy", None) is not None:
         parse_policy(args.policy, args.policy_args)
     elif getattr(args, "policy_args", None):
