@@ -211,15 +211,8 @@ def train(model, encoder: ExampleEncoder, spec: dict, device: torch.device, data
     no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=spec["lr"], betas=(0.9, 0.98), eps=1e-8)
-    steps, warmup = spec["steps"], max(1, spec["steps"] // 20)
-
-    def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 5%
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    steps = spec["steps"]
+    scheduler = warmup_cosine_schedule(optimizer, steps)
     # bf16 autocast is ~10% faster on CPU but learns worse at these learning rates: off by default.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     caption_prompt = scenes.caption_prompt(IMAGE_TOKEN)
@@ -252,6 +245,28 @@ def train(model, encoder: ExampleEncoder, spec: dict, device: torch.device, data
     model.eval()
     return {"steps": steps, "batch": spec["batch"], "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "train_seconds": round(time.time() - start, 1)}
+
+
+def warmup_cosine_schedule(optimizer, steps: int):
+    """Linear warmup over the first 5% of `steps`, then cosine decay to 5% of the learning rate."""
+    warmup = max(1, steps // 20)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def card_results(metrics: dict, explanation: list[str], train_info: dict, sizes: dict) -> list[str]:
+    """The model card's measured-metrics table, what its main metric means, and the training record."""
+    lines = ["## Measured on held-out scenes (greedy decoding)", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in metrics.items()]
+    lines += ["", *explanation,
+              "", "## Training", "", "```json", json.dumps({"train": train_info, "sizes": sizes}, indent=2), "```", ""]
+    return lines
 
 
 class AttributeProbe:
@@ -370,15 +385,10 @@ def model_card(role: str, size: str, params: int, train_info: dict, metrics: dic
         "The vision tower and projector keep their seeded random initialization (frozen random features);",
         "only the Llama decoder is trained (see `freeze_vision` in the training script for why).",
         "",
-        "## Measured on held-out scenes (greedy decoding)",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
     ]
-    lines += [f"| {key} | {value} |" for key, value in metrics.items()]
-    lines += ["", "Attribute accuracy: fraction of ground-truth attributes (shape count, background texture and colour,",
-              "and size/colour/kind of every object at its cell) stated correctly in the greedy caption.",
-              "", "## Training", "", "```json", json.dumps({"train": train_info, "sizes": config}, indent=2), "```", ""]
+    lines += card_results(metrics, [
+        "Attribute accuracy: fraction of ground-truth attributes (shape count, background texture and colour,",
+        "and size/colour/kind of every object at its cell) stated correctly in the greedy caption."], train_info, config)
     return "\n".join(lines)
 
 

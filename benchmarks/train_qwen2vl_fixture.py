@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -47,7 +46,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from sage_ext.fixtures import photo_scenes as ps  # noqa: E402
 from sage_ext.processors import image_only_processor  # noqa: E402
-from train_fixture import count_params, save_pair_member  # noqa: E402  (the LLaVA pair's script, same folder)
+from train_fixture import (  # noqa: E402  (the LLaVA pair's script, same folder)
+    card_results, count_params, save_pair_member, warmup_cosine_schedule)
 
 SIZES = {
     "small": {
@@ -245,14 +245,8 @@ def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, micro:
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=spec["lr"], betas=(0.9, 0.98))
-    steps, warmup = spec["steps"], max(1, spec["steps"] // 20)
-
-    def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 5%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    steps = spec["steps"]
+    scheduler = warmup_cosine_schedule(optimizer, steps)
     hook = add_visual_dropout(model, spec.get("visual_dropout", 0.0), data_seed + 7)
     start, losses = time.time(), []
     for step in range(steps):
@@ -357,15 +351,10 @@ def model_card(role: str, size: str, params: int, vocab: int, train_info: dict, 
         "Without torchvision, load the processor with `sage_ext.processors.load_processor` (transformers'",
         "Qwen2-VL processor needs torchvision for its video part).",
         "",
-        "## Measured on held-out scenes (greedy decoding)",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
     ]
-    lines += [f"| {key} | {value} |" for key, value in metrics.items()]
-    lines += ["", "Fact accuracy: fraction of the scene's facts stated correctly (every object's colour and kind,",
-              "the background; the count, sizes and places when stated), whatever phrasing was picked.",
-              "", "## Training", "", "```json", json.dumps({"train": train_info, "sizes": spec}, indent=2), "```", ""]
+    lines += card_results(metrics, [
+        "Fact accuracy: fraction of the scene's facts stated correctly (every object's colour and kind,",
+        "the background; the count, sizes and places when stated), whatever phrasing was picked."], train_info, spec)
     return "\n".join(lines)
 
 
