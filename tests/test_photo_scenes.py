@@ -29,6 +29,29 @@ def test_scenes_cover_every_size_background_and_object_count():
             assert ps._region_of(obj.x, obj.y) == obj.region
 
 
+def test_objects_sit_on_the_token_grid_and_the_mask_matches_the_render():
+    """A small object inside one CELL x CELL cell, a large one inside the 2x2 cells around a cell corner; the
+    mask marks exactly the pixels the render gives the object's colour (outlines aside)."""
+    import numpy as np
+
+    for seed in range(60):
+        scene = ps.generate_scene(seed)
+        mask, image = np.asarray(scene.object_mask()), np.asarray(scene.render())
+        assert mask.shape == (scene.height, scene.width)
+        for i, obj in enumerate(scene.objects):
+            cx, cy = obj.x * scene.width, obj.y * scene.height
+            ys, xs = np.nonzero(mask == i + 1)
+            if obj.size == "small":
+                assert cx % ps.CELL == cy % ps.CELL == ps.CELL / 2
+                left, top, span = cx - ps.CELL / 2, cy - ps.CELL / 2, ps.CELL
+            else:
+                assert cx % ps.CELL == cy % ps.CELL == 0
+                left, top, span = cx - ps.CELL, cy - ps.CELL, 2 * ps.CELL
+            assert len(xs) > 0 and left <= xs.min() and xs.max() < left + span
+            assert top <= ys.min() and ys.max() < top + span
+            assert (image[ys, xs] == ps.COLORS[obj.color]).all()
+
+
 def test_every_phrasing_is_scored_fully_correct():
     for seed in range(250):
         scene, rng = ps.generate_scene(seed), random.Random(seed)
