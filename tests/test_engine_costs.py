@@ -193,3 +193,32 @@ def test_seeded_sampling_repeats_under_the_same_prices():
     first = sample(5)
     assert torch.equal(sample(5), first)
     assert any(not torch.equal(sample(seed), first) for seed in range(6, 10)), "other seeds, other tokens"
+
+
+def test_generators_of_the_same_models_share_what_sage_cost_learned():
+    """By name, ``sage_cost`` continues the process's record for the pair and device (e.g. one
+    ``sage_ext.generate`` call after another); another draft, or a policy object, has its own."""
+    import gc
+
+    from sage_ext.engine import costs
+
+    target, inputs = tiny_llama(seed=4)
+    draft = same_draft(target)
+    first = SpeculativeGenerator(target, draft, "sage_cost")
+    first.host_clock = priced_clock(first, {"draft_decode": 10.0, "target_verify": 1.0})
+    out = first.generate(**inputs, max_new_tokens=48)
+    learned = first.policy.learned
+    assert learned.costs.steps == len(out.stats.steps) - 1 > 2 and learned.depth_goal < first.policy.d_max_init
+    second = SpeculativeGenerator(target, draft, "sage_cost")
+    assert second.policy.learned is learned and second.policy.d_max == learned.depth_goal
+    assert torch.equal(second.generate(**inputs, max_new_tokens=48).sequences, out.sequences)
+    assert learned.costs.steps > len(out.stats.steps) - 1  # the second generation added to the same record
+    other = SpeculativeGenerator(target, same_draft(target), "sage_cost")
+    assert other.policy.learned is not learned and other.policy.learned.costs.steps == 0
+    own = SpeculativeGenerator(target, draft, CostAwareSagePolicy())
+    assert own.policy.learned is not learned and own.policy.learned.costs.steps == 0
+    # the record goes with its models
+    records = len(costs._LEARNED)
+    del first, second, other, own, target, draft
+    gc.collect()
+    assert len(costs._LEARNED) == records - 1

@@ -14,11 +14,14 @@ this step's readback has synchronized, so reading them costs no extra host-devic
 - ``best_depth``: the depth cap with the most expected tokens per second, given how deep a tree gets under
   a cap (for SAGE: ``d_min + alpha (cap - d_min)`` at the draft's recent confidence).
 
-Both models live in the policy object, so they outlast ``generate`` calls of one ``SpeculativeGenerator``
-(one pair of models on one device) and start from their priors in a new one.
+What a policy has learned (``CostLearning``) outlasts ``generate`` calls: it describes one pair of models on
+one device. ``learning_for`` keeps one record per (target, draft, device) for the process, so every
+``SpeculativeGenerator`` built with ``policy="sage_cost"`` for the same models (e.g. each ``sage_ext.generate``
+call) starts from what the previous ones measured instead of from the priors; it is dropped with the models.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -184,3 +187,27 @@ def best_depth(costs: CostModel, acceptance: DepthAcceptance, low: int, high: in
         if rate > best_rate + 1e-12:
             best, best_rate = cap, rate
     return best
+
+
+@dataclass
+class CostLearning:
+    """What a cost-aware policy has learned about one pair of models on one device."""
+
+    costs: CostModel
+    acceptance: DepthAcceptance
+    depth_goal: int  # the depth cap with the most expected tokens per second, as last estimated
+    mean_alpha: float  # recent root confidence (exponentially weighted)
+
+
+# target model -> draft model -> device -> CostLearning; weak keys: a record goes when its models do
+_LEARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def learning_for(target, draft, device: str, fresh: Callable[[], CostLearning]) -> CostLearning:
+    """The process's record for ``target`` and ``draft`` (the models) on ``device``, made by ``fresh()`` the
+    first time."""
+    per_draft = _LEARNED.setdefault(target, weakref.WeakKeyDictionary())
+    per_device = per_draft.setdefault(draft, {})
+    if device not in per_device:
+        per_device[device] = fresh()
+    return per_device[device]

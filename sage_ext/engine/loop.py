@@ -46,7 +46,7 @@ from .. import ops
 from ..families import FamilyAdapter, get_adapter
 from ..pruning import scored_prefill
 from .caches import CacheGroups
-from .costs import StepCost
+from .costs import StepCost, learning_for
 from .draft_round import DraftRound
 from .policies import TreePolicy, make_policy
 from .stats import GenerationStats, StepRecord, Timeline
@@ -119,6 +119,11 @@ class SpeculativeGenerator:
         self.draft_token_clamp = vocab_d - 1 if vocab_t > vocab_d else None
         if self.policy.uses_draft and self.policy.topk > self.shared_vocab:
             raise ValueError(f"policy top-k {self.policy.topk} exceeds the vocabulary ({self.shared_vocab})")
+        if isinstance(policy, str) and self.policy.learns_costs and draft is not None:
+            # a policy made here by name has the default arguments: it continues what earlier generators of
+            # these models on this device measured (a policy object passed in keeps its own record)
+            device = str(target.get_input_embeddings().weight.device)
+            self.policy.share_learning(learning_for(target, draft, device, self.policy.fresh_learning))
         #: test hook: called with a StepDebug after every step
         self.step_hook: Callable[[StepDebug], None] | None = None
         #: host clock of the time statistics off CUDA (e.g. ``time.thread_time`` on a shared machine)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, ops
-from .costs import CostModel, DepthAcceptance, StepCost, best_depth
+from .costs import CostLearning, CostModel, DepthAcceptance, StepCost, best_depth
 
 #: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
 SPECVLM_TREE_PATHS: list[list[int]] = [list(path) for path in ops.SPECVLM_TREE_PATHS]
@@ -488,8 +488,10 @@ class CostAwareSagePolicy(SagePolicy):
     expected tokens per second, from a ``CostModel`` (seconds per draft forward, verify against tree size,
     the rest of a step) and a ``DepthAcceptance`` (how often each depth is accepted) learned from the engine's
     own measurements (``sage_ext.engine.costs``). A slow draft or a fast verify makes trees shallower, a draft
-    that is accepted deep makes them deeper, on whatever machine it runs. Both estimates outlast ``reset``:
-    they belong to the pair of models and the device, not to one generation. Arguments as ``SagePolicy``
+    that is accepted deep makes them deeper, on whatever machine it runs. The estimates (``learned``) outlast
+    ``reset``: they belong to the pair of models and the device, not to one generation; a generator given the
+    policy by name shares them with every other such generator of the same models and device in the process
+    (``costs.learning_for``). Arguments as ``SagePolicy``
     (``history``, ``history_low``, ``history_high`` are not used).
     """
 
@@ -497,35 +499,56 @@ class CostAwareSagePolicy(SagePolicy):
     learns_costs = True
 
     def __init__(self, *args, **kwargs):
-        self.depth_goal: int | None = None  # none yet: SagePolicy's constructor resets before it is known
+        self.learned: CostLearning | None = None  # none yet: SagePolicy's constructor resets before it is known
         super().__init__(*args, **kwargs)
-        self.costs = CostModel()
-        self.acceptance = DepthAcceptance(self.d_max_cap)
-        self.depth_goal = self.d_max_init
-        self.mean_alpha = self.alpha_init  # recent root confidence (exponentially weighted)
+        self.learned = self.fresh_learning()
+
+    def fresh_learning(self) -> CostLearning:
+        """Priors: no costs measured, the acceptance prior, the constructor's depth cap and alpha."""
+        return CostLearning(CostModel(), DepthAcceptance(self.d_max_cap), self.d_max_init, self.alpha_init)
+
+    def share_learning(self, learned: CostLearning) -> None:
+        """Learn into (and start from) ``learned``: what other policies with these arguments learned about the
+        same pair of models on the same device (``SpeculativeGenerator`` hands over the process's record)."""
+        self.learned = learned
+        self.d_max = learned.depth_goal
+
+    @property
+    def costs(self) -> CostModel:
+        return self.learned.costs
+
+    @property
+    def acceptance(self) -> DepthAcceptance:
+        return self.learned.acceptance
+
+    @property
+    def depth_goal(self) -> int:
+        return self.learned.depth_goal
 
     def reset(self) -> None:
         super().reset()
-        if self.depth_goal is not None:
-            self.d_max = self.depth_goal  # a new generation starts where the last one's costs pointed
+        if self.learned is not None:
+            self.d_max = self.learned.depth_goal  # a new generation starts where the last one's costs pointed
 
     def update(self, tau: int, alpha_root: float | None) -> None:
         self.rounds += 1
+        learned = self.learned
         if alpha_root is not None:
             self.alpha_next = alpha_root
-            self.mean_alpha += 0.2 * (alpha_root - self.mean_alpha)
-        if self.costs.steps >= 2:  # a first estimate of every cost
-            if self.d_max < self.depth_goal:
+            learned.mean_alpha += 0.2 * (alpha_root - learned.mean_alpha)
+        if learned.costs.steps >= 2:  # a first estimate of every cost
+            if self.d_max < learned.depth_goal:
                 self.d_max += 1
-            elif self.d_max > self.depth_goal:
+            elif self.d_max > learned.depth_goal:
                 self.d_max -= 1
 
     def observe_cost(self, cost: StepCost) -> None:
-        self.costs.observe(cost)
-        self.acceptance.observe(cost.accepted, cost.tree_depth)
-        d_min, alpha = self.d_min, self.mean_alpha
-        self.depth_goal = best_depth(self.costs, self.acceptance, d_min + 1, self.d_max_cap,
-                                     depth_of=lambda cap: d_min + alpha * (cap - d_min))
+        learned = self.learned
+        learned.costs.observe(cost)
+        learned.acceptance.observe(cost.accepted, cost.tree_depth)
+        d_min, alpha = self.d_min, learned.mean_alpha
+        learned.depth_goal = best_depth(learned.costs, learned.acceptance, d_min + 1, self.d_max_cap,
+                                        depth_of=lambda cap: d_min + alpha * (cap - d_min))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "costs": self.costs.describe(),
