@@ -30,10 +30,55 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         assert train.main(["--out-dir", str(out), "--target-steps", "2", "--draft-steps", "2",
-                           "--eval-scenes", "1"]) == 0
+                           "--grounding-steps", "2", "--eval-scenes", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def test_grounding_labels_name_every_object_on_its_tokens():
+    """Whole images: a small object's labels sit on exactly one visual token, a large one's on a 2x2 block,
+    each with its colour, and one object row (kind, size) per object; the background on every token."""
+    scenes = [photo_scenes.generate_scene(seed) for seed in range(12)]
+    grids = [[1, s.height // train.PATCH, s.width // train.PATCH] for s in scenes]
+    tokens, objects = train.grounding_targets([(s, s.object_mask()) for s in scenes], grids)
+    assert tokens.shape == (sum(s.width * s.height // 256 for s in scenes), 3)
+    expected_objects, start = [], 0
+    for scene in scenes:
+        rows = tokens[start: start + scene.width * scene.height // 256]
+        start += len(rows)
+        assert (rows[:, 1] == photo_scenes.BACKGROUNDS.index(scene.background)).all()
+        cols = scene.width // 16
+        for obj in scene.objects:
+            row = len(expected_objects)
+            expected_objects.append([photo_scenes.KINDS.index(obj.kind), photo_scenes.SIZES.index(obj.size)])
+            where = (rows[:, 2] == row).nonzero().flatten().tolist()
+            cx, cy = int(obj.x * scene.width) // 16, int(obj.y * scene.height) // 16
+            if obj.size == "small":
+                assert where == [cy * cols + cx]
+            else:  # centred on a cell corner: the 2x2 cells around it
+                assert where == [(cy - 1) * cols + cx - 1, (cy - 1) * cols + cx, cy * cols + cx - 1, cy * cols + cx]
+            assert (rows[where, 0] == list(photo_scenes.COLORS).index(obj.color) + 1).all()
+        assert int((rows[:, 0] > 0).sum()) == int((rows[:, 2] >= 0).sum())
+    assert objects.tolist() == expected_objects
+
+
+def test_grounding_crops_stay_on_the_token_grid_and_drop_cut_objects():
+    images, views = train.grounding_crops(random.Random(3), 40)
+    assert len(images) == len(views) == 40
+    for image, (scene, mask) in zip(images, views):
+        assert image.size == mask.size == (train.GROUNDING_CROP, train.GROUNDING_CROP)
+    side = train.GROUNDING_CROP // train.PATCH
+    tokens, objects = train.grounding_targets(views, [[1, side, side]] * len(views))
+    # objects whose shape the crop cuts keep their colour on their tokens but have no kind / size row
+    cut = (tokens[:, 0] > 0) & (tokens[:, 2] < 0)
+    assert len(objects) > 0 and int(cut.sum()) > 0
+    features = torch.randn(len(tokens), 16, requires_grad=True)
+    loss, logits = train.grounding_loss(train.grounding_heads(16), features, tokens, objects)
+    loss.backward()
+    assert torch.isfinite(loss) and features.grad.abs().sum() > 0
+    assert [part.shape for part in logits] == [(len(tokens), n) for n in train.GROUNDING_HEADS.values()]
+    assert len(train.grounding_accuracy(logits, tokens, objects)) == 3
 
 
 def test_labels_cover_exactly_the_assistant_turns(trained):
