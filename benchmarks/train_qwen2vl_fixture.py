@@ -47,7 +47,8 @@ reached the quality bar (95% of held-out facts, no invented object). What the ru
   - 1.5e-3, the per-token head: 18% / 22% of facts, 1.2 / 1.5 invented objects, 1.02 vs 1.17; draft 16% / 17%,
     greedy token agreement 0.57. Uncontended this run took 15 minutes in all (target chat 2.3 s per step,
     warm-ups 74 s + 36 s): the runs above shared the CPU with other work and took twice as long per step,
-    so the 30-minute budget holds about twice the chat steps; the defaults (500 + 500) use them.
+    so the 30-minute budget holds about twice the chat steps: the defaults (500 + 500) are sized for it from
+    those rates (~25 minutes of training) and have not been run to the end yet.
 * Next to try: more images per CPU-minute (a low-resolution phase: the same objects on smaller images,
   64-100 visual tokens, before the full-size images), a curriculum that lists objects in a fixed order before
   the free phrasings, and measuring which of these moves the own-vs-other-image gap.
