@@ -158,6 +158,10 @@ PYBIND11_MODULE(_C, module) {
       .def("commit", &TreeWorkspace::commit, py::arg("target"), py::arg("accepted"), py::arg("accept_len"),
            py::arg("bonus"), py::arg("cur_len"), py::arg("target_caches"), py::arg("target_len"),
            py::arg("draft_caches"))
+      .def("commit_async", &TreeWorkspace::commit_async, py::arg("target"), py::arg("accepted"),
+           py::arg("accept_len"), py::arg("bonus"), py::arg("cur_len"), py::arg("target_caches"),
+           py::arg("target_len"), py::arg("draft_caches"))
+      .def("read_commit", &TreeWorkspace::read_commit, py::arg("host_readback"))
       .def_readonly("tokens", &TreeWorkspace::tokens)
       .def_readonly("parents", &TreeWorkspace::parents)
       .def_readonly("logprobs", &TreeWorkspace::logprobs)

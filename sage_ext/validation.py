@@ -287,6 +287,12 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
     if top_p is not None:
         _check_number("top_p", top_p, low=0.0, low_open=True, high=1.0)
 
-    if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # batch > 1 is refused by the engine with its own message
+    if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # a batch's rows are checked one by one once split
         _check_visual_inputs(model, input_ids, inputs)
     return input_ids, max_new_tokens, inputs
+
+
+def check_row_inputs(target: Any, input_ids: Tensor, inputs: dict[str, Any]) -> None:
+    """The image-input checks of ``check_generate_call`` for one row of a split batch (its own ``[1, L]`` prompt and
+    media). Raises ValueError."""
+    _check_visual_inputs(getattr(target, "model", target), input_ids, inputs)

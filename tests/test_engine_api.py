@@ -187,18 +187,32 @@ def test_eager_attention_is_lossless():
     assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=16))
 
 
-def test_batch_size_above_one_is_refused(llama):
+def test_a_batch_of_copies_decodes_each_like_the_prompt_alone(llama):
     target, inputs, draft = llama
     batch = {key: value.repeat(2, 1) for key, value in inputs.items()}
-    with pytest.raises(ValueError, match="batch size 1"):
-        SpeculativeGenerator(target, draft, "sage").generate(**batch, max_new_tokens=4)
+    single = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=8)
+    out = SpeculativeGenerator(target, draft, "sage").generate(**batch, max_new_tokens=8)
+    assert torch.equal(out.sequences, single.sequences.repeat(2, 1))
+    assert [stats.new_tokens for stats in out.stats] == [8, 8]
 
 
-def test_padded_attention_mask_is_refused(llama):
+def test_a_left_padded_prompt_decodes_as_the_prompt_without_its_padding(llama):
     target, inputs, draft = llama
     mask = inputs["attention_mask"].clone()
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padded"):
+    mask[0, :2] = 0
+    out = SpeculativeGenerator(target, draft, "sage").generate(**{**inputs, "attention_mask": mask},
+                                                               max_new_tokens=8)
+    alone = {key: value[:, 2:] for key, value in inputs.items()}
+    expected = hf_greedy(target, alone, max_new_tokens=8)
+    assert torch.equal(out.sequences[:, :2], inputs["input_ids"][:, :2])
+    assert torch.equal(out.sequences[:, 2:], expected)
+
+
+def test_right_padding_is_refused(llama):
+    target, inputs, draft = llama
+    mask = inputs["attention_mask"].clone()
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left-padded"):
         SpeculativeGenerator(target, draft, "sage").generate(**{**inputs, "attention_mask": mask})
 
 

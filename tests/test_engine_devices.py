@@ -25,7 +25,7 @@ from tiny_models import all_family_builders, correlated_draft, one_thread  # noq
 from transformers import DynamicCache
 
 from sage_ext import cli
-from sage_ext.engine.caches import CacheGroups
+from sage_ext.engine.caches import CacheGroups, RowCache
 from sage_ext.engine import SpeculativeGenerator
 
 BUILDERS = all_family_builders()
@@ -65,24 +65,26 @@ def family(request):
     return target, inputs, draft, hf_greedy(target, inputs, max_new_tokens=MAX_NEW)
 
 
-def test_cache_groups_partition_and_crop():
-    cache = DynamicCache()
-    for index in range(3):
-        cache.update(torch.full((1, 1, 5, 4), float(index)), torch.zeros(1, 1, 5, 4), index)
+def test_cache_groups_partition_rows_by_device():
+    cache = RowCache(batch=2, capacity=8)
+    for row in range(2):  # three layers, row r's layer i holding 10 r + i
+        prefill = DynamicCache()
+        for layer in range(3):
+            prefill.update(torch.full((1, 1, 5, 4), float(layer + 10 * row)), torch.zeros(1, 1, 5, 4), layer)
+        assert cache.load_row(row, prefill) == 5
     cpu = torch.device("cpu")
 
-    def first_values(groups):
-        return [[float(layer.keys[0, 0, 0, 0]) for layer in layers] for layers in groups.groups]
+    def first_values(groups, row):
+        return [[float(tensors[0, 0, 0, 0]) for tensors in group[::2]] for group in groups.tensors(row)]
 
-    assert first_values(CacheGroups(cache, cpu)) == [[0.0, 1.0, 2.0]]
+    assert first_values(CacheGroups(cache, cpu), 0) == [[0.0, 1.0, 2.0]]
     split = CacheGroups(cache, cpu, 1)
-    assert first_values(split) == [[0.0], [1.0, 2.0]] and split.devices == [cpu, cpu]
-    assert first_values(CacheGroups(cache, cpu, 0)) == [[], [0.0, 1.0, 2.0]]  # group 0 empty: nothing here
-    assert [len(tensors) for tensors in split.tensors()] == [2, 4]
-    split.crop(5, 3)  # HF's Cache.crop: every layer, every group
-    assert [layer.keys.shape[2] for layer in cache.layers] == [3, 3, 3] and cache.get_seq_length() == 3
-    split.crop(3, 3)  # nothing to remove: untouched
-    assert cache.get_seq_length() == 3
+    assert first_values(split, 1) == [[10.0], [11.0, 12.0]]
+    assert first_values(CacheGroups(cache, cpu, 0), 0) == [[], [0.0, 1.0, 2.0]]  # group 0 empty: nothing here
+    assert [len(tensors) for tensors in split.tensors(0)] == [2, 4]
+    assert all(tensor.shape == (1, 1, 8, 4) for group in split.tensors(1) for tensor in group)  # a row's view
+    cache.keep_rows([1])  # row 0 finished: the views are listed again
+    assert first_values(split, 0) == [[10.0], [11.0, 12.0]]
 
 
 @pytest.mark.parametrize("split", list(SPLITS))

@@ -98,7 +98,7 @@ def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
     state = {}
 
     def checked_build(ctx):
-        proposal = build(ctx)
+        proposal = yield from build(ctx)
         if policy_object.uses_draft:
             check_draft_tree(ctx.ws)
         state["parents"] = ctx.ws.tree_parents.clone()

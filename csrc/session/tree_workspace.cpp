@@ -410,6 +410,17 @@ CommitResult TreeWorkspace::commit(const std::optional<at::Tensor>& target, cons
                                    const std::optional<at::Tensor>& accept_len, const std::optional<at::Tensor>& bonus,
                                    int64_t cur_len, const CacheGroups& target_caches, int64_t target_len,
                                    const CacheGroups& draft_caches) {
+  const at::Tensor readback =
+      commit_async(target, accepted, accept_len, bonus, cur_len, target_caches, target_len, draft_caches);
+  return read_commit(readback.is_cpu() ? readback : readback.to(at::kCPU));  // the step's one sync
+}
+
+at::Tensor TreeWorkspace::commit_async(const std::optional<at::Tensor>& target,
+                                       const std::optional<at::Tensor>& accepted,
+                                       const std::optional<at::Tensor>& accept_len,
+                                       const std::optional<at::Tensor>& bonus, int64_t cur_len,
+                                       const CacheGroups& target_caches, int64_t target_len,
+                                       const CacheGroups& draft_caches) {
   const at::Tensor tree_tokens_now = tree_tokens();
   const at::Tensor tree_parents_now = tree_parents();
   at::Tensor path, path_len, bonus_token;
@@ -454,7 +465,15 @@ CommitResult TreeWorkspace::commit(const std::optional<at::Tensor>& target, cons
       }
     }
   }
-  const at::Tensor host = readback.is_cpu() ? readback : readback.to(at::kCPU);  // the step's one sync
+  pending_accepted_ = path;
+  return readback;
+}
+
+CommitResult TreeWorkspace::read_commit(const at::Tensor& host) {
+  TORCH_CHECK_VALUE(pending_accepted_.defined(), "TreeWorkspace.read_commit: no commit_async to read");
+  TORCH_CHECK_VALUE(host.is_cpu() && host.scalar_type() == at::kLong && host.is_contiguous() && host.numel() >= 5,
+                    "TreeWorkspace.read_commit: the readback must be a contiguous CPU int64 tensor (commit_async's "
+                    "row read to the host), got ", host.sizes());
   // the row (docs/OPS.md, commit_tree_): accept_len, draft-held nodes, real nodes, alpha's float32 bits as a
   // sign-extended int32, then the new tokens and -1 after them
   const int64_t* values = host.const_data_ptr<int64_t>();
@@ -468,10 +487,13 @@ CommitResult TreeWorkspace::commit(const std::optional<at::Tensor>& target, cons
     std::memcpy(&value, &bits, sizeof value);
     result.alpha = value;
   }
+  TORCH_CHECK_VALUE(result.accept_len >= 0 && 5 + result.accept_len <= host.numel(),
+                    "TreeWorkspace.read_commit: not a readback row of this workspace's commit");
   result.tokens.assign(values + 4, values + 5 + result.accept_len);
-  result.accepted = path;
+  result.accepted = pending_accepted_;
+  pending_accepted_ = at::Tensor();
   // the draft keeps the rows of the accepted nodes it holds (a prefix of the path, compacted to the root row on)
-  if (draft_rows.defined()) draft_len = std::min(draft_len, draft_base + result.draft_held);
+  if (tree_node_row().defined()) draft_len = std::min(draft_len, draft_base + result.draft_held);
   return result;
 }
 

@@ -143,6 +143,14 @@ class TreeWorkspace {
                       const std::optional<at::Tensor>& accept_len, const std::optional<at::Tensor>& bonus,
                       int64_t cur_len, const CacheGroups& target_caches, int64_t target_len,
                       const CacheGroups& draft_caches);
+  // commit() in two halves, so that a batch of workspaces is read with one copy: commit_async does the device work
+  // and returns commit_tree_'s readback row [1, 4 + N] on the device (nothing read); read_commit decodes that row
+  // once it is on the host (a contiguous CPU int64 tensor, e.g. a slice of all rows' readbacks copied together).
+  at::Tensor commit_async(const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& accepted,
+                          const std::optional<at::Tensor>& accept_len, const std::optional<at::Tensor>& bonus,
+                          int64_t cur_len, const CacheGroups& target_caches, int64_t target_len,
+                          const CacheGroups& draft_caches);
+  CommitResult read_commit(const at::Tensor& host_readback);
 
   // ---- state ----------------------------------------------------------------------------------------
   at::Tensor tokens, parents, logprobs, cum_logprobs;
@@ -184,6 +192,7 @@ class TreeWorkspace {
   at::Tensor selected_tokens_, selected_parents_, selected_logprobs_, selected_rows_;  // rerank's selection
   c10::ScalarType target_dtype_;
   at::Tensor target_mask_;  // [1, 1, rows, W']: the target's persistent additive mask buffer
+  at::Tensor pending_accepted_;  // commit_async's accepted path, until read_commit
   int64_t target_block_at_ = 0, target_block_size_ = 0;
 };
 

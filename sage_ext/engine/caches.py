@@ -1,41 +1,236 @@
-"""The KV caches as the engine's commit sees them, through HF's own Cache API.
+"""The KV caches of a generation: one ``RowCache`` per model, every row (prompt) at its own length.
 
-After the prefill the engine groups the key/value tensors of a ``DynamicCache``'s layers by device (a model split
-with ``device_map`` has several groups); every step the workspace's commit compacts each group (group 0, on the
-tree's device, inside ``commit_tree_``, the others with ``kv_compact_`` on their own device: one commit call),
-and then ``crop`` cuts the cache to what it holds with ``Cache.crop``. Layers keep their device for the whole
-generation, while their tensors are new objects after every forward, so the tensors are listed again every step.
+Rows of a batch accept different numbers of tokens every step, so their caches hold different lengths. A
+``RowCache`` keeps each layer's keys and values in one buffer ``[B, H, columns, D]`` (grown by doubling as the
+generation needs, up to its capacity), and every row in its own columns ``[0, length_b)``: a forward writes each row's new keys/values at
+that row's own offset (``plan_writes``), and its attention sees the buffer's first ``max_b(offset_b) + n``
+columns through the engine's additive mask, which blocks every column a row does not hold (the columns between
+its length and the batch's longest are the only waste: at most the spread of the rows' lengths). Nothing
+ever moves a row's past, so there are no holes to re-pack; the commit compacts a step's accepted tree rows in
+place inside each row's own columns (``kv_compact_`` / ``commit_tree_`` on the row's view) and a row's length is
+host bookkeeping, never a crop. A row that finishes leaves the batch (``keep_rows``: one copy of the others).
+
+The prompt of every row is prefilled alone into an HF ``DynamicCache`` (the family adapters' prefill, draft-side
+pruning included) and copied in with ``load_row``. ``CacheGroups`` groups the layers by device for the commit
+(a model split with ``device_map`` has several groups).
+
+A ``RowCache`` is an HF ``Cache`` (``transformers.cache_utils``): models call ``update`` per layer as with any
+cache; ``get_seq_length`` reports the planned forward's past (the longest row's offset), which models use only
+where the engine's explicit positions and 4-D masks do not already decide.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class RowLayer(CacheLayerMixin):
+    """One decoder layer's keys and values ``[B, H, capacity, D]``, written at the owning cache's planned offsets."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: "RowCache"):
+        super().__init__()
+        self.owner = owner
+
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        # zeros, not empty: a masked column still enters q.k and p.v, and garbage could be inf / NaN
+        shape = (batch, heads, self.owner.allocated, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = device
+        self.is_initialized = True
+
+    def grow(self, columns: int) -> None:
+        """Room for ``columns`` columns per row (the rows' contents kept)."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], columns, old.shape[3]))
+            new[:, :, : old.shape[2]].copy_(old)
+            setattr(self, name, new)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.allocate(batch, heads, head_dim, key_states.dtype, key_states.device)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        count = key_states.shape[-2]
+        if count != owner.planned_count:
+            raise RuntimeError(f"RowCache: a forward of {count} rows, planned {owner.planned_count}")
+        start = owner.uniform_start
+        if start is not None:  # every row writes at the same offset (always for one row): a slice copy
+            self.keys[:, :, start: start + count].copy_(key_states)
+            self.values[:, :, start: start + count].copy_(value_states)
+        else:  # per-row offsets: one index_put per tensor ([B, n] column indices, the heads sliced)
+            rows, columns = owner.write_index(self.keys.device)
+            self.keys[rows, :, columns] = key_states.transpose(1, 2)
+            self.values[rows, :, columns] = value_states.transpose(1, 2)
+        width = owner.planned_width
+        return self.keys[:, :, :width], self.values[:, :, :width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.planned_width, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.planned_width - self.owner.planned_count
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length in transformers releases before 5.13
+        return self.owner.capacity
+
+
+class RowCache(Cache):
+    """KV cache of ``batch`` rows, each at its own length, up to ``capacity`` columns per row (see module doc).
+
+    The buffers start with room for ``initial`` columns and double (up to ``capacity``) when a forward needs more,
+    so memory follows what the generation reaches rather than ``max_new_tokens``. ``version`` changes whenever the
+    buffers are replaced (growth, ``keep_rows``): views of them must be taken again."""
+
+    def __init__(self, batch: int, capacity: int, initial: int | None = None):
+        super().__init__(layers=[])
+        self.batch = batch
+        self.capacity = capacity
+        self.allocated = capacity if initial is None else min(max(initial, 1), capacity)
+        self.version = 0
+        self.planned_count = 0
+        self.planned_width = 0
+        self.uniform_start: int | None = 0
+        self._starts: list[int] = [0] * batch
+        self._index: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    # ------------------------------------------------------------------ HF Cache interface
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(RowLayer(self))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.planned_width - self.planned_count
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.planned_width, 0
+
+    # ------------------------------------------------------------------ the engine's side
+    def plan_writes(self, starts: list[int], count: int) -> None:
+        """The next forward feeds ``count`` rows per batch row; row b's go to columns ``starts[b] ..``."""
+        if len(starts) != self.batch:
+            raise ValueError(f"RowCache: {len(starts)} offsets for {self.batch} rows")
+        width = max(starts) + count
+        if width > self.capacity:
+            raise RuntimeError(f"RowCache: a forward up to column {width} exceeds the capacity {self.capacity}")
+        if width > self.allocated:
+            self._grow(width)
+        self.planned_count, self.planned_width = count, width
+        first = starts[0]
+        self.uniform_start = first if all(start == first for start in starts) else None
+        self._starts = starts
+        self._index.clear()
+
+    def write_index(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(rows [B, 1], columns [B, n])`` of the planned per-row writes, made once per forward and device."""
+        index = self._index.get(device)
+        if index is None:
+            starts = torch.tensor(self._starts, dtype=torch.int64)
+            columns = starts[:, None] + torch.arange(self.planned_count, dtype=torch.int64)
+            rows = torch.arange(self.batch, dtype=torch.int64)[:, None]
+            index = (rows.to(device, non_blocking=True), columns.to(device, non_blocking=True))
+            self._index[device] = index
+        return index
+
+    def _grow(self, width: int) -> None:
+        columns = self.allocated
+        while columns < width:
+            columns *= 2
+        self.allocated = min(columns, self.capacity)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(self.allocated)
+        self.version += 1
+
+    def load_row(self, row: int, cache) -> int:
+        """Copy a row's prefilled HF cache (every layer's keys/values ``[1, H, L, D]``) into columns ``[0, L)``
+        of row ``row``; returns L."""
+        length = 0
+        for index, layer in enumerate(cache.layers):
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.numel() == 0:
+                continue
+            while len(self.layers) <= index:
+                self.layers.append(RowLayer(self))
+            target = self.layers[index]
+            if not target.is_initialized:
+                target.allocate(self.batch, keys.shape[1], keys.shape[3], keys.dtype, keys.device)
+            length = keys.shape[2]
+            if length > self.allocated:
+                raise RuntimeError(f"RowCache: a prompt of {length} rows exceeds the room {self.allocated}")
+            target.keys[row, :, :length].copy_(keys[0])
+            target.values[row, :, :length].copy_(layer.values[0])
+        return length
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order): finished rows leave the batch."""
+        index: dict[torch.device, Tensor] = {}
+        for layer in self.layers:
+            if layer.is_initialized:
+                device = layer.keys.device
+                if device not in index:
+                    index[device] = torch.tensor(rows, dtype=torch.int64, device=device)
+                layer.keys = layer.keys.index_select(0, index[device])
+                layer.values = layer.values.index_select(0, index[device])
+        self.batch = len(rows)
+        self._starts = [self._starts[row] for row in rows]
+        self._index.clear()
+        self.version += 1
+
+    def row_cache(self, row: int, length: int):
+        """A ``DynamicCache`` copy of row ``row``'s first ``length`` columns (for checks and debugging)."""
+        from transformers import DynamicCache
+
+        copy = DynamicCache()
+        for index, layer in enumerate(self.layers):
+            if layer.is_initialized:
+                copy.update(layer.keys[row: row + 1, :, :length].clone(),
+                            layer.values[row: row + 1, :, :length].clone(), index)
+        return copy
 
 
 class CacheGroups:
-    """The layers of ``cache`` that hold keys/values, grouped by device in layer order: group 0 the layers on
-    ``device`` (the tree's; empty when none are), then one group per other device.
+    """The layers of a ``RowCache`` that hold keys/values, grouped by device in layer order: group 0 the layers on
+    ``device`` (the tree's; empty when none are), then one group per other device. The commit compacts group 0
+    inside ``commit_tree_`` and every other group with ``kv_compact_`` on its own device (one workspace call).
 
     ``split_from``: layers from this index on form a group of their own even on ``device`` (a test seam for the
     per-device commit of a model split over GPUs, on one device)."""
 
-    def __init__(self, cache, device: torch.device, split_from: int | None = None):
+    def __init__(self, cache: RowCache, device: torch.device, split_from: int | None = None):
         self.cache = cache
-        groups: dict[tuple[torch.device, bool], list] = {(device, False): []}
-        for index, layer in enumerate(cache.layers):
-            keys = getattr(layer, "keys", None)
-            if keys is not None and keys.numel() > 0:
-                split = split_from is not None and index >= split_from
-                groups.setdefault((keys.device, split), []).append(layer)
-        self.groups: list[list] = list(groups.values())
-        self.devices: list[torch.device] = [layer_device for layer_device, _ in groups]
+        self.device = device
+        self.split_from = split_from
+        self._rows: list[list[list[Tensor]]] | None = None
+        self._version = -1
 
-    def tensors(self) -> list[list[Tensor]]:
-        """Every group's keys and values, as ``kv_compact_`` / ``commit_tree_`` take them (this step's tensors)."""
-        return [[tensor for layer in layers for tensor in (layer.keys, layer.values)] for layers in self.groups]
+    def groups(self) -> list[list[RowLayer]]:
+        """The layers holding keys/values, per device group (group 0 the tree device's, possibly empty)."""
+        groups: dict[tuple[torch.device, bool], list] = {(self.device, False): []}
+        for index, layer in enumerate(self.cache.layers):
+            if layer.is_initialized:
+                split = self.split_from is not None and index >= self.split_from
+                groups.setdefault((layer.keys.device, split), []).append(layer)
+        return list(groups.values())
 
-    def crop(self, length: int, new_length: int) -> None:
-        """Cut the cache from ``length`` to ``new_length`` cached rows with HF's ``Cache.crop`` (a negative
-        argument removes that many rows in every transformers 5 release)."""
-        if new_length < length:
-            self.cache.crop(new_length - length)
+    def tensors(self, row: int) -> list[list[Tensor]]:
+        """Every group's keys and values of batch row ``row`` (``[1, H, capacity, D]`` views), as ``kv_compact_`` /
+        ``commit_tree_`` take them; listed again only when the cache's buffers were replaced (``RowCache.version``)."""
+        if self._version != self.cache.version:
+            self._version = self.cache.version
+            groups = self.groups()
+            self._rows = [[[tensor[b: b + 1] for layer in layers for tensor in (layer.keys, layer.values)]
+                           for layers in groups] for b in range(self.cache.batch)]
+        return self._rows[row]

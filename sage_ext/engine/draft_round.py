@@ -1,8 +1,9 @@
 """The policies' handle on the engine's native workspace: ``DraftRound`` (``ctx``) and ``FixedLayout``.
 
-A policy builds each step's tree through a ``DraftRound``: the levels and the draft forwards between them, then
-which tree the target verifies. The tree itself and all tensor work live in ``sage_ext._C.TreeWorkspace``
-(csrc/session/tree_workspace.h); Python keeps the control flow, the draft forwards and their time accounting.
+A policy builds each step's tree of one prompt (a batch row) through that row's ``DraftRound``: the levels, the
+inputs of the draft forwards between them, then which tree the target verifies. The tree itself and all tensor
+work live in ``sage_ext._C.TreeWorkspace`` (csrc/session/tree_workspace.h), one per row; the engine runs the draft
+forwards, one per level for every row of the batch together (``SpeculativeGenerator._draft_forward``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import Tensor
 from .. import _C, ops
 
 if TYPE_CHECKING:
-    from .loop import SpeculativeGenerator
+    from .loop import SpeculativeGenerator, _Row
 
 #: A tree whose shape and feed schedule never change (static trees, chains): ``parents [N]``, ``node_row [1, N + 1]``
 #: (the draft row of every slot the draft processes, -1 for the others), ``draft_block [1, R, R]`` (the additive
@@ -24,39 +25,35 @@ FixedLayout = _C.FixedLayout
 
 
 class DraftRound:
-    """Per-generation tree state and draft driver handed to the policies (``ctx``).
+    """One row's per-generation tree state handed to its policy (``ctx``).
 
     The tree state and all the tensor work between two model forwards live in a native
     ``sage_ext._C.TreeWorkspace`` (``self.ws``, csrc/session/tree_workspace.h): on the CPU every separate
     small call right after a model forward pays again for the caches the forward evicted, so each gap is one
-    native call. The workspace owns the step's tree: a policy starts it (``start_tree`` + ``root_logits``), grows it
+    native call. The workspace owns the step's tree: a policy starts it (``start_tree`` + ``root_inputs``), grows it
     level by level (``sage_level`` / ``static_level`` / ``topk_expand``, each with the inputs of the next draft
-    forward, which ``forward`` runs) and says which tree the target verifies (``use_slots``: the slots ``[0, N)``;
+    forward, which the policy yields to the engine to get the logits back) and says which tree the target verifies (``use_slots``: the slots ``[0, N)``;
     ``rerank``: EAGLE-2's selection; ``root_only``: no draft). The engine then asks the workspace for the target's
     inputs and the commit; no tree tensor goes back to it from Python. Nothing here reads device values except
     SAGE's per-level counts with ``static_shapes=False`` (the CPU default).
 
     Python keeps the control flow, the model forwards and the time accounting: the engine books the whole tree
-    build as ``tree_ops``; ``forward`` books the draft forwards as ``draft_decode``.
+    build as ``tree_ops`` and the draft forwards as ``draft_decode``.
     """
 
-    def __init__(self, engine: "SpeculativeGenerator", capacity: int, max_cache_len: int, device: torch.device,
-                 mask_dtype: torch.dtype | None, target_dtype: torch.dtype, static_default: bool,
+    def __init__(self, engine: "SpeculativeGenerator", row: "_Row", capacity: int, max_cache_len: int,
+                 device: torch.device, mask_dtype: torch.dtype | None, target_dtype: torch.dtype, static_default: bool,
                  row_table: Tensor | None = None):
         self.engine = engine
+        self.row = row  # the prompt this round builds trees for (its sequence buffer, lengths)
         self.device = device
         self.static_default = static_default  # SAGE's static_shapes default (True on CUDA)
         self._mask_dtype = mask_dtype
         self._target_dtype = target_dtype
         chain_rows = engine.policy.depth_bound + 2  # the longest first forward: pending tokens + the root
-        self.ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, engine.seq, mask_dtype, target_dtype,
+        self.ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, row.seq, mask_dtype, target_dtype,
                                    row_table)
         self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
-        self._switch = engine.timeline.switch
-        self._draft_other_device = engine.draft_device != device
-        limit = engine.shared_vocab
-        self._vocab_limit = limit if engine.draft is not None and engine.draft.vocab_size > limit else None
-        self._token_clamp = engine.draft_token_clamp
 
     # ------------------------------------------------------------------ helpers for policies
     def full_f32(self, value: float) -> Tensor:
@@ -64,8 +61,8 @@ class DraftRound:
 
     def start_tree(self, layout: FixedLayout | None = None) -> None:
         """Start this step's tree at the root, optionally on a ``FixedLayout`` (parents, node rows and mask blocks
-        known in advance: no per-level mask work). ``root_logits`` then writes the root and runs the step's first
-        draft forward."""
+        known in advance: no per-level mask work). ``root_inputs`` then writes the root and gives the inputs of the
+        step's first draft forward."""
         self._layout = layout
 
     def fixed_layout(self, parents: Tensor, fed_slots: list[int]) -> FixedLayout:
@@ -135,32 +132,12 @@ class DraftRound:
 
     def root_only(self) -> None:
         """The step's tree is the root alone (no draft): one ordinary decode step."""
-        self.ws.root_only(self.engine.cur_len)
+        self.ws.root_only(self.row.cur_len)
 
     # ------------------------------------------------------------------ draft forwards
-    def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """One draft forward, booked as ``draft_decode`` (the caller is inside the engine's tree_ops region)."""
-        engine = self.engine
-        if self._token_clamp is not None:
-            tokens = tokens.clamp_max(self._token_clamp)
-        if self._draft_other_device:  # draft on another device than the target's inputs
-            device = engine.draft_device
-            tokens, positions, mask = tokens.to(device), positions.to(device), mask.to(device)
-        switch = self._switch
-        switch("draft_decode")
-        logits = engine.draft.forward_tree(tokens, positions, mask, engine.draft_cache)
-        if self._draft_other_device:
-            # inside draft_decode: the copy waits for the draft's forward on its device, which is draft time
-            logits = logits.to(self.device)
-        switch("tree_ops")
-        return logits if self._vocab_limit is None else logits[..., : self._vocab_limit]
-
-    def forward(self, inputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """The draft forward of ``(tokens, positions, mask)`` (as the workspace returns them); logits ``[1, n, V]``."""
-        return self._forward(*inputs)
-
-    def root_logits(self) -> Tensor:
-        """The step's first draft forward: the committed tokens the draft has not processed yet, then the
-        root (written into slot 0 here). Returns the draft's logits ``[1, T, V_shared]``; the last row is the root's."""
-        engine = self.engine
-        return self._forward(*self.ws.start(engine.cur_len, engine.draft_done, self._layout))
+    def root_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The inputs of the step's first draft forward: the committed tokens the draft has not processed yet,
+        then the root (written into slot 0 here). The policy yields them; the logits it gets back are
+        ``[1, T, V_shared]``, the last row the root's."""
+        row = self.row
+        return self.ws.start(row.cur_len, row.draft_done, self._layout)

@@ -1,18 +1,21 @@
-"""The speculative decoding engine: one loop for every tree policy, batch size 1.
+"""The speculative decoding engine: one loop for every tree policy, one prompt or a batch.
+
+Every prompt (a row of the batch) is prefilled alone, then all rows step together, each with its own policy state,
+tree workspace and cache columns (``caches.RowCache``): one draft forward per level and one target forward per
+step for the whole batch; a row that finishes leaves the batch. One prompt is the batch of one.
 
 A step (see docs/ENGINE.md for the full story):
-  1. The policy builds a draft tree. The root is the last committed token, which is in neither KV cache
+  1. Every row's policy builds a draft tree. The root is the last committed token, which is in neither KV cache
      yet. The draft's first forward of the step feeds the committed tokens it has not processed plus the
      root; then one draft forward per level over the level's frontier, with the tree mask on top of its cache.
   2. The target verifies the whole tree in one forward (rows at cache positions ``past_len .. past_len+N-1``,
      rope positions ``sequence index + depth``), and ``verify_greedy`` / ``verify_sampling`` pick the
      accepted path and the bonus token (target's own next token).
-  3. ``commit_tree_`` writes the new tokens to a device-side sequence buffer, moves the accepted rows of
+  3. ``commit_tree_`` writes the new tokens to the row's device-side sequence buffer, moves the accepted rows of
      both caches to contiguous positions and packs the step's readback (accepted length, draft-processed
      count, tree size, root alpha, the new tokens) into ONE small int64 tensor, read to the host: the step's
-     only sync. The workspace decodes it into a ``CommitResult`` (named host values). Both caches are cropped
-     with HF's ``Cache.crop`` to what they now hold (the draft's length is the workspace's ``draft_len``;
-     ``sage_ext.engine.caches``).
+     sync per row. The workspace decodes it into a ``CommitResult`` (named host values); the caches' lengths are
+     host bookkeeping (the target's ``cur_len - 1``, the draft's the workspace's ``draft_len``).
   4. Host: stop checks (EOS, stop strings, max_new_tokens), streamer, policy feedback. The bonus is the next
      step's root.
 
@@ -45,7 +48,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from .. import ops
 from ..families import FamilyAdapter, get_adapter
 from ..pruning import scored_prefill
-from .caches import CacheGroups
+from .caches import CacheGroups, RowCache
 from .costs import StepCost, learning_for
 from .draft_round import DraftRound
 from .policies import TreePolicy, make_policy
@@ -56,10 +59,11 @@ DEFAULT_MAX_VOCAB_PADDING = 256
 
 
 class GenerationOutput(NamedTuple):
-    """``sequences``: LongTensor ``[1, prompt_len + new_tokens]`` (like HF ``generate``); ``stats``."""
+    """``sequences``: LongTensor ``[B, prompt_len + new_tokens]`` (like HF ``generate``); ``stats``: the
+    ``GenerationStats`` of a single prompt, a list of them (one per row) for a batch."""
 
     sequences: Tensor
-    stats: GenerationStats
+    stats: GenerationStats | list[GenerationStats]
 
 
 @dataclass
@@ -78,6 +82,7 @@ class StepDebug:
     tau: int
     finished: bool
     draft_keep: Tensor | None  # prompt positions the draft saw (visual pruning), None = all
+    row: int = 0  # the row of the batch
 
 
 class SpeculativeGenerator:
@@ -87,7 +92,7 @@ class SpeculativeGenerator:
     ``draft_prune_ratio``: share of the image/video tokens the draft does NOT see (SpecVLM/SAGE draft-side
     visual pruning scored by the target's prefill attention; 0 = the draft sees everything).
     ``max_vocab_padding``: how many padding rows the two vocabularies may differ by.
-    Batch size 1 only. Target and draft must be the same family, share EOS ids and special tokens, and
+    Target and draft must be the same family, share EOS ids and special tokens, and
     use an attention implementation that takes additive 4-D masks ("sdpa" or "eager").
     """
 
@@ -195,9 +200,10 @@ class SpeculativeGenerator:
         tokenizer=None,
         streamer=None,
         generator: torch.Generator | None = None,
+        pad_token_id: int | None = None,
         **inputs: Any,
     ) -> GenerationOutput:
-        """Generate up to ``max_new_tokens`` tokens after the prompt.
+        """Generate up to ``max_new_tokens`` tokens after the prompt (or after each prompt of a batch).
 
         ``input_ids`` and every other processor output (``attention_mask``, ``pixel_values``,
         ``image_grid_thw``, ...) are passed as keyword arguments. Greedy output equals
@@ -207,27 +213,56 @@ class SpeculativeGenerator:
         (None → the target's generation_config, then HF's defaults: top_k 50, top_p 1.0; 0 disables top-k).
         ``eos_token_id`` (int or list; default: the target's generation_config), ``stop_strings`` (needs
         ``tokenizer``; same rule as HF's StopStringCriteria), ``streamer`` (``put``/``end``, receives the
-        prompt first, then the tokens of every step), ``generator`` (torch.Generator for sampling).
-        """
-        from ..validation import check_generate_call  # lists, max_length, refused generate arguments, image inputs
+        prompt first, then the tokens of every step; one prompt only), ``generator`` (torch.Generator for sampling).
 
+        A batch (``input_ids [B, L]``, left-padded with its ``attention_mask`` as processors give it with
+        ``padding_side="left"``, and the batch's media) decodes every row with its own tree; each row's greedy output
+        is what the call gives for that row alone (sampling: its distribution; the rows share ``generator``).
+        ``sequences`` is then ``[B, L + longest new]``, every row after its end filled with ``pad_token_id`` (the
+        argument, else the target's generation_config, else the first EOS id), and ``stats`` a list of
+        ``GenerationStats``, one per row.
+        """
+        from ..validation import check_generate_call, check_row_inputs
+
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(self.target.model, "generation_config", None), "pad_token_id", None)
         input_ids, max_new_tokens, inputs = check_generate_call(
             self.target, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, inputs=inputs)
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(
-                f"sage_ext speculative decoding supports batch size 1 only; got input_ids of shape "
-                f"{tuple(input_ids.shape)}. Run prompts one at a time."
-            )
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        attention_mask = inputs.get("attention_mask")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("attention_mask has padded positions; pass the unpadded prompt (batch size 1)")
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...)")
+        batch = input_ids.shape[0]
+        if batch > 1 and streamer is not None:
+            raise ValueError(f"a streamer takes one sequence (as transformers' streamers do); got a batch of {batch} "
+                             f"prompts. Stream one prompt at a time, or generate the batch without a streamer.")
+        # every row as the processor would have given it alone (left padding and other rows' media removed)
+        rows = self.target.split_batch({"input_ids": input_ids, **inputs})
+        for row_inputs in rows:
+            if batch > 1:
+                check_row_inputs(self.target, row_inputs["input_ids"], row_inputs)
+            self._check_row_fits(row_inputs, max_new_tokens)
+        if batch > 1 and pad_token_id is None:
+            eos = eos_token_id if eos_token_id is not None else self.target.eos_token_ids()
+            eos = list(eos) if isinstance(eos, (list, tuple, set)) else [eos]
+            if not eos:
+                raise ValueError("a batch needs pad_token_id (the target's generation_config has none, nor an EOS id) "
+                                 "to fill the rows that end early")
+            pad_token_id = int(eos[0])
+        with torch.inference_mode():
+            return self._generate(
+                input_ids, rows, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                stop_strings, tokenizer, streamer, generator, pad_token_id,
+            )
+
+    def _check_row_fits(self, row_inputs: dict, max_new_tokens: int) -> None:
+        """Refuse a prompt whose tree would leave the sliding window or cross a position-dependent rope threshold."""
+        input_ids = row_inputs["input_ids"]
         for adapter in (self.target, self.draft if self.policy.uses_draft else None):
             window = adapter.sliding_window() if adapter is not None else None
             if window is not None and input_ids.shape[1] + max_new_tokens + self.policy.capacity > window:
@@ -236,216 +271,295 @@ class SpeculativeGenerator:
                     f"attention here supports sequences up to the window only (prompt {input_ids.shape[1]} + "
                     f"{max_new_tokens} new tokens + a {self.policy.capacity}-node tree)"
                 )
-        rope_reason = self.target.rope_refusal({"input_ids": input_ids, **inputs}, max_new_tokens,
-                                               self.policy.depth_bound)
+        rope_reason = self.target.rope_refusal(row_inputs, max_new_tokens, self.policy.depth_bound)
         if rope_reason is not None:
             raise ValueError(rope_reason)
-        with torch.inference_mode():
-            return self._generate(
-                input_ids, inputs, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                stop_strings, tokenizer, streamer, generator,
-            )
 
-    def _generate(self, input_ids, inputs, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                  stop_strings, tokenizer, streamer, generator) -> GenerationOutput:
+    def _generate(self, input_ids, row_inputs, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                  stop_strings, tokenizer, streamer, generator, pad_token_id) -> GenerationOutput:
         wall_start = time.perf_counter()
         policy = self.policy
-        policy.reset()
+        batch = len(row_inputs)
         # devices and dtypes as the models are now (looked up once: HF's accessors are slow)
         self.device = device = self.target.input_device
         target_dtype = self.target.dtype
-        self.draft_device = self.draft.input_device if policy.uses_draft else device
         use_draft = policy.uses_draft
+        self.draft_device = self.draft.input_device if use_draft else device
         self.timeline = timeline = Timeline(device, clock=self.host_clock)
-        stats = GenerationStats(policy=policy.name, prompt_len=input_ids.shape[1])
         self.do_sample = do_sample
         self.draft_temperature = temperature if do_sample else 1.0
         self._active_warpers = self._warpers(temperature, top_k, top_p) if do_sample else []
 
         eos = eos_token_id if eos_token_id is not None else self.target.eos_token_ids()
         eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
-        stop_criteria = None
-        if stop_strings:
-            stop_criteria = StopStringCriteria(tokenizer, stop_strings)
+        stop_criteria = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
 
-        prompt_len = input_ids.shape[1]
-        # sequence buffer: bounds every cache length, with room for a whole tree's new tokens (commit_tree_)
-        max_len = prompt_len + max_new_tokens + policy.capacity + 2
-        self.seq = torch.zeros(1, max_len, dtype=torch.int64, device=device)
-        self.seq[0, :prompt_len] = input_ids[0].to(device)
-        # processor outputs go where the models' embeddings are (accelerate hooks move them further)
-        inputs = {key: value.to(device) if isinstance(value, Tensor) else value
-                  for key, value in {"input_ids": input_ids, **inputs}.items()}
-        draft_inputs = inputs
-        if use_draft and self.draft_device != device:
-            draft_inputs = {key: value.to(self.draft_device) if isinstance(value, Tensor) else value
-                            for key, value in inputs.items()}
+        # one state per row; row 0 runs the generator's own policy object (its state is inspected after a call)
+        prompt_lens = [inputs["input_ids"].shape[1] for inputs in row_inputs]
+        # sequence buffers: bound every cache length, with room for a whole tree's new tokens (commit_tree_)
+        max_len = max(prompt_lens) + max_new_tokens + policy.capacity + 2
+        rows = [_Row(index, policy if index == 0 else policy.for_row(), prompt_len, max_len, device)
+                for index, prompt_len in enumerate(prompt_lens)]
+        # every forward feeds at most max(first draft forward, tree) rows past a row's length; the buffers start with
+        # room for the prompts and a few steps, and grow by doubling as the rows get longer
+        tree_room = max(policy.capacity, policy.depth_bound + 2)
+        cache_capacity = max_len + tree_room
+        initial = max(prompt_lens) + min(max_new_tokens, 64) + 2 * tree_room
+        self.target_cache = RowCache(batch, cache_capacity, initial)
+        self.draft_cache = RowCache(batch, cache_capacity, initial) if use_draft else None
 
-        # ---------------------------------------------------------- prefill
-        self.target_cache = DynamicCache()
-        self.draft_cache = DynamicCache() if use_draft else None
-        # the target's prefill, scoring the visual tokens for the draft's pruning when it is on
-        with timeline.region("target_prefill"):
-            target_prefill, keep, _ = scored_prefill(self.target, inputs, self.target_cache,
-                                                     self.draft_prune_ratio if use_draft else 0.0)
+        # ---------------------------------------------------------- prefill, row by row
+        target_offsets, draft_offsets, first_logits = [], [], []
+        for row, inputs in zip(rows, row_inputs):
+            row.seq[0, : row.prompt_len] = inputs["input_ids"][0].to(device)
+            # processor outputs go where the models' embeddings are (accelerate hooks move them further)
+            inputs = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in inputs.items()}
+            prefill_cache = DynamicCache()
+            # the target's prefill, scoring the visual tokens for the draft's pruning when it is on
+            with timeline.region("target_prefill"):
+                target_prefill, row.keep, _ = scored_prefill(self.target, inputs, prefill_cache,
+                                                             self.draft_prune_ratio if use_draft else 0.0)
+                self.target_cache.load_row(row.index, prefill_cache)
+            target_offsets.append(self.target.position_offset)
+            first_logits.append(target_prefill.logits_last.to(device))
+            if use_draft:
+                draft_inputs = inputs
+                if self.draft_device != device:
+                    draft_inputs = {key: value.to(self.draft_device) if isinstance(value, Tensor) else value
+                                    for key, value in inputs.items()}
+                prefill_cache = DynamicCache()
+                with timeline.region("draft_prefill"):
+                    self.draft.prefill(draft_inputs, prefill_cache,
+                                       keep=None if row.keep is None else row.keep.to(self.draft_device))
+                    row.draft_start = self.draft_cache.load_row(row.index, prefill_cache)
+                draft_offsets.append(self.draft.position_offset)
+        self.target.position_offset = _batch_offsets(target_offsets, device)
         if use_draft:
-            with timeline.region("draft_prefill"):
-                self.draft.prefill(draft_inputs, self.draft_cache,
-                                   keep=None if keep is None else keep.to(self.draft_device))
+            self.draft.position_offset = _batch_offsets(draft_offsets, self.draft_device)
         with timeline.region("tree_ops"):
-            first_logits = target_prefill.logits_last.to(device)
+            logits = torch.cat(first_logits)
             if do_sample:
                 # drawn on the generator's device (a CPU generator with a model on CUDA works too): this is the
-                # prefill, whose token is read on the host just below anyway
-                probs = self._target_probs(first_logits)
+                # prefill, whose tokens are read on the host just below anyway
+                probs = self._target_probs(logits)
                 if generator is not None:
                     probs = probs.to(generator.device)
-                first = torch.multinomial(probs, 1, generator=generator).reshape(()).to(device)
+                first = torch.multinomial(probs, 1, generator=generator).to(device)[:, 0]
             else:
-                first = first_logits.argmax(dim=-1).reshape(())
-            self.seq[0, prompt_len] = first
-        first_token = int(first)  # the prefill's one host read
-        self.cur_len = prompt_len + 1
-        self.draft_done = prompt_len
-        n_generated = 1
+                first = logits.argmax(dim=-1)
+            for row in rows:
+                row.seq[0, row.prompt_len] = first[row.index]
+        first_tokens = first.tolist()  # the prefill's one host read
         if streamer is not None:
             streamer.put(input_ids.cpu())
-            streamer.put(torch.tensor([first_token]))
-        sequence_host = input_ids[0].tolist() + [first_token]
-        stop_reason = self._stop_reason(first_token, sequence_host, eos_ids, stop_criteria)
-        if stop_reason is None and max_new_tokens == 1:
-            stop_reason = "max_new_tokens"
+            streamer.put(torch.tensor(first_tokens[:1]))
+        for row, inputs, token in zip(rows, row_inputs, first_tokens):
+            row.start(inputs["input_ids"][0].tolist(), token, max_new_tokens, eos_ids, stop_criteria)
 
         capacity = policy.capacity
         row_table = self._row_tables.get((device, capacity))
-        ctx = DraftRound(
-            self, capacity, max_len, device, self.draft.dtype if use_draft else None, target_dtype,
-            static_default=device.type == "cuda", row_table=row_table,
-        )
-        self._row_tables[(device, capacity)] = ctx.ws.row_table
-        workspace = ctx.ws
-        if use_draft:
-            workspace.start_generation(self.draft_cache.get_seq_length())
+        for row in rows:
+            row.ctx = DraftRound(
+                self, row, capacity, max_len, device, self.draft.dtype if use_draft else None, target_dtype,
+                static_default=device.type == "cuda", row_table=row_table,
+            )
+            row_table = row.ctx.ws.row_table
+            if use_draft:
+                row.ctx.ws.start_generation(row.draft_start)
+        self._row_tables[(device, capacity)] = row_table
         # the caches' key/value tensors grouped by device (a model split with device_map has several groups): the
-        # workspace's commit compacts every group, then HF's Cache.crop cuts both caches
+        # workspace's commit compacts every group of the row
         target_from, draft_from = self.elsewhere_from
         target_groups = CacheGroups(self.target_cache, device, target_from)
         draft_groups = CacheGroups(self.draft_cache, device, draft_from) if use_draft else None
+        self._draft_vocab_limit = None
+        if use_draft and self.draft.vocab_size > self.shared_vocab:
+            self._draft_vocab_limit = self.shared_vocab
         no_groups: list = []
-        verify_sampling = self._verify_sampling
         switch, step_begin, step_end = timeline.switch, timeline.step_begin, timeline.step_end
-        step_rows: list[tuple] = []
-        learns_costs = policy.learns_costs
+        live = [row for row in rows if row.stop_reason is None]
+        if 0 < len(live) < batch:  # rows that ended with their first token leave the batch before any step
+            self._keep_rows([row.index for row in live])
+        # sage_cost learns one prompt's step costs; a batch's steps cost what the whole batch does
+        learns_costs = policy.learns_costs and batch == 1
         step = 0
         # ---------------------------------------------------------- steps
-        while stop_reason is None:
+        while live:
             step_begin("tree_ops")
-            cur_len = self.cur_len
-            target_len = cur_len - 1  # the root is not in the target cache
-            proposal = policy.build(ctx)  # the tree is in the workspace now
-            num_nodes = workspace.tree_nodes
-            tokens, positions, mask = workspace.target_inputs(target_len)
+            # every row's policy builds its tree level by level; one draft forward per level for the whole batch
+            builds = {}  # batch slot -> (row, its build, the inputs of its next draft forward)
+            for slot, row in enumerate(live):
+                build = row.policy.build(row.ctx)
+                request = _advance(row, build, None)
+                if request is not None:
+                    builds[slot] = (row, build, request)
+            while builds:
+                logits = self._draft_forward(live, builds)
+                for slot, (row, build, _) in list(builds.items()):
+                    request = _advance(row, build, logits[slot: slot + 1, : row.fed])
+                    if request is None:
+                        del builds[slot]
+                    else:
+                        builds[slot] = (row, build, request)
+            # the target verifies every row's tree in one forward
+            target_requests = []
+            for row in live:
+                row.num_nodes = row.ctx.ws.tree_nodes
+                row.target_len = row.cur_len - 1  # the root is not in the target cache
+                target_requests.append(row.ctx.ws.target_inputs(row.target_len))
             switch("target_verify")
-            logits = self.target.forward_tree(tokens, positions, mask, self.target_cache)
+            logits = self._batch_forward(self.target, self.target_cache, target_requests,
+                                         [row.target_len for row in live], target_dtype, device)
             switch("tree_ops")
             if logits.device != device:  # lm_head on another device (device_map)
                 logits = logits.to(device)
-            # verification, then the commit: new tokens into the sequence buffer at cur_len, both caches compacted,
-            # the readback (accepted length, draft-held nodes, tree size, root alpha, new tokens) read to the host
-            # (the step's one sync); then both caches cropped to what they hold
-            draft_len_before = workspace.draft_len
-            target_tensors = target_groups.tensors() if num_nodes > 1 else no_groups
-            draft_tensors = draft_groups.tensors() if use_draft and num_nodes > 1 else no_groups
-            if do_sample:
-                probs = self._target_probs(logits[0])[None]
-                verified = verify_sampling(tokens, workspace.tree_parents, probs, generator)
-                committed = workspace.commit(None, *verified, cur_len, target_tensors, target_len, draft_tensors)
-            else:
-                committed = workspace.commit(logits, None, None, None, cur_len, target_tensors, target_len,
-                                             draft_tensors)
+            # per row: verification, then the commit (new tokens into the row's sequence buffer, both caches'
+            # accepted rows compacted in the row's columns); then all rows' readbacks read to the host at once
+            readbacks = []
+            for slot, (row, (tokens, _, _)) in enumerate(zip(live, target_requests)):
+                num_nodes = row.num_nodes
+                workspace = row.ctx.ws
+                target_tensors = target_groups.tensors(slot) if num_nodes > 1 else no_groups
+                draft_tensors = draft_groups.tensors(slot) if use_draft and num_nodes > 1 else no_groups
+                row_logits = logits[slot: slot + 1, :num_nodes]
+                if do_sample:
+                    probs = self._target_probs(row_logits[0])[None]
+                    verified = self._verify_sampling(tokens, workspace.tree_parents, probs, generator)
+                    readbacks.append(workspace.commit_async(None, *verified, row.cur_len, target_tensors,
+                                                            row.target_len, draft_tensors))
+                else:
+                    readbacks.append(workspace.commit_async(row_logits, None, None, None, row.cur_len,
+                                                            target_tensors, row.target_len, draft_tensors))
+            for row, readback in zip(live, _to_host(readbacks)):  # the step's one sync
+                row.committed = row.ctx.ws.read_commit(readback)
             switch("other")
-            # the readback, decoded by the workspace (host ints, a float, a list: no device access)
-            tau, processed_n, real_n = committed.accept_len, committed.draft_held, committed.real_nodes
-            new_host, alpha_measured, accepted = committed.tokens, committed.alpha, committed.accepted
-            target_groups.crop(target_len + num_nodes, target_len + tau + 1)
-            if use_draft:
-                draft_groups.crop(draft_len_before, workspace.draft_len)
-                self.draft_done = target_len + processed_n
-            remaining = max_new_tokens - n_generated
-            emitted = new_host if len(new_host) <= remaining else new_host[:remaining]
-            if stop_criteria is None:
-                if not eos_ids.isdisjoint(emitted):
-                    for position, token in enumerate(emitted):
-                        if token in eos_ids:
-                            emitted = emitted[: position + 1]
-                            stop_reason = "eos"
-                            break
-                sequence_host.extend(emitted)
-            else:
-                accepted_host = []
-                for token in emitted:
-                    accepted_host.append(token)
-                    sequence_host.append(token)
-                    stop_reason = self._stop_reason(token, sequence_host, eos_ids, stop_criteria)
-                    if stop_reason is not None:
-                        break
-                emitted = accepted_host
-            n_generated += len(emitted)
-            self.cur_len = cur_len + len(emitted)
-            if stop_reason is None and n_generated >= max_new_tokens:
-                stop_reason = "max_new_tokens"
-            if streamer is not None and emitted:
-                streamer.put(torch.tensor(emitted))
-            # the step's record, assembled into a StepRecord after the generation (off the hot path)
-            step_rows.append((tau, len(emitted), real_n, num_nodes - 1, proposal.depth_bound, proposal.draft_forwards,
-                              proposal.info, alpha_measured))
-            policy.update(tau, alpha_measured)
             step += 1
+            for slot, row in enumerate(live):
+                row.finish_step(max_new_tokens, eos_ids, stop_criteria, streamer)
+                if self.step_hook is not None:
+                    self._debug(row, slot, target_requests[slot][0], step)
             if learns_costs and step >= 2:  # the step before this one: its times are final (see Timeline)
-                before = step_rows[step - 2]
                 seconds, draft_seconds, verify_seconds = timeline.step_costs(step - 2)
+                before = live[0].step_rows[-2]
                 policy.observe_cost(StepCost(seconds, draft_seconds, verify_seconds, draft_forwards=before[5],
                                              verified_slots=before[3], tree_depth=before[4], accepted=before[0]))
-            if self.step_hook is not None:
-                self.step_hook(StepDebug(
-                    step=step, sequence=list(sequence_host), target_cache=self.target_cache,
-                    draft_cache=self.draft_cache, draft_done=self.draft_done, tree_tokens=tokens,
-                    tree_parents=workspace.tree_parents, tree_logprobs=workspace.tree_logprobs,
-                    accepted=accepted, tau=tau, finished=stop_reason is not None, draft_keep=keep,
-                ))
+            finished = [slot for slot, row in enumerate(live) if row.stop_reason is not None]
+            if finished:  # finished rows leave the batch: no more draft or target compute for them
+                kept = [slot for slot in range(len(live)) if slot not in finished]
+                live = [live[slot] for slot in kept]
+                if live:
+                    self._keep_rows(kept)
             step_end()
 
         if streamer is not None:
             streamer.end()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        stats.wall_time = time.perf_counter() - wall_start
-        for tau, emitted_n, real_n, slots, depth_bound, forwards, info, alpha_measured in step_rows:
-            info = policy.step_info(info, alpha_measured)
-            stats.steps.append(StepRecord(
-                tau=tau, emitted=emitted_n, tree_size=real_n, tree_slots=slots, tree_depth=depth_bound,
-                draft_forwards=forwards, alpha=info.get("alpha"), alpha_measured=alpha_measured,
-                depth_target=info.get("depth_target"), width_target=info.get("width_target"), d_max=info.get("d_max"),
-            ))
-        timeline.finish(stats)
-        stats.new_tokens = n_generated
-        stats.stop_reason = stop_reason
-        sequences = self.seq[:, : self.cur_len].clone().to(input_ids.device)
-        return GenerationOutput(sequences, stats)
+        wall_time = time.perf_counter() - wall_start
+        all_stats = []
+        for row in rows:
+            stats = row.stats(policy.name if row.index == 0 else row.policy.name)
+            stats.wall_time = wall_time
+            timeline.finish(stats)
+            all_stats.append(stats)
+        padded_len = input_ids.shape[1]
+        if batch == 1 and rows[0].prompt_len == padded_len:  # one prompt without padding: its buffer as it is
+            return GenerationOutput(rows[0].seq[:, : rows[0].cur_len].clone().to(input_ids.device), all_stats[0])
+        # like generate: the prompts as given (left padding kept), each row's new tokens, pad_token_id after its end
+        longest_new = max(row.cur_len - row.prompt_len for row in rows)
+        fill = 0 if pad_token_id is None else pad_token_id  # (only a batch has rows to fill: pad_token_id is set)
+        sequences = torch.full((batch, padded_len + longest_new), fill, dtype=torch.int64)
+        sequences[:, :padded_len] = input_ids.cpu()
+        for row in rows:
+            new = row.seq[0, row.prompt_len: row.cur_len].cpu()
+            sequences[row.index, padded_len: padded_len + new.shape[0]] = new
+        return GenerationOutput(sequences.to(input_ids.device), all_stats if batch > 1 else all_stats[0])
+
+    # ------------------------------------------------------------------ batched forwards
+    def _batch_forward(self, adapter: FamilyAdapter, cache: RowCache, requests: list, starts: list[int],
+                       mask_dtype: torch.dtype, device: torch.device) -> Tensor:
+        """One forward of ``adapter``'s model over every live row: row b's request ``(tokens [1, n_b], positions
+        [1, n_b], mask [1, 1, n_b, starts[b] + n_b])`` (None: the row feeds nothing this time) goes to its cache
+        columns ``starts[b] ..``; rows are padded to the longest request (padding rows see column 0 only and are
+        never read). Returns logits ``[B, n, V]`` (row b's first n_b rows are its own)."""
+        if len(requests) == 1:  # one row: its inputs as they are
+            tokens, positions, mask = requests[0]
+            cache.plan_writes(starts, tokens.shape[1])
+            return adapter.forward_tree(tokens, positions, mask, cache)
+        count = max(request[0].shape[1] for request in requests if request is not None)
+        width = max(starts) + count
+        tokens = torch.zeros(len(requests), count, dtype=torch.int64, device=device)
+        positions = torch.zeros(len(requests), count, dtype=torch.int64, device=device)
+        mask = torch.full((len(requests), 1, count, width), torch.finfo(mask_dtype).min, dtype=mask_dtype,
+                          device=device)
+        mask[:, :, :, 0] = 0  # every row holds its first prompt token: padding rows attend to it alone
+        for slot, request in enumerate(requests):
+            if request is None:
+                continue
+            row_tokens, row_positions, row_mask = request
+            n = row_tokens.shape[1]
+            tokens[slot, :n] = row_tokens[0]
+            positions[slot, :n] = row_positions[0]
+            mask[slot, 0, :n, : row_mask.shape[-1]] = row_mask[0, 0]
+        cache.plan_writes(starts, count)
+        return adapter.forward_tree(tokens, positions, mask, cache)
+
+    def _draft_forward(self, live: list["_Row"], builds: dict[int, tuple]) -> Tensor:
+        """One draft forward over the live rows (``builds``: batch slot -> (row, build, the workspace's forward
+        inputs); the other rows feed nothing), booked as ``draft_decode``. Logits ``[B, n, V_shared]`` on the
+        tree's device."""
+        row_requests, starts = [], []
+        for slot, row in enumerate(live):
+            request = builds[slot][2] if slot in builds else None
+            row_requests.append(request)
+            # a request's rows go right after what the row's draft cache holds (the mask's past); an idle row's
+            # padding goes past its length, where nothing is read and the next feed writes over it
+            if request is None:
+                starts.append(row.ctx.ws.draft_len)
+                row.fed = 0
+            else:
+                row.fed = request[0].shape[1]
+                starts.append(request[2].shape[-1] - row.fed)
+        if self.draft_token_clamp is not None:
+            row_requests = [None if r is None else (r[0].clamp_max(self.draft_token_clamp), r[1], r[2])
+                            for r in row_requests]
+        other_device = self.draft_device != self.device
+        if other_device:  # draft on another device than the target's inputs
+            row_requests = [None if r is None else tuple(t.to(self.draft_device) for t in r) for r in row_requests]
+        switch = self.timeline.switch
+        switch("draft_decode")
+        logits = self._batch_forward(self.draft, self.draft_cache, row_requests, starts, self.draft.dtype,
+                                     self.draft_device)
+        if other_device:
+            # inside draft_decode: the copy waits for the draft's forward on its device, which is draft time
+            logits = logits.to(self.device)
+        switch("tree_ops")
+        limit = self._draft_vocab_limit
+        return logits if limit is None else logits[..., :limit]
+
+    def _keep_rows(self, kept: list[int]) -> None:
+        """Only the rows ``kept`` (batch slots) go on: caches and position offsets shrink to them."""
+        self.target_cache.keep_rows(kept)
+        self.target.position_offset = _select_offsets(self.target.position_offset, kept)
+        if self.draft_cache is not None:
+            self.draft_cache.keep_rows(kept)
+            self.draft.position_offset = _select_offsets(self.draft.position_offset, kept)
+
+    def _debug(self, row: "_Row", slot: int, tokens: Tensor, step: int) -> None:
+        """The test hook's view of one row after a step: its caches as DynamicCache copies of what it holds."""
+        workspace = row.ctx.ws
+        target_cache = self.target_cache.row_cache(slot, row.cur_len - 1)
+        draft_cache = self.draft_cache.row_cache(slot, workspace.draft_len) if self.draft_cache is not None else None
+        self.step_hook(StepDebug(
+            step=step, sequence=list(row.sequence_host), target_cache=target_cache, draft_cache=draft_cache,
+            draft_done=row.draft_done, tree_tokens=tokens, tree_parents=workspace.tree_parents,
+            tree_logprobs=workspace.tree_logprobs, accepted=row.committed.accepted, tau=row.committed.accept_len,
+            finished=row.stop_reason is not None, draft_keep=row.keep, row=row.index,
+        ))
 
     def _verify_sampling(self, tokens: Tensor, parents: Tensor, probs: Tensor, generator) -> tuple:
         """Lossless tree rejection sampling for deterministic top-k drafts (q = 1 rule)."""
         return ops.verify_sampling(tokens, parents, probs, None, generator)
-
-    @staticmethod
-    def _stop_reason(token: int, sequence: list[int], eos_ids: set[int], stop_criteria) -> str | None:
-        if token in eos_ids:
-            return "eos"
-        if stop_criteria is not None:
-            tail = torch.tensor([sequence[-stop_criteria.maximum_token_len :]])
-            if bool(stop_criteria(tail, None)[0]):
-                return "stop_string"
-        return None
 
     # ------------------------------------------------------------------ streaming (sage_ext/streaming.py)
     def stream(self, *, tokenizer=None, skip_special_tokens: bool = True, **kwargs: Any):
@@ -480,3 +594,140 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str |
     ``SpeculativeGenerator.stream``); ``draft_prune_ratio`` and ``max_vocab_padding`` go to the generator."""
     generator_kwargs = {key: kwargs.pop(key) for key in ("draft_prune_ratio", "max_vocab_padding") if key in kwargs}
     return SpeculativeGenerator(target, draft, policy, **generator_kwargs).stream(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- per-row state
+def _stop_reason(token: int, sequence: list[int], eos_ids: set[int], stop_criteria) -> str | None:
+    if token in eos_ids:
+        return "eos"
+    if stop_criteria is not None:
+        tail = torch.tensor([sequence[-stop_criteria.maximum_token_len :]])
+        if bool(stop_criteria(tail, None)[0]):
+            return "stop_string"
+    return None
+
+
+class _Row:
+    """One prompt of a generation (a row of the batch): its sequence buffer, policy, tree workspace (``ctx``) and
+    the host bookkeeping of its steps. ``index`` is the row in the caller's batch; the row's slot in the caches
+    is its place among the rows still running."""
+
+    def __init__(self, index: int, policy: TreePolicy, prompt_len: int, max_len: int, device: torch.device):
+        self.index = index
+        self.policy = policy
+        policy.reset()
+        self.prompt_len = prompt_len
+        self.seq = torch.zeros(1, max_len, dtype=torch.int64, device=device)
+        self.keep: Tensor | None = None  # prompt positions the draft sees (visual pruning), None = all
+        self.draft_start = 0  # the draft cache's length after the prefill
+        self.ctx: DraftRound | None = None
+        self.step_rows: list[tuple] = []
+        self.fed = 0  # rows of the current draft forward that are this row's
+        self.proposal = None
+        self.committed = None
+        self.num_nodes = 1
+        self.target_len = 0
+
+    def start(self, prompt: list[int], first_token: int, max_new_tokens: int, eos_ids: set[int],
+              stop_criteria) -> None:
+        """After the prefill: the first new token is committed (not yet in either cache)."""
+        self.cur_len = self.prompt_len + 1
+        self.draft_done = self.prompt_len
+        self.n_generated = 1
+        self.sequence_host = prompt + [first_token]
+        self.stop_reason = _stop_reason(first_token, self.sequence_host, eos_ids, stop_criteria)
+        if self.stop_reason is None and max_new_tokens == 1:
+            self.stop_reason = "max_new_tokens"
+
+    def finish_step(self, max_new_tokens: int, eos_ids: set[int], stop_criteria, streamer) -> None:
+        """The host side of a committed step: emitted tokens, stop checks, streamer, policy feedback."""
+        committed, proposal = self.committed, self.proposal
+        # the readback, decoded by the workspace (host ints, a float, a list: no device access)
+        tau, processed_n, real_n = committed.accept_len, committed.draft_held, committed.real_nodes
+        new_host, alpha_measured = committed.tokens, committed.alpha
+        if self.policy.uses_draft:
+            self.draft_done = self.target_len + processed_n
+        remaining = max_new_tokens - self.n_generated
+        emitted = new_host if len(new_host) <= remaining else new_host[:remaining]
+        sequence_host = self.sequence_host
+        if stop_criteria is None:
+            if not eos_ids.isdisjoint(emitted):
+                for position, token in enumerate(emitted):
+                    if token in eos_ids:
+                        emitted = emitted[: position + 1]
+                        self.stop_reason = "eos"
+                        break
+            sequence_host.extend(emitted)
+        else:
+            accepted_host = []
+            for token in emitted:
+                accepted_host.append(token)
+                sequence_host.append(token)
+                self.stop_reason = _stop_reason(token, sequence_host, eos_ids, stop_criteria)
+                if self.stop_reason is not None:
+                    break
+            emitted = accepted_host
+        self.n_generated += len(emitted)
+        self.cur_len += len(emitted)
+        if self.stop_reason is None and self.n_generated >= max_new_tokens:
+            self.stop_reason = "max_new_tokens"
+        if streamer is not None and emitted:
+            streamer.put(torch.tensor(emitted))
+        # the step's record, assembled into a StepRecord after the generation (off the hot path)
+        self.step_rows.append((tau, len(emitted), real_n, self.num_nodes - 1, proposal.depth_bound,
+                               proposal.draft_forwards, proposal.info, alpha_measured))
+        self.policy.update(tau, alpha_measured)
+
+    def stats(self, name: str) -> GenerationStats:
+        stats = GenerationStats(policy=name, prompt_len=self.prompt_len)
+        for tau, emitted_n, real_n, slots, depth_bound, forwards, info, alpha_measured in self.step_rows:
+            info = self.policy.step_info(info, alpha_measured)
+            stats.steps.append(StepRecord(
+                tau=tau, emitted=emitted_n, tree_size=real_n, tree_slots=slots, tree_depth=depth_bound,
+                draft_forwards=forwards, alpha=info.get("alpha"), alpha_measured=alpha_measured,
+                depth_target=info.get("depth_target"), width_target=info.get("width_target"), d_max=info.get("d_max"),
+            ))
+        stats.new_tokens = self.n_generated
+        stats.stop_reason = self.stop_reason
+        return stats
+
+
+def _advance(row: _Row, build, logits: Tensor | None):
+    """Run a row's tree build up to its next draft forward: that forward's inputs, or None when the tree is done
+    (the proposal is then in ``row.proposal``)."""
+    try:
+        return build.send(logits)
+    except StopIteration as done:
+        row.proposal = done.value
+        return None
+
+
+def _to_host(readbacks: list[Tensor]) -> list[Tensor]:
+    """The rows' commit readbacks (``[1, 4 + N_b]`` int64 each) on the host, read with one device-to-host copy."""
+    if readbacks[0].is_cpu:
+        return [readback.view(-1) for readback in readbacks]
+    if len(readbacks) == 1:
+        return [readbacks[0].view(-1).cpu()]
+    host = torch.cat([readback.view(-1) for readback in readbacks]).cpu()
+    return list(host.split([readback.numel() for readback in readbacks]))
+
+
+def _batch_offsets(offsets: list, device: torch.device) -> int | Tensor:
+    """The rows' position offsets (``PrefillResult.position_offset``: an int, or ``[1, 1]`` / ``[R, 1, 1]``) as one
+    offset over the batch (``[B, 1]`` / ``[R, B, 1]``; the int when every row's is that int)."""
+    tensors = [offset for offset in offsets if isinstance(offset, Tensor)]
+    if not tensors:
+        if all(offset == offsets[0] for offset in offsets):
+            return offsets[0]
+        return torch.tensor(offsets, dtype=torch.int64, device=device)[:, None]
+    if len(offsets) == 1:
+        return offsets[0]
+    parts = [offset if isinstance(offset, Tensor) else torch.full_like(tensors[0], offset) for offset in offsets]
+    return torch.cat(parts, dim=-2)
+
+
+def _select_offsets(offset: int | Tensor, kept: list[int]) -> int | Tensor:
+    """The position offset of the rows ``kept`` (batch slots)."""
+    if not isinstance(offset, Tensor):
+        return offset
+    return offset.index_select(offset.dim() - 2, torch.tensor(kept, device=offset.device))

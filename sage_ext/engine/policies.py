@@ -2,12 +2,14 @@
 
 Every policy runs inside the same engine loop (``sage_ext.engine``); it only decides which draft nodes
 exist. It talks to the engine through a ``DraftRound`` (``ctx``), whose native workspace holds the tree:
-``ctx.start_tree`` / ``ctx.root_logits()`` (the step's first draft forward: pending committed tokens + the root),
-the levels ``ctx.sage_level`` / ``ctx.static_level`` / ``ctx.topk_expand`` (a whole SAGE / fixed-tree / EAGLE-2
-level and the inputs of the draft forward over its new slots, one native call; ``ctx.forward`` runs that
-forward), then which tree the target verifies: ``ctx.use_slots(n)`` (the slots ``[0, n)``), ``ctx.rerank``
-(EAGLE-2's final selection) or ``ctx.root_only()`` (no draft). Draft logits come as ``[1, T, V]``; a level's
-frontier is their last rows. Policies never loop over tree nodes in Python and never read device values, except SAGE with
+``ctx.start_tree`` / ``ctx.root_inputs()`` (the inputs of the step's first draft forward: pending committed tokens
++ the root), the levels ``ctx.sage_level`` / ``ctx.static_level`` / ``ctx.topk_expand`` (a whole SAGE / fixed-tree /
+EAGLE-2 level and the inputs of the draft forward over its new slots, one native call), then which tree the target
+verifies: ``ctx.use_slots(n)`` (the slots ``[0, n)``), ``ctx.rerank``
+(EAGLE-2's final selection) or ``ctx.root_only()`` (no draft). ``build`` is a generator: it yields the inputs of
+each draft forward and gets the logits back (``logits = yield inputs``, ``[1, T, V]``; a level's frontier is their
+last rows), so the engine runs one draft forward per level for every row of a batch, each row with its own
+policy state and tree; ``build`` returns the ``TreeProposal``. Policies never loop over tree nodes in Python and never read device values, except SAGE with
 ``static_shapes=False`` reading per-level node counts (free on CPU). Trees are laid out level by level, so every
 level (and every set of nodes fed to the draft) is a slot range. The engine books a policy's whole ``build`` as
 ``tree_ops`` except the draft forwards, so policies keep no clocks; ``build`` runs once per step on the hot
@@ -26,10 +28,11 @@ Policies (names for ``SpeculativeGenerator(policy=...)``):
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import torch
 from torch import Tensor
@@ -82,8 +85,17 @@ class TreePolicy:
     def reset(self) -> None:
         """Forget per-generation state (called at the start of every generate)."""
 
-    def build(self, ctx) -> TreeProposal:
+    def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
+        """This step's tree for one row, in ``ctx``'s workspace: a generator that yields the inputs of each draft
+        forward, receives its logits ``[1, T, V]`` and returns the ``TreeProposal``."""
         raise NotImplementedError
+
+    def for_row(self) -> "TreePolicy":
+        """The policy of another row of a batch: the same arguments and shared constants (fixed layouts, learned
+        costs), its own per-generation state (``reset`` gives it fresh containers)."""
+        row = copy.copy(self)
+        row.reset()
+        return row
 
     def update(self, tau: int, alpha_root: float | None) -> None:
         """Host-side feedback after a step: accepted draft tokens and the root confidence measured."""
@@ -115,9 +127,10 @@ class AutoregressivePolicy(TreePolicy):
     def depth_bound(self) -> int:
         return 0
 
-    def build(self, ctx) -> TreeProposal:
+    def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
         ctx.root_only()  # the root is read straight from the engine's sequence buffer: no tree state is written
         return TreeProposal(0, 0)
+        yield  # a generator like every build (this one needs no draft forward)
 
 
 class StaticTreePolicy(TreePolicy):
@@ -186,12 +199,12 @@ class StaticTreePolicy(TreePolicy):
             self._device_cache[key] = cached
         return cached
 
-    def build(self, ctx) -> TreeProposal:
+    def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
         static = self._on(ctx)
         n = self._num_nodes
         layout = static["layout"]
         ctx.start_tree(layout=layout)
-        logits = ctx.root_logits()
+        logits = yield ctx.root_inputs()
         alpha_root = None
         levels = static["levels"]
         for index, (start, _, _, fed_count, flat) in enumerate(levels):
@@ -204,7 +217,7 @@ class StaticTreePolicy(TreePolicy):
             if index == 0:
                 alpha_root = alpha
             if inputs is not None:
-                logits = ctx.forward(inputs)
+                logits = yield inputs
         ctx.use_slots(n)
         return TreeProposal(self._max_depth, len(levels), alpha_root)
 
@@ -259,10 +272,10 @@ class DynamicTreePolicy(TreePolicy):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "depth": self.depth, "topk": self._topk, "num_nodes": self.num_nodes}
 
-    def build(self, ctx) -> TreeProposal:
+    def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
         k = self._topk
         ctx.start_tree()
-        logits = ctx.root_logits()
+        logits = yield ctx.root_inputs()
         # per level (one native call): the frontier's top-k, each frontier node's k children best-first into the
         # level's slots, and the next feed: the level's first k slots, its best nodes (expand_tree sorts them)
         frontier_start, frontier_count, next_slot = 0, 1, 1
@@ -276,7 +289,7 @@ class DynamicTreePolicy(TreePolicy):
                 alpha_root = alpha
             frontier_start, frontier_count, next_slot = next_slot, k, next_slot + num_slots
             if inputs is not None:
-                logits = ctx.forward(inputs)
+                logits = yield inputs
         ctx.rerank(next_slot, self.num_nodes + 1)
         return TreeProposal(self.depth, self.depth, alpha_root)
 
@@ -418,10 +431,10 @@ class SagePolicy(TreePolicy):
         return slots
 
     # ------------------------------------------------------------------ one tree
-    def build(self, ctx) -> TreeProposal:
+    def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
         first_static = self.rounds == 0 and self.first_round is not None
         if first_static:
-            proposal = self.first_round.build(ctx)
+            proposal = yield from self.first_round.build(ctx)
             proposal.info = {"d_max": self.d_max}
             self._alpha_next_device = proposal.alpha_root
             return proposal
@@ -434,7 +447,7 @@ class SagePolicy(TreePolicy):
         shape = (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max), self.theta_scale)
 
         ctx.start_tree()
-        logits = ctx.root_logits()
+        logits = yield ctx.root_inputs()
         if host_alpha is None:
             alpha = None  # zero-lag: level 1 is shaped by this root's own alpha, measured by the same op
         elif self.alpha_next is not None and self._alpha_next_device is not None:
@@ -460,7 +473,7 @@ class SagePolicy(TreePolicy):
             level += 1
             if inputs is None:  # deeper than max_depth, or the node budget is spent
                 break
-            logits = ctx.forward(inputs)
+            logits = yield inputs
             forwards += 1
             num_slots = slots[level - 1] if static_shapes else n_max - used
             count, _, _, inputs = ctx.sage_level(

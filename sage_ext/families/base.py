@@ -9,12 +9,16 @@ The adapter turns sequence indices into the family's position ids (1-D RoPE, M-R
 stays family-agnostic. Subclasses usually override only a few hooks: ``rope_position_ids`` (position
 ids from sequence indices), ``prefill_position_ids`` (the prompt's positions and offset) and
 ``visual_token_mask``; families with their own position scheme (M-RoPE) override ``prefill`` too.
+``split_batch`` turns a batch of processor outputs into each row's own inputs (families declare their media
+with ``batch_media``, or override ``split_media`` when their media tensors are batch-first).
 
 Models are used as loaded (device, dtype, device_map); nothing inside transformers is patched.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,6 +46,73 @@ class PrefillResult:
     logits_last: Tensor
     position_offset: int | Tensor = 0
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchMedia:
+    """Media items of one kind (images, videos) concatenated over a batch, in prompt order (row 0's first).
+
+    ``tokens[i]``: the ``token_id`` placeholders of item i in the prompt; ``rows[key][i]``: the leading rows of
+    ``inputs[key]`` that hold item i (1 per image in ``pixel_values [num_images, ...]``; t*h*w patches in Qwen's).
+    """
+
+    name: str
+    token_id: int
+    tokens: list[int]
+    rows: dict[str, list[int]]
+
+    def split(self, inputs: dict[str, Any], row_ids: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Each row's items: the next ones in order whose placeholders add up to the row's; ValueError when the
+        counts do not add up."""
+        edges = {key: [0, *itertools.accumulate(rows)] for key, rows in self.rows.items()}  # item i: [e[i], e[i+1])
+        for key, edge in edges.items():
+            if inputs[key].shape[0] != edge[-1]:
+                raise ValueError(f"{key} has {inputs[key].shape[0]} leading rows but the {len(self.tokens)} "
+                                 f"{self.name}(s) need {edge[-1]}: the {self.name} counts do not add up")
+        bounds = [0, *itertools.accumulate(self.tokens)]  # placeholders before item i
+        parts, first = [], 0
+        for b, ids in enumerate(row_ids):
+            count = int((ids == self.token_id).sum())
+            end = bisect.bisect_left(bounds, bounds[first] + count, lo=first)
+            if end == len(bounds) or bounds[end] != bounds[first] + count:
+                raise ValueError(f"row {b} holds {count} {self.name} placeholders (token {self.token_id}), not whole "
+                                 f"{self.name}s of the batch (the next take {self.tokens[first:first + 4]} each): the "
+                                 f"{self.name} counts do not add up")
+            part = {key: inputs[key][edge[first]:edge[end]] for key, edge in edges.items()}
+            parts.append(part if end > first else {})
+            first = end
+        if first != len(self.tokens):
+            raise ValueError(f"the batch has {len(self.tokens)} {self.name}s but the rows' placeholders cover only "
+                             f"{first}: the {self.name} counts do not add up")
+        return parts
+
+
+def fixed_count_images(inputs: dict[str, Any], token_id: int, tokens_per_image: int) -> list[BatchMedia]:
+    """``batch_media`` of families with ``tokens_per_image`` placeholders per image and ``pixel_values
+    [num_images, ...]`` (and ``image_sizes``, if given) concatenated over the batch."""
+    if not isinstance(inputs.get("pixel_values"), Tensor):
+        return []
+    count = inputs["pixel_values"].shape[0]
+    keys = [key for key in ("pixel_values", "image_sizes") if isinstance(inputs.get(key), Tensor)]
+    return [BatchMedia("image", token_id, [tokens_per_image] * count, {key: [1] * count for key in keys})]
+
+
+def left_padding_starts(attention_mask: Tensor | None, batch: int, length: int) -> list[int]:
+    """Where each row's tokens start (its number of left-padding positions); ValueError unless every row of
+    ``attention_mask`` is zeros then ones with at least one one."""
+    if attention_mask is None:
+        return [0] * batch
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; input_ids has {(batch, length)}")
+    starts = length - attention_mask.long().sum(-1)
+    left_padded = torch.arange(length, device=attention_mask.device) >= starts[:, None]
+    if not torch.equal(attention_mask, left_padded.to(attention_mask.dtype)):
+        raise ValueError("the batch must be left-padded (each attention_mask row zeros then ones), e.g. "
+                         "processor(..., padding_side='left'); got right padding or holes")
+    empty = (starts == length).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"row(s) {empty} of the batch hold no token (attention_mask all zeros)")
+    return starts.tolist()
 
 
 def causal_mask_4d(num_new: int, past_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -236,3 +307,49 @@ class FamilyAdapter:
     def visual_token_mask(self, inputs: dict[str, Any]) -> Tensor | None:
         """bool ``[1, L]``: which prompt tokens are image/video tokens (None for text-only families)."""
         return None
+
+    # ------------------------------------------------------------------ batches
+    def split_batch(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Split a left-padded batch of processor outputs into what the processor returns for each row alone.
+
+        ``input_ids [B, L]`` and every per-token tensor (``[B, L, ...]``: attention_mask, token_type_ids,
+        mm_token_type_ids, ...) are cut to the row without its left padding (``attention_mask`` zeros then ones;
+        absent: no padding); media tensors go to the rows whose placeholders they fill (``split_media``; a row
+        without media gets no media keys); other values pass through unchanged. ValueError for right padding or
+        holes, an empty row, a tensor that fits neither rule (named), and media counts that do not add up to the
+        rows' placeholders. A batch of one without padding comes back as it is.
+        """
+        input_ids = inputs["input_ids"]
+        batch, length = input_ids.shape
+        starts = left_padding_starts(inputs.get("attention_mask"), batch, length)
+        if batch == 1 and starts[0] == 0:
+            return [dict(inputs)]
+        media, media_keys = self.split_media(inputs, [input_ids[b, start:] for b, start in enumerate(starts)])
+        rows: list[dict[str, Any]] = [{} for _ in range(batch)]
+        for key, value in inputs.items():
+            per_token = isinstance(value, Tensor) and tuple(value.shape[:2]) == (batch, length)
+            if isinstance(value, Tensor) and key not in media_keys and not per_token:
+                raise ValueError(f"cannot split {key!r} (shape {tuple(value.shape)}) into the rows of a {batch} x "
+                                 f"{length} batch: neither a per-token tensor [B, L, ...] nor media of this family")
+            for b, row in enumerate(rows):
+                if key in media_keys:
+                    if key in media[b]:
+                        row[key] = media[b][key]
+                else:
+                    row[key] = value[b:b + 1, starts[b]:] if per_token else value
+        return rows
+
+    def split_media(self, inputs: dict[str, Any], row_ids: list[Tensor]) -> tuple[list[dict[str, Tensor]], set[str]]:
+        """Each row's media tensors (``row_ids``: the rows' tokens without padding) and the keys they come from.
+        Default: the items of ``batch_media``, each row taking the next ones whose placeholders it holds."""
+        rows: list[dict[str, Tensor]] = [{} for _ in row_ids]
+        keys: set[str] = set()
+        for media in self.batch_media(inputs):
+            keys |= media.rows.keys()
+            for row, part in zip(rows, media.split(inputs, row_ids)):
+                row.update(part)
+        return rows, keys
+
+    def batch_media(self, inputs: dict[str, Any]) -> list[BatchMedia]:
+        """The media concatenated over the batch in ``inputs``, one ``BatchMedia`` per kind (none: text-only)."""
+        return []

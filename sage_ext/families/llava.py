@@ -1,6 +1,7 @@
 """Adapter for LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP features scattered into the
 ``<image>`` placeholder positions of a Llama/Vicuna decoder, 1-D RoPE over the expanded sequence.
-The base adapter's forwards apply as they are; only the visual-token mask is family-specific.
+The base adapter's forwards apply as they are; only the visual-token mask and the batch media are family-specific
+(``config.image_seq_length`` placeholders per image, ``pixel_values [num_images, ...]`` concatenated over a batch).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import FamilyAdapter
+from .base import BatchMedia, FamilyAdapter, fixed_count_images
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -24,3 +25,6 @@ class LlavaAdapter(FamilyAdapter):
 
     def visual_token_mask(self, inputs: dict[str, Any]) -> Tensor | None:
         return inputs["input_ids"] == self.image_token_id
+
+    def batch_media(self, inputs: dict[str, Any]) -> list[BatchMedia]:
+        return fixed_count_images(inputs, self.image_token_id, int(self.config.image_seq_length))

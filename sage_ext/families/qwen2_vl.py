@@ -10,6 +10,10 @@ model caches on itself are never read here (and are restored after the prompt po
 ``mm_token_type_ids`` (text 0, image 1, video 2) is what ``get_rope_index`` groups tokens by; when the
 inputs lack it (a hand-built prompt), it is derived from the image/video token ids, because without
 it Qwen2.5-VL silently falls back to 1-D positions.
+
+In a batch, images and videos are concatenated: ``pixel_values`` holds t*h*w patch rows per ``image_grid_thw``
+row and the image t*h*w / spatial_merge_size**2 placeholders (videos alike: ``pixel_values_videos``,
+``video_grid_thw``, ``second_per_grid_ts``).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import FamilyAdapter
+from .base import BatchMedia, FamilyAdapter
 
 
 class Qwen2VLAdapter(FamilyAdapter):
@@ -45,3 +49,19 @@ class Qwen2VLAdapter(FamilyAdapter):
             token_types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
             model_inputs["mm_token_type_ids"] = token_types
         return model_inputs
+
+    def batch_media(self, inputs: dict[str, Any]) -> list[BatchMedia]:
+        merge = self.config.vision_config.spatial_merge_size ** 2
+        media = []
+        for name, token_id, grid_key, pixel_key, item_keys in (
+            ("image", self.image_token_id, "image_grid_thw", "pixel_values", ()),
+            ("video", self.video_token_id, "video_grid_thw", "pixel_values_videos", ("second_per_grid_ts",)),
+        ):
+            if not isinstance(inputs.get(grid_key), Tensor):
+                continue
+            patches = inputs[grid_key].prod(-1).tolist()
+            rows = {key: [1] * len(patches) for key in (grid_key, *item_keys) if isinstance(inputs.get(key), Tensor)}
+            if isinstance(inputs.get(pixel_key), Tensor):
+                rows[pixel_key] = patches
+            media.append(BatchMedia(name, token_id, [count // merge for count in patches], rows))
+        return media
