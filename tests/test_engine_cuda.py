@@ -8,6 +8,7 @@
 - CPU and CUDA build the same trees step by step, from the same models;
 - sampling with a CUDA and with a CPU ``torch.Generator``: seeded runs repeat, the tokens follow the target's
   distribution (chi-square, as tests/test_engine_sampling.py);
+- batches: every row of a batch (different lengths and media) equals ``target.generate`` on that row alone;
 - the CUDA-event timeline: statistics consistent (tests/test_engine_stats.py's checks), GPU time booked where
   it ran.
 
@@ -90,6 +91,27 @@ def test_caches_match_recomputation_after_every_step(family, policy):
     _, taus = run_with_cache_checks(family.target, family.draft, family.inputs, POLICIES[policy]())
     if policy != "ar":
         assert max(taus) > 0
+
+
+@pytest.mark.parametrize("policy", ["ar", "chain", "dynamic", "sage"])
+@pytest.mark.parametrize("name", ["llama", "llava", "qwen2_vl", "qwen2_5_vl-video", "idefics3", "gemma3"])
+def test_batch_rows_equal_target_generate_alone(name, policy):
+    """tests/test_engine_batch.py's check on CUDA: a batch of prompts of different lengths and media, each row's
+    new tokens equal to ``target.generate`` on that row alone (on the GPU)."""
+    from test_batch_split import CASES, assemble
+    from test_engine_batch import MAX_NEW as BATCH_NEW
+
+    model, rows, layout = CASES[name]()
+    draft = correlated_draft(model, noise=0.1)
+    target, draft = copy.deepcopy(model).to(CUDA), copy.deepcopy(draft).to(CUDA)
+    rows = [to_cuda(row) for row in rows]
+    batch = to_cuda(assemble([{key: value.cpu() for key, value in row.items()} for row in rows], **layout))
+    out = SpeculativeGenerator(target, draft if policy != "ar" else None, POLICIES[policy]()).generate(
+        **batch, max_new_tokens=BATCH_NEW, pad_token_id=1)
+    width = batch["input_ids"].shape[1]
+    for index, row in enumerate(rows):
+        expected = hf_greedy(target, row, max_new_tokens=BATCH_NEW)[0, row["input_ids"].shape[1]:]
+        assert torch.equal(out.sequences[index, width: width + len(expected)], expected), f"row {index}"
 
 
 def real_nodes(tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
