@@ -12,6 +12,11 @@ the engine's ``ar`` rows (each row decoded as it would be alone); ``hf`` batched
 mismatches reported (HF pads prompts of different lengths, which may round a near-tie differently; with the
 bundled pair's equal-length prompts there is no padding).
 
+A method ``policy@N`` runs the policy with ``batch_node_budget=N`` (``policy@none``: no budget; a bare policy
+name: the default budget), to see where a batch's node budget pays:
+
+    python benchmarks/bench_batch.py --methods hf,sage@none,sage@64,sage,sage@256 --scene-offset 300
+
 Writes ``results/batch_<machine>.{json,md,png}``.
 """
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +41,13 @@ from sage_ext.cli.runs import machine_name  # noqa: E402
 from sage_ext.fixtures import PAIRS  # noqa: E402
 
 METHODS = ["hf", "ar", "chain", "static", "dynamic", "sage", "sage_cost"]
+
+
+def engine_for(method: str, target, draft) -> SpeculativeGenerator:
+    """``policy`` or ``policy@N`` (``batch_node_budget=N``, ``none`` for no budget)."""
+    policy, _, budget = method.partition("@")
+    kwargs = {} if not budget else {"batch_node_budget": None if budget == "none" else int(budget)}
+    return SpeculativeGenerator(target, draft if policy != "ar" else None, policy, **kwargs)
 
 
 def group_inputs(processor, pair, scenes: list, batch_size: int) -> list[dict]:
@@ -90,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     pair = PAIRS[args.pair]
     device = torch.device("cpu")
     target, draft, processor = load_pair(str(pair.target_dir), str(pair.draft_dir), device, torch.float32)
-    engines = {name: SpeculativeGenerator(target, draft if name != "ar" else None, name)
-               for name in methods if name != "hf"}
+    engines = {name: engine_for(name, target, draft) for name in methods if name != "hf"}
     eos_ids = set(engines.get("ar", next(iter(engines.values()))).target.eos_token_ids())
     scenes = pair.heldout_scenes(args.scenes, start=args.scene_offset)
     # warm-up: one call of every method on a small batch (first-call allocations, lazy inits)

@@ -83,6 +83,23 @@ def test_return_dict_in_generate_gives_a_decoder_only_output_with_stats(fixture_
     assert out.stats.target_forwards < out.stats.new_tokens  # speculation accepted draft tokens
 
 
+def test_a_batch_with_a_node_budget(fixture_pair):
+    """A processor batch of two scenes (equal prompt lengths: no padding, so HF's batched rows are the rows
+    alone) with a small node budget for the batch, through custom_generate and the one-call form."""
+    target, draft, processor, _ = fixture_pair
+    images = [scene.render() for scene in scenes.heldout_scenes(2, start=9)]
+    batch = processor(text=[scenes.caption_prompt()] * 2, images=images, return_tensors="pt", padding=True,
+                      padding_side="left")
+    expected = target.generate(**batch, max_new_tokens=40, do_sample=False)
+    out = custom(target, **batch, assistant_model=draft, batch_node_budget=8, max_new_tokens=40)
+    assert torch.equal(out, expected)
+    direct, stats = sage_ext.generate(target, draft, "dynamic", **batch, batch_node_budget=8, max_new_tokens=40)
+    assert torch.equal(direct, expected)
+    # each row's share of the 8 nodes, root aside: 3 while both run, 7 for the last one
+    assert max(step.tree_slots for row in stats for step in row.steps[:2]) == 3
+    assert max(step.tree_slots for row in stats for step in row.steps) <= 7
+
+
 def test_tiny_llama_lengths_follow_transformers(tiny_pair):
     target, draft, inputs = tiny_pair
     prompt_len = inputs["input_ids"].shape[1]

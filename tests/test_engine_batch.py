@@ -11,7 +11,9 @@ lays out a batch (left padding, media concatenated or batch-first). Checked, fp3
   split over devices, the per-device commit);
 * sampling: each row's 2nd and 3rd tokens follow that row's exact target distribution (chi-square), and a biased
   verifier (the negative control) is caught in the batch;
-* a finished row leaves the batch; a streamer with a batch is refused.
+* a finished row leaves the batch; a streamer with a batch is refused; stop strings end each row by itself;
+* the batch's node budget: every row's tree is cut to its share of it (fixed trees, SAGE, EAGLE-2), still
+  lossless; one prompt's default trees are not cut.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ import pytest
 import torch
 from test_batch_split import CASES, PAD, assemble
 from test_engine import POLICIES, hf_greedy
-from test_engine_kv import assert_same_cache, recomputed_cache
+from test_engine_kv import check_step_caches
 from test_engine_sampling import ResidualNotUpdated, chi_square_p, exact_marginals, hf_warper
-from tiny_models import correlated_draft, one_thread, tiny_llama  # noqa: F401  (one_thread: autouse fixture)
+from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_tokenizer  # noqa: F401  (one_thread: autouse)
 
 from sage_ext.engine import SpeculativeGenerator
+from sage_ext.engine.loop import DEFAULT_BATCH_NODE_BUDGET
+from sage_ext.engine.policies import POLICIES as POLICY_CLASSES
 from sage_ext.engine.policies import SagePolicy, StaticTreePolicy
 
 MAX_NEW = 12
@@ -118,6 +122,76 @@ def test_the_caches_grow_as_the_rows_get_longer():
     assert sizes[0] < sizes[-1] <= generator.target_cache.capacity
 
 
+def test_stop_strings_end_each_row_by_itself():
+    """A stop string taken from the middle of the first row's text: each row ends where ``generate`` on it alone
+    with that stop string ends (the rows that never meet it run to max_new_tokens)."""
+    model, rows, layout = CASES["llama"]()
+    tokenizer = tiny_tokenizer()
+    references = [hf_greedy(model, row, max_new_tokens=MAX_NEW)[0, row["input_ids"].shape[1]:] for row in rows]
+    text = tokenizer.decode(references[0])
+    index = next(i for i in range(3, len(text)) if text[i - 1: i + 1] not in text[:i])
+    stop = text[index - 1: index + 1]
+    expected = [hf_greedy(model, row, max_new_tokens=MAX_NEW, stop_strings=[stop], tokenizer=tokenizer)
+                [0, row["input_ids"].shape[1]:] for row in rows]
+    batch = assemble(rows, **layout)
+    out = SpeculativeGenerator(model, correlated_draft(model, noise=0.1), "sage").generate(
+        **batch, max_new_tokens=MAX_NEW, stop_strings=stop, tokenizer=tokenizer, pad_token_id=FILL)
+    check_rows(out, batch, expected)
+    assert out.stats[0].stop_reason == "stop_string" and out.stats[0].new_tokens == index + 1 < MAX_NEW
+
+
+# ----------------------------------------------------------------------------------------------- node budget
+BUDGET_POLICIES = ["chain", "static", "dynamic", "sage", "sage_zero_lag_static_shapes", "sage_cost"]
+
+
+@pytest.mark.parametrize("budget", [5, 9])
+@pytest.mark.parametrize("policy", BUDGET_POLICIES)
+def test_the_node_budget_cuts_every_rows_tree(case, policy, budget):
+    """Every step, each running row's tree has at most its share of the budget (budget // running rows, at least
+    2 nodes with the root), and every row still decodes as it would alone."""
+    model, draft, _, batch, references = case
+    generator = SpeculativeGenerator(model, draft, POLICIES[policy](), batch_node_budget=budget)
+    sizes: dict[int, list[int]] = {}  # step -> tree size of every row it ran
+    generator.step_hook = lambda info: sizes.setdefault(info.step, []).append(info.tree_tokens.shape[1])
+    out = generator.generate(**batch, max_new_tokens=MAX_NEW, pad_token_id=FILL)
+    check_rows(out, batch, references)
+    for step, trees in sizes.items():
+        share = max(2, budget // len(trees))
+        assert max(trees) <= share, f"step {step}: trees {trees} over the share {share}"
+    assert max(max(trees) for trees in sizes.values()) > 1  # trees were built, not skipped
+
+
+@pytest.mark.parametrize("nodes", [2, 5, 13, 25, 26])
+def test_a_fixed_tree_cut_keeps_its_shallowest_best_paths(nodes):
+    tree = StaticTreePolicy()
+    cut = tree.trimmed(nodes)
+    kept = min(nodes, tree.capacity) - 1
+    assert cut.capacity == kept + 1
+    assert cut.paths == sorted(tree.paths, key=lambda path: (len(path), path))[:kept]
+    assert all(path[:-1] in cut.paths or len(path) == 1 for path in cut.paths)  # every parent kept
+    assert tree.trimmed(nodes) is cut  # made once per limit
+
+
+@pytest.mark.parametrize("policy", sorted(POLICY_CLASSES))
+def test_one_prompt_keeps_its_default_tree_under_the_default_budget(policy):
+    """The default budget leaves a batch of one as it was: the same trees, steps and tokens as without a budget
+    (policy objects, not names: sage_cost by name would go on learning from the first run in the second)."""
+    model, rows, _ = CASES["llama"]()
+    draft = correlated_draft(model, noise=0.1) if policy != "ar" else None
+    runs = [SpeculativeGenerator(model, draft, POLICY_CLASSES[policy](), batch_node_budget=budget).generate(
+        **rows[0], max_new_tokens=MAX_NEW) for budget in (DEFAULT_BATCH_NODE_BUDGET, None)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert [(step.tree_slots, step.tau) for step in runs[0].stats.steps] == [
+        (step.tree_slots, step.tau) for step in runs[1].stats.steps]
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2.5, True, "64"])
+def test_a_node_budget_below_two_or_not_an_int_raises(budget):
+    model, _, _ = CASES["llama"]()
+    with pytest.raises(ValueError, match="batch_node_budget"):
+        SpeculativeGenerator(model, correlated_draft(model, noise=0.1), "sage", batch_node_budget=budget)
+
+
 # ----------------------------------------------------------------------------------- caches, pruning, devices
 KV_CASES = ["llama", "llava", "qwen2_vl", "qwen2_5_vl-video", "gemma3", "idefics3"]
 
@@ -134,12 +208,7 @@ def test_each_rows_caches_match_its_recomputation(name, policy, elsewhere_from):
 
     def check(info):
         checked.append(info.row)
-        if info.finished:
-            return
-        inputs, sequence = rows[info.row], info.sequence
-        assert info.target_cache.get_seq_length() == len(sequence) - 1
-        assert_same_cache(info.target_cache, recomputed_cache(model, inputs, sequence, len(sequence) - 1))
-        assert_same_cache(info.draft_cache, recomputed_cache(draft, inputs, sequence, info.draft_done))
+        check_step_caches(info, model, draft, rows[info.row])
 
     generator.step_hook = check
     out = generator.generate(**assemble(rows, **layout), max_new_tokens=MAX_NEW, pad_token_id=FILL)

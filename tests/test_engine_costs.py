@@ -119,6 +119,40 @@ def test_best_depth_maximizes_the_rate_it_predicts():
     assert 4 < max(rates, key=rates.get) < 12, rates  # an inner optimum for these numbers
 
 
+def test_a_batch_steps_verify_is_priced_by_all_its_rows_tokens():
+    """Batch steps of 1 to 8 rows: the verify line is per token of every row's (padded) tree, and a wider batch
+    makes each level dearer against the rest of a step, so the best depth cap can only get shallower (here from
+    the deepest for one row, every draft token being right, to the shallowest for 64)."""
+    costs, acceptance = CostModel(), DepthAcceptance(max_depth=12)
+    per_token = 4e-4
+    for step in range(40):
+        rows, depth = (1, 2, 4, 8)[step % 4], 4 + step % 5
+        slots = 3 * depth
+        single = synthetic_step(slots=slots, depth=depth, accepted=depth, verify1=0.0)  # every draft token right
+        verify = single.verify_seconds + per_token * rows * (slots + 1)
+        outcomes = tuple((depth, depth) for _ in range(rows)) if rows > 1 else ()
+        costs.observe(StepCost(single.seconds - single.verify_seconds + verify, single.draft_seconds, verify,
+                               single.draft_forwards, slots, depth, accepted=depth, batch_rows=outcomes))
+        for accepted, tree_depth in (outcomes or ((depth, depth),)):
+            acceptance.observe(accepted, tree_depth)
+    assert costs.verify_line()[1] == pytest.approx(per_token, rel=1e-6)
+    assert costs.step_seconds(5, rows=8) - costs.step_seconds(5) == pytest.approx(per_token * 7 * (15 + 1), rel=1e-6)
+    caps = [best_depth(costs, acceptance, 4, 12, rows=rows) for rows in (1, 2, 4, 8, 64)]
+    assert caps == sorted(caps, reverse=True) and caps[0] == 12 and caps[-1] == 4, caps
+
+
+def test_the_cost_aware_policy_learns_from_every_row_of_a_batch_step():
+    policy = CostAwareSagePolicy()
+    step = synthetic_step(slots=12, depth=4, accepted=4)
+    policy.observe_cost(StepCost(step.seconds, step.draft_seconds, step.verify_seconds, step.draft_forwards, 12, 4,
+                                 accepted=4, batch_rows=((4, 4), (0, 4), (1, 3))))
+    assert policy.costs.steps == 1
+    rows_alone = DepthAcceptance(policy.d_max_cap)
+    for accepted, tree_depth in ((4, 4), (0, 4), (1, 3)):
+        rows_alone.observe(accepted, tree_depth)
+    assert policy.acceptance.probabilities() == rows_alone.probabilities()
+
+
 # --------------------------------------------------------------------------------------------
 # the policy in the engine
 # --------------------------------------------------------------------------------------------
@@ -193,6 +227,27 @@ def test_seeded_sampling_repeats_under_the_same_prices():
     first = sample(5)
     assert torch.equal(sample(5), first)
     assert any(not torch.equal(sample(seed), first) for seed in range(6, 10)), "other seeds, other tokens"
+
+
+def test_sage_cost_learns_from_batch_steps():
+    """In a batch the cost-aware policy sees the batch's steps (one late, as with one prompt) and its depth cap
+    follows the prices for every row; each row still decodes as it would alone."""
+    from test_batch_split import CASES, assemble
+
+    model, rows, layout = CASES["llama"]()
+    batch = assemble(rows, **layout)
+    references = [hf_greedy(model, row, max_new_tokens=40)[0, row["input_ids"].shape[1]:] for row in rows]
+    policy = CostAwareSagePolicy()
+    engine = SpeculativeGenerator(model, same_draft(model), policy)
+    engine.host_clock = priced_clock(engine, {"draft_decode": 10.0, "target_verify": 1.0})
+    steps = set()
+    engine.step_hook = lambda info: steps.add(info.step)
+    out = engine.generate(**batch, max_new_tokens=40, eos_token_id=-1, pad_token_id=0)
+    for b, new in enumerate(references):
+        assert torch.equal(out.sequences[b, batch["input_ids"].shape[1]:][: len(new)], new)
+    assert policy.costs.steps == len(steps) - 1 > 2
+    assert policy.depth_goal == policy.d_min + 1 < policy.d_max_init  # dear draft forwards: shallow, every row
+    assert all(step.d_max == policy.d_min + 1 for stats in out.stats for step in stats.steps[-2:])
 
 
 def test_generators_of_the_same_models_share_what_sage_cost_learned():

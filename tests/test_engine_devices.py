@@ -20,7 +20,7 @@ import importlib.util
 import pytest
 import torch
 from test_engine import POLICIES, hf_greedy
-from test_engine_kv import MAX_NEW, assert_same_cache, recomputed_cache
+from test_engine_kv import MAX_NEW, run_with_cache_checks
 from tiny_models import all_family_builders, correlated_draft, one_thread  # noqa: F401  (autouse fixture)
 from transformers import DynamicCache
 
@@ -34,28 +34,6 @@ FAMILIES = ["llama", "llava", "qwen2_vl"]
 #: of each on another device; the whole target elsewhere; the whole draft elsewhere (draft on its own device)
 SPLITS = {"second_layers": (1, 1), "target_all": (0, None), "draft_all": (None, 0)}
 TREE_POLICIES = ["chain", "static", "dynamic", "sage", "sage_zero_lag"]
-
-
-def run_with_cache_checks(target, draft, inputs, policy, elsewhere_from):
-    """tests/test_engine_kv.py's check (both caches equal a recomputation after every step) with a split commit."""
-    engine = SpeculativeGenerator(target, draft, policy)
-    engine.elsewhere_from = elsewhere_from
-    taus = []
-
-    def check(info):
-        taus.append(info.tau)
-        if info.finished:
-            return
-        sequence = info.sequence
-        assert info.target_cache.get_seq_length() == len(sequence) - 1
-        assert_same_cache(info.target_cache, recomputed_cache(target, inputs, sequence, len(sequence) - 1))
-        if info.draft_cache is not None:
-            assert_same_cache(info.draft_cache, recomputed_cache(draft, inputs, sequence, info.draft_done))
-
-    engine.step_hook = check
-    out = engine.generate(**inputs, max_new_tokens=MAX_NEW)
-    assert len(taus) == out.stats.target_forwards > 0
-    return out, taus
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -184,7 +162,7 @@ def test_split_over_gpu_and_cpu(family_name, policy):
     assert devices == {"cuda", "cpu"}, devices
     gpu_inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     reference = hf_greedy(split, gpu_inputs, max_new_tokens=MAX_NEW).cpu()
-    out, taus = run_with_cache_checks(split, draft, gpu_inputs, POLICIES[policy](), (None, None))
+    out, taus = run_with_cache_checks(split, draft, gpu_inputs, POLICIES[policy]())
     assert torch.equal(out.sequences.cpu(), reference)
     assert max(taus) > 0
 

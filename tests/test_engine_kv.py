@@ -54,21 +54,30 @@ def assert_same_cache(actual, expected):
         torch.testing.assert_close(layer_actual.values, layer_expected.values, atol=ATOL, rtol=1e-4)
 
 
-def run_with_cache_checks(target, draft, inputs, policy, **generator_kwargs):
+def check_step_caches(info, target, draft, inputs) -> None:
+    """The step hook's check: after a step (``info``, a ``StepDebug``) of the prompt ``inputs``, both caches equal a
+    recomputation of the committed sequence (the draft's with its pruned prompt)."""
+    if info.finished:  # the last block may be cut (EOS / max_new_tokens); the caches are not used again
+        return
+    sequence = info.sequence
+    assert info.target_cache.get_seq_length() == len(sequence) - 1
+    assert_same_cache(info.target_cache, recomputed_cache(target, inputs, sequence, len(sequence) - 1))
+    if info.draft_cache is not None:
+        assert info.draft_done <= len(sequence) - 1
+        expected = recomputed_cache(draft, inputs, sequence, info.draft_done, keep=info.draft_keep)
+        assert_same_cache(info.draft_cache, expected)
+
+
+def run_with_cache_checks(target, draft, inputs, policy, elsewhere_from=(None, None), **generator_kwargs):
+    """One generation with ``check_step_caches`` after every step; ``elsewhere_from``: the cache layers (target,
+    draft) from which on are committed as another device's group (``SpeculativeGenerator.elsewhere_from``)."""
     generator = SpeculativeGenerator(target, draft, policy, **generator_kwargs)
+    generator.elsewhere_from = elsewhere_from
     checked = []
 
     def check(info):
         checked.append(info.tau)
-        if info.finished:  # the last block may be cut (EOS / max_new_tokens); the caches are not used again
-            return
-        sequence = info.sequence
-        assert info.target_cache.get_seq_length() == len(sequence) - 1
-        assert_same_cache(info.target_cache, recomputed_cache(target, inputs, sequence, len(sequence) - 1))
-        if info.draft_cache is not None:
-            assert info.draft_done <= len(sequence) - 1
-            expected = recomputed_cache(draft, inputs, sequence, info.draft_done, keep=info.draft_keep)
-            assert_same_cache(info.draft_cache, expected)
+        check_step_caches(info, target, draft, inputs)
 
     generator.step_hook = check
     out = generator.generate(**inputs, max_new_tokens=MAX_NEW)

@@ -10,11 +10,11 @@ the copy is imported outside the sage_ext package.
                           assistant_model=draft, max_new_tokens=64)          # policy="sage" by default
 
 Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
-``policy`` (a name or a policy object) and ``draft_prune_ratio`` go to ``SpeculativeGenerator``; the generation
-settings are those ``target.generate`` would use: the call's keyword arguments over ``generation_config`` (or the
+``policy`` (a name or a policy object), ``draft_prune_ratio`` and ``batch_node_budget`` go to
+``SpeculativeGenerator``; the generation settings are those ``target.generate`` would use: the call's keyword arguments over ``generation_config`` (or the
 model's own), 20 new tokens when no length is set anywhere (transformers' default). What the engine does not
 implement (beam search, logits processors, output_scores, ...) is refused with a ValueError, not ignored.
-Returns the sequences (LongTensor ``[1, prompt + new]``), or with ``return_dict_in_generate=True`` a
+Returns the sequences (LongTensor ``[B, prompt + new]``), or with ``return_dict_in_generate=True`` a
 ``SpeculativeGenerateOutput`` (a ``GenerateDecoderOnlyOutput`` with the run's ``stats`` added).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from sage_ext.engine import SpeculativeGenerator
+from sage_ext.engine.loop import DEFAULT_BATCH_NODE_BUDGET
 
 #: transformers' number of new tokens when neither max_new_tokens nor max_length is set.
 HF_DEFAULT_MAX_NEW_TOKENS = 20
@@ -61,7 +62,8 @@ def _settings(model, generation_config, kwargs: dict) -> dict:
 
 
 def generate(model, inputs=None, generation_config=None, assistant_model=None, streamer=None, *,
-             policy="sage", draft_prune_ratio: float = 0.0, **kwargs: Any):
+             policy="sage", draft_prune_ratio: float = 0.0, batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
+             **kwargs: Any):
     """``model.generate(...)`` decoded by sage_ext with ``assistant_model`` as the draft; see the module doc."""
     for key in _NONE_MEANS_UNSET:
         if kwargs.get(key) is None or (key == "synced_gpus" and kwargs[key] is False):
@@ -79,7 +81,8 @@ def generate(model, inputs=None, generation_config=None, assistant_model=None, s
                          "(or policy='ar' for target-only decoding)")
     settings = _settings(model, generation_config, kwargs)
     return_dict = bool(settings.pop("return_dict_in_generate", False))
-    engine = SpeculativeGenerator(model, assistant_model, policy, draft_prune_ratio=draft_prune_ratio)
+    engine = SpeculativeGenerator(model, assistant_model, policy, draft_prune_ratio=draft_prune_ratio,
+                                  batch_node_budget=batch_node_budget)
     sequences, stats = engine.generate(streamer=streamer, **settings)
     if return_dict:
         return SpeculativeGenerateOutput(sequences=sequences, stats=stats)

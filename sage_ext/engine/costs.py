@@ -14,6 +14,10 @@ this step's readback has synchronized, so reading them costs no extra host-devic
 - ``best_depth``: the depth cap with the most expected tokens per second, given how deep a tree gets under
   a cap (for SAGE: ``d_min + alpha (cap - d_min)`` at the draft's recent confidence).
 
+A batch step is one step of all its rows: its seconds are the batch's, the verify's tokens are every row's tree
+padded to the largest (``rows`` x (slots + 1)), and each row's accepted length counts for the acceptance; the
+best depth is then the one with the most tokens per second for the batch (every row's cap is the same).
+
 What a policy has learned (``CostLearning``) outlasts ``generate`` calls: it describes one pair of models on
 one device. ``learning_for`` keeps one record per (target, draft, device) for the process, so every
 ``SpeculativeGenerator`` built with ``policy="sage_cost"`` for the same models (e.g. each ``sage_ext.generate``
@@ -34,9 +38,21 @@ class StepCost:
     draft_seconds: float  # its draft forwards
     verify_seconds: float  # the target's verify forward
     draft_forwards: int
-    verified_slots: int  # draft slots the target verified (root excluded, padding included)
-    tree_depth: int  # levels built
-    accepted: int  # accepted draft tokens (tau)
+    verified_slots: int  # draft slots the target verified per row (root excluded, padding included)
+    tree_depth: int  # levels built (a batch: its deepest row's)
+    accepted: int  # accepted draft tokens (tau; a batch: see ``batch_rows``)
+    #: a batch step: every row's (accepted draft tokens, levels built); empty for one row (``accepted``,
+    #: ``tree_depth``)
+    batch_rows: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def rows(self) -> int:
+        """Rows verified in the step (the batch size)."""
+        return max(1, len(self.batch_rows))
+
+    def outcomes(self) -> tuple[tuple[int, int], ...]:
+        """Every row's (accepted draft tokens, levels built)."""
+        return self.batch_rows or ((self.accepted, self.tree_depth),)
 
 
 class _WeightedLine:
@@ -70,7 +86,7 @@ class CostModel:
 
     Draft seconds are a line in the step's draft forwards: the first forward of a step (the tokens accepted last
     step plus the root) costs more than a level's, and only the slope, one more level, is what a deeper tree
-    adds. The verify is a line in the verified tokens (tree slots + root)."""
+    adds. The verify is a line in the verified tokens (tree slots + root, times the batch's rows)."""
 
     def __init__(self, decay: float = 0.9):
         if not 0.0 < decay < 1.0:
@@ -93,7 +109,7 @@ class CostModel:
         if cost.tree_depth > 0:
             self._slots_per_level += rate * (cost.verified_slots / cost.tree_depth - self._slots_per_level)
         self._draft.add(float(cost.draft_forwards), cost.draft_seconds, rate)
-        self._verify.add(float(cost.verified_slots + 1), cost.verify_seconds, rate)
+        self._verify.add(float(cost.rows * (cost.verified_slots + 1)), cost.verify_seconds, rate)
 
     @property
     def fixed_seconds(self) -> float:
@@ -112,13 +128,14 @@ class CostModel:
         tree sizes seen vary (a fixed tree cannot tell the two apart)."""
         return self._verify.fit()
 
-    def step_seconds(self, depth: float) -> float:
-        """Predicted seconds of a step whose tree is ``depth`` levels deep."""
+    def step_seconds(self, depth: float, rows: int = 1) -> float:
+        """Predicted seconds of a step whose trees are ``depth`` levels deep, for a batch of ``rows``."""
         draft_intercept, per_forward = self.draft_line()
         verify_intercept, per_token = self.verify_line()
         forwards = depth + self._extra_forwards
         slots = self._slots_per_level * depth
-        return self._fixed + draft_intercept + per_forward * forwards + verify_intercept + per_token * (slots + 1)
+        return (self._fixed + draft_intercept + per_forward * forwards + verify_intercept
+                + per_token * rows * (slots + 1))
 
     def describe(self) -> dict:
         draft_intercept, per_forward = self.draft_line()
@@ -175,14 +192,15 @@ def expected_tokens(probabilities: list[float], depth: float) -> float:
 
 
 def best_depth(costs: CostModel, acceptance: DepthAcceptance, low: int, high: int,
-               depth_of: Callable[[int], float] = float) -> int:
-    """The depth cap in [low, high] with the most expected tokens per second (the lowest of ties).
-    ``depth_of(cap)``: the depth a tree reaches on average under that cap (SAGE: d_min + alpha (cap - d_min))."""
+               depth_of: Callable[[int], float] = float, rows: int = 1) -> int:
+    """The depth cap in [low, high] with the most expected tokens per second for a batch of ``rows`` (the lowest
+    of ties). ``depth_of(cap)``: the depth a tree reaches on average under that cap (SAGE: d_min + alpha (cap -
+    d_min))."""
     probabilities = acceptance.probabilities()
     best, best_rate = low, -1.0
     for cap in range(low, high + 1):
         depth = depth_of(cap)
-        seconds = costs.step_seconds(depth)
+        seconds = costs.step_seconds(depth, rows)
         rate = expected_tokens(probabilities, depth) / seconds if seconds > 0 else 0.0
         if rate > best_rate + 1e-12:
             best, best_rate = cap, rate

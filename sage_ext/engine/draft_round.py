@@ -54,6 +54,9 @@ class DraftRound:
         self.ws = _C.TreeWorkspace(capacity, max_cache_len, chain_rows, row.seq, mask_dtype, target_dtype,
                                    row_table)
         self._layout: FixedLayout | None = None  # this step's fixed layout (static trees), None = built per level
+        # the most tree nodes (root included) this step's tree may have: the capacity, or the row's share of a
+        # batch's node budget (the engine sets it before every build; policies cut their trees to it)
+        self.node_limit = capacity
 
     # ------------------------------------------------------------------ helpers for policies
     def full_f32(self, value: float) -> Tensor:

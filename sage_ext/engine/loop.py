@@ -56,6 +56,10 @@ from .stats import GenerationStats, StepRecord, Timeline
 
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
 DEFAULT_MAX_VOCAB_PADDING = 256
+#: Tree nodes (roots included) the target verifies per step for a whole batch, shared equally by the rows still
+#: running; a row's tree is cut to its share. 128 leaves one prompt's default trees (at most 65 nodes) as they are
+#: and gives each of 8 rows 16 (benchmarks/results/batch_*.md measures budgets against batch size).
+DEFAULT_BATCH_NODE_BUDGET = 128
 
 
 class GenerationOutput(NamedTuple):
@@ -92,6 +96,9 @@ class SpeculativeGenerator:
     ``draft_prune_ratio``: share of the image/video tokens the draft does NOT see (SpecVLM/SAGE draft-side
     visual pruning scored by the target's prefill attention; 0 = the draft sees everything).
     ``max_vocab_padding``: how many padding rows the two vocabularies may differ by.
+    ``batch_node_budget``: the most tree nodes (roots included) one target forward verifies for a batch; every
+    step each running row may use an equal share (at least 2: its root and one draft token), and its policy cuts
+    its tree to that (``None``: no budget, every tree as its policy shapes it).
     Target and draft must be the same family, share EOS ids and special tokens, and
     use an attention implementation that takes additive 4-D masks ("sdpa" or "eager").
     """
@@ -104,6 +111,7 @@ class SpeculativeGenerator:
         *,
         draft_prune_ratio: float = 0.0,
         max_vocab_padding: int = DEFAULT_MAX_VOCAB_PADDING,
+        batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
     ):
         self.policy = make_policy(policy)
         self.target = get_adapter(target)
@@ -118,6 +126,10 @@ class SpeculativeGenerator:
         if not 0.0 <= draft_prune_ratio <= 1.0:
             raise ValueError(f"draft_prune_ratio must be in [0, 1], got {draft_prune_ratio}")
         self.draft_prune_ratio = draft_prune_ratio
+        if batch_node_budget is not None and (isinstance(batch_node_budget, bool) or
+                                              not isinstance(batch_node_budget, int) or batch_node_budget < 2):
+            raise ValueError(f"batch_node_budget must be an int >= 2 or None, got {batch_node_budget!r}")
+        self.batch_node_budget = batch_node_budget
         vocab_t = self.target.vocab_size
         vocab_d = self.draft.vocab_size if self.draft is not None else vocab_t
         self.shared_vocab = min(vocab_t, vocab_d)
@@ -380,15 +392,16 @@ class SpeculativeGenerator:
         live = [row for row in rows if row.stop_reason is None]
         if 0 < len(live) < batch:  # rows that ended with their first token leave the batch before any step
             self._keep_rows([row.index for row in live])
-        # sage_cost learns one prompt's step costs; a batch's steps cost what the whole batch does
-        learns_costs = policy.learns_costs and batch == 1
+        learns_costs = policy.learns_costs
         step = 0
         # ---------------------------------------------------------- steps
         while live:
             step_begin("tree_ops")
+            node_limit = self._node_limit(len(live))
             # every row's policy builds its tree level by level; one draft forward per level for the whole batch
             builds = {}  # batch slot -> (row, its build, the inputs of its next draft forward)
             for slot, row in enumerate(live):
+                row.ctx.node_limit = node_limit
                 build = row.policy.build(row.ctx)
                 request = _advance(row, build, None)
                 if request is not None:
@@ -439,10 +452,7 @@ class SpeculativeGenerator:
                 if self.step_hook is not None:
                     self._debug(row, slot, target_requests[slot][0], step)
             if learns_costs and step >= 2:  # the step before this one: its times are final (see Timeline)
-                seconds, draft_seconds, verify_seconds = timeline.step_costs(step - 2)
-                before = live[0].step_rows[-2]
-                policy.observe_cost(StepCost(seconds, draft_seconds, verify_seconds, draft_forwards=before[5],
-                                             verified_slots=before[3], tree_depth=before[4], accepted=before[0]))
+                policy.observe_cost(self._step_cost(rows, step - 1))
             finished = [slot for slot, row in enumerate(live) if row.stop_reason is not None]
             if finished:  # finished rows leave the batch: no more draft or target compute for them
                 kept = [slot for slot in range(len(live)) if slot not in finished]
@@ -463,8 +473,6 @@ class SpeculativeGenerator:
             timeline.finish(stats)
             all_stats.append(stats)
         padded_len = input_ids.shape[1]
-        if batch == 1 and rows[0].prompt_len == padded_len:  # one prompt without padding: its buffer as it is
-            return GenerationOutput(rows[0].seq[:, : rows[0].cur_len].clone().to(input_ids.device), all_stats[0])
         # like generate: the prompts as given (left padding kept), each row's new tokens, pad_token_id after its end
         longest_new = max(row.cur_len - row.prompt_len for row in rows)
         fill = 0 if pad_token_id is None else pad_token_id  # (only a batch has rows to fill: pad_token_id is set)
@@ -474,6 +482,27 @@ class SpeculativeGenerator:
             new = row.seq[0, row.prompt_len: row.cur_len].cpu()
             sequences[row.index, padded_len: padded_len + new.shape[0]] = new
         return GenerationOutput(sequences.to(input_ids.device), all_stats if batch > 1 else all_stats[0])
+
+    def _step_cost(self, rows: list["_Row"], step: int) -> StepCost:
+        """The measured costs of step ``step`` (1-based, finished) and the trees it verified, over the rows it ran
+        (a row's records start at step 1; the batch pads every tree to the largest and runs the deepest's levels)."""
+        seconds, draft_seconds, verify_seconds = self.timeline.step_costs(step - 1)
+        records = [row.step_rows[step - 1] for row in rows if len(row.step_rows) >= step]
+        # a record: (tau, emitted, real nodes, slots, depth bound, draft forwards, ...)
+        cost = StepCost(seconds, draft_seconds, verify_seconds, draft_forwards=max(r[5] for r in records),
+                        verified_slots=max(r[3] for r in records), tree_depth=max(r[4] for r in records),
+                        accepted=records[0][0])
+        if len(records) > 1:
+            cost.batch_rows = tuple((r[0], r[4]) for r in records)
+        return cost
+
+    def _node_limit(self, rows: int) -> int:
+        """Each of ``rows`` running rows' share of the batch's node budget (roots included), at most the policy's
+        capacity, at least 2."""
+        capacity = self.policy.capacity
+        if self.batch_node_budget is None:
+            return capacity
+        return max(2, min(capacity, self.batch_node_budget // rows))
 
     # ------------------------------------------------------------------ batched forwards
     def _batch_forward(self, adapter: FamilyAdapter, cache: RowCache, requests: list, starts: list[int],
@@ -578,21 +607,26 @@ class SpeculativeGenerator:
         return GenerationStream(self.generate, kwargs, tokenizer, skip_special_tokens)
 
 
+#: The keyword arguments of ``generate`` / ``stream`` that go to the ``SpeculativeGenerator``.
+GENERATOR_ARGUMENTS = ("draft_prune_ratio", "max_vocab_padding", "batch_node_budget")
+
+
 def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = "sage",
              **kwargs: Any) -> GenerationOutput:
     """One-call shortcut: ``SpeculativeGenerator(target, draft, policy).generate(**kwargs)``.
 
-    ``draft_prune_ratio`` and ``max_vocab_padding`` go to the generator; everything else to ``generate``.
+    ``draft_prune_ratio``, ``max_vocab_padding`` and ``batch_node_budget`` go to the generator; everything else to
+    ``generate``.
     """
-    generator_kwargs = {key: kwargs.pop(key) for key in ("draft_prune_ratio", "max_vocab_padding") if key in kwargs}
+    generator_kwargs = {key: kwargs.pop(key) for key in GENERATOR_ARGUMENTS if key in kwargs}
     return SpeculativeGenerator(target, draft, policy, **generator_kwargs).generate(**kwargs)
 
 
 def stream(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = "sage",
            **kwargs: Any):
     """One-call streaming: ``SpeculativeGenerator(target, draft, policy).stream(**kwargs)`` (see
-    ``SpeculativeGenerator.stream``); ``draft_prune_ratio`` and ``max_vocab_padding`` go to the generator."""
-    generator_kwargs = {key: kwargs.pop(key) for key in ("draft_prune_ratio", "max_vocab_padding") if key in kwargs}
+    ``SpeculativeGenerator.stream``); the generator's own arguments go to it, as in ``generate``."""
+    generator_kwargs = {key: kwargs.pop(key) for key in GENERATOR_ARGUMENTS if key in kwargs}
     return SpeculativeGenerator(target, draft, policy, **generator_kwargs).stream(**kwargs)
 
 

@@ -171,6 +171,7 @@ class StaticTreePolicy(TreePolicy):
         self._fed_slots = [0] + [slot for _, _, fed_start, fed_count, _ in self._levels[1:]
                                  for slot in range(fed_start, fed_start + fed_count)]
         self._device_cache: dict[tuple, dict[str, Any]] = {}
+        self._trimmed: dict[int, StaticTreePolicy] = {}  # node limit -> this tree cut to it (batch node budget)
 
     @property
     def capacity(self) -> int:
@@ -199,7 +200,18 @@ class StaticTreePolicy(TreePolicy):
             self._device_cache[key] = cached
         return cached
 
+    def trimmed(self, node_limit: int) -> "StaticTreePolicy":
+        """This tree cut to ``node_limit`` nodes (root included): its shallowest paths, best ranks first (a prefix
+        of that order always holds every kept node's parent)."""
+        cut = self._trimmed.get(node_limit)
+        if cut is None:
+            ordered = sorted(self.paths, key=lambda path: (len(path), path))
+            cut = self._trimmed[node_limit] = StaticTreePolicy(ordered[: node_limit - 1])
+        return cut
+
     def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
+        if ctx.node_limit < self._num_nodes:  # the batch's node budget leaves this row fewer nodes than the tree's
+            return (yield from self.trimmed(ctx.node_limit).build(ctx))
         static = self._on(ctx)
         n = self._num_nodes
         layout = static["layout"]
@@ -290,7 +302,7 @@ class DynamicTreePolicy(TreePolicy):
             frontier_start, frontier_count, next_slot = next_slot, k, next_slot + num_slots
             if inputs is not None:
                 logits = yield inputs
-        ctx.rerank(next_slot, self.num_nodes + 1)
+        ctx.rerank(next_slot, min(self.num_nodes + 1, ctx.node_limit))
         return TreeProposal(self.depth, self.depth, alpha_root)
 
 
@@ -402,7 +414,7 @@ class SagePolicy(TreePolicy):
         d_max = self.d_max if d_max is None else d_max
         return _C.sage_shape(alpha, self.d_min, d_max, self.w_min, self.w_max)  # csrc/core/formulas.h
 
-    def static_level_slots(self, alpha: float | None) -> list[int]:
+    def static_level_slots(self, alpha: float | None, n_max: int | None = None) -> list[int]:
         """Host-known slot count of every level for static shapes.
 
         Level 1 holds at most ``clamp(round(W), 1, k)`` nodes; level l at most (slots of l-1) x
@@ -416,7 +428,7 @@ class SagePolicy(TreePolicy):
             depth_limit, width, max_depth = float(self.d_max), float(self.w_max), self.d_max
         else:
             depth_limit, width, max_depth = self.shape_of(alpha)
-        slots, remaining, previous = [], self.n_max, 1
+        slots, remaining, previous = [], self.n_max if n_max is None else n_max, 1
         for level in range(1, max_depth + 1):
             # the kernels' width rule (csrc/core/formulas.h) at the largest parent probability, 1
             bound = previous * _C.sage_level_width(width, 0.0, level, self.k)
@@ -454,8 +466,8 @@ class SagePolicy(TreePolicy):
             alpha = self._alpha_next_device  # last step's root alpha, still on the device: no upload
         else:
             alpha = ctx.full_f32(host_alpha)
-        slots = self.static_level_slots(host_alpha) if static_shapes else None
-        n_max = self.n_max
+        n_max = min(self.n_max, ctx.node_limit - 1)  # a batch's node budget may leave this row fewer
+        slots = self.static_level_slots(host_alpha, n_max) if static_shapes else None
         # one native call per level: top-k, widths and threshold, best-first expansion, the new slots' mask rows
         # and, when the tree goes on, the inputs of the draft forward over the new slots (ctx.sage_level). With
         # static shapes the level sizes come from the host; otherwise they are read (free on the CPU).
@@ -558,10 +570,11 @@ class CostAwareSagePolicy(SagePolicy):
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
         learned.costs.observe(cost)
-        learned.acceptance.observe(cost.accepted, cost.tree_depth)
+        for accepted, tree_depth in cost.outcomes():
+            learned.acceptance.observe(accepted, tree_depth)
         d_min, alpha = self.d_min, learned.mean_alpha
         learned.depth_goal = best_depth(learned.costs, learned.acceptance, d_min + 1, self.d_max_cap,
-                                        depth_of=lambda cap: d_min + alpha * (cap - d_min))
+                                        depth_of=lambda cap: d_min + alpha * (cap - d_min), rows=cost.rows)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "costs": self.costs.describe(),
