@@ -13,7 +13,8 @@ mismatches reported (HF pads prompts of different lengths, which may round a nea
 bundled pair's equal-length prompts there is no padding).
 
 A method ``policy@N`` runs the policy with ``batch_node_budget=N`` (``policy@none``: no budget; a bare policy
-name: the default budget), to see where a batch's node budget pays:
+name: the default budget), to see where a batch's node budget pays; ``policy[key=value,...]`` passes the policy
+arguments (``sage_cost[width_from_cost=False]``):
 
     python benchmarks/bench_batch.py --methods hf,sage@none,sage@64,sage,sage@256 --scene-offset 300
 
@@ -38,16 +39,20 @@ from sage_ext import SpeculativeGenerator  # noqa: E402
 from sage_ext.cli.bench import slug  # noqa: E402
 from sage_ext.cli.models import load_pair  # noqa: E402
 from sage_ext.cli.runs import machine_name  # noqa: E402
+from sage_ext.cli.validation import parse_policy  # noqa: E402
 from sage_ext.fixtures import PAIRS  # noqa: E402
 
 METHODS = ["hf", "ar", "chain", "static", "dynamic", "sage", "sage_cost"]
 
 
 def engine_for(method: str, target, draft) -> SpeculativeGenerator:
-    """``policy`` or ``policy@N`` (``batch_node_budget=N``, ``none`` for no budget)."""
-    policy, _, budget = method.partition("@")
+    """``policy``, ``policy@N`` (``batch_node_budget=N``, ``none`` for no budget) and ``policy[key=value,...]`` (the
+    policy's arguments as ``--policy-args`` takes them, Python literals: ``sage_cost[width_from_cost=False]``)."""
+    spec, _, budget = method.partition("@")
+    name, _, arguments = spec.partition("[")
     kwargs = {} if not budget else {"batch_node_budget": None if budget == "none" else int(budget)}
-    return SpeculativeGenerator(target, draft if policy != "ar" else None, policy, **kwargs)
+    policy = parse_policy(name, arguments.rstrip("]")) if arguments else name
+    return SpeculativeGenerator(target, draft if name != "ar" else None, policy, **kwargs)
 
 
 def group_inputs(processor, pair, scenes: list, batch_size: int) -> list[dict]:

@@ -13,7 +13,16 @@ from test_engine import hf_greedy
 from tiny_models import correlated_draft, one_thread, same_draft, tiny_llama  # noqa: F401  (autouse fixture)
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.engine.costs import CostModel, DepthAcceptance, StepCost, best_depth, expected_tokens
+from sage_ext.engine.costs import (
+    CostModel,
+    DepthAcceptance,
+    NodeAcceptance,
+    RowOutcome,
+    StepCost,
+    best_depth,
+    expected_tokens,
+    node_threshold,
+)
 from sage_ext.engine.policies import CostAwareSagePolicy, make_policy
 
 
@@ -120,23 +129,25 @@ def test_best_depth_maximizes_the_rate_it_predicts():
 
 
 def test_a_batch_steps_verify_is_priced_by_all_its_rows_tokens():
-    """Batch steps of 1 to 8 rows: the verify line is per token of every row's (padded) tree, and a wider batch
+    """Batch steps of 1 to 8 rows: the verify costs per token of every row's (padded) tree and per row (kept apart,
+    so the batch size is not read as a cost per token), and a wider batch
     makes each level dearer against the rest of a step, so the best depth cap can only get shallower (here from
     the deepest for one row, every draft token being right, to the shallowest for 64)."""
     costs, acceptance = CostModel(), DepthAcceptance(max_depth=12)
-    per_token = 4e-4
+    per_token, per_row = 4e-4, 1e-4  # a row also attends over its own past: not a cost per token
     for step in range(40):
         rows, depth = (1, 2, 4, 8)[step % 4], 4 + step % 5
         slots = 3 * depth
         single = synthetic_step(slots=slots, depth=depth, accepted=depth, verify1=0.0)  # every draft token right
-        verify = single.verify_seconds + per_token * rows * (slots + 1)
-        outcomes = tuple((depth, depth) for _ in range(rows)) if rows > 1 else ()
+        verify = single.verify_seconds + per_row * (rows - 1) + per_token * rows * (slots + 1)
+        outcomes = tuple(RowOutcome(depth, depth) for _ in range(rows)) if rows > 1 else ()
         costs.observe(StepCost(single.seconds - single.verify_seconds + verify, single.draft_seconds, verify,
                                single.draft_forwards, slots, depth, accepted=depth, batch_rows=outcomes))
-        for accepted, tree_depth in (outcomes or ((depth, depth),)):
-            acceptance.observe(accepted, tree_depth)
+        acceptance.observe(depth, depth)
     assert costs.verify_line()[1] == pytest.approx(per_token, rel=1e-6)
-    assert costs.step_seconds(5, rows=8) - costs.step_seconds(5) == pytest.approx(per_token * 7 * (15 + 1), rel=1e-6)
+    assert costs.verify_per_row() == pytest.approx(per_row, rel=1e-6)
+    assert costs.step_seconds(5, rows=8) - costs.step_seconds(5) == pytest.approx(
+        per_row * 7 + per_token * 7 * (15 + 1), rel=1e-6)
     caps = [best_depth(costs, acceptance, 4, 12, rows=rows) for rows in (1, 2, 4, 8, 64)]
     assert caps == sorted(caps, reverse=True) and caps[0] == 12 and caps[-1] == 4, caps
 
@@ -145,7 +156,7 @@ def test_the_cost_aware_policy_learns_from_every_row_of_a_batch_step():
     policy = CostAwareSagePolicy()
     step = synthetic_step(slots=12, depth=4, accepted=4)
     policy.observe_cost(StepCost(step.seconds, step.draft_seconds, step.verify_seconds, step.draft_forwards, 12, 4,
-                                 accepted=4, batch_rows=((4, 4), (0, 4), (1, 3))))
+                                 accepted=4, batch_rows=(RowOutcome(4, 4), RowOutcome(0, 4), RowOutcome(1, 3))))
     assert policy.costs.steps == 1
     rows_alone = DepthAcceptance(policy.d_max_cap)
     for accepted, tree_depth in ((4, 4), (0, 4), (1, 3)):
@@ -153,9 +164,141 @@ def test_the_cost_aware_policy_learns_from_every_row_of_a_batch_step():
     assert policy.acceptance.probabilities() == rows_alone.probabilities()
 
 
+def test_a_batch_size_that_moves_with_the_tokens_is_not_double_counted():
+    """Trees of one size in batches of 1 to 8 rows: rows and tokens move together, so the verify is explained by
+    one of them, never by both at once (no negative or doubled slope)."""
+    costs = CostModel()
+    for step in range(40):
+        rows = (1, 2, 4, 8)[step % 4]
+        costs.observe(StepCost(0.02, 0.005, 0.005 + 3e-4 * rows * 10, 5, 9, 4, accepted=2,
+                               batch_rows=tuple(RowOutcome(2, 4) for _ in range(rows)) if rows > 1 else ()))
+    intercept, per_row, per_token = costs._verify.fit()
+    assert min(per_row, per_token) == 0.0 and costs.step_seconds(4, 8) - costs.step_seconds(4, 1) == pytest.approx(
+        3e-4 * 7 * 10, rel=1e-6)
+
+
+def test_node_acceptance_calibrates_to_the_true_rate():
+    """Steps whose trees hold mass 0.8 at depth 1 and 0.4 at depth 2 and whose nodes are accepted half as often as
+    their probability says (P(tau >= 1) = 0.4, P(tau >= 2) = 0.2): the calibration goes to 0.5 at both depths; a
+    depth never built keeps the prior 1."""
+    import random
+
+    draws = random.Random(0)
+    nodes = NodeAcceptance(max_depth=4, decay=1.0)
+    assert nodes.calibration() == [1.0] * 4
+    for _ in range(4000):
+        u = draws.random()
+        nodes.observe(2 if u < 0.2 else 1 if u < 0.4 else 0, (0.8, 0.4))
+    c = nodes.calibration()
+    assert c[0] == pytest.approx(0.5, abs=0.03) and c[1] == pytest.approx(0.5, abs=0.03) and c[2:] == [1.0, 1.0]
+    assert nodes.probability(0.6, 2) == pytest.approx(c[1] * 0.6)
+    assert nodes.probability(1.0, 9) == 1.0  # past max_depth: the last depth's calibration, capped at 1
+    nodes.observe(3, ())  # nothing measured: nothing learned
+    assert nodes.calibration() == c and nodes.steps == 4000
+
+
+def test_node_threshold_prices_a_node_against_a_token():
+    costs = CostModel()
+    assert node_threshold(costs, seconds_per_token=0.01, calibration=1.0) == 0.0  # nothing measured
+    for step in range(20):
+        costs.observe(synthetic_step(slots=4 + 8 * (step % 3), depth=4, accepted=2, verify1=2e-4))
+    assert node_threshold(costs, 0.01, 1.0) == pytest.approx(2e-4 / 0.01, rel=1e-6)
+    assert node_threshold(costs, 0.01, 0.5) == pytest.approx(2 * 2e-4 / 0.01, rel=1e-6)  # an overconfident draft
+    flat = CostModel()
+    for _ in range(5):
+        flat.observe(synthetic_step(slots=8, depth=4, accepted=2, verify1=2e-4))  # one tree size: no slope yet
+    assert node_threshold(flat, 0.01, 1.0) == 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # the policy in the engine
 # --------------------------------------------------------------------------------------------
+def tree_mass_per_depth(parents: torch.Tensor, logprobs: torch.Tensor) -> list[float]:
+    """Host recomputation: every real node's cumulative draft probability, summed per depth."""
+    parents, logprobs = parents[0].tolist(), logprobs[0].tolist()
+    cumulative, depth, mass = [0.0] * len(parents), [0] * len(parents), {}
+    for node in range(1, len(parents)):
+        parent = parents[node]
+        if parent < 0:
+            continue  # padding
+        cumulative[node] = cumulative[parent] + logprobs[node]
+        depth[node] = depth[parent] + 1
+        mass[depth[node]] = mass.get(depth[node], 0.0) + float(torch.tensor(cumulative[node]).exp())
+    return [mass[d] for d in sorted(mass)]
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_the_trees_mass_per_depth_rides_with_the_readback(static_shapes):
+    """sage_cost's trees (with width_from_cost) carry their probability mass per depth to the host with the step's
+    commit readback (also in a batch); it equals a recomputation from the verified tree, and the node calibration
+    learns from it. Without width_from_cost nothing is measured or read."""
+    from test_batch_split import CASES, assemble
+
+    model, rows, layout = CASES["llama"]()
+    policy = CostAwareSagePolicy(static_shapes=static_shapes, width_from_cost=True)
+    engine = SpeculativeGenerator(model, correlated_draft(model, noise=0.3), policy)
+    seen = []
+
+    def check(info):
+        if info.level_mass:
+            seen.append(info.step)
+            expected = tree_mass_per_depth(info.tree_parents, info.tree_logprobs)
+            assert list(info.level_mass[: len(expected)]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+            assert all(mass == 0.0 for mass in info.level_mass[len(expected):])  # levels of padding only
+
+    engine.step_hook = check
+    batch = assemble(rows, **layout)
+    out = engine.generate(**batch, max_new_tokens=24, pad_token_id=0)
+    references = [hf_greedy(model, row, max_new_tokens=24)[0, row["input_ids"].shape[1]:] for row in rows]
+    for b, new in enumerate(references):
+        assert torch.equal(out.sequences[b, batch["input_ids"].shape[1]:][: len(new)], new)
+    assert len(seen) > 3  # every step after SAGE's first (static) round
+    assert policy.learned.nodes.steps > 0 and policy.learned.nodes.calibration() != [1.0] * policy.d_max_cap
+    plain = SpeculativeGenerator(model, correlated_draft(model, noise=0.3), CostAwareSagePolicy())
+    plain.step_hook = lambda info: seen.append(info.level_mass)
+    seen.clear()
+    plain.generate(**batch, max_new_tokens=8, pad_token_id=0)
+    assert seen and not any(seen) and plain.policy.learned.nodes.steps == 0
+
+
+def verify_priced_clock(engine: SpeculativeGenerator, per_verified_token: float):
+    """A clock where a draft forward costs 1 ms and a verify 5 ms plus ``per_verified_token`` per token it holds
+    (the target cache's planned rows x batch at the time the verify ends)."""
+    now = [0.0]
+
+    def clock() -> float:
+        category = engine.timeline.current[0]
+        if category == "target_verify":
+            cache = engine.target_cache
+            now[0] += 5e-3 + per_verified_token * cache.planned_count * cache.batch
+        elif category == "draft_decode":
+            now[0] += 1e-3
+        now[0] += 1e-6
+        return now[0]
+    return clock
+
+
+def test_a_dear_verify_narrows_sage_costs_trees():
+    """Priced verify tokens: with width_from_cost the node threshold rises above the paper's and the trees get
+    smaller than SAGE's threshold would make them under the same prices; free verify tokens leave the paper's
+    threshold; greedy output identical either way."""
+    target, inputs = tiny_llama(seed=5)
+    draft = correlated_draft(target, noise=0.3)
+    reference = hf_greedy(target, inputs, max_new_tokens=48)
+    slots = {}
+    for width_from_cost, price in ((True, 2e-3), (False, 2e-3), (True, 0.0)):
+        policy = CostAwareSagePolicy(width_from_cost=width_from_cost)
+        engine = SpeculativeGenerator(target, draft, policy)
+        engine.host_clock = verify_priced_clock(engine, price)
+        out = engine.generate(**inputs, max_new_tokens=48)
+        assert torch.equal(out.sequences, reference)
+        late = out.stats.steps[5:]
+        slots[(width_from_cost, price)] = sum(step.tree_slots for step in late) / len(late)
+        if width_from_cost and price:
+            assert policy.theta_now() > policy.theta_scale, policy.describe()
+        else:
+            assert policy.theta_now() == policy.theta_scale
+    assert slots[(True, 2e-3)] < slots[(False, 2e-3)], slots
 def priced_clock(engine: SpeculativeGenerator, prices: dict[str, float]):
     """A Timeline clock that advances by ``prices[category]`` each time a category ends (so a draft forward,
     one ``draft_decode`` span, costs its price), plus a microsecond."""

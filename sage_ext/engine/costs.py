@@ -5,17 +5,21 @@ handed each finished step as a ``StepCost`` one step late: on CUDA the previous 
 this step's readback has synchronized, so reading them costs no extra host-device sync. From those it keeps:
 
 - ``CostModel``: a step's draft seconds as a line in its draft forwards (the slope is what one more level
-  costs), the target's verify as a line in the verified tokens (both weighted least squares) and the rest of a
-  step (tree ops, bookkeeping); exponentially weighted, so a busier machine or a longer context moves the
-  estimates within a few dozen steps.
+  costs), the target's verify as a plane in the batch's rows and its verified tokens (both weighted least
+  squares) and the rest of a step (tree ops, bookkeeping); exponentially weighted, so a busier machine, a longer
+  context or another batch size moves the estimates within a few dozen steps.
 - ``DepthAcceptance``: the probability that depth d is accepted given depth d-1 was and the tree reached d,
   from each step's accepted length (Beta counts, decayed). A depth never reached borrows the estimate of the
   one above it, so deeper trees are neither ruled out nor assumed free.
 - ``best_depth``: the depth cap with the most expected tokens per second, given how deep a tree gets under
   a cap (for SAGE: ``d_min + alpha (cap - d_min)`` at the draft's recent confidence).
+- ``NodeAcceptance``: how often a node of cumulative draft probability p at depth d is accepted (``c_d p``,
+  calibrated from each step's probability mass per depth and its accepted length), and ``node_threshold``: the
+  least p for which a node's expected tokens are worth the verify time it adds.
 
 A batch step is one step of all its rows: its seconds are the batch's, the verify's tokens are every row's tree
-padded to the largest (``rows`` x (slots + 1)), and each row's accepted length counts for the acceptance; the
+padded to the largest (``rows`` x (slots + 1); each row also costs its own attention over its past, kept apart
+as the verify's cost per row), and each row's accepted length counts for the acceptance; the
 best depth is then the one with the most tokens per second for the batch (every row's cap is the same).
 
 What a policy has learned (``CostLearning``) outlasts ``generate`` calls: it describes one pair of models on
@@ -31,6 +35,17 @@ from typing import Callable
 
 
 @dataclass
+class RowOutcome:
+    """What one row's tree of a step gave: accepted draft tokens, levels built and, when the policy measured it,
+    the tree's draft probability mass per depth (``level_mass[d - 1]``: the sum of the cumulative draft
+    probabilities of its depth-d nodes)."""
+
+    accepted: int
+    tree_depth: int
+    level_mass: tuple[float, ...] = ()
+
+
+@dataclass
 class StepCost:
     """One finished step: measured seconds and the tree that was verified."""
 
@@ -41,18 +56,18 @@ class StepCost:
     verified_slots: int  # draft slots the target verified per row (root excluded, padding included)
     tree_depth: int  # levels built (a batch: its deepest row's)
     accepted: int  # accepted draft tokens (tau; a batch: see ``batch_rows``)
-    #: a batch step: every row's (accepted draft tokens, levels built); empty for one row (``accepted``,
-    #: ``tree_depth``)
-    batch_rows: tuple[tuple[int, int], ...] = ()
+    level_mass: tuple[float, ...] = ()  # the tree's draft probability mass per depth (``RowOutcome``), if measured
+    #: a batch step: every row's outcome; empty for one row (``accepted``, ``tree_depth``, ``level_mass``)
+    batch_rows: tuple[RowOutcome, ...] = ()
 
     @property
     def rows(self) -> int:
         """Rows verified in the step (the batch size)."""
         return max(1, len(self.batch_rows))
 
-    def outcomes(self) -> tuple[tuple[int, int], ...]:
-        """Every row's (accepted draft tokens, levels built)."""
-        return self.batch_rows or ((self.accepted, self.tree_depth),)
+    def outcomes(self) -> tuple[RowOutcome, ...]:
+        """Every row's outcome."""
+        return self.batch_rows or (RowOutcome(self.accepted, self.tree_depth, self.level_mass),)
 
 
 class _WeightedLine:
@@ -81,12 +96,58 @@ class _WeightedLine:
         return max(0.0, self.y - slope * self.x), slope
 
 
+class _WeightedPlane:
+    """y = intercept + slope_1 x_1 + slope_2 x_2 by exponentially weighted least squares (running means of x, y and
+    their products). A regressor that has not varied (variance ~0, e.g. the batch size of one-prompt runs) gets
+    slope 0 and its part stays in the intercept; a slope that would come out negative is dropped likewise."""
+
+    def __init__(self):
+        self.mean = [0.0, 0.0, 0.0]  # x_1, x_2, y
+        self.products = [[0.0] * 3 for _ in range(3)]  # E[u v] for u, v in (x_1, x_2, y)
+
+    def add(self, x1: float, x2: float, y: float, rate: float) -> None:
+        values = (x1, x2, y)
+        for i in range(3):
+            self.mean[i] += rate * (values[i] - self.mean[i])
+            for j in range(3):
+                self.products[i][j] += rate * (values[i] * values[j] - self.products[i][j])
+
+    def _covariance(self, i: int, j: int) -> float:
+        return self.products[i][j] - self.mean[i] * self.mean[j]
+
+    def fit(self) -> tuple[float, float, float]:
+        """(intercept, slope_1, slope_2), slopes never negative."""
+        used = [i for i in (0, 1) if self._covariance(i, i) > 1e-9 * max(1.0, self.mean[i] ** 2)]
+        slopes = [0.0, 0.0]
+        while used:
+            if len(used) == 1:
+                i = used[0]
+                solution = {i: self._covariance(i, 2) / self._covariance(i, i)}
+            else:
+                a, b, d = self._covariance(0, 0), self._covariance(0, 1), self._covariance(1, 1)
+                det = a * d - b * b
+                if det <= 1e-12 * a * d:  # the two moved together: keep the one that explains more
+                    used = [max(used, key=lambda k: self._covariance(k, 2) ** 2 / self._covariance(k, k))]
+                    continue
+                solution = {0: (d * self._covariance(0, 2) - b * self._covariance(1, 2)) / det,
+                            1: (a * self._covariance(1, 2) - b * self._covariance(0, 2)) / det}
+            negative = [i for i in used if solution[i] < 0.0]
+            if not negative:
+                for i in used:
+                    slopes[i] = solution[i]
+                break
+            used = [i for i in used if i not in negative]
+        intercept = self.mean[2] - slopes[0] * self.mean[0] - slopes[1] * self.mean[1]
+        return max(0.0, intercept), slopes[0], slopes[1]
+
+
 class CostModel:
     """Exponentially weighted step costs (``decay`` per observed step).
 
     Draft seconds are a line in the step's draft forwards: the first forward of a step (the tokens accepted last
     step plus the root) costs more than a level's, and only the slope, one more level, is what a deeper tree
-    adds. The verify is a line in the verified tokens (tree slots + root, times the batch's rows)."""
+    adds. The verify is a plane in the batch's rows and its verified tokens (tree slots + root, times the rows):
+    the cost per token is what one more node adds, the cost per row what one more prompt in the batch does."""
 
     def __init__(self, decay: float = 0.9):
         if not 0.0 < decay < 1.0:
@@ -98,7 +159,7 @@ class CostModel:
         self._extra_forwards = 0.0  # draft forwards beyond the tree depth (the root forward, feeds)
         self._slots_per_level = 0.0
         self._draft = _WeightedLine()  # draft seconds against draft forwards
-        self._verify = _WeightedLine()  # verify seconds against verified tokens
+        self._verify = _WeightedPlane()  # verify seconds against the rows and the verified tokens
 
     def observe(self, cost: StepCost) -> None:
         self.steps += 1
@@ -109,7 +170,7 @@ class CostModel:
         if cost.tree_depth > 0:
             self._slots_per_level += rate * (cost.verified_slots / cost.tree_depth - self._slots_per_level)
         self._draft.add(float(cost.draft_forwards), cost.draft_seconds, rate)
-        self._verify.add(float(cost.rows * (cost.verified_slots + 1)), cost.verify_seconds, rate)
+        self._verify.add(float(cost.rows), float(cost.rows * (cost.verified_slots + 1)), cost.verify_seconds, rate)
 
     @property
     def fixed_seconds(self) -> float:
@@ -124,25 +185,32 @@ class CostModel:
         return draft.fit(prior_slope=proportional, prior_variance=1.0)
 
     def verify_line(self) -> tuple[float, float]:
-        """(intercept, slope) of verify seconds against verified tokens (slots + root). Slope 0 until the
-        tree sizes seen vary (a fixed tree cannot tell the two apart)."""
-        return self._verify.fit()
+        """(intercept, slope) of one row's verify seconds against its verified tokens (slots + root). Slope 0
+        until the tree sizes seen vary (a fixed tree cannot tell the two apart)."""
+        intercept, per_row, per_token = self._verify.fit()
+        return intercept + per_row, per_token
+
+    def verify_per_row(self) -> float:
+        """What one more batch row adds to a verify besides its tokens (attention over its own past, its share
+        of the forward's fixed work): kept apart so that batch size is not read as cost per token. 0 while the
+        batch size has not varied."""
+        return self._verify.fit()[1]
 
     def step_seconds(self, depth: float, rows: int = 1) -> float:
         """Predicted seconds of a step whose trees are ``depth`` levels deep, for a batch of ``rows``."""
         draft_intercept, per_forward = self.draft_line()
-        verify_intercept, per_token = self.verify_line()
+        verify_intercept, per_row, per_token = self._verify.fit()
         forwards = depth + self._extra_forwards
         slots = self._slots_per_level * depth
-        return (self._fixed + draft_intercept + per_forward * forwards + verify_intercept
+        return (self._fixed + draft_intercept + per_forward * forwards + verify_intercept + per_row * rows
                 + per_token * rows * (slots + 1))
 
     def describe(self) -> dict:
         draft_intercept, per_forward = self.draft_line()
-        verify_intercept, per_token = self.verify_line()
+        verify_intercept, per_row, per_token = self._verify.fit()
         return {"steps": self.steps, "fixed_s": self._fixed, "draft_intercept_s": draft_intercept,
                 "draft_per_forward_s": per_forward, "verify_intercept_s": verify_intercept,
-                "verify_per_token_s": per_token, "extra_forwards": self._extra_forwards,
+                "verify_per_row_s": per_row, "verify_per_token_s": per_token, "extra_forwards": self._extra_forwards,
                 "slots_per_level": self._slots_per_level}
 
 
@@ -176,6 +244,59 @@ class DepthAcceptance:
             out.append(p)
             above = p
         return out
+
+
+class NodeAcceptance:
+    """P(a tree node is accepted | its cumulative draft probability p, its depth d) = min(1, c_d p), calibrated
+    online from every step's outcome (greedy or sampling alike).
+
+    At most one node per depth is accepted (the accepted path), so a step's accepted count at depth d is
+    ``1[tau >= d]``, and the model expects ``c_d`` times the tree's probability mass at that depth. ``c_d`` is the
+    decayed sum of the one over the decayed sum of the other, over the steps whose tree reached depth d, shrunk
+    towards ``prior`` (1: the draft's confidence read as acceptance, EAGLE-2's observation) with ``prior_weight``
+    steps' worth of mass. A draft that is right more often than it is sure gets c_d > 1, an overconfident one
+    c_d < 1."""
+
+    def __init__(self, max_depth: int, decay: float = 0.95, prior: float = 1.0, prior_weight: float = 1.0):
+        if max_depth < 1 or not 0.0 < decay <= 1.0 or prior <= 0.0 or prior_weight <= 0:
+            raise ValueError("need max_depth >= 1, decay in (0, 1], prior > 0, prior_weight > 0")
+        self.max_depth, self.decay, self.prior, self.prior_weight = max_depth, decay, prior, prior_weight
+        self._accepted = [0.0] * max_depth  # index d - 1: decayed count of steps that accepted depth d
+        self._mass = [0.0] * max_depth  # index d - 1: decayed sum of the trees' mass at depth d
+        self.steps = 0
+
+    def observe(self, accepted: int, level_mass: tuple[float, ...] | list[float]) -> None:
+        """A step whose tree had ``level_mass[d - 1]`` probability mass at depth d and accepted ``accepted``
+        draft tokens."""
+        if not level_mass:
+            return
+        self.steps += 1
+        for index in range(self.max_depth):
+            self._accepted[index] *= self.decay
+            self._mass[index] *= self.decay
+        for index, mass in enumerate(level_mass[: self.max_depth]):
+            if mass > 0.0:
+                self._mass[index] += mass
+                self._accepted[index] += 1.0 if accepted > index else 0.0
+
+    def calibration(self) -> list[float]:
+        """[c_1, ..., c_max_depth]."""
+        w, prior = self.prior_weight, self.prior
+        return [(a + w * prior) / (m + w) for a, m in zip(self._accepted, self._mass)]
+
+    def probability(self, p: float, depth: int) -> float:
+        """The chance that a depth-``depth`` node of cumulative draft probability ``p`` is accepted."""
+        return min(1.0, self.calibration()[min(depth, self.max_depth) - 1] * p)
+
+
+def node_threshold(costs: "CostModel", seconds_per_token: float, calibration: float) -> float:
+    """The least cumulative draft probability a tree node must have to pay for itself: its expected accepted
+    tokens (``calibration x p``) times the seconds a token costs now must exceed what one more verified token
+    costs (the verify line's slope). 0 while either is unknown."""
+    _, per_token = costs.verify_line()
+    if per_token <= 0.0 or seconds_per_token <= 0.0 or calibration <= 0.0:
+        return 0.0
+    return per_token / (calibration * seconds_per_token)
 
 
 def expected_tokens(probabilities: list[float], depth: float) -> float:
@@ -215,6 +336,8 @@ class CostLearning:
     acceptance: DepthAcceptance
     depth_goal: int  # the depth cap with the most expected tokens per second, as last estimated
     mean_alpha: float  # recent root confidence (exponentially weighted)
+    nodes: NodeAcceptance | None = None  # per-node acceptance against draft probability and depth
+    theta_goal: float | None = None  # the node threshold scale costs call for (None: not estimated yet)
 
 
 # target model -> draft model -> device -> CostLearning; weak keys: a record goes when its models do

@@ -57,6 +57,7 @@ class DraftRound:
         # the most tree nodes (root included) this step's tree may have: the capacity, or the row's share of a
         # batch's node budget (the engine sets it before every build; policies cut their trees to it)
         self.node_limit = capacity
+        self._level_index: dict[tuple[int, ...], Tensor] = {}  # level_mass's slot -> level maps, per level layout
 
     # ------------------------------------------------------------------ helpers for policies
     def full_f32(self, value: float) -> Tensor:
@@ -122,6 +123,22 @@ class DraftRound:
         next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
         return self.ws.topk_expand(logits, frontier_count, frontier_start, k, self.engine.draft_temperature,
                                    slot_start, num_slots, want_alpha, next_start, next_count, next_depth)
+
+    def level_mass(self, level_counts: list[int]) -> Tensor:
+        """``[levels]`` float64 on the device: for each level of the tree built in the slots (level l holds the
+        ``level_counts[l - 1]`` slots after the previous level's, from slot 1), the sum of its real nodes' cumulative
+        draft probabilities (padding slots, parent -1, count 0). Device work only; the engine reads it with the
+        step's commit readback."""
+        end = 1 + sum(level_counts)
+        ws = self.ws
+        probabilities = torch.where(ws.parents[0, 1:end] >= 0, ws.cum_logprobs[0, 1:end].exp(), 0.0)
+        key = tuple(level_counts)
+        index = self._level_index.get(key)
+        if index is None:
+            flat = [level for level, count in enumerate(level_counts) for _ in range(count)]
+            index = self._level_index[key] = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        mass = torch.zeros(len(level_counts), dtype=torch.float64, device=self.device)
+        return mass.index_add_(0, index, probabilities.double())
 
     # ------------------------------------------------------------------ the tree the target verifies
     def use_slots(self, num_nodes: int) -> None:

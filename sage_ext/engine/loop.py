@@ -49,7 +49,7 @@ from .. import ops
 from ..families import FamilyAdapter, get_adapter
 from ..pruning import scored_prefill
 from .caches import CacheGroups, RowCache
-from .costs import StepCost, learning_for
+from .costs import RowOutcome, StepCost, learning_for
 from .draft_round import DraftRound
 from .policies import TreePolicy, make_policy
 from .stats import GenerationStats, StepRecord, Timeline
@@ -87,6 +87,7 @@ class StepDebug:
     finished: bool
     draft_keep: Tensor | None  # prompt positions the draft saw (visual pruning), None = all
     row: int = 0  # the row of the batch
+    level_mass: tuple[float, ...] = ()  # the tree's draft probability mass per depth (policies that measure it)
 
 
 class SpeculativeGenerator:
@@ -438,12 +439,22 @@ class SpeculativeGenerator:
                 if do_sample:
                     probs = self._target_probs(row_logits[0])[None]
                     verified = self._verify_sampling(tokens, workspace.tree_parents, probs, generator)
-                    readbacks.append(workspace.commit_async(None, *verified, row.cur_len, target_tensors,
-                                                            row.target_len, draft_tensors))
+                    readback = workspace.commit_async(None, *verified, row.cur_len, target_tensors, row.target_len,
+                                                      draft_tensors)
                 else:
-                    readbacks.append(workspace.commit_async(row_logits, None, None, None, row.cur_len,
-                                                            target_tensors, row.target_len, draft_tensors))
+                    readback = workspace.commit_async(row_logits, None, None, None, row.cur_len, target_tensors,
+                                                      row.target_len, draft_tensors)
+                level_mass = row.proposal.level_mass
+                row.readback_len = None
+                if level_mass is not None:  # the tree's mass per depth rides along (float64 bits as int64)
+                    row.readback_len = readback.shape[1]
+                    readback = torch.cat([readback, level_mass.view(torch.int64)[None]], dim=1)
+                readbacks.append(readback)
             for row, readback in zip(live, _to_host(readbacks)):  # the step's one sync
+                row.level_mass = ()
+                if row.readback_len is not None:
+                    row.level_mass = tuple(readback[row.readback_len:].view(torch.float64).tolist())
+                    readback = readback[: row.readback_len]
                 row.committed = row.ctx.ws.read_commit(readback)
             switch("other")
             step += 1
@@ -488,12 +499,12 @@ class SpeculativeGenerator:
         (a row's records start at step 1; the batch pads every tree to the largest and runs the deepest's levels)."""
         seconds, draft_seconds, verify_seconds = self.timeline.step_costs(step - 1)
         records = [row.step_rows[step - 1] for row in rows if len(row.step_rows) >= step]
-        # a record: (tau, emitted, real nodes, slots, depth bound, draft forwards, ...)
+        # a record: (tau, emitted, real nodes, slots, depth bound, draft forwards, info, alpha, level mass)
         cost = StepCost(seconds, draft_seconds, verify_seconds, draft_forwards=max(r[5] for r in records),
                         verified_slots=max(r[3] for r in records), tree_depth=max(r[4] for r in records),
-                        accepted=records[0][0])
+                        accepted=records[0][0], level_mass=records[0][8])
         if len(records) > 1:
-            cost.batch_rows = tuple((r[0], r[4]) for r in records)
+            cost.batch_rows = tuple(RowOutcome(r[0], r[4], r[8]) for r in records)
         return cost
 
     def _node_limit(self, rows: int) -> int:
@@ -584,6 +595,7 @@ class SpeculativeGenerator:
             draft_done=row.draft_done, tree_tokens=tokens, tree_parents=workspace.tree_parents,
             tree_logprobs=workspace.tree_logprobs, accepted=row.committed.accepted, tau=row.committed.accept_len,
             finished=row.stop_reason is not None, draft_keep=row.keep, row=row.index,
+            level_mass=row.level_mass,
         ))
 
     def _verify_sampling(self, tokens: Tensor, parents: Tensor, probs: Tensor, generator) -> tuple:
@@ -661,6 +673,8 @@ class _Row:
         self.committed = None
         self.num_nodes = 1
         self.target_len = 0
+        self.readback_len: int | None = None  # the commit readback's own length when level_mass follows it
+        self.level_mass: tuple[float, ...] = ()  # the step's tree mass per depth, when the policy measures it
 
     def start(self, prompt: list[int], first_token: int, max_new_tokens: int, eos_ids: set[int],
               stop_criteria) -> None:
@@ -709,12 +723,12 @@ class _Row:
             streamer.put(torch.tensor(emitted))
         # the step's record, assembled into a StepRecord after the generation (off the hot path)
         self.step_rows.append((tau, len(emitted), real_n, self.num_nodes - 1, proposal.depth_bound,
-                               proposal.draft_forwards, proposal.info, alpha_measured))
+                               proposal.draft_forwards, proposal.info, alpha_measured, self.level_mass))
         self.policy.update(tau, alpha_measured)
 
     def stats(self, name: str) -> GenerationStats:
         stats = GenerationStats(policy=name, prompt_len=self.prompt_len)
-        for tau, emitted_n, real_n, slots, depth_bound, forwards, info, alpha_measured in self.step_rows:
+        for tau, emitted_n, real_n, slots, depth_bound, forwards, info, alpha_measured, _ in self.step_rows:
             info = self.policy.step_info(info, alpha_measured)
             stats.steps.append(StepRecord(
                 tau=tau, emitted=emitted_n, tree_size=real_n, tree_slots=slots, tree_depth=depth_bound,

@@ -38,7 +38,16 @@ import torch
 from torch import Tensor
 
 from .. import _C, ops
-from .costs import CostLearning, CostModel, DepthAcceptance, StepCost, best_depth
+from .costs import (
+    CostLearning,
+    CostModel,
+    DepthAcceptance,
+    NodeAcceptance,
+    StepCost,
+    best_depth,
+    expected_tokens,
+    node_threshold,
+)
 
 #: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
 SPECVLM_TREE_PATHS: list[list[int]] = [list(path) for path in ops.SPECVLM_TREE_PATHS]
@@ -52,12 +61,15 @@ class TreeProposal:
     draft_forwards: draft forward passes spent on this tree.
     alpha_root: ``[1]`` float32 device tensor, the draft's confidence at the root (None when not measured).
     info: host values for the step record (alpha, depth_target, width_target, d_max).
+    level_mass: ``[levels]`` float64 device tensor, the tree's draft probability mass per depth, for policies that
+    ``measures_level_mass`` (read with the step's commit readback; None when not measured).
     """
 
     depth_bound: int
     draft_forwards: int
     alpha_root: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    level_mass: Tensor | None = None
 
 
 class TreePolicy:
@@ -68,6 +80,8 @@ class TreePolicy:
     uses_draft: bool = True
     #: True: the engine hands every finished step's measured costs to ``observe_cost`` (one step late)
     learns_costs: bool = False
+    #: True: the policy's trees carry their draft probability mass per depth (``TreeProposal.level_mass``)
+    measures_level_mass: bool = False
 
     @property
     def capacity(self) -> int:
@@ -385,6 +399,10 @@ class SagePolicy(TreePolicy):
         elif mean > self.history_high:
             self.d_max = min(self.d_max + 1, self.d_max_cap)
 
+    def theta_now(self) -> float:
+        """The node threshold scale of the next tree (candidates need cumulative probability > theta l / D)."""
+        return self.theta_scale
+
     @property
     def capacity(self) -> int:
         return 1 + self.n_max
@@ -414,7 +432,8 @@ class SagePolicy(TreePolicy):
         d_max = self.d_max if d_max is None else d_max
         return _C.sage_shape(alpha, self.d_min, d_max, self.w_min, self.w_max)  # csrc/core/formulas.h
 
-    def static_level_slots(self, alpha: float | None, n_max: int | None = None) -> list[int]:
+    def static_level_slots(self, alpha: float | None, n_max: int | None = None,
+                           theta_scale: float | None = None) -> list[int]:
         """Host-known slot count of every level for static shapes.
 
         Level 1 holds at most ``clamp(round(W), 1, k)`` nodes; level l at most (slots of l-1) x
@@ -422,8 +441,10 @@ class SagePolicy(TreePolicy):
         probabilities > theta summing to <= 1). Level 1 gets its bound; each deeper level at most its fair
         share of the remaining budget (``ceil(remaining / levels left)``), so every level up to round(D) gets
         slots. Unknown alpha (zero-lag): the worst case over alpha. Expansion keeps the best candidates of a
-        level when it has more than its slots.
+        level when it has more than its slots. ``n_max``, ``theta_scale``: the node budget and threshold scale
+        (default the policy's).
         """
+        theta_scale = self.theta_scale if theta_scale is None else theta_scale
         if alpha is None:
             depth_limit, width, max_depth = float(self.d_max), float(self.w_max), self.d_max
         else:
@@ -432,7 +453,7 @@ class SagePolicy(TreePolicy):
         for level in range(1, max_depth + 1):
             # the kernels' width rule (csrc/core/formulas.h) at the largest parent probability, 1
             bound = previous * _C.sage_level_width(width, 0.0, level, self.k)
-            bound = min(bound, int(depth_limit / (self.theta_scale * level)) + 1)
+            bound = min(bound, int(depth_limit / (theta_scale * level)) + 1)
             share = remaining if level == 1 else -(-remaining // (max_depth - level + 1))
             count = min(bound, share)
             if count <= 0:
@@ -456,7 +477,8 @@ class SagePolicy(TreePolicy):
             host_alpha = self.alpha_next if self.alpha_next is not None else self.alpha_init
         # the step record's D(alpha) and W(alpha) are computed from this after the generation (step_info)
         info: dict[str, Any] = {"d_max": self.d_max, "alpha": host_alpha, "zero_lag": not self.lag}
-        shape = (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max), self.theta_scale)
+        theta = self.theta_now()
+        shape = (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max), theta)
 
         ctx.start_tree()
         logits = yield ctx.root_inputs()
@@ -467,7 +489,7 @@ class SagePolicy(TreePolicy):
         else:
             alpha = ctx.full_f32(host_alpha)
         n_max = min(self.n_max, ctx.node_limit - 1)  # a batch's node budget may leave this row fewer
-        slots = self.static_level_slots(host_alpha, n_max) if static_shapes else None
+        slots = self.static_level_slots(host_alpha, n_max, theta) if static_shapes else None
         # one native call per level: top-k, widths and threshold, best-first expansion, the new slots' mask rows
         # and, when the tree goes on, the inputs of the draft forward over the new slots (ctx.sage_level). With
         # static shapes the level sizes come from the host; otherwise they are read (free on the CPU).
@@ -479,7 +501,9 @@ class SagePolicy(TreePolicy):
         if alpha is None:
             alpha = alpha_root
         forwards, next_slot, used, level = 1, 1, 0, 1
+        level_counts = []  # slots per level (levels are contiguous slot ranges from slot 1)
         while count > 0:
+            level_counts.append(count)
             frontier_start, frontier_count, next_slot = next_slot, count, next_slot + count
             used += count
             level += 1
@@ -493,7 +517,8 @@ class SagePolicy(TreePolicy):
                 num_slots if static_shapes else -1, known_max_depth)
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
-        return TreeProposal(level - 1, forwards, alpha_root, info)
+        level_mass = ctx.level_mass(level_counts) if self.measures_level_mass and level_counts else None
+        return TreeProposal(level - 1, forwards, alpha_root, info, level_mass)
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
         # zero-lag: this step's root alpha shaped the tree; lag: the host alpha it was built with; the first
@@ -506,31 +531,40 @@ class SagePolicy(TreePolicy):
 
 
 class CostAwareSagePolicy(SagePolicy):
-    """SAGE whose depth cap follows measured costs instead of the accepted-length history.
+    """SAGE whose depth cap (and, with ``width_from_cost``, node threshold) follows measured costs.
 
-    The proposal is SAGE's (depth and width from alpha, probability threshold, node budget); only ``d_max``
-    moves differently: after every step it takes one step (at most) towards the depth cap with the most
-    expected tokens per second, from a ``CostModel`` (seconds per draft forward, verify against tree size,
-    the rest of a step) and a ``DepthAcceptance`` (how often each depth is accepted) learned from the engine's
-    own measurements (``sage_ext.engine.costs``). A slow draft or a fast verify makes trees shallower, a draft
-    that is accepted deep makes them deeper, on whatever machine it runs. The estimates (``learned``) outlast
+    The proposal is SAGE's (depth and width from alpha, probability threshold, node budget); ``d_max`` moves
+    differently: after every step it takes one step (at most) towards the depth cap with the most expected
+    tokens per second, from a ``CostModel`` (seconds per draft forward, verify against tree size, the rest of a
+    step) and a ``DepthAcceptance`` (how often each depth is accepted) learned from the engine's own
+    measurements (``sage_ext.engine.costs``). A slow draft or a fast verify makes trees shallower, a draft that
+    is accepted deep makes them deeper, on whatever machine it runs. ``width_from_cost`` (default False, see
+    below): the node threshold too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative
+    draft probability, calibrated per depth from every step's outcome) are worth less than the verify time it
+    adds is not proposed, so a dear verify (a large batch, a slow target) narrows the trees; the threshold scale
+    is never below ``theta_scale``. Off by default because it is measured slower in batches
+    (benchmarks/README.md): SAGE's threshold grows with the level (``theta l / D``), so a scale set for level
+    1 cuts the deep levels far above what they cost; the cost rule wants a per-level floor, which ``sage_level_``
+    does not take yet. The estimates (``learned``) outlast
     ``reset``: they belong to the pair of models and the device, not to one generation; a generator given the
     policy by name shares them with every other such generator of the same models and device in the process
-    (``costs.learning_for``). Arguments as ``SagePolicy``
+    (``costs.learning_for``). Arguments as ``SagePolicy`` plus ``width_from_cost``
     (``history``, ``history_low``, ``history_high`` are not used).
     """
 
     name = "sage_cost"
     learns_costs = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, width_from_cost: bool = False, **kwargs):
         self.learned: CostLearning | None = None  # none yet: SagePolicy's constructor resets before it is known
+        self.width_from_cost = width_from_cost
         super().__init__(*args, **kwargs)
         self.learned = self.fresh_learning()
 
     def fresh_learning(self) -> CostLearning:
-        """Priors: no costs measured, the acceptance prior, the constructor's depth cap and alpha."""
-        return CostLearning(CostModel(), DepthAcceptance(self.d_max_cap), self.d_max_init, self.alpha_init)
+        """Priors: no costs measured, the acceptance priors, the constructor's depth cap and alpha."""
+        return CostLearning(CostModel(), DepthAcceptance(self.d_max_cap), self.d_max_init, self.alpha_init,
+                            NodeAcceptance(self.d_max_cap))
 
     def share_learning(self, learned: CostLearning) -> None:
         """Learn into (and start from) ``learned``: what other policies with these arguments learned about the
@@ -567,22 +601,50 @@ class CostAwareSagePolicy(SagePolicy):
             elif self.d_max > learned.depth_goal:
                 self.d_max -= 1
 
+    @property
+    def measures_level_mass(self) -> bool:  # the node calibration's input, needed only for the cost threshold
+        return self.width_from_cost
+
+    def theta_now(self) -> float:
+        goal = self.learned.theta_goal if self.learned is not None and self.width_from_cost else None
+        return self.theta_scale if goal is None else max(self.theta_scale, goal)
+
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
         learned.costs.observe(cost)
-        for accepted, tree_depth in cost.outcomes():
-            learned.acceptance.observe(accepted, tree_depth)
+        for outcome in cost.outcomes():
+            learned.acceptance.observe(outcome.accepted, outcome.tree_depth)
+            learned.nodes.observe(outcome.accepted, outcome.level_mass)
         d_min, alpha = self.d_min, learned.mean_alpha
+
+        def depth_of(cap: int) -> float:
+            return d_min + alpha * (cap - d_min)
+
         learned.depth_goal = best_depth(learned.costs, learned.acceptance, d_min + 1, self.d_max_cap,
-                                        depth_of=lambda cap: d_min + alpha * (cap - d_min), rows=cost.rows)
+                                        depth_of=depth_of, rows=cost.rows)
+        if learned.costs.steps >= 2 and learned.nodes.steps >= 1:
+            # a node pays while calibration x p x (seconds per token) > one more verified token's seconds; SAGE's
+            # threshold at level 1 is theta / D, so that least p sets theta = p_min x D (deeper levels keep
+            # SAGE's l / D growth)
+            depth = depth_of(learned.depth_goal)
+            tokens = cost.rows * expected_tokens(learned.acceptance.probabilities(), depth)
+            seconds_per_token = learned.costs.step_seconds(depth, cost.rows) / tokens
+            least = node_threshold(learned.costs, seconds_per_token, learned.nodes.calibration()[0])
+            learned.theta_goal = least * depth
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "name": self.name, "costs": self.costs.describe(),
-                "acceptance_by_depth": [round(p, 3) for p in self.acceptance.probabilities()]}
+        return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost,
+                "costs": self.costs.describe(),
+                "acceptance_by_depth": [round(p, 3) for p in self.acceptance.probabilities()],
+                "node_calibration_by_depth": [round(c, 3) for c in self.learned.nodes.calibration()],
+                "theta_goal": self.learned.theta_goal}
 
 
-# SagePolicy's parameters, for introspection (the CLI's --policy-args check lists them)
-CostAwareSagePolicy.__init__.__signature__ = inspect.signature(SagePolicy.__init__)
+# SagePolicy's parameters and width_from_cost, for introspection (the CLI's --policy-args check lists them)
+_sage_signature = inspect.signature(SagePolicy.__init__)
+CostAwareSagePolicy.__init__.__signature__ = _sage_signature.replace(parameters=[
+    *_sage_signature.parameters.values(),
+    inspect.Parameter("width_from_cost", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)])
 
 
 POLICIES = {
