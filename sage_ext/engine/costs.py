@@ -337,7 +337,7 @@ class CostLearning:
     depth_goal: int  # the depth cap with the most expected tokens per second, as last estimated
     mean_alpha: float  # recent root confidence (exponentially weighted)
     nodes: NodeAcceptance | None = None  # per-node acceptance against draft probability and depth
-    theta_goal: float | None = None  # the node threshold scale costs call for (None: not estimated yet)
+    node_floor: float | None = None  # the least node probability costs call for (None: not estimated yet)
 
 
 # target model -> draft model -> device -> CostLearning; weak keys: a record goes when its models do

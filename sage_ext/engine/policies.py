@@ -399,9 +399,14 @@ class SagePolicy(TreePolicy):
         elif mean > self.history_high:
             self.d_max = min(self.d_max + 1, self.d_max_cap)
 
-    def theta_now(self) -> float:
-        """The node threshold scale of the next tree (candidates need cumulative probability > theta l / D)."""
-        return self.theta_scale
+    def node_floor(self) -> float:
+        """The least cumulative draft probability a node of the next tree needs besides SAGE's threshold (0: none)."""
+        return 0.0
+
+    def level_theta(self, level: int, depth: float, floor: float) -> float:
+        """The threshold scale of ``level`` that makes its threshold ``theta l / D`` equal ``max(theta_scale l / D,
+        floor)`` at ``D = depth``: SAGE's rule with a floor, through the kernels' own threshold argument."""
+        return self.theta_scale if floor <= 0.0 else max(self.theta_scale, floor * depth / level)
 
     @property
     def capacity(self) -> int:
@@ -432,8 +437,7 @@ class SagePolicy(TreePolicy):
         d_max = self.d_max if d_max is None else d_max
         return _C.sage_shape(alpha, self.d_min, d_max, self.w_min, self.w_max)  # csrc/core/formulas.h
 
-    def static_level_slots(self, alpha: float | None, n_max: int | None = None,
-                           theta_scale: float | None = None) -> list[int]:
+    def static_level_slots(self, alpha: float | None, n_max: int | None = None, floor: float = 0.0) -> list[int]:
         """Host-known slot count of every level for static shapes.
 
         Level 1 holds at most ``clamp(round(W), 1, k)`` nodes; level l at most (slots of l-1) x
@@ -441,10 +445,9 @@ class SagePolicy(TreePolicy):
         probabilities > theta summing to <= 1). Level 1 gets its bound; each deeper level at most its fair
         share of the remaining budget (``ceil(remaining / levels left)``), so every level up to round(D) gets
         slots. Unknown alpha (zero-lag): the worst case over alpha. Expansion keeps the best candidates of a
-        level when it has more than its slots. ``n_max``, ``theta_scale``: the node budget and threshold scale
-        (default the policy's).
+        level when it has more than its slots. ``n_max``: the node budget (default the policy's); ``floor``: a
+        node floor (``level_theta``).
         """
-        theta_scale = self.theta_scale if theta_scale is None else theta_scale
         if alpha is None:
             depth_limit, width, max_depth = float(self.d_max), float(self.w_max), self.d_max
         else:
@@ -453,7 +456,7 @@ class SagePolicy(TreePolicy):
         for level in range(1, max_depth + 1):
             # the kernels' width rule (csrc/core/formulas.h) at the largest parent probability, 1
             bound = previous * _C.sage_level_width(width, 0.0, level, self.k)
-            bound = min(bound, int(depth_limit / (theta_scale * level)) + 1)
+            bound = min(bound, int(depth_limit / (self.level_theta(level, depth_limit, floor) * level)) + 1)
             share = remaining if level == 1 else -(-remaining // (max_depth - level + 1))
             count = min(bound, share)
             if count <= 0:
@@ -477,8 +480,15 @@ class SagePolicy(TreePolicy):
             host_alpha = self.alpha_next if self.alpha_next is not None else self.alpha_init
         # the step record's D(alpha) and W(alpha) are computed from this after the generation (step_info)
         info: dict[str, Any] = {"d_max": self.d_max, "alpha": host_alpha, "zero_lag": not self.lag}
-        theta = self.theta_now()
-        shape = (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max), theta)
+        floor = self.node_floor()
+        floor_depth = 0.0  # the depth D the floor's per-level thetas assume: the host alpha's (lag), else the last
+        if floor > 0.0:    # root's (zero-lag)
+            floor_depth = self.shape_of(host_alpha if host_alpha is not None else
+                                        self.alpha_next if self.alpha_next is not None else self.alpha_init)[0]
+
+        def shape(level: int) -> tuple:
+            return (self.k, float(self.d_min), float(self.d_max), float(self.w_min), float(self.w_max),
+                    self.level_theta(level, floor_depth, floor))
 
         ctx.start_tree()
         logits = yield ctx.root_inputs()
@@ -489,14 +499,15 @@ class SagePolicy(TreePolicy):
         else:
             alpha = ctx.full_f32(host_alpha)
         n_max = min(self.n_max, ctx.node_limit - 1)  # a batch's node budget may leave this row fewer
-        slots = self.static_level_slots(host_alpha, n_max, theta) if static_shapes else None
+        slots = self.static_level_slots(host_alpha, n_max, floor) if static_shapes else None
         # one native call per level: top-k, widths and threshold, best-first expansion, the new slots' mask rows
         # and, when the tree goes on, the inputs of the draft forward over the new slots (ctx.sage_level). With
         # static shapes the level sizes come from the host; otherwise they are read (free on the CPU).
         num_slots = slots[0] if static_shapes else n_max
         known_max_depth = len(slots) if static_shapes else -1
         count, frontier_alpha, _, inputs = ctx.sage_level(
-            logits, alpha, 0, 1, 1, 1, num_slots, shape, 0, n_max, num_slots if static_shapes else -1, known_max_depth)
+            logits, alpha, 0, 1, 1, 1, num_slots, shape(1), 0, n_max, num_slots if static_shapes else -1,
+            known_max_depth)
         alpha_root = frontier_alpha[0]
         if alpha is None:
             alpha = alpha_root
@@ -513,7 +524,7 @@ class SagePolicy(TreePolicy):
             forwards += 1
             num_slots = slots[level - 1] if static_shapes else n_max - used
             count, _, _, inputs = ctx.sage_level(
-                logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape, used, n_max,
+                logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape(level), used, n_max,
                 num_slots if static_shapes else -1, known_max_depth)
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
@@ -538,14 +549,12 @@ class CostAwareSagePolicy(SagePolicy):
     tokens per second, from a ``CostModel`` (seconds per draft forward, verify against tree size, the rest of a
     step) and a ``DepthAcceptance`` (how often each depth is accepted) learned from the engine's own
     measurements (``sage_ext.engine.costs``). A slow draft or a fast verify makes trees shallower, a draft that
-    is accepted deep makes them deeper, on whatever machine it runs. ``width_from_cost`` (default False, see
-    below): the node threshold too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative
-    draft probability, calibrated per depth from every step's outcome) are worth less than the verify time it
-    adds is not proposed, so a dear verify (a large batch, a slow target) narrows the trees; the threshold scale
-    is never below ``theta_scale``. Off by default because it is measured slower in batches
-    (benchmarks/README.md): SAGE's threshold grows with the level (``theta l / D``), so a scale set for level
-    1 cuts the deep levels far above what they cost; the cost rule wants a per-level floor, which ``sage_level_``
-    does not take yet. The estimates (``learned``) outlast
+    is accepted deep makes them deeper, on whatever machine it runs. ``width_from_cost``: the node threshold
+    too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative draft probability,
+    calibrated from every step's outcome) are worth less than the verify time it adds is not proposed, so a
+    dear verify (a large batch, a slow target) narrows the trees. That least probability is a floor under
+    SAGE's threshold at every level (``level_theta``), which stays the rule above it. Off by default: on the
+    fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches"). The estimates (``learned``) outlast
     ``reset``: they belong to the pair of models and the device, not to one generation; a generator given the
     policy by name shares them with every other such generator of the same models and device in the process
     (``costs.learning_for``). Arguments as ``SagePolicy`` plus ``width_from_cost``
@@ -605,9 +614,9 @@ class CostAwareSagePolicy(SagePolicy):
     def measures_level_mass(self) -> bool:  # the node calibration's input, needed only for the cost threshold
         return self.width_from_cost
 
-    def theta_now(self) -> float:
-        goal = self.learned.theta_goal if self.learned is not None and self.width_from_cost else None
-        return self.theta_scale if goal is None else max(self.theta_scale, goal)
+    def node_floor(self) -> float:
+        floor = self.learned.node_floor if self.learned is not None and self.width_from_cost else None
+        return 0.0 if floor is None else floor
 
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
@@ -623,21 +632,19 @@ class CostAwareSagePolicy(SagePolicy):
         learned.depth_goal = best_depth(learned.costs, learned.acceptance, d_min + 1, self.d_max_cap,
                                         depth_of=depth_of, rows=cost.rows)
         if learned.costs.steps >= 2 and learned.nodes.steps >= 1:
-            # a node pays while calibration x p x (seconds per token) > one more verified token's seconds; SAGE's
-            # threshold at level 1 is theta / D, so that least p sets theta = p_min x D (deeper levels keep
-            # SAGE's l / D growth)
+            # a node pays while calibration x p x (seconds per token) > one more verified token's seconds: that
+            # least p is a floor under SAGE's threshold at every level
             depth = depth_of(learned.depth_goal)
             tokens = cost.rows * expected_tokens(learned.acceptance.probabilities(), depth)
             seconds_per_token = learned.costs.step_seconds(depth, cost.rows) / tokens
-            least = node_threshold(learned.costs, seconds_per_token, learned.nodes.calibration()[0])
-            learned.theta_goal = least * depth
+            learned.node_floor = node_threshold(learned.costs, seconds_per_token, learned.nodes.calibration()[0])
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost,
                 "costs": self.costs.describe(),
                 "acceptance_by_depth": [round(p, 3) for p in self.acceptance.probabilities()],
                 "node_calibration_by_depth": [round(c, 3) for c in self.learned.nodes.calibration()],
-                "theta_goal": self.learned.theta_goal}
+                "node_floor": self.learned.node_floor}
 
 
 # SagePolicy's parameters and width_from_cost, for introspection (the CLI's --policy-args check lists them)
