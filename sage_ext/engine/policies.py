@@ -554,10 +554,10 @@ class CostAwareSagePolicy(SagePolicy):
     calibrated from every step's outcome) are worth less than the verify time it adds is not proposed, so a
     dear verify (a large batch, a slow target) narrows the trees. That least probability is a floor under
     SAGE's threshold at every level (``level_theta``), which stays the rule above it. Off by default: on the
-    fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches"). The estimates (``learned``) outlast
-    ``reset``: they belong to the pair of models and the device, not to one generation; a generator given the
-    policy by name shares them with every other such generator of the same models and device in the process
-    (``costs.learning_for``). Arguments as ``SagePolicy`` plus ``width_from_cost``
+    fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches").
+    The estimates (``learned``) outlast ``reset``: they belong to the pair of models and the device, not to one
+    generation; a generator given the policy by name shares them with every other such generator of the same
+    models and device in the process (``costs.learning_for``). Arguments as ``SagePolicy`` plus ``width_from_cost``
     (``history``, ``history_low``, ``history_high`` are not used).
     """
 
@@ -611,7 +611,7 @@ class CostAwareSagePolicy(SagePolicy):
                 self.d_max -= 1
 
     @property
-    def measures_level_mass(self) -> bool:  # the node calibration's input, needed only for the cost threshold
+    def measures_level_mass(self) -> bool:  # the node calibration's input, needed only for the cost floor
         return self.width_from_cost
 
     def node_floor(self) -> float:
