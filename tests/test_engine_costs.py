@@ -32,7 +32,8 @@ def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, first=0
     forwards = depth + 1
     draft, verify = first + (forwards - 1) * forward, verify0 + verify1 * (slots + 1)
     return StepCost(seconds=draft + verify + fixed, draft_seconds=draft, verify_seconds=verify,
-                    draft_forwards=forwards, verified_slots=slots, tree_depth=depth, accepted=accepted)
+                    draft_forwards=forwards, verified_slots=slots, tree_depth=depth,
+                    outcomes=(RowOutcome(accepted, depth),))
 
 
 def test_cost_model_recovers_known_costs():
@@ -109,7 +110,7 @@ def test_best_depth_weighs_cost_against_acceptance(forward, accepted, expect):
         depth = 6 + step % 3
         step = synthetic_step(slots=4 * depth, depth=depth, accepted=min(accepted, depth), forward=forward)
         costs.observe(step)
-        acceptance.observe(step.accepted, step.tree_depth)
+        acceptance.observe(step.outcomes[0].accepted, step.tree_depth)
     depth = best_depth(costs, acceptance, 4, 12)
     assert depth == (4 if expect == "shallow" else 12)
 
@@ -121,7 +122,7 @@ def test_best_depth_maximizes_the_rate_it_predicts():
         depth = 6 + step % 2
         cost = synthetic_step(slots=3 * depth, depth=depth, accepted=accepted[step % len(accepted)], forward=0.002)
         costs.observe(cost)
-        acceptance.observe(cost.accepted, cost.tree_depth)
+        acceptance.observe(cost.outcomes[0].accepted, cost.tree_depth)
     p = acceptance.probabilities()
     rates = {cap: expected_tokens(p, cap) / costs.step_seconds(cap) for cap in range(4, 13)}
     assert best_depth(costs, acceptance, 4, 12) == max(rates, key=rates.get)
@@ -140,9 +141,9 @@ def test_a_batch_steps_verify_is_priced_by_all_its_rows_tokens():
         slots = 3 * depth
         single = synthetic_step(slots=slots, depth=depth, accepted=depth, verify1=0.0)  # every draft token right
         verify = single.verify_seconds + per_row * (rows - 1) + per_token * rows * (slots + 1)
-        outcomes = tuple(RowOutcome(depth, depth) for _ in range(rows)) if rows > 1 else ()
+        outcomes = tuple(RowOutcome(depth, depth) for _ in range(rows))
         costs.observe(StepCost(single.seconds - single.verify_seconds + verify, single.draft_seconds, verify,
-                               single.draft_forwards, slots, depth, accepted=depth, batch_rows=outcomes))
+                               single.draft_forwards, slots, depth, outcomes=outcomes))
         acceptance.observe(depth, depth)
     assert costs.verify_line()[1] == pytest.approx(per_token, rel=1e-6)
     assert costs.verify_per_row() == pytest.approx(per_row, rel=1e-6)
@@ -156,7 +157,7 @@ def test_the_cost_aware_policy_learns_from_every_row_of_a_batch_step():
     policy = CostAwareSagePolicy()
     step = synthetic_step(slots=12, depth=4, accepted=4)
     policy.observe_cost(StepCost(step.seconds, step.draft_seconds, step.verify_seconds, step.draft_forwards, 12, 4,
-                                 accepted=4, batch_rows=(RowOutcome(4, 4), RowOutcome(0, 4), RowOutcome(1, 3))))
+                                 outcomes=(RowOutcome(4, 4), RowOutcome(0, 4), RowOutcome(1, 3))))
     assert policy.costs.steps == 1
     rows_alone = DepthAcceptance(policy.d_max_cap)
     for accepted, tree_depth in ((4, 4), (0, 4), (1, 3)):
@@ -170,8 +171,8 @@ def test_a_batch_size_that_moves_with_the_tokens_is_not_double_counted():
     costs = CostModel()
     for step in range(40):
         rows = (1, 2, 4, 8)[step % 4]
-        costs.observe(StepCost(0.02, 0.005, 0.005 + 3e-4 * rows * 10, 5, 9, 4, accepted=2,
-                               batch_rows=tuple(RowOutcome(2, 4) for _ in range(rows)) if rows > 1 else ()))
+        costs.observe(StepCost(0.02, 0.005, 0.005 + 3e-4 * rows * 10, 5, 9, 4,
+                               outcomes=tuple(RowOutcome(2, 4) for _ in range(rows))))
     intercept, per_row, per_token = costs._verify.fit()
     assert min(per_row, per_token) == 0.0 and costs.step_seconds(4, 8) - costs.step_seconds(4, 1) == pytest.approx(
         3e-4 * 7 * 10, rel=1e-6)

@@ -55,19 +55,12 @@ class StepCost:
     draft_forwards: int
     verified_slots: int  # draft slots the target verified per row (root excluded, padding included)
     tree_depth: int  # levels built (a batch: its deepest row's)
-    accepted: int  # accepted draft tokens (tau; a batch: see ``batch_rows``)
-    level_mass: tuple[float, ...] = ()  # the tree's draft probability mass per depth (``RowOutcome``), if measured
-    #: a batch step: every row's outcome; empty for one row (``accepted``, ``tree_depth``, ``level_mass``)
-    batch_rows: tuple[RowOutcome, ...] = ()
+    outcomes: tuple[RowOutcome, ...]  # every row's (one for a single prompt)
 
     @property
     def rows(self) -> int:
         """Rows verified in the step (the batch size)."""
-        return max(1, len(self.batch_rows))
-
-    def outcomes(self) -> tuple[RowOutcome, ...]:
-        """Every row's outcome."""
-        return self.batch_rows or (RowOutcome(self.accepted, self.tree_depth, self.level_mass),)
+        return len(self.outcomes)
 
 
 class _WeightedLine:
@@ -160,6 +153,7 @@ class CostModel:
         self._slots_per_level = 0.0
         self._draft = _WeightedLine()  # draft seconds against draft forwards
         self._verify = _WeightedPlane()  # verify seconds against the rows and the verified tokens
+        self._verify_fit = (0.0, 0.0, 0.0)  # its (intercept, per row, per token), refitted once per observed step
 
     def observe(self, cost: StepCost) -> None:
         self.steps += 1
@@ -171,6 +165,7 @@ class CostModel:
             self._slots_per_level += rate * (cost.verified_slots / cost.tree_depth - self._slots_per_level)
         self._draft.add(float(cost.draft_forwards), cost.draft_seconds, rate)
         self._verify.add(float(cost.rows), float(cost.rows * (cost.verified_slots + 1)), cost.verify_seconds, rate)
+        self._verify_fit = self._verify.fit()
 
     @property
     def fixed_seconds(self) -> float:
@@ -187,19 +182,19 @@ class CostModel:
     def verify_line(self) -> tuple[float, float]:
         """(intercept, slope) of one row's verify seconds against its verified tokens (slots + root). Slope 0
         until the tree sizes seen vary (a fixed tree cannot tell the two apart)."""
-        intercept, per_row, per_token = self._verify.fit()
+        intercept, per_row, per_token = self._verify_fit
         return intercept + per_row, per_token
 
     def verify_per_row(self) -> float:
         """What one more batch row adds to a verify besides its tokens (attention over its own past, its share
         of the forward's fixed work): kept apart so that batch size is not read as cost per token. 0 while the
         batch size has not varied."""
-        return self._verify.fit()[1]
+        return self._verify_fit[1]
 
     def step_seconds(self, depth: float, rows: int = 1) -> float:
         """Predicted seconds of a step whose trees are ``depth`` levels deep, for a batch of ``rows``."""
         draft_intercept, per_forward = self.draft_line()
-        verify_intercept, per_row, per_token = self._verify.fit()
+        verify_intercept, per_row, per_token = self._verify_fit
         forwards = depth + self._extra_forwards
         slots = self._slots_per_level * depth
         return (self._fixed + draft_intercept + per_forward * forwards + verify_intercept + per_row * rows
@@ -207,7 +202,7 @@ class CostModel:
 
     def describe(self) -> dict:
         draft_intercept, per_forward = self.draft_line()
-        verify_intercept, per_row, per_token = self._verify.fit()
+        verify_intercept, per_row, per_token = self._verify_fit
         return {"steps": self.steps, "fixed_s": self._fixed, "draft_intercept_s": draft_intercept,
                 "draft_per_forward_s": per_forward, "verify_intercept_s": verify_intercept,
                 "verify_per_row_s": per_row, "verify_per_token_s": per_token, "extra_forwards": self._extra_forwards,

@@ -445,16 +445,16 @@ class SpeculativeGenerator:
                     readback = workspace.commit_async(row_logits, None, None, None, row.cur_len, target_tensors,
                                                       row.target_len, draft_tensors)
                 level_mass = row.proposal.level_mass
-                row.readback_len = None
                 if level_mass is not None:  # the tree's mass per depth rides along (float64 bits as int64)
-                    row.readback_len = readback.shape[1]
                     readback = torch.cat([readback, level_mass.view(torch.int64)[None]], dim=1)
                 readbacks.append(readback)
             for row, readback in zip(live, _to_host(readbacks)):  # the step's one sync
+                level_mass = row.proposal.level_mass
                 row.level_mass = ()
-                if row.readback_len is not None:
-                    row.level_mass = tuple(readback[row.readback_len:].view(torch.float64).tolist())
-                    readback = readback[: row.readback_len]
+                if level_mass is not None:  # the last entries (host-known count) are the mass
+                    levels = level_mass.shape[0]
+                    row.level_mass = tuple(readback[-levels:].view(torch.float64).tolist())
+                    readback = readback[:-levels]
                 row.committed = row.ctx.ws.read_commit(readback)
             switch("other")
             step += 1
@@ -499,13 +499,10 @@ class SpeculativeGenerator:
         (a row's records start at step 1; the batch pads every tree to the largest and runs the deepest's levels)."""
         seconds, draft_seconds, verify_seconds = self.timeline.step_costs(step - 1)
         records = [row.step_rows[step - 1] for row in rows if len(row.step_rows) >= step]
-        # a record: (tau, emitted, real nodes, slots, depth bound, draft forwards, info, alpha, level mass)
-        cost = StepCost(seconds, draft_seconds, verify_seconds, draft_forwards=max(r[5] for r in records),
-                        verified_slots=max(r[3] for r in records), tree_depth=max(r[4] for r in records),
-                        accepted=records[0][0], level_mass=records[0][8])
-        if len(records) > 1:
-            cost.batch_rows = tuple(RowOutcome(r[0], r[4], r[8]) for r in records)
-        return cost
+        return StepCost(seconds, draft_seconds, verify_seconds,
+                        draft_forwards=max(r.draft_forwards for r in records),
+                        verified_slots=max(r.slots for r in records), tree_depth=max(r.depth_bound for r in records),
+                        outcomes=tuple(RowOutcome(r.tau, r.depth_bound, r.level_mass) for r in records))
 
     def _node_limit(self, rows: int) -> int:
         """Each of ``rows`` running rows' share of the batch's node budget (roots included), at most the policy's
@@ -643,6 +640,21 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str |
 
 
 # ---------------------------------------------------------------------------------------------- per-row state
+class _StepRow(NamedTuple):
+    """The host record of one row's step, made into a ``StepRecord`` after the generation (and read one step late
+    by cost-aware policies)."""
+
+    tau: int
+    emitted: int
+    real_nodes: int
+    slots: int  # draft slots verified (padding included, root excluded)
+    depth_bound: int
+    draft_forwards: int
+    info: dict
+    alpha_measured: float | None
+    level_mass: tuple[float, ...]
+
+
 def _stop_reason(token: int, sequence: list[int], eos_ids: set[int], stop_criteria) -> str | None:
     if token in eos_ids:
         return "eos"
@@ -667,13 +679,12 @@ class _Row:
         self.keep: Tensor | None = None  # prompt positions the draft sees (visual pruning), None = all
         self.draft_start = 0  # the draft cache's length after the prefill
         self.ctx: DraftRound | None = None
-        self.step_rows: list[tuple] = []
+        self.step_rows: list[_StepRow] = []
         self.fed = 0  # rows of the current draft forward that are this row's
         self.proposal = None
         self.committed = None
         self.num_nodes = 1
         self.target_len = 0
-        self.readback_len: int | None = None  # the commit readback's own length when level_mass follows it
         self.level_mass: tuple[float, ...] = ()  # the step's tree mass per depth, when the policy measures it
 
     def start(self, prompt: list[int], first_token: int, max_new_tokens: int, eos_ids: set[int],
@@ -722,8 +733,8 @@ class _Row:
         if streamer is not None and emitted:
             streamer.put(torch.tensor(emitted))
         # the step's record, assembled into a StepRecord after the generation (off the hot path)
-        self.step_rows.append((tau, len(emitted), real_n, self.num_nodes - 1, proposal.depth_bound,
-                               proposal.draft_forwards, proposal.info, alpha_measured, self.level_mass))
+        self.step_rows.append(_StepRow(tau, len(emitted), real_n, self.num_nodes - 1, proposal.depth_bound,
+                                       proposal.draft_forwards, proposal.info, alpha_measured, self.level_mass))
         self.policy.update(tau, alpha_measured)
 
     def stats(self, name: str) -> GenerationStats:

@@ -621,7 +621,7 @@ class CostAwareSagePolicy(SagePolicy):
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
         learned.costs.observe(cost)
-        for outcome in cost.outcomes():
+        for outcome in cost.outcomes:
             learned.acceptance.observe(outcome.accepted, outcome.tree_depth)
             learned.nodes.observe(outcome.accepted, outcome.level_mass)
         d_min, alpha = self.d_min, learned.mean_alpha
