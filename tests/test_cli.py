@@ -94,12 +94,13 @@ def test_demo_warms_up_notes_a_slowdown_and_plots_steps_and_speed(tmp_path, caps
         assert image.format == "PNG" and image.size[0] > 300
 
 
-def test_generate_streams_the_target_greedy_text(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--capture-draft"]])
+def test_generate_streams_the_target_greedy_text(tmp_path, capsys, extra):
     scene = scenes.heldout_scenes(1, start=300)[0]
     image_path = tmp_path / "scene.png"
     scene.render().save(image_path)
     args = ["generate", "--target", str(TARGET_DIR), "--draft", str(DRAFT_DIR), "--image", str(image_path),
-            "--prompt", scenes.CAPTION_INSTRUCTION, "--max-new-tokens", "40", "--policy", "sage"]
+            "--prompt", scenes.CAPTION_INSTRUCTION, "--max-new-tokens", "40", "--policy", "sage", *extra]
     assert cli.main(args) == 0
     streamed = capsys.readouterr().out.strip()
 

@@ -9,6 +9,7 @@
 - sampling with a CUDA and with a CPU ``torch.Generator``: seeded runs repeat, the tokens follow the target's
   distribution (chi-square, as tests/test_engine_sampling.py);
 - batches: every row of a batch (different lengths and media) equals ``target.generate`` on that row alone;
+- the captured draft (``capture_draft=True``: CUDA graphs): batch rows and caches as above;
 - the CUDA-event timeline: statistics consistent (tests/test_engine_stats.py's checks), GPU time booked where
   it ran.
 
@@ -112,6 +113,29 @@ def test_batch_rows_equal_target_generate_alone(name, policy):
     for index, row in enumerate(rows):
         expected = hf_greedy(target, row, max_new_tokens=BATCH_NEW)[0, row["input_ids"].shape[1]:]
         assert torch.equal(out.sequences[index, width: width + len(expected)], expected), f"row {index}"
+
+
+@pytest.mark.parametrize(("name", "policy"), [("llava", "sage"), ("qwen2_vl", "chain")])
+def test_captured_draft_on_cuda(name, policy):
+    """``capture_draft=True`` on the GPU (CUDA graphs through torch.compile's "reduce-overhead" mode, the static
+    draft cache's buffers marked static): a batch's rows and a prompt alone equal ``target.generate``, and both
+    caches equal a recomputation after every step. Two cases only: each new shape compiles Triton kernels, which
+    the device check's time budget pays for."""
+    from test_batch_split import CASES, assemble
+    from test_engine_batch import MAX_NEW as BATCH_NEW
+
+    model, rows, layout = CASES[name]()
+    draft = correlated_draft(model, noise=0.1)
+    target, draft = copy.deepcopy(model).to(CUDA), copy.deepcopy(draft).to(CUDA)
+    rows = [to_cuda(row) for row in rows]
+    batch = to_cuda(assemble([{key: value.cpu() for key, value in row.items()} for row in rows], **layout))
+    out = SpeculativeGenerator(target, draft, POLICIES[policy](), capture_draft=True).generate(
+        **batch, max_new_tokens=BATCH_NEW, pad_token_id=1)
+    width = batch["input_ids"].shape[1]
+    for index, row in enumerate(rows):
+        expected = hf_greedy(target, row, max_new_tokens=BATCH_NEW)[0, row["input_ids"].shape[1]:]
+        assert torch.equal(out.sequences[index, width: width + len(expected)], expected), f"row {index}"
+    run_with_cache_checks(target, draft, rows[0], POLICIES[policy](), capture_draft=True)
 
 
 def real_nodes(tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

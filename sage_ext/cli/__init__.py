@@ -87,6 +87,13 @@ def _add_device_map(parser: argparse.ArgumentParser) -> None:
                              "draft may end up on different devices")
 
 
+def _add_capture_draft(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--capture-draft", action="store_true",
+                        help="run the draft's tree forwards captured (torch.compile with static shapes; CUDA graphs "
+                             "on a GPU): each new shape compiles once (seconds), then a small draft's calls are "
+                             "much cheaper; the output is the same")
+
+
 def _version_text() -> str:
     from .. import __version__
 
@@ -135,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (torch.Generator)")
     gen.add_argument("--draft-prune-ratio", type=ranged(float, low=0.0, high=1.0, what="in [0, 1]"), default=0.0,
                      help="share of image tokens hidden from the draft, in [0, 1] (SpecVLM pruning; paper: 0.8-0.9)")
+    _add_capture_draft(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (text, new token ids, stats) instead of the text")
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--policies", nargs="*", default=None, choices=bench_choices, metavar="POLICY",
                        help=f"subset of {', '.join(bench_choices)} (ar always runs)")
     bench.add_argument("--no-tune", dest="tune", action="store_false", help="skip the SAGE tuning sweep")
+    _add_capture_draft(bench)
     bench.add_argument("--out", "--out-dir", dest="out_dir", default=None,
                        help=f"folder for the JSON, markdown and PNG results (default: ./{DEFAULT_BENCH_DIR} in the "
                             f"current folder); created if needed")

@@ -186,12 +186,14 @@ def cmd_bench(args) -> int:
     entries = bench_policy_objects(tuned if args.tune else None)
     if args.policies:
         entries = {k: v for k, v in entries.items() if k in args.policies or k == "ar"}
-    engines = {name: SpeculativeGenerator(target, draft, policy) for name, (policy, _) in entries.items()
-               if not isinstance(policy, str)}
+    engines = {name: SpeculativeGenerator(target, draft, policy, capture_draft=args.capture_draft)
+               for name, (policy, _) in entries.items() if not isinstance(policy, str)}
 
     temperature = args.temperature
-    for name, (policy, _) in entries.items():  # warm-up, excluded from the numbers
-        _run_policy(name, policy, engines, target, draft, tune_inputs[0], 8, device, temperature)
+    # warm-up, excluded from the numbers (a captured draft compiles its shapes here: a whole generation)
+    warm_tokens = args.max_new_tokens if args.capture_draft else 8
+    for name, (policy, _) in entries.items():
+        _run_policy(name, policy, engines, target, draft, tune_inputs[0], warm_tokens, device, temperature)
 
     runs: dict[str, list[list[dict]]] = {name: [] for name in entries}  # [repeat][scene]
     eos = set(get_adapter(target).eos_token_ids())
@@ -276,6 +278,7 @@ def cmd_bench(args) -> int:
         "draft_params": sum(p.numel() for p in draft.parameters()),
         "scenes": args.scenes, "scene_offset": args.scene_offset, "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens, "temperature": temperature, "convention": CONVENTION,
+        "capture_draft": args.capture_draft,
         "command": "sage-ext " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line,
         "verify_cost_curve": curve, "tuned_sage_params": tuned, "tuning_trials": tuning_trials,
         "policies": summary, "checks": checks, "sample_output": sample_text,
@@ -312,7 +315,9 @@ def bench_markdown(report: dict) -> str:
         f"{report['repeats']} repeats (median), up to {report['max_new_tokens']} new tokens, "
         + (f"sampling at temperature {report['temperature']}, no top-k / top-p (outputs differ by design: no "
            "identity column)."
-           if report.get("temperature") else "greedy."),
+           if report.get("temperature") else "greedy.")
+        + (" The draft's tree forwards run captured (`--capture-draft`: torch.compile, static shapes; compiled in "
+           "the warm-up)." if report.get("capture_draft") else ""),
         f"{report['convention']}.",
         "",
         "| policy | tau | tokens / target forward | tokens/s | speedup vs ar | mean tree nodes | draft forwards / step "

@@ -30,7 +30,8 @@ def cmd_generate(args) -> int:
                                                 args.device_map)
     tokenizer = models.tokenizer_of(processor)
     inputs = models.build_inputs(processor, image, models.format_prompt(processor, args.prompt), device, target.dtype)
-    engine = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio)
+    engine = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio,
+                                  capture_draft=args.capture_draft)
     stream = not (args.no_stream or args.json)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     sample = args.temperature > 0

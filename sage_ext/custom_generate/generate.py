@@ -10,7 +10,7 @@ the copy is imported outside the sage_ext package.
                           assistant_model=draft, max_new_tokens=64)          # policy="sage" by default
 
 Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
-``policy`` (a name or a policy object), ``draft_prune_ratio`` and ``batch_node_budget`` go to
+``policy`` (a name or a policy object), ``draft_prune_ratio``, ``batch_node_budget`` and ``capture_draft`` go to
 ``SpeculativeGenerator``; the generation settings are those ``target.generate`` would use: the call's keyword
 arguments over ``generation_config`` (or the model's own), 20 new tokens when no length is set anywhere
 (transformers' default). What the engine does not
@@ -64,7 +64,7 @@ def _settings(model, generation_config, kwargs: dict) -> dict:
 
 def generate(model, inputs=None, generation_config=None, assistant_model=None, streamer=None, *,
              policy="sage", draft_prune_ratio: float = 0.0, batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
-             **kwargs: Any):
+             capture_draft: bool = False, **kwargs: Any):
     """``model.generate(...)`` decoded by sage_ext with ``assistant_model`` as the draft; see the module doc."""
     for key in _NONE_MEANS_UNSET:
         if kwargs.get(key) is None or (key == "synced_gpus" and kwargs[key] is False):
@@ -83,7 +83,7 @@ def generate(model, inputs=None, generation_config=None, assistant_model=None, s
     settings = _settings(model, generation_config, kwargs)
     return_dict = bool(settings.pop("return_dict_in_generate", False))
     engine = SpeculativeGenerator(model, assistant_model, policy, draft_prune_ratio=draft_prune_ratio,
-                                  batch_node_budget=batch_node_budget)
+                                  batch_node_budget=batch_node_budget, capture_draft=capture_draft)
     sequences, stats = engine.generate(streamer=streamer, **settings)
     if return_dict:
         return SpeculativeGenerateOutput(sequences=sequences, stats=stats)

@@ -5,8 +5,10 @@
 - ``draft_round``: ``DraftRound``, the policies' handle on the native ``TreeWorkspace`` (the step's tree and all
   tensor work between two model forwards), and ``FixedLayout``;
 - ``policies``: the tree shapes (``ar``, ``chain``, ``static``, ``dynamic``, ``sage``);
-- ``caches``: ``RowCache`` (the KV caches, every batch row at its own length) and its layers grouped per device for
-  the commit;
+- ``caches``: ``RowCache`` (the KV caches, every batch row at its own length; static buffers for a captured draft)
+  and its layers grouped per device for the commit;
+- ``capture``: the draft's tree forward compiled for a few fixed shapes (``capture_draft=True``);
+- ``costs``: the live cost and acceptance estimates of ``sage_cost``;
 - ``stats``: the step timeline and ``GenerationStats``.
 """
 from .loop import GenerationOutput, SpeculativeGenerator, StepDebug, generate, stream

@@ -17,6 +17,11 @@ pruning included) and copied in with ``load_row``. ``CacheGroups`` groups the la
 A ``RowCache`` is an HF ``Cache`` (``transformers.cache_utils``): models call ``update`` per layer as with any
 cache; ``get_seq_length`` reports the planned forward's past (the longest row's offset), which models use only
 where the engine's explicit positions and 4-D masks do not already decide.
+
+A *static* ``RowCache`` (``static_room``) serves a captured forward (``engine.capture``): its buffers have one
+fixed width from the start (a power of two with room for a padded forward past the capacity), every forward sees
+the whole width, and the writes go through a tensor index planned before the forward (``plan_static_writes``),
+so the forward's shapes depend only on the batch and the padded row count, never on the rows' lengths.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ class RowLayer(CacheLayerMixin):
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.device = device
         self.is_initialized = True
+        self.owner.mark_static(self)
 
     def grow(self, columns: int) -> None:
         """Room for ``columns`` columns per row (the rows' contents kept)."""
@@ -59,6 +65,11 @@ class RowLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         owner = self.owner
+        if owner.static:  # a captured forward: the planned index tensor, the whole buffer seen
+            rows, columns = owner.static_index
+            self.keys[rows, :, columns] = key_states.transpose(1, 2)
+            self.values[rows, :, columns] = value_states.transpose(1, 2)
+            return self.keys, self.values
         count = key_states.shape[-2]
         if count != owner.planned_count:
             raise RuntimeError(f"RowCache: a forward of {count} rows, planned {owner.planned_count}")
@@ -93,11 +104,17 @@ class RowCache(Cache):
     so memory follows what the generation reaches rather than ``max_new_tokens``. ``version`` changes whenever the
     buffers are replaced (growth, ``keep_rows``): views of them must be taken again."""
 
-    def __init__(self, batch: int, capacity: int, initial: int | None = None):
+    def __init__(self, batch: int, capacity: int, initial: int | None = None, static_room: int | None = None):
         super().__init__(layers=[])
         self.batch = batch
         self.capacity = capacity
         self.allocated = capacity if initial is None else min(max(initial, 1), capacity)
+        #: fixed buffers for a captured forward (module doc): ``static_room`` columns past the capacity hold the
+        #: padding rows of a forward padded to its shape bucket (written, never read)
+        self.static = static_room is not None
+        self.static_index: tuple[Tensor, Tensor] | None = None
+        if self.static:
+            self.allocated = static_width(capacity + static_room)
         self.version = 0
         self.planned_count = 0
         self.planned_width = 0
@@ -132,6 +149,28 @@ class RowCache(Cache):
         self.uniform_start = first if all(start == first for start in starts) else None
         self._starts = starts
         self._index.clear()
+
+    def mark_static(self, layer: RowLayer) -> None:
+        """A static cache's CUDA buffers keep their addresses for CUDA graphs (torch.compile's "reduce-overhead"
+        mode updates them in place instead of copying them into the graph's own inputs)."""
+        if self.static and layer.keys.device.type == "cuda":
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+
+    def plan_static_writes(self, starts: list[int], count: int, device: torch.device) -> None:
+        """A static cache's next forward: ``count`` rows per batch row (padding included), row b's to columns
+        ``starts[b] ..``, through an index tensor made here, outside the captured forward."""
+        if not self.static:
+            raise RuntimeError("RowCache: plan_static_writes on a cache without static buffers")
+        if len(starts) != self.batch:
+            raise ValueError(f"RowCache: {len(starts)} offsets for {self.batch} rows")
+        if max(starts) + count > self.allocated:
+            raise RuntimeError(f"RowCache: a forward up to column {max(starts) + count} exceeds the static width "
+                               f"{self.allocated}")
+        self.planned_count, self.planned_width = count, self.allocated
+        self._starts = starts
+        self._index.clear()
+        self.static_index = self.write_index(device)
 
     def write_index(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(rows [B, 1], columns [B, n])`` of the planned per-row writes, made once per forward and device."""
@@ -184,9 +223,11 @@ class RowCache(Cache):
                     index[device] = torch.tensor(rows, dtype=torch.int64, device=device)
                 layer.keys = layer.keys.index_select(0, index[device])
                 layer.values = layer.values.index_select(0, index[device])
+                self.mark_static(layer)
         self.batch = len(rows)
         self._starts = [self._starts[row] for row in rows]
         self._index.clear()
+        self.static_index = None
         self.version += 1
 
     def row_cache(self, row: int, length: int):
@@ -199,6 +240,12 @@ class RowCache(Cache):
                 copy.update(layer.keys[row: row + 1, :, :length].clone(),
                             layer.values[row: row + 1, :, :length].clone(), index)
         return copy
+
+
+def static_width(columns: int) -> int:
+    """The width of a static cache's buffers for ``columns`` columns: the next power of two, at least 256, so
+    generations of different lengths share a few captured shapes."""
+    return max(256, 1 << (columns - 1).bit_length())
 
 
 class CacheGroups:

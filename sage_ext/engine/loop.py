@@ -49,6 +49,7 @@ from .. import ops
 from ..families import FamilyAdapter, get_adapter
 from ..pruning import scored_prefill
 from .caches import CacheGroups, RowCache
+from .capture import CapturedForward, padded_rows, tree_forward
 from .costs import RowOutcome, StepCost, learning_for
 from .draft_round import DraftRound
 from .policies import TreePolicy, make_policy
@@ -100,6 +101,10 @@ class SpeculativeGenerator:
     ``batch_node_budget``: the most tree nodes (roots included) one target forward verifies for a batch; every
     step each running row may use an equal share (at least 2: its root and one draft token), and its policy cuts
     its tree to that (``None``: no budget, every tree as its policy shapes it).
+    ``capture_draft``: run the draft's tree forwards captured (``engine.capture``: ``torch.compile`` with static
+    shapes; CUDA graphs on a GPU). Each new forward shape compiles once (seconds on a CPU); afterwards a small
+    draft's per-level call costs a fraction of the eager one (benchmarks/bench_draft_compile.py). Never changes
+    the output.
     Target and draft must be the same family, share EOS ids and special tokens, and
     use an attention implementation that takes additive 4-D masks ("sdpa" or "eager").
     """
@@ -113,6 +118,7 @@ class SpeculativeGenerator:
         draft_prune_ratio: float = 0.0,
         max_vocab_padding: int = DEFAULT_MAX_VOCAB_PADDING,
         batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
+        capture_draft: bool = False,
     ):
         self.policy = make_policy(policy)
         self.target = get_adapter(target)
@@ -131,6 +137,13 @@ class SpeculativeGenerator:
                                               not isinstance(batch_node_budget, int) or batch_node_budget < 2):
             raise ValueError(f"batch_node_budget must be an int >= 2 or None, got {batch_node_budget!r}")
         self.batch_node_budget = batch_node_budget
+        if not isinstance(capture_draft, bool):
+            raise ValueError(f"capture_draft must be True or False, got {capture_draft!r}")
+        self.capture_draft = capture_draft and self.draft is not None
+        if self.capture_draft and len({param.device for param in draft.parameters()}) > 1:
+            raise ValueError("capture_draft needs the draft on one device (its static cache's writes are planned "
+                             "for one); this draft is split over several (device_map)")
+        self._captured: dict[str, CapturedForward] = {}  # per device type of the draft's inputs
         vocab_t = self.target.vocab_size
         vocab_d = self.draft.vocab_size if self.draft is not None else vocab_t
         self.shared_vocab = min(vocab_t, vocab_d)
@@ -319,7 +332,11 @@ class SpeculativeGenerator:
         cache_capacity = max_len + tree_room
         initial = max(prompt_lens) + min(max_new_tokens, 64) + 2 * tree_room
         self.target_cache = RowCache(batch, cache_capacity, initial)
-        self.draft_cache = RowCache(batch, cache_capacity, initial) if use_draft else None
+        self.draft_cache = None
+        if use_draft:
+            # a captured draft needs static buffers, with room for a forward padded to its shape bucket
+            static_room = padded_rows(tree_room) if self.capture_draft else None
+            self.draft_cache = RowCache(batch, cache_capacity, initial, static_room=static_room)
 
         # ---------------------------------------------------------- prefill, row by row
         target_offsets, draft_offsets, first_logits = [], [], []
@@ -518,13 +535,24 @@ class SpeculativeGenerator:
         """One forward of ``adapter``'s model over every live row: row b's request ``(tokens [1, n_b], positions
         [1, n_b], mask [1, 1, n_b, starts[b] + n_b])`` (None: the row feeds nothing this time) goes to its cache
         columns ``starts[b] ..``; rows are padded to the longest request (padding rows see column 0 only and are
-        never read). Returns logits ``[B, n, V]`` (row b's first n_b rows are its own)."""
-        if len(requests) == 1:  # one row: its inputs as they are
+        never read). Returns logits ``[B, n, V]`` (row b's first n_b rows are its own).
+
+        A static ``cache`` (a captured draft) pads the rows further, to ``padded_rows``, and the mask to the
+        cache's whole width, so the forward's shapes stay among a few captured ones."""
+        count = max(request[0].shape[1] for request in requests if request is not None)
+        if cache.static:
+            count = padded_rows(count)
+            cache.plan_static_writes(starts, count, device)
+            width = cache.allocated
+            forward = self._captured_forward(device)
+        elif len(requests) == 1:  # one row: its inputs as they are
             tokens, positions, mask = requests[0]
             cache.plan_writes(starts, tokens.shape[1])
             return adapter.forward_tree(tokens, positions, mask, cache)
-        count = max(request[0].shape[1] for request in requests if request is not None)
-        width = max(starts) + count
+        else:
+            cache.plan_writes(starts, count)
+            width = max(starts) + count
+            forward = tree_forward
         tokens = torch.zeros(len(requests), count, dtype=torch.int64, device=device)
         positions = torch.zeros(len(requests), count, dtype=torch.int64, device=device)
         mask = torch.full((len(requests), 1, count, width), torch.finfo(mask_dtype).min, dtype=mask_dtype,
@@ -538,8 +566,13 @@ class SpeculativeGenerator:
             tokens[slot, :n] = row_tokens[0]
             positions[slot, :n] = row_positions[0]
             mask[slot, 0, :n, : row_mask.shape[-1]] = row_mask[0, 0]
-        cache.plan_writes(starts, count)
-        return adapter.forward_tree(tokens, positions, mask, cache)
+        return forward(adapter, tokens, positions, mask, cache)
+
+    def _captured_forward(self, device: torch.device) -> CapturedForward:
+        captured = self._captured.get(device.type)
+        if captured is None:
+            captured = self._captured[device.type] = CapturedForward(device)
+        return captured
 
     def _draft_forward(self, live: list["_Row"], builds: dict[int, tuple]) -> Tensor:
         """One draft forward over the live rows (``builds``: batch slot -> (row, build, the workspace's forward
@@ -617,7 +650,7 @@ class SpeculativeGenerator:
 
 
 #: The keyword arguments of ``generate`` / ``stream`` that go to the ``SpeculativeGenerator``.
-GENERATOR_ARGUMENTS = ("draft_prune_ratio", "max_vocab_padding", "batch_node_budget")
+GENERATOR_ARGUMENTS = ("draft_prune_ratio", "max_vocab_padding", "batch_node_budget", "capture_draft")
 
 
 def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = "sage",
