@@ -79,14 +79,14 @@ def test_demo_warms_up_notes_a_slowdown_and_plots_steps_and_speed(tmp_path, caps
     plot = tmp_path / "demo.png"
     assert cli.main(["demo", "--scenes", "2", "--max-new-tokens", "40", "--plot", str(plot), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert sorted(warmups) == [("ar", 32), ("sage", 32)]  # one warm-up per engine, before any timing
-    assert "note: sage measured" in out and "slower than target-only" in out and "Likely cause" in out
+    assert sorted(warmups) == [("ar", 32), ("sage_cost", 32)]  # one warm-up per engine, before any timing
+    assert "note: sage_cost measured" in out and "slower than target-only" in out and "Likely cause" in out
 
     (data,) = plotted
-    assert data["policy"] == "sage" and len(data["scenes"]) == 2
+    assert data["policy"] == "sage_cost" and len(data["scenes"]) == 2  # the default policy
     for scene in data["scenes"]:
         per_step = scene["tokens_per_step"]
-        assert scene["identical_to_ar"] and set(scene["tokens_per_second"]) == {"ar", "sage"}
+        assert scene["identical_to_ar"] and set(scene["tokens_per_second"]) == {"ar", "sage_cost"}
         assert len(per_step) == len(scene["tree_size"]) and min(per_step) >= 1
         assert sum(per_step) / len(per_step) > 2  # the fixture draft is accepted: several tokens per forward
         assert all(size >= 1 for size in scene["tree_size"])

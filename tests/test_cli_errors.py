@@ -98,7 +98,7 @@ def test_policy_choices_are_in_the_help(capsys):
 
 
 @pytest.mark.parametrize("policy_args, fragment", [
-    ("foo=3", "policy 'sage' has no parameter 'foo'; its parameters: d_min, d_max"),
+    ("foo=3", "policy 'sage_cost' has no parameter 'foo'; its parameters: d_min, d_max"),
     ("n_max", "expected key=value, got 'n_max'"),
     ("n_max=8", "first_round_paths has more nodes than n_max"),
 ])

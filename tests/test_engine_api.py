@@ -56,6 +56,23 @@ def test_output_is_a_named_tuple_like_hf(llama):
     assert stats is out.stats and stats.new_tokens == 10
 
 
+def test_the_default_policy_is_the_cost_aware_sage(llama):
+    """One rule for the default (policies.DEFAULT_POLICY), taken by the generator, the one-call API and the CLI."""
+    from sage_ext.cli import build_parser
+    from sage_ext.engine.policies import DEFAULT_POLICY, CostAwareSagePolicy
+
+    target, inputs, draft = llama
+    assert DEFAULT_POLICY == "sage_cost"
+    generator = SpeculativeGenerator(target, draft)
+    assert isinstance(generator.policy, CostAwareSagePolicy)
+    sequences, stats = generate(target, draft, **inputs, max_new_tokens=10)
+    assert stats.policy == "sage_cost"
+    assert torch.equal(sequences, hf_greedy(target, inputs, max_new_tokens=10))
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).policy == DEFAULT_POLICY
+    assert parser.parse_args(["generate", "--image", "x.png", "--prompt", "p"]).policy == DEFAULT_POLICY
+
+
 def test_streamer_gets_the_prompt_then_every_token(llama):
     target, inputs, draft = llama
     streamer = RecordingStreamer()

@@ -103,7 +103,7 @@ def _version_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..engine.policies import POLICIES
+    from ..engine.policies import DEFAULT_POLICY, POLICIES
 
     policy_names = sorted(POLICIES)
     flags = _flags()
@@ -115,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="SAGE on the bundled fixture pair over held-out scenes, with a plot",
                           parents=[flags])
     _add_common(demo, models_required=False)
-    demo.add_argument("--policy", default="sage", choices=policy_names,
-                      help="tree policy timed against target-only decoding (default sage): ar (target only), chain "
-                           "(draft's greedy chain), static (SpecVLM 25-node tree), dynamic (EAGLE-2), sage")
+    demo.add_argument("--policy", default=DEFAULT_POLICY, choices=policy_names,
+                      help=f"tree policy timed against target-only decoding (default {DEFAULT_POLICY}): ar (target "
+                           "only), chain (draft's greedy chain), static (SpecVLM 25-node tree), dynamic (EAGLE-2), "
+                           "sage (the paper's rules), sage_cost (SAGE with the depth cap that maximizes the measured "
+                           "tokens/s)")
     _add_pair(demo)
     demo.add_argument("--scenes", type=_POSITIVE_INT, default=3)
     demo.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0, help="first held-out scene index")
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True)
     gen.add_argument("--prompt", required=True,
                      help="text; without the image token it is wrapped by the chat template (or <image>\\nTEXT\\n)")
-    gen.add_argument("--policy", default="sage", choices=policy_names)
+    gen.add_argument("--policy", default=DEFAULT_POLICY, choices=policy_names,
+                     help=f"tree policy (default {DEFAULT_POLICY})")
     gen.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=128)
     gen.add_argument("--temperature", type=ranged(float, low=0.0, what=">= 0"), default=0.0,
                      help="0 = greedy (default); > 0 samples losslessly")

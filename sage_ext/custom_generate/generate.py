@@ -7,7 +7,7 @@ the copy is imported outside the sage_ext package.
 
     import sage_ext
     out = target.generate(**inputs, custom_generate=sage_ext.custom_generate_path(), trust_remote_code=True,
-                          assistant_model=draft, max_new_tokens=64)          # policy="sage" by default
+                          assistant_model=draft, max_new_tokens=64)          # policy="sage_cost" by default
 
 Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
 ``policy`` (a name or a policy object), ``draft_prune_ratio``, ``batch_node_budget`` and ``capture_draft`` go to
@@ -27,6 +27,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from sage_ext.engine import SpeculativeGenerator
 from sage_ext.engine.loop import DEFAULT_BATCH_NODE_BUDGET
+from sage_ext.engine.policies import DEFAULT_POLICY
 
 #: transformers' number of new tokens when neither max_new_tokens nor max_length is set.
 HF_DEFAULT_MAX_NEW_TOKENS = 20
@@ -63,7 +64,7 @@ def _settings(model, generation_config, kwargs: dict) -> dict:
 
 
 def generate(model, inputs=None, generation_config=None, assistant_model=None, streamer=None, *,
-             policy="sage", draft_prune_ratio: float = 0.0, batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
+             policy=DEFAULT_POLICY, draft_prune_ratio: float = 0.0, batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
              capture_draft: bool = False, **kwargs: Any):
     """``model.generate(...)`` decoded by sage_ext with ``assistant_model`` as the draft; see the module doc."""
     for key in _NONE_MEANS_UNSET:

@@ -52,7 +52,7 @@ from .caches import CacheGroups, RowCache
 from .capture import CapturedForward, padded_rows, tree_forward
 from .costs import RowOutcome, StepCost, learning_for
 from .draft_round import DraftRound
-from .policies import TreePolicy, make_policy
+from .policies import DEFAULT_POLICY, TreePolicy, make_policy
 from .stats import GenerationStats, StepRecord, Timeline
 
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
@@ -113,7 +113,7 @@ class SpeculativeGenerator:
         self,
         target: torch.nn.Module,
         draft: torch.nn.Module | None,
-        policy: str | TreePolicy = "sage",
+        policy: str | TreePolicy = DEFAULT_POLICY,
         *,
         draft_prune_ratio: float = 0.0,
         max_vocab_padding: int = DEFAULT_MAX_VOCAB_PADDING,
@@ -653,7 +653,7 @@ class SpeculativeGenerator:
 GENERATOR_ARGUMENTS = ("draft_prune_ratio", "max_vocab_padding", "batch_node_budget", "capture_draft")
 
 
-def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = "sage",
+def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = DEFAULT_POLICY,
              **kwargs: Any) -> GenerationOutput:
     """One-call shortcut: ``SpeculativeGenerator(target, draft, policy).generate(**kwargs)``.
 
@@ -664,7 +664,7 @@ def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str
     return SpeculativeGenerator(target, draft, policy, **generator_kwargs).generate(**kwargs)
 
 
-def stream(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = "sage",
+def stream(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = DEFAULT_POLICY,
            **kwargs: Any):
     """One-call streaming: ``SpeculativeGenerator(target, draft, policy).stream(**kwargs)`` (see
     ``SpeculativeGenerator.stream``); the generator's own arguments go to it, as in ``generate``."""

@@ -654,6 +654,11 @@ CostAwareSagePolicy.__init__.__signature__ = _sage_signature.replace(parameters=
     inspect.Parameter("width_from_cost", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)])
 
 
+#: The policy of SpeculativeGenerator, sage_ext.generate, custom_generate and the CLI when none is named: SAGE with
+#: the depth cap that maximizes measured tokens per second; the fastest of every policy on the committed benchmarks
+#: (benchmarks/README.md, "End-to-end benchmark"). The paper's fixed rules stay available as "sage".
+DEFAULT_POLICY = "sage_cost"
+
 POLICIES = {
     "ar": AutoregressivePolicy,
     "chain": ChainPolicy,
