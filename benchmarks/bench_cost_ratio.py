@@ -16,7 +16,8 @@ its priced step times are checked against the formula. Reported: simulated token
 breakdowns) is about 0.2-0.3 on the 2-core CPU and about 0.4 on an H200, where the tiny models are launch-bound
 (benchmarks/results/device_check_h200/e2e_nvidia-h200.md).
 
-    python benchmarks/bench_cost_ratio.py            # ~4 min on 2 cores; results/cost_ratio_cpu.{json,md}
+    python benchmarks/bench_cost_ratio.py            # ~4 min on 2 cores; results/cost_ratio_cpu.{json,md,png}
+    python benchmarks/bench_cost_ratio.py --replot   # only the chart, from the committed JSON
 """
 from __future__ import annotations
 
@@ -90,6 +91,38 @@ def rate(records, ratio: float, per_token: float) -> float:
     return sum(r.emitted for r in records) / sum(step_units(r, ratio, per_token) for r in records)
 
 
+def plot_report(report: dict, path: Path) -> None:
+    """The study as a chart: speed-up over ar against the draft/verify cost ratio (log axis), one line per policy,
+    and under it which policy wins at each ratio."""
+    from sage_ext.cli.plots import pyplot
+
+    plt = pyplot()
+    ratios = report["ratios"]
+    table = report["speedup_vs_ar"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), height_ratios=[4, 1], sharex=True)
+    for name, row in table.items():
+        top.plot(ratios, [row[str(r)] for r in ratios], marker="o", label=name,
+                 linewidth=2.5 if name == "sage_cost" else 1.2)
+    top.set_xscale("log")
+    top.set_ylabel("simulated speed-up over ar")
+    top.axvspan(1 / 30, 1 / 4, color="0.9", zorder=0, label="1/30 .. 1/4 (e.g. 7B draft, 72B target ~1/10)")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    names = list(table)
+    winners = [max(names, key=lambda n: table[n][str(r)]) for r in ratios]
+    bottom.scatter(ratios, [names.index(w) for w in winners], marker="s", s=80)
+    bottom.set_yticks(range(len(names)), names, fontsize=7)
+    bottom.set_ylabel("fastest")
+    bottom.set_xlabel("draft forward cost / target verify cost")
+    bottom.set_xticks(ratios, [f"{r:g}" for r in ratios])
+    bottom.xaxis.set_minor_formatter(plt.NullFormatter())
+    fig.suptitle("Which tree is fastest as the draft gets dearer (fixture pair, real acceptance, simulated time)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", default="0.02,0.05,0.1,0.2,0.3,0.5,0.8",
@@ -100,7 +133,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--replot", action="store_true",
+                        help="only draw the chart (cost_ratio_cpu.png) from the JSON already in --out-dir")
     args = parser.parse_args(argv)
+    if args.replot:
+        out_dir = Path(args.out_dir)
+        plot_report(json.loads((out_dir / "cost_ratio_cpu.json").read_text()), out_dir / "cost_ratio_cpu.png")
+        return 0
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.set_num_threads(args.threads)
     target, draft, processor = load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
@@ -155,6 +194,7 @@ def main(argv=None) -> int:
               + "; ".join(f"{r}: d_max {v['final_d_max']}, tau {v['mean_tau']:.2f}, "
                           f"{v['mean_draft_forwards']:.1f} forwards" for r, v in learned.items()) + "."]
     (out_dir / "cost_ratio_cpu.md").write_text("\n".join(lines) + "\n")
+    plot_report(report, out_dir / "cost_ratio_cpu.png")
     print("\n".join(lines))
     return 0 if all(identical.values()) else 1
 
