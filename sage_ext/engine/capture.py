@@ -13,7 +13,10 @@ GPU). Capture needs static shapes, which the engine provides when ``SpeculativeG
 So the shapes a forward can take are (batch rows, padded rows, buffer width, dtype): a handful per generation
 (one graph per padded row count: 1, 2, 4, ... up to the tree's size), shared by later generations of the same
 width. The first forward of each shape compiles (seconds on a CPU; inductor keeps its kernels on disk for the next
-process). The draft's output never decides what is emitted (the target verifies every token), so capture changes
+process). Later forwards of a shape the generator has run skip dynamo's full guard check (``set_stance(
+skip_guard_eval_unsafe=True)``: only the guards that tell its variants apart run), which is safe here because
+between two such calls only tensor data changes, never the models, the shapes or the Python state the variant
+was traced with (dtype, device and the position offset's kind are part of the shape key). The draft's output never decides what is emitted (the target verifies every token), so capture changes
 speed only, never the output; greedy outputs stay identical to ``target.generate`` (tested).
 """
 from __future__ import annotations
@@ -46,10 +49,14 @@ class CapturedForward:
         self._shapes: set[tuple] = set()
 
     def __call__(self, adapter: FamilyAdapter, tokens: Tensor, positions: Tensor, mask: Tensor, cache) -> Tensor:
+        offset = adapter.position_offset  # an int (folded into the variant) or a tensor (an input of it)
         key = (id(adapter), tuple(tokens.shape), tuple(positions.shape), tuple(mask.shape), mask.dtype,
-               mask.device)
+               mask.device, offset if isinstance(offset, int) else tuple(offset.shape))
         if key in self._shapes:
-            return self._compiled(adapter, tokens, positions, mask, cache)
+            # a shape this generator already ran: the variant exists and nothing but tensor data has changed, so
+            # dynamo only tells its variants apart instead of checking every guard (~170 us a call on a CPU)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._compiled(adapter, tokens, positions, mask, cache)
         self._shapes.add(key)
         # a new shape compiles a new variant: past dynamo's default limit it would silently fall back to eager
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
