@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "device_check.sh"
 STAGES = ["env", "build", "tests_ops", "memcheck", "racecheck", "bench_ops", "tests_engine", "tests_devices",
-          "memcheck_engine", "e2e"]
+          "memcheck_engine", "e2e", "tests_capture"]
 SELECTED = ["env", "build", "memcheck", "racecheck", "bench_ops", "tests_engine", "e2e"]
 OVERRUN = "tests_engine"  # collection alone takes several seconds: a 1 s limit stops it
 
