@@ -137,18 +137,24 @@ class RowCache(Cache):
     # ------------------------------------------------------------------ the engine's side
     def plan_writes(self, starts: list[int], count: int) -> None:
         """The next forward feeds ``count`` rows per batch row; row b's go to columns ``starts[b] ..``."""
+        width = self._plan(starts, count, self.capacity, "the capacity")
+        if width > self.allocated:
+            self._grow(width)
+        self.planned_width = width
+        first = starts[0]
+        self.uniform_start = first if all(start == first for start in starts) else None
+
+    def _plan(self, starts: list[int], count: int, limit: int, limit_name: str) -> int:
+        """The checks and bookkeeping of every planned forward; returns its width (the longest row's end)."""
         if len(starts) != self.batch:
             raise ValueError(f"RowCache: {len(starts)} offsets for {self.batch} rows")
         width = max(starts) + count
-        if width > self.capacity:
-            raise RuntimeError(f"RowCache: a forward up to column {width} exceeds the capacity {self.capacity}")
-        if width > self.allocated:
-            self._grow(width)
-        self.planned_count, self.planned_width = count, width
-        first = starts[0]
-        self.uniform_start = first if all(start == first for start in starts) else None
+        if width > limit:
+            raise RuntimeError(f"RowCache: a forward up to column {width} exceeds {limit_name} {limit}")
+        self.planned_count = count
         self._starts = starts
         self._index.clear()
+        return width
 
     def mark_static(self, layer: RowLayer) -> None:
         """A static cache's CUDA buffers keep their addresses for CUDA graphs (torch.compile's "reduce-overhead"
@@ -162,14 +168,8 @@ class RowCache(Cache):
         ``starts[b] ..``, through an index tensor made here, outside the captured forward."""
         if not self.static:
             raise RuntimeError("RowCache: plan_static_writes on a cache without static buffers")
-        if len(starts) != self.batch:
-            raise ValueError(f"RowCache: {len(starts)} offsets for {self.batch} rows")
-        if max(starts) + count > self.allocated:
-            raise RuntimeError(f"RowCache: a forward up to column {max(starts) + count} exceeds the static width "
-                               f"{self.allocated}")
-        self.planned_count, self.planned_width = count, self.allocated
-        self._starts = starts
-        self._index.clear()
+        self._plan(starts, count, self.allocated, "the static width")
+        self.planned_width = self.allocated
         self.static_index = self.write_index(device)
 
     def write_index(self, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -50,8 +50,8 @@ class CapturedForward:
 
     def __call__(self, adapter: FamilyAdapter, tokens: Tensor, positions: Tensor, mask: Tensor, cache) -> Tensor:
         offset = adapter.position_offset  # an int (folded into the variant) or a tensor (an input of it)
-        key = (id(adapter), tuple(tokens.shape), tuple(positions.shape), tuple(mask.shape), mask.dtype,
-               mask.device, offset if isinstance(offset, int) else tuple(offset.shape))
+        key = (tuple(tokens.shape), tuple(positions.shape), tuple(mask.shape), mask.dtype, mask.device,
+               offset if isinstance(offset, int) else tuple(offset.shape))
         if key in self._shapes:
             # a shape this generator already ran: the variant exists and nothing but tensor data has changed, so
             # dynamo only tells its variants apart instead of checking every guard (~170 us a call on a CPU)
