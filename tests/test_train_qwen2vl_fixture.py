@@ -152,3 +152,42 @@ def test_visual_dropout_hides_the_image_in_training_only(trained):
     model.eval()
     assert not torch.allclose(logits(scenes[0]), logits(scenes[1]))
     hook.remove()
+
+
+def test_sparse_visual_inputs_keep_objects_text_and_positions(trained):
+    """Keeping every visual token reproduces the whole forward exactly; keeping 10% of the background keeps every
+    object token and every text token, each at its own M-RoPE position, and every supervised label."""
+    processor = load_processor(str(trained / "qwen2vl_target"))
+    batcher = train.Batcher(processor)
+    model = AutoModelForImageTextToText.from_pretrained(trained / "qwen2vl_target").eval()
+    scenes = [photo_scenes.generate_scene(seed) for seed in (3, 8)]
+    rng = random.Random(0)
+    batch = batcher([train.chat_text(processor, train.conversation(s, rng)) for s in scenes], [s.render() for s in scenes])
+    labels = batch.pop("labels")
+    objects = train.grounding_targets([(s, s.object_mask()) for s in scenes], batch["image_grid_thw"].tolist())[0][:, 0] > 0
+    positions = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                           attention_mask=batch["attention_mask"])[0]
+    image = batch["input_ids"] == model.config.image_token_id
+
+    def loss(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+    with torch.no_grad():
+        whole = loss(model(**batch).logits, labels)
+        inputs, order, valid = train.sparse_visual_inputs(model, batch, objects, 1.0, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(loss(model(**inputs).logits, labels.gather(1, order).masked_fill(~valid, -100)), whole)
+        inputs, order, valid = train.sparse_visual_inputs(model, batch, objects, 0.1, torch.Generator().manual_seed(0))
+    for row in range(len(scenes)):
+        kept = order[row][valid[row]]
+        assert kept.tolist() == sorted(kept.tolist())
+        text = (~image[row] & batch["attention_mask"][row].bool()).nonzero().flatten()
+        assert set(text.tolist()) <= set(kept.tolist())
+        kept_image = image[row, kept].sum()
+        assert objects.sum() > 0 and kept_image < image[row].sum() // 3
+        assert torch.equal(inputs["position_ids"][:, row, : len(kept)], positions[:, row, kept])
+    image_kept = torch.zeros_like(objects)
+    flat = image.flatten().nonzero().flatten()
+    kept_flat = (order + torch.arange(len(scenes))[:, None] * image.shape[1])[valid]
+    image_kept[torch.isin(flat, kept_flat)] = True
+    assert bool(image_kept[objects].all())  # every object token stays
+    assert int((labels.gather(1, order).masked_fill(~valid, -100) != -100).sum()) == int((labels != -100).sum())
