@@ -454,7 +454,7 @@ def sparse_visual_inputs(model, part: dict, object_tokens: torch.Tensor, keep_ba
 
     Every visual token that shows an object (``object_tokens``, flat over the batch's images in Qwen2-VL's
     order) and a random ``keep_background`` of the others stay, at their own M-RoPE positions (computed on
-    the whole sequence, then gathered), with every text token. A chat step then costs about half, and the
+    the whole sequence, then gathered), with every text token. A chat step then costs about a third less, and the
     language model first learns to read objects among a few background tokens instead of ~300; the last
     steps of training see whole images again (``sparse_fraction``). Returns the inputs, each kept token's
     index in the batch's sequences (to gather the labels) and which of them are real (not padding)."""
@@ -550,6 +550,16 @@ def prompt_inputs(processor, scene: ps.Scene, prompt: str) -> dict:
     return dict(processor(text=[text], images=[scene.render()], return_tensors="pt"))
 
 
+def with_continuation(inputs: dict, ids: list[int]) -> dict:
+    """``prompt_inputs`` with the text tokens ``ids`` appended (teacher forcing)."""
+    continuation = torch.tensor([ids])
+    forced = dict(inputs, input_ids=torch.cat([inputs["input_ids"], continuation], dim=1))
+    forced["attention_mask"] = torch.ones_like(forced["input_ids"])
+    if "mm_token_type_ids" in inputs:  # text tokens: type 0
+        forced["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(continuation)], dim=1)
+    return forced
+
+
 @torch.no_grad()
 def greedy_answer(model, processor, scene, prompt: str, max_new_tokens: int) -> list[int]:
     inputs = prompt_inputs(processor, scene, prompt)
@@ -609,23 +619,19 @@ def evaluate(model, processor, eval_scenes) -> tuple[dict, list[list[int]]]:
 
 @torch.no_grad()
 def kind_binding(model, processor, eval_scenes) -> float:
-    """Fraction of held-out objects whose colour, given as the start of a caption ("I can see a red"), makes
-    the model's most likely next kind word one that the scene has in that colour. A model that reads the
+    """Fraction of the held-out scenes' colours that, given as the start of a caption ("I can see a red"),
+    make the model's most likely next kind word one that the scene has in that colour. A model that reads the
     image only as a bag of colours scores about chance (0.2-0.3: one kind in five, more where a colour comes
-    twice): its kind is the text prior, the same
-    for every image (the wall the December runs hit: colours right, kinds not bound to them)."""
+    twice): its kind is the text prior, the same for every image (the wall the December runs hit before
+    ~1000 target steps: colours right, kinds not bound to them)."""
     tok = processor.tokenizer
     kind_ids = {kind: tok(" " + kind, add_special_tokens=False)["input_ids"][0] for kind in ps.KINDS}
     right = total = 0
     for scene in eval_scenes:
         inputs = prompt_inputs(processor, scene, ps.CAPTION_INSTRUCTION)
         for color in sorted({o.color for o in scene.objects}):
-            prefix = torch.tensor([tok(f"I can see a {color}", add_special_tokens=False)["input_ids"]])
-            forced = dict(inputs, input_ids=torch.cat([inputs["input_ids"], prefix], 1))
-            forced["attention_mask"] = torch.ones_like(forced["input_ids"])
-            if "mm_token_type_ids" in inputs:  # text tokens: type 0
-                forced["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(prefix)], 1)
-            logits = model(**forced).logits[0, -1]
+            prefix = tok(f"I can see a {color}", add_special_tokens=False)["input_ids"]
+            logits = model(**with_continuation(inputs, prefix)).logits[0, -1]
             said = max(kind_ids, key=lambda kind: float(logits[kind_ids[kind]]))
             right += any(o.color == color and o.kind == said for o in scene.objects)
             total += 1
@@ -640,12 +646,7 @@ def greedy_agreement(target_ids: list[list[int]], draft, processor, eval_scenes)
     for scene, ids in zip(eval_scenes, target_ids):
         inputs = prompt_inputs(processor, scene, ps.DETAIL_INSTRUCTION)
         prompt_len = inputs["input_ids"].shape[1]
-        continuation = torch.tensor([ids])
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation], dim=1)
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        if "mm_token_type_ids" in inputs:  # text tokens: type 0
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(continuation)], dim=1)
-        logits = draft(**inputs).logits[0, prompt_len - 1: -1]
+        logits = draft(**with_continuation(inputs, ids)).logits[0, prompt_len - 1: -1]
         agree += (logits.argmax(-1) == torch.tensor(ids)).sum().item()
         total += len(ids)
     return round(agree / total, 4)
