@@ -52,6 +52,20 @@ def test_objects_sit_on_the_token_grid_and_the_mask_matches_the_render():
             assert (image[ys, xs] == ps.COLORS[obj.color]).all()
 
 
+def test_the_colour_order_is_the_most_likely_listing_and_others_occur():
+    scene = next(s for s in ps.training_scenes(50) if len(s.objects) >= 4)
+    by_colour = [(o.color, o.kind) for o in
+                 sorted(scene.objects, key=lambda o: (list(ps.COLORS).index(o.color), ps.KINDS.index(o.kind)))]
+    orders = []
+    for seed in range(400):
+        facts = [(m.group(2), ps._KIND_OF[m.group(3)]) for m in ps._MENTION.finditer(scene.caption(random.Random(seed)))]
+        orders.append(tuple(facts[: len(scene.objects)]))
+    counts = {order: orders.count(order) for order in set(orders)}
+    assert max(counts, key=counts.get) == tuple(by_colour)
+    assert 0.45 < counts[tuple(by_colour)] / len(orders) < 0.65
+    assert len(counts) > 10  # the order stays free
+
+
 def test_every_phrasing_is_scored_fully_correct():
     for seed in range(250):
         scene, rng = ps.generate_scene(seed), random.Random(seed)
