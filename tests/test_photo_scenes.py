@@ -26,7 +26,7 @@ def test_scenes_cover_every_size_background_and_object_count():
         assert len({(o.color, o.kind) for o in scene.objects}) == len(scene.objects)  # names are unambiguous
         assert len({o.region for o in scene.objects}) == len(scene.objects)
         for obj in scene.objects:
-            assert ps._region_of(obj.x, obj.y) == obj.region
+            assert ps.region_of(obj.x, obj.y) == obj.region
 
 
 def test_objects_sit_on_the_token_grid_and_the_mask_matches_the_render():
@@ -58,7 +58,8 @@ def test_the_colour_order_is_the_most_likely_listing_and_others_occur():
                  sorted(scene.objects, key=lambda o: (list(ps.COLORS).index(o.color), ps.KINDS.index(o.kind)))]
     orders = []
     for seed in range(400):
-        facts = [(m.group(2), ps._KIND_OF[m.group(3)]) for m in ps._MENTION.finditer(scene.caption(random.Random(seed)))]
+        caption = scene.caption(random.Random(seed))
+        facts = [(m.group(2), ps._KIND_OF[m.group(3)]) for m in ps._MENTION.finditer(caption)]
         orders.append(tuple(facts[: len(scene.objects)]))
     counts = {order: orders.count(order) for order in set(orders)}
     assert max(counts, key=counts.get) == tuple(by_colour)

@@ -191,3 +191,47 @@ def test_sparse_visual_inputs_keep_objects_text_and_positions(trained):
     image_kept[torch.isin(flat, kept_flat)] = True
     assert bool(image_kept[objects].all())  # every object token stays
     assert int((labels.gather(1, order).masked_fill(~valid, -100) != -100).sum()) == int((labels != -100).sum())
+
+
+def test_token_regions_are_the_ninths_of_each_image_in_qwen2vl_order():
+    """Per merged token, row-major per image: a 6x6-token image is ninths of 2x2 tokens; a 6-row, 9-column one
+    has 2x3-token ninths; images follow each other."""
+    regions = train.token_regions([[1, 12, 12], [1, 12, 18]])
+    square, wide = regions[:36].view(6, 6), regions[36:].view(6, 9)
+    assert len(regions) == 36 + 54
+    expected = torch.arange(9).view(3, 3)
+    assert torch.equal(square, expected.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert torch.equal(wide, expected.repeat_interleave(2, 0).repeat_interleave(3, 1))
+
+
+def test_position_loss_reads_each_visual_token_at_its_place_whole_or_gathered():
+    """A head that reads the right region off hidden states built to hold it has (near) zero loss, on whole
+    sequences and on gathered (sparse) ones; the same head on hidden states of other tokens does not."""
+    image_id = 5
+    input_ids = torch.tensor([[1, image_id, image_id, image_id, image_id, 2, 3],
+                              [1, image_id, image_id, image_id, image_id, 2, 0]])
+    regions = torch.tensor([0, 4, 8, 2, 1, 3, 5, 7])  # 4 visual tokens per row, in order
+    hidden = torch.zeros(2, 7, 9)
+    hidden[input_ids == image_id] = torch.nn.functional.one_hot(regions, 9).float()
+    head = torch.nn.Linear(9, 9, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(9) * 50)
+    assert float(train.position_loss(head, hidden, input_ids, image_id, regions)) < 1e-6
+    order = torch.tensor([[0, 2, 4, 5], [0, 1, 3, 6]])  # the kept positions of each row, as sparse inputs gather
+    valid = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    gathered = hidden.gather(1, order[..., None].expand(-1, -1, 9))
+    assert float(train.position_loss(head, gathered, input_ids, image_id, regions, order, valid)) < 1e-6
+    assert float(train.position_loss(head, hidden.roll(1, dims=1), input_ids, image_id, regions)) > 10
+
+
+def test_training_with_the_position_loss_runs_sparse_and_whole_steps(trained):
+    """``position_weight`` > 0: chat steps, sparse then whole, train the language model with the position head's
+    loss on the side (the loss stays finite and the weights move)."""
+    processor = load_processor(str(trained / "qwen2vl_target"))
+    model = AutoModelForImageTextToText.from_pretrained(trained / "qwen2vl_target")
+    before = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().clone()
+    spec = {"steps": 2, "batch": 2, "lr": 1e-3, "sparse_fraction": 0.5, "keep_background": 0.1,
+            "position_weight": 0.5}
+    info = train.train(model, train.Batcher(processor), spec, data_seed=0, name="target")
+    assert info["steps"] == 2 and 0.0 < info["final_loss"] < float("inf")
+    assert not torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight, before)
