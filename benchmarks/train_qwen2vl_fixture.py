@@ -397,7 +397,7 @@ def position_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.
     labels = torch.full(input_ids.shape, -100, dtype=torch.long)
     labels[image] = regions
     if order is not None:
-        labels = labels.gather(1, order).masked_fill(~valid, -100)
+        labels = gathered_labels(labels, order, valid)
     return torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
@@ -538,6 +538,12 @@ def sparse_visual_inputs(model, part: dict, object_tokens: torch.Tensor, keep_ba
     return out, order, valid
 
 
+def gathered_labels(labels: torch.Tensor, order: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-position labels of whole sequences (-100: none), taken to the sequences ``sparse_visual_inputs``
+    gathered (``order``, ``valid``): the chat labels and ``position_loss``'s regions alike."""
+    return labels.gather(1, order).masked_fill(~valid, -100)
+
+
 def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, heads=None, micro: int = 4) -> dict:
     """Chat training (loss on the assistant turns). With ``heads`` and ``spec["grounding_weight"]`` the
     vision tower's output also keeps the warm-up's grounding loss (on the features before visual dropout)."""
@@ -581,7 +587,7 @@ def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, heads=
             if step < sparse_steps:
                 inputs, order, valid = sparse_visual_inputs(model, part, targets[0][:, 0] > 0, keep_background,
                                                             sparse_generator)
-                labels = labels.gather(1, order).masked_fill(~valid, -100)
+                labels = gathered_labels(labels, order, valid)
             else:
                 inputs = part
             out = model(**inputs, output_hidden_states=bool(position_weight))
