@@ -251,7 +251,7 @@ def conversation(scene: ps.Scene, rng: random.Random) -> list[tuple[str, str]]:
     """(prompt, answer) turns about one image: a caption, sometimes a detailed description, 3-5 questions,
     in random order (so that any of them can be the first turn, the one inference sees)."""
     # Every sequence pays for ~300 visual tokens: supervise several answers about the image. Questions are
-    # short and each hinges on one fact of the image (the grounding signal); the ~200-token detailed
+    # short and each hinges on one fact of the image (the grounding signal); the 150-350-token detailed
     # description is in a third of the sequences.
     turns = [(ps.CAPTION_INSTRUCTION, scene.caption(rng))]
     if rng.random() < 1 / 3:
@@ -338,27 +338,34 @@ GROUNDING_SEED_BASE = 500_000  # warm-up scenes: training seeds, apart from the 
 def grounding_targets(views: list[tuple], grids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense labels of a batch's merged visual tokens (row-major per image, as Qwen2-VL orders them).
 
-    ``views``: ``(scene, mask)`` per image, ``mask`` being ``scene.object_mask()`` or a crop of it (then the
-    image is the same crop of ``scene.render()``). Returns ``(tokens [T, 3], objects [O, 2])``: per token the
-    colour of the object with the most pixels in its 16x16 (at least 8; 0: none), the background, and that
-    object's row in ``objects`` (-1: none, or the object is cut by the crop: its shape is not all there);
-    per object its kind and size."""
+    ``views``: ``(scene, box)`` per image, ``box`` None for ``scene.render()`` whole or the crop box (on the token
+    grid) of a crop of it. Returns ``(tokens [T, 3], objects [O, 2])``: per token the colour of the object with
+    the most pixels in its 16x16 (at least 8; 0: none), the ground it shows (`Scene.ground_mask`, a horizon
+    never cuts a token), and that object's row in ``objects`` (-1: none, or the object is cut by the crop: its
+    shape is not all there); per object its kind and size."""
     import numpy as np
     from PIL import Image
 
     cell = PATCH * MERGE
     colors, kinds = list(ps.COLORS), list(ps.KINDS)
     token_rows, object_rows = [], []
-    for (scene, mask), (_, grid_h, grid_w) in zip(views, grids):
-        whole = np.bincount(np.asarray(scene.object_mask()).ravel(), minlength=len(scene.objects) + 1)
+    def cells_of(image, rows: int, cols: int):  # [tokens, pixels of the token] at the processor's resolution
+        pixels = np.asarray(image.resize((cols * cell, rows * cell), Image.NEAREST))
+        return pixels.reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows * cols, cell * cell)
+
+    for (scene, box), (_, grid_h, grid_w) in zip(views, grids):
+        whole_mask = scene.object_mask()
+        mask, grounds = whole_mask, scene.ground_mask()
+        if box is not None:
+            mask, grounds = mask.crop(box), grounds.crop(box)
+        whole = np.bincount(np.asarray(whole_mask).ravel(), minlength=len(scene.objects) + 1)
         visible = np.bincount(np.asarray(mask).ravel(), minlength=len(scene.objects) + 1)
-        pixels = np.asarray(mask.resize((grid_w * PATCH, grid_h * PATCH), Image.NEAREST))
         rows, cols = grid_h // MERGE, grid_w // MERGE
-        cells = pixels.reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows * cols, cell * cell)
+        cells = cells_of(mask, rows, cols)
         counts = np.stack([(cells == i + 1).sum(1) for i in range(len(scene.objects))], 1)
         best, touched = counts.argmax(1), counts.max(1) >= 8
         labels = np.zeros((rows * cols, 3), dtype=np.int64)
-        labels[:, 1] = ps.BACKGROUNDS.index(scene.background)
+        labels[:, 1] = np.median(cells_of(grounds, rows, cols), axis=1)
         labels[:, 2] = -1
         for i, obj in enumerate(scene.objects):
             here = touched & (best == i)
@@ -413,7 +420,7 @@ def grounding_crops(rng: random.Random, count: int) -> tuple[list, list[tuple]]:
     images, views = [], []
     while len(images) < count:
         scene = ps.generate_scene(GROUNDING_SEED_BASE + rng.randrange(400_000))
-        image, mask = scene.render(), scene.object_mask()
+        image = scene.render()
         for obj in scene.objects:
             if len(images) == count:
                 break
@@ -426,7 +433,7 @@ def grounding_crops(rng: random.Random, count: int) -> tuple[list, list[tuple]]:
             top = int(min(max(cy - GROUNDING_CROP / 2, 0), scene.height - GROUNDING_CROP)) // ps.CELL * ps.CELL
             box = (left, top, left + GROUNDING_CROP, top + GROUNDING_CROP)
             images.append(image.crop(box))
-            views.append((scene, mask.crop(box)))
+            views.append((scene, box))
     return images, views
 
 
@@ -453,12 +460,14 @@ def grounding_heads(hidden: int) -> torch.nn.Module:
 
 
 def grounding_accuracy(logits, tokens: torch.Tensor, objects: torch.Tensor) -> list[float]:
-    """[colour, kind, size] right on the tokens of objects (kind and size: objects all in view)."""
+    """[colour, kind, size, ground] right on the tokens of objects (kind and size: objects all in view; the
+    ground: the one the object is on, its place)."""
     coloured, on_object = tokens[:, 0] > 0, tokens[:, 2] >= 0
     rows = objects[tokens[on_object, 2]]
     return [float((logits[0].argmax(-1)[coloured] == tokens[coloured, 0]).float().mean()),
             float((logits[2].argmax(-1)[on_object] == rows[:, 0]).float().mean()),
-            float((logits[3].argmax(-1)[on_object] == rows[:, 1]).float().mean())]
+            float((logits[3].argmax(-1)[on_object] == rows[:, 1]).float().mean()),
+            float((logits[1].argmax(-1)[coloured] == tokens[coloured, 1]).float().mean())]
 
 
 def mean_rows(rows: list[list[float]]) -> list[float]:
@@ -498,10 +507,10 @@ def ground_vision(model, processor, spec: dict, data_seed: int, name: str) -> tu
         hits.append(grounding_accuracy(logits, tokens, objects))
         if (step + 1) % 10 == 0 or step == steps - 1:
             print(f"[{name} grounding] step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.4f} "
-                  f"object tokens right: colour, kind, size {mean_rows(hits[-10:])} ({time.time() - start:.0f}s)",
+                  f"object tokens right: colour, kind, size, ground {mean_rows(hits[-10:])} ({time.time() - start:.0f}s)",
                   flush=True)
     return {"grounding_steps": steps, "grounding_batch": batch,
-            "grounding_accuracy": dict(zip(("color", "kind", "size"), mean_rows(hits[-20:]))),
+            "grounding_accuracy": dict(zip(("color", "kind", "size", "ground"), mean_rows(hits[-20:]))),
             "grounding_seconds": round(time.time() - start, 1)}, heads
 
 
@@ -582,7 +591,7 @@ def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, heads=
             labels = part.pop("labels")
             captured.clear()
             grid = part["image_grid_thw"].tolist()
-            targets = grounding_targets([(s, s.object_mask()) for s in part_scenes], grid)
+            targets = grounding_targets([(s, None) for s in part_scenes], grid)
             order = valid = None
             if step < sparse_steps:
                 inputs, order, valid = sparse_visual_inputs(model, part, targets[0][:, 0] > 0, keep_background,
@@ -672,7 +681,7 @@ def evaluate(model, processor, eval_scenes) -> tuple[dict, list[list[int]]]:
     scores = {"caption": [], "detail": []}
     detail_ids, qa_right = [], 0
     for scene in eval_scenes:
-        for key, prompt, limit in (("caption", ps.CAPTION_INSTRUCTION, 96), ("detail", ps.DETAIL_INSTRUCTION, 320)):
+        for key, prompt, limit in (("caption", ps.CAPTION_INSTRUCTION, 96), ("detail", ps.DETAIL_INSTRUCTION, 400)):
             ids = greedy_answer(model, processor, scene, prompt, limit)
             scores[key].append((ps.score_description(scene, tok.decode(ids, skip_special_tokens=True)), len(ids)))
             if key == "detail":

@@ -16,10 +16,12 @@ def test_scenes_are_pure_functions_of_their_seed_and_heldout_is_disjoint():
         ps.training_scenes(2, start=ps.HELDOUT_SEED_BASE - 1)
 
 
-def test_scenes_cover_every_size_background_and_object_count():
+def test_scenes_cover_every_size_landscape_and_object_count():
     scenes = ps.training_scenes(300)
     assert {(s.width, s.height) for s in scenes} == set(ps.IMAGE_SIZES)
-    assert {s.background for s in scenes} == set(ps.BACKGROUNDS)
+    assert {s.grounds for s in scenes} == {(b,) for b in ps.BACKGROUNDS} | set(ps.LANDSCAPES)
+    for scene in scenes:
+        assert scene.horizon % ps.CELL == 0 and (scene.horizon == scene.height) == (len(scene.grounds) == 1)
     assert {len(s.objects) for s in scenes} == set(range(ps.MIN_OBJECTS, ps.MAX_OBJECTS + 1))
     for scene in scenes[:40]:
         assert scene.render().size == (scene.width, scene.height)
@@ -27,17 +29,23 @@ def test_scenes_cover_every_size_background_and_object_count():
         assert len({o.region for o in scene.objects}) == len(scene.objects)
         for obj in scene.objects:
             assert ps.region_of(obj.x, obj.y) == obj.region
+            assert obj.ground == scene.ground_at(obj.y * scene.height)
+        if len(scene.grounds) == 2:  # the upper ground shows above the horizon, the lower one below
+            image = scene.render()
+            assert image.getpixel((0, scene.horizon - 1)) != image.getpixel((0, scene.horizon))
 
 
 def test_objects_sit_on_the_token_grid_and_the_mask_matches_the_render():
     """A small object inside one CELL x CELL cell, a large one inside the 2x2 cells around a cell corner; the
-    mask marks exactly the pixels the render gives the object's colour (outlines aside)."""
+    mask marks exactly the pixels the render gives the object's colour (outlines aside); an object never
+    straddles the horizon, and the ground mask under it is its ground."""
     import numpy as np
 
     for seed in range(60):
         scene = ps.generate_scene(seed)
         mask, image = np.asarray(scene.object_mask()), np.asarray(scene.render())
-        assert mask.shape == (scene.height, scene.width)
+        grounds = np.asarray(scene.ground_mask())
+        assert mask.shape == grounds.shape == (scene.height, scene.width)
         for i, obj in enumerate(scene.objects):
             cx, cy = obj.x * scene.width, obj.y * scene.height
             ys, xs = np.nonzero(mask == i + 1)
@@ -50,6 +58,8 @@ def test_objects_sit_on_the_token_grid_and_the_mask_matches_the_render():
             assert len(xs) > 0 and left <= xs.min() and xs.max() < left + span
             assert top <= ys.min() and ys.max() < top + span
             assert (image[ys, xs] == ps.COLORS[obj.color]).all()
+            cell_block = grounds[int(top): int(top + span), int(left): int(left + span)]
+            assert (cell_block == ps.BACKGROUNDS.index(obj.ground)).all()
 
 
 def test_the_colour_order_is_the_most_likely_listing_and_others_occur():
@@ -90,26 +100,28 @@ def test_wording_varies_while_the_facts_stay():
 
 
 def test_scoring_catches_invented_objects_and_wrong_facts():
-    scene = ps.Scene(0, 256, 256, "grass", [
-        ps.SceneObject("circle", "red", "large", "top left", 0.15, 0.15),
-        ps.SceneObject("star", "blue", "small", "bottom right", 0.85, 0.85),
+    scene = ps.Scene(0, 256, 256, ("sky", "grass"), 96, [
+        ps.SceneObject("circle", "red", "large", "top left", "sky", 0.125, 0.125),
+        ps.SceneObject("star", "blue", "small", "bottom right", "grass", 0.84375, 0.84375),
     ])
-    right = ("The image shows two shapes on a lawn: a big red disc and a tiny blue star. "
-             "The red circle is in the top left corner.")
+    right = ("The image shows two shapes on a clear sky above a lawn: a big red disc and a tiny blue star. "
+             "The red circle is up in the sky.")
     assert ps.score_description(scene, right) == {"correct": 7, "total": 7, "wrong": 0, "invented": 0}
     cases = {
-        "a large red circle, a small blue star and a white ring on grass.": {"invented": 1},
-        "three shapes on green grass: a red circle and a blue star.": {"wrong": 1},
-        "a small red circle and a blue star on a lawn.": {"wrong": 1},
-        "a red circle and a blue star on sand.": {"wrong": 1},
-        "a red circle and a blue star on a lawn. The blue star is at the top.": {"wrong": 1},
+        "a large red circle, a small blue star and a white ring on the sky above grass.": {"invented": 1},
+        "three shapes on the sky above green grass: a red circle and a blue star.": {"wrong": 1},
+        "a small red circle and a blue star on the sky above a lawn.": {"wrong": 1},
+        "a red circle and a blue star on the sky above sand.": {"wrong": 1},
+        # a place is not a background: "on the grass" names where the star is, the background stays the sky alone
+        "a red circle and a blue star on a blue sky. The blue star is on the grass.": {"wrong": 0},
+        "a red circle and a blue star on the sky above a lawn. The blue star is in the sky.": {"wrong": 1},
     }
     for text, expected in cases.items():
         score = ps.score_description(scene, text)
         for key, value in expected.items():
             assert score[key] == value, (text, score)
         assert score["correct"] < score["total"] or score["invented"], (text, score)
-    missing = ps.score_description(scene, "a red circle on a lawn.")
+    missing = ps.score_description(scene, "a red circle on a clear sky above a lawn.")
     assert missing["correct"] == missing["total"] - 1  # the blue star is not mentioned
 
 
@@ -117,9 +129,12 @@ def test_answers_are_checked_in_every_allowed_phrasing():
     scene = ps.generate_scene(11)
     obj = scene.objects[0]
     question = f"Where is the {obj.color} {obj.kind}?"
-    for phrase in ps.REGION_PHRASES[obj.region]:
+    for phrase in ps.GROUND_PHRASES[obj.ground]:
         assert ps.answer_is_correct(scene, question, phrase[0].upper() + phrase[1:] + ".")
-    other = next(r for r in ps.REGIONS if r != obj.region)
-    assert not ps.answer_is_correct(scene, question, ps.REGION_PHRASES[other][0] + ".")
+    other = next(g for g in ps.BACKGROUNDS if g != obj.ground)
+    assert not ps.answer_is_correct(scene, question, ps.GROUND_PHRASES[other][0] + ".")
+    setting = " above ".join(ps.BACKGROUND_PHRASES[g][-1] for g in scene.grounds)
+    assert ps.answer_is_correct(scene, "What is the background?", setting.capitalize() + ".")
+    assert not ps.answer_is_correct(scene, "What is the background?", "The sky above the sky.")
     assert ps.answer_is_correct(scene, "How many shapes are there?", ps.COUNT_WORDS[len(scene.objects)].capitalize())
     assert not ps.answer_is_correct(scene, "How many shapes are there?", "Seven.")

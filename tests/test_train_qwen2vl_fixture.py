@@ -38,17 +38,21 @@ def trained(tmp_path_factory):
 
 def test_grounding_labels_name_every_object_on_its_tokens():
     """Whole images: a small object's labels sit on exactly one visual token, a large one's on a 2x2 block,
-    each with its colour, and one object row (kind, size) per object; the background on every token."""
+    each with its colour, and one object row (kind, size) per object; on every token the ground its rows show
+    (two grounds: the upper one above the horizon)."""
     scenes = [photo_scenes.generate_scene(seed) for seed in range(12)]
     grids = [[1, s.height // train.PATCH, s.width // train.PATCH] for s in scenes]
-    tokens, objects = train.grounding_targets([(s, s.object_mask()) for s in scenes], grids)
+    tokens, objects = train.grounding_targets([(s, None) for s in scenes], grids)
     assert tokens.shape == (sum(s.width * s.height // 256 for s in scenes), 3)
     expected_objects, start = [], 0
     for scene in scenes:
         rows = tokens[start: start + scene.width * scene.height // 256]
         start += len(rows)
-        assert (rows[:, 1] == photo_scenes.BACKGROUNDS.index(scene.background)).all()
         cols = scene.width // 16
+        token_rows = torch.arange(len(rows)) // cols
+        upper = token_rows * 16 < scene.horizon
+        grounds = [photo_scenes.BACKGROUNDS.index(g) for g in scene.grounds]
+        assert (rows[upper, 1] == grounds[0]).all() and (rows[~upper, 1] == grounds[-1]).all()
         for obj in scene.objects:
             row = len(expected_objects)
             expected_objects.append([photo_scenes.KINDS.index(obj.kind), photo_scenes.SIZES.index(obj.size)])
@@ -66,8 +70,9 @@ def test_grounding_labels_name_every_object_on_its_tokens():
 def test_grounding_crops_stay_on_the_token_grid_and_drop_cut_objects():
     images, views = train.grounding_crops(random.Random(3), 40)
     assert len(images) == len(views) == 40
-    for image, (scene, mask) in zip(images, views):
-        assert image.size == mask.size == (train.GROUNDING_CROP, train.GROUNDING_CROP)
+    for image, (scene, box) in zip(images, views):
+        assert image.size == (box[2] - box[0], box[3] - box[1]) == (train.GROUNDING_CROP, train.GROUNDING_CROP)
+        assert box[0] % photo_scenes.CELL == box[1] % photo_scenes.CELL == 0
     side = train.GROUNDING_CROP // train.PATCH
     tokens, objects = train.grounding_targets(views, [[1, side, side]] * len(views))
     # objects whose shape the crop cuts keep their colour on their tokens but have no kind / size row
@@ -78,7 +83,7 @@ def test_grounding_crops_stay_on_the_token_grid_and_drop_cut_objects():
     loss.backward()
     assert torch.isfinite(loss) and features.grad.abs().sum() > 0
     assert [part.shape for part in logits] == [(len(tokens), n) for n in train.GROUNDING_HEADS.values()]
-    assert len(train.grounding_accuracy(logits, tokens, objects)) == 3
+    assert len(train.grounding_accuracy(logits, tokens, objects)) == 4
 
 
 def test_labels_cover_exactly_the_assistant_turns(trained):
@@ -93,6 +98,15 @@ def test_labels_cover_exactly_the_assistant_turns(trained):
     assert supervised == expected
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert int((batch["input_ids"] == image_id).sum()) >= 256
+
+
+def test_detailed_descriptions_are_long_in_the_fixture_tokenizer(trained):
+    """The task's "describe in detail" answers are at least 150 tokens of the pair's own tokenizer, whatever the
+    scene and phrasing (the smallest scenes are the shortest)."""
+    tokenizer = load_processor(str(trained / "qwen2vl_target")).tokenizer
+    lengths = [len(tokenizer(scene.detailed_description(random.Random(i))).input_ids)
+               for i, scene in enumerate(photo_scenes.training_scenes(200) + photo_scenes.heldout_scenes(100))]
+    assert min(lengths) >= 150, sorted(lengths)[:5]
 
 
 def test_saved_pair_loads_with_differently_padded_vocabularies(trained):
@@ -164,7 +178,7 @@ def test_sparse_visual_inputs_keep_objects_text_and_positions(trained):
     rng = random.Random(0)
     batch = batcher([train.chat_text(processor, train.conversation(s, rng)) for s in scenes], [s.render() for s in scenes])
     labels = batch.pop("labels")
-    objects = train.grounding_targets([(s, s.object_mask()) for s in scenes], batch["image_grid_thw"].tolist())[0][:, 0] > 0
+    objects = train.grounding_targets([(s, None) for s in scenes], batch["image_grid_thw"].tolist())[0][:, 0] > 0
     positions = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
                                            attention_mask=batch["attention_mask"])[0]
     image = batch["input_ids"] == model.config.image_token_id
