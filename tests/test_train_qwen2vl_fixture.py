@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         assert train.main(["--out-dir", str(out), "--target-steps", "2", "--draft-steps", "2",
-                           "--grounding-steps", "2", "--eval-scenes", "1"]) == 0
+                           "--grounding-steps", "2", "--eval-scenes", "1", "--probe-every", "2"]) == 0
     finally:
         torch.set_num_threads(threads)
     return out
@@ -121,8 +121,24 @@ def test_saved_pair_loads_with_differently_padded_vocabularies(trained):
         assert vocab[role] == summary[role]["vocab"]
         card = (folder / "README.md").read_text()
         assert f"| caption_fact_accuracy | {summary[role]['caption_fact_accuracy']} |" in card
+        assert f"| where_accuracy | {summary[role]['where_accuracy']} |" in card
     assert len(processor.tokenizer) <= vocab["target"] < vocab["draft"] and vocab["draft"] % 128 == 0
     assert 5 <= summary["target"]["params"] / summary["draft"]["params"] <= 10
+
+
+def test_the_progress_probe_prints_binding_facts_and_places(trained, capsys):
+    processor = load_processor(str(trained / "qwen2vl_target"))
+    model = AutoModelForImageTextToText.from_pretrained(trained / "qwen2vl_target").train()
+    scene = photo_scenes.heldout_scenes(1)
+    train.progress_probe(model, processor, scene)(250)
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert line[:4] == ["PROBE", "step", "250", "kind_binding"] and line[5:7] == ["caption", "facts"]
+    assert line[8] == "where" and all(0.0 <= float(line[i]) <= 1.0 for i in (4, 7, 9))
+    assert model.training  # the probe hands the model back in training mode
+    assert train.where_accuracy(model.eval(), processor, scene) == pytest.approx(
+        sum(photo_scenes.answer_is_correct(scene[0], f"Where is the {o.color} {o.kind}?", processor.tokenizer.decode(
+            train.greedy_answer(model, processor, scene[0], f"Where is the {o.color} {o.kind}?", 12),
+            skip_special_tokens=True)) for o in scene[0].objects) / len(scene[0].objects), abs=1e-4)
 
 
 def test_large_size_keeps_the_draft_5_to_10x_smaller():
