@@ -13,7 +13,8 @@ What it does, deterministically (fixed seeds, fixed data order, fixed thread cou
    ~8.5x smaller draft sharing the tokenizer, processor and chat template, and for each:
    a. warms up its vision tower alone (`ground_vision`): on 96x96 crops of training scenes (on the token grid,
       ~1/8 of a whole image's cost), a linear head on the merged visual tokens learns each token's object
-      colour, kind and size and the background (`grounding_targets`, from `Scene.object_mask()`);
+      colour, kind and size and the ground it shows (`grounding_targets`, from `Scene.object_mask()` and
+      `Scene.ground_mask()`);
    b. trains the whole model on chats: one image and a multi-turn chat per sequence (caption, detailed
       description, questions in random order, each answer one of many correct phrasings), the loss on the
       assistant turns, plus the warm-up's loss on the image features (`grounding_weight`). The draft also
@@ -370,6 +371,7 @@ def grounding_targets(views: list[tuple], grids: list[list[int]]) -> tuple[torch
     cell = PATCH * MERGE
     colors, kinds = list(ps.COLORS), list(ps.KINDS)
     token_rows, object_rows = [], []
+
     def cells_of(image, rows: int, cols: int):  # [tokens, pixels of the token] at the processor's resolution
         pixels = np.asarray(image.resize((cols * cell, rows * cell), Image.NEAREST))
         return pixels.reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows * cols, cell * cell)
