@@ -137,3 +137,16 @@ def test_answers_are_checked_in_every_allowed_phrasing():
     assert not ps.answer_is_correct(scene, "What is the background?", "The sky above the sky.")
     assert ps.answer_is_correct(scene, "How many shapes are there?", ps.COUNT_WORDS[len(scene.objects)].capitalize())
     assert not ps.answer_is_correct(scene, "How many shapes are there?", "Seven.")
+
+
+def test_composition_remarks_vary_in_choice_but_keep_their_order():
+    scene = ps.generate_scene(9)
+    chosen = set()
+    for seed in range(60):
+        text = scene.detailed_description(random.Random(seed))
+        made = [remark for remark in ps.COMPOSITION_REMARKS if remark in text]
+        assert len(made) == 5
+        positions = [text.index(remark) for remark in made]
+        assert positions == sorted(positions)  # COMPOSITION_REMARKS order, whichever five
+        chosen.add(tuple(made))
+    assert len(chosen) >= 20
