@@ -30,8 +30,16 @@ What it does, deterministically (fixed seeds, fixed data order, fixed thread cou
 The measured SAGE statistics of the pair (root alpha histogram, per-depth acceptance, pruning) come from
 `benchmarks/measure_pair.py --pair qwen2vl --card`, which completes the draft's model card.
 
-Status (December, 2-core AMD EPYC, 2 threads): the small pair is NOT bundled: no 30-minute training has
-reached the quality bar (95% of held-out facts, no invented object). What the runs showed (24 held-out scenes):
+Status (December, 2-core AMD EPYC, 2 threads): the bundled pair (sage_ext/fixtures/qwen2vl_{target,draft}) is
+this script's defaults run to the end uncontended on 2026-12-05: 1743 s in all (target chat 1438 s, draft chat
+187 s, warm-ups 32 s + 17 s, the rest tokenizer and evaluation). Target (5.32M): 67% / 68% of held-out facts
+(caption / detail, 24 scenes), 0.08 invented objects per scene, binding 0.97, where-questions 78%, Q/A 79%,
+held-out loss 0.31 own image vs 1.00 another's: BELOW the quality bar (95% of held-out facts, no invented object),
+and its card says so. Draft (0.62M, 8.5x smaller): 27% / 31% of facts, 2.3 / 3.1 invented objects, greedy token
+agreement 0.87: clearly weaker. It is bundled below the bar because what it is for does not depend on the bar:
+the engine's outputs equal the target's own greedy decoding whatever the target says, and its draft's confidence
+spreads like a real draft's (root alpha below 0.8 at 37% of SAGE steps, `measure_pair.py`). What the runs
+towards the bar showed (24 held-out scenes unless said):
 
 * Without the warm-up, objects at arbitrary offsets (first runs): 8-14% of facts; held-out loss 0.97 with the
   own image vs 1.02 with another scene's: fluent text that barely reads the image. About 1,200 images fit in
@@ -135,6 +143,10 @@ reached the quality bar (95% of held-out facts, no invented object). What the ru
   runs), the composition remarks repeated ("The shapes are spread out across the picture." up to five times: five
   of ten in a free order is again "say one not said yet"), places of named objects wrong (12 and 16 of 35
   stated), counts in the descriptions wrong (8 and 10 of 12). Captions, short, are at ~80%.
+* The composition remarks in a fixed order (`COMPOSITION_REMARKS` order, which five stays free; since 2026-12-05):
+  target-only, the same two seeds beside each other: seed 1 77% / **76%** (detail 68% without), seed 0 bound late
+  (0.4 at 1250 steps, 0.81 at the end) and reached 59% / 61%; the whole-script run of the bundled pair (seed 0,
+  2 threads, 24 held-out scenes) 67% / 68%. Within the run-to-run spread of when binding arrives.
 """
 from __future__ import annotations
 
@@ -796,6 +808,24 @@ def greedy_agreement(target_ids: list[list[int]], draft, processor, eval_scenes)
     return round(agree / total, 4)
 
 
+#: The target's quality bar: this share of held-out facts stated correctly, in captions and detailed descriptions
+#: alike, and no invented object.
+FACT_BAR = 0.95
+
+
+def quality_bar(metrics: dict) -> list[str]:
+    """The target card's verdict on the quality bar, from the measured metrics."""
+    facts = {key: metrics[f"{key}_fact_accuracy"] for key in ("caption", "detail")}
+    invented = {key: metrics[f"{key}_invented_objects_per_scene"] for key in ("caption", "detail")}
+    met = min(facts.values()) >= FACT_BAR and max(invented.values()) == 0
+    verdict = "**meets the quality bar**" if met else "**is below the quality bar**"
+    return [f"This target {verdict} ({FACT_BAR:.0%} of held-out facts stated correctly, no invented object): "
+            f"{facts['caption']:.1%} of facts in captions, {facts['detail']:.1%} in detailed descriptions, "
+            f"{invented['caption']} / {invented['detail']} invented objects per scene. The speculative engine's",
+            "outputs equal this target's own greedy decoding whatever its quality; the pair measures decoding speed,",
+            "not description quality.", ""]
+
+
 def model_card(role: str, size: str, params: int, vocab: int, train_info: dict, metrics: dict, spec: dict) -> str:
     lines = [
         f"# sage_ext Qwen2-VL fixture {role} ({size})",
@@ -813,6 +843,8 @@ def model_card(role: str, size: str, params: int, vocab: int, train_info: dict, 
         "Qwen2-VL processor needs torchvision for its video part).",
         "",
     ]
+    if role == "target":
+        lines += quality_bar(metrics)
     lines += card_results(metrics, [
         "Fact accuracy: fraction of the scene's facts stated correctly (every object's colour and kind,",
         "the background; the count, sizes and places when stated), whatever phrasing was picked.",

@@ -265,3 +265,12 @@ def test_training_with_the_position_loss_runs_sparse_and_whole_steps(trained):
     info = train.train(model, train.Batcher(processor), spec, data_seed=0, name="target")
     assert info["steps"] == 2 and 0.0 < info["final_loss"] < float("inf")
     assert not torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_the_target_card_says_whether_the_quality_bar_is_met():
+    metrics = {"caption_fact_accuracy": 0.96, "detail_fact_accuracy": 0.95,
+               "caption_invented_objects_per_scene": 0, "detail_invented_objects_per_scene": 0}
+    assert "meets the quality bar" in " ".join(train.quality_bar(metrics))
+    for key, value in (("detail_fact_accuracy", 0.7), ("caption_invented_objects_per_scene", 0.08)):
+        verdict = " ".join(train.quality_bar({**metrics, key: value}))
+        assert "is below the quality bar" in verdict and "meets" not in verdict
