@@ -129,6 +129,49 @@ def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, caps
     assert "| sage | " in table and "| hf-assisted | " in table
 
 
+@pytest.mark.parametrize("argv, ratio", [
+    (["demo"], 0.0),  # the LLaVA pair: no pruning
+    (["demo", "--pair", "qwen2vl"], PAIRS["qwen2vl"].draft_prune_ratio),
+    (["bench", "--pair", "qwen2vl", "--draft-prune-ratio", "0"], 0.0),  # given: kept
+    (["bench", "--target", "fixture-qwen2vl", "--draft", str(DRAFT_DIR)], 0.0),  # not the bundled draft
+    (["generate", "--target", "fixture-qwen2vl", "--image", "IMAGE", "--prompt", "Describe the image."],
+     PAIRS["qwen2vl"].draft_prune_ratio),
+])
+def test_the_draft_prune_ratio_defaults_to_the_bundled_drafts(tmp_path, argv, ratio):
+    image = tmp_path / "scene.png"
+    scenes.heldout_scenes(1)[0].render().save(image)
+    args = cli.build_parser().parse_args([str(image) if a == "IMAGE" else a for a in argv])
+    validation.validate_args(args)
+    assert args.draft_prune_ratio == ratio
+    assert PAIRS["qwen2vl"].draft_prune_ratio > 0
+
+
+def test_bench_on_the_qwen2vl_pair_prunes_the_draft_and_stays_identical(tmp_path):
+    args = ["bench", "--pair", "qwen2vl", "--scenes", "1", "--repeats", "1", "--max-new-tokens", "24", "--no-tune",
+            "--policies", "hf-assisted", "sage", "sage-cost", "--out-dir", str(tmp_path), "--name", "qwen"]
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "qwen.json").read_text())
+    assert report["pair"] == "qwen2vl" and report["draft_prune_ratio"] == PAIRS["qwen2vl"].draft_prune_ratio
+    assert report["checks"]["all_greedy_outputs_identical_to_ar"] is True
+    assert "of the image tokens (draft prune ratio" in (tmp_path / "qwen.md").read_text()
+    # vocabularies padded to different sizes: HF assisted generation gets the draft resized to the target's size
+    assert "resized" in report["policies"]["hf-assisted"]["description"]
+
+
+def test_hf_assisted_generation_gets_the_draft_resized_to_the_targets_vocabulary():
+    from sage_ext.cli.bench import hf_assistant
+
+    pair = PAIRS["qwen2vl"]
+    target, draft, _ = models.load_pair(str(pair.target_dir), str(pair.draft_dir), torch.device("cpu"), torch.float32)
+    target_vocab, draft_vocab = target.config.text_config.vocab_size, draft.config.text_config.vocab_size
+    assert draft_vocab != target_vocab
+    resized = hf_assistant(target, draft)
+    assert resized.config.text_config.vocab_size == resized.get_output_embeddings().weight.shape[0] == target_vocab
+    assert draft.config.text_config.vocab_size == draft.get_output_embeddings().weight.shape[0] == draft_vocab
+    assert torch.equal(resized.get_output_embeddings().weight, draft.get_output_embeddings().weight[:target_vocab])
+    assert hf_assistant(target, resized) is resized  # the same size: the draft itself
+
+
 def test_bench_with_temperature_samples_every_entry_and_reports_tau(tmp_path):
     args = ["bench", "--scenes", "2", "--repeats", "1", "--max-new-tokens", "16", "--no-tune", "--temperature", "0.7",
             "--policies", "hf-greedy", "chain", "sage", "--out-dir", str(tmp_path)]

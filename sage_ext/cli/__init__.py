@@ -87,6 +87,12 @@ def _add_device_map(parser: argparse.ArgumentParser) -> None:
                              "draft may end up on different devices")
 
 
+def _add_draft_prune_ratio(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft-prune-ratio", type=ranged(float, low=0.0, high=1.0, what="in [0, 1]"), default=None,
+                        help="share of image tokens hidden from the draft, in [0, 1] (SpecVLM pruning; paper: 0.8-0.9); "
+                             "default: the bundled draft's measured ratio (llava 0, qwen2vl 0.5), else 0")
+
+
 def _add_capture_draft(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capture-draft", action="store_true",
                         help="run the draft's tree forwards captured (torch.compile with static shapes; CUDA graphs "
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "sage (the paper's rules), sage_cost (SAGE with the depth cap that maximizes the measured "
                            "tokens/s)")
     _add_pair(demo)
+    _add_draft_prune_ratio(demo)
     demo.add_argument("--scenes", type=_POSITIVE_INT, default=3)
     demo.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0, help="first held-out scene index")
     demo.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=96)
@@ -143,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=ranged(float, low=0.0, high=1.0, low_open=True, what="in (0, 1]"),
                      default=None, help="sampling top-p, in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (torch.Generator)")
-    gen.add_argument("--draft-prune-ratio", type=ranged(float, low=0.0, high=1.0, what="in [0, 1]"), default=0.0,
-                     help="share of image tokens hidden from the draft, in [0, 1] (SpecVLM pruning; paper: 0.8-0.9)")
+    _add_draft_prune_ratio(gen)
     _add_capture_draft(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     gen.add_argument("--json", action="store_true",
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(bench, models_required=False)
     _add_device_map(bench)
     _add_pair(bench)
+    _add_draft_prune_ratio(bench)
     bench.add_argument("--scenes", type=_POSITIVE_INT, default=8)
     bench.add_argument("--scene-offset", type=_NONNEGATIVE_INT, default=0)
     bench.add_argument("--tune-scenes", type=_POSITIVE_INT, default=6, help="scenes (disjoint) used to tune SAGE")

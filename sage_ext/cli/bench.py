@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ..families.base import cache_kwarg
 from . import models
 from .plots import plot_bench
 from .runs import CONVENTION, machine_name, run_engine, sync
@@ -47,8 +46,9 @@ class ForwardCounter:
 
 
 def run_hf(target, draft, inputs: dict, max_new_tokens: int, device: torch.device, temperature: float = 0.0) -> dict:
-    """HF `generate`, greedy (or sampling at `temperature` > 0), assisted by `draft` when given. tau: new tokens per
-    target forward - 1 (every target forward of assisted generation verifies a candidate block and adds one token)."""
+    """HF `generate`, greedy (or sampling at `temperature` > 0), assisted by `draft` when given (`hf_assistant`).
+    tau: new tokens per target forward - 1 (every target forward of assisted generation verifies a candidate block
+    and adds one token)."""
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
     counter = ForwardCounter(target)
     draft_counter = ForwardCounter(draft) if draft is not None else None
@@ -71,6 +71,25 @@ def run_hf(target, draft, inputs: dict, max_new_tokens: int, device: torch.devic
     return run
 
 
+def vocab_sizes_differ(target, draft) -> bool:
+    return target.config.get_text_config().vocab_size != draft.config.get_text_config().vocab_size
+
+
+def hf_assistant(target, draft):
+    """The draft HF's assisted generation gets: `draft` itself, or, when its vocabulary is padded to another size
+    than the target's (real Qwen pairs: 151936 vs 152064), a copy resized to the target's: HF refuses different
+    sizes unless run as universal assisted decoding, which re-tokenizes text between the models and failed mid-
+    generation on the bundled Qwen2-VL pair (transformers 5.x: an empty draft prefill). The rows cut or added are
+    padding, no token of the tokenizer the two share; the engine itself takes the padded draft as it is."""
+    import copy
+
+    if not vocab_sizes_differ(target, draft):
+        return draft
+    resized = copy.deepcopy(draft)
+    resized.resize_token_embeddings(target.config.get_text_config().vocab_size, mean_resizing=False)
+    return resized
+
+
 def strip_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     for i, token in enumerate(ids):
         if token in eos_ids:
@@ -84,24 +103,30 @@ def slug(text: str) -> str:
 
 
 def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.device, repeats: int = 5) -> list[dict]:
-    """Seconds of one target forward over n new tokens on top of the cached prompt, for each n
-    (the cost of verifying an n-node tree; a causal block costs the same as a tree mask here)."""
+    """Seconds of one target forward over n new tokens on top of the cached prompt, for each n (the cost of
+    verifying an n-node tree), through the family adapter's prefill and tree forward as the engine calls them (so
+    M-RoPE families get their positions); a causal block as the tree costs the same as any tree mask."""
     from transformers import DynamicCache
 
+    from ..families import get_adapter
+
+    adapter = get_adapter(target)
     curve = []
     with torch.inference_mode():
         cache = DynamicCache()
-        cache_arg = cache_kwarg(target)
-        target(**inputs, **{cache_arg: cache}, use_cache=True)
+        adapter.prefill(inputs, cache)
         prompt_len = cache.get_seq_length()
         for n in sizes:
-            tokens = torch.full((1, n), int(inputs["input_ids"][0, -1]), device=device)
-            mask = torch.ones(1, prompt_len + n, dtype=torch.long, device=device)
+            tokens = torch.full((1, n), int(inputs["input_ids"][0, -1]), device=adapter.input_device)
+            positions = torch.arange(prompt_len, prompt_len + n, device=adapter.input_device)[None]
+            mask = torch.zeros(1, 1, n, prompt_len + n, dtype=adapter.dtype, device=adapter.input_device)
+            mask[..., prompt_len:] = torch.full((n, n), torch.finfo(adapter.dtype).min, dtype=adapter.dtype,
+                                                device=adapter.input_device).triu(1)
             times = []
             for _ in range(repeats + 1):
                 sync(device)
                 start = time.perf_counter()
-                target(input_ids=tokens, attention_mask=mask, **{cache_arg: cache}, use_cache=True)
+                adapter.forward_tree(tokens, positions, mask, cache)
                 sync(device)
                 times.append(time.perf_counter() - start)
                 cache.crop(prompt_len - cache.get_seq_length())
@@ -129,14 +154,14 @@ def bench_policy_objects(tuned: dict | None):
     return entries
 
 
-def _run_policy(name, policy, engines, target, draft, inputs, max_new_tokens, device, temperature: float = 0.0,
+def _run_policy(name, policy, engines, target, hf_draft, inputs, max_new_tokens, device, temperature: float = 0.0,
                 seed: int = 0) -> dict:
     """One generation of bench entry `name`; with `temperature` > 0 it samples (the engine from a generator seeded
     with `seed` on the engine's device, HF from torch's global generator)."""
     if temperature > 0:
         torch.manual_seed(seed)  # HF samples from the global generator
     if policy == "hf-assisted":
-        return run_hf(target, draft, inputs, max_new_tokens, device, temperature)
+        return run_hf(target, hf_draft, inputs, max_new_tokens, device, temperature)
     if policy == "hf-greedy":
         return run_hf(target, None, inputs, max_new_tokens, device, temperature)
     if temperature > 0:
@@ -181,19 +206,26 @@ def cmd_bench(args) -> int:
 
     tuned, tuning_trials = None, []
     if args.tune:
-        tuned, tuning_trials = tune_sage(target, draft, tune_inputs, args.max_new_tokens, device, BENCH_GRID)
+        tuned, tuning_trials = tune_sage(target, draft, tune_inputs, args.max_new_tokens, device, BENCH_GRID,
+                                         args.draft_prune_ratio)
         print(f"tuned SAGE parameters (A-B-B-A timed against the best so far on {args.tune_scenes} tuning scenes): {tuned or 'paper defaults'}")
     entries = bench_policy_objects(tuned if args.tune else None)
     if args.policies:
         entries = {k: v for k, v in entries.items() if k in args.policies or k == "ar"}
-    engines = {name: SpeculativeGenerator(target, draft, policy, capture_draft=args.capture_draft)
+    hf_draft = draft
+    if "hf-assisted" in entries and vocab_sizes_differ(target, draft):
+        hf_draft = hf_assistant(target, draft)
+        entries["hf-assisted"] = ("hf-assisted", entries["hf-assisted"][1] + "; the draft's padded vocabulary resized "
+                                  "to the target's size, which HF requires (`hf_assistant`)")
+    engines = {name: SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio,
+                                          capture_draft=args.capture_draft)
                for name, (policy, _) in entries.items() if not isinstance(policy, str)}
 
     temperature = args.temperature
     # warm-up, excluded from the numbers (a captured draft compiles its shapes here: a whole generation)
     warm_tokens = args.max_new_tokens if args.capture_draft else 8
     for name, (policy, _) in entries.items():
-        _run_policy(name, policy, engines, target, draft, tune_inputs[0], warm_tokens, device, temperature)
+        _run_policy(name, policy, engines, target, hf_draft, tune_inputs[0], warm_tokens, device, temperature)
 
     runs: dict[str, list[list[dict]]] = {name: [] for name in entries}  # [repeat][scene]
     eos = set(get_adapter(target).eos_token_ids())
@@ -203,7 +235,7 @@ def cmd_bench(args) -> int:
             for name, (policy, _) in entries.items():  # policies interleaved per repeat: drift hits all alike
                 per_scene = []
                 for i, inputs in enumerate(bench_inputs):
-                    per_scene.append(_run_policy(name, policy, engines, target, draft, inputs, args.max_new_tokens,
+                    per_scene.append(_run_policy(name, policy, engines, target, hf_draft, inputs, args.max_new_tokens,
                                                  device, temperature, seed=1000 * repeat + i))
                     bar.update(1)
                 runs[name].append(per_scene)
@@ -278,7 +310,7 @@ def cmd_bench(args) -> int:
         "draft_params": sum(p.numel() for p in draft.parameters()),
         "scenes": args.scenes, "scene_offset": args.scene_offset, "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens, "temperature": temperature, "convention": CONVENTION,
-        "capture_draft": args.capture_draft,
+        "capture_draft": args.capture_draft, "draft_prune_ratio": args.draft_prune_ratio,
         "command": "sage-ext " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line,
         "verify_cost_curve": curve, "tuned_sage_params": tuned, "tuning_trials": tuning_trials,
         "policies": summary, "checks": checks, "sample_output": sample_text,
@@ -316,6 +348,9 @@ def bench_markdown(report: dict) -> str:
         + (f"sampling at temperature {report['temperature']}, no top-k / top-p (outputs differ by design: no "
            "identity column)."
            if report.get("temperature") else "greedy.")
+        + (f" The engine's draft sees {1 - report['draft_prune_ratio']:.0%} of the image tokens (draft prune ratio "
+           f"{report['draft_prune_ratio']:g}; HF assisted generation's draft sees all)."
+           if report.get("draft_prune_ratio") else "")
         + (" The draft's tree forwards run captured (`--capture-draft`: torch.compile, static shapes; compiled in "
            "the warm-up)." if report.get("capture_draft") else ""),
         f"{report['convention']}.",

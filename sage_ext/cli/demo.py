@@ -35,7 +35,8 @@ def cmd_demo(args) -> int:
     pair = PAIRS[args.pair]
     target, draft, processor = models.load_pair(args.target, args.draft, device, models.pick_dtype(args.dtype, device))
     tokenizer = models.tokenizer_of(processor)
-    engines = {"ar": SpeculativeGenerator(target, draft, policy="ar"), policy.name: SpeculativeGenerator(target, draft, policy)}
+    engines = {"ar": SpeculativeGenerator(target, draft, policy="ar"),
+               policy.name: SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio)}
     demo_scenes = pair.heldout_scenes(args.scenes, start=args.scene_offset)
     inputs_of = models.scene_inputs(processor, pair, demo_scenes, device, target.dtype)
 

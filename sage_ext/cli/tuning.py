@@ -12,7 +12,8 @@ BENCH_GRID = {"lag": [False], "first_round_paths": [None], "n_max": [8, 12, 16, 
               "d_max": [6, 10, 12], "w_max": [3, 4, 6], "theta_scale": [0.05, 0.2]}
 
 
-def tune_sage(target, draft, tune_inputs, max_new_tokens, device, grid: dict) -> tuple[dict, list[dict]]:
+def tune_sage(target, draft, tune_inputs, max_new_tokens, device, grid: dict,
+              draft_prune_ratio: float = 0.0) -> tuple[dict, list[dict]]:
     """Pick SAGE parameters by wall-clock time on TUNING scenes (disjoint from the benchmark scenes): a
     coordinate search over `grid` starting from the paper defaults. Each candidate is timed against the
     current best in interleaved A-B-B-A rounds over the same scenes (greedy outputs are identical, so the
@@ -22,7 +23,7 @@ def tune_sage(target, draft, tune_inputs, max_new_tokens, device, grid: dict) ->
     from ..engine import SpeculativeGenerator
 
     def engine_for(params: dict):
-        engine = SpeculativeGenerator(target, draft, policies.SagePolicy(**params))
+        engine = SpeculativeGenerator(target, draft, policies.SagePolicy(**params), draft_prune_ratio=draft_prune_ratio)
         engine.generate(**tune_inputs[0], max_new_tokens=8)  # warm-up
         return engine
 

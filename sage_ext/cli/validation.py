@@ -52,6 +52,14 @@ def bundled_pair(name: str | None, flag: str) -> str | None:
         raise UsageError(f"{flag}: {error}") from error
 
 
+def default_draft_prune_ratio(draft: str | None) -> float:
+    """``--draft-prune-ratio`` when not given: the bundled draft's measured ratio (``FixturePair``), else 0."""
+    from ..fixtures import PAIRS
+
+    pair = bundled_pair(draft, "--draft")
+    return PAIRS[pair].draft_prune_ratio if pair is not None else 0.0
+
+
 def check_model(name: str, flag: str) -> str:
     """A model folder or hub id that can be loaded without waiting on the network, or UsageError with the
     reason. Returns the resolved path or id."""
@@ -190,6 +198,8 @@ def validate_args(args) -> None:
                 raise UsageError(f"--draft is needed with --target {args.target} (a smaller model of the target's "
                                  f"family)")
             args.draft = args.target  # a bundled target: its own draft
+    if hasattr(args, "draft_prune_ratio") and args.draft_prune_ratio is None:
+        args.draft_prune_ratio = default_draft_prune_ratio(args.draft)
     if getattr(args, "policy", None) is not None:
         parse_policy(args.policy, args.policy_args)
     elif getattr(args, "policy_args", None):
