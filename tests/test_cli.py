@@ -185,6 +185,16 @@ def test_bench_with_temperature_samples_every_entry_and_reports_tau(tmp_path):
     assert "n/a (sampling)" in path.with_suffix(".md").read_text()
 
 
+def test_bench_samples_with_the_traversal_rule_when_asked(tmp_path):
+    args = ["bench", "--scenes", "1", "--repeats", "1", "--max-new-tokens", "16", "--no-tune", "--temperature", "1",
+            "--sampling-rule", "traversal", "--policies", "chain", "sage", "--out-dir", str(tmp_path)]
+    assert cli.main(args) == 0
+    (path,) = tmp_path.glob("e2e_t1_traversal_*.json")
+    report = json.loads(path.read_text())
+    assert report["sampling_rule"] == "traversal" and report["policies"]["sage"]["mean_tau"] > 0
+    assert "verified by the traversal rule" in path.with_suffix(".md").read_text()
+
+
 def test_sage_tuning_times_each_candidate_against_the_best_and_records_invalid_ones():
     target, draft, processor = models.load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
     inputs = models.scene_inputs(processor, PAIRS["llava"], scenes.heldout_scenes(1, start=5000), torch.device("cpu"),

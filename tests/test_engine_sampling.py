@@ -89,20 +89,23 @@ def hf_warper(generator_obj, **kwargs):
     return warp
 
 
-SETTINGS = {
-    "chain": (lambda: ChainPolicy(length=4), {"temperature": 2.0, "top_k": 0}),
-    "static": (StaticTreePolicy, {"temperature": 2.0, "top_k": 0}),
-    "dynamic": (lambda: DynamicTreePolicy(depth=4, topk=4, num_nodes=16), {"temperature": 2.0, "top_k": 0}),
-    "sage": (SagePolicy, {"temperature": 2.0, "top_k": 0}),
-    "sage_top_k_top_p": (SagePolicy, {"temperature": 1.5, "top_k": 8, "top_p": 0.9}),
+SETTINGS = {  # name: (policy, sampling settings, sampling rule)
+    "chain": (lambda: ChainPolicy(length=4), {"temperature": 2.0, "top_k": 0}, "specinfer"),
+    "static": (StaticTreePolicy, {"temperature": 2.0, "top_k": 0}, "specinfer"),
+    "dynamic": (lambda: DynamicTreePolicy(depth=4, topk=4, num_nodes=16), {"temperature": 2.0, "top_k": 0}, "specinfer"),
+    "sage": (SagePolicy, {"temperature": 2.0, "top_k": 0}, "specinfer"),
+    "sage_top_k_top_p": (SagePolicy, {"temperature": 1.5, "top_k": 8, "top_p": 0.9}, "specinfer"),
+    "chain_traversal": (lambda: ChainPolicy(length=4), {"temperature": 2.0, "top_k": 0}, "traversal"),
+    "static_traversal": (StaticTreePolicy, {"temperature": 2.0, "top_k": 0}, "traversal"),
+    "sage_traversal_top_k_top_p": (SagePolicy, {"temperature": 1.5, "top_k": 8, "top_p": 0.9}, "traversal"),
 }
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sampled_tokens_follow_the_target_distribution(setup, name):
     target, draft, inputs = setup
-    make_policy, kwargs = SETTINGS[name]
-    engine = SpeculativeGenerator(target, draft, make_policy())
+    make_policy, kwargs, rule = SETTINGS[name]
+    engine = SpeculativeGenerator(target, draft, make_policy(), sampling_rule=rule)
     p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
     second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
     assert mean_tau > 0.3, "the draft should get tokens accepted"
@@ -139,6 +142,12 @@ def test_negative_control_biased_verifier_is_detected(setup):
     p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
     second, third, _ = sample_tokens(engine, inputs, **kwargs)
     assert min(chi_square_p(second, p2), chi_square_p(third, p3)) < P_BROKEN
+
+
+def test_an_unknown_sampling_rule_is_refused(setup):
+    target, draft, _ = setup
+    with pytest.raises(ValueError, match="sampling_rule must be one of specinfer, traversal"):
+        SpeculativeGenerator(target, draft, "sage", sampling_rule="typical")
 
 
 def test_seeded_sampling_repeats_exactly(setup):

@@ -93,6 +93,14 @@ def _add_draft_prune_ratio(parser: argparse.ArgumentParser) -> None:
                              "default: the bundled draft's measured ratio (llava 0, qwen2vl 0.5), else 0")
 
 
+def _add_sampling_rule(parser: argparse.ArgumentParser) -> None:
+    from ..engine.loop import DEFAULT_SAMPLING_RULE, SAMPLING_RULES
+
+    parser.add_argument("--sampling-rule", default=DEFAULT_SAMPLING_RULE, choices=SAMPLING_RULES,
+                        help=f"how sampled trees are verified (default {DEFAULT_SAMPLING_RULE}): specinfer (node by node "
+                             "from the root) or traversal (Traversal Verification: leaf to root); both lossless")
+
+
 def _add_capture_draft(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capture-draft", action="store_true",
                         help="run the draft's tree forwards captured (torch.compile with static shapes; CUDA graphs "
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=ranged(float, low=0.0, high=1.0, low_open=True, what="in (0, 1]"),
                      default=None, help="sampling top-p, in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (torch.Generator)")
+    _add_sampling_rule(gen)
     _add_draft_prune_ratio(gen)
     _add_capture_draft(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
@@ -171,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=96)
     bench.add_argument("--temperature", type=ranged(float, low=0.0, what=">= 0"), default=0.0,
                        help="0 = greedy (default; outputs checked identical to ar); > 0 samples (tau and speed only)")
+    _add_sampling_rule(bench)
     bench.add_argument("--policies", nargs="*", default=None, choices=bench_choices, metavar="POLICY",
                        help=f"subset of {', '.join(bench_choices)} (ar always runs)")
     bench.add_argument("--no-tune", dest="tune", action="store_false", help="skip the SAGE tuning sweep")

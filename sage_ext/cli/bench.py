@@ -18,6 +18,7 @@ from .plots import plot_bench
 from .runs import CONVENTION, machine_name, run_engine, sync
 from .tuning import BENCH_GRID, tune_sage
 from .validation import UsageError
+from ..engine.loop import DEFAULT_SAMPLING_RULE
 
 
 BENCH_POLICIES = ("ar", "hf-greedy", "hf-assisted", "chain", "static", "dynamic", "sage", "sage-cost")
@@ -218,7 +219,7 @@ def cmd_bench(args) -> int:
         entries["hf-assisted"] = ("hf-assisted", entries["hf-assisted"][1] + "; the draft's padded vocabulary resized "
                                   "to the target's size, which HF requires (`hf_assistant`)")
     engines = {name: SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio,
-                                          capture_draft=args.capture_draft)
+                                          capture_draft=args.capture_draft, sampling_rule=args.sampling_rule)
                for name, (policy, _) in entries.items() if not isinstance(policy, str)}
 
     temperature = args.temperature
@@ -311,13 +312,17 @@ def cmd_bench(args) -> int:
         "scenes": args.scenes, "scene_offset": args.scene_offset, "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens, "temperature": temperature, "convention": CONVENTION,
         "capture_draft": args.capture_draft, "draft_prune_ratio": args.draft_prune_ratio,
+        "sampling_rule": args.sampling_rule if temperature > 0 else None,
         "command": "sage-ext " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line,
         "verify_cost_curve": curve, "tuned_sage_params": tuned, "tuning_trials": tuning_trials,
         "policies": summary, "checks": checks, "sample_output": sample_text,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("e2e_" + ("" if args.pair == DEFAULT_PAIR else f"{args.pair}_")
-                         + ("" if temperature == 0 else f"t{temperature:g}_") + slug(machine))
+                         + ("" if temperature == 0 else f"t{temperature:g}_")
+                         + (f"{args.sampling_rule}_" if temperature > 0 and args.sampling_rule != DEFAULT_SAMPLING_RULE
+                            else "")
+                         + slug(machine))
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(bench_markdown(report))
@@ -345,8 +350,8 @@ def bench_markdown(report: dict) -> str:
         f"{report['threads']} thread(s); target {report['target_params'] / 1e6:.2f}M, draft "
         f"{report['draft_params'] / 1e6:.2f}M parameters; {report['scenes']} held-out scenes x "
         f"{report['repeats']} repeats (median), up to {report['max_new_tokens']} new tokens, "
-        + (f"sampling at temperature {report['temperature']}, no top-k / top-p (outputs differ by design: no "
-           "identity column)."
+        + (f"sampling at temperature {report['temperature']}, no top-k / top-p, trees verified by the "
+           f"{report.get('sampling_rule') or 'specinfer'} rule (outputs differ by design: no identity column)."
            if report.get("temperature") else "greedy.")
         + (f" The engine's draft sees {1 - report['draft_prune_ratio']:.0%} of the image tokens (draft prune ratio "
            f"{report['draft_prune_ratio']:g}; HF assisted generation's draft sees all)."

@@ -31,7 +31,7 @@ def cmd_generate(args) -> int:
     tokenizer = models.tokenizer_of(processor)
     inputs = models.build_inputs(processor, image, models.format_prompt(processor, args.prompt), device, target.dtype)
     engine = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio,
-                                  capture_draft=args.capture_draft)
+                                  capture_draft=args.capture_draft, sampling_rule=args.sampling_rule)
     stream = not (args.no_stream or args.json)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     sample = args.temperature > 0

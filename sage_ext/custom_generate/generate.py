@@ -10,8 +10,8 @@ the copy is imported outside the sage_ext package.
                           assistant_model=draft, max_new_tokens=64)          # policy="sage_cost" by default
 
 Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
-``policy`` (a name or a policy object), ``draft_prune_ratio``, ``batch_node_budget`` and ``capture_draft`` go to
-``SpeculativeGenerator``; the generation settings are those ``target.generate`` would use: the call's keyword
+``policy`` (a name or a policy object), ``draft_prune_ratio``, ``batch_node_budget``, ``capture_draft`` and
+``sampling_rule`` go to ``SpeculativeGenerator``; the generation settings are those ``target.generate`` would use: the call's keyword
 arguments over ``generation_config`` (or the model's own), 20 new tokens when no length is set anywhere
 (transformers' default). What the engine does not
 implement (beam search, logits processors, output_scores, ...) is refused with a ValueError, not ignored.
@@ -26,7 +26,7 @@ from typing import Any
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.engine.loop import DEFAULT_BATCH_NODE_BUDGET
+from sage_ext.engine.loop import DEFAULT_BATCH_NODE_BUDGET, DEFAULT_SAMPLING_RULE
 from sage_ext.engine.policies import DEFAULT_POLICY
 
 #: transformers' number of new tokens when neither max_new_tokens nor max_length is set.
@@ -65,7 +65,7 @@ def _settings(model, generation_config, kwargs: dict) -> dict:
 
 def generate(model, inputs=None, generation_config=None, assistant_model=None, streamer=None, *,
              policy=DEFAULT_POLICY, draft_prune_ratio: float = 0.0, batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
-             capture_draft: bool = False, **kwargs: Any):
+             capture_draft: bool = False, sampling_rule: str = DEFAULT_SAMPLING_RULE, **kwargs: Any):
     """``model.generate(...)`` decoded by sage_ext with ``assistant_model`` as the draft; see the module doc."""
     for key in _NONE_MEANS_UNSET:
         if kwargs.get(key) is None or (key == "synced_gpus" and kwargs[key] is False):
@@ -84,7 +84,8 @@ def generate(model, inputs=None, generation_config=None, assistant_model=None, s
     settings = _settings(model, generation_config, kwargs)
     return_dict = bool(settings.pop("return_dict_in_generate", False))
     engine = SpeculativeGenerator(model, assistant_model, policy, draft_prune_ratio=draft_prune_ratio,
-                                  batch_node_budget=batch_node_budget, capture_draft=capture_draft)
+                                  batch_node_budget=batch_node_budget, capture_draft=capture_draft,
+                                  sampling_rule=sampling_rule)
     sequences, stats = engine.generate(streamer=streamer, **settings)
     if return_dict:
         return SpeculativeGenerateOutput(sequences=sequences, stats=stats)

@@ -61,6 +61,12 @@ DEFAULT_MAX_VOCAB_PADDING = 256
 #: running; a row's tree is cut to its share. 128 leaves one prompt's default trees (at most 65 nodes) as they are
 #: and gives each of 8 rows 16 (benchmarks/results/batch_*.md measures budgets against batch size).
 DEFAULT_BATCH_NODE_BUDGET = 128
+#: How a sampled tree is verified, both lossless for the deterministic top-k trees every policy builds:
+#: "specinfer" (``ops.verify_sampling``: from the root, each node's children tried in turn against the residual
+#: distribution) and "traversal" (``ops.verify_traversal``: Traversal Verification, Weng et al. 2025: leaf to root,
+#: a whole path accepted at once; at least as many tokens in expectation on chains, typically more on trees).
+SAMPLING_RULES = ("specinfer", "traversal")
+DEFAULT_SAMPLING_RULE = "specinfer"
 
 
 class GenerationOutput(NamedTuple):
@@ -105,6 +111,8 @@ class SpeculativeGenerator:
     shapes; CUDA graphs on a GPU). Each new forward shape compiles once (seconds on a CPU); afterwards a small
     draft's per-level call costs a fraction of the eager one (benchmarks/bench_draft_compile.py). Never changes
     the output.
+    ``sampling_rule``: how sampled trees are verified, ``"specinfer"`` or ``"traversal"`` (``SAMPLING_RULES``); greedy
+    decoding does not use it.
     Target and draft must be the same family, share EOS ids and special tokens, and
     use an attention implementation that takes additive 4-D masks ("sdpa" or "eager").
     """
@@ -119,7 +127,11 @@ class SpeculativeGenerator:
         max_vocab_padding: int = DEFAULT_MAX_VOCAB_PADDING,
         batch_node_budget: int | None = DEFAULT_BATCH_NODE_BUDGET,
         capture_draft: bool = False,
+        sampling_rule: str = DEFAULT_SAMPLING_RULE,
     ):
+        if sampling_rule not in SAMPLING_RULES:
+            raise ValueError(f"sampling_rule must be one of {', '.join(SAMPLING_RULES)}, got {sampling_rule!r}")
+        self.sampling_rule = sampling_rule
         self.policy = make_policy(policy)
         self.target = get_adapter(target)
         self.target.check_supported()
@@ -629,8 +641,9 @@ class SpeculativeGenerator:
         ))
 
     def _verify_sampling(self, tokens: Tensor, parents: Tensor, probs: Tensor, generator) -> tuple:
-        """Lossless tree rejection sampling for deterministic top-k drafts (q = 1 rule)."""
-        return ops.verify_sampling(tokens, parents, probs, None, generator)
+        """Lossless verification of a sampled step's deterministic top-k tree (q = 1) by ``sampling_rule``."""
+        verify = ops.verify_traversal if self.sampling_rule == "traversal" else ops.verify_sampling
+        return verify(tokens, parents, probs, None, generator)
 
     # ------------------------------------------------------------------ streaming (sage_ext/streaming.py)
     def stream(self, *, tokenizer=None, skip_special_tokens: bool = True, **kwargs: Any):
@@ -650,14 +663,15 @@ class SpeculativeGenerator:
 
 
 #: The keyword arguments of ``generate`` / ``stream`` that go to the ``SpeculativeGenerator``.
-GENERATOR_ARGUMENTS = ("draft_prune_ratio", "max_vocab_padding", "batch_node_budget", "capture_draft")
+GENERATOR_ARGUMENTS = ("draft_prune_ratio", "max_vocab_padding", "batch_node_budget", "capture_draft", "sampling_rule")
 
 
 def generate(target: torch.nn.Module, draft: torch.nn.Module | None, policy: str | TreePolicy = DEFAULT_POLICY,
              **kwargs: Any) -> GenerationOutput:
     """One-call shortcut: ``SpeculativeGenerator(target, draft, policy).generate(**kwargs)``.
 
-    ``draft_prune_ratio``, ``max_vocab_padding`` and ``batch_node_budget`` go to the generator; everything else to
+    The generator's own arguments (``GENERATOR_ARGUMENTS``: ``draft_prune_ratio``, ``max_vocab_padding``,
+    ``batch_node_budget``, ``capture_draft``, ``sampling_rule``) go to it; everything else to
     ``generate``.
     """
     generator_kwargs = {key: kwargs.pop(key) for key in GENERATOR_ARGUMENTS if key in kwargs}
