@@ -11,9 +11,9 @@ the copy is imported outside the sage_ext package.
 
 Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
 ``policy`` (a name or a policy object), ``draft_prune_ratio``, ``batch_node_budget``, ``capture_draft`` and
-``sampling_rule`` go to ``SpeculativeGenerator``; the generation settings are those ``target.generate`` would use: the call's keyword
-arguments over ``generation_config`` (or the model's own), 20 new tokens when no length is set anywhere
-(transformers' default). What the engine does not
+``sampling_rule`` go to ``SpeculativeGenerator``; the generation settings are those ``target.generate`` would
+use: the call's keyword arguments over ``generation_config`` (or the model's own), 20 new tokens when no length is
+set anywhere (transformers' default). What the engine does not
 implement (beam search, logits processors, output_scores, ...) is refused with a ValueError, not ignored.
 Returns the sequences (LongTensor ``[B, prompt + new]``), or with ``return_dict_in_generate=True`` a
 ``SpeculativeGenerateOutput`` (a ``GenerateDecoderOnlyOutput`` with the run's ``stats`` added).

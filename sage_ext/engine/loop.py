@@ -64,7 +64,8 @@ DEFAULT_BATCH_NODE_BUDGET = 128
 #: How a sampled tree is verified, both lossless for the deterministic top-k trees every policy builds:
 #: "specinfer" (``ops.verify_sampling``: from the root, each node's children tried in turn against the residual
 #: distribution) and "traversal" (``ops.verify_traversal``: Traversal Verification, Weng et al. 2025: leaf to root,
-#: a whole path accepted at once; at least as many tokens in expectation on chains, typically more on trees).
+#: a whole path accepted at once). On such trees both accept the same number of tokens in distribution (measured:
+#: benchmarks/bench_sampling_rules.py); Traversal Verification gains with sampled drafts only (docs/ENGINE.md).
 SAMPLING_RULES = ("specinfer", "traversal")
 DEFAULT_SAMPLING_RULE = "specinfer"
 
