@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from sage_ext.cli.bench import slug  # noqa: E402
 from sage_ext.cli.models import load_pair, scene_inputs  # noqa: E402
-from sage_ext.cli.runs import machine_name  # noqa: E402
+from sage_ext.cli.runs import machine_name, run_engine  # noqa: E402
 from sage_ext.engine import SpeculativeGenerator  # noqa: E402
 from sage_ext.engine.loop import SAMPLING_RULES  # noqa: E402
 from sage_ext.fixtures import PAIRS  # noqa: E402
@@ -36,11 +35,10 @@ SETTINGS = {"llava": {"scenes": 16, "max_new_tokens": 96}, "qwen2vl": {"scenes":
 
 
 def timed(engine, inputs, max_new_tokens: int, temperature: float, seed: int) -> tuple[float, int, list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    out = engine.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                          generator=generator)
-    return time.perf_counter() - start, out.stats.new_tokens, [s.tau for s in out.stats.steps]
+    """(seconds, new tokens, tau of every step) of one sampled generation (`run_engine`)."""
+    run = run_engine(engine, inputs, max_new_tokens, torch.device("cpu"), do_sample=True, temperature=temperature,
+                     top_k=0, generator=torch.Generator().manual_seed(seed))
+    return run["seconds"], run["stats"].new_tokens, [s.tau for s in run["stats"].steps]
 
 
 def measure(pair_name: str, temperatures: list[float], repeats: int, scene_offset: int,

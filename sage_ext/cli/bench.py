@@ -110,6 +110,7 @@ def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.d
     from transformers import DynamicCache
 
     from ..families import get_adapter
+    from ..families.base import causal_mask_4d
 
     adapter = get_adapter(target)
     curve = []
@@ -120,9 +121,7 @@ def measure_verify_curve(target, inputs: dict, sizes: list[int], device: torch.d
         for n in sizes:
             tokens = torch.full((1, n), int(inputs["input_ids"][0, -1]), device=adapter.input_device)
             positions = torch.arange(prompt_len, prompt_len + n, device=adapter.input_device)[None]
-            mask = torch.zeros(1, 1, n, prompt_len + n, dtype=adapter.dtype, device=adapter.input_device)
-            mask[..., prompt_len:] = torch.full((n, n), torch.finfo(adapter.dtype).min, dtype=adapter.dtype,
-                                                device=adapter.input_device).triu(1)
+            mask = causal_mask_4d(n, prompt_len, adapter.dtype, adapter.input_device)
             times = []
             for _ in range(repeats + 1):
                 sync(device)
@@ -213,9 +212,8 @@ def cmd_bench(args) -> int:
     entries = bench_policy_objects(tuned if args.tune else None)
     if args.policies:
         entries = {k: v for k, v in entries.items() if k in args.policies or k == "ar"}
-    hf_draft = draft
-    if "hf-assisted" in entries and vocab_sizes_differ(target, draft):
-        hf_draft = hf_assistant(target, draft)
+    hf_draft = hf_assistant(target, draft) if "hf-assisted" in entries else draft
+    if hf_draft is not draft:
         entries["hf-assisted"] = ("hf-assisted", entries["hf-assisted"][1] + "; the draft's padded vocabulary resized "
                                   "to the target's size, which HF requires (`hf_assistant`)")
     engines = {name: SpeculativeGenerator(target, draft, policy, draft_prune_ratio=args.draft_prune_ratio,
