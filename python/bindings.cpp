@@ -134,6 +134,18 @@ PYBIND11_MODULE(_C, module) {
       .def_readonly("draft_block", &FixedLayout::draft_block)
       .def_readonly("depth", &FixedLayout::depth)
       .def_readonly("target_block", &FixedLayout::target_block);
+  using sage_ext::session::LevelGoOn;
+  py::class_<LevelGoOn>(module, "LevelGoOn",
+                        "When a SAGE level's tree goes on (TreeWorkspace.sage_level's go_on): the next draft forward "
+                        "pays if min(value_per_mass x mass, value_cap) >= cost_fixed + cost_per_node x count, mass "
+                        "being the new level's draft probability mass and count its nodes.")
+      .def(py::init<double, double, double, double>(), py::arg("value_per_mass"), py::arg("value_cap"),
+           py::arg("cost_fixed"), py::arg("cost_per_node"))
+      .def_readonly("value_per_mass", &LevelGoOn::value_per_mass)
+      .def_readonly("value_cap", &LevelGoOn::value_cap)
+      .def_readonly("cost_fixed", &LevelGoOn::cost_fixed)
+      .def_readonly("cost_per_node", &LevelGoOn::cost_per_node)
+      .def("pays", &LevelGoOn::pays, py::arg("mass"), py::arg("count"));
   py::class_<TreeWorkspace>(module, "TreeWorkspace",
                             "The engine's per-generation tree state on the device and the tensor work between two "
                             "model forwards, one call per gap (csrc/session/tree_workspace.h).")
@@ -144,7 +156,11 @@ PYBIND11_MODULE(_C, module) {
       .def("start_generation", &TreeWorkspace::start_generation, py::arg("draft_cache_len"))
       .def("start", &TreeWorkspace::start, py::arg("cur_len"), py::arg("draft_done"), py::arg("layout") = py::none())
       .def("root_only", &TreeWorkspace::root_only, py::arg("cur_len"))
-      .def("sage_level", &TreeWorkspace::sage_level)
+      .def("sage_level", &TreeWorkspace::sage_level, py::arg("logits"), py::arg("alpha"), py::arg("frontier_start"),
+           py::arg("frontier_count"), py::arg("level"), py::arg("slot_start"), py::arg("num_slots"), py::arg("k"),
+           py::arg("temperature"), py::arg("d_min"), py::arg("d_max"), py::arg("w_min"), py::arg("w_max"),
+           py::arg("theta_scale"), py::arg("used"), py::arg("n_max"), py::arg("known_count"),
+           py::arg("known_max_depth"), py::arg("go_on") = py::none())
       .def("static_level", &TreeWorkspace::static_level)
       .def("topk_expand", &TreeWorkspace::topk_expand)
       .def("use_slots", &TreeWorkspace::use_slots, py::arg("num_nodes"))

@@ -21,9 +21,11 @@ from sage_ext.engine.costs import (
     StepCost,
     best_depth,
     expected_tokens,
+    level_go_on_terms,
     node_threshold,
 )
-from sage_ext.engine.policies import CostAwareSagePolicy, make_policy
+from sage_ext import _C
+from sage_ext.engine.policies import CostAwareSagePolicy, SagePolicy, make_policy
 
 
 def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, first=0.004, verify0=0.005, verify1=1e-4,
@@ -230,9 +232,9 @@ def tree_mass_per_depth(parents: torch.Tensor, logprobs: torch.Tensor) -> list[f
 
 @pytest.mark.parametrize("static_shapes", [False, True])
 def test_the_trees_mass_per_depth_rides_with_the_readback(static_shapes):
-    """sage_cost's trees (with width_from_cost) carry their probability mass per depth to the host with the step's
-    commit readback (also in a batch); it equals a recomputation from the verified tree, and the node calibration
-    learns from it. Without width_from_cost nothing is measured or read."""
+    """sage_cost's trees carry their probability mass per depth to the host with the step's commit readback (also
+    in a batch); it equals a recomputation from the verified tree, and the node calibration learns from it. The
+    paper's SAGE measures nothing and reads nothing."""
     from test_batch_split import CASES, assemble
 
     model, rows, layout = CASES["llama"]()
@@ -255,11 +257,11 @@ def test_the_trees_mass_per_depth_rides_with_the_readback(static_shapes):
         assert torch.equal(out.sequences[b, batch["input_ids"].shape[1]:][: len(new)], new)
     assert len(seen) > 3  # every step after SAGE's first (static) round
     assert policy.learned.nodes.steps > 0 and policy.learned.nodes.calibration() != [1.0] * policy.d_max_cap
-    plain = SpeculativeGenerator(model, correlated_draft(model, noise=0.3), CostAwareSagePolicy())
+    plain = SpeculativeGenerator(model, correlated_draft(model, noise=0.3), SagePolicy())
     plain.step_hook = lambda info: seen.append(info.level_mass)
     seen.clear()
     plain.generate(**batch, max_new_tokens=8, pad_token_id=0)
-    assert seen and not any(seen) and plain.policy.learned.nodes.steps == 0
+    assert seen and not any(seen)
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.01, 0.2])
@@ -431,3 +433,78 @@ def test_generators_of_the_same_models_share_what_sage_cost_learned():
     del first, second, other, own, target, draft
     gc.collect()
     assert len(costs._LEARNED) == records - 1
+
+
+def test_level_go_on_terms_price_one_more_level():
+    """Past depth d the next level is worth min(1, c_d m) p_(d+1) tokens at the tree's mass m, each token worth the
+    current seconds per token; it costs one draft forward (the draft line's slope) plus each node's verified
+    children (the verify line's slope)."""
+    costs = CostModel()
+    for depth, accepted in ((2, 1), (4, 3), (6, 2), (3, 3), (5, 4)):
+        costs.observe(synthetic_step(slots=3 * depth, depth=depth, accepted=accepted))
+    acceptance, nodes = DepthAcceptance(6), NodeAcceptance(6)
+    for accepted, depth in ((3, 5), (1, 4), (5, 6)):
+        acceptance.observe(accepted, depth)
+        nodes.observe(accepted, [0.9, 0.7, 0.5, 0.4, 0.3, 0.2][:depth])
+    terms = level_go_on_terms(costs, acceptance, nodes, seconds_per_token=0.01)
+    probabilities, calibration = acceptance.probabilities(), nodes.calibration()
+    _, per_forward = costs.draft_line()
+    _, per_token = costs.verify_line()
+    assert per_forward > 0 and per_token > 0
+    assert len(terms) == 6
+    for depth, (value_per_mass, value_cap, cost_fixed, cost_per_node) in enumerate(terms, start=1):
+        next_p = probabilities[min(depth, 5)]
+        assert value_cap == pytest.approx(next_p * 0.01)
+        assert value_per_mass == pytest.approx(calibration[depth - 1] * next_p * 0.01)
+        assert (cost_fixed, cost_per_node) == (per_forward, per_token)
+        go_on = _C.LevelGoOn(value_per_mass, value_cap, cost_fixed, cost_per_node)
+        # a level holding all the probability pays whenever one sure token is worth the forward and its nodes
+        assert go_on.pays(1.0 / calibration[depth - 1], 2) == (value_cap >= cost_fixed + 2 * cost_per_node)
+
+
+class _NeverGoesOn(CostAwareSagePolicy):
+    """sage_cost whose level stop never pays: every adaptive tree ends after its first level."""
+
+    def level_go_on(self, level):
+        return _C.LevelGoOn(0.0, 0.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_the_level_stop_ends_trees_in_the_engine(static_shapes):
+    """The policy's ``level_go_on`` reaches the workspace at every level: a stop that never pays leaves one level
+    per tree (one draft forward a step) with dynamic shapes, greedy output identical; static shapes read nothing
+    mid-step, so the stop does not apply there."""
+    target, inputs = tiny_llama(seed=2)
+    reference = hf_greedy(target, inputs, max_new_tokens=32)
+    engine = SpeculativeGenerator(target, same_draft(target), _NeverGoesOn(static_shapes=static_shapes))
+    out = engine.generate(**inputs, max_new_tokens=32)
+    assert torch.equal(out.sequences, reference)
+    adaptive = out.stats.steps[1:]  # after SAGE's first (static) round
+    assert adaptive
+    if static_shapes:
+        assert all(step.draft_forwards > 1 for step in adaptive)
+    else:
+        assert all(step.draft_forwards == 1 and step.tree_depth == 1 for step in adaptive), \
+            [(step.draft_forwards, step.tree_depth) for step in adaptive]
+
+
+def test_dear_draft_levels_stop_trees_below_the_cap():
+    """Priced draft forwards: sage_cost's per-step stop ends trees earlier than its depth cap alone would (the same
+    prices, the stop switched off), greedy output identical either way."""
+    target, inputs = tiny_llama(seed=5)
+    draft = correlated_draft(target, noise=0.3)
+    reference = hf_greedy(target, inputs, max_new_tokens=48)
+    forwards = {}
+    for stop in (True, False):
+        policy = CostAwareSagePolicy()
+        if not stop:
+            policy.level_go_on = lambda level: None
+        engine = SpeculativeGenerator(target, draft, policy)
+        engine.host_clock = priced_clock(engine, {"draft_decode": 3.0, "target_verify": 1.0})
+        out = engine.generate(**inputs, max_new_tokens=48)
+        assert torch.equal(out.sequences, reference)
+        late = out.stats.steps[5:]
+        forwards[stop] = sum(step.draft_forwards for step in late) / len(late)
+        if stop:
+            assert policy.learned.go_on is not None
+    assert forwards[True] < forwards[False], forwards

@@ -57,6 +57,43 @@ def test_commit_result_and_draft_len_have_one_writer():
     assert root_only.alpha is None and root_only.tokens == [8] and root_only.draft_held == 1
 
 
+def _two_children_level(go_on, known_count: int = -1):
+    """A workspace whose first SAGE level keeps two children of cumulative probabilities ~0.53 and ~0.47."""
+    sequence = torch.zeros(1, 16, dtype=torch.int64)
+    sequence[0, :4] = torch.tensor([11, 12, 13, 14])
+    ws = _C.TreeWorkspace(8, 16, 3, sequence, torch.float32, torch.float32, None)
+    ws.start_generation(3)
+    ws.start(4, 3)
+    logits = torch.full((1, 1, 10), -30.0)
+    logits[0, 0, 5], logits[0, 0, 6] = 1.0, 0.9
+    result = ws.sage_level(logits, None, 0, 1, 1, 1, 4, 2, 1.0, 3.0, 8.0, 2.0, 10.0, 0.1, 0, 7, known_count,
+                           known_max_depth=-1 if known_count < 0 else 8, go_on=go_on)
+    return ws, result
+
+
+@pytest.mark.parametrize("cost_fixed, goes_on", [(0.99, True), (1.01, False)])
+def test_sage_level_goes_on_only_while_the_next_level_pays(cost_fixed, goes_on):
+    """With ``go_on`` the tree goes on past a level only if min(value_per_mass x mass, value_cap) >= cost_fixed +
+    cost_per_node x count, mass being the level's draft probability mass (here both children: ~1.0): no feed, so
+    the draft cache does not grow, when it does not pay. The level itself is kept either way."""
+    mass = float(torch.tensor([1.0, 0.9, *[-30.0] * 8]).softmax(0)[:2].sum())
+    go_on = _C.LevelGoOn(value_per_mass=1.0 / mass, value_cap=5.0, cost_fixed=cost_fixed - 2 * 0.01,
+                         cost_per_node=0.01)
+    ws, (count, _, _, inputs) = _two_children_level(go_on)
+    assert count == 2
+    assert (inputs is not None) == goes_on
+    assert ws.draft_len == (6 if goes_on else 4)
+    assert go_on.pays(mass, 2) == goes_on
+    # the cap bounds the value whatever the mass: a level that holds all the probability is still one token
+    assert not _C.LevelGoOn(value_per_mass=100.0, value_cap=0.5, cost_fixed=0.6, cost_per_node=0.0).pays(1.0, 1)
+
+
+def test_sage_level_go_on_needs_the_count_read():
+    """Static shapes (the count known on the host, nothing read mid-step) cannot judge a level's mass: refused."""
+    with pytest.raises(ValueError, match="go_on needs the level's count read"):
+        _two_children_level(_C.LevelGoOn(1.0, 1.0, 0.0, 0.0), known_count=4)
+
+
 def test_commit_compacts_every_device_group_alike():
     """Cache groups the commit does not hand to commit_tree_ (another device; here a second group on the same
     device, as the engine's split seam makes) are compacted with the same path: equal to the group that is."""

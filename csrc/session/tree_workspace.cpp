@@ -14,12 +14,14 @@
 #include <ATen/ops/index.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -241,8 +243,10 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
     const at::Tensor& logits, const std::optional<at::Tensor>& alpha, int64_t frontier_start, int64_t frontier_count,
     int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min, double d_max,
     double w_min, double w_max, double theta_scale, int64_t used, int64_t n_max, int64_t known_count,
-    int64_t known_max_depth) {
+    int64_t known_max_depth, const std::optional<LevelGoOn>& go_on) {
   check_draft_logits(logits, frontier_count, "sage_level");
+  TORCH_CHECK_VALUE(!go_on.has_value() || (known_count < 0 && known_max_depth < 0),
+                    "sage_level: go_on needs the level's count read (known_count and known_max_depth < 0)");
   tree_written();
   std::optional<at::Tensor> rows_mask;
   if (mask.defined() && slots_are_rows_ && !layout_.has_value() && slot_start <= rows_ready_) {
@@ -261,17 +265,32 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   if (num_slots > 0) depth_.narrow(1, slot_start, num_slots).fill_(level);
   // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
   // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two
+  // with go_on, the new level's draft probability mass rides along (its float64 bits in the same copy)
   int64_t count = known_count, max_depth = known_max_depth;
+  double mass = 0.0;
   if (known_count < 0 && known_max_depth < 0 && !count_t.is_cpu()) {
-    const at::Tensor both = at::cat({count_t.reshape({1}), max_depth_t.reshape({1})}).cpu();
-    count = both.const_data_ptr<int64_t>()[0];
-    max_depth = both.const_data_ptr<int64_t>()[1];
+    std::vector<at::Tensor> parts = {count_t.reshape({1}), max_depth_t.reshape({1})};
+    if (go_on.has_value()) {
+      const at::Tensor real = parents.narrow(1, slot_start, num_slots).ge(0);
+      const at::Tensor probabilities = cum_logprobs.narrow(1, slot_start, num_slots).to(at::kDouble).exp();
+      parts.push_back(at::where(real, probabilities, 0.0).sum().reshape({1}).view(at::kLong));
+    }
+    const at::Tensor read = at::cat(parts).cpu();
+    count = read.const_data_ptr<int64_t>()[0];
+    max_depth = read.const_data_ptr<int64_t>()[1];
+    if (go_on.has_value()) mass = read.view(at::kDouble).const_data_ptr<double>()[2];
   } else {
     if (known_count < 0) count = host_int(count_t);
     if (known_max_depth < 0) max_depth = host_int(max_depth_t);
+    if (go_on.has_value()) {  // a dynamic level's real nodes are its first `count` slots
+      const float* cum = cum_logprobs.const_data_ptr<float>() + slot_start;
+      for (int64_t i = 0; i < count; ++i) mass += std::exp(static_cast<double>(cum[i]));
+    }
   }
   std::optional<ForwardInputs> next;
-  if (count > 0 && level < max_depth && used + count < n_max) next = feed(slot_start, count, level);
+  if (count > 0 && level < max_depth && used + count < n_max && (!go_on.has_value() || go_on->pays(mass, count))) {
+    next = feed(slot_start, count, level);
+  }
   return {count, frontier_alpha, max_depth, next};
 }
 

@@ -57,6 +57,22 @@ struct FixedLayout {
   at::Tensor target_block;  // [N, N] the whole tree's additive block (target dtype)
 };
 
+// When a SAGE level's tree goes on (a cost-aware policy's stop rule, SpecDec++-style): the next draft forward is
+// worth its cost if the chance of accepting one more token, min(value_per_mass x mass, value_cap) in seconds of
+// output (mass: the new level's draft probability mass, the sum of its nodes' cumulative probabilities), is at least
+// what it costs: cost_fixed (one more draft forward) + cost_per_node x count (verifying the level's children).
+struct LevelGoOn {
+  double value_per_mass = 0.0;
+  double value_cap = 0.0;
+  double cost_fixed = 0.0;
+  double cost_per_node = 0.0;
+
+  bool pays(double mass, int64_t count) const {
+    const double value = value_per_mass * mass < value_cap ? value_per_mass * mass : value_cap;
+    return value >= cost_fixed + cost_per_node * static_cast<double>(count);
+  }
+};
+
 // What the host learns from a step's commit, decoded from commit_tree_'s readback row (one device-to-host copy).
 struct CommitResult {
   int64_t accept_len = 0;        // tau: accepted draft tokens
@@ -88,15 +104,16 @@ class TreeWorkspace {
   void root_only(int64_t cur_len);
 
   // One SAGE level (the sage_level_ op) on the last `frontier_count` rows of the draft logits [1, T, V]; then,
-  // when the tree goes on (count > 0, level < max_depth, used + count < n_max), the inputs of the draft forward
-  // that feeds the new slots. count / max_depth: known_count / known_max_depth when >= 0 (static shapes), else
-  // read from the op's outputs (free on the CPU, a sync elsewhere). Returns (count, frontier_alpha [1, F] at
-  // level 1 (else none), max_depth, next forward inputs or none).
+  // when the tree goes on (count > 0, level < max_depth, used + count < n_max and, with go_on, the next level
+  // pays), the inputs of the draft forward that feeds the new slots. count / max_depth: known_count /
+  // known_max_depth when >= 0 (static shapes), else read from the op's outputs (free on the CPU, a sync
+  // elsewhere; go_on needs them read: the level's mass comes with the same copy). Returns (count, frontier_alpha
+  // [1, F] at level 1 (else none), max_depth, next forward inputs or none).
   std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> sage_level(
       const at::Tensor& logits, const std::optional<at::Tensor>& alpha, int64_t frontier_start, int64_t frontier_count,
       int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min, double d_max,
       double w_min, double w_max, double theta_scale, int64_t used, int64_t n_max, int64_t known_count,
-      int64_t known_max_depth);
+      int64_t known_max_depth, const std::optional<LevelGoOn>& go_on);
 
   // One level of a fixed tree (the gather_level_ op): the top-k of the last `frontier_count` rows of the draft
   // logits, then the tokens/logprobs of the slots [start, start + child_index.size(0)) gathered from the

@@ -16,6 +16,8 @@ this step's readback has synchronized, so reading them costs no extra host-devic
 - ``NodeAcceptance``: how often a node of cumulative draft probability p at depth d is accepted (``c_d p``,
   calibrated from each step's probability mass per depth and its accepted length), and ``node_threshold``: the
   least p for which a node's expected tokens are worth the verify time it adds.
+- ``level_go_on_terms``: within a step, whether one more draft level is worth its cost at the probability mass
+  the tree holds at its current depth (SpecDec++'s stop rule); the workspace applies it as it builds each level.
 
 A batch step is one step of all its rows: its seconds are the batch's, the verify's tokens are every row's tree
 padded to the largest (``rows`` x (slots + 1); each row also costs its own attention over its past, kept apart
@@ -294,6 +296,26 @@ def node_threshold(costs: "CostModel", seconds_per_token: float, calibration: fl
     return per_token / (calibration * seconds_per_token)
 
 
+def level_go_on_terms(costs: "CostModel", acceptance: "DepthAcceptance", nodes: "NodeAcceptance",
+                      seconds_per_token: float) -> list[tuple[float, float, float, float]]:
+    """Per level d = 1..max_depth, when a tree that has built d levels should run one more draft forward (the
+    terms of ``_C.LevelGoOn``: ``(value_per_mass, value_cap, cost_fixed, cost_per_node)``). Depth d is accepted
+    with chance ``min(1, c_d m)`` at the level's draft probability mass m (``NodeAcceptance``), depth d + 1 then
+    with ``p_(d+1)`` (``DepthAcceptance``); a token is worth ``seconds_per_token``; the forward costs one more draft
+    level (the draft line's slope) and each of the level's nodes brings children to verify (the verify line's
+    slope per token). SpecDec++'s stop rule with SAGE's proposal: decided per step at the tree's own confidence,
+    where the depth cap decides on average."""
+    _, per_forward = costs.draft_line()
+    _, per_token = costs.verify_line()
+    calibration, probabilities = nodes.calibration(), acceptance.probabilities()
+    terms = []
+    for depth in range(1, acceptance.max_depth + 1):
+        next_value = probabilities[min(depth, len(probabilities) - 1)] * seconds_per_token
+        c = calibration[min(depth, len(calibration)) - 1]
+        terms.append((c * next_value, next_value, per_forward, per_token))
+    return terms
+
+
 def expected_tokens(probabilities: list[float], depth: float) -> float:
     """Tokens a step emits on average with a tree ``depth`` deep: the bonus token plus each depth's chance
     of being reached and accepted (a fractional depth interpolates between its neighbours)."""
@@ -333,6 +355,7 @@ class CostLearning:
     mean_alpha: float  # recent root confidence (exponentially weighted)
     nodes: NodeAcceptance | None = None  # per-node acceptance against draft probability and depth
     node_floor: float | None = None  # the least node probability costs call for (None: not estimated yet)
+    go_on: list | None = None  # per level, when a tree goes on (``_C.LevelGoOn``; None: not estimated yet)
 
 
 # target model -> draft model -> device -> CostLearning; weak keys: a record goes when its models do

@@ -46,6 +46,7 @@ from .costs import (
     StepCost,
     best_depth,
     expected_tokens,
+    level_go_on_terms,
     node_threshold,
 )
 
@@ -403,6 +404,12 @@ class SagePolicy(TreePolicy):
         """The least cumulative draft probability a node of the next tree needs besides SAGE's threshold (0: none)."""
         return 0.0
 
+    def level_go_on(self, level: int) -> "_C.LevelGoOn | None":
+        """When the tree goes on past ``level`` besides SAGE's own rules (its depth, thresholds and node budget),
+        judged by the workspace at the level's draft probability mass (``_C.LevelGoOn``); None: SAGE's rules alone.
+        Applies with dynamic shapes only (the level's count and mass are read)."""
+        return None
+
     def level_theta(self, level: int, depth: float, floor: float) -> float:
         """The threshold scale of ``level`` that makes its threshold ``theta l / D`` equal ``max(theta_scale l / D,
         floor)`` at ``D = depth``: SAGE's rule with a floor, through the kernels' own threshold argument."""
@@ -507,7 +514,7 @@ class SagePolicy(TreePolicy):
         known_max_depth = len(slots) if static_shapes else -1
         count, frontier_alpha, _, inputs = ctx.sage_level(
             logits, alpha, 0, 1, 1, 1, num_slots, shape(1), 0, n_max, num_slots if static_shapes else -1,
-            known_max_depth)
+            known_max_depth, None if static_shapes else self.level_go_on(1))
         alpha_root = frontier_alpha[0]
         if alpha is None:
             alpha = alpha_root
@@ -525,7 +532,7 @@ class SagePolicy(TreePolicy):
             num_slots = slots[level - 1] if static_shapes else n_max - used
             count, _, _, inputs = ctx.sage_level(
                 logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape(level), used, n_max,
-                num_slots if static_shapes else -1, known_max_depth)
+                num_slots if static_shapes else -1, known_max_depth, None if static_shapes else self.level_go_on(level))
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
         level_mass = ctx.level_mass(level_counts) if self.measures_level_mass and level_counts else None
@@ -542,14 +549,20 @@ class SagePolicy(TreePolicy):
 
 
 class CostAwareSagePolicy(SagePolicy):
-    """SAGE whose depth cap (and, with ``width_from_cost``, node threshold) follows measured costs.
+    """SAGE whose depth follows measured costs: a depth cap on average and, with dynamic shapes, a stop per step
+    (and, with ``width_from_cost``, a node threshold).
 
     The proposal is SAGE's (depth and width from alpha, probability threshold, node budget); ``d_max`` moves
     differently: after every step it takes one step (at most) towards the depth cap with the most expected
     tokens per second, from a ``CostModel`` (seconds per draft forward, verify against tree size, the rest of a
     step) and a ``DepthAcceptance`` (how often each depth is accepted) learned from the engine's own
     measurements (``sage_ext.engine.costs``). A slow draft or a fast verify makes trees shallower, a draft that
-    is accepted deep makes them deeper, on whatever machine it runs. ``width_from_cost``: the node threshold
+    is accepted deep makes them deeper, on whatever machine it runs. Within a step (dynamic shapes: the CPU
+    default, where each level's count is read anyway), the tree stops as soon as one more draft level is worth
+    less than it costs at the probability mass the tree holds at its current depth (``level_go_on``,
+    ``costs.level_go_on_terms``: SpecDec++'s stop rule; the mass's calibration against acceptance is the
+    ``NodeAcceptance``): a step whose draft loses confidence halfway stops there, a confident one goes on to the
+    cap. With static shapes (CUDA) nothing is read mid-step and the cap alone applies. ``width_from_cost``: the node threshold
     too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative draft probability,
     calibrated from every step's outcome) are worth less than the verify time it adds is not proposed, so a
     dear verify (a large batch, a slow target) narrows the trees. That least probability is a floor under
@@ -610,13 +623,16 @@ class CostAwareSagePolicy(SagePolicy):
             elif self.d_max > learned.depth_goal:
                 self.d_max -= 1
 
-    @property
-    def measures_level_mass(self) -> bool:  # the node calibration's input, needed only for the cost floor
-        return self.width_from_cost
+    #: the node calibration's input (the level stop and the cost floor read it)
+    measures_level_mass = True
 
     def node_floor(self) -> float:
         floor = self.learned.node_floor if self.learned is not None and self.width_from_cost else None
         return 0.0 if floor is None else floor
+
+    def level_go_on(self, level: int) -> "_C.LevelGoOn | None":
+        go_on = self.learned.go_on if self.learned is not None else None
+        return go_on[min(level, len(go_on)) - 1] if go_on else None
 
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
@@ -638,6 +654,8 @@ class CostAwareSagePolicy(SagePolicy):
             tokens = cost.rows * expected_tokens(learned.acceptance.probabilities(), depth)
             seconds_per_token = learned.costs.step_seconds(depth, cost.rows) / tokens
             learned.node_floor = node_threshold(learned.costs, seconds_per_token, learned.nodes.calibration()[0])
+            learned.go_on = [_C.LevelGoOn(*terms) for terms in level_go_on_terms(
+                learned.costs, learned.acceptance, learned.nodes, seconds_per_token)]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost,
