@@ -1,6 +1,7 @@
 """Which tree is fastest as a draft forward gets dearer against a verify? A simulated-cost study on the real pair.
 
-Acceptance is real: the bundled fixture pair, greedy, float32, held-out scenes. Time is simulated, so the answer
+Acceptance is real: a bundled fixture pair (``--pair``: LLaVA, the default, or Qwen2-VL with its draft's prune
+ratio), greedy, float32, held-out scenes. Time is simulated, so the answer
 does not depend on this shared machine's noise: a step costs
 
     ratio * (draft forwards) + 1 + per_token * (verified tokens)
@@ -16,7 +17,8 @@ its priced step times are checked against the formula. Reported: simulated token
 breakdowns) is about 0.2-0.3 on the 2-core CPU and about 0.4 on an H200, where the tiny models are launch-bound
 (benchmarks/results/device_check_h200/e2e_nvidia-h200.md).
 
-    python benchmarks/bench_cost_ratio.py            # ~4 min on 2 cores; results/cost_ratio_cpu.{json,md,png}
+    python benchmarks/bench_cost_ratio.py            # ~1 min on 2 cores; results/cost_ratio_cpu.{json,md,png}
+    python benchmarks/bench_cost_ratio.py --pair qwen2vl   # ~6 min; results/cost_ratio_qwen2vl_cpu.{json,md,png}
     python benchmarks/bench_cost_ratio.py --replot   # only the chart, from the committed JSON
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ from sage_ext.engine.policies import (  # noqa: E402
     SagePolicy,
     StaticTreePolicy,
 )
-from sage_ext.fixtures import DRAFT_DIR, PAIRS, TARGET_DIR  # noqa: E402
+from sage_ext.fixtures import PAIRS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FIXED_POLICIES = {"ar": AutoregressivePolicy, "chain": ChainPolicy, "static": StaticTreePolicy,
@@ -91,6 +93,11 @@ def rate(records, ratio: float, per_token: float) -> float:
     return sum(r.emitted for r in records) / sum(step_units(r, ratio, per_token) for r in records)
 
 
+def result_stem(pair: str) -> str:
+    """The results' file stem of a pair's study (the LLaVA pair's keeps its first name)."""
+    return "cost_ratio_cpu" if pair == "llava" else f"cost_ratio_{pair}_cpu"
+
+
 def plot_report(report: dict, path: Path) -> None:
     """The study as a chart: speed-up over ar against the draft/verify cost ratio (log axis), one line per policy,
     and under it which policy wins at each ratio."""
@@ -116,8 +123,9 @@ def plot_report(report: dict, path: Path) -> None:
     bottom.set_xlabel("draft forward cost / target verify cost")
     bottom.set_xticks(ratios, [f"{r:g}" for r in ratios])
     bottom.xaxis.set_minor_formatter(plt.NullFormatter())
-    fig.suptitle("Which tree is fastest as the draft gets dearer (fixture pair, real acceptance, simulated time)",
-                 fontsize=10)
+    pair = report.get("pair", "llava")
+    fig.suptitle(f"Which tree is fastest as the draft gets dearer ({pair} fixture pair, real acceptance, "
+                 "simulated time)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -130,26 +138,33 @@ def main(argv=None) -> int:
     parser.add_argument("--per-token", type=float, default=0.02, help="verify cost per verified token")
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--scene-offset", type=int, default=300, help="first held-out scene (apart from tuning)")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="llava", help="bundled fixture pair")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default 96 (LLaVA pair), 128 (Qwen2-VL pair: its answers run to ~200 tokens)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--replot", action="store_true",
-                        help="only draw the chart (cost_ratio_cpu.png) from the JSON already in --out-dir")
+                        help="only draw the chart (<stem>.png) from the JSON already in --out-dir")
     args = parser.parse_args(argv)
+    stem = result_stem(args.pair)
     if args.replot:
         out_dir = Path(args.out_dir)
-        plot_report(json.loads((out_dir / "cost_ratio_cpu.json").read_text()), out_dir / "cost_ratio_cpu.png")
+        plot_report(json.loads((out_dir / f"{stem}.json").read_text()), out_dir / f"{stem}.png")
         return 0
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 96 if args.pair == "llava" else 128
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.set_num_threads(args.threads)
-    target, draft, processor = load_pair(str(TARGET_DIR), str(DRAFT_DIR), torch.device("cpu"), torch.float32)
-    pair = PAIRS["llava"]
+    pair = PAIRS[args.pair]
+    target, draft, processor = load_pair(str(pair.target_dir), str(pair.draft_dir), torch.device("cpu"), torch.float32)
+    prune = pair.draft_prune_ratio  # the pair's default: what the engine's draft sees of the image
     prompts = scene_inputs(processor, pair, pair.heldout_scenes(args.scenes, start=args.scene_offset),
                            torch.device("cpu"), torch.float32)
 
     fixed_runs = {}
     for name, make in FIXED_POLICIES.items():
-        fixed_runs[name] = run(SpeculativeGenerator(target, draft, make()), prompts, args.max_new_tokens)
+        fixed_runs[name] = run(SpeculativeGenerator(target, draft, make(), draft_prune_ratio=prune), prompts,
+                               args.max_new_tokens)
         print(f"{name}: {len(fixed_runs[name][1])} steps", flush=True)
     reference = fixed_runs["ar"][0]
 
@@ -161,7 +176,7 @@ def main(argv=None) -> int:
         for name, (_, records) in fixed_runs.items():
             table[name][str(ratio)] = rate(records, ratio, args.per_token) / ar_rate
         policy = CostAwareSagePolicy()
-        engine = SpeculativeGenerator(target, draft, policy)
+        engine = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=prune)
         priced(engine, ratio, args.per_token)
         outputs, records = run(engine, prompts, args.max_new_tokens)
         for record in records:  # the priced clock and the formula agree
@@ -172,16 +187,17 @@ def main(argv=None) -> int:
                                "mean_draft_forwards": sum(r.draft_forwards for r in records) / len(records)}
         print(f"ratio {ratio}: " + ", ".join(f"{n} {t[str(ratio)]:.2f}x" for n, t in table.items()), flush=True)
 
-    report = {"machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "scenes": args.scenes,
+    report = {"pair": args.pair, "draft_prune_ratio": prune, "machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "scenes": args.scenes,
               "scene_offset": args.scene_offset, "max_new_tokens": args.max_new_tokens, "per_token": args.per_token,
               "ratios": ratios, "speedup_vs_ar": table, "identical_to_ar": identical, "sage_cost": learned,
               "command": "python benchmarks/bench_cost_ratio.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cost_ratio_cpu.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     best = {str(r): max(table, key=lambda n: table[n][str(r)]) for r in ratios}
-    lines = ["# Simulated draft/verify cost ratios: which tree is fastest (fixture pair, real acceptance)", "",
-             f"`{report['command'].strip()}` — {report['machine']}, torch {report['torch']}; {args.scenes} held-out "
+    lines = [f"# Simulated draft/verify cost ratios: which tree is fastest ({args.pair} fixture pair, real acceptance)",
+             "", f"`{report['command'].strip()}` — {report['machine']}, torch {report['torch']}; draft prune ratio "
+             f"{prune}; {args.scenes} held-out "
              f"scenes from {args.scene_offset}, up to {args.max_new_tokens} new tokens, greedy. A step costs "
              f"ratio x draft forwards + 1 + {args.per_token} x verified tokens; speed-up = simulated tokens per unit "
              "time over ar's. Every output identical to ar: " + str(all(identical.values())) + ".", "",
@@ -193,8 +209,8 @@ def main(argv=None) -> int:
     lines += ["", "sage_cost per ratio (its depth cap at the end, mean accepted tokens and draft forwards per step): "
               + "; ".join(f"{r}: d_max {v['final_d_max']}, tau {v['mean_tau']:.2f}, "
                           f"{v['mean_draft_forwards']:.1f} forwards" for r, v in learned.items()) + "."]
-    (out_dir / "cost_ratio_cpu.md").write_text("\n".join(lines) + "\n")
-    plot_report(report, out_dir / "cost_ratio_cpu.png")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot_report(report, out_dir / f"{stem}.png")
     print("\n".join(lines))
     return 0 if all(identical.values()) else 1
 
