@@ -396,14 +396,27 @@ def test_sage_cost_learns_from_batch_steps():
     policy = CostAwareSagePolicy()
     engine = SpeculativeGenerator(model, same_draft(model), policy)
     engine.host_clock = priced_clock(engine, {"draft_decode": 10.0, "target_verify": 1.0})
-    steps = set()
-    engine.step_hook = lambda info: steps.add(info.step)
+    steps, stop_set = set(), {}
+
+    def hook(info):
+        steps.add(info.step)
+        stop_set.setdefault(info.step, policy.learned.go_on is not None)
+
+    engine.step_hook = hook
     out = engine.generate(**batch, max_new_tokens=40, eos_token_id=-1, pad_token_id=0)
     for b, new in enumerate(references):
         assert torch.equal(out.sequences[b, batch["input_ids"].shape[1]:][: len(new)], new)
     assert policy.costs.steps == len(steps) - 1 > 2
     assert policy.depth_goal == policy.d_min + 1 < policy.d_max_init  # dear draft forwards: shallow, every row
     assert all(step.d_max == policy.d_min + 1 for stats in out.stats for step in stats.steps[-2:])
+    # no level stop while several rows share the draft forwards (one row's stop saves none): steps 3 and 4, the first
+    # whose hook comes after two observed steps, every row still going (at most 6 + 9 + 8 + 7 of its 40 tokens); one
+    # prompt alone gets it from the same step on
+    assert not stop_set[3] and not stop_set[4]
+    alone = {}
+    engine.step_hook = lambda info: alone.setdefault(info.step, policy.learned.go_on is not None)
+    engine.generate(**rows[0], max_new_tokens=40, eos_token_id=-1)
+    assert alone[3] and alone[4]
 
 
 def test_generators_of_the_same_models_share_what_sage_cost_learned():

@@ -17,7 +17,8 @@ this step's readback has synchronized, so reading them costs no extra host-devic
   calibrated from each step's probability mass per depth and its accepted length), and ``node_threshold``: the
   least p for which a node's expected tokens are worth the verify time it adds.
 - ``level_go_on_terms``: within a step, whether one more draft level is worth its cost at the probability mass
-  the tree holds at its current depth (SpecDec++'s stop rule); the workspace applies it as it builds each level.
+  the tree holds at its current depth (SpecDec++'s stop rule); the workspace applies it as it builds each level
+  (one prompt at a time: in a batch the shared draft forward runs while any row goes on).
 
 A batch step is one step of all its rows: its seconds are the batch's, the verify's tokens are every row's tree
 padded to the largest (``rows`` x (slots + 1); each row also costs its own attention over its past, kept apart

@@ -562,7 +562,8 @@ class CostAwareSagePolicy(SagePolicy):
     less than it costs at the probability mass the tree holds at its current depth (``level_go_on``,
     ``costs.level_go_on_terms``: SpecDec++'s stop rule; the mass's calibration against acceptance is the
     ``NodeAcceptance``): a step whose draft loses confidence halfway stops there, a confident one goes on to the
-    cap. With static shapes (CUDA) nothing is read mid-step and the cap alone applies. ``width_from_cost``: the node threshold
+    cap. With static shapes (CUDA) nothing is read mid-step and the cap alone applies, as in a batch (the shared
+    draft forward runs while any row goes on: one row's stop would save none). ``width_from_cost``: the node threshold
     too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative draft probability,
     calibrated from every step's outcome) are worth less than the verify time it adds is not proposed, so a
     dear verify (a large batch, a slow target) narrows the trees. That least probability is a floor under
@@ -654,8 +655,11 @@ class CostAwareSagePolicy(SagePolicy):
             tokens = cost.rows * expected_tokens(learned.acceptance.probabilities(), depth)
             seconds_per_token = learned.costs.step_seconds(depth, cost.rows) / tokens
             learned.node_floor = node_threshold(learned.costs, seconds_per_token, learned.nodes.calibration()[0])
+            # the level stop for one prompt only: in a batch the draft forward runs while any row goes on, so one
+            # row's stop saves no forward and only costs its acceptance (measured: B = 4 lost a quarter of its
+            # tokens/s with it); the cap alone shapes a batch's trees
             learned.go_on = [_C.LevelGoOn(*terms) for terms in level_go_on_terms(
-                learned.costs, learned.acceptance, learned.nodes, seconds_per_token)]
+                learned.costs, learned.acceptance, learned.nodes, seconds_per_token)] if cost.rows == 1 else None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost,
