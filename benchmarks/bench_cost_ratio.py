@@ -18,12 +18,15 @@ breakdowns) is about 0.2-0.3 on the 2-core CPU and about 0.4 on an H200, where t
 (benchmarks/results/device_check_h200/e2e_nvidia-h200.md).
 
     python benchmarks/bench_cost_ratio.py            # ~1 min on 2 cores; results/cost_ratio_cpu.{json,md,png}
-    python benchmarks/bench_cost_ratio.py --pair qwen2vl   # ~6 min; results/cost_ratio_qwen2vl_cpu.{json,md,png}
+    python benchmarks/bench_cost_ratio.py --pair qwen2vl   # ~1 min; results/cost_ratio_qwen2vl_cpu.{json,md,png}
+    python benchmarks/bench_cost_ratio.py --draft-is-target   # the target drafts for itself (a copy, the whole
+                                                              # image): every chain token is accepted
     python benchmarks/bench_cost_ratio.py --replot   # only the chart, from the committed JSON
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -93,9 +96,10 @@ def rate(records, ratio: float, per_token: float) -> float:
     return sum(r.emitted for r in records) / sum(step_units(r, ratio, per_token) for r in records)
 
 
-def result_stem(pair: str) -> str:
+def result_stem(pair: str, draft_is_target: bool = False) -> str:
     """The results' file stem of a pair's study (the LLaVA pair's keeps its first name)."""
-    return "cost_ratio_cpu" if pair == "llava" else f"cost_ratio_{pair}_cpu"
+    own = "_self_draft" if draft_is_target else ""
+    return f"cost_ratio{own}_cpu" if pair == "llava" else f"cost_ratio_{pair}{own}_cpu"
 
 
 def plot_report(report: dict, path: Path) -> None:
@@ -139,6 +143,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--scene-offset", type=int, default=300, help="first held-out scene (apart from tuning)")
     parser.add_argument("--pair", choices=sorted(PAIRS), default="llava", help="bundled fixture pair")
+    parser.add_argument("--draft-is-target", action="store_true",
+                        help="draft with a copy of the pair's target, which sees the whole image: a draft identical "
+                             "to the target, whose every greedy token is accepted")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default 96 (LLaVA pair), 128 (Qwen2-VL pair: its answers run to ~200 tokens)")
     parser.add_argument("--threads", type=int, default=2)
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--replot", action="store_true",
                         help="only draw the chart (<stem>.png) from the JSON already in --out-dir")
     args = parser.parse_args(argv)
-    stem = result_stem(args.pair)
+    stem = result_stem(args.pair, args.draft_is_target)
     if args.replot:
         out_dir = Path(args.out_dir)
         plot_report(json.loads((out_dir / f"{stem}.json").read_text()), out_dir / f"{stem}.png")
@@ -158,6 +165,8 @@ def main(argv=None) -> int:
     pair = PAIRS[args.pair]
     target, draft, processor = load_pair(str(pair.target_dir), str(pair.draft_dir), torch.device("cpu"), torch.float32)
     prune = pair.draft_prune_ratio  # the pair's default: what the engine's draft sees of the image
+    if args.draft_is_target:
+        draft, prune = copy.deepcopy(target), 0.0
     prompts = scene_inputs(processor, pair, pair.heldout_scenes(args.scenes, start=args.scene_offset),
                            torch.device("cpu"), torch.float32)
 
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
                                "mean_draft_forwards": sum(r.draft_forwards for r in records) / len(records)}
         print(f"ratio {ratio}: " + ", ".join(f"{n} {t[str(ratio)]:.2f}x" for n, t in table.items()), flush=True)
 
-    report = {"pair": args.pair, "draft_prune_ratio": prune, "machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "scenes": args.scenes,
+    report = {"pair": args.pair, "draft_is_target": args.draft_is_target, "draft_prune_ratio": prune, "machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "scenes": args.scenes,
               "scene_offset": args.scene_offset, "max_new_tokens": args.max_new_tokens, "per_token": args.per_token,
               "ratios": ratios, "speedup_vs_ar": table, "identical_to_ar": identical, "sage_cost": learned,
               "command": "python benchmarks/bench_cost_ratio.py " + " ".join(sys.argv[1:] if argv is None else argv)}
@@ -196,7 +205,8 @@ def main(argv=None) -> int:
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     best = {str(r): max(table, key=lambda n: table[n][str(r)]) for r in ratios}
     lines = [f"# Simulated draft/verify cost ratios: which tree is fastest ({args.pair} fixture pair, real acceptance)",
-             "", f"`{report['command'].strip()}` — {report['machine']}, torch {report['torch']}; draft prune ratio "
+             "", f"`{report['command'].strip()}` — {report['machine']}, torch {report['torch']}; "
+             f"{'the draft a copy of the target; ' if args.draft_is_target else ''}draft prune ratio "
              f"{prune}; {args.scenes} held-out "
              f"scenes from {args.scene_offset}, up to {args.max_new_tokens} new tokens, greedy. A step costs "
              f"ratio x draft forwards + 1 + {args.per_token} x verified tokens; speed-up = simulated tokens per unit "

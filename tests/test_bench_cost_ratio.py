@@ -27,3 +27,19 @@ def test_cost_ratio_study_on_the_qwen2vl_pair(tmp_path):
     assert all(row["0.1"] > 0 and row["0.8"] > 0 for row in report["speedup_vs_ar"].values())
     assert (tmp_path / "cost_ratio_qwen2vl_cpu.png").stat().st_size > 0
     assert "qwen2vl fixture pair" in (tmp_path / "cost_ratio_qwen2vl_cpu.md").read_text()
+
+
+def test_cost_ratio_study_with_the_target_drafting_for_itself(tmp_path):
+    """--draft-is-target: the draft is a copy of the target seeing the whole image, so a greedy chain's every token is
+    accepted and the chain gains even where a draft forward costs half a verify; outputs identical to ar."""
+    threads = torch.get_num_threads()
+    try:
+        code = bench_cost_ratio.main(["--draft-is-target", "--scenes", "1", "--ratios", "0.5", "--max-new-tokens", "24",
+                                      "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    report = json.loads((tmp_path / "cost_ratio_self_draft_cpu.json").read_text())
+    assert report["draft_is_target"] and report["draft_prune_ratio"] == 0.0
+    assert all(report["identical_to_ar"].values())
+    assert report["speedup_vs_ar"]["chain"]["0.5"] > 1.0  # 5 draft tokens accepted whenever the answer goes on
