@@ -137,14 +137,16 @@ PYBIND11_MODULE(_C, module) {
   using sage_ext::session::LevelGoOn;
   py::class_<LevelGoOn>(module, "LevelGoOn",
                         "When a SAGE level's tree goes on (TreeWorkspace.sage_level's go_on): the next draft forward "
-                        "pays if min(value_per_mass x mass, value_cap) >= cost_fixed + cost_per_node x count, mass "
-                        "being the new level's draft probability mass and count its nodes.")
-      .def(py::init<double, double, double, double>(), py::arg("value_per_mass"), py::arg("value_cap"),
-           py::arg("cost_fixed"), py::arg("cost_per_node"))
-      .def_readonly("value_per_mass", &LevelGoOn::value_per_mass)
-      .def_readonly("value_cap", &LevelGoOn::value_cap)
+                        "pays if value(mass) >= cost_fixed + cost_per_node x count, mass being the new level's draft "
+                        "probability mass, count its nodes, and value piecewise linear through (masses[i], values[i]) "
+                        "(masses increasing; flat beyond the ends).")
+      .def(py::init<std::vector<double>, std::vector<double>, double, double>(), py::arg("masses"),
+           py::arg("values"), py::arg("cost_fixed"), py::arg("cost_per_node"))
+      .def_readonly("masses", &LevelGoOn::masses)
+      .def_readonly("values", &LevelGoOn::values)
       .def_readonly("cost_fixed", &LevelGoOn::cost_fixed)
       .def_readonly("cost_per_node", &LevelGoOn::cost_per_node)
+      .def("value", &LevelGoOn::value, py::arg("mass"))
       .def("pays", &LevelGoOn::pays, py::arg("mass"), py::arg("count"));
   py::class_<TreeWorkspace>(module, "TreeWorkspace",
                             "The engine's per-generation tree state on the device and the tensor work between two "

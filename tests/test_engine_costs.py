@@ -7,6 +7,7 @@ identical to the target alone throughout.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_engine import hf_greedy
@@ -21,6 +22,7 @@ from sage_ext.engine.costs import (
     StepCost,
     best_depth,
     expected_tokens,
+    MassAcceptance,
     level_go_on_terms,
     node_threshold,
 )
@@ -449,37 +451,62 @@ def test_generators_of_the_same_models_share_what_sage_cost_learned():
 
 
 def test_level_go_on_terms_price_one_more_level():
-    """Past depth d the next level is worth min(1, c_d m) p_(d+1) tokens at the tree's mass m, each token worth the
-    current seconds per token; it costs one draft forward (the draft line's slope) plus each node's verified
-    children (the verify line's slope)."""
+    """Past depth d the next level is worth P(d accepted | the level's mass) x p_(d+1) tokens, each token worth the
+    current seconds per token (a piecewise-linear value in the mass, through MassAcceptance's curve); it costs one
+    draft forward (the draft line's slope) plus each node's verified children (the verify line's slope)."""
     costs = CostModel()
     for depth, accepted in ((2, 1), (4, 3), (6, 2), (3, 3), (5, 4)):
         costs.observe(synthetic_step(slots=3 * depth, depth=depth, accepted=accepted))
-    acceptance, nodes = DepthAcceptance(6), NodeAcceptance(6)
+    acceptance, masses = DepthAcceptance(6), MassAcceptance()
     for accepted, depth in ((3, 5), (1, 4), (5, 6)):
         acceptance.observe(accepted, depth)
-        nodes.observe(accepted, [0.9, 0.7, 0.5, 0.4, 0.3, 0.2][:depth])
-    terms = level_go_on_terms(costs, acceptance, nodes, seconds_per_token=0.01)
-    probabilities, calibration = acceptance.probabilities(), nodes.calibration()
+        masses.observe(accepted, [0.9, 0.7, 0.5, 0.4, 0.3, 0.2][:depth])
+    terms = level_go_on_terms(costs, acceptance, masses, seconds_per_token=0.01)
+    probabilities = acceptance.probabilities()
+    centres, curve = masses.curve()
     _, per_forward = costs.draft_line()
     _, per_token = costs.verify_line()
     assert per_forward > 0 and per_token > 0
     assert len(terms) == 6
-    for depth, (value_per_mass, value_cap, cost_fixed, cost_per_node) in enumerate(terms, start=1):
-        next_p = probabilities[min(depth, 5)]
-        assert value_cap == pytest.approx(next_p * 0.01)
-        assert value_per_mass == pytest.approx(calibration[depth - 1] * next_p * 0.01)
+    for depth, (points, values, cost_fixed, cost_per_node) in enumerate(terms, start=1):
+        next_value = probabilities[min(depth, 5)] * 0.01
+        assert points == centres and values == pytest.approx([a * next_value for a in curve])
         assert (cost_fixed, cost_per_node) == (per_forward, per_token)
-        go_on = _C.LevelGoOn(value_per_mass, value_cap, cost_fixed, cost_per_node)
-        # a level holding all the probability pays whenever one sure token is worth the forward and its nodes
-        assert go_on.pays(1.0 / calibration[depth - 1], 2) == (value_cap >= cost_fixed + 2 * cost_per_node)
+        go_on = _C.LevelGoOn(points, values, cost_fixed, cost_per_node)
+        for mass in (0.0, 0.3, 0.72, 1.0):  # the native value is the curve read linearly between the centres
+            assert go_on.value(mass) == pytest.approx(float(np.interp(mass, centres, values)))
+            assert go_on.pays(mass, 2) == (go_on.value(mass) >= cost_fixed + 2 * cost_per_node)
+
+
+def test_mass_acceptance_learns_how_often_a_mass_is_accepted():
+    """A calibrated draft (depth accepted with chance = its mass) keeps the curve near the bin centres; a draft that
+    is always right whatever its mass (a copy of the target with wide distributions) lifts the whole curve towards
+    1; the curve never decreases with the mass."""
+    generator = torch.Generator().manual_seed(0)
+    calibrated, always = MassAcceptance(decay=1.0), MassAcceptance(decay=1.0)
+    for _ in range(4000):
+        mass = float(torch.rand((), generator=generator))
+        calibrated.observe(1 if float(torch.rand((), generator=generator)) < mass else 0, [mass])
+        always.observe(1, [mass * 0.3])
+    centres, curve = calibrated.curve()
+    assert curve == pytest.approx(centres, abs=0.06)
+    _, lifted = always.curve()
+    assert all(value > 0.9 for value in lifted)
+    assert all(b >= a for a, b in zip(curve, curve[1:])) and all(b >= a for a, b in zip(lifted, lifted[1:]))
+
+
+def test_level_go_on_refuses_a_malformed_curve():
+    with pytest.raises(ValueError, match="masses must increase"):
+        _C.LevelGoOn([0.5, 0.5], [0.0, 1.0], 0.0, 0.0)
+    with pytest.raises(ValueError, match="one length"):
+        _C.LevelGoOn([0.0, 1.0], [0.0], 0.0, 0.0)
 
 
 class _NeverGoesOn(CostAwareSagePolicy):
     """sage_cost whose level stop never pays: every adaptive tree ends after its first level."""
 
     def level_go_on(self, level):
-        return _C.LevelGoOn(0.0, 0.0, 1.0, 0.0)
+        return _C.LevelGoOn([0.0, 1.0], [0.0, 0.0], 1.0, 0.0)
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])

@@ -73,25 +73,25 @@ def _two_children_level(go_on, known_count: int = -1):
 
 @pytest.mark.parametrize("cost_fixed, goes_on", [(0.99, True), (1.01, False)])
 def test_sage_level_goes_on_only_while_the_next_level_pays(cost_fixed, goes_on):
-    """With ``go_on`` the tree goes on past a level only if min(value_per_mass x mass, value_cap) >= cost_fixed +
-    cost_per_node x count, mass being the level's draft probability mass (here both children: ~1.0): no feed, so
+    """With ``go_on`` the tree goes on past a level only if value(mass) >= cost_fixed + cost_per_node x count, mass
+    being the level's draft probability mass (here both children's) and value piecewise linear in it: no feed, so
     the draft cache does not grow, when it does not pay. The level itself is kept either way."""
     mass = float(torch.tensor([1.0, 0.9, *[-30.0] * 8]).softmax(0)[:2].sum())
-    go_on = _C.LevelGoOn(value_per_mass=1.0 / mass, value_cap=5.0, cost_fixed=cost_fixed - 2 * 0.01,
+    go_on = _C.LevelGoOn(masses=[0.0, mass, 2.0], values=[0.0, 1.0, 5.0], cost_fixed=cost_fixed - 2 * 0.01,
                          cost_per_node=0.01)
     ws, (count, _, _, inputs) = _two_children_level(go_on)
     assert count == 2
     assert (inputs is not None) == goes_on
     assert ws.draft_len == (6 if goes_on else 4)
     assert go_on.pays(mass, 2) == goes_on
-    # the cap bounds the value whatever the mass: a level that holds all the probability is still one token
-    assert not _C.LevelGoOn(value_per_mass=100.0, value_cap=0.5, cost_fixed=0.6, cost_per_node=0.0).pays(1.0, 1)
+    # linear between the points, flat beyond them
+    assert go_on.value(mass / 2) == pytest.approx(0.5) and go_on.value(3.0) == 5.0 and go_on.value(-1.0) == 0.0
 
 
 def test_sage_level_go_on_needs_the_count_read():
     """Static shapes (the count known on the host, nothing read mid-step) cannot judge a level's mass: refused."""
     with pytest.raises(ValueError, match="go_on needs the level's count read"):
-        _two_children_level(_C.LevelGoOn(1.0, 1.0, 0.0, 0.0), known_count=4)
+        _two_children_level(_C.LevelGoOn([0.0], [1.0], 0.0, 0.0), known_count=4)
 
 
 def test_commit_compacts_every_device_group_alike():

@@ -379,7 +379,7 @@ def test_workspace_level_stop_decides_alike(margin):
 
     ws, count, _ = first_level("cpu")
     mass = float(ws.cum_logprobs[0, 1:1 + count].double().exp().sum())  # the level's real nodes
-    go_on = _C.LevelGoOn(value_per_mass=1.0, value_cap=10.0, cost_fixed=mass + margin, cost_per_node=0.0)
+    go_on = _C.LevelGoOn(masses=[0.0, 10.0], values=[0.0, 10.0], cost_fixed=mass + margin, cost_per_node=0.0)
     (cpu, cpu_count, cpu_inputs), (gpu, gpu_count, gpu_inputs) = first_level("cpu", go_on), first_level(CUDA, go_on)
     assert cpu_count == gpu_count == count > 1
     assert (cpu_inputs is not None) == (gpu_inputs is not None) == (margin < 0)

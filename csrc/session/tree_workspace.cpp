@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <limits>
 
 namespace sage_ext::session {
@@ -77,6 +78,25 @@ int64_t host_int(const at::Tensor& value) {
 }
 
 }  // namespace
+
+LevelGoOn::LevelGoOn(std::vector<double> masses_, std::vector<double> values_, double cost_fixed_,
+                     double cost_per_node_)
+    : masses(std::move(masses_)), values(std::move(values_)), cost_fixed(cost_fixed_), cost_per_node(cost_per_node_) {
+  TORCH_CHECK_VALUE(!masses.empty() && masses.size() == values.size(),
+                    "LevelGoOn: masses and values must be non-empty and of one length");
+  for (size_t i = 1; i < masses.size(); ++i) {
+    TORCH_CHECK_VALUE(masses[i] > masses[i - 1], "LevelGoOn: masses must increase");
+  }
+}
+
+double LevelGoOn::value(double mass) const {
+  if (mass <= masses.front()) return values.front();
+  if (mass >= masses.back()) return values.back();
+  size_t i = 1;
+  while (masses[i] < mass) ++i;
+  const double t = (mass - masses[i - 1]) / (masses[i] - masses[i - 1]);
+  return values[i - 1] + t * (values[i] - values[i - 1]);
+}
 
 TreeWorkspace::TreeWorkspace(int64_t capacity, int64_t max_cache_len, int64_t chain_rows, const at::Tensor& sequence,
                              std::optional<c10::ScalarType> draft_dtype, c10::ScalarType target_dtype,

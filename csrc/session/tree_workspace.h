@@ -58,18 +58,21 @@ struct FixedLayout {
 };
 
 // When a SAGE level's tree goes on (a cost-aware policy's stop rule, SpecDec++-style): the next draft forward is
-// worth its cost if the chance of accepting one more token, min(value_per_mass x mass, value_cap) in seconds of
-// output (mass: the new level's draft probability mass, the sum of its nodes' cumulative probabilities), is at least
-// what it costs: cost_fixed (one more draft forward) + cost_per_node x count (verifying the level's children).
+// worth its cost if what one more level is expected to bring, in seconds of output, is at least what it costs:
+// cost_fixed (one more draft forward) + cost_per_node x count (verifying the level's children). The value is a
+// piecewise-linear function of the new level's draft probability mass (the sum of its nodes' cumulative
+// probabilities): values[i] at masses[i] (increasing), linear between, flat beyond the ends.
 struct LevelGoOn {
-  double value_per_mass = 0.0;
-  double value_cap = 0.0;
+  std::vector<double> masses;
+  std::vector<double> values;
   double cost_fixed = 0.0;
   double cost_per_node = 0.0;
 
+  LevelGoOn(std::vector<double> masses_, std::vector<double> values_, double cost_fixed_, double cost_per_node_);
+
+  double value(double mass) const;
   bool pays(double mass, int64_t count) const {
-    const double value = value_per_mass * mass < value_cap ? value_per_mass * mass : value_cap;
-    return value >= cost_fixed + cost_per_node * static_cast<double>(count);
+    return value(mass) >= cost_fixed + cost_per_node * static_cast<double>(count);
   }
 };
 

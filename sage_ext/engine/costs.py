@@ -16,7 +16,8 @@ this step's readback has synchronized, so reading them costs no extra host-devic
 - ``NodeAcceptance``: how often a node of cumulative draft probability p at depth d is accepted (``c_d p``,
   calibrated from each step's probability mass per depth and its accepted length), and ``node_threshold``: the
   least p for which a node's expected tokens are worth the verify time it adds.
-- ``level_go_on_terms``: within a step, whether one more draft level is worth its cost at the probability mass
+- ``MassAcceptance``: how often a depth is accepted given the tree's probability mass there (bins, monotone), and
+  ``level_go_on_terms``: within a step, whether one more draft level is worth its cost at the probability mass
   the tree holds at its current depth (SpecDec++'s stop rule); the workspace applies it as it builds each level
   (one prompt at a time: in a batch the shared draft forward runs while any row goes on).
 
@@ -297,23 +298,75 @@ def node_threshold(costs: "CostModel", seconds_per_token: float, calibration: fl
     return per_token / (calibration * seconds_per_token)
 
 
-def level_go_on_terms(costs: "CostModel", acceptance: "DepthAcceptance", nodes: "NodeAcceptance",
-                      seconds_per_token: float) -> list[tuple[float, float, float, float]]:
+class MassAcceptance:
+    """P(a tree's depth d is accepted | its draft probability mass m at depth d), by bins of m pooled over depths,
+    learned from every step's outcome (greedy or sampling alike).
+
+    A calibrated draft accepts depth d with chance about m (the chance that the target's token is among the nodes
+    kept); a draft that is right more often than it is sure (a copy of the target whose distributions are wide,
+    say) accepts nearly every level whatever its mass, and an overconfident one less. Each bin holds decayed
+    counts of the steps whose mass at some depth fell in it and of those that accepted that depth, shrunk towards
+    the bin's mid mass (``prior_weight`` steps' worth); the curve is made non-decreasing in m (more mass never
+    accepts less) and read between bin centres linearly."""
+
+    EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0)
+
+    def __init__(self, decay: float = 0.98, prior_weight: float = 2.0):
+        if not 0.0 < decay <= 1.0 or prior_weight <= 0:
+            raise ValueError("need decay in (0, 1] and prior_weight > 0")
+        self.decay, self.prior_weight = decay, prior_weight
+        edges = self.EDGES
+        self.centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+        self._accepted = [0.0] * len(self.centres)
+        self._seen = [0.0] * len(self.centres)
+        self.steps = 0
+
+    def _bin(self, mass: float) -> int:
+        for index, upper in enumerate(self.EDGES[1:-1]):
+            if mass < upper:
+                return index
+        return len(self.centres) - 1
+
+    def observe(self, accepted: int, level_mass: tuple[float, ...] | list[float]) -> None:
+        """A step whose tree had ``level_mass[d - 1]`` probability mass at depth d and accepted ``accepted``
+        draft tokens."""
+        if not level_mass:
+            return
+        self.steps += 1
+        self._accepted = [a * self.decay for a in self._accepted]
+        self._seen = [n * self.decay for n in self._seen]
+        for index, mass in enumerate(level_mass):
+            if mass > 0.0:
+                b = self._bin(mass)
+                self._seen[b] += 1.0
+                self._accepted[b] += 1.0 if accepted > index else 0.0
+
+    def curve(self) -> tuple[list[float], list[float]]:
+        """(bin centres, acceptance at each), non-decreasing."""
+        w, values, floor = self.prior_weight, [], 0.0
+        for centre, accepted, seen in zip(self.centres, self._accepted, self._seen):
+            floor = max(floor, (accepted + w * centre) / (seen + w))
+            values.append(floor)
+        return list(self.centres), values
+
+
+def level_go_on_terms(costs: "CostModel", acceptance: "DepthAcceptance", masses: "MassAcceptance",
+                      seconds_per_token: float) -> list[tuple[list[float], list[float], float, float]]:
     """Per level d = 1..max_depth, when a tree that has built d levels should run one more draft forward (the
-    terms of ``_C.LevelGoOn``: ``(value_per_mass, value_cap, cost_fixed, cost_per_node)``). Depth d is accepted
-    with chance ``min(1, c_d m)`` at the level's draft probability mass m (``NodeAcceptance``), depth d + 1 then
-    with ``p_(d+1)`` (``DepthAcceptance``); a token is worth ``seconds_per_token``; the forward costs one more draft
-    level (the draft line's slope) and each of the level's nodes brings children to verify (the verify line's
-    slope per token). SpecDec++'s stop rule with SAGE's proposal: decided per step at the tree's own confidence,
-    where the depth cap decides on average."""
+    terms of ``_C.LevelGoOn``: ``(masses, values, cost_fixed, cost_per_node)``). Depth d is accepted with the
+    chance ``MassAcceptance`` gives the level's draft probability mass, depth d + 1 then with ``p_(d+1)``
+    (``DepthAcceptance``); a token is worth ``seconds_per_token``; the forward costs one more draft level (the draft
+    line's slope) and each of the level's nodes brings children to verify (the verify line's slope per token).
+    SpecDec++'s stop rule with SAGE's proposal: decided per step at the tree's own confidence, where the depth cap
+    decides on average."""
     _, per_forward = costs.draft_line()
     _, per_token = costs.verify_line()
-    calibration, probabilities = nodes.calibration(), acceptance.probabilities()
+    centres, accepted = masses.curve()
+    probabilities = acceptance.probabilities()
     terms = []
     for depth in range(1, acceptance.max_depth + 1):
         next_value = probabilities[min(depth, len(probabilities) - 1)] * seconds_per_token
-        c = calibration[min(depth, len(calibration)) - 1]
-        terms.append((c * next_value, next_value, per_forward, per_token))
+        terms.append((centres, [a * next_value for a in accepted], per_forward, per_token))
     return terms
 
 
@@ -357,6 +410,7 @@ class CostLearning:
     nodes: NodeAcceptance | None = None  # per-node acceptance against draft probability and depth
     node_floor: float | None = None  # the least node probability costs call for (None: not estimated yet)
     go_on: list | None = None  # per level, when a tree goes on (``_C.LevelGoOn``; None: not estimated yet)
+    masses: MassAcceptance | None = None  # acceptance of a depth against the tree's mass there (the level stop's)
 
 
 # target model -> draft model -> device -> CostLearning; weak keys: a record goes when its models do

@@ -42,6 +42,7 @@ from .costs import (
     CostLearning,
     CostModel,
     DepthAcceptance,
+    MassAcceptance,
     NodeAcceptance,
     StepCost,
     best_depth,
@@ -560,8 +561,8 @@ class CostAwareSagePolicy(SagePolicy):
     is accepted deep makes them deeper, on whatever machine it runs. Within a step (dynamic shapes: the CPU
     default, where each level's count is read anyway), the tree stops as soon as one more draft level is worth
     less than it costs at the probability mass the tree holds at its current depth (``level_go_on``,
-    ``costs.level_go_on_terms``: SpecDec++'s stop rule; the mass's calibration against acceptance is the
-    ``NodeAcceptance``): a step whose draft loses confidence halfway stops there, a confident one goes on to the
+    ``costs.level_go_on_terms``: SpecDec++'s stop rule; how often a depth is accepted at a given mass is learned
+    too, ``MassAcceptance``): a step whose draft loses confidence halfway stops there, a confident one goes on to the
     cap. With static shapes (CUDA) nothing is read mid-step and the cap alone applies, as in a batch (the shared
     draft forward runs while any row goes on: one row's stop would save none). ``width_from_cost``: the node threshold
     too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative draft probability,
@@ -587,7 +588,7 @@ class CostAwareSagePolicy(SagePolicy):
     def fresh_learning(self) -> CostLearning:
         """Priors: no costs measured, the acceptance priors, the constructor's depth cap and alpha."""
         return CostLearning(CostModel(), DepthAcceptance(self.d_max_cap), self.d_max_init, self.alpha_init,
-                            NodeAcceptance(self.d_max_cap))
+                            NodeAcceptance(self.d_max_cap), masses=MassAcceptance())
 
     def share_learning(self, learned: CostLearning) -> None:
         """Learn into (and start from) ``learned``: what other policies with these arguments learned about the
@@ -624,7 +625,7 @@ class CostAwareSagePolicy(SagePolicy):
             elif self.d_max > learned.depth_goal:
                 self.d_max -= 1
 
-    #: the node calibration's input (the level stop and the cost floor read it)
+    #: the input of the level stop's and the cost floor's acceptance models
     measures_level_mass = True
 
     def node_floor(self) -> float:
@@ -641,6 +642,7 @@ class CostAwareSagePolicy(SagePolicy):
         for outcome in cost.outcomes:
             learned.acceptance.observe(outcome.accepted, outcome.tree_depth)
             learned.nodes.observe(outcome.accepted, outcome.level_mass)
+            learned.masses.observe(outcome.accepted, outcome.level_mass)
         d_min, alpha = self.d_min, learned.mean_alpha
 
         def depth_of(cap: int) -> float:
@@ -659,7 +661,7 @@ class CostAwareSagePolicy(SagePolicy):
             # row's stop saves no forward and only costs its acceptance (measured: B = 4 lost a quarter of its
             # tokens/s with it); the cap alone shapes a batch's trees
             learned.go_on = [_C.LevelGoOn(*terms) for terms in level_go_on_terms(
-                learned.costs, learned.acceptance, learned.nodes, seconds_per_token)] if cost.rows == 1 else None
+                learned.costs, learned.acceptance, learned.masses, seconds_per_token)] if cost.rows == 1 else None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost,
