@@ -14,7 +14,6 @@
 #include <ATen/ops/index.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -23,8 +22,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <utility>
 #include <limits>
+#include <utility>
 
 namespace sage_ext::session {
 namespace {

@@ -668,6 +668,7 @@ class CostAwareSagePolicy(SagePolicy):
                 "costs": self.costs.describe(),
                 "acceptance_by_depth": [round(p, 3) for p in self.acceptance.probabilities()],
                 "node_calibration_by_depth": [round(c, 3) for c in self.learned.nodes.calibration()],
+                "acceptance_by_mass": [round(a, 3) for a in self.learned.masses.curve()[1]],
                 "node_floor": self.learned.node_floor}
 
 
