@@ -133,6 +133,7 @@ class SpeculativeGenerator:
         if sampling_rule not in SAMPLING_RULES:
             raise ValueError(f"sampling_rule must be one of {', '.join(SAMPLING_RULES)}, got {sampling_rule!r}")
         self.sampling_rule = sampling_rule
+        self._verify_sampled_tree = ops.verify_traversal if sampling_rule == "traversal" else ops.verify_sampling
         self.policy = make_policy(policy)
         self.target = get_adapter(target)
         self.target.check_supported()
@@ -643,8 +644,7 @@ class SpeculativeGenerator:
 
     def _verify_sampling(self, tokens: Tensor, parents: Tensor, probs: Tensor, generator) -> tuple:
         """Lossless verification of a sampled step's deterministic top-k tree (q = 1) by ``sampling_rule``."""
-        verify = ops.verify_traversal if self.sampling_rule == "traversal" else ops.verify_sampling
-        return verify(tokens, parents, probs, None, generator)
+        return self._verify_sampled_tree(tokens, parents, probs, None, generator)
 
     # ------------------------------------------------------------------ streaming (sage_ext/streaming.py)
     def stream(self, *, tokenizer=None, skip_special_tokens: bool = True, **kwargs: Any):

@@ -63,7 +63,7 @@ class TreeProposal:
     draft_forwards: draft forward passes spent on this tree.
     alpha_root: ``[1]`` float32 device tensor, the draft's confidence at the root (None when not measured).
     info: host values for the step record (alpha, depth_target, width_target, d_max).
-    level_mass: ``[levels]`` float64 device tensor, the tree's draft probability mass per depth, for policies that
+    level_mass: ``[levels]`` float64 device tensor, the tree's draft probability mass per depth, when the policy
     ``measures_level_mass`` (read with the step's commit readback; None when not measured).
     """
 
@@ -82,8 +82,10 @@ class TreePolicy:
     uses_draft: bool = True
     #: True: the engine hands every finished step's measured costs to ``observe_cost`` (one step late)
     learns_costs: bool = False
-    #: True: the policy's trees carry their draft probability mass per depth (``TreeProposal.level_mass``)
-    measures_level_mass: bool = False
+    def measures_level_mass(self, static_shapes: bool) -> bool:
+        """True: this step's tree carries its draft probability mass per depth (``TreeProposal.level_mass``), a
+        little device work and 8 bytes a depth in the step's readback, done only when something reads it."""
+        return False
 
     @property
     def capacity(self) -> int:
@@ -536,7 +538,8 @@ class SagePolicy(TreePolicy):
                 num_slots if static_shapes else -1, known_max_depth, None if static_shapes else self.level_go_on(level))
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
-        level_mass = ctx.level_mass(level_counts) if self.measures_level_mass and level_counts else None
+        measured = level_counts and self.measures_level_mass(static_shapes)
+        level_mass = ctx.level_mass(level_counts) if measured else None
         return TreeProposal(level - 1, forwards, alpha_root, info, level_mass)
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
@@ -625,8 +628,10 @@ class CostAwareSagePolicy(SagePolicy):
             elif self.d_max > learned.depth_goal:
                 self.d_max -= 1
 
-    #: the input of the level stop's and the cost floor's acceptance models
-    measures_level_mass = True
+    def measures_level_mass(self, static_shapes: bool) -> bool:
+        # what the level stop learns from (dynamic shapes only: static shapes read nothing mid-step) and the cost
+        # floor's calibration
+        return self.width_from_cost or not static_shapes
 
     def node_floor(self) -> float:
         floor = self.learned.node_floor if self.learned is not None and self.width_from_cost else None
