@@ -115,8 +115,9 @@ inline void expect_sage_params(const char* op, int64_t level, int64_t k, double 
   TORCH_CHECK_VALUE(std::isfinite(w_min) && std::isfinite(w_max) && w_min >= 0.0 && w_min <= w_max, op,
                     ": w_min and w_max must be finite with 0 <= w_min <= w_max, got w_min = ", w_min,
                     ", w_max = ", w_max);
-  TORCH_CHECK_VALUE(theta_scale > 0.0 && std::isfinite(theta_scale), op,
-                    ": theta_scale must be a finite number > 0, got ", theta_scale);
+  // 0: no threshold (min_cum_logprob = log 0 = -inf: every finite candidate passes; a greedy chain's levels)
+  TORCH_CHECK_VALUE(theta_scale >= 0.0 && std::isfinite(theta_scale), op,
+                    ": theta_scale must be a finite number >= 0, got ", theta_scale);
 }
 
 // A list of KV-cache tensors [B, H, L, D] (floating, last dim contiguous) on `device`, each at least

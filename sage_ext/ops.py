@@ -183,7 +183,8 @@ def sage_tree(alpha: torch.Tensor, frontier_logprobs: torch.Tensor, level: int, 
         Depth and width ranges: `D = d_min + alpha (d_max - d_min)`,
         `W = w_min + (1 - alpha)(w_max - w_min)`.
     theta_scale : float, default 0.1
-        Threshold scale: a candidate needs cumulative probability > `theta_scale * level / D`.
+        Threshold scale: a candidate needs cumulative probability > `theta_scale * level / D`; `>= 0`, and 0
+        means no threshold.
 
     Returns
     -------

@@ -105,7 +105,7 @@ BAD_CALLS = {
     "sage d_min 0": (lambda: call_sage_tree(d_min=0.0), "d_min"),
     "sage d_min > d_max": (lambda: call_sage_tree(d_min=9.0), "d_max"),
     "sage w_min > w_max": (lambda: call_sage_tree(w_min=11.0), "w_min"),
-    "sage theta_scale 0": (lambda: call_sage_tree(theta_scale=0.0), "theta_scale"),
+    "sage theta_scale < 0": (lambda: call_sage_tree(theta_scale=-0.1), "theta_scale"),
     # expand_tree
     "expand int32 tokens": (lambda: ops.expand_tree(**expand_args(tokens=torch.zeros(1, 6, dtype=torch.int32))),
                             "tokens"),
@@ -223,7 +223,7 @@ BAD_CALLS = {
     "level temperature": (lambda: ops.sage_level_(**level_args(temperature=0.0)), "temperature"),
     "level 0": (lambda: ops.sage_level_(**level_args(level=0)), "level"),
     "level d_max": (lambda: ops.sage_level_(**level_args(d_max=2.0)), "d_max"),
-    "level theta": (lambda: ops.sage_level_(**level_args(theta_scale=0.0)), "theta_scale"),
+    "level theta": (lambda: ops.sage_level_(**level_args(theta_scale=-0.1)), "theta_scale"),
     "level frontier overlaps slots": (lambda: ops.sage_level_(**level_args(logits=torch.zeros(1, 2, 8))),
                                       "frontier_start"),
     "level slot_start 0": (lambda: ops.sage_level_(**level_args(slot_start=0)), "slot_start"),

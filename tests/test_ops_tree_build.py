@@ -82,6 +82,11 @@ def test_sage_tree_golden():
     widths, _, _ = ops.sage_tree(torch.tensor([0.0]), torch.zeros(1, 3), 4, 4, 3, 8, 2, 10)
     assert widths.tolist() == [[0, 0, 0]]
 
+    # theta_scale 0: no threshold (a greedy chain: width 1 at every level, d_min = d_max)
+    widths, min_cum, max_depth = ops.sage_tree(alpha, torch.zeros(3, 1), 3, 10, 5, 5, 1, 1, theta_scale=0.0)
+    assert widths.tolist() == [[1], [1], [1]] and max_depth.tolist() == [5, 5, 5]
+    assert min_cum.tolist() == [-math.inf] * 3
+
 
 @given(
     batch=st.integers(1, 8),
@@ -90,7 +95,7 @@ def test_sage_tree_golden():
     k=st.integers(1, 64),
     d_range=st.tuples(st.floats(0.5, 8), st.floats(0, 8)),
     w_range=st.tuples(st.floats(0, 10), st.floats(0, 20)),
-    theta_scale=st.floats(0.01, 1.0),
+    theta_scale=st.one_of(st.just(0.0), st.floats(0.01, 1.0)),
     seed=seeds,
 )
 def test_sage_tree_matches_reference(batch, num_frontier, level, k, d_range, w_range, theta_scale, seed):
