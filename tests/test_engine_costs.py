@@ -23,6 +23,7 @@ from sage_ext.engine.costs import (
     best_depth,
     expected_tokens,
     MassAcceptance,
+    ProposalChoice,
     level_go_on_terms,
     node_threshold,
 )
@@ -302,7 +303,7 @@ def test_a_dear_verify_narrows_sage_costs_trees():
     reference = hf_greedy(target, inputs, max_new_tokens=48)
     slots = {}
     for width_from_cost, price in ((True, 2e-3), (False, 2e-3), (True, 0.0)):
-        policy = CostAwareSagePolicy(width_from_cost=width_from_cost)
+        policy = CostAwareSagePolicy(width_from_cost=width_from_cost, chains=False)  # trees only: their widths
         engine = SpeculativeGenerator(target, draft, policy)
         engine.host_clock = verify_priced_clock(engine, price)
         out = engine.generate(**inputs, max_new_tokens=48)
@@ -503,7 +504,11 @@ def test_level_go_on_refuses_a_malformed_curve():
 
 
 class _NeverGoesOn(CostAwareSagePolicy):
-    """sage_cost whose level stop never pays: every adaptive tree ends after its first level."""
+    """sage_cost whose level stop never pays: every adaptive tree ends after its first level (and that proposes no
+    greedy chain instead)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(chains=False, **kwargs)
 
     def level_go_on(self, level):
         return _C.LevelGoOn([0.0, 1.0], [0.0, 0.0], 1.0, 0.0)
@@ -536,7 +541,7 @@ def test_dear_draft_levels_stop_trees_below_the_cap():
     reference = hf_greedy(target, inputs, max_new_tokens=48)
     forwards = {}
     for stop in (True, False):
-        policy = CostAwareSagePolicy()
+        policy = CostAwareSagePolicy(chains=False)  # trees only: their depth
         if not stop:
             policy.level_go_on = lambda level: None
         engine = SpeculativeGenerator(target, draft, policy)
@@ -548,3 +553,101 @@ def test_dear_draft_levels_stop_trees_below_the_cap():
         if stop:
             assert policy.learned.go_on is not None
     assert forwards[True] < forwards[False], forwards
+
+
+def measured_costs() -> CostModel:
+    """A cost model that has seen steps of known costs (synthetic_step's: a draft level 2 ms, a verified token 0.1 ms
+    over a 5 ms verify, 3 ms fixed)."""
+    costs = CostModel()
+    for step in range(40):
+        depth = 2 + step % 6
+        costs.observe(synthetic_step(slots=3 * depth, depth=depth, accepted=2))
+    return costs
+
+
+def test_the_kind_whose_trials_gave_more_tokens_per_second_runs():
+    """The first two steps and every ``trial_every``-th are trials, tree and chain in turn; the other steps run the
+    kind whose trials gave more tokens per second, both priced alike (their mean tokens, forwards and slots through
+    the cost model); steps that are not trials do not move the rates."""
+    costs = measured_costs()
+    choice = ProposalChoice(max_length=12, trial_every=4)
+    assert choice.next_length(limit=64) == (0, True)  # first trial: the tree
+    assert choice.next_length(limit=64) == (12, True)  # second: the chain, at its optimistic length
+    choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)
+    choice.observe_chain(accepted=8, levels=8, trial=True)
+    choice.decide(costs)
+    assert choice.tree.per_second(costs) == pytest.approx(2 / costs.seconds_for(3, 8))
+    assert choice.chain.per_second(costs) == pytest.approx(9 / costs.seconds_for(8, 8))
+    assert choice.prefers_chain
+    length = choice.chain_length
+    assert [choice.next_length(limit=64) for _ in range(6)] == [(length, False), (length, False), (0, True),
+                                                                (length, False), (length, False), (length, False)]
+    assert choice.next_length(limit=64) == (length, True)  # (the trials alternate: the tree's turn came before)
+    choice.observe_tree(accepted=9, forwards=3, slots=8)  # not a trial: the rates stay
+    choice.decide(costs)
+    assert choice.prefers_chain and choice.tree.steps == 1 and choice.tree_steps == 2
+    for _ in range(6):
+        choice.observe_tree(accepted=6, forwards=5, slots=15, trial=True)
+        choice.observe_chain(accepted=0, levels=3, trial=True)
+    choice.decide(costs)
+    assert not choice.prefers_chain
+    choice.decide(costs, rows=2)  # a batch: trees only, no trial
+    assert [choice.next_length(limit=64) for _ in range(10)] == [(0, False)] * 10
+
+
+def test_the_chains_length_and_stop_follow_its_acceptance():
+    """The chain's length is the one with the most expected tokens per second from how deep chains are accepted
+    (optimistic until shown: a short chain could not show how deep it goes), at most the limit it is given; its
+    per-level stop does not pay at a mass its levels have never been accepted at."""
+    costs = measured_costs()
+    choice = ProposalChoice(max_length=12)
+    choice.decide(costs)
+    fresh_length = choice.chain_length
+    assert fresh_length >= 6
+    for _ in range(30):  # the second token of a chain rejected every time
+        choice.observe_chain(accepted=1, levels=fresh_length, level_mass=[0.6] + [0.3] * (fresh_length - 1))
+    choice.decide(costs)
+    assert choice.chain_depths.probabilities()[1] < 0.2 and choice.chain_length <= 2
+    choice.next_length(limit=64)
+    assert choice.next_length(limit=1) == (1, True)  # the chain's trial, cut to the limit
+    assert choice.chain_stop_terms(costs) is None  # no rate yet: what a token is worth is unknown
+    choice.observe_tree(accepted=2, forwards=4, slots=12, trial=True)
+    stop = [_C.LevelGoOn(*terms) for terms in choice.chain_stop_terms(costs)]
+    assert not stop[1].pays(0.3, 1)  # past level 2 at mass 0.3, never accepted there
+    _, values = choice.chain_masses.curve()
+    assert values[-1] == 1.0 and values[4] < 0.1
+
+
+def test_optimistic_mass_acceptance_starts_at_one():
+    """The chain's acceptance by mass: 1 until shown otherwise, never more at a mass than a larger one shows."""
+    masses = MassAcceptance(optimistic=True)
+    assert masses.curve()[1] == [1.0] * len(masses.centres)
+    for _ in range(50):
+        masses.observe(0, [0.6])  # a level of mass 0.6 never accepted
+    _, values = masses.curve()
+    assert values[6] < 0.1 and all(v <= values[6] for v in values[:6]) and values[-1] == 1.0
+
+
+def test_a_draft_identical_to_the_target_gets_long_chains():
+    """A copy of a random-weight target as the draft: its greedy token is always right while its distributions
+    are wide, so SAGE's confidence reads low and its trees stay shallow. sage_cost tries the greedy chain, learns
+    that every node of it is accepted and proposes it at the longest length that pays: more tokens a step than a
+    5-token chain, where without chains it gets fewer; greedy output identical to the target's throughout."""
+    target, inputs = tiny_llama(seed=3)
+    reference = hf_greedy(target, inputs, max_new_tokens=80)
+    taus = {}
+    for chains in (True, False):
+        policy = CostAwareSagePolicy(chains=chains)
+        engine = SpeculativeGenerator(target, same_draft(target), policy)
+        engine.host_clock = priced_clock(engine, {"draft_decode": 0.25, "target_verify": 1.0})
+        out = engine.generate(**inputs, max_new_tokens=80)
+        assert torch.equal(out.sequences, reference)
+        late = out.stats.steps[6:-1]  # (the last step is cut by max_new_tokens)
+        taus[chains] = sum(step.tau for step in late) / len(late)
+        if chains:
+            proposals = policy.learned.proposals
+            assert proposals.chain_steps > 0 and min(proposals.chain_depths.probabilities()) > 0.9
+            assert policy.describe()["chain_length"] == policy.d_max_cap
+        else:
+            assert policy.learned.proposals.chain_steps == 0
+    assert taus[True] > 5.0 > taus[False], taus

@@ -20,6 +20,8 @@ this step's readback has synchronized, so reading them costs no extra host-devic
   ``level_go_on_terms``: within a step, whether one more draft level is worth its cost at the probability mass
   the tree holds at its current depth (SpecDec++'s stop rule); the workspace applies it as it builds each level
   (one prompt at a time: in a batch the shared draft forward runs while any row goes on).
+- ``ProposalChoice``: whether a step proposes the policy's tree or a chain of the draft's greedy tokens (the two
+  compared by trials, every few steps one or the other whatever the preference), and the chain's length and stop.
 
 A batch step is one step of all its rows: its seconds are the batch's, the verify's tokens are every row's tree
 padded to the largest (``rows`` x (slots + 1); each row also costs its own attention over its past, kept apart
@@ -42,11 +44,13 @@ from typing import Callable
 class RowOutcome:
     """What one row's tree of a step gave: accepted draft tokens, levels built and, when the policy measured it,
     the tree's draft probability mass per depth (``level_mass[d - 1]``: the sum of the cumulative draft
-    probabilities of its depth-d nodes)."""
+    probabilities of its depth-d nodes) and the proposal's ``shape`` and ``trial`` (``TreeProposal``'s)."""
 
     accepted: int
     tree_depth: int
     level_mass: tuple[float, ...] = ()
+    shape: str = "tree"  # "tree": the policy's own; "chain": the draft's greedy chain; "fixed": a fixed-shape tree
+    trial: bool = False  # the proposal's kind was a trial's (``ProposalChoice``), not the preferred one
 
 
 @dataclass
@@ -158,18 +162,24 @@ class CostModel:
         self._draft = _WeightedLine()  # draft seconds against draft forwards
         self._verify = _WeightedPlane()  # verify seconds against the rows and the verified tokens
         self._verify_fit = (0.0, 0.0, 0.0)  # its (intercept, per row, per token), refitted once per observed step
+        self._draft_fit = (0.0, 0.0)  # the draft line's (intercept, slope), likewise
 
     def observe(self, cost: StepCost) -> None:
         self.steps += 1
         self._weight = self.decay * self._weight + 1.0
         rate = 1.0 / self._weight  # the running weighted mean's step size
         self._fixed += rate * (max(0.0, cost.seconds - cost.draft_seconds - cost.verify_seconds) - self._fixed)
-        self._extra_forwards += rate * (max(0, cost.draft_forwards - cost.tree_depth) - self._extra_forwards)
-        if cost.tree_depth > 0:
-            self._slots_per_level += rate * (cost.verified_slots / cost.tree_depth - self._slots_per_level)
+        if not any(outcome.shape == "chain" for outcome in cost.outcomes):
+            # the shape of the policy's trees (what ``step_seconds`` assumes); a chain step says nothing about it
+            self._extra_forwards += rate * (max(0, cost.draft_forwards - cost.tree_depth) - self._extra_forwards)
+            if cost.tree_depth > 0:
+                self._slots_per_level += rate * (cost.verified_slots / cost.tree_depth - self._slots_per_level)
         self._draft.add(float(cost.draft_forwards), cost.draft_seconds, rate)
         self._verify.add(float(cost.rows), float(cost.rows * (cost.verified_slots + 1)), cost.verify_seconds, rate)
         self._verify_fit = self._verify.fit()
+        draft = self._draft
+        proportional = draft.y / draft.x if draft.x > 0 else 0.0
+        self._draft_fit = draft.fit(prior_slope=proportional, prior_variance=1.0)
 
     @property
     def fixed_seconds(self) -> float:
@@ -178,10 +188,9 @@ class CostModel:
     def draft_line(self) -> tuple[float, float]:
         """(intercept, slope) of a step's draft seconds against its draft forwards. Until the forwards per step
         have varied by about one, the slope leans towards draft seconds / forwards (every forward alike):
-        taking a level for free because the tree depth never changed would send the cap to its maximum."""
-        draft = self._draft
-        proportional = draft.y / draft.x if draft.x > 0 else 0.0
-        return draft.fit(prior_slope=proportional, prior_variance=1.0)
+        taking a level for free because the tree depth never changed would send the cap to its maximum. (Refitted
+        once per observed step.)"""
+        return self._draft_fit
 
     def verify_line(self) -> tuple[float, float]:
         """(intercept, slope) of one row's verify seconds against its verified tokens (slots + root). Slope 0
@@ -197,10 +206,13 @@ class CostModel:
 
     def step_seconds(self, depth: float, rows: int = 1) -> float:
         """Predicted seconds of a step whose trees are ``depth`` levels deep, for a batch of ``rows``."""
+        return self.seconds_for(depth + self._extra_forwards, self._slots_per_level * depth, rows)
+
+    def seconds_for(self, forwards: float, slots: float, rows: int = 1) -> float:
+        """Predicted seconds of a step of ``forwards`` draft forwards whose trees have ``slots`` draft slots each,
+        for a batch of ``rows``."""
         draft_intercept, per_forward = self.draft_line()
         verify_intercept, per_row, per_token = self._verify_fit
-        forwards = depth + self._extra_forwards
-        slots = self._slots_per_level * depth
         return (self._fixed + draft_intercept + per_forward * forwards + verify_intercept + per_row * rows
                 + per_token * rows * (slots + 1))
 
@@ -307,14 +319,16 @@ class MassAcceptance:
     say) accepts nearly every level whatever its mass, and an overconfident one less. Each bin holds decayed
     counts of the steps whose mass at some depth fell in it and of those that accepted that depth, shrunk towards
     the bin's mid mass (``prior_weight`` steps' worth); the curve is made non-decreasing in m (more mass never
-    accepts less) and read between bin centres linearly."""
+    accepts less) and read between bin centres linearly. ``optimistic``: every bin shrunk towards 1 instead, and
+    the curve made non-decreasing from above (a mass is taken to be accepted until it, or a larger one, is shown
+    not to be), for a proposal that must be tried deep before its depths can be judged (the greedy chain)."""
 
     EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0)
 
-    def __init__(self, decay: float = 0.98, prior_weight: float = 2.0):
+    def __init__(self, decay: float = 0.98, prior_weight: float = 2.0, optimistic: bool = False):
         if not 0.0 < decay <= 1.0 or prior_weight <= 0:
             raise ValueError("need decay in (0, 1] and prior_weight > 0")
-        self.decay, self.prior_weight = decay, prior_weight
+        self.decay, self.prior_weight, self.optimistic = decay, prior_weight, optimistic
         edges = self.EDGES
         self.centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
         self._accepted = [0.0] * len(self.centres)
@@ -343,7 +357,14 @@ class MassAcceptance:
 
     def curve(self) -> tuple[list[float], list[float]]:
         """(bin centres, acceptance at each), non-decreasing."""
-        w, values, floor = self.prior_weight, [], 0.0
+        w = self.prior_weight
+        if self.optimistic:  # every bin starts at 1; a mass never accepts more than a larger one has shown
+            values, ceiling = [], 1.0
+            for accepted, seen in zip(reversed(self._accepted), reversed(self._seen)):
+                ceiling = min(ceiling, (accepted + w) / (seen + w))
+                values.append(ceiling)
+            return list(self.centres), values[::-1]
+        values, floor = [], 0.0
         for centre, accepted, seen in zip(self.centres, self._accepted, self._seen):
             floor = max(floor, (accepted + w * centre) / (seen + w))
             values.append(floor)
@@ -370,13 +391,138 @@ def level_go_on_terms(costs: "CostModel", acceptance: "DepthAcceptance", masses:
     return terms
 
 
-def expected_tokens(probabilities: list[float], depth: float) -> float:
-    """Tokens a step emits on average with a tree ``depth`` deep: the bonus token plus each depth's chance
-    of being reached and accepted (a fractional depth interpolates between its neighbours)."""
+class _ProposalRate:
+    """Decayed means of one kind of proposal's steps: tokens (accepted + the bonus), draft forwards, verified slots."""
+
+    def __init__(self, decay: float):
+        self.decay, self.steps = decay, 0
+        self.weight = self.tokens = self.forwards = self.slots = 0.0
+
+    def observe(self, accepted: int, forwards: int, slots: int) -> None:
+        self.steps += 1
+        self.weight = self.decay * self.weight + 1.0
+        rate = 1.0 / self.weight
+        self.tokens += rate * (accepted + 1 - self.tokens)
+        self.forwards += rate * (forwards - self.forwards)
+        self.slots += rate * (slots - self.slots)
+
+    def per_second(self, costs: "CostModel") -> float:
+        """Tokens per second, the means priced by the cost model (0 before the first step)."""
+        seconds = costs.seconds_for(self.forwards, self.slots) if self.steps else 0.0
+        return self.tokens / seconds if seconds > 0 else 0.0
+
+
+class ProposalChoice:
+    """Which proposal a step makes: the policy's tree, or a chain of the draft's greedy tokens, whichever gives more
+    tokens per second; and how the chain is shaped.
+
+    The two are compared by trials: every ``trial_every``-th step (and the first two) is a trial, tree and chain in
+    turn whatever the preference, and each kind's rate is the decayed mean of its trials' tokens (accepted + the
+    bonus), draft forwards and verified slots, priced by the cost model; the other steps run the kind with the
+    higher rate. Only trials count because their kind does not depend on how the last steps went: rates taken from
+    every step credit whichever kind happened to run in the easy passages (measured on the Qwen2-VL pair: trees run
+    between chains, chosen by all steps' rates, accepted 4.6 tokens a step against 5.5 for trees alone on the same
+    scenes, and the chain took over where it loses). A chain wins where the draft's greedy token is right more often
+    than its probabilities say (a copy of the target whose distributions are wide: SAGE reads the low confidence as
+    low acceptance, builds shallow trees and its threshold drops the greedy path), or where long chains of a sure
+    draft cost less than a tree's width brings.
+
+    The chain is shaped like a tree: its length is the one with the most expected tokens per second from how deep
+    chains are accepted (``chain_depths``, a ``DepthAcceptance`` of chain steps only), and with dynamic shapes it
+    stops at the level where one more is worth less than it costs (``chain_go_on``: ``level_go_on_terms`` from the
+    chain's own acceptance by depth and by mass, ``chain_masses``). Both start optimistic (depths accepted with 0.95,
+    every mass accepted until shown otherwise): a short chain could never show how deep it goes. In a batch only
+    trees run (its draft forwards run while any row's tree goes on, so one row's chain would save none).
+    """
+
+    def __init__(self, max_length: int, decay: float = 0.9, trial_every: int = 8):
+        if max_length < 1 or not 0.0 < decay < 1.0 or trial_every < 2:
+            raise ValueError("need max_length >= 1, decay in (0, 1) and trial_every >= 2")
+        self.max_length, self.trial_every = max_length, trial_every
+        self.tree, self.chain = _ProposalRate(decay), _ProposalRate(decay)  # over trials only
+        # optimistic too: a chain is taken to be accepted deep until it is shown not to be (a short one would never
+        # show how deep it could go)
+        self.chain_depths = DepthAcceptance(max_length, prior=0.95)
+        self.chain_masses = MassAcceptance(optimistic=True)
+        self.chain_go_on: list | None = None  # per level, the chain's stop (``_C.LevelGoOn``; None: not estimated yet)
+        self.chain_length = max_length  # the chain's best length as last estimated
+        self.prefers_chain = False
+        self.batched = False  # the last step observed was a batch's
+        self.chain_steps = self.tree_steps = 0  # steps observed of each kind, trials or not
+        self._steps = 0  # steps proposed (batched ones aside)
+        self._next_trial_chain = False  # the next trial's kind
+
+    def observe_tree(self, accepted: int, forwards: int, slots: int, trial: bool = False) -> None:
+        """A tree step: ``accepted`` draft tokens, ``forwards`` draft forwards, ``slots`` verified draft slots;
+        ``trial``: it was a trial."""
+        self.tree_steps += 1
+        if trial:
+            self.tree.observe(accepted, forwards, slots)
+
+    def observe_chain(self, accepted: int, levels: int, level_mass: tuple[float, ...] | list[float] = (),
+                      trial: bool = False) -> None:
+        """A chain step that built ``levels`` tokens (one forward each) and accepted ``accepted``; ``level_mass``: its
+        tokens' cumulative draft probabilities, when measured; ``trial``: it was a trial."""
+        self.chain_steps += 1
+        if trial:
+            self.chain.observe(accepted, levels, levels)
+        self.chain_depths.observe(accepted, levels)
+        self.chain_masses.observe(accepted, level_mass)
+
+    def decide(self, costs: "CostModel", rows: int = 1) -> None:
+        """After a step of ``rows`` rows is observed: the chain's best length and which kind the steps that are not
+        trials run."""
+        self.batched = rows > 1
+        if costs.steps:
+            totals = cumulative_tokens(self.chain_depths.probabilities())
+            rates = []
+            for length in range(1, self.max_length + 1):
+                seconds = costs.seconds_for(length, length)
+                rates.append(totals[length] / seconds if seconds > 0 else 0.0)
+            self.chain_length = 1 + max(range(len(rates)), key=rates.__getitem__)
+        self.prefers_chain = (not self.batched and self.tree.steps > 0 and self.chain.steps > 0
+                              and self.chain.per_second(costs) > self.tree.per_second(costs))
+
+    def chain_stop_terms(self, costs: "CostModel") -> list | None:
+        """The chain's per-level stop (``level_go_on_terms`` from its own acceptance by depth and by mass), a token
+        worth the seconds it takes at the better kind's rate; None before either kind has one."""
+        rate = max(self.tree.per_second(costs), self.chain.per_second(costs))
+        return level_go_on_terms(costs, self.chain_depths, self.chain_masses, 1.0 / rate) if rate > 0 else None
+
+    def next_length(self, limit: int) -> tuple[int, bool]:
+        """The next step's proposal: (chain length, 0 for the tree; whether the step is a trial), the length at most
+        ``limit``. In a batch: the tree, no trial."""
+        if self.batched:
+            return 0, False
+        trial = self._steps < 2 or self._steps % self.trial_every == 0
+        self._steps += 1
+        if trial:
+            chain, self._next_trial_chain = self._next_trial_chain, not self._next_trial_chain
+        else:
+            chain = self.prefers_chain
+        return (max(1, min(self.chain_length, limit)) if chain else 0), trial
+
+    def describe(self) -> dict:
+        return {"chain_length": self.chain_length if self.prefers_chain else 0,
+                "chain_acceptance_by_depth": [round(p, 3) for p in self.chain_depths.probabilities()],
+                "chain_steps": self.chain_steps, "tree_steps": self.tree_steps}
+
+
+def cumulative_tokens(probabilities: list[float]) -> list[float]:
+    """``totals[d]``: tokens a step emits on average with a tree d deep, d = 0..len(probabilities)."""
     totals, reach = [1.0], 1.0
-    for p in probabilities[:int(depth) + 1]:
+    for p in probabilities:
         reach *= p
         totals.append(totals[-1] + reach)
+    return totals
+
+
+def expected_tokens(probabilities: list[float], depth: float, totals: list[float] | None = None) -> float:
+    """Tokens a step emits on average with a tree ``depth`` deep: the bonus token plus each depth's chance
+    of being reached and accepted (a fractional depth interpolates between its neighbours). ``totals``: the
+    probabilities' ``cumulative_tokens``, when already at hand."""
+    if totals is None:
+        totals = cumulative_tokens(probabilities[:int(depth) + 1])
     whole = min(int(depth), len(totals) - 1)
     if whole + 1 < len(totals):
         return totals[whole] + (depth - whole) * (totals[whole + 1] - totals[whole])
@@ -389,11 +535,12 @@ def best_depth(costs: CostModel, acceptance: DepthAcceptance, low: int, high: in
     of ties). ``depth_of(cap)``: the depth a tree reaches on average under that cap (SAGE: d_min + alpha (cap -
     d_min))."""
     probabilities = acceptance.probabilities()
+    totals = cumulative_tokens(probabilities)
     best, best_rate = low, -1.0
     for cap in range(low, high + 1):
         depth = depth_of(cap)
         seconds = costs.step_seconds(depth, rows)
-        rate = expected_tokens(probabilities, depth) / seconds if seconds > 0 else 0.0
+        rate = expected_tokens(probabilities, depth, totals) / seconds if seconds > 0 else 0.0
         if rate > best_rate + 1e-12:
             best, best_rate = cap, rate
     return best
@@ -411,6 +558,7 @@ class CostLearning:
     node_floor: float | None = None  # the least node probability costs call for (None: not estimated yet)
     go_on: list | None = None  # per level, when a tree goes on (``_C.LevelGoOn``; None: not estimated yet)
     masses: MassAcceptance | None = None  # acceptance of a depth against the tree's mass there (the level stop's)
+    proposals: ProposalChoice | None = None  # the tree or the draft's greedy chain, each step
 
 
 # target model -> draft model -> device -> CostLearning; weak keys: a record goes when its models do

@@ -533,7 +533,8 @@ class SpeculativeGenerator:
         return StepCost(seconds, draft_seconds, verify_seconds,
                         draft_forwards=max(r.draft_forwards for r in records),
                         verified_slots=max(r.slots for r in records), tree_depth=max(r.depth_bound for r in records),
-                        outcomes=tuple(RowOutcome(r.tau, r.depth_bound, r.level_mass) for r in records))
+                        outcomes=tuple(RowOutcome(r.tau, r.depth_bound, r.level_mass, r.shape, r.trial)
+                                       for r in records))
 
     def _node_limit(self, rows: int) -> int:
         """Each of ``rows`` running rows' share of the batch's node budget (roots included), at most the policy's
@@ -701,6 +702,8 @@ class _StepRow(NamedTuple):
     info: dict
     alpha_measured: float | None
     level_mass: tuple[float, ...]
+    shape: str  # the proposal's shape and whether it was a trial (TreeProposal's)
+    trial: bool
 
 
 def _stop_reason(token: int, sequence: list[int], eos_ids: set[int], stop_criteria) -> str | None:
@@ -782,12 +785,13 @@ class _Row:
             streamer.put(torch.tensor(emitted))
         # the step's record, assembled into a StepRecord after the generation (off the hot path)
         self.step_rows.append(_StepRow(tau, len(emitted), real_n, self.num_nodes - 1, proposal.depth_bound,
-                                       proposal.draft_forwards, proposal.info, alpha_measured, self.level_mass))
+                                       proposal.draft_forwards, proposal.info, alpha_measured, self.level_mass,
+                                       proposal.shape, proposal.trial))
         self.policy.update(tau, alpha_measured)
 
     def stats(self, name: str) -> GenerationStats:
         stats = GenerationStats(policy=name, prompt_len=self.prompt_len)
-        for tau, emitted_n, real_n, slots, depth_bound, forwards, info, alpha_measured, _ in self.step_rows:
+        for tau, emitted_n, real_n, slots, depth_bound, forwards, info, alpha_measured, *_ in self.step_rows:
             info = self.policy.step_info(info, alpha_measured)
             stats.steps.append(StepRecord(
                 tau=tau, emitted=emitted_n, tree_size=real_n, tree_slots=slots, tree_depth=depth_bound,

@@ -23,8 +23,8 @@ Policies (names for ``SpeculativeGenerator(policy=...)``):
   ``"dynamic"``  DynamicTreePolicy     — EAGLE-2: per level the best ``topk`` new nodes expand their top
                                          ``topk`` children; a final global top-``num_nodes`` rerank.
   ``"sage"``     SagePolicy            — SAGE: depth and width from the draft's confidence alpha.
-  ``"sage_cost"`` CostAwareSagePolicy  — SAGE whose depth cap maximizes measured tokens per second
-                                         (``sage_ext.engine.costs``).
+  ``"sage_cost"`` CostAwareSagePolicy  — SAGE whose depth maximizes measured tokens per second, or the
+                                         draft's greedy chain where that pays more (``sage_ext.engine.costs``).
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from .costs import (
     DepthAcceptance,
     MassAcceptance,
     NodeAcceptance,
+    ProposalChoice,
     StepCost,
     best_depth,
     expected_tokens,
@@ -65,6 +66,9 @@ class TreeProposal:
     info: host values for the step record (alpha, depth_target, width_target, d_max).
     level_mass: ``[levels]`` float64 device tensor, the tree's draft probability mass per depth, when the policy
     ``measures_level_mass`` (read with the step's commit readback; None when not measured).
+    shape: ``"tree"`` (the policy's own), ``"chain"`` (the draft's greedy chain that a cost-aware policy proposes
+    instead of its tree, learned from apart) or ``"fixed"`` (a fixed-shape tree, e.g. SAGE's first round).
+    trial: the kind (tree or chain) was chosen as a trial, not as the preferred one (``costs.ProposalChoice``).
     """
 
     depth_bound: int
@@ -72,6 +76,8 @@ class TreeProposal:
     alpha_root: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     level_mass: Tensor | None = None
+    shape: str = "tree"
+    trial: bool = False
 
 
 class TreePolicy:
@@ -249,7 +255,7 @@ class StaticTreePolicy(TreePolicy):
             if inputs is not None:
                 logits = yield inputs
         ctx.use_slots(n)
-        return TreeProposal(self._max_depth, len(levels), alpha_root)
+        return TreeProposal(self._max_depth, len(levels), alpha_root, shape="fixed")
 
 
 class ChainPolicy(StaticTreePolicy):
@@ -510,14 +516,23 @@ class SagePolicy(TreePolicy):
             alpha = ctx.full_f32(host_alpha)
         n_max = min(self.n_max, ctx.node_limit - 1)  # a batch's node budget may leave this row fewer
         slots = self.static_level_slots(host_alpha, n_max, floor) if static_shapes else None
-        # one native call per level: top-k, widths and threshold, best-first expansion, the new slots' mask rows
-        # and, when the tree goes on, the inputs of the draft forward over the new slots (ctx.sage_level). With
-        # static shapes the level sizes come from the host; otherwise they are read (free on the CPU).
+        proposal = yield from self.grow_levels(ctx, logits, alpha, shape, n_max, slots, self.level_go_on)
+        proposal.info = info
+        return proposal
+
+    def grow_levels(self, ctx, logits: Tensor, alpha: Tensor | None, shape, n_max: int, slots: list[int] | None,
+                    go_on) -> Generator[tuple, Tensor, TreeProposal]:
+        """The levels of a tree whose root forward gave ``logits``, one ``ctx.sage_level`` each (top-k, widths and
+        threshold from ``shape(level)``, best-first expansion, the new slots' mask rows and, when the tree goes on,
+        the inputs of the draft forward over them), at most ``n_max`` nodes. ``alpha``: the device alpha that shapes
+        the levels (None: the root's own, measured by level 1). ``slots``: static shapes' host-known slots per level
+        (None: dynamic shapes, each level's count read, free on the CPU, and ``go_on(level)`` may stop the tree)."""
+        static_shapes = slots is not None
         num_slots = slots[0] if static_shapes else n_max
         known_max_depth = len(slots) if static_shapes else -1
         count, frontier_alpha, _, inputs = ctx.sage_level(
             logits, alpha, 0, 1, 1, 1, num_slots, shape(1), 0, n_max, num_slots if static_shapes else -1,
-            known_max_depth, None if static_shapes else self.level_go_on(1))
+            known_max_depth, None if static_shapes else go_on(1))
         alpha_root = frontier_alpha[0]
         if alpha is None:
             alpha = alpha_root
@@ -535,12 +550,12 @@ class SagePolicy(TreePolicy):
             num_slots = slots[level - 1] if static_shapes else n_max - used
             count, _, _, inputs = ctx.sage_level(
                 logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape(level), used, n_max,
-                num_slots if static_shapes else -1, known_max_depth, None if static_shapes else self.level_go_on(level))
+                num_slots if static_shapes else -1, known_max_depth, None if static_shapes else go_on(level))
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
         measured = level_counts and self.measures_level_mass(static_shapes)
         level_mass = ctx.level_mass(level_counts) if measured else None
-        return TreeProposal(level - 1, forwards, alpha_root, info, level_mass)
+        return TreeProposal(level - 1, forwards, alpha_root, level_mass=level_mass)
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
         # zero-lag: this step's root alpha shaped the tree; lag: the host alpha it was built with; the first
@@ -554,9 +569,9 @@ class SagePolicy(TreePolicy):
 
 class CostAwareSagePolicy(SagePolicy):
     """SAGE whose depth follows measured costs: a depth cap on average and, with dynamic shapes, a stop per step
-    (and, with ``width_from_cost``, a node threshold).
+    (and, with ``width_from_cost``, a node threshold); or, in the steps where it pays more, the draft's greedy chain.
 
-    The proposal is SAGE's (depth and width from alpha, probability threshold, node budget); ``d_max`` moves
+    The tree is SAGE's (depth and width from alpha, probability threshold, node budget); ``d_max`` moves
     differently: after every step it takes one step (at most) towards the depth cap with the most expected
     tokens per second, from a ``CostModel`` (seconds per draft forward, verify against tree size, the rest of a
     step) and a ``DepthAcceptance`` (how often each depth is accepted) learned from the engine's own
@@ -573,25 +588,61 @@ class CostAwareSagePolicy(SagePolicy):
     dear verify (a large batch, a slow target) narrows the trees. That least probability is a floor under
     SAGE's threshold at every level (``level_theta``), which stays the rule above it. Off by default: on the
     fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches").
+    ``chains`` (on by default): each step proposes SAGE's tree or the draft's greedy chain, whichever gives more
+    tokens per second (``costs.ProposalChoice``: the two compared by trials, every 8th step one or the other whatever
+    the preference, so that neither is credited with the passages it happened to run in). The chain is shaped like
+    the tree: its length is the one with the most expected tokens per second
+    from how deep chains are accepted, and with dynamic shapes it stops at the level where one more stops paying
+    (the level stop, learned from chain steps). A draft whose greedy token is right more often than its confidence
+    says (SAGE then builds shallow, wide trees that drop the greedy path), or a sure draft whose long chains cost
+    less than a tree's width brings, gets chains. One prompt at a time, like the level stop.
     The estimates (``learned``) outlast ``reset``: they belong to the pair of models and the device, not to one
     generation; a generator given the policy by name shares them with every other such generator of the same
     models and device in the process (``costs.learning_for``). Arguments as ``SagePolicy`` plus ``width_from_cost``
-    (``history``, ``history_low``, ``history_high`` are not used).
+    and ``chains`` (``history``, ``history_low``, ``history_high`` are not used).
     """
 
     name = "sage_cost"
     learns_costs = True
 
-    def __init__(self, *args, width_from_cost: bool = False, **kwargs):
+    def __init__(self, *args, width_from_cost: bool = False, chains: bool = True, **kwargs):
         self.learned: CostLearning | None = None  # none yet: SagePolicy's constructor resets before it is known
-        self.width_from_cost = width_from_cost
+        self.width_from_cost, self.chains = width_from_cost, chains
         super().__init__(*args, **kwargs)
         self.learned = self.fresh_learning()
 
     def fresh_learning(self) -> CostLearning:
         """Priors: no costs measured, the acceptance priors, the constructor's depth cap and alpha."""
         return CostLearning(CostModel(), DepthAcceptance(self.d_max_cap), self.d_max_init, self.alpha_init,
-                            NodeAcceptance(self.d_max_cap), masses=MassAcceptance())
+                            NodeAcceptance(self.d_max_cap), masses=MassAcceptance(),
+                            proposals=ProposalChoice(min(self.d_max_cap, self.n_max)))
+
+    def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
+        if self.chains and (self.rounds > 0 or self.first_round is None):
+            length, trial = self.learned.proposals.next_length(min(self.d_max_cap, self.n_max, ctx.node_limit - 1))
+            proposal = yield from (self.build_chain(ctx, length) if length else super().build(ctx))
+            proposal.trial = trial
+            return proposal
+        return (yield from super().build(ctx))
+
+    def build_chain(self, ctx, length: int) -> Generator[tuple, Tensor, TreeProposal]:
+        """The draft's greedy chain of at most ``length`` tokens: SAGE's levels with width 1, no threshold and depth
+        ``length`` whatever the alpha (the root's alpha is still measured, over SAGE's top-k, for the next tree),
+        stopped with dynamic shapes where one more level stops paying (``ProposalChoice.chain_go_on``)."""
+        static_shapes = ctx.static_default if self.static_shapes is None else self.static_shapes
+        ctx.start_tree()
+        logits = yield ctx.root_inputs()
+        chain_shape = (self.k, float(length), float(length), 1.0, 1.0, 0.0)
+        go_on = self.learned.proposals.chain_go_on
+
+        def stop_terms(level: int) -> "_C.LevelGoOn | None":
+            return go_on[min(level, len(go_on)) - 1] if go_on else None
+
+        proposal = yield from self.grow_levels(ctx, logits, None, lambda level: chain_shape, length,
+                                               [1] * length if static_shapes else None, stop_terms)
+        proposal.info = {"d_max": self.d_max, "chain": length}
+        proposal.shape = "chain"
+        return proposal
 
     def share_learning(self, learned: CostLearning) -> None:
         """Learn into (and start from) ``learned``: what other policies with these arguments learned about the
@@ -645,6 +696,12 @@ class CostAwareSagePolicy(SagePolicy):
         learned = self.learned
         learned.costs.observe(cost)
         for outcome in cost.outcomes:
+            if outcome.shape == "chain":  # the draft's greedy chain: what it teaches is the chain's acceptance only
+                learned.proposals.observe_chain(outcome.accepted, outcome.tree_depth, outcome.level_mass, outcome.trial)
+                continue
+            if outcome.shape == "tree":  # (not SAGE's fixed first round: the tree's rate is that of adaptive trees)
+                learned.proposals.observe_tree(outcome.accepted, cost.draft_forwards, cost.verified_slots,
+                                               outcome.trial)
             learned.acceptance.observe(outcome.accepted, outcome.tree_depth)
             learned.nodes.observe(outcome.accepted, outcome.level_mass)
             learned.masses.observe(outcome.accepted, outcome.level_mass)
@@ -667,21 +724,27 @@ class CostAwareSagePolicy(SagePolicy):
             # tokens/s with it); the cap alone shapes a batch's trees
             learned.go_on = [_C.LevelGoOn(*terms) for terms in level_go_on_terms(
                 learned.costs, learned.acceptance, learned.masses, seconds_per_token)] if cost.rows == 1 else None
+        if self.chains:
+            proposals = learned.proposals
+            proposals.decide(learned.costs, cost.rows)
+            terms = proposals.chain_stop_terms(learned.costs) if cost.rows == 1 else None
+            proposals.chain_go_on = [_C.LevelGoOn(*level) for level in terms] if terms else None
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost,
+        return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost, "chains": self.chains,
                 "costs": self.costs.describe(),
                 "acceptance_by_depth": [round(p, 3) for p in self.acceptance.probabilities()],
                 "node_calibration_by_depth": [round(c, 3) for c in self.learned.nodes.calibration()],
                 "acceptance_by_mass": [round(a, 3) for a in self.learned.masses.curve()[1]],
-                "node_floor": self.learned.node_floor}
+                "node_floor": self.learned.node_floor, **self.learned.proposals.describe()}
 
 
-# SagePolicy's parameters and width_from_cost, for introspection (the CLI's --policy-args check lists them)
+# SagePolicy's parameters, width_from_cost and chains, for introspection (the CLI's --policy-args check lists them)
 _sage_signature = inspect.signature(SagePolicy.__init__)
 CostAwareSagePolicy.__init__.__signature__ = _sage_signature.replace(parameters=[
     *_sage_signature.parameters.values(),
-    inspect.Parameter("width_from_cost", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)])
+    inspect.Parameter("width_from_cost", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool),
+    inspect.Parameter("chains", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)])
 
 
 #: The policy of SpeculativeGenerator, sage_ext.generate, custom_generate and the CLI when none is named: SAGE with
