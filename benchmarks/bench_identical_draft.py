@@ -1,0 +1,127 @@
+"""A draft identical to the target: is the default policy ever behind a plain chain?
+
+Every greedy token of a draft that is a copy of the target is accepted, so the best proposal is the longest chain
+that pays; what a policy makes of such a draft shows whether it reads acceptance from what it measures or from the
+draft's confidence. Random-weight models make it hard: with HF's initialization (std 0.02) their next-token
+distributions are nearly flat, so the draft's confidence reads low although its every token is right (paper SAGE
+then builds shallow, wide trees). Models (benchmarks/random_models.py, each drafting with a deep copy of itself):
+
+* ``flat-llama``: the tiny Llama with HF's initialization (flat distributions);
+* ``tiny-llama``: the same with a large-std lm_head (well separated argmaxes: a sure draft);
+* ``tiny-qwen2-vl``: the tiny Qwen2-VL with an image (M-RoPE), large-std lm_head.
+
+Per model and seed: ar, chain (5 tokens), sage and sage_cost generate ``--new-tokens`` greedy tokens (EOS off)
+after one warm-up generation each (sage_cost learns there), then ``--repeats`` timed generations, interleaved per
+repeat (the order reversed every other repeat). Reported: tau (accepted draft tokens per step), draft forwards per
+step, tokens per second and the ratio to the chain; every output checked identical to ar's. tau does not depend on
+the machine; tokens per second does (a copy of the target costs as much per forward as the target, so speculation
+gains little in time here whatever the tree).
+
+    python benchmarks/bench_identical_draft.py     # ~2 min on 2 cores; results/identical_draft_cpu.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from random_models import LLAMA_VOCAB, llama, qwen2_vl_inputs, text_prompt, tiny_llama, tiny_qwen2_vl  # noqa: E402
+
+from sage_ext.cli.runs import cpu_model  # noqa: E402
+from sage_ext.engine import SpeculativeGenerator  # noqa: E402
+
+POLICIES = ("ar", "chain", "sage", "sage_cost")
+
+
+def flat_llama(seed: int) -> torch.nn.Module:
+    """The tiny Llama's config with HF's initialization: nearly flat next-token distributions."""
+    return llama(seed, large_logits=False, vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 eos_token_id=LLAMA_VOCAB - 1)
+
+
+MODELS = {
+    "flat-llama": lambda seed: (flat_llama(seed), text_prompt(12, seed)),
+    "tiny-llama": lambda seed: (tiny_llama(seed), text_prompt(12, seed)),
+    "tiny-qwen2-vl": lambda seed: ((model := tiny_qwen2_vl(seed)), qwen2_vl_inputs(model, (1, 8, 8), seed, 8)),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", default=str(ROOT / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows, identical = [], True
+    for model_name, build in MODELS.items():
+        for seed in range(args.seeds):
+            target, inputs = build(seed)
+            draft = copy.deepcopy(target).eval()
+            engines = {name: SpeculativeGenerator(target, draft, name) for name in POLICIES}
+            for engine in engines.values():  # warm-up (sage_cost learns its costs and acceptance here)
+                engine.generate(**inputs, max_new_tokens=args.new_tokens, eos_token_id=-1)
+            totals = {name: {"seconds": 0.0, "tokens": 0, "tau": 0, "forwards": 0, "steps": 0} for name in POLICIES}
+            reference = None
+            for repeat in range(args.repeats):
+                for name in (POLICIES if repeat % 2 == 0 else POLICIES[::-1]):
+                    start = time.perf_counter()
+                    out = engines[name].generate(**inputs, max_new_tokens=args.new_tokens, eos_token_id=-1)
+                    seconds = time.perf_counter() - start
+                    if name == "ar" and reference is None:
+                        reference = out.sequences
+                    elif reference is not None and not torch.equal(out.sequences, reference):
+                        identical = False
+                    total = totals[name]
+                    total["seconds"] += seconds
+                    total["tokens"] += out.stats.new_tokens
+                    total["tau"] += sum(step.tau for step in out.stats.steps)
+                    total["forwards"] += sum(step.draft_forwards for step in out.stats.steps)
+                    total["steps"] += len(out.stats.steps)
+            row = {"model": model_name, "seed": seed}
+            for name, total in totals.items():
+                row[name] = {"tau": total["tau"] / total["steps"], "draft_forwards": total["forwards"] / total["steps"],
+                             "tokens_per_s": total["tokens"] / total["seconds"]}
+            rows.append(row)
+            print(f"{model_name} seed {seed}: " + ", ".join(
+                f"{name} tau {row[name]['tau']:.2f} {row[name]['tokens_per_s']:.0f} tok/s" for name in POLICIES),
+                flush=True)
+    report = {"machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "seeds": args.seeds,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "identical_to_ar": identical, "rows": rows,
+              "command": "python benchmarks/bench_identical_draft.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "identical_draft_cpu.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["# A draft identical to the target (random-weight models, each drafting with a copy of itself)", "",
+             f"`{report['command'].strip()}` — {report['machine']}, {args.threads} threads, torch {report['torch']}; "
+             f"{args.new_tokens} greedy tokens (EOS off), {args.repeats} interleaved repeats after a warm-up "
+             f"generation. tau = accepted draft tokens per step; speed relative to the 5-token chain. Every output "
+             f"identical to ar: {identical}.", "",
+             "| model | seed | chain tau | sage tau | sage_cost tau | sage_cost draft forwards / step "
+             "| chain tok/s | sage / chain | sage_cost / chain |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        chain_rate = row["chain"]["tokens_per_s"]
+        lines.append(f"| {row['model']} | {row['seed']} | {row['chain']['tau']:.2f} | {row['sage']['tau']:.2f} | "
+                     f"{row['sage_cost']['tau']:.2f} | {row['sage_cost']['draft_forwards']:.2f} | {chain_rate:.0f} | "
+                     f"{row['sage']['tokens_per_s'] / chain_rate:.2f}x | "
+                     f"{row['sage_cost']['tokens_per_s'] / chain_rate:.2f}x |")
+    (out_dir / "identical_draft_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

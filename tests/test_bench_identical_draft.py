@@ -1,0 +1,29 @@
+"""benchmarks/bench_identical_draft.py at a small size: every policy's output identical to ar, and on a draft
+identical to the target whose distributions are flat (HF's initialization) the default policy accepts more tokens
+per step than the 5-token chain (tau is the machine-independent half of the report; the timing is not asserted)."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_identical_draft  # noqa: E402
+
+
+def test_identical_draft_report(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        code = bench_identical_draft.main(["--seeds", "1", "--new-tokens", "64", "--repeats", "1", "--threads", "1",
+                                           "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    report = json.loads((tmp_path / "identical_draft_cpu.json").read_text())
+    assert report["identical_to_ar"]
+    assert [row["model"] for row in report["rows"]] == list(bench_identical_draft.MODELS)
+    for row in report["rows"]:
+        assert row["chain"]["tau"] == 5.0  # every chain token accepted (EOS off, 64 tokens: no step cut short
+        assert row["sage_cost"]["tau"] > row["chain"]["tau"], row  # by more than the 5 a chain can give)
+        assert all(row[name]["tokens_per_s"] > 0 for name in bench_identical_draft.POLICIES)
+    assert "identical to ar: True" in (tmp_path / "identical_draft_cpu.md").read_text()
