@@ -192,8 +192,10 @@ def main(argv=None) -> int:
             assert abs(record.time - step_units(record, ratio, args.per_token)) < 1e-6, (record, ratio)
         identical[f"sage_cost@{ratio}"] = outputs == reference
         table["sage_cost"][str(ratio)] = rate(records, ratio, args.per_token) / ar_rate
+        proposals = policy.learned.proposals
         learned[str(ratio)] = {"final_d_max": policy.d_max, "mean_tau": sum(r.tau for r in records) / len(records),
-                               "mean_draft_forwards": sum(r.draft_forwards for r in records) / len(records)}
+                               "mean_draft_forwards": sum(r.draft_forwards for r in records) / len(records),
+                               "chain_share": proposals.chain_steps / max(1, proposals.chain_steps + proposals.tree_steps)}
         print(f"ratio {ratio}: " + ", ".join(f"{n} {t[str(ratio)]:.2f}x" for n, t in table.items()), flush=True)
 
     report = {"pair": args.pair, "draft_is_target": args.draft_is_target, "draft_prune_ratio": prune, "machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "scenes": args.scenes,
@@ -216,9 +218,11 @@ def main(argv=None) -> int:
     for name, row in table.items():
         cells = [f"**{row[str(r)]:.2f}x**" if best[str(r)] == name else f"{row[str(r)]:.2f}x" for r in ratios]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "sage_cost per ratio (its depth cap at the end, mean accepted tokens and draft forwards per step): "
+    lines += ["", "sage_cost per ratio (its depth cap at the end, mean accepted tokens and draft forwards per step, the "
+              "share of its steps that proposed the draft's greedy chain): "
               + "; ".join(f"{r}: d_max {v['final_d_max']}, tau {v['mean_tau']:.2f}, "
-                          f"{v['mean_draft_forwards']:.1f} forwards" for r, v in learned.items()) + "."]
+                          f"{v['mean_draft_forwards']:.1f} forwards, {v['chain_share']:.0%} chains"
+                          for r, v in learned.items()) + "."]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot_report(report, out_dir / f"{stem}.png")
     print("\n".join(lines))
