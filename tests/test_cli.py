@@ -148,11 +148,13 @@ def test_the_draft_prune_ratio_defaults_to_the_bundled_drafts(tmp_path, argv, ra
 
 def test_bench_on_the_qwen2vl_pair_prunes_the_draft_and_stays_identical(tmp_path):
     args = ["bench", "--pair", "qwen2vl", "--scenes", "1", "--repeats", "1", "--max-new-tokens", "24", "--no-tune",
-            "--policies", "hf-assisted", "sage", "sage-cost", "--out-dir", str(tmp_path), "--name", "qwen"]
+            "--policies", "hf-assisted", "sage", "sage-cost", "sage-cost-trees", "--out-dir", str(tmp_path),
+            "--name", "qwen"]
     assert cli.main(args) == 0
     report = json.loads((tmp_path / "qwen.json").read_text())
     assert report["pair"] == "qwen2vl" and report["draft_prune_ratio"] == PAIRS["qwen2vl"].draft_prune_ratio
     assert report["checks"]["all_greedy_outputs_identical_to_ar"] is True
+    assert set(report["policies"]) == {"ar", "hf-assisted", "sage", "sage-cost", "sage-cost-trees"}  # the ablation, named
     assert "of the image tokens (draft prune ratio" in (tmp_path / "qwen.md").read_text()
     # vocabularies padded to different sizes: HF assisted generation gets the draft resized to the target's size
     assert "resized" in report["policies"]["hf-assisted"]["description"]

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats-json", default=None, help="write the generation stats here")
     gen.set_defaults(func=cmd_generate)
 
-    bench_choices = [*BENCH_POLICIES, "sage-tuned"]
+    bench_choices = [*BENCH_POLICIES, "sage-tuned", "sage-cost-trees"]
     bench = sub.add_parser("bench", help="all policies + HF assisted generation on held-out scenes", parents=[flags])
     _add_common(bench, models_required=False)
     _add_device_map(bench)

@@ -147,7 +147,10 @@ def bench_policy_objects(tuned: dict | None):
         "dynamic": (policies.DynamicTreePolicy(), "EAGLE-2 dynamic tree (depth 6, top-8, 64 nodes)"),
         "sage": (policies.SagePolicy(), "SAGE, paper defaults"),
         "sage-cost": (policies.CostAwareSagePolicy(), "SAGE whose depth cap maximizes the tokens per second it "
-                      "measures as it runs (learned across the bench's calls, warm-up included)"),
+                      "measures as it runs, or the draft's greedy chain where that gave more (learned across the "
+                      "bench's calls, warm-up included)"),
+        "sage-cost-trees": (policies.CostAwareSagePolicy(chains=False), "sage-cost proposing trees only (chains=False: "
+                            "what the chain choice adds; run only when named)"),
     }
     if tuned:
         entries["sage-tuned"] = (policies.SagePolicy(**tuned), f"SAGE tuned for this device: {tuned}")
@@ -212,6 +215,8 @@ def cmd_bench(args) -> int:
     entries = bench_policy_objects(tuned if args.tune else None)
     if args.policies:
         entries = {k: v for k, v in entries.items() if k in args.policies or k == "ar"}
+    else:
+        del entries["sage-cost-trees"]  # an ablation: run only when named
     hf_draft = hf_assistant(target, draft) if "hf-assisted" in entries else draft
     if hf_draft is not draft:
         entries["hf-assisted"] = ("hf-assisted", entries["hf-assisted"][1] + "; the draft's padded vocabulary resized "
