@@ -175,11 +175,17 @@ def test_a_fixed_tree_cut_keeps_its_shallowest_best_paths(nodes):
 @pytest.mark.parametrize("policy", sorted(POLICY_CLASSES))
 def test_one_prompt_keeps_its_default_tree_under_the_default_budget(policy):
     """The default budget leaves a batch of one as it was: the same trees, steps and tokens as without a budget
-    (policy objects, not names: sage_cost by name would go on learning from the first run in the second)."""
+    (policy objects, not names: sage_cost by name would go on learning from the first run in the second; and a
+    priced clock, the same for both runs: sage_cost's trees follow the times it measures)."""
+    from test_engine_costs import priced_clock
+
     model, rows, _ = CASES["llama"]()
     draft = correlated_draft(model, noise=0.1) if policy != "ar" else None
-    runs = [SpeculativeGenerator(model, draft, POLICY_CLASSES[policy](), batch_node_budget=budget).generate(
-        **rows[0], max_new_tokens=MAX_NEW) for budget in (DEFAULT_BATCH_NODE_BUDGET, None)]
+    runs = []
+    for budget in (DEFAULT_BATCH_NODE_BUDGET, None):
+        engine = SpeculativeGenerator(model, draft, POLICY_CLASSES[policy](), batch_node_budget=budget)
+        engine.host_clock = priced_clock(engine, {"draft_decode": 1.0, "target_verify": 3.0})
+        runs.append(engine.generate(**rows[0], max_new_tokens=MAX_NEW))
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert [(step.tree_slots, step.tau) for step in runs[0].stats.steps] == [
         (step.tree_slots, step.tau) for step in runs[1].stats.steps]
