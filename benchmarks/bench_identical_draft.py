@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from random_models import LLAMA_VOCAB, llama, qwen2_vl_inputs, text_prompt, tiny_llama, tiny_qwen2_vl  # noqa: E402
+from random_models import qwen2_vl_inputs, text_prompt, tiny_llama, tiny_qwen2_vl  # noqa: E402
 
 from sage_ext.cli.runs import cpu_model  # noqa: E402
 from sage_ext.engine import SpeculativeGenerator  # noqa: E402
@@ -42,15 +42,8 @@ from sage_ext.engine import SpeculativeGenerator  # noqa: E402
 POLICIES = ("ar", "chain", "sage", "sage_cost")
 
 
-def flat_llama(seed: int) -> torch.nn.Module:
-    """The tiny Llama's config with HF's initialization: nearly flat next-token distributions."""
-    return llama(seed, large_logits=False, vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                 eos_token_id=LLAMA_VOCAB - 1)
-
-
 MODELS = {
-    "flat-llama": lambda seed: (flat_llama(seed), text_prompt(12, seed)),
+    "flat-llama": lambda seed: (tiny_llama(seed, large_logits=False), text_prompt(12, seed)),
     "tiny-llama": lambda seed: (tiny_llama(seed), text_prompt(12, seed)),
     "tiny-qwen2-vl": lambda seed: ((model := tiny_qwen2_vl(seed)), qwen2_vl_inputs(model, (1, 8, 8), seed, 8)),
 }

@@ -46,9 +46,10 @@ def llama(seed: int = 0, large_logits: bool = True, **config) -> torch.nn.Module
     return model.float().eval()
 
 
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    """Llama hidden 64, 2 layers, 4 heads (2 KV heads), vocabulary 96, large-std lm_head (the tests' tiny_llama)."""
-    return llama(seed, vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def tiny_llama(seed: int = 0, large_logits: bool = True) -> torch.nn.Module:
+    """Llama hidden 64, 2 layers, 4 heads (2 KV heads), vocabulary 96, large-std lm_head (the tests' tiny_llama);
+    ``large_logits=False``: HF's initialization (nearly flat next-token distributions)."""
+    return llama(seed, large_logits, vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                  eos_token_id=LLAMA_VOCAB - 1)
 

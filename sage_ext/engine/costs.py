@@ -473,13 +473,9 @@ class ProposalChoice:
         """After a step of ``rows`` rows is observed: the chain's best length and which kind the steps that are not
         trials run."""
         self.batched = rows > 1
-        if costs.steps:
-            totals = cumulative_tokens(self.chain_depths.probabilities())
-            rates = []
-            for length in range(1, self.max_length + 1):
-                seconds = costs.seconds_for(length, length)
-                rates.append(totals[length] / seconds if seconds > 0 else 0.0)
-            self.chain_length = 1 + max(range(len(rates)), key=rates.__getitem__)
+        if costs.steps:  # a chain of L tokens: L draft forwards, L verified slots
+            self.chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
+                                           seconds_of=lambda length: costs.seconds_for(length, length))
         self.prefers_chain = (not self.batched and self.tree.steps > 0 and self.chain.steps > 0
                               and self.chain.per_second(costs) > self.tree.per_second(costs))
 
@@ -530,16 +526,18 @@ def expected_tokens(probabilities: list[float], depth: float, totals: list[float
 
 
 def best_depth(costs: CostModel, acceptance: DepthAcceptance, low: int, high: int,
-               depth_of: Callable[[int], float] = float, rows: int = 1) -> int:
+               depth_of: Callable[[int], float] = float, rows: int = 1,
+               seconds_of: Callable[[float], float] | None = None) -> int:
     """The depth cap in [low, high] with the most expected tokens per second for a batch of ``rows`` (the lowest
     of ties). ``depth_of(cap)``: the depth a tree reaches on average under that cap (SAGE: d_min + alpha (cap -
-    d_min))."""
+    d_min)); ``seconds_of(depth)``: a step's seconds at that depth (default ``costs.step_seconds``, the policy's
+    trees)."""
     probabilities = acceptance.probabilities()
     totals = cumulative_tokens(probabilities)
     best, best_rate = low, -1.0
     for cap in range(low, high + 1):
         depth = depth_of(cap)
-        seconds = costs.step_seconds(depth, rows)
+        seconds = costs.step_seconds(depth, rows) if seconds_of is None else seconds_of(depth)
         rate = expected_tokens(probabilities, depth, totals) / seconds if seconds > 0 else 0.0
         if rate > best_rate + 1e-12:
             best, best_rate = cap, rate
