@@ -168,6 +168,7 @@ PYBIND11_MODULE(_C, module) {
       .def("use_slots", &TreeWorkspace::use_slots, py::arg("num_nodes"))
       .def("rerank", &TreeWorkspace::rerank, py::arg("num_slots"), py::arg("num_select"))
       .def_property_readonly("tree_nodes", &TreeWorkspace::tree_nodes)
+      .def_property_readonly("level_masses", &TreeWorkspace::level_masses)
       .def_property_readonly("tree_tokens", &TreeWorkspace::tree_tokens)
       .def_property_readonly("tree_parents", &TreeWorkspace::tree_parents)
       .def_property_readonly("tree_logprobs", &TreeWorkspace::tree_logprobs)

@@ -94,6 +94,21 @@ def test_sage_level_go_on_needs_the_count_read():
         _two_children_level(_C.LevelGoOn([0.0], [1.0], 0.0, 0.0), known_count=4)
 
 
+def test_level_masses_are_read_with_dynamic_counts_only():
+    """Dynamic shapes: each level's draft probability mass is summed on the host as its count is read (what the
+    cost-aware policy learns from, with or without ``go_on``), equal to the device sum the engine takes with static
+    shapes (``DraftRound.level_mass``); a new step starts with none. Static shapes read nothing: none listed."""
+    mass = float(torch.tensor([1.0, 0.9, *[-30.0] * 8]).softmax(0)[:2].sum())
+    ws, (count, _, _, _) = _two_children_level(None)
+    assert count == 2 and ws.level_masses == pytest.approx([mass], rel=1e-6)
+    device_sum = torch.where(ws.parents[0, 1:3] >= 0, ws.cum_logprobs[0, 1:3].exp(), 0.0).double().sum()
+    assert ws.level_masses[0] == pytest.approx(float(device_sum), rel=1e-6)
+    ws.start(5, 4)
+    assert ws.level_masses == []
+    static_ws, _ = _two_children_level(None, known_count=4)
+    assert static_ws.level_masses == []
+
+
 def test_commit_compacts_every_device_group_alike():
     """Cache groups the commit does not hand to commit_tree_ (another device; here a second group on the same
     device, as the engine's split seam makes) are compacted with the same path: equal to the group that is."""

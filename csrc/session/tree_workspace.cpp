@@ -165,6 +165,7 @@ ForwardInputs TreeWorkspace::start(int64_t cur_len, int64_t draft_done, const Fi
   tokens.narrow(1, 0, 1).copy_(sequence_.narrow(1, cur_len - 1, 1));
   root_position_ = cur_len - 1;
   root_alpha_ = at::Tensor();
+  level_masses_.clear();
   tree_kind_ = TreeKind::kSlots;
   tree_nodes_ = 1;
   if (layout != nullptr) {
@@ -285,27 +286,28 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
   // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two
   // with go_on, the new level's draft probability mass rides along (its float64 bits in the same copy)
+  // dynamic shapes (both read): the level's mass too, for go_on and for level_masses (what cost-aware policies
+  // learn from), so that nothing about the tree is read again after the step
   int64_t count = known_count, max_depth = known_max_depth;
+  const bool dynamic = known_count < 0 && known_max_depth < 0;
   double mass = 0.0;
-  if (known_count < 0 && known_max_depth < 0 && !count_t.is_cpu()) {
-    std::vector<at::Tensor> parts = {count_t.reshape({1}), max_depth_t.reshape({1})};
-    if (go_on.has_value()) {
-      const at::Tensor real = parents.narrow(1, slot_start, num_slots).ge(0);
-      const at::Tensor probabilities = cum_logprobs.narrow(1, slot_start, num_slots).to(at::kDouble).exp();
-      parts.push_back(at::where(real, probabilities, 0.0).sum().reshape({1}).view(at::kLong));
-    }
-    const at::Tensor read = at::cat(parts).cpu();
+  if (dynamic && !count_t.is_cpu()) {
+    const at::Tensor real = parents.narrow(1, slot_start, num_slots).ge(0);
+    const at::Tensor probabilities = cum_logprobs.narrow(1, slot_start, num_slots).to(at::kDouble).exp();
+    const at::Tensor level_mass = at::where(real, probabilities, 0.0).sum().reshape({1}).view(at::kLong);
+    const at::Tensor read = at::cat({count_t.reshape({1}), max_depth_t.reshape({1}), level_mass}).cpu();
     count = read.const_data_ptr<int64_t>()[0];
     max_depth = read.const_data_ptr<int64_t>()[1];
-    if (go_on.has_value()) mass = read.view(at::kDouble).const_data_ptr<double>()[2];
+    mass = read.view(at::kDouble).const_data_ptr<double>()[2];
   } else {
     if (known_count < 0) count = host_int(count_t);
     if (known_max_depth < 0) max_depth = host_int(max_depth_t);
-    if (go_on.has_value()) {  // a dynamic level's real nodes are its first `count` slots
+    if (dynamic) {  // a dynamic level's real nodes are its first `count` slots
       const float* cum = cum_logprobs.const_data_ptr<float>() + slot_start;
       for (int64_t i = 0; i < count; ++i) mass += std::exp(static_cast<double>(cum[i]));
     }
   }
+  if (dynamic && count > 0) level_masses_.push_back(mass);
   std::optional<ForwardInputs> next;
   if (count > 0 && level < max_depth && used + count < n_max && (!go_on.has_value() || go_on->pays(mass, count))) {
     next = feed(slot_start, count, level);

@@ -110,8 +110,8 @@ class TreeWorkspace {
   // when the tree goes on (count > 0, level < max_depth, used + count < n_max and, with go_on, the next level
   // pays), the inputs of the draft forward that feeds the new slots. count / max_depth: known_count /
   // known_max_depth when >= 0 (static shapes), else read from the op's outputs (free on the CPU, a sync
-  // elsewhere; go_on needs them read: the level's mass comes with the same copy). Returns (count, frontier_alpha
-  // [1, F] at level 1 (else none), max_depth, next forward inputs or none).
+  // elsewhere; go_on needs them read: the level's mass comes with the same copy, and is kept in level_masses).
+  // Returns (count, frontier_alpha [1, F] at level 1 (else none), max_depth, next forward inputs or none).
   std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> sage_level(
       const at::Tensor& logits, const std::optional<at::Tensor>& alpha, int64_t frontier_start, int64_t frontier_count,
       int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min, double d_max,
@@ -142,6 +142,9 @@ class TreeWorkspace {
 
   // ---- the step's tree (read-only views) ------------------------------------------------------------
   int64_t tree_nodes() const { return tree_nodes_; }
+  // Draft probability mass (sum of the nodes' cumulative probabilities) of each level sage_level built since
+  // start() with its count read (dynamic shapes), in order; levels with no node are not listed.
+  const std::vector<double>& level_masses() const { return level_masses_; }
   at::Tensor tree_tokens() const;    // [1, N]
   at::Tensor tree_parents() const;   // [1, N]
   at::Tensor tree_logprobs() const;  // [1, N] (undefined for the root alone)
@@ -205,6 +208,7 @@ class TreeWorkspace {
   int64_t rows_written_ = 0;  // block rows [0, rows_written_) hold values this step (the padding row aside)
   std::optional<FixedLayout> layout_;  // this step's fixed layout (none: the tree is built level by level)
   at::Tensor layout_parents_;  // the fixed parents last copied into `parents`
+  std::vector<double> level_masses_;  // this step's levels' draft probability masses (sage_level, dynamic shapes)
   at::Tensor root_alpha_;      // [1] the root's confidence, measured by this step's first level (or undefined)
   // the step's tree
   TreeKind tree_kind_ = TreeKind::kRoot;

@@ -125,11 +125,14 @@ class DraftRound:
         return self.ws.topk_expand(logits, frontier_count, frontier_start, k, self.engine.draft_temperature,
                                    slot_start, num_slots, want_alpha, next_start, next_count, next_depth)
 
-    def level_mass(self, level_counts: list[int]) -> Tensor:
-        """``[levels]`` float64 on the device: for each level of the tree built in the slots (level l holds the
-        ``level_counts[l - 1]`` slots after the previous level's, from slot 1), the sum of its real nodes' cumulative
-        draft probabilities (padding slots, parent -1, count 0). Device work only; the engine reads it with the
-        step's commit readback."""
+    def level_mass(self, level_counts: list[int], counts_read: bool) -> tuple[float, ...] | Tensor:
+        """The draft probability mass of each level of the tree built in the slots (level l holds the
+        ``level_counts[l - 1]`` slots after the previous level's, from slot 1): the sum of its real nodes' cumulative
+        draft probabilities (padding slots, parent -1, count 0). ``counts_read`` (dynamic shapes): the workspace
+        summed each level's mass as ``sage_level`` read its count, host floats at no cost. Otherwise ``[levels]``
+        float64 on the device, device work only: the engine reads it with the step's commit readback."""
+        if counts_read:
+            return tuple(self.ws.level_masses)
         end = 1 + sum(level_counts)
         ws = self.ws
         probabilities = torch.where(ws.parents[0, 1:end] >= 0, ws.cum_logprobs[0, 1:end].exp(), 0.0)

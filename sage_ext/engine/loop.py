@@ -325,6 +325,7 @@ class SpeculativeGenerator:
         target_dtype = self.target.dtype
         use_draft = policy.uses_draft
         self.draft_device = self.draft.input_device if use_draft else device
+        self.draft_dtype = self.draft.dtype if use_draft else None
         self.timeline = timeline = Timeline(device, clock=self.host_clock)
         self.do_sample = do_sample
         self.draft_temperature = temperature if do_sample else 1.0
@@ -404,7 +405,7 @@ class SpeculativeGenerator:
         row_table = self._row_tables.get((device, capacity))
         for row in rows:
             row.ctx = DraftRound(
-                self, row, capacity, max_len, device, self.draft.dtype if use_draft else None, target_dtype,
+                self, row, capacity, max_len, device, self.draft_dtype, target_dtype,
                 static_default=device.type == "cuda", row_table=row_table,
             )
             row_table = row.ctx.ws.row_table
@@ -476,13 +477,13 @@ class SpeculativeGenerator:
                     readback = workspace.commit_async(row_logits, None, None, None, row.cur_len, target_tensors,
                                                       row.target_len, draft_tensors)
                 level_mass = row.proposal.level_mass
-                if level_mass is not None:  # the tree's mass per depth rides along (float64 bits as int64)
+                if isinstance(level_mass, Tensor):  # the tree's mass per depth rides along (float64 bits as int64)
                     readback = torch.cat([readback, level_mass.view(torch.int64)[None]], dim=1)
                 readbacks.append(readback)
             for row, readback in zip(live, _to_host(readbacks)):  # the step's one sync
                 level_mass = row.proposal.level_mass
-                row.level_mass = ()
-                if level_mass is not None:  # the last entries (host-known count) are the mass
+                row.level_mass = level_mass if isinstance(level_mass, tuple) else ()  # (host: read as it was built)
+                if isinstance(level_mass, Tensor):  # the last entries (host-known count) are the mass
                     levels = level_mass.shape[0]
                     row.level_mass = tuple(readback[-levels:].view(torch.float64).tolist())
                     readback = readback[:-levels]
@@ -613,7 +614,7 @@ class SpeculativeGenerator:
             row_requests = [None if r is None else tuple(t.to(self.draft_device) for t in r) for r in row_requests]
         switch = self.timeline.switch
         switch("draft_decode")
-        logits = self._batch_forward(self.draft, self.draft_cache, row_requests, starts, self.draft.dtype,
+        logits = self._batch_forward(self.draft, self.draft_cache, row_requests, starts, self.draft_dtype,
                                      self.draft_device)
         if other_device:
             # inside draft_decode: the copy waits for the draft's forward on its device, which is draft time

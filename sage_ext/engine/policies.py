@@ -64,8 +64,10 @@ class TreeProposal:
     draft_forwards: draft forward passes spent on this tree.
     alpha_root: ``[1]`` float32 device tensor, the draft's confidence at the root (None when not measured).
     info: host values for the step record (alpha, depth_target, width_target, d_max).
-    level_mass: ``[levels]`` float64 device tensor, the tree's draft probability mass per depth, when the policy
-    ``measures_level_mass`` (read with the step's commit readback; None when not measured).
+    level_mass: the tree's draft probability mass per depth, when the policy ``measures_level_mass`` (None when
+    not measured): host floats where the levels' counts were read as they were built (dynamic shapes: the workspace
+    sums each level's mass in the same read), else a ``[levels]`` float64 device tensor read with the step's commit
+    readback.
     shape: ``"tree"`` (the policy's own), ``"chain"`` (the draft's greedy chain that a cost-aware policy proposes
     instead of its tree, learned from apart) or ``"fixed"`` (a fixed-shape tree, e.g. SAGE's first round).
     trial: the kind (tree or chain) was chosen as a trial, not as the preferred one (``costs.ProposalChoice``).
@@ -75,7 +77,7 @@ class TreeProposal:
     draft_forwards: int
     alpha_root: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    level_mass: Tensor | None = None
+    level_mass: tuple[float, ...] | Tensor | None = None
     shape: str = "tree"
     trial: bool = False
 
@@ -554,7 +556,7 @@ class SagePolicy(TreePolicy):
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
         measured = level_counts and self.measures_level_mass(static_shapes)
-        level_mass = ctx.level_mass(level_counts) if measured else None
+        level_mass = ctx.level_mass(level_counts, counts_read=not static_shapes) if measured else None
         return TreeProposal(level - 1, forwards, alpha_root, level_mass=level_mass)
 
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
