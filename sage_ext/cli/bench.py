@@ -1,5 +1,5 @@
 """`sage-ext bench`: every policy and the Hugging Face baselines (``generate`` greedy, and assisted generation with
-the draft) on held-out fixture scenes, repeats interleaved, medians; the target's verify-cost curve; the
+the draft) on held-out fixture scenes, interleaved per scene, medians of repeats; the target's verify-cost curve; the
 optional SAGE tuning sweep (tuning.py); the JSON + markdown + PNG report (chart: plots.plot_bench).
 benchmarks/bench_e2e.py runs it with the settings of the committed results.
 """
@@ -235,14 +235,20 @@ def cmd_bench(args) -> int:
     eos = set(get_adapter(target).eos_token_ids())
     with tqdm(total=args.repeats * len(entries) * len(bench_inputs), desc="bench", unit="run", file=sys.stderr,
               disable=quiet) as bar:
+        names = list(entries)
         for repeat in range(args.repeats):
-            for name, (policy, _) in entries.items():  # policies interleaved per repeat: drift hits all alike
-                per_scene = []
-                for i, inputs in enumerate(bench_inputs):
-                    per_scene.append(_run_policy(name, policy, engines, target, hf_draft, inputs, args.max_new_tokens,
-                                                 device, temperature, seed=1000 * repeat + i))
+            for name in names:
+                runs[name].append([])
+            for i, inputs in enumerate(bench_inputs):
+                # every policy runs scene i before any runs scene i + 1, so the load drift of a shared machine (its
+                # speed moved by up to 60% between repeats of one policy run back to back over all scenes) hits all
+                # alike; the order turns by one per scene, so none always runs right after the same other
+                shift = (repeat * len(bench_inputs) + i) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    runs[name][-1].append(_run_policy(name, entries[name][0], engines, target, hf_draft, inputs,
+                                                      args.max_new_tokens, device, temperature,
+                                                      seed=1000 * repeat + i))
                     bar.update(1)
-                runs[name].append(per_scene)
 
     reference = [strip_after_eos(r["ids"], eos) for r in runs["ar"][0]]
     summary = {}
