@@ -2,6 +2,7 @@
 
     python benchmarks/train_qwen2vl_fixture.py                 # small pair -> sage_ext/fixtures/qwen2vl_{target,draft}
     python benchmarks/train_qwen2vl_fixture.py --size large --out-dir /tmp/qwen2vl_large   # bigger pair, for a GPU
+        # (--device: cuda when there is one, else cpu; --batch N: chats per step of both models)
     python benchmarks/train_qwen2vl_fixture.py --roles target --probe-every 250 --seed 1 --out-dir /tmp/t1
         # one target only, with binding / caption facts / where-answers on held-out scenes every 250 steps
 
@@ -355,7 +356,8 @@ def add_visual_dropout(model, rate: float, seed: int):
         if not module.training or rate <= 0:
             return output
         features = output.pooler_output if hasattr(output, "pooler_output") else output
-        keep = (torch.rand(features.shape[0], 1, generator=generator) >= rate).to(features.dtype)
+        # drawn on the CPU generator whatever the device (the same dropout on every device)
+        keep = (torch.rand(features.shape[0], 1, generator=generator) >= rate).to(features.device, features.dtype)
         if hasattr(output, "pooler_output"):
             output.pooler_output = features * keep
             return output
@@ -436,8 +438,8 @@ def position_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.
     ``order`` / ``valid``: the sequences were gathered (``sparse_visual_inputs``). Off by default
     (``position_weight`` 0): measured once at 0.5, see the module docstring."""
     image = input_ids == image_token_id
-    labels = torch.full(input_ids.shape, -100, dtype=torch.long)
-    labels[image] = regions
+    labels = torch.full(input_ids.shape, -100, dtype=torch.long, device=input_ids.device)
+    labels[image] = regions.to(input_ids.device)
     if order is not None:
         labels = gathered_labels(labels, order, valid)
     return torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -516,7 +518,8 @@ def ground_vision(model, processor, spec: dict, data_seed: int, name: str) -> tu
     tower within the CPU budget; features that already name what is where are easier to read. Returns the
     head too: chat training keeps the same loss on the side (``grounding_weight``)."""
     steps, batch = spec.get("grounding_steps", 0), spec.get("grounding_batch", 48)
-    heads = grounding_heads(model.config.text_config.hidden_size)
+    device = model.device
+    heads = grounding_heads(model.config.text_config.hidden_size).to(device)
     if not steps:
         return {"grounding_steps": 0}, heads
     visual = model.model.visual
@@ -530,8 +533,8 @@ def ground_vision(model, processor, spec: dict, data_seed: int, name: str) -> tu
         images, views = grounding_crops(rng, batch)
         pixels = processor.image_processor(images=images, return_tensors="pt", size=CROP_SIZE)
         grid = pixels["image_grid_thw"]
-        features = visual(pixels["pixel_values"], grid_thw=grid).pooler_output
-        tokens, objects = grounding_targets(views, grid.tolist())
+        features = visual(pixels["pixel_values"].to(device), grid_thw=grid.to(device)).pooler_output
+        tokens, objects = (t.to(device) for t in grounding_targets(views, grid.tolist()))
         loss, logits = grounding_loss(heads, features, tokens, objects)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -567,7 +570,8 @@ def sparse_visual_inputs(model, part: dict, object_tokens: torch.Tensor, keep_ba
     embeds = inner.get_input_embeddings()(input_ids)
     image = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(image[..., None], features.to(embeds.dtype))
-    visual_keep = object_tokens | (torch.rand(object_tokens.shape, generator=generator) < keep_background)
+    background = torch.rand(object_tokens.shape, generator=generator) < keep_background  # CPU generator
+    visual_keep = object_tokens | background.to(object_tokens.device)
     keep = ~image
     keep[image] = visual_keep
     keep &= attention.bool()
@@ -575,7 +579,7 @@ def sparse_visual_inputs(model, part: dict, object_tokens: torch.Tensor, keep_ba
     width = int(lengths.max())
     # stable sort puts each row's kept positions first, in order; the rest becomes right padding
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width)[None] < lengths[:, None]
+    valid = torch.arange(width, device=lengths.device)[None] < lengths[:, None]
     out = {"inputs_embeds": embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])),
            "position_ids": positions.gather(2, order[None].expand(3, -1, -1)).masked_fill(~valid[None], 0),
            "attention_mask": valid.long()}
@@ -594,6 +598,7 @@ def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, heads=
     vision tower's output also keeps the warm-up's grounding loss (on the features before visual dropout).
     ``probe(step)`` runs after every ``probe_every`` steps (``progress_probe``)."""
     model.train()
+    device = model.device
     grounding_weight = spec.get("grounding_weight", 0.0) if heads is not None else 0.0
     position_weight = spec.get("position_weight", 0.0)
     text_config = model.config.text_config
@@ -602,7 +607,7 @@ def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, heads=
     if grounding_weight:
         params += list(heads.parameters())
     if position_weight:
-        position_head = torch.nn.Linear(text_config.hidden_size, len(ps.REGIONS))
+        position_head = torch.nn.Linear(text_config.hidden_size, len(ps.REGIONS)).to(device)
         params += list(position_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -620,15 +625,15 @@ def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, heads=
     start, losses = time.time(), []
     for step in range(steps):
         texts, scenes = training_batch(batcher.processor, step, spec["batch"], data_seed)
-        parts = [(batcher(texts[i: i + micro], [s.render() for s in scenes[i: i + micro]]), scenes[i: i + micro])
-                 for i in range(0, len(texts), micro)]
+        parts = [(on_device(batcher(texts[i: i + micro], [s.render() for s in scenes[i: i + micro]]), device),
+                  scenes[i: i + micro]) for i in range(0, len(texts), micro)]
         total = sum(int((p["labels"] != -100).sum()) for p, _ in parts)
         loss_sum = 0.0
         for part, part_scenes in parts:
             labels = part.pop("labels")
             captured.clear()
             grid = part["image_grid_thw"].tolist()
-            targets = grounding_targets([(s, None) for s in part_scenes], grid)
+            targets = tuple(t.to(device) for t in grounding_targets([(s, None) for s in part_scenes], grid))
             order = valid = None
             if step < sparse_steps:
                 inputs, order, valid = sparse_visual_inputs(model, part, targets[0][:, 0] > 0, keep_background,
@@ -668,14 +673,19 @@ def train(model, batcher: Batcher, spec: dict, data_seed: int, name: str, heads=
             "train_seconds": round(time.time() - start, 1)}
 
 
-def prompt_inputs(processor, scene: ps.Scene, prompt: str) -> dict:
+def on_device(batch: dict, device: torch.device) -> dict:
+    """A processor batch with its tensors on ``device``."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def prompt_inputs(processor, scene: ps.Scene, prompt: str, device: torch.device) -> dict:
     text = processor.apply_chat_template(ps.chat_messages(prompt), add_generation_prompt=True)
-    return dict(processor(text=[text], images=[scene.render()], return_tensors="pt"))
+    return on_device(dict(processor(text=[text], images=[scene.render()], return_tensors="pt")), device)
 
 
 def with_continuation(inputs: dict, ids: list[int]) -> dict:
     """``prompt_inputs`` with the text tokens ``ids`` appended (teacher forcing)."""
-    continuation = torch.tensor([ids])
+    continuation = torch.tensor([ids], device=inputs["input_ids"].device)
     forced = dict(inputs, input_ids=torch.cat([inputs["input_ids"], continuation], dim=1))
     forced["attention_mask"] = torch.ones_like(forced["input_ids"])
     if "mm_token_type_ids" in inputs:  # text tokens: type 0
@@ -685,7 +695,7 @@ def with_continuation(inputs: dict, ids: list[int]) -> dict:
 
 @torch.no_grad()
 def greedy_answer(model, processor, scene, prompt: str, max_new_tokens: int) -> list[int]:
-    inputs = prompt_inputs(processor, scene, prompt)
+    inputs = prompt_inputs(processor, scene, prompt, model.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     eos = set(model.generation_config.eos_token_id)
@@ -705,7 +715,7 @@ def image_reliance(model, batcher: Batcher, eval_scenes) -> dict:
     for name, shift in (("heldout_loss_own_image", 0), ("heldout_loss_other_image", 1)):
         total = tokens = 0.0
         for i, text in enumerate(texts):
-            part = batcher([text], [eval_scenes[(i + shift) % len(eval_scenes)].render()])
+            part = on_device(batcher([text], [eval_scenes[(i + shift) % len(eval_scenes)].render()]), model.device)
             labels = part.pop("labels")
             logits = model(**part).logits
             total += torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
@@ -752,7 +762,7 @@ def kind_binding(model, processor, eval_scenes) -> float:
     kind_ids = {kind: tok(" " + kind, add_special_tokens=False)["input_ids"][0] for kind in ps.KINDS}
     right = total = 0
     for scene in eval_scenes:
-        inputs = prompt_inputs(processor, scene, ps.CAPTION_INSTRUCTION)
+        inputs = prompt_inputs(processor, scene, ps.CAPTION_INSTRUCTION, model.device)
         for color in sorted({o.color for o in scene.objects}):
             prefix = tok(f"I can see a {color}", add_special_tokens=False)["input_ids"]
             logits = model(**with_continuation(inputs, prefix)).logits[0, -1]
@@ -800,10 +810,10 @@ def greedy_agreement(target_ids: list[list[int]], draft, processor, eval_scenes)
     target's own prefix (acceptance of a one-token chain under greedy verification)."""
     agree = total = 0
     for scene, ids in zip(eval_scenes, target_ids):
-        inputs = prompt_inputs(processor, scene, ps.DETAIL_INSTRUCTION)
+        inputs = prompt_inputs(processor, scene, ps.DETAIL_INSTRUCTION, draft.device)
         prompt_len = inputs["input_ids"].shape[1]
         logits = draft(**with_continuation(inputs, ids)).logits[0, prompt_len - 1: -1]
-        agree += (logits.argmax(-1) == torch.tensor(ids)).sum().item()
+        agree += (logits.argmax(-1) == torch.tensor(ids, device=logits.device)).sum().item()
         total += len(ids)
     return round(agree / total, 4)
 
@@ -858,11 +868,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "sage_ext" / "fixtures")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for determinism)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models train and are evaluated (default: cuda when there is one; the bundled "
+                             "small pair was trained on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-scenes", type=int, default=24)
     parser.add_argument("--target-steps", type=int, default=None)
     parser.add_argument("--draft-steps", type=int, default=None)
     parser.add_argument("--grounding-steps", type=int, default=None, help="vision warm-up steps of both models")
+    parser.add_argument("--batch", type=int, default=None, help="chats per training step of both models (default: "
+                        "the size's; smaller for a GPU with less memory, or a quick check)")
     parser.add_argument("--roles", default="target,draft")
     parser.add_argument("--probe-every", type=int, default=0,
                         help="print binding, caption facts and where-answers on held-out scenes every N chat steps")
@@ -870,12 +885,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     sizes = {role: dict(spec) for role, spec in SIZES[args.size].items()}
     for role, steps in (("target", args.target_steps), ("draft", args.draft_steps)):
         if steps:
             sizes[role]["steps"] = steps
         if args.grounding_steps is not None:
             sizes[role]["grounding_steps"] = args.grounding_steps
+        if args.batch:
+            sizes[role]["batch"] = args.batch
 
     started = time.time()
     tokenizer = build_tokenizer()
@@ -886,11 +904,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer: {len(tokenizer)} tokens; vocab target {vocab['target']}, draft {vocab['draft']}", flush=True)
     eval_scenes = ps.heldout_scenes(args.eval_scenes)
 
-    summary = {"size": args.size, "threads": args.threads, "eval_scenes": args.eval_scenes}
+    summary = {"size": args.size, "device": str(device), "threads": args.threads, "eval_scenes": args.eval_scenes}
     target_detail_ids = None
     for role in args.roles.split(","):
         torch.manual_seed(args.seed + (0 if role == "target" else 1))
-        model = build_model(sizes[role], tokenizer, vocab[role])
+        model = build_model(sizes[role], tokenizer, vocab[role]).to(device)
         params = count_params(model)
         print(f"{role}: {params / 1e6:.2f}M parameters", flush=True)
         grounding, heads = ground_vision(model, processor, sizes[role], data_seed=args.seed, name=role)
@@ -906,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics["greedy_token_agreement_with_target"] = greedy_agreement(target_detail_ids, model, processor, eval_scenes)
         card_metrics = {"parameters": params, "vocabulary": vocab[role], **metrics,
                         "held-out scenes": args.eval_scenes, "train seconds": info["train_seconds"],
-                        "device": f"cpu ({args.threads} threads)"}
+                        "device": f"{device} ({args.threads} threads)" if device.type == "cpu" else str(device)}
         save_pair_member(model, processor, args.out_dir / f"qwen2vl_{role}",
                     model_card(role, args.size, params, vocab[role], info, card_metrics, sizes[role]))
         summary[role] = {"params": params, "vocab": vocab[role], **metrics, **info}

@@ -148,6 +148,32 @@ def test_large_size_keeps_the_draft_5_to_10x_smaller():
     assert 10e6 <= sizes["target"] <= 30e6 and 5 <= sizes["target"] / sizes["draft"] <= 10
 
 
+def test_large_size_trains_on_the_given_device_and_saves_a_pair_the_engine_decodes(tmp_path):
+    """``--size large`` (the pair for a GPU machine) runs the same path end to end: a step of each training stage on
+    ``--device`` (here the CPU, at a batch of 2 chats), evaluation, and a saved pair that loads with its processor
+    and that sage_cost decodes as the target does."""
+    threads = torch.get_num_threads()
+    try:
+        assert train.main(["--size", "large", "--device", "cpu", "--batch", "2", "--out-dir", str(tmp_path),
+                           "--target-steps", "1", "--draft-steps", "1", "--grounding-steps", "1",
+                           "--eval-scenes", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "qwen2vl_training_summary.json").read_text())
+    assert summary["size"] == "large" and summary["device"] == "cpu"
+    assert summary["target"]["batch"] == summary["draft"]["batch"] == 2
+    assert 10e6 <= summary["target"]["params"] <= 30e6
+    processor = load_processor(str(tmp_path / "qwen2vl_target"))
+    target = AutoModelForImageTextToText.from_pretrained(tmp_path / "qwen2vl_target").eval()
+    draft = AutoModelForImageTextToText.from_pretrained(tmp_path / "qwen2vl_draft").eval()
+    scene = photo_scenes.heldout_scenes(1)[0]
+    inputs = scene_inputs(processor, PAIRS["qwen2vl"], [scene], torch.device("cpu"), torch.float32)[0]
+    with torch.inference_mode():
+        expected = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    out = SpeculativeGenerator(target, draft, "sage_cost").generate(**inputs, max_new_tokens=12)
+    assert torch.equal(out.sequences, expected)
+
+
 @pytest.mark.parametrize("prune", [0.0, 0.8])
 def test_every_policy_decodes_the_saved_pair_losslessly(trained, prune):
     processor = load_processor(str(trained / "qwen2vl_target"))
