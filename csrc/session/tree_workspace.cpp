@@ -284,10 +284,10 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   }
   if (num_slots > 0) depth_.narrow(1, slot_start, num_slots).fill_(level);
   // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
-  // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two
-  // with go_on, the new level's draft probability mass rides along (its float64 bits in the same copy)
-  // dynamic shapes (both read): the level's mass too, for go_on and for level_masses (what cost-aware policies
-  // learn from), so that nothing about the tree is read again after the step
+  // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two.
+  // With both read (dynamic shapes) the new level's draft probability mass rides along (its float64 bits in the
+  // same copy; on the CPU a sum over the level's nodes), for go_on and for level_masses (what cost-aware
+  // policies learn from): nothing about the tree is read again after the step
   int64_t count = known_count, max_depth = known_max_depth;
   const bool dynamic = known_count < 0 && known_max_depth < 0;
   double mass = 0.0;

@@ -482,11 +482,12 @@ class SpeculativeGenerator:
                 readbacks.append(readback)
             for row, readback in zip(live, _to_host(readbacks)):  # the step's one sync
                 level_mass = row.proposal.level_mass
-                row.level_mass = level_mass if isinstance(level_mass, tuple) else ()  # (host: read as it was built)
                 if isinstance(level_mass, Tensor):  # the last entries (host-known count) are the mass
                     levels = level_mass.shape[0]
                     row.level_mass = tuple(readback[-levels:].view(torch.float64).tolist())
                     readback = readback[:-levels]
+                else:  # host floats, read as the levels were built, or not measured
+                    row.level_mass = level_mass or ()
                 row.committed = row.ctx.ws.read_commit(readback)
             switch("other")
             step += 1
