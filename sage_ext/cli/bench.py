@@ -241,7 +241,7 @@ def cmd_bench(args) -> int:
                 runs[name].append([])
             for i, inputs in enumerate(bench_inputs):
                 # every policy runs scene i before any runs scene i + 1, so the load drift of a shared machine (its
-                # speed moved by up to 60% between repeats of one policy run back to back over all scenes) hits all
+                # speed moved a policy's speed-up nearly 2x between repeats when it ran all scenes back to back) hits all
                 # alike; the order turns by one per scene, so none always runs right after the same other
                 shift = (repeat * len(bench_inputs) + i) % len(names)
                 for name in names[shift:] + names[:shift]:
