@@ -5,19 +5,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_cost_ratio  # noqa: E402
+from script_runs import run_main  # noqa: E402
 
 
 def test_cost_ratio_study_on_the_qwen2vl_pair(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        code = bench_cost_ratio.main(["--pair", "qwen2vl", "--scenes", "1", "--ratios", "0.1,0.8",
-                                      "--max-new-tokens", "24", "--out-dir", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = run_main(bench_cost_ratio.main, ["--pair", "qwen2vl", "--scenes", "1", "--ratios", "0.1,0.8",
+                                            "--max-new-tokens", "24", "--out-dir", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "cost_ratio_qwen2vl_cpu.json").read_text())
     assert report["pair"] == "qwen2vl" and report["draft_prune_ratio"] == 0.5
@@ -32,12 +27,8 @@ def test_cost_ratio_study_on_the_qwen2vl_pair(tmp_path):
 def test_cost_ratio_study_with_the_target_drafting_for_itself(tmp_path):
     """--draft-is-target: the draft is a copy of the target seeing the whole image, so a greedy chain's every token is
     accepted and the chain gains even where a draft forward costs half a verify; outputs identical to ar."""
-    threads = torch.get_num_threads()
-    try:
-        code = bench_cost_ratio.main(["--draft-is-target", "--scenes", "1", "--ratios", "0.5", "--max-new-tokens", "24",
-                                      "--out-dir", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = run_main(bench_cost_ratio.main, ["--draft-is-target", "--scenes", "1", "--ratios", "0.5",
+                                            "--max-new-tokens", "24", "--out-dir", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "cost_ratio_self_draft_cpu.json").read_text())
     assert report["draft_is_target"] and report["draft_prune_ratio"] == 0.0

@@ -5,19 +5,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_identical_draft  # noqa: E402
+from script_runs import run_main  # noqa: E402
 
 
 def test_identical_draft_report(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        code = bench_identical_draft.main(["--seeds", "1", "--new-tokens", "64", "--repeats", "1", "--threads", "1",
-                                           "--out-dir", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = run_main(bench_identical_draft.main, ["--seeds", "1", "--new-tokens", "64", "--repeats", "1",
+                                                 "--threads", "1", "--out-dir", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "identical_draft_cpu.json").read_text())
     assert report["identical_to_ar"]

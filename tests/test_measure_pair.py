@@ -4,19 +4,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import measure_pair  # noqa: E402
+from script_runs import run_main  # noqa: E402
 
 
 def test_measure_pair_writes_a_consistent_report(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        code = measure_pair.main(["--pair", "llava", "--scenes", "1", "--ratios", "0,0.5", "--max-new-tokens", "24",
-                                  "--out-dir", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = run_main(measure_pair.main, ["--pair", "llava", "--scenes", "1", "--ratios", "0,0.5",
+                                        "--max-new-tokens", "24", "--out-dir", str(tmp_path)])
     assert code == 0
     report = json.loads(next(tmp_path.glob("pair_llava_*.json")).read_text())
     alpha = report["alpha"]

@@ -18,16 +18,13 @@ from sage_ext.fixtures import scenes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_fixture  # noqa: E402
+from script_runs import run_main  # noqa: E402
 
 
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_a_few_training_steps_give_a_loadable_pair_the_engine_decodes_losslessly(tmp_path, size):
-    threads = torch.get_num_threads()
-    try:
-        assert train_fixture.main(["--size", size, "--out-dir", str(tmp_path), "--device", "cpu",
-                                   "--target-steps", "2", "--draft-steps", "2", "--eval-scenes", "2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_main(train_fixture.main, ["--size", size, "--out-dir", str(tmp_path), "--device", "cpu",
+                                         "--target-steps", "2", "--draft-steps", "2", "--eval-scenes", "2"]) == 0
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["size"] == size and summary["target"]["steps"] == 2
     assert 5 * summary["draft"]["params"] < summary["target"]["params"] < 10 * summary["draft"]["params"]

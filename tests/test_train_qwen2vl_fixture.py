@@ -22,17 +22,14 @@ from sage_ext.processors import load_processor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_qwen2vl_fixture as train  # noqa: E402
+from script_runs import run_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen2vl")
-    threads = torch.get_num_threads()
-    try:
-        assert train.main(["--out-dir", str(out), "--target-steps", "2", "--draft-steps", "2",
-                           "--grounding-steps", "2", "--eval-scenes", "1", "--probe-every", "2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_main(train.main, ["--out-dir", str(out), "--target-steps", "2", "--draft-steps", "2",
+                                 "--grounding-steps", "2", "--eval-scenes", "1", "--probe-every", "2"]) == 0
     return out
 
 
@@ -152,13 +149,9 @@ def test_large_size_trains_on_the_given_device_and_saves_a_pair_the_engine_decod
     """``--size large`` (the pair for a GPU machine) runs the same path end to end: a step of each training stage on
     ``--device`` (here the CPU, at a batch of 2 chats), evaluation, and a saved pair that loads with its processor
     and that sage_cost decodes as the target does."""
-    threads = torch.get_num_threads()
-    try:
-        assert train.main(["--size", "large", "--device", "cpu", "--batch", "2", "--out-dir", str(tmp_path),
-                           "--target-steps", "1", "--draft-steps", "1", "--grounding-steps", "1",
-                           "--eval-scenes", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_main(train.main, ["--size", "large", "--device", "cpu", "--batch", "2", "--out-dir", str(tmp_path),
+                                 "--target-steps", "1", "--draft-steps", "1", "--grounding-steps", "1",
+                                 "--eval-scenes", "1"]) == 0
     summary = json.loads((tmp_path / "qwen2vl_training_summary.json").read_text())
     assert summary["size"] == "large" and summary["device"] == "cpu"
     assert summary["target"]["batch"] == summary["draft"]["batch"] == 2

@@ -569,6 +569,16 @@ class SagePolicy(TreePolicy):
         return {"d_max": info["d_max"], "alpha": alpha, "depth_target": depth, "width_target": width}
 
 
+def _native_stops(terms: list | None) -> "list[_C.LevelGoOn] | None":
+    """Per level, the workspace's stop rule (``_C.LevelGoOn``) from ``costs.level_go_on_terms``; None for none."""
+    return [_C.LevelGoOn(*level) for level in terms] if terms else None
+
+
+def _level_stop(go_on: "list[_C.LevelGoOn] | None", level: int) -> "_C.LevelGoOn | None":
+    """Level ``level``'s stop rule from a per-level list (deeper levels take the last one's); None without one."""
+    return go_on[min(level, len(go_on)) - 1] if go_on else None
+
+
 class CostAwareSagePolicy(SagePolicy):
     """SAGE whose depth follows measured costs: a depth cap on average and, with dynamic shapes, a stop per step
     (and, with ``width_from_cost``, a node threshold); or, in the steps where it pays more, the draft's greedy chain.
@@ -636,12 +646,9 @@ class CostAwareSagePolicy(SagePolicy):
         logits = yield ctx.root_inputs()
         chain_shape = (self.k, float(length), float(length), 1.0, 1.0, 0.0)
         go_on = self.learned.proposals.chain_go_on
-
-        def stop_terms(level: int) -> "_C.LevelGoOn | None":
-            return go_on[min(level, len(go_on)) - 1] if go_on else None
-
         proposal = yield from self.grow_levels(ctx, logits, None, lambda level: chain_shape, length,
-                                               [1] * length if static_shapes else None, stop_terms)
+                                               [1] * length if static_shapes else None,
+                                               lambda level: _level_stop(go_on, level))
         proposal.info = {"d_max": self.d_max, "chain": length}
         proposal.shape = "chain"
         return proposal
@@ -691,8 +698,7 @@ class CostAwareSagePolicy(SagePolicy):
         return 0.0 if floor is None else floor
 
     def level_go_on(self, level: int) -> "_C.LevelGoOn | None":
-        go_on = self.learned.go_on if self.learned is not None else None
-        return go_on[min(level, len(go_on)) - 1] if go_on else None
+        return _level_stop(self.learned.go_on if self.learned is not None else None, level)
 
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
@@ -724,13 +730,12 @@ class CostAwareSagePolicy(SagePolicy):
             # the level stop for one prompt only: in a batch the draft forward runs while any row goes on, so one
             # row's stop saves no forward and only costs its acceptance (measured: B = 4 lost a quarter of its
             # tokens/s with it); the cap alone shapes a batch's trees
-            learned.go_on = [_C.LevelGoOn(*terms) for terms in level_go_on_terms(
-                learned.costs, learned.acceptance, learned.masses, seconds_per_token)] if cost.rows == 1 else None
+            learned.go_on = _native_stops(level_go_on_terms(
+                learned.costs, learned.acceptance, learned.masses, seconds_per_token)) if cost.rows == 1 else None
         if self.chains:
             proposals = learned.proposals
             proposals.decide(learned.costs, cost.rows)
-            terms = proposals.chain_stop_terms(learned.costs) if cost.rows == 1 else None
-            proposals.chain_go_on = [_C.LevelGoOn(*level) for level in terms] if terms else None
+            proposals.chain_go_on = _native_stops(proposals.chain_stop_terms(learned.costs)) if cost.rows == 1 else None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost, "chains": self.chains,
