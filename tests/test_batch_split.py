@@ -260,6 +260,20 @@ def test_split_gives_each_row_its_own_inputs(name):
             torch.testing.assert_close(model(**got).logits[:, -1], model(**want).logits[:, -1])
 
 
+def test_seconds_per_grid_given_as_a_list_go_to_their_videos_rows():
+    """The Qwen2.5-VL processor gives ``second_per_grid_ts`` as a list: each row takes its own videos' values, as
+    from a tensor (the whole list at every row put row 0's pace on row 1's video: wrong temporal positions)."""
+    model, rows, layout = qwen_video_case(tiny_qwen2_5_vl, 0.5)()
+    rows[2]["second_per_grid_ts"] = torch.tensor([5.0])  # the third row's video at another pace
+    batch = assemble(rows, **layout)
+    batch["second_per_grid_ts"] = batch["second_per_grid_ts"].tolist()
+    split = get_adapter(model).split_batch(batch)
+    assert [row.get("second_per_grid_ts") for row in split] == [None, [0.5], [5.0], None]
+    with torch.no_grad():
+        for got, want in zip(split, rows):
+            torch.testing.assert_close(model(**got).logits[:, -1], model(**want).logits[:, -1])
+
+
 def test_rows_of_equal_length_without_attention_mask():
     model, first = tiny_llama(seed=0, prompt_len=8)
     second = tiny_llama(seed=1, prompt_len=8)[1]

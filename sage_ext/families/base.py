@@ -53,7 +53,8 @@ class BatchMedia:
     """Media items of one kind (images, videos) concatenated over a batch, in prompt order (row 0's first).
 
     ``tokens[i]``: the ``token_id`` placeholders of item i in the prompt; ``rows[key][i]``: the leading rows of
-    ``inputs[key]`` that hold item i (1 per image in ``pixel_values [num_images, ...]``; t*h*w patches in Qwen's).
+    ``inputs[key]`` that hold item i (1 per image in ``pixel_values [num_images, ...]``; t*h*w patches in Qwen's;
+    a list, as processors give some per-item values, is cut alike).
     """
 
     name: str
@@ -66,8 +67,8 @@ class BatchMedia:
         counts do not add up."""
         edges = {key: [0, *itertools.accumulate(rows)] for key, rows in self.rows.items()}  # item i: [e[i], e[i+1])
         for key, edge in edges.items():
-            if inputs[key].shape[0] != edge[-1]:
-                raise ValueError(f"{key} has {inputs[key].shape[0]} leading rows but the {len(self.tokens)} "
+            if len(inputs[key]) != edge[-1]:
+                raise ValueError(f"{key} has {len(inputs[key])} leading rows but the {len(self.tokens)} "
                                  f"{self.name}(s) need {edge[-1]}: the {self.name} counts do not add up")
         bounds = [0, *itertools.accumulate(self.tokens)]  # placeholders before item i
         parts, first = [], 0

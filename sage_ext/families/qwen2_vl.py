@@ -60,7 +60,9 @@ class Qwen2VLAdapter(FamilyAdapter):
             if not isinstance(inputs.get(grid_key), Tensor):
                 continue
             patches = inputs[grid_key].prod(-1).tolist()
-            rows = {key: [1] * len(patches) for key in (grid_key, *item_keys) if isinstance(inputs.get(key), Tensor)}
+            # per-item values may come as a list (the Qwen2.5-VL processor's second_per_grid_ts): cut alike
+            rows = {key: [1] * len(patches) for key in (grid_key, *item_keys)
+                    if isinstance(inputs.get(key), (Tensor, list, tuple))}
             if isinstance(inputs.get(pixel_key), Tensor):
                 rows[pixel_key] = patches
             media.append(BatchMedia(name, token_id, [count // merge for count in patches], rows))
