@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .families.llava import llava_image_tokens
+
 #: What ``generate`` produces when ``max_new_tokens`` and ``max_length`` are both left out.
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -140,6 +142,10 @@ def _shape(value: Any) -> tuple | str:
     return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
 
 
+#: The families whose media are patch rows with a t/h/w grid (one check for images and videos)
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
 def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> None:
     """Image / video placeholder tokens against the pixel values given with them."""
     config = model.config
@@ -164,6 +170,12 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
                 f"{model_name} to put them at: build the prompt with the processor (its {kind} token), or leave "
                 f"{key} out"
             )
+    model_type = getattr(config, "model_type", "")
+    vision = getattr(config, "vision_config", None)
+    if model_type in QWEN_VL_TYPES and vision is not None:
+        for kind, token_id in (("image", image_id), ("video", video_id)):
+            if token_id is not None:
+                _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, int(token_id))
     pixel_values = inputs.get("pixel_values")
     if pixel_values is None:
         return
@@ -172,28 +184,41 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
                         f"{type(pixel_values).__name__}")
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
-    model_type = getattr(config, "model_type", "")
-    vision = getattr(config, "vision_config", None)
-    if model_type == "llava" and vision is not None:
-        _check_llava_pixels(model_name, config, vision, input_ids, pixel_values, int(image_id))
-    elif model_type in ("qwen2_vl", "qwen2_5_vl") and vision is not None:
-        _check_qwen2_vl_pixels(model_name, config, vision, input_ids, inputs, pixel_values, int(image_id))
+    if vision is None or image_id is None:
+        return
+    if model_type == "llava":
+        _check_llava_pixels(model, vision, input_ids, inputs, pixel_values, int(image_id))
+    elif model_type in ("gemma3", "paligemma"):
+        per_image = (config.mm_tokens_per_image if model_type == "gemma3" else
+                     getattr(getattr(config, "text_config", None), "num_image_tokens", None))
+        _check_square_images(model_name, vision, pixel_values, 4)
+        if per_image is not None:
+            _check_placeholders(input_ids, int(image_id), pixel_values.shape[0], int(per_image))
+    elif model_type in ("idefics3", "smolvlm"):
+        _check_square_images(model_name, vision, pixel_values, 5)
+        mask = inputs.get("pixel_attention_mask")
+        if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(pixel_values.shape[:2]) +
+                                 tuple(pixel_values.shape[3:])):
+            raise ValueError(f"pixel_attention_mask has shape {_shape(mask)}; with pixel_values of shape "
+                             f"{_shape(pixel_values)} {model_name} expects [batch, images, height, width] "
+                             f"{tuple(pixel_values.shape[:2]) + tuple(pixel_values.shape[3:])}")
 
 
-def _check_llava_pixels(model_name, config, vision, input_ids, pixel_values, image_id) -> None:
+def _check_square_images(model_name, vision, pixel_values: Tensor, dims: int) -> None:
+    """``pixel_values [num_images, C, size, size]`` (``dims`` 4) or ``[batch, images, C, size, size]`` (5) at the vision
+    config's image size and channels, as the processor resizes them."""
     channels = int(getattr(vision, "num_channels", 3))
     size = int(vision.image_size)
-    expected = f"[num_images, {channels}, {size}, {size}]"
-    if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or tuple(pixel_values.shape[2:]) != (size, size):
+    layout = "[num_images" if dims == 4 else "[batch, images"
+    if pixel_values.dim() != dims or tuple(pixel_values.shape[-3:]) != (channels, size, size):
         raise ValueError(
-            f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects {expected} (vision_config: "
-            f"num_channels {channels}, image_size {size}): make them with the model's processor"
+            f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects {layout}, {channels}, {size}, {size}] "
+            f"(vision_config: num_channels {channels}, image_size {size}): make them with the model's processor"
         )
-    per_image = (size // int(vision.patch_size)) ** 2
-    if getattr(config, "vision_feature_select_strategy", "default") == "full":
-        per_image += 1
+
+
+def _check_placeholders(input_ids: Tensor, image_id: int, images: int, per_image: int) -> None:
     tokens = int((input_ids == image_id).sum())
-    images = pixel_values.shape[0]
     if tokens != images * per_image:
         raise ValueError(
             f"input_ids hold {tokens} image placeholder tokens (id {image_id}) but pixel_values hold {images} "
@@ -202,29 +227,65 @@ def _check_llava_pixels(model_name, config, vision, input_ids, pixel_values, ima
         )
 
 
-def _check_qwen2_vl_pixels(model_name, config, vision, input_ids, inputs, pixel_values, image_id) -> None:
-    grid = inputs.get("image_grid_thw")
+def _check_llava_pixels(model, vision, input_ids, inputs, pixel_values, image_id) -> None:
+    model_name = type(model).__name__
+    image_sizes = inputs.get("image_sizes")
+    if image_sizes is None:
+        _check_square_images(model_name, vision, pixel_values, 4)
+    else:  # a tower that takes any size (Pixtral): image i is pixel_values[i, :, :h, :w]
+        channels = int(getattr(vision, "num_channels", 3))
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects [num_images, "
+                             f"{channels}, height, width]: make them with the model's processor")
+        if not isinstance(image_sizes, Tensor) or tuple(image_sizes.shape) != (pixel_values.shape[0], 2):
+            raise ValueError(f"image_sizes has shape {_shape(image_sizes)}; with pixel_values of "
+                             f"{pixel_values.shape[0]} image(s) {model_name} expects [{pixel_values.shape[0]}, 2] "
+                             f"(height, width of each)")
+    counts = llava_image_tokens(model, pixel_values, image_sizes)
+    if counts is None:
+        return
+    if len(set(counts)) == 1:
+        _check_placeholders(input_ids, image_id, len(counts), counts[0])
+    elif int((input_ids == image_id).sum()) != sum(counts):
+        raise ValueError(
+            f"input_ids hold {int((input_ids == image_id).sum())} image placeholder tokens (id {image_id}) but "
+            f"pixel_values hold {len(counts)} images of {counts} tokens ({sum(counts)}): use the processor for the "
+            f"text and the images together"
+        )
+
+
+def _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, token_id) -> None:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL images or videos (``kind``): patch rows against ``{kind}_grid_thw``, and the
+    grid against the ``{kind}`` placeholders (t*h*w / spatial_merge_size^2 each)."""
+    pixel_key = "pixel_values" if kind == "image" else "pixel_values_videos"
+    grid_key = f"{kind}_grid_thw"
+    pixels, grid = inputs.get(pixel_key), inputs.get(grid_key)
+    if pixels is None:
+        return
     if grid is None:
-        raise ValueError(f"pixel_values were given without image_grid_thw; {model_name} needs both (the processor "
+        raise ValueError(f"{pixel_key} were given without {grid_key}; {model_name} needs both (the processor "
                          f"returns them together)")
     if not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[1] != 3:
-        raise ValueError(f"image_grid_thw has shape {_shape(grid)}; {model_name} expects [num_images, 3] (t, h, w)")
+        raise ValueError(f"{grid_key} has shape {_shape(grid)}; {model_name} expects [num_{kind}s, 3] (t, h, w)")
+    if not isinstance(pixels, Tensor):
+        raise TypeError(f"{pixel_key} must be a tensor (the processor's return_tensors='pt'), got "
+                        f"{type(pixels).__name__}")
     patch = int(vision.patch_size)
     temporal = int(getattr(vision, "temporal_patch_size", 2))
     channels = int(getattr(vision, "in_channels", getattr(vision, "num_channels", 3)))
     width = channels * temporal * patch * patch
     patches = int(grid.prod(-1).sum())
-    if pixel_values.dim() != 2 or tuple(pixel_values.shape) != (patches, width):
+    if pixels.dim() != 2 or tuple(pixels.shape) != (patches, width):
         raise ValueError(
-            f"pixel_values has shape {_shape(pixel_values)}; with image_grid_thw {grid.tolist()} {model_name} expects "
+            f"{pixel_key} has shape {_shape(pixels)}; with {grid_key} {grid.tolist()} {model_name} expects "
             f"[{patches}, {width}] (sum of t*h*w patches, channels*temporal_patch*patch^2)"
         )
     merge = int(getattr(vision, "spatial_merge_size", 2))
-    tokens = int((input_ids == image_id).sum())
+    tokens = int((input_ids == token_id).sum())
     if tokens != patches // (merge * merge):
         raise ValueError(
-            f"input_ids hold {tokens} image placeholder tokens (id {image_id}) but image_grid_thw {grid.tolist()} "
-            f"gives {patches // (merge * merge)}: use the processor for the text and the images together"
+            f"input_ids hold {tokens} {kind} placeholder tokens (id {token_id}) but {grid_key} {grid.tolist()} "
+            f"gives {patches // (merge * merge)}: use the processor for the text and the {kind}s together"
         )
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_llava  # noqa: F401  (one_thread: autouse)
-from tiny_vlms import tiny_qwen2_vl
+from tiny_vlms import tiny_idefics3, tiny_qwen2_vl
+from tiny_vlms_more import tiny_gemma3, tiny_paligemma, tiny_qwen3_vl, tiny_qwen3_vl_video
 
 from sage_ext.engine import SpeculativeGenerator
 
@@ -136,3 +137,41 @@ def test_qwen2_vl_pixel_values_and_grid_mismatch():
     with pytest.raises(ValueError, match="image_grid_thw .* gives 12"):
         generator.generate(**{**inputs, "pixel_values": inputs["pixel_values"][:48],
                               "image_grid_thw": torch.tensor([[1, 4, 12]])}, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("builder, kind", [(tiny_qwen3_vl, "image"), (tiny_qwen3_vl_video, "video")])
+def test_qwen_vl_media_are_checked_for_images_and_videos(builder, kind):
+    """Every Qwen-VL family's images and videos get the same checks (grid given, patch rows, placeholders) before
+    transformers sees them."""
+    target, inputs = builder(small=True)
+    pixels, grid = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+    generator = SpeculativeGenerator(target, None, "ar")
+    with pytest.raises(ValueError, match=f"{pixels} were given without {grid}"):
+        generator.generate(**{k: v for k, v in inputs.items() if k != grid}, max_new_tokens=3)
+    with pytest.raises(ValueError, match=f"{pixels} has shape .* with {grid}"):
+        generator.generate(**{**inputs, pixels: inputs[pixels][:-4]}, max_new_tokens=3)
+    t, h, w = inputs[grid][0].tolist()
+    with pytest.raises(ValueError, match=f"{grid} .* gives {t * h * w // 2 // 4}"):
+        generator.generate(**{**inputs, pixels: inputs[pixels][: t * h * w // 2], grid: torch.tensor([[t, h // 2, w]])},
+                           max_new_tokens=3)
+
+
+@pytest.mark.parametrize("builder, change, fragment", [
+    (tiny_gemma3, lambda inputs: {"pixel_values": inputs["pixel_values"][None]},
+     r"pixel_values has shape \(1, 2, 3, 32, 32\); Gemma3ForConditionalGeneration expects \[num_images, 3, 32, 32\]"),
+    (tiny_gemma3, lambda inputs: {"pixel_values": torch.randn(2, 3, 48, 48)}, "expects \\[num_images, 3, 32, 32\\]"),
+    (tiny_gemma3, lambda inputs: {"pixel_values": inputs["pixel_values"][:1]},
+     "hold 32 image placeholder tokens .* 1 image\\(s\\) of 16 tokens each"),
+    (tiny_paligemma, lambda inputs: {"pixel_values": torch.cat([inputs["pixel_values"]] * 2)},
+     "hold 16 image placeholder tokens .* 2 image\\(s\\) of 16 tokens each"),
+    (tiny_idefics3, lambda inputs: {"pixel_values": inputs["pixel_values"][0]},
+     "Idefics3ForConditionalGeneration expects \\[batch, images, 3, 32, 32\\]"),
+    (tiny_idefics3, lambda inputs: {"pixel_attention_mask": inputs["pixel_attention_mask"][..., :16, :16]},
+     "pixel_attention_mask has shape .* expects \\[batch, images, height, width\\]"),
+])
+def test_fixed_size_images_are_checked(builder, change, fragment):
+    """Gemma 3, PaliGemma and Idefics3/SmolVLM images at the vision config's size, in the processor's layout, and as
+    many as the placeholders fill: a clear error before transformers sees them."""
+    target, inputs = builder()
+    with pytest.raises(ValueError, match=fragment):
+        SpeculativeGenerator(target, None, "ar").generate(**{**inputs, **change(inputs)}, max_new_tokens=3)

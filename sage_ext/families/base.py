@@ -88,14 +88,15 @@ class BatchMedia:
         return parts
 
 
-def fixed_count_images(inputs: dict[str, Any], token_id: int, tokens_per_image: int) -> list[BatchMedia]:
-    """``batch_media`` of families with ``tokens_per_image`` placeholders per image and ``pixel_values
-    [num_images, ...]`` (and ``image_sizes``, if given) concatenated over the batch."""
+def fixed_count_images(inputs: dict[str, Any], token_id: int, tokens_per_image: int | list[int]) -> list[BatchMedia]:
+    """``batch_media`` of families with ``tokens_per_image`` placeholders per image (or a count for each image) and
+    ``pixel_values [num_images, ...]`` (and ``image_sizes``, if given) concatenated over the batch."""
     if not isinstance(inputs.get("pixel_values"), Tensor):
         return []
     count = inputs["pixel_values"].shape[0]
     keys = [key for key in ("pixel_values", "image_sizes") if isinstance(inputs.get(key), Tensor)]
-    return [BatchMedia("image", token_id, [tokens_per_image] * count, {key: [1] * count for key in keys})]
+    tokens = tokens_per_image if isinstance(tokens_per_image, list) else [tokens_per_image] * count
+    return [BatchMedia("image", token_id, tokens, {key: [1] * count for key in keys})]
 
 
 def left_padding_starts(attention_mask: Tensor | None, batch: int, length: int) -> list[int]:
@@ -184,9 +185,12 @@ class FamilyAdapter:
         return self.model.get_output_embeddings().weight.shape[0]
 
     def eos_token_ids(self) -> list[int]:
-        """End-of-sequence ids from the generation config (falls back to the model config)."""
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
+        """End-of-sequence ids as ``generate`` reads them: the generation config's (None there: no EOS, even when the
+        model config names one); the model config's only for a model without a generation config."""
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None:
+            eos = generation_config.eos_token_id
+        else:
             eos = getattr(self.text_config, "eos_token_id", None)
         if eos is None:
             return []

@@ -1,15 +1,37 @@
-"""Adapter for LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP features scattered into the
-``<image>`` placeholder positions of a Llama/Vicuna decoder, 1-D RoPE over the expanded sequence.
-The base adapter's forwards apply as they are; only the visual-token mask and the batch media are family-specific
-(``config.image_seq_length`` placeholders per image, ``pixel_values [num_images, ...]`` concatenated over a batch).
+"""Adapter for LLaVA-1.5 and the other ``LlavaForConditionalGeneration`` models (a CLIP, SigLIP or Pixtral vision
+tower: llava-interleave, Pixtral-12B): image features scattered into the ``<image>`` placeholder positions of the
+decoder, 1-D RoPE over the expanded sequence. The base adapter's forwards apply as they are; only the visual-token
+mask and the batch media are family-specific (``llava_image_tokens`` placeholders per image, ``pixel_values
+[num_images, ...]`` and ``image_sizes`` concatenated over a batch).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import BatchMedia, FamilyAdapter, fixed_count_images
+
+
+def llava_image_tokens(model: torch.nn.Module, pixel_values: Tensor, image_sizes: Tensor | None) -> list[int] | None:
+    """The placeholders each image of ``pixel_values`` fills, as ``LlavaModel.get_image_features`` makes its features.
+
+    With ``image_sizes`` (towers that take images of any size, e.g. Pixtral): ``(h // patch) * (w // patch)`` per
+    image. Else the tower's tokens per image (its position embeddings: the patches, plus a class token for CLIP,
+    none for SigLIP) less the first one for the "default" feature strategy. None when the tower does not say
+    (transformers then checks the count itself)."""
+    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+    if image_sizes is not None:
+        patch = getattr(tower, "patch_size", None) or getattr(model.config.vision_config, "patch_size", None)
+        if patch is None:
+            return None
+        return (torch.as_tensor(image_sizes).long() // int(patch)).prod(-1).tolist()
+    positions = getattr(getattr(tower, "embeddings", None), "num_positions", None)
+    if not isinstance(positions, int):
+        return None
+    dropped = int(getattr(model.config, "vision_feature_select_strategy", "default") == "default")
+    return [positions - dropped] * pixel_values.shape[0]
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -27,4 +49,9 @@ class LlavaAdapter(FamilyAdapter):
         return inputs["input_ids"] == self.image_token_id
 
     def batch_media(self, inputs: dict[str, Any]) -> list[BatchMedia]:
-        return fixed_count_images(inputs, self.image_token_id, int(self.config.image_seq_length))
+        pixel_values = inputs.get("pixel_values")
+        if not isinstance(pixel_values, Tensor):
+            return []
+        counts = llava_image_tokens(self.model, pixel_values, inputs.get("image_sizes"))
+        return fixed_count_images(inputs, self.image_token_id,
+                                  counts if counts is not None else int(self.config.image_seq_length))
