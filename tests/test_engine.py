@@ -148,6 +148,25 @@ def test_eos_inside_an_accepted_block(family, policy):
     assert last.emitted < last.tau + 1, "the EOS should cut an accepted block"
 
 
+def test_eos_is_read_from_the_generation_config_only():
+    """``generate`` stops at the generation config's EOS ids alone: with none there it runs to max_new_tokens even when
+    the model config names an EOS the output holds; so does the engine. An EOS given as a tensor is read as a list."""
+    target, inputs = tiny_llama()
+    draft = correlated_draft(target, noise=0.1)
+    prompt_len = inputs["input_ids"].shape[1]
+    free = hf_greedy(target, inputs, max_new_tokens=MAX_NEW, eos_token_id=-1)[0, prompt_len:].tolist()
+    eos = next(token for i, token in enumerate(free) if i >= 3 and token not in free[:i])
+    target.config.eos_token_id = eos
+    target.generation_config.eos_token_id = None
+    reference = hf_greedy(target, inputs, max_new_tokens=MAX_NEW)
+    assert reference.shape[1] == prompt_len + MAX_NEW
+    out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)
+    stopped = SpeculativeGenerator(target, draft, "sage").generate(
+        **inputs, max_new_tokens=MAX_NEW, eos_token_id=torch.tensor([eos, 10**6]))
+    assert torch.equal(stopped.sequences, hf_greedy(target, inputs, max_new_tokens=MAX_NEW, eos_token_id=eos))
+
+
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_llava])
 @pytest.mark.parametrize("policy", ["static", "sage", "dynamic"])
 def test_stop_strings(builder, policy):

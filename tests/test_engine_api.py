@@ -16,6 +16,7 @@ from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
     tiny_qwen2,
     tiny_tokenizer,
 )
+from tiny_vlms import tiny_qwen2_vl
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, TextStreamer
 
 from sage_ext.engine import GenerationOutput, SpeculativeGenerator, generate
@@ -168,6 +169,24 @@ def test_different_eos_is_rejected(llama):
     draft = same_draft(target)
     draft.generation_config.eos_token_id = 3
     with pytest.raises(ValueError, match="EOS"):
+        SpeculativeGenerator(target, draft, "sage")
+
+
+@pytest.mark.parametrize("builder, change, fragment", [
+    (tiny_qwen2_vl, lambda config: setattr(config.vision_config, "patch_size", 8), "vision_config.patch_size 4 vs 8"),
+    (tiny_qwen2_vl, lambda config: setattr(config.vision_config, "spatial_merge_size", 1),
+     "vision_config.spatial_merge_size 2 vs 1"),
+    (tiny_qwen2_vl, lambda config: setattr(config, "image_token_id", 3), r"image_token_id \d+ vs 3"),
+    (tiny_llava, lambda config: setattr(config, "vision_feature_select_strategy", "full"),
+     "vision_feature_select_strategy default vs full"),
+])
+def test_a_draft_that_reads_media_differently_is_rejected(builder, change, fragment):
+    """The draft is given the processor outputs made for the target: a draft whose media tokens or vision geometry
+    differ would fail inside transformers at its prefill (or read the wrong tokens), so the pair is refused up front."""
+    target, _ = builder()
+    draft = correlated_draft(target)
+    change(draft.config)
+    with pytest.raises(ValueError, match=f"read images/videos differently \\({fragment}"):
         SpeculativeGenerator(target, draft, "sage")
 
 

@@ -200,6 +200,15 @@ class SpeculativeGenerator:
         eos_t, eos_d = set(target.eos_token_ids()), set(draft.eos_token_ids())
         if eos_t and eos_d and eos_t != eos_d:
             raise ValueError(f"target and draft disagree on EOS token ids ({sorted(eos_t)} vs {sorted(eos_d)})")
+        media_t, media_d = _media_layout(target.config), _media_layout(draft.config)
+        differ = [f"{name} {media_t[name]} vs {media_d[name]}" for name in media_t
+                  if name in media_d and media_t[name] != media_d[name]]
+        if differ:
+            raise ValueError(
+                f"target and draft read images/videos differently ({'; '.join(differ)}, target vs draft): the draft is "
+                f"given the processor outputs made for the target, so both need the same media tokens and vision "
+                f"geometry (a draft of the same model series, e.g. a smaller checkpoint with the target's processor)"
+            )
 
     # ------------------------------------------------------------------ sampling helpers
     def _warpers(self, temperature: float, top_k: int | None, top_p: float | None) -> list:
@@ -251,7 +260,7 @@ class SpeculativeGenerator:
         differently from one-token decoding: docs/ENGINE.md, Precision); with ``do_sample`` the output is
         distributed exactly like the target's sampling with the same ``temperature`` / ``top_k`` / ``top_p``
         (None → the target's generation_config, then HF's defaults: top_k 50, top_p 1.0; 0 disables top-k).
-        ``eos_token_id`` (int or list; default: the target's generation_config), ``stop_strings`` (needs
+        ``eos_token_id`` (int, list or tensor; default: the target's generation_config's, as ``generate``), ``stop_strings`` (needs
         ``tokenizer``; same rule as HF's StopStringCriteria), ``streamer`` (``put``/``end``, receives the
         prompt first, then the tokens of every step; one prompt only), ``generator`` (torch.Generator for sampling).
 
@@ -288,8 +297,7 @@ class SpeculativeGenerator:
                 check_row_inputs(self.target, row_inputs["input_ids"], row_inputs)
             self._check_row_fits(row_inputs, max_new_tokens)
         if batch > 1 and pad_token_id is None:
-            eos = eos_token_id if eos_token_id is not None else self.target.eos_token_ids()
-            eos = list(eos) if isinstance(eos, (list, tuple, set)) else [eos]
+            eos = _eos_ids(eos_token_id, self.target)
             if not eos:
                 raise ValueError("a batch needs pad_token_id (the target's generation_config has none, nor an EOS id) "
                                  "to fill the rows that end early")
@@ -331,8 +339,7 @@ class SpeculativeGenerator:
         self.draft_temperature = temperature if do_sample else 1.0
         self._active_warpers = self._warpers(temperature, top_k, top_p) if do_sample else []
 
-        eos = eos_token_id if eos_token_id is not None else self.target.eos_token_ids()
-        eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
+        eos_ids = set(_eos_ids(eos_token_id, self.target))
         stop_criteria = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
 
         # one state per row; row 0 runs the generator's own policy object (its state is inspected after a call)
@@ -706,6 +713,36 @@ class _StepRow(NamedTuple):
     level_mass: tuple[float, ...]
     shape: str  # the proposal's shape and whether it was a trial (TreeProposal's)
     trial: bool
+
+
+#: What a processor's media outputs depend on: the placeholder token ids (model config: either name), the vision
+#: geometry (``vision_config``: pixels per image and patch, patches merged per token) and the features kept per image
+_MEDIA_TOKENS = {"image_token_id": ("image_token_id", "image_token_index"),
+                 "video_token_id": ("video_token_id", "video_token_index")}
+_VISION_GEOMETRY = ("image_size", "patch_size", "temporal_patch_size", "spatial_merge_size", "num_channels",
+                    "in_channels")
+_FEATURE_LAYOUT = ("vision_feature_select_strategy", "image_grid_pinpoints", "mm_tokens_per_image", "scale_factor")
+
+
+def _media_layout(config) -> dict[str, Any]:
+    """The settings of ``config`` that decide which processor outputs its model reads (those it has)."""
+    layout = {name: next((getattr(config, alias) for alias in aliases if getattr(config, alias, None) is not None),
+                         None)
+              for name, aliases in _MEDIA_TOKENS.items()}
+    layout |= {name: getattr(config, name, None) for name in _FEATURE_LAYOUT}
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        layout |= {f"vision_config.{name}": getattr(vision, name, None) for name in _VISION_GEOMETRY}
+    return {name: value for name, value in layout.items() if value is not None}
+
+
+def _eos_ids(eos_token_id: int | list[int] | Tensor | None, target: FamilyAdapter) -> list[int]:
+    """The generation's EOS ids: ``eos_token_id`` (an int, a list or a tensor of them, as ``generate`` takes) or, when
+    None, the target's generation config's (none there: no EOS)."""
+    eos = eos_token_id if eos_token_id is not None else target.eos_token_ids()
+    if isinstance(eos, Tensor):
+        eos = eos.flatten().tolist()
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])]
 
 
 def _stop_reason(token: int, sequence: list[int], eos_ids: set[int], stop_criteria) -> str | None:
