@@ -155,7 +155,8 @@ PYBIND11_MODULE(_C, module) {
                     const std::optional<at::Tensor>&>(),
            py::arg("capacity"), py::arg("max_cache_len"), py::arg("chain_rows"), py::arg("sequence"),
            py::arg("draft_dtype"), py::arg("target_dtype"), py::arg("row_table") = py::none())
-      .def("start_generation", &TreeWorkspace::start_generation, py::arg("draft_cache_len"))
+      .def("start_generation", &TreeWorkspace::start_generation, py::arg("draft_cache_len"),
+           py::arg("stop_tokens") = std::vector<int64_t>{})
       .def("start", &TreeWorkspace::start, py::arg("cur_len"), py::arg("draft_done"), py::arg("layout") = py::none())
       .def("root_only", &TreeWorkspace::root_only, py::arg("cur_len"))
       .def("sage_level", &TreeWorkspace::sage_level, py::arg("logits"), py::arg("alpha"), py::arg("frontier_start"),

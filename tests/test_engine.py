@@ -167,6 +167,39 @@ def test_eos_is_read_from_the_generation_config_only():
     assert torch.equal(stopped.sequences, hf_greedy(target, inputs, max_new_tokens=MAX_NEW, eos_token_id=eos))
 
 
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_a_chain_that_reaches_eos_is_not_drafted_past_it(family, static_shapes):
+    """Whatever follows an accepted EOS is dropped, so with dynamic shapes (each level's count read) a level whose
+    nodes are all EOS is not fed to the draft: a chain that proposes EOS at depth e costs e draft forwards (the root's
+    and e - 1 levels'), not the chain's length. Static shapes read nothing mid-step and draft the whole chain. Both
+    are lossless."""
+    draft, length = same_draft(family.target), 8
+
+    def chain():  # SAGE's levels shaped as an 8-token chain (width 1, no threshold), as sage_cost's chains are
+        return SagePolicy(d_min=length, d_max=length, d_max_cap=length, w_min=1, w_max=1, theta_scale=1e-9,
+                          first_round_paths=None, static_shapes=static_shapes)
+
+    prompt_len = family.inputs["input_ids"].shape[1]
+    free_run = SpeculativeGenerator(family.target, draft, chain()).generate(
+        **family.inputs, max_new_tokens=MAX_NEW, eos_token_id=-1)
+    assert all(step.tau == length for step in free_run.stats.steps[:-1])  # the draft is the target: all accepted
+    generated = free_run.sequences[0, prompt_len:].tolist()
+    # a token first generated at a chain depth below the last (index 0 is the prefill's token; step j's chain holds
+    # the indices 1 + (length + 1) j .. (length + 1) (j + 1) - 1, its bonus token the next)
+    candidates = [i for i in range(1, len(generated)) if (i - 1) % (length + 1) < length - 1
+                  and generated[i] not in generated[:i]]
+    assert candidates
+    eos = generated[candidates[0]]
+    depth = (candidates[0] - 1) % (length + 1) + 1
+    reference = hf_greedy(family.target, family.inputs, max_new_tokens=MAX_NEW, eos_token_id=eos)
+    out = SpeculativeGenerator(family.target, draft, chain()).generate(
+        **family.inputs, max_new_tokens=MAX_NEW, eos_token_id=eos)
+    assert torch.equal(out.sequences, reference) and out.stats.stop_reason == "eos"
+    last = out.stats.steps[-1]
+    assert last.emitted == depth < length
+    assert last.draft_forwards == (length if static_shapes else depth)
+
+
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_llava])
 @pytest.mark.parametrize("policy", ["static", "sage", "dynamic"])
 def test_stop_strings(builder, policy):

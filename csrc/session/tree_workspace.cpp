@@ -12,6 +12,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/index.h>
+#include <ATen/ops/isin.h>
+#include <ATen/ops/logical_and.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
@@ -140,12 +142,17 @@ at::Tensor TreeWorkspace::node_row() const {
 void TreeWorkspace::tree_written() { layout_parents_ = at::Tensor(); }
 
 // ---- draft side -------------------------------------------------------------------------------------
-void TreeWorkspace::start_generation(int64_t draft_cache_len) {
+void TreeWorkspace::start_generation(int64_t draft_cache_len, const std::vector<int64_t>& stop_tokens) {
   TORCH_CHECK_VALUE(draft_cache_len >= 0, "TreeWorkspace.start_generation: draft_cache_len must be >= 0, got ",
                     draft_cache_len);
   draft_len = draft_cache_len;
   draft_base = 0;
   rows_used = 0;
+  stop_tokens_ = stop_tokens;
+  stop_tokens_device_ = at::Tensor();
+  if (!stop_tokens.empty() && !tokens.is_cpu()) {  // one small upload per generation
+    stop_tokens_device_ = at::tensor(stop_tokens, at::TensorOptions().dtype(at::kLong)).to(tokens.device());
+  }
 }
 
 void TreeWorkspace::root_only(int64_t cur_len) {
@@ -288,28 +295,41 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   // With both read (dynamic shapes) the new level's draft probability mass rides along (its float64 bits in the
   // same copy; on the CPU a sum over the level's nodes), for go_on and for level_masses (what cost-aware
   // policies learn from): nothing about the tree is read again after the step
-  int64_t count = known_count, max_depth = known_max_depth;
+  // With stop tokens, the number of the level's nodes that are stop tokens comes along too: a level of stop tokens
+  // only (a chain that reached EOS) ends the tree.
+  int64_t count = known_count, max_depth = known_max_depth, stops = 0;
   const bool dynamic = known_count < 0 && known_max_depth < 0;
   double mass = 0.0;
   if (dynamic && !count_t.is_cpu()) {
     const at::Tensor real = parents.narrow(1, slot_start, num_slots).ge(0);
     const at::Tensor probabilities = cum_logprobs.narrow(1, slot_start, num_slots).to(at::kDouble).exp();
     const at::Tensor level_mass = at::where(real, probabilities, 0.0).sum().reshape({1}).view(at::kLong);
-    const at::Tensor read = at::cat({count_t.reshape({1}), max_depth_t.reshape({1}), level_mass}).cpu();
+    std::vector<at::Tensor> parts{count_t.reshape({1}), max_depth_t.reshape({1}), level_mass};
+    if (stop_tokens_device_.defined()) {
+      const at::Tensor is_stop = at::isin(tokens.narrow(1, slot_start, num_slots), stop_tokens_device_);
+      parts.push_back(at::logical_and(real, is_stop).sum().reshape({1}));
+    }
+    const at::Tensor read = at::cat(parts).cpu();
     count = read.const_data_ptr<int64_t>()[0];
     max_depth = read.const_data_ptr<int64_t>()[1];
     mass = read.view(at::kDouble).const_data_ptr<double>()[2];
+    if (stop_tokens_device_.defined()) stops = read.const_data_ptr<int64_t>()[3];
   } else {
     if (known_count < 0) count = host_int(count_t);
     if (known_max_depth < 0) max_depth = host_int(max_depth_t);
     if (dynamic) {  // a dynamic level's real nodes are its first `count` slots
       const float* cum = cum_logprobs.const_data_ptr<float>() + slot_start;
-      for (int64_t i = 0; i < count; ++i) mass += std::exp(static_cast<double>(cum[i]));
+      const int64_t* new_tokens = tokens.const_data_ptr<int64_t>() + slot_start;
+      for (int64_t i = 0; i < count; ++i) {
+        mass += std::exp(static_cast<double>(cum[i]));
+        stops += std::find(stop_tokens_.begin(), stop_tokens_.end(), new_tokens[i]) != stop_tokens_.end();
+      }
     }
   }
   if (dynamic && count > 0) level_masses_.push_back(mass);
   std::optional<ForwardInputs> next;
-  if (count > 0 && level < max_depth && used + count < n_max && (!go_on.has_value() || go_on->pays(mass, count))) {
+  if (count > 0 && stops < count && level < max_depth && used + count < n_max &&
+      (!go_on.has_value() || go_on->pays(mass, count))) {
     next = feed(slot_start, count, level);
   }
   return {count, frontier_alpha, max_depth, next};

@@ -96,8 +96,10 @@ class TreeWorkspace {
 
   // ---- draft side -----------------------------------------------------------------------------------
   // A generation starts on a draft cache of `draft_cache_len` rows (after the prefill): resets the host
-  // bookkeeping (draft_len = draft_cache_len, draft_base and rows_used 0).
-  void start_generation(int64_t draft_cache_len);
+  // bookkeeping (draft_len = draft_cache_len, draft_base and rows_used 0). `stop_tokens`: the tokens that end
+  // this generation (its EOS ids): with dynamic shapes a level whose nodes are all stop tokens is not fed to the
+  // draft (whatever follows an accepted stop token is dropped, so a level below it can only cost).
+  void start_generation(int64_t draft_cache_len, const std::vector<int64_t>& stop_tokens = {});
 
   // Step start: the root (sequence[cur_len - 1]) into slot 0; optionally a fixed layout; the tree block moved
   // to the new base; returns the inputs of the step's first draft forward (sequence [draft_done, cur_len)).
@@ -107,8 +109,9 @@ class TreeWorkspace {
   void root_only(int64_t cur_len);
 
   // One SAGE level (the sage_level_ op) on the last `frontier_count` rows of the draft logits [1, T, V]; then,
-  // when the tree goes on (count > 0, level < max_depth, used + count < n_max and, with go_on, the next level
-  // pays), the inputs of the draft forward that feeds the new slots. count / max_depth: known_count /
+  // when the tree goes on (count > 0, level < max_depth, used + count < n_max, with dynamic shapes not every new
+  // node a stop token, and, with go_on, the next level pays), the inputs of the draft forward that feeds the new
+  // slots. count / max_depth: known_count /
   // known_max_depth when >= 0 (static shapes), else read from the op's outputs (free on the CPU, a sync
   // elsewhere; go_on needs them read: the level's mass comes with the same copy, and is kept in level_masses).
   // Returns (count, frontier_alpha [1, F] at level 1 (else none), max_depth, next forward inputs or none).
@@ -209,6 +212,8 @@ class TreeWorkspace {
   std::optional<FixedLayout> layout_;  // this step's fixed layout (none: the tree is built level by level)
   at::Tensor layout_parents_;  // the fixed parents last copied into `parents`
   std::vector<double> level_masses_;  // this step's levels' draft probability masses (sage_level, dynamic shapes)
+  std::vector<int64_t> stop_tokens_;  // the generation's stop tokens (start_generation), and on the tree's device
+  at::Tensor stop_tokens_device_;     // (undefined on the CPU, where the host list is read)
   at::Tensor root_alpha_;      // [1] the root's confidence, measured by this step's first level (or undefined)
   // the step's tree
   TreeKind tree_kind_ = TreeKind::kRoot;

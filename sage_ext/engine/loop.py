@@ -417,7 +417,7 @@ class SpeculativeGenerator:
             )
             row_table = row.ctx.ws.row_table
             if use_draft:
-                row.ctx.ws.start_generation(row.draft_start)
+                row.ctx.ws.start_generation(row.draft_start, sorted(eos_ids))
         self._row_tables[(device, capacity)] = row_table
         # the caches' key/value tensors grouped by device (a model split with device_map has several groups): the
         # workspace's commit compacts every group of the row
