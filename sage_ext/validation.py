@@ -104,6 +104,18 @@ def _as_token_tensor(value: Any, name: str) -> Tensor:
     raise TypeError(f"{name} must be a LongTensor [1, L] or a list of int token ids, got {type(value).__name__}")
 
 
+def _as_mask_tensor(value: Any) -> Tensor:
+    """An ``attention_mask`` as an integer tensor: 1 for a token, 0 for padding (a float or bool mask of 0/1, as
+    ``generate`` takes them, is converted)."""
+    if isinstance(value, Tensor) and (value.is_floating_point() or value.dtype == torch.bool):
+        if value.dtype != torch.bool and not bool(((value == 0) | (value == 1)).all()):
+            raise ValueError("attention_mask must hold 1 for a token and 0 for padding, got other values")
+        return value.to(torch.int64)
+    if isinstance(value, Tensor) and value.is_complex():
+        raise TypeError(f"attention_mask must hold 1 for a token and 0 for padding, got a tensor of dtype {value.dtype}")
+    return _as_token_tensor(value, "attention_mask")
+
+
 def _check_number(name: str, value: Any, *, low: float, low_open: bool, high: float | None = None,
                   integer: bool = False) -> None:
     kind = "an int" if integer else "a number"
@@ -300,7 +312,7 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
         raise TypeError("input_ids is required (the processor's or tokenizer's output)")
     input_ids = _as_token_tensor(input_ids, "input_ids")
     if "attention_mask" in inputs and inputs["attention_mask"] is not None:
-        inputs["attention_mask"] = _as_token_tensor(inputs["attention_mask"], "attention_mask")
+        inputs["attention_mask"] = _as_mask_tensor(inputs["attention_mask"])
     if input_ids.dim() == 2 and input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty; the prompt needs at least one token")
 

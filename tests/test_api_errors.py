@@ -47,6 +47,18 @@ def test_bad_input_ids(llama, value, error, fragment):
         generator.generate(input_ids=value, max_new_tokens=4)
 
 
+def test_attention_mask_as_float_or_bool_like_transformers(llama):
+    """A float or bool 0/1 mask is read like the integer one (generate takes them); other values are refused."""
+    generator, target, inputs = llama
+    expected = _reference(target, inputs, max_new_tokens=6)
+    for dtype in (torch.float32, torch.bool):
+        mask = inputs["attention_mask"].to(dtype)
+        assert torch.equal(generator.generate(**{**inputs, "attention_mask": mask}, max_new_tokens=6).sequences,
+                           expected)
+    with pytest.raises(ValueError, match="attention_mask must hold 1 for a token and 0 for padding"):
+        generator.generate(**{**inputs, "attention_mask": inputs["attention_mask"] * 0.5}, max_new_tokens=6)
+
+
 def test_max_length_is_honoured(llama):
     generator, target, inputs = llama
     prompt_len = inputs["input_ids"].shape[1]
