@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .families.internvl import internvl_tile_tokens
 from .families.llava import llava_image_tokens
 
 #: What ``generate`` produces when ``max_new_tokens`` and ``max_length`` are both left out.
@@ -206,6 +207,9 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
         _check_square_images(model_name, vision, pixel_values, 4)
         if per_image is not None:
             _check_placeholders(input_ids, int(image_id), pixel_values.shape[0], int(per_image))
+    elif model_type == "internvl":  # tiles of the vision config's size, a fixed count of placeholders each
+        _check_square_images(model_name, vision, pixel_values, 4)
+        _check_placeholders(input_ids, int(image_id), pixel_values.shape[0], internvl_tile_tokens(config))
     elif model_type in ("idefics3", "smolvlm"):
         _check_square_images(model_name, vision, pixel_values, 5)
         mask = inputs.get("pixel_attention_mask")
@@ -220,12 +224,14 @@ def _check_square_images(model_name, vision, pixel_values: Tensor, dims: int) ->
     """``pixel_values [num_images, C, size, size]`` (``dims`` 4) or ``[batch, images, C, size, size]`` (5) at the vision
     config's image size and channels, as the processor resizes them."""
     channels = int(getattr(vision, "num_channels", 3))
-    size = int(vision.image_size)
+    size = vision.image_size  # an int, or (height, width)
+    height, width = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
     layout = "[num_images" if dims == 4 else "[batch, images"
-    if pixel_values.dim() != dims or tuple(pixel_values.shape[-3:]) != (channels, size, size):
+    if pixel_values.dim() != dims or tuple(pixel_values.shape[-3:]) != (channels, height, width):
         raise ValueError(
-            f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects {layout}, {channels}, {size}, {size}] "
-            f"(vision_config: num_channels {channels}, image_size {size}): make them with the model's processor"
+            f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects {layout}, {channels}, {height}, "
+            f"{width}] (vision_config: num_channels {channels}, image_size {size}): make them with the model's "
+            f"processor"
         )
 
 

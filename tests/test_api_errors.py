@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_llava  # noqa: F401  (one_thread: autouse)
 from tiny_vlms import tiny_idefics3, tiny_qwen2_vl
-from tiny_vlms_more import tiny_gemma3, tiny_paligemma, tiny_qwen3_vl, tiny_qwen3_vl_video
+from tiny_vlms_more import tiny_gemma3, tiny_internvl, tiny_paligemma, tiny_qwen3_vl, tiny_qwen3_vl_video
 
 from sage_ext.engine import SpeculativeGenerator
 
@@ -176,13 +176,16 @@ def test_qwen_vl_media_are_checked_for_images_and_videos(builder, kind):
      "hold 32 image placeholder tokens .* 1 image\\(s\\) of 16 tokens each"),
     (tiny_paligemma, lambda inputs: {"pixel_values": torch.cat([inputs["pixel_values"]] * 2)},
      "hold 16 image placeholder tokens .* 2 image\\(s\\) of 16 tokens each"),
+    (tiny_internvl, lambda inputs: {"pixel_values": inputs["pixel_values"][:3]},
+     "hold 64 image placeholder tokens .* 3 image\\(s\\) of 16 tokens each"),
+    (tiny_internvl, lambda inputs: {"pixel_values": torch.randn(4, 3, 28, 28)}, "expects \\[num_images, 3, 32, 32\\]"),
     (tiny_idefics3, lambda inputs: {"pixel_values": inputs["pixel_values"][0]},
      "Idefics3ForConditionalGeneration expects \\[batch, images, 3, 32, 32\\]"),
     (tiny_idefics3, lambda inputs: {"pixel_attention_mask": inputs["pixel_attention_mask"][..., :16, :16]},
      "pixel_attention_mask has shape .* expects \\[batch, images, height, width\\]"),
 ])
 def test_fixed_size_images_are_checked(builder, change, fragment):
-    """Gemma 3, PaliGemma and Idefics3/SmolVLM images at the vision config's size, in the processor's layout, and as
+    """Gemma 3, PaliGemma, InternVL and Idefics3/SmolVLM images (tiles) at the vision config's size, in the processor's layout, and as
     many as the placeholders fill: a clear error before transformers sees them."""
     target, inputs = builder()
     with pytest.raises(ValueError, match=fragment):

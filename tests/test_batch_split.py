@@ -28,6 +28,7 @@ from tiny_vlms_more import (
     tiny_gemma3,
     tiny_gemma3_text,
     tiny_gpt2,
+    tiny_internvl,
     tiny_llava_next,
     tiny_paligemma,
     tiny_phi3,
@@ -238,6 +239,7 @@ CASES = {
     "smolvlm": joined_case(tiny_smolvlm, media_dim=1, batch_first=IDEFICS_SLOTS),
     "gemma3": joined_case(tiny_gemma3, "token_type_ids"),
     "paligemma": joined_case(tiny_paligemma, "token_type_ids"),
+    "internvl": joined_case(tiny_internvl, tiles=[(2,), (1, 2)]),
 }
 
 

@@ -1,5 +1,5 @@
 """Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT, Gemma 3,
-PaliGemma, Qwen3-VL (image, video; dense and MoE decoder) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3
+PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3
 text, GPT-2 (plain causal LMs).
 
 Same conventions as tests/tiny_vlms.py (no downloads, fp32, eval, ``LOGIT_STD`` embeddings and lm_head,
@@ -12,7 +12,8 @@ the placeholders (bidirectional attention inside each image); PaliGemma the imag
 ``token_type_ids`` all 0 (the whole prompt is a bidirectional prefix, positions start at 1); Qwen3-VL an image of a
 non-square grid between ``<vision_start>``/``<vision_end>``, a video as Qwen3VLProcessor writes it: per temporal
 patch, timestamp text then ``<vision_start>`` + the frame's placeholders + ``<vision_end>`` (one
-``video_grid_thw`` row for the whole video), DeepStack features from both vision blocks. The Gemma decoders
+``video_grid_thw`` row for the whole video), DeepStack features from both vision blocks; InternVL two images of
+3 and 1 tiles (16 placeholders per tile). The Gemma decoders
 have sliding-window layers with a window longer than any test sequence.
 """
 from __future__ import annotations
@@ -27,12 +28,16 @@ from transformers import (
     Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     Phi3Config,
     Phi3ForCausalLM,
+    Qwen2Config,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3VLConfig,
@@ -58,6 +63,7 @@ from tiny_vlms import (
 
 from sage_ext.families.causal_lm import CausalLMAdapter
 from sage_ext.families.gemma3 import Gemma3Adapter
+from sage_ext.families.internvl import InternVLAdapter
 from sage_ext.families.llava_next import LlavaNextAdapter
 from sage_ext.families.paligemma import PaliGemmaAdapter
 from sage_ext.families.qwen3_vl import Qwen3VLAdapter
@@ -136,6 +142,23 @@ def tiny_gemma3(seed: int = 0, small: bool = False, question_len: int = 12):
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "pixel_values": torch.randn(2, 3, 32, 32, generator=generator),
                    "token_type_ids": (input_ids == IMAGE_TOKEN_ID).long()}
+
+
+def tiny_internvl(seed: int = 0, small: bool = False, question_len: int = 12, tiles: tuple[int, ...] = (3, 1)):
+    """InternVL: 32 px tiles (4 px patches, 8x8 pixel-shuffled by 0.5 -> 16 tokens each; ``image_seq_length`` left at
+    its default 256), a Qwen2 decoder; two images of ``tiles`` tiles each, each ``<img>`` + placeholders + ``</img>``
+    (``BOI_TOKEN_ID`` / ``EOI_TOKEN_ID`` stand for them)."""
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1 if small else 2,
+                                  num_attention_heads=2, image_size=32, patch_size=4)
+    config = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_text(small)),
+                            image_token_id=IMAGE_TOKEN_ID, downsample_ratio=0.5, tie_word_embeddings=False)
+    config.eos_token_id = EOS_TOKEN_ID
+    model = _built(InternVLForConditionalGeneration, config, seed)
+    images = [[BOI_TOKEN_ID] + [IMAGE_TOKEN_ID] * 16 * count + [EOI_TOKEN_ID] for count in tiles]
+    input_ids = _prompt(4, [token for image in images for token in image + [7]], question_len, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "pixel_values": torch.randn(sum(tiles), 3, 32, 32, generator=generator)}
 
 
 def tiny_paligemma(seed: int = 0, small: bool = False, question_len: int = 12, vocab_size: int = VOCAB_SIZE):
@@ -309,6 +332,7 @@ MORE_VLM_BUILDERS = {
     "paligemma": tiny_paligemma,
     "qwen3_vl": tiny_qwen3_vl,
     "qwen3_vl_moe": tiny_qwen3_vl_moe,
+    "internvl": tiny_internvl,
 }
 
 CAUSAL_LM_BUILDERS = {
@@ -329,6 +353,7 @@ MORE_ADAPTER_CLASSES = {
     "paligemma": PaliGemmaAdapter,
     "qwen3_vl": Qwen3VLAdapter,
     "qwen3_vl_moe": Qwen3VLAdapter,
+    "internvl": InternVLAdapter,
     **{name: CausalLMAdapter for name in CAUSAL_LM_BUILDERS},
 }
 ALL_VLM_ADAPTER_CLASSES = {**ADAPTER_CLASSES, **MORE_ADAPTER_CLASSES}

@@ -721,7 +721,8 @@ _MEDIA_TOKENS = {"image_token_id": ("image_token_id", "image_token_index"),
                  "video_token_id": ("video_token_id", "video_token_index")}
 _VISION_GEOMETRY = ("image_size", "patch_size", "temporal_patch_size", "spatial_merge_size", "num_channels",
                     "in_channels")
-_FEATURE_LAYOUT = ("vision_feature_select_strategy", "image_grid_pinpoints", "mm_tokens_per_image", "scale_factor")
+_FEATURE_LAYOUT = ("vision_feature_select_strategy", "image_grid_pinpoints", "mm_tokens_per_image", "scale_factor",
+                   "downsample_ratio")
 
 
 def _media_layout(config) -> dict[str, Any]:
