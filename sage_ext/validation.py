@@ -199,7 +199,10 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
         raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
     if vision is None or image_id is None:
         return
-    if model_type == "llava":
+    if model_type in ("llava", "mistral3"):
+        if model_type == "mistral3" and inputs.get("image_sizes") is None:
+            raise ValueError(f"pixel_values were given without image_sizes; {model_name} needs both (the processor "
+                             f"returns them together)")
         _check_llava_pixels(model, vision, input_ids, inputs, pixel_values, int(image_id))
     elif model_type in ("gemma3", "paligemma"):
         per_image = (config.mm_tokens_per_image if model_type == "gemma3" else

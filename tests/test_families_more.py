@@ -1,6 +1,6 @@
 """Families served by the generic causal-LM adapter (Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2) and the
-vision-language families LLaVA-NeXT, Gemma 3, PaliGemma, Qwen3-VL (dense and MoE decoders; M-RoPE, DeepStack) and
-InternVL
+vision-language families LLaVA-NeXT, Gemma 3, PaliGemma, Qwen3-VL (dense and MoE decoders; M-RoPE, DeepStack),
+InternVL and Mistral 3
 (tests/tiny_vlms_more.py).
 
 - every family x every policy: greedy output token-identical to ``target.generate`` in fp32, and after every
@@ -96,8 +96,8 @@ REFUSED = {
         vocab_size=64, hidden_size=16, n_layer=1, n_head=2)), "takes no position_ids"),
     "openai-gpt (no 4-D masks)": (lambda: _on_meta(transformers.OpenAIGPTLMHeadModel, transformers.OpenAIGPTConfig(
         vocab_size=64, n_embd=16, n_layer=1, n_head=2)), "4-D attention mask"),
-    "mistral3 (unknown multimodal family)": (lambda: _on_meta(
-        transformers.Mistral3ForConditionalGeneration, transformers.Mistral3Config()), "multimodal model"),
+    "llava_next_video (unknown multimodal family)": (lambda: _on_meta(
+        transformers.LlavaNextVideoForConditionalGeneration, transformers.LlavaNextVideoConfig()), "multimodal model"),
 }
 
 

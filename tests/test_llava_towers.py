@@ -1,5 +1,6 @@
 """LLaVA (``model_type == "llava"``) with the vision towers real checkpoints use besides CLIP: SigLIP (no class token:
-llava-interleave) and Pixtral (images of any size with ``image_sizes``: Pixtral-12B). The placeholders per image
+llava-interleave) and Pixtral (images of any size with ``image_sizes``: Pixtral-12B); and Mistral 3 (a Pixtral tower
+whose patches are merged 2x2). The placeholders per image
 follow the tower (``families.llava.llava_image_tokens``), for the input check and for splitting a batch alike, whatever
 ``config.image_seq_length`` says; every output equals ``target.generate``.
 """
@@ -9,6 +10,7 @@ import pytest
 import torch
 from tiny_models import EOS_TOKEN_ID, IMAGE_TOKEN_ID, TEXT_VOCAB, VOCAB_SIZE, correlated_draft, one_thread  # noqa: F401
 from tiny_vlms import finish, text_config_kwargs
+from tiny_vlms_more import tiny_mistral3
 from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig, SiglipVisionConfig
 
 import sage_ext
@@ -99,6 +101,9 @@ CASES = {
                                lambda model, seed: siglip_inputs(model, 1 + seed, seed)),
     "pixtral": lambda: (tiny_llava_with("pixtral"),
                         lambda model, seed: pixtral_inputs([(32, 48), (16, 24)][: 1 + seed], seed)),
+    # Mistral 3: the same tower with 2x2 patches merged into one feature (its own family adapter, the same rule)
+    "mistral3": lambda: (tiny_mistral3()[0],
+                         lambda model, seed: tiny_mistral3(seed, sizes=[((32, 24),), ((16, 16), (16, 40))][seed])[1]),
 }
 
 
@@ -116,11 +121,18 @@ def test_prompts_and_batches_equal_target_generate(case, policy):
     assert torch.equal(sequences, reference(model, batch))
 
 
-@pytest.mark.parametrize("case", ["siglip-full", "siglip-default", "pixtral"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_a_placeholder_count_that_does_not_match_the_tower_is_refused(case):
     model, make_inputs = CASES[case]()
     inputs = make_inputs(model, 0)
-    position = int((inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
+    position = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
     inputs["input_ids"][0, position] = 5  # one placeholder fewer than the image's features
     with pytest.raises(ValueError, match="image placeholder tokens"):
+        sage_ext.generate(model, None, policy="ar", **inputs, max_new_tokens=2)
+
+
+def test_mistral3_images_need_their_sizes():
+    model, inputs = tiny_mistral3()
+    del inputs["image_sizes"]
+    with pytest.raises(ValueError, match="pixel_values were given without image_sizes"):
         sage_ext.generate(model, None, policy="ar", **inputs, max_new_tokens=2)

@@ -1,5 +1,5 @@
 """Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT, Gemma 3,
-PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3
+PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL, Mistral 3 (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3
 text, GPT-2 (plain causal LMs).
 
 Same conventions as tests/tiny_vlms.py (no downloads, fp32, eval, ``LOGIT_STD`` embeddings and lm_head,
@@ -13,7 +13,7 @@ the placeholders (bidirectional attention inside each image); PaliGemma the imag
 non-square grid between ``<vision_start>``/``<vision_end>``, a video as Qwen3VLProcessor writes it: per temporal
 patch, timestamp text then ``<vision_start>`` + the frame's placeholders + ``<vision_end>`` (one
 ``video_grid_thw`` row for the whole video), DeepStack features from both vision blocks; InternVL two images of
-3 and 1 tiles (16 placeholders per tile). The Gemma decoders
+3 and 1 tiles (16 placeholders per tile); Mistral 3 two images of other sizes (Pixtral's rows of placeholders). The Gemma decoders
 have sliding-window layers with a window longer than any test sequence.
 """
 from __future__ import annotations
@@ -33,10 +33,14 @@ from transformers import (
     InternVLVisionConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     Phi3Config,
     Phi3ForCausalLM,
+    PixtralVisionConfig,
     Qwen2Config,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -64,6 +68,7 @@ from tiny_vlms import (
 from sage_ext.families.causal_lm import CausalLMAdapter
 from sage_ext.families.gemma3 import Gemma3Adapter
 from sage_ext.families.internvl import InternVLAdapter
+from sage_ext.families.llava import Mistral3Adapter
 from sage_ext.families.llava_next import LlavaNextAdapter
 from sage_ext.families.paligemma import PaliGemmaAdapter
 from sage_ext.families.qwen3_vl import Qwen3VLAdapter
@@ -159,6 +164,34 @@ def tiny_internvl(seed: int = 0, small: bool = False, question_len: int = 12, ti
     generator = torch.Generator().manual_seed(seed + 1)
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "pixel_values": torch.randn(sum(tiles), 3, 32, 32, generator=generator)}
+
+
+def mistral3_image(height: int, width: int) -> list[int]:
+    """Pixtral's placeholders of an image of ``height x width`` px in tiny_mistral3 (8 px per merged feature): a row of
+    placeholders per feature row, each closed by a break token, the last by the end token."""
+    rows = height // 8
+    return [token for row in range(rows)
+            for token in [IMAGE_TOKEN_ID] * (width // 8) + [BOI_TOKEN_ID if row < rows - 1 else EOI_TOKEN_ID]]
+
+
+def tiny_mistral3(seed: int = 0, small: bool = False, question_len: int = 12,
+                  sizes: tuple[tuple[int, int], ...] = ((32, 24), (16, 16))):
+    """Mistral 3: a Pixtral tower (4 px patches, any image size, ``image_sizes``) merged 2x2 (8 px per feature), a
+    Mistral decoder; two images of ``sizes`` (``BOI_TOKEN_ID`` / ``EOI_TOKEN_ID`` stand for the break / end tokens),
+    pixel_values padded to the largest as the processor pads them."""
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1 if small else 2,
+                                 num_attention_heads=2, image_size=64, patch_size=4, head_dim=16)
+    config = Mistral3Config(vision_config=vision, text_config=MistralConfig(**_text(small)),
+                            image_token_index=IMAGE_TOKEN_ID, spatial_merge_size=2, tie_word_embeddings=False)
+    config.eos_token_id = EOS_TOKEN_ID
+    model = _built(Mistral3ForConditionalGeneration, config, seed)
+    input_ids = _prompt(4, [token for size in sizes for token in mistral3_image(*size) + [7]], question_len, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    pixel_values = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for index, (height, width) in enumerate(sizes):
+        pixel_values[index, :, :height, :width] = torch.randn(3, height, width, generator=generator)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
+                   "image_sizes": torch.tensor(sizes)}
 
 
 def tiny_paligemma(seed: int = 0, small: bool = False, question_len: int = 12, vocab_size: int = VOCAB_SIZE):
@@ -333,6 +366,7 @@ MORE_VLM_BUILDERS = {
     "qwen3_vl": tiny_qwen3_vl,
     "qwen3_vl_moe": tiny_qwen3_vl_moe,
     "internvl": tiny_internvl,
+    "mistral3": tiny_mistral3,
 }
 
 CAUSAL_LM_BUILDERS = {
@@ -354,6 +388,7 @@ MORE_ADAPTER_CLASSES = {
     "qwen3_vl": Qwen3VLAdapter,
     "qwen3_vl_moe": Qwen3VLAdapter,
     "internvl": InternVLAdapter,
+    "mistral3": Mistral3Adapter,
     **{name: CausalLMAdapter for name in CAUSAL_LM_BUILDERS},
 }
 ALL_VLM_ADAPTER_CLASSES = {**ADAPTER_CLASSES, **MORE_ADAPTER_CLASSES}

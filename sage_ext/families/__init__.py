@@ -15,7 +15,7 @@ import torch
 
 from .base import FamilyAdapter, PrefillResult, causal_mask_4d
 from .causal_lm import CausalLMAdapter
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, Mistral3Adapter
 from .support import cache_refusal, causal_lm_refusal
 
 # Modules of this package that hold no adapter of their own.
@@ -24,7 +24,7 @@ _NOT_ADAPTER_MODULES = {"base", "causal_lm", "llava", "model_access", "support",
 
 @functools.lru_cache(maxsize=None)
 def _adapter_classes() -> tuple[type[FamilyAdapter], ...]:
-    classes: list[type[FamilyAdapter]] = [CausalLMAdapter, LlavaAdapter]
+    classes: list[type[FamilyAdapter]] = [CausalLMAdapter, LlavaAdapter, Mistral3Adapter]
     # Every other module of this package is an adapter module (Qwen2-VL, LLaVA-OneVision, Idefics3, ...).
     names = sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name not in _NOT_ADAPTER_MODULES)
     for name in names:
