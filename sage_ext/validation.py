@@ -9,6 +9,7 @@ pixel values of the wrong shape or count. Every refusal is a ``ValueError`` (a w
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any
@@ -103,6 +104,32 @@ def _as_token_tensor(value: Any, name: str) -> Tensor:
         tensor = tensor.to(torch.int64)
         return tensor[None] if tensor.dim() == 1 else tensor
     raise TypeError(f"{name} must be a LongTensor [1, L] or a list of int token ids, got {type(value).__name__}")
+
+
+def _model_input_names(model: Any) -> set[str]:
+    """What ``model`` takes as inputs, by ``generate``'s own rule (``_validate_model_kwargs``): the parameters of its
+    ``prepare_inputs_for_generation``, and of its ``forward`` when the former passes ``**kwargs`` on, and the
+    model-agnostic ``TransformersKwargs``; every name when there is no signature to read."""
+    try:
+        names = set(inspect.signature(model.prepare_inputs_for_generation).parameters)
+        if "kwargs" in names or "model_kwargs" in names:
+            names |= set(inspect.signature(model.forward).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return _EVERY_NAME
+    try:
+        from transformers.utils import TransformersKwargs
+        names |= set(TransformersKwargs.__optional_keys__)
+    except ImportError:
+        pass
+    return names | {"mm_encoder_outputs"}
+
+
+class _EveryName(set):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_EVERY_NAME = _EveryName()
 
 
 def _as_mask_tensor(value: Any) -> Tensor:
@@ -328,7 +355,7 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
     # transformers generate arguments: honoured, dropped as no-ops, or refused
     config_fields = _generation_config_fields()
     max_length = inputs.pop("max_length", None)
-    refused = []
+    refused, unknown = [], []
     for key in list(inputs):
         if key in GENERATE_ONLY:
             if inputs[key] is None or (key == "synced_gpus" and inputs[key] is False):
@@ -336,11 +363,19 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
                 continue
             raise ValueError(f"generate argument {key!r} is not supported by sage_ext: {GENERATE_ONLY[key]}")
         if key not in config_fields and key not in NO_OP_VALUES:
+            if inputs[key] is not None and key not in _model_input_names(model):
+                unknown.append(key)
             continue  # a model input (pixel values, grids, ...)
         value = inputs.pop(key)
         if value is None or key in IGNORABLE_IDS or _is_no_op(key, value):
             continue
         refused.append(f"{key}={value!r}")
+    if unknown:  # generate's own check: a misspelled argument is an error, not an input nothing reads
+        raise ValueError(
+            f"argument(s) {', '.join(repr(key) for key in unknown)} are neither generate arguments nor inputs "
+            f"{type(model).__name__} takes (misspelled?); generate arguments sage_ext's engine takes: "
+            f"{', '.join(ENGINE_ARGUMENTS)}"
+        )
     if refused:
         raise ValueError(
             f"generate argument(s) {', '.join(refused)} not supported by sage_ext's engine (refused rather than ignored); "

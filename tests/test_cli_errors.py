@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,13 +61,18 @@ def assert_one_line(code, out, err, expected_code, *fragments):
     ("missing", ["no such file"]),
     ("text_as_png", ["not an image file PIL can read"]),
     ("folder", ["is a folder, not an image file"]),
+    ("truncated_jpeg", ["not an image file PIL can read", "truncated"]),
 ])
 def test_bad_image_paths(case, fragments, tmp_path, capsys, no_loading):
     images = tmp_path.parent / f"{tmp_path.name}_inputs"
     images.mkdir()
-    path = {"missing": images / "nope.png", "text_as_png": images / "notes.png", "folder": images}[case]
+    path = {"missing": images / "nope.png", "text_as_png": images / "notes.png", "folder": images,
+            "truncated_jpeg": images / "cut.jpg"}[case]
     if case == "text_as_png":
         path.write_text("not an image")
+    if case == "truncated_jpeg":  # a whole header, half the pixel data
+        Image.effect_noise((64, 64), 50).convert("RGB").save(path, quality=90)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     code, out, err = run_cli(generate_args(path, tmp_path), capsys, tmp_path)
     assert_one_line(code, out, err, 2, f"--image {path}", *fragments)
 
@@ -101,6 +107,9 @@ def test_policy_choices_are_in_the_help(capsys):
     ("foo=3", "policy 'sage_cost' has no parameter 'foo'; its parameters: d_min, d_max"),
     ("n_max", "expected key=value, got 'n_max'"),
     ("n_max=8", "first_round_paths has more nodes than n_max"),
+    ("lag=no", "lag='no' is not a value"),
+    ("lag=1", "lag must be True or False, got '1'"),
+    ("n_max=1e3", "n_max must be an integer, got '1e3' (write 1000)"),
 ])
 def test_policy_args_are_checked_against_the_policy(policy_args, fragment, image_path, tmp_path, capsys, no_loading):
     argv = generate_args(image_path, tmp_path, "--policy-args", policy_args)
@@ -112,6 +121,37 @@ def test_policy_args_of_another_policy(image_path, tmp_path, capsys, no_loading)
     argv = generate_args(image_path, tmp_path, "--policy", "chain", "--policy-args", "n_max=3")
     code, out, err = run_cli(argv, capsys, tmp_path)
     assert_one_line(code, out, err, 2, "policy 'chain' has no parameter 'n_max'; its parameters: length")
+
+
+def test_policy_args_read_lowercase_booleans_and_lists():
+    from sage_ext.cli.validation import parse_policy
+    assert parse_policy("sage", "lag=false,d_max=10").lag is False
+    assert parse_policy("sage_cost", "chains=FALSE").chains is False
+    assert parse_policy("static", "paths=[[0],[0,0]]").paths == [[0], [0, 0]]
+
+
+def test_bench_has_no_policy_args(tmp_path, capsys, no_loading):
+    """bench runs the policies it names with their own settings: it takes no --policy-args (it never could)."""
+    code, out, err = run_cli(["bench", "--policy-args", "n_max=3"], capsys, tmp_path)
+    assert code == 2 and out == "" and len(err) == 1
+    assert err[0].startswith("sage-ext: error: unrecognized arguments: --policy-args")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["demo", "--plot", "{tmp}"], "--plot {tmp}: the plot is a PNG file"),
+    (["demo", "--plot", "{tmp}/plot.jpg"], "the plot is a PNG file; give a path ending in .png"),
+    (["demo", "--plot", "{tmp}/no/plot.png"], "folder {tmp}/no does not exist"),
+    (["bench", "--name", "sub/name"], "--name 'sub/name': a file stem without a folder"),
+])
+def test_output_paths_are_checked_before_any_work(argv, fragment, tmp_path, capsys, no_loading):
+    code, out, err = run_cli([part.format(tmp=tmp_path) for part in argv], capsys, tmp_path)
+    assert_one_line(code, out, err, 2, fragment.format(tmp=tmp_path))
+
+
+def test_stats_json_that_is_a_folder(image_path, tmp_path, capsys, no_loading):
+    argv = ["generate", "--image", str(image_path), "--prompt", "Describe.", "--stats-json", str(tmp_path)]
+    code, out, err = run_cli(argv, capsys, tmp_path)
+    assert_one_line(code, out, err, 2, f"--stats-json {tmp_path}: is a folder")
 
 
 def test_empty_prompt(image_path, tmp_path, capsys, no_loading):

@@ -120,6 +120,17 @@ def test_tiny_llama_lengths_follow_transformers(tiny_pair):
     # no draft, target-only decoding
     assert torch.equal(custom(target, **inputs, policy="ar", max_new_tokens=12),
                        target.generate(**inputs, max_new_tokens=12, do_sample=False))
+    # what a given config leaves unset comes from the model's own, as in transformers
+    target.generation_config.max_new_tokens = 7
+    try:
+        out = custom(target, **inputs, generation_config=GenerationConfig(do_sample=False), assistant_model=draft)
+        assert torch.equal(out, target.generate(**inputs, generation_config=GenerationConfig(do_sample=False)))
+        assert out.shape[1] == prompt_len + 7
+    finally:
+        target.generation_config.max_new_tokens = None
+    # a misspelled argument is an error, as in transformers, not an input nothing reads
+    with pytest.raises(ValueError, match="'max_new_token' are neither generate arguments nor inputs"):
+        custom(target, **inputs, assistant_model=draft, max_new_token=5)
 
 
 def test_streamer_and_sampling_settings_reach_the_engine(tiny_pair, capsys):

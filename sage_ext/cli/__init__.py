@@ -69,6 +69,9 @@ def _add_common(parser: argparse.ArgumentParser, models_required: bool) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float32 on CPU, the checkpoint's dtype on GPU")
     parser.add_argument("--threads", type=_POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy-args", default=None,
                         help="policy overrides key=value,... (names of the policy's parameters), e.g. n_max=32,lag=False")
 
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="SAGE on the bundled fixture pair over held-out scenes, with a plot",
                           parents=[flags])
     _add_common(demo, models_required=False)
+    _add_policy_args(demo)
     demo.add_argument("--policy", default=DEFAULT_POLICY, choices=policy_names,
                       help=f"tree policy timed against target-only decoding (default {DEFAULT_POLICY}): ar (target "
                            "only), chain (draft's greedy chain), static (SpecVLM 25-node tree), dynamic (EAGLE-2), "
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="speculative generation for one image + prompt, streamed", parents=[flags])
     _add_common(gen, models_required=False)
+    _add_policy_args(gen)
     _add_device_map(gen)
     gen.add_argument("--image", required=True)
     gen.add_argument("--prompt", required=True,

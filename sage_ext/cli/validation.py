@@ -110,8 +110,10 @@ def check_image(name: str) -> None:
     try:
         with Image.open(path) as image:
             image.verify()
+        with Image.open(path) as image:  # verify() reads no pixel data: a truncated JPEG fails only when decoded
+            image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UsageError(f"--image {name}: not an image file PIL can read ({type(error).__name__})") from error
+        raise UsageError(f"--image {name}: not an image file PIL can read ({type(error).__name__}: {error})") from error
 
 
 def check_device(name: str) -> torch.device:
@@ -186,9 +188,8 @@ def validate_args(args) -> None:
             elif args.policy != "ar":
                 raise UsageError(f"--draft is needed with --policy {args.policy} (a smaller model of the target's "
                                  f"family), or use --policy ar")
-        for path in (args.stats_json,):
-            if path and not Path(path).expanduser().resolve().parent.is_dir():
-                raise UsageError(f"--stats-json {path}: folder {Path(path).parent} does not exist")
+        if args.stats_json:
+            check_output_file(args.stats_json, "--stats-json")
     if command in ("demo", "bench"):  # the models default to the bundled pair whose scenes are used
         if args.target is None:
             args.target = f"{FIXTURE_NAME}-{args.pair}"
@@ -210,8 +211,22 @@ def validate_args(args) -> None:
         args.target = check_model(args.target, "--target")
     if args.draft is not None:
         args.draft = check_model(args.draft, "--draft")
-    if command == "demo" and not Path(args.plot).expanduser().resolve().parent.is_dir():
-        raise UsageError(f"--plot {args.plot}: folder {Path(args.plot).parent} does not exist")
+    if command == "demo":
+        if Path(args.plot).suffix.lower() != ".png":
+            raise UsageError(f"--plot {args.plot}: the plot is a PNG file; give a path ending in .png")
+        check_output_file(args.plot, "--plot")
+    if command == "bench" and args.name is not None and (not args.name.strip() or Path(args.name).name != args.name
+                                                         or args.name in (".", "..")):
+        raise UsageError(f"--name {args.name!r}: a file stem without a folder (the folder is --out)")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """An output file's path must be writable as a file before any work starts: its folder exists, it is no folder."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file path")
+    if not resolved.parent.is_dir():
+        raise UsageError(f"{flag} {path}: folder {Path(path).parent} does not exist")
 
 
 def parse_policy(name: str, args_text: str | None = None):
@@ -221,21 +236,56 @@ def parse_policy(name: str, args_text: str | None = None):
     if name not in policies.POLICIES:
         raise UsageError(f"unknown policy {name!r}; choose from {', '.join(policies.POLICIES)}")
     policy_class = policies.POLICIES[name]
-    accepted = [p for p in inspect.signature(policy_class.__init__).parameters if p != "self"]
+    parameters = {key: parameter for key, parameter in inspect.signature(policy_class.__init__).parameters.items()
+                  if key != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)}
     kwargs = {}
-    for item in filter(None, (part.strip() for part in (args_text or "").split(","))):
+    for item in _split_top_level(args_text or ""):
         key, equals, value = item.partition("=")
         key = key.strip()
         if not equals or not key:
             raise UsageError(f"--policy-args: expected key=value, got {item!r}")
-        if key not in accepted:
+        if key not in parameters:
             raise UsageError(f"--policy-args: policy {name!r} has no parameter {key!r}; its parameters: "
-                             + (", ".join(accepted) or "none"))
-        try:
-            kwargs[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key] = value.strip()
+                             + (", ".join(parameters) or "none"))
+        kwargs[key] = _policy_value(key, value.strip(), parameters[key].default)
     try:
         return policy_class(**kwargs)
     except (TypeError, ValueError) as error:
         raise UsageError(f"--policy-args: {error}") from error
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``key=value`` items split at the commas outside brackets (a value may be a list: ``paths=[[0],[0,0]]``)."""
+    items, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            items.append(text[start:index])
+            start = index + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _policy_value(key: str, text: str, default):
+    """A ``--policy-args`` value: a Python literal (``true`` / ``false`` in any case as booleans), of the parameter's
+    kind where its default tells it (a bool, an int, a float; None defaults take any literal)."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        value = lowered == "true"
+    else:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise UsageError(f"--policy-args: {key}={text!r} is not a value (a number, True / False, None, a list, "
+                             f"or a quoted string)") from None
+    expected = type(default) if isinstance(default, (bool, int, float)) else None
+    if expected is bool and not isinstance(value, bool):
+        raise UsageError(f"--policy-args: {key} must be True or False, got {text!r}")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            raise UsageError(f"--policy-args: {key} must be an integer, got {text!r} (write {int(value)})")
+        raise UsageError(f"--policy-args: {key} must be an integer, got {text!r}")
+    if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UsageError(f"--policy-args: {key} must be a number, got {text!r}")
+    return float(value) if expected is float else value

@@ -12,7 +12,7 @@ the copy is imported outside the sage_ext package.
 Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
 ``policy`` (a name or a policy object), ``draft_prune_ratio``, ``batch_node_budget``, ``capture_draft`` and
 ``sampling_rule`` go to ``SpeculativeGenerator``; the generation settings are those ``target.generate`` would
-use: the call's keyword arguments over ``generation_config`` (or the model's own), 20 new tokens when no length is
+use: the call's keyword arguments over ``generation_config`` over the model's own, 20 new tokens when no length is
 set anywhere (transformers' default). What the engine does not
 implement (beam search, logits processors, output_scores, ...) is refused with a ValueError, not ignored.
 Returns the sequences (LongTensor ``[B, prompt + new]``), or with ``return_dict_in_generate=True`` a
@@ -48,10 +48,14 @@ class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
     stats: Any = None
 
 
+def _diff(config) -> dict:
+    return {} if config is None else {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_SETTINGS}
+
+
 def _settings(model, generation_config, kwargs: dict) -> dict:
-    """The call's settings over the config's non-default ones, with transformers' length rules."""
-    config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
-    base = {} if config is None else {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_SETTINGS}
+    """The call's settings over the given config's non-default ones over the model's own (transformers fills what a
+    given config leaves unset from ``model.generation_config``), with transformers' length rules."""
+    base = {**_diff(getattr(model, "generation_config", None)), **_diff(generation_config)}
     if "max_length" in kwargs and kwargs.get("max_new_tokens") is None:  # the call's max_length beats the config's
         base.pop("max_new_tokens", None)
     settings = {**base, **kwargs}
