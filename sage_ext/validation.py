@@ -338,7 +338,8 @@ def _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, token_id) 
 
 
 def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_sample: Any, temperature: Any,
-                        top_k: Any, top_p: Any, inputs: dict[str, Any]) -> tuple[Tensor, int, dict[str, Any]]:
+                        top_k: Any, top_p: Any, inputs: dict[str, Any],
+                        generator: Any = None) -> tuple[Tensor, int, dict[str, Any]]:
     """Check and normalize a ``generate`` call of the engine whose target is ``target`` (a family adapter or the
     model). Returns ``(input_ids [1, L] tensor, max_new_tokens, model inputs)``: lists converted, ``max_length``
     turned into ``max_new_tokens``, no-op ``generate`` arguments dropped. Raises ValueError / TypeError."""
@@ -402,7 +403,10 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
     if top_k is not None:
         _check_number("top_k", top_k, low=0, low_open=False, integer=True)
     if top_p is not None:
-        _check_number("top_p", top_p, low=0.0, low_open=True, high=1.0)
+        _check_number("top_p", top_p, low=0.0, low_open=False, high=1.0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (seeded, on the target's device), got "
+                        f"{type(generator).__name__}")
 
     if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # a batch's rows are checked one by one once split
         _check_visual_inputs(model, input_ids, inputs)

@@ -5,6 +5,7 @@ The CLI's counterparts are in tests/test_cli_errors.py.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_llava  # noqa: F401  (one_thread: autouse)
@@ -73,7 +74,7 @@ def test_max_length_is_honoured(llama):
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
     (dict(do_sample=True, temperature=-1.0), "temperature must be >= 0"),
-    (dict(do_sample=True, top_p=2.0), r"top_p must be in \(0.0, 1.0\]"),
+    (dict(do_sample=True, top_p=2.0), r"top_p must be in \[0.0, 1.0\]"),
     (dict(do_sample=True, top_k=-3), "top_k must be >= 0"),
     (dict(min_new_tokens=5), "min_new_tokens=5.*refused rather than ignored"),
     (dict(num_beams=4), "num_beams=4.*not supported"),
@@ -190,3 +191,46 @@ def test_fixed_size_images_are_checked(builder, change, fragment):
     target, inputs = builder()
     with pytest.raises(ValueError, match=fragment):
         SpeculativeGenerator(target, None, "ar").generate(**{**inputs, **change(inputs)}, max_new_tokens=3)
+
+
+def test_sampling_settings_default_to_the_generation_config_like_generate(llama):
+    """do_sample and temperature left out come from the target's generation config (then greedy at 1.0), as in
+    generate; top_k and top_p did already. The warpers are HF's, with Python numbers (NumPy scalars converted)."""
+    generator, target, inputs = llama
+    config = target.generation_config
+    config.do_sample, config.temperature, config.top_k = True, 0.3, 5
+    try:
+        seeded = {"generator": torch.Generator().manual_seed(4), "max_new_tokens": 8}
+        from_config = generator.generate(**inputs, **seeded)
+        assert [type(w).__name__ for w in generator._active_warpers] == ["TemperatureLogitsWarper", "TopKLogitsWarper"]
+        assert generator._active_warpers[0].temperature == 0.3
+        explicit = generator.generate(**inputs, do_sample=True, temperature=0.3, **{**seeded, "generator":
+                                                                                     torch.Generator().manual_seed(4)})
+        assert torch.equal(from_config.sequences, explicit.sequences)
+        generator.generate(**inputs, do_sample=True, temperature=np.float32(0.5), top_k=np.int64(3), top_p=0.0,
+                           **seeded)
+        assert generator._active_warpers[0].temperature == 0.5 and generator._active_warpers[1].top_k == 3
+    finally:
+        config.do_sample, config.temperature, config.top_k = False, 1.0, 50
+    assert torch.equal(generator.generate(**inputs, max_new_tokens=8).sequences,
+                       _reference(target, inputs, max_new_tokens=8))
+
+
+@pytest.mark.parametrize("value", [5, np.random.default_rng(0)])
+def test_a_generator_that_is_not_a_torch_generator(llama, value):
+    generator, _, inputs = llama
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        generator.generate(**inputs, do_sample=True, generator=value, max_new_tokens=3)
+
+
+def test_a_prompt_token_only_the_target_has():
+    """A target whose vocabulary has rows the draft lacks (padding, allowed by max_vocab_padding): a prompt holding
+    such an id (a sampled one fed back) reaches the draft clamped, as the tree's tokens do; the output is the
+    target's."""
+    target, _ = tiny_llama(seed=0, vocab_size=96)
+    draft, _ = tiny_llama(seed=1, vocab_size=64)
+    for model in (target, draft):  # the special tokens inside both vocabularies, as the pair check asks
+        model.generation_config.eos_token_id = model.config.eos_token_id = 60
+    ids = torch.tensor([[3, 5, 90, 7]])
+    out = SpeculativeGenerator(target, draft, "sage").generate(input_ids=ids, max_new_tokens=6, eos_token_id=-1)
+    assert torch.equal(out.sequences, _reference(target, {"input_ids": ids}, max_new_tokens=6, eos_token_id=-1))

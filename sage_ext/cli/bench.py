@@ -171,7 +171,7 @@ def _run_policy(name, policy, engines, target, hf_draft, inputs, max_new_tokens,
         generator = torch.Generator(device=device).manual_seed(seed)
         return run_engine(engines[name], inputs, max_new_tokens, device, do_sample=True, temperature=temperature,
                           top_k=0, generator=generator)  # top_k 0 like run_hf: pure temperature sampling
-    return run_engine(engines[name], inputs, max_new_tokens, device)
+    return run_engine(engines[name], inputs, max_new_tokens, device, do_sample=False)  # greedy by definition
 
 
 def cmd_bench(args) -> int:

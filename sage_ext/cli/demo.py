@@ -55,7 +55,7 @@ def cmd_demo(args) -> int:
         for scene, inputs in zip(demo_scenes, inputs_of):
             runs = {}
             for name, engine in engines.items():
-                runs[name] = run_engine(engine, inputs, args.max_new_tokens, device)
+                runs[name] = run_engine(engine, inputs, args.max_new_tokens, device, do_sample=False)
                 bar.update(1)
             results.append((scene, runs))
 

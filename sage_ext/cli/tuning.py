@@ -30,7 +30,7 @@ def tune_sage(target, draft, tune_inputs, max_new_tokens, device, grid: dict,
     def timed(engine) -> tuple[float, float]:
         seconds, taus = 0.0, []
         for inputs in tune_inputs:
-            run = run_engine(engine, inputs, max_new_tokens, device)
+            run = run_engine(engine, inputs, max_new_tokens, device, do_sample=False)
             seconds += run["seconds"]
             taus.append(run["stats"].mean_tau)
         return seconds, statistics.mean(taus)

@@ -220,6 +220,8 @@ class SpeculativeGenerator:
         if top_p is None:
             top_p = getattr(config, "top_p", None)
             top_p = 1.0 if top_p is None else top_p
+        # HF's warpers take Python numbers only (a NumPy or 0-d tensor value is checked as a number already)
+        temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)
         warpers: list = []
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -240,8 +242,8 @@ class SpeculativeGenerator:
         self,
         input_ids: Tensor,
         max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -259,7 +261,8 @@ class SpeculativeGenerator:
         ``target.generate(do_sample=False)`` in float32 (in bf16/fp16 the tree forward can round a near-tie
         differently from one-token decoding: docs/ENGINE.md, Precision); with ``do_sample`` the output is
         distributed exactly like the target's sampling with the same ``temperature`` / ``top_k`` / ``top_p``
-        (None → the target's generation_config, then HF's defaults: top_k 50, top_p 1.0; 0 disables top-k).
+        (``do_sample`` and these None → the target's generation_config, then HF's defaults: greedy, temperature 1.0,
+        top_k 50, top_p 1.0; top_k 0 disables top-k).
         ``eos_token_id`` (int, list or tensor; default: the target's generation_config's, as ``generate``), ``stop_strings`` (needs
         ``tokenizer``; same rule as HF's StopStringCriteria), ``streamer`` (``put``/``end``, receives the
         prompt first, then the tokens of every step; one prompt only), ``generator`` (torch.Generator for sampling).
@@ -273,11 +276,17 @@ class SpeculativeGenerator:
         """
         from ..validation import check_generate_call, check_row_inputs
 
+        config = getattr(self.target.model, "generation_config", None)
         if pad_token_id is None:
-            pad_token_id = getattr(getattr(self.target.model, "generation_config", None), "pad_token_id", None)
+            pad_token_id = getattr(config, "pad_token_id", None)
+        if do_sample is None:  # generate's defaults: the generation config's, then greedy at temperature 1
+            do_sample = bool(getattr(config, "do_sample", None) or False)
+        if temperature is None:
+            temperature = getattr(config, "temperature", None)
+            temperature = 1.0 if temperature is None else temperature
         input_ids, max_new_tokens, inputs = check_generate_call(
             self.target, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, inputs=inputs)
+            top_p=top_p, inputs=inputs, generator=generator)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if max_new_tokens < 1:
@@ -379,6 +388,10 @@ class SpeculativeGenerator:
                 if self.draft_device != device:
                     draft_inputs = {key: value.to(self.draft_device) if isinstance(value, Tensor) else value
                                     for key, value in inputs.items()}
+                if self.draft_token_clamp is not None:  # target-only padding ids (a sampled one, fed back) as the
+                    # tree's tokens are: clamped into the draft's vocabulary (what the draft reads, never the output)
+                    draft_inputs = {**draft_inputs, "input_ids": draft_inputs["input_ids"].clamp_max(
+                        self.draft_token_clamp)}
                 prefill_cache = DynamicCache()
                 with timeline.region("draft_prefill"):
                     self.draft.prefill(draft_inputs, prefill_cache,
