@@ -234,14 +234,17 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
     elif model_type in ("gemma3", "paligemma"):
         per_image = (config.mm_tokens_per_image if model_type == "gemma3" else
                      getattr(getattr(config, "text_config", None), "num_image_tokens", None))
-        _check_square_images(model_name, vision, pixel_values, 4)
+        _check_square_images(model_name, vision, pixel_values)
         if per_image is not None:
             _check_placeholders(input_ids, int(image_id), pixel_values.shape[0], int(per_image))
     elif model_type == "internvl":  # tiles of the vision config's size, a fixed count of placeholders each
-        _check_square_images(model_name, vision, pixel_values, 4)
+        _check_square_images(model_name, vision, pixel_values)
         _check_placeholders(input_ids, int(image_id), pixel_values.shape[0], internvl_tile_tokens(config))
-    elif model_type in ("idefics3", "smolvlm"):
-        _check_square_images(model_name, vision, pixel_values, 5)
+    elif model_type in ("idefics3", "smolvlm"):  # padded slots of any size up to the tile's: the layout is checked
+        channels = int(getattr(vision, "num_channels", 3))
+        if pixel_values.dim() != 5 or pixel_values.shape[2] != channels:
+            raise ValueError(f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects [batch, images, "
+                             f"{channels}, height, width]: make them with the model's processor")
         mask = inputs.get("pixel_attention_mask")
         if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(pixel_values.shape[:2]) +
                                  tuple(pixel_values.shape[3:])):
@@ -250,16 +253,15 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
                              f"{tuple(pixel_values.shape[:2]) + tuple(pixel_values.shape[3:])}")
 
 
-def _check_square_images(model_name, vision, pixel_values: Tensor, dims: int) -> None:
-    """``pixel_values [num_images, C, size, size]`` (``dims`` 4) or ``[batch, images, C, size, size]`` (5) at the vision
-    config's image size and channels, as the processor resizes them."""
+def _check_square_images(model_name, vision, pixel_values: Tensor) -> None:
+    """``pixel_values [num_images, C, size, size]`` at the vision config's image size and channels, as the processor
+    resizes them."""
     channels = int(getattr(vision, "num_channels", 3))
     size = vision.image_size  # an int, or (height, width)
     height, width = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
-    layout = "[num_images" if dims == 4 else "[batch, images"
-    if pixel_values.dim() != dims or tuple(pixel_values.shape[-3:]) != (channels, height, width):
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[-3:]) != (channels, height, width):
         raise ValueError(
-            f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects {layout}, {channels}, {height}, "
+            f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects [num_images, {channels}, {height}, "
             f"{width}] (vision_config: num_channels {channels}, image_size {size}): make them with the model's "
             f"processor"
         )
@@ -279,7 +281,7 @@ def _check_llava_pixels(model, vision, input_ids, inputs, pixel_values, image_id
     model_name = type(model).__name__
     image_sizes = inputs.get("image_sizes")
     if image_sizes is None:
-        _check_square_images(model_name, vision, pixel_values, 4)
+        _check_square_images(model_name, vision, pixel_values)
     else:  # a tower that takes any size (Pixtral): image i is pixel_values[i, :, :h, :w]
         channels = int(getattr(vision, "num_channels", 3))
         if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:

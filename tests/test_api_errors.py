@@ -181,7 +181,7 @@ def test_qwen_vl_media_are_checked_for_images_and_videos(builder, kind):
      "hold 64 image placeholder tokens .* 3 image\\(s\\) of 16 tokens each"),
     (tiny_internvl, lambda inputs: {"pixel_values": torch.randn(4, 3, 28, 28)}, "expects \\[num_images, 3, 32, 32\\]"),
     (tiny_idefics3, lambda inputs: {"pixel_values": inputs["pixel_values"][0]},
-     "Idefics3ForConditionalGeneration expects \\[batch, images, 3, 32, 32\\]"),
+     "Idefics3ForConditionalGeneration expects \\[batch, images, 3, height, width\\]"),
     (tiny_idefics3, lambda inputs: {"pixel_attention_mask": inputs["pixel_attention_mask"][..., :16, :16]},
      "pixel_attention_mask has shape .* expects \\[batch, images, height, width\\]"),
 ])
