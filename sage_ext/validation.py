@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .families.base import height_width
 from .families.internvl import internvl_tile_tokens
 from .families.llava import llava_image_tokens
 
@@ -106,30 +107,22 @@ def _as_token_tensor(value: Any, name: str) -> Tensor:
     raise TypeError(f"{name} must be a LongTensor [1, L] or a list of int token ids, got {type(value).__name__}")
 
 
-def _model_input_names(model: Any) -> set[str]:
+def _model_input_names(model: Any) -> set[str] | None:
     """What ``model`` takes as inputs, by ``generate``'s own rule (``_validate_model_kwargs``): the parameters of its
     ``prepare_inputs_for_generation``, and of its ``forward`` when the former passes ``**kwargs`` on, and the
-    model-agnostic ``TransformersKwargs``; every name when there is no signature to read."""
+    model-agnostic ``TransformersKwargs``; None (any name) when there is no signature to read."""
     try:
         names = set(inspect.signature(model.prepare_inputs_for_generation).parameters)
         if "kwargs" in names or "model_kwargs" in names:
             names |= set(inspect.signature(model.forward).parameters)
     except (AttributeError, TypeError, ValueError):
-        return _EVERY_NAME
+        return None
     try:
         from transformers.utils import TransformersKwargs
         names |= set(TransformersKwargs.__optional_keys__)
     except ImportError:
         pass
     return names | {"mm_encoder_outputs"}
-
-
-class _EveryName(set):
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
-_EVERY_NAME = _EveryName()
 
 
 def _as_mask_tensor(value: Any) -> Tensor:
@@ -180,6 +173,27 @@ def _config_value(config, *names: str) -> Any:
 
 def _shape(value: Any) -> tuple | str:
     return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
+#: What a processor's media outputs depend on: the placeholder token ids (model config: either name), the vision
+#: geometry (``vision_config``: pixels per image and patch, patches merged per token) and the features kept per image
+_MEDIA_TOKENS = {"image_token_id": ("image_token_id", "image_token_index"),
+                 "video_token_id": ("video_token_id", "video_token_index")}
+_VISION_GEOMETRY = ("image_size", "patch_size", "temporal_patch_size", "spatial_merge_size", "num_channels",
+                    "in_channels")
+_FEATURE_LAYOUT = ("vision_feature_select_strategy", "image_grid_pinpoints", "mm_tokens_per_image", "scale_factor",
+                   "downsample_ratio")
+
+
+def media_layout(config) -> dict[str, Any]:
+    """The settings of ``config`` that decide which processor outputs its model reads (those it has): a draft is
+    given the target's processor outputs, so the two must agree on them (``SpeculativeGenerator``'s pair check)."""
+    layout = {name: _config_value(config, *aliases) for name, aliases in _MEDIA_TOKENS.items()}
+    layout |= {name: getattr(config, name, None) for name in _FEATURE_LAYOUT}
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        layout |= {f"vision_config.{name}": getattr(vision, name, None) for name in _VISION_GEOMETRY}
+    return {name: value for name, value in layout.items() if value is not None}
 
 
 #: The families whose media are patch rows with a t/h/w grid (one check for images and videos)
@@ -236,10 +250,10 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
                      getattr(getattr(config, "text_config", None), "num_image_tokens", None))
         _check_square_images(model_name, vision, pixel_values)
         if per_image is not None:
-            _check_placeholders(input_ids, int(image_id), pixel_values.shape[0], int(per_image))
+            _check_placeholders(input_ids, int(image_id), [int(per_image)] * pixel_values.shape[0])
     elif model_type == "internvl":  # tiles of the vision config's size, a fixed count of placeholders each
         _check_square_images(model_name, vision, pixel_values)
-        _check_placeholders(input_ids, int(image_id), pixel_values.shape[0], internvl_tile_tokens(config))
+        _check_placeholders(input_ids, int(image_id), [internvl_tile_tokens(config)] * pixel_values.shape[0])
     elif model_type in ("idefics3", "smolvlm"):  # padded slots of any size up to the tile's: the layout is checked
         channels = int(getattr(vision, "num_channels", 3))
         if pixel_values.dim() != 5 or pixel_values.shape[2] != channels:
@@ -257,8 +271,8 @@ def _check_square_images(model_name, vision, pixel_values: Tensor) -> None:
     """``pixel_values [num_images, C, size, size]`` at the vision config's image size and channels, as the processor
     resizes them."""
     channels = int(getattr(vision, "num_channels", 3))
-    size = vision.image_size  # an int, or (height, width)
-    height, width = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    size = vision.image_size
+    height, width = height_width(size)
     if pixel_values.dim() != 4 or tuple(pixel_values.shape[-3:]) != (channels, height, width):
         raise ValueError(
             f"pixel_values has shape {_shape(pixel_values)}; {model_name} expects [num_images, {channels}, {height}, "
@@ -267,13 +281,14 @@ def _check_square_images(model_name, vision, pixel_values: Tensor) -> None:
         )
 
 
-def _check_placeholders(input_ids: Tensor, image_id: int, images: int, per_image: int) -> None:
+def _check_placeholders(input_ids: Tensor, image_id: int, counts: list[int]) -> None:
+    """The image placeholders of ``input_ids`` against the features of the images given (``counts``, one per image)."""
     tokens = int((input_ids == image_id).sum())
-    if tokens != images * per_image:
+    if tokens != sum(counts):
+        each = f"{counts[0]} tokens each" if len(set(counts)) == 1 else f"{counts} tokens"
         raise ValueError(
-            f"input_ids hold {tokens} image placeholder tokens (id {image_id}) but pixel_values hold {images} "
-            f"image(s) of {per_image} tokens each ({images * per_image}): use the processor for the text and the "
-            f"images together"
+            f"input_ids hold {tokens} image placeholder tokens (id {image_id}) but pixel_values hold {len(counts)} "
+            f"image(s) of {each} ({sum(counts)}): use the processor for the text and the images together"
         )
 
 
@@ -292,16 +307,8 @@ def _check_llava_pixels(model, vision, input_ids, inputs, pixel_values, image_id
                              f"{pixel_values.shape[0]} image(s) {model_name} expects [{pixel_values.shape[0]}, 2] "
                              f"(height, width of each)")
     counts = llava_image_tokens(model, pixel_values, image_sizes)
-    if counts is None:
-        return
-    if len(set(counts)) == 1:
-        _check_placeholders(input_ids, image_id, len(counts), counts[0])
-    elif int((input_ids == image_id).sum()) != sum(counts):
-        raise ValueError(
-            f"input_ids hold {int((input_ids == image_id).sum())} image placeholder tokens (id {image_id}) but "
-            f"pixel_values hold {len(counts)} images of {counts} tokens ({sum(counts)}): use the processor for the "
-            f"text and the images together"
-        )
+    if counts is not None:
+        _check_placeholders(input_ids, image_id, counts)
 
 
 def _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, token_id) -> None:
@@ -366,13 +373,15 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
                 continue
             raise ValueError(f"generate argument {key!r} is not supported by sage_ext: {GENERATE_ONLY[key]}")
         if key not in config_fields and key not in NO_OP_VALUES:
-            if inputs[key] is not None and key not in _model_input_names(model):
-                unknown.append(key)
-            continue  # a model input (pixel values, grids, ...)
+            if inputs[key] is not None:
+                unknown.append(key)  # unless a model input (pixel values, grids, ...): sorted out below
+            continue
         value = inputs.pop(key)
         if value is None or key in IGNORABLE_IDS or _is_no_op(key, value):
             continue
         refused.append(f"{key}={value!r}")
+    names = _model_input_names(model) if unknown else None
+    unknown = [key for key in unknown if names is not None and key not in names]
     if unknown:  # generate's own check: a misspelled argument is an error, not an input nothing reads
         raise ValueError(
             f"argument(s) {', '.join(repr(key) for key in unknown)} are neither generate arguments nor inputs "

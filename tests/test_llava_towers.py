@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import EOS_TOKEN_ID, IMAGE_TOKEN_ID, TEXT_VOCAB, VOCAB_SIZE, correlated_draft, one_thread  # noqa: F401
 from tiny_vlms import finish, text_config_kwargs
-from tiny_vlms_more import tiny_mistral3
+from tiny_vlms_more import pixtral_images, tiny_mistral3
 from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig, SiglipVisionConfig
 
 import sage_ext
@@ -54,18 +54,9 @@ def siglip_inputs(model, images: int, seed: int) -> dict:
 
 
 def pixtral_inputs(sizes: list[tuple[int, int]], seed: int) -> dict:
-    """As Pixtral's processor gives them: per image, rows of placeholders each closed by a break token (the last by
-    the end token); pixel_values padded to the largest image, image_sizes the real ones."""
-    blocks = []
-    for height, width in sizes:
-        rows = height // 8
-        blocks.append([token for row in range(rows)
-                       for token in [IMAGE_TOKEN_ID] * (width // 8) + [BREAK if row < rows - 1 else END]])
+    """As Pixtral's processor gives them (``tiny_vlms_more.pixtral_images``), image_sizes the real sizes."""
+    blocks, pixel_values = pixtral_images(sizes, torch.Generator().manual_seed(seed), IMAGE_TOKEN_ID, BREAK, END)
     input_ids = prompt(blocks, seed)
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
-    for index, (height, width) in enumerate(sizes):
-        pixel_values[index, :, :height, :width] = torch.randn(3, height, width, generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
             "image_sizes": torch.tensor(sizes)}
 

@@ -166,12 +166,20 @@ def tiny_internvl(seed: int = 0, small: bool = False, question_len: int = 12, ti
                    "pixel_values": torch.randn(sum(tiles), 3, 32, 32, generator=generator)}
 
 
-def mistral3_image(height: int, width: int) -> list[int]:
-    """Pixtral's placeholders of an image of ``height x width`` px in tiny_mistral3 (8 px per merged feature): a row of
-    placeholders per feature row, each closed by a break token, the last by the end token."""
-    rows = height // 8
-    return [token for row in range(rows)
-            for token in [IMAGE_TOKEN_ID] * (width // 8) + [BOI_TOKEN_ID if row < rows - 1 else EOI_TOKEN_ID]]
+def pixtral_images(sizes, generator: torch.Generator, image_token: int = IMAGE_TOKEN_ID,
+                   break_token: int = BOI_TOKEN_ID, end_token: int = EOI_TOKEN_ID) -> tuple[list[list[int]], torch.Tensor]:
+    """Images of ``sizes`` (h, w) as Pixtral's processor lays them out, at 8 px per feature: per image a row of
+    placeholders per feature row, each closed by a break token, the last by the end token; and ``pixel_values``
+    padded to the largest image (random pixels from ``generator``). Returns (placeholder blocks, pixel_values)."""
+    blocks = []
+    for height, width in sizes:
+        rows = height // 8
+        blocks.append([token for row in range(rows)
+                       for token in [image_token] * (width // 8) + [break_token if row < rows - 1 else end_token]])
+    pixel_values = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for index, (height, width) in enumerate(sizes):
+        pixel_values[index, :, :height, :width] = torch.randn(3, height, width, generator=generator)
+    return blocks, pixel_values
 
 
 def tiny_mistral3(seed: int = 0, small: bool = False, question_len: int = 12,
@@ -185,11 +193,8 @@ def tiny_mistral3(seed: int = 0, small: bool = False, question_len: int = 12,
                             image_token_index=IMAGE_TOKEN_ID, spatial_merge_size=2, tie_word_embeddings=False)
     config.eos_token_id = EOS_TOKEN_ID
     model = _built(Mistral3ForConditionalGeneration, config, seed)
-    input_ids = _prompt(4, [token for size in sizes for token in mistral3_image(*size) + [7]], question_len, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    pixel_values = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
-    for index, (height, width) in enumerate(sizes):
-        pixel_values[index, :, :height, :width] = torch.randn(3, height, width, generator=generator)
+    blocks, pixel_values = pixtral_images(sizes, torch.Generator().manual_seed(seed + 1))
+    input_ids = _prompt(4, [token for block in blocks for token in block + [7]], question_len, seed)
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
                    "image_sizes": torch.tensor(sizes)}
 

@@ -292,11 +292,10 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   if (num_slots > 0) depth_.narrow(1, slot_start, num_slots).fill_(level);
   // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
   // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two.
-  // With both read (dynamic shapes) the new level's draft probability mass rides along (its float64 bits in the
-  // same copy; on the CPU a sum over the level's nodes), for go_on and for level_masses (what cost-aware
-  // policies learn from): nothing about the tree is read again after the step
-  // With stop tokens, the number of the level's nodes that are stop tokens comes along too: a level of stop tokens
-  // only (a chain that reached EOS) ends the tree.
+  // With both read (dynamic shapes) two more values ride along in the same copy (on the CPU: a loop over the
+  // level's nodes): the level's draft probability mass (float64 bits), for go_on and for level_masses (what
+  // cost-aware policies learn from: nothing about the tree is read again after the step), and, with stop tokens,
+  // how many of its nodes are stop tokens (a level of stop tokens only, a chain that reached EOS, ends the tree).
   int64_t count = known_count, max_depth = known_max_depth, stops = 0;
   const bool dynamic = known_count < 0 && known_max_depth < 0;
   double mass = 0.0;

@@ -47,6 +47,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .. import ops
 from ..families import FamilyAdapter, get_adapter
+from ..families.base import token_id_list
 from ..pruning import scored_prefill
 from .caches import CacheGroups, RowCache
 from .capture import CapturedForward, padded_rows, tree_forward
@@ -200,7 +201,9 @@ class SpeculativeGenerator:
         eos_t, eos_d = set(target.eos_token_ids()), set(draft.eos_token_ids())
         if eos_t and eos_d and eos_t != eos_d:
             raise ValueError(f"target and draft disagree on EOS token ids ({sorted(eos_t)} vs {sorted(eos_d)})")
-        media_t, media_d = _media_layout(target.config), _media_layout(draft.config)
+        from ..validation import media_layout
+
+        media_t, media_d = media_layout(target.config), media_layout(draft.config)
         differ = [f"{name} {media_t[name]} vs {media_d[name]}" for name in media_t
                   if name in media_d and media_t[name] != media_d[name]]
         if differ:
@@ -728,35 +731,10 @@ class _StepRow(NamedTuple):
     trial: bool
 
 
-#: What a processor's media outputs depend on: the placeholder token ids (model config: either name), the vision
-#: geometry (``vision_config``: pixels per image and patch, patches merged per token) and the features kept per image
-_MEDIA_TOKENS = {"image_token_id": ("image_token_id", "image_token_index"),
-                 "video_token_id": ("video_token_id", "video_token_index")}
-_VISION_GEOMETRY = ("image_size", "patch_size", "temporal_patch_size", "spatial_merge_size", "num_channels",
-                    "in_channels")
-_FEATURE_LAYOUT = ("vision_feature_select_strategy", "image_grid_pinpoints", "mm_tokens_per_image", "scale_factor",
-                   "downsample_ratio")
-
-
-def _media_layout(config) -> dict[str, Any]:
-    """The settings of ``config`` that decide which processor outputs its model reads (those it has)."""
-    layout = {name: next((getattr(config, alias) for alias in aliases if getattr(config, alias, None) is not None),
-                         None)
-              for name, aliases in _MEDIA_TOKENS.items()}
-    layout |= {name: getattr(config, name, None) for name in _FEATURE_LAYOUT}
-    vision = getattr(config, "vision_config", None)
-    if vision is not None:
-        layout |= {f"vision_config.{name}": getattr(vision, name, None) for name in _VISION_GEOMETRY}
-    return {name: value for name, value in layout.items() if value is not None}
-
-
 def _eos_ids(eos_token_id: int | list[int] | Tensor | None, target: FamilyAdapter) -> list[int]:
     """The generation's EOS ids: ``eos_token_id`` (an int, a list or a tensor of them, as ``generate`` takes) or, when
     None, the target's generation config's (none there: no EOS)."""
-    eos = eos_token_id if eos_token_id is not None else target.eos_token_ids()
-    if isinstance(eos, Tensor):
-        eos = eos.flatten().tolist()
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])]
+    return token_id_list(eos_token_id) if eos_token_id is not None else target.eos_token_ids()
 
 
 def _stop_reason(token: int, sequence: list[int], eos_ids: set[int], stop_criteria) -> str | None:

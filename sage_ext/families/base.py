@@ -99,6 +99,21 @@ def fixed_count_images(inputs: dict[str, Any], token_id: int, tokens_per_image: 
     return [BatchMedia("image", token_id, tokens, {key: [1] * count for key in keys})]
 
 
+def token_id_list(value: Any) -> list[int]:
+    """Token ids given as ``generate`` takes them (an int, a list / tuple / set or a tensor of them; None: none) as a
+    list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, Tensor):
+        value = value.flatten().tolist()
+    return [int(e) for e in (value if isinstance(value, (list, tuple, set)) else [value])]
+
+
+def height_width(size: Any) -> tuple[int, int]:
+    """A vision config's image or patch size (an int, or ``(height, width)``) as ``(height, width)``."""
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+
 def left_padding_starts(attention_mask: Tensor | None, batch: int, length: int) -> list[int]:
     """Where each row's tokens start (its number of left-padding positions); ValueError unless every row of
     ``attention_mask`` is zeros then ones with at least one one."""
@@ -189,14 +204,8 @@ class FamilyAdapter:
         model config names one); the model config's only for a model without a generation config."""
         generation_config = getattr(self.model, "generation_config", None)
         if generation_config is not None:
-            eos = generation_config.eos_token_id
-        else:
-            eos = getattr(self.text_config, "eos_token_id", None)
-        if eos is None:
-            return []
-        if isinstance(eos, Tensor):
-            eos = eos.tolist()
-        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+            return token_id_list(generation_config.eos_token_id)
+        return token_id_list(getattr(self.text_config, "eos_token_id", None))
 
     def special_token_ids(self) -> list[int]:
         """Ids the engine may feed or emit that both vocabularies must hold (eos, bos, pad, media tokens)."""

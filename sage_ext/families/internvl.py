@@ -11,18 +11,14 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import BatchMedia, FamilyAdapter, fixed_count_images
-
-
-def _pair(value) -> tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+from .base import BatchMedia, FamilyAdapter, fixed_count_images, height_width
 
 
 def internvl_tile_tokens(config) -> int:
     """Features (placeholders) of one tile, from the vision geometry (``config.image_seq_length`` may be left at its
     default whatever the geometry)."""
     vision = config.vision_config
-    (height, width), (patch_h, patch_w) = _pair(vision.image_size), _pair(vision.patch_size)
+    (height, width), (patch_h, patch_w) = height_width(vision.image_size), height_width(vision.patch_size)
     ratio = float(config.downsample_ratio)
     return int(height // patch_h * ratio) * int(width // patch_w * ratio)
 
