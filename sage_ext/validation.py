@@ -9,9 +9,11 @@ pixel values of the wrong shape or count. Every refusal is a ``ValueError`` (a w
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,15 +23,37 @@ from .families.base import height_width
 from .families.internvl import internvl_tile_tokens
 from .families.llava import llava_image_tokens
 
-#: What ``generate`` produces when ``max_new_tokens`` and ``max_length`` are both left out.
+#: What ``generate`` produces when no length is set: not by the call, nor by the generation config.
 DEFAULT_MAX_NEW_TOKENS = 64
 
 #: The engine's own ``generate`` arguments (handled by its signature), listed in refusals.
-ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                    "stop_strings", "tokenizer", "streamer", "generator")
+ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
+                    "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "stop_strings", "tokenizer",
+                    "streamer", "generator", "generation_config")
 
-#: transformers ``generate`` arguments that change nothing in a batch-size-1, unpadded, greedy/sampling decode
-#: when they have these values (their defaults): accepted and dropped.
+#: The generation settings the engine implements, each read like ``generate`` reads it: the call's argument, else
+#: the generation config's (a given ``generation_config`` over the target's own), else transformers' default here.
+SETTING_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                    "repetition_penalty": 1.0, "min_new_tokens": 0, "min_length": 0,
+                                    "eos_token_id": None, "pad_token_id": None, "stop_strings": None}
+
+#: Settings ``generate`` reads only when sampling (in greedy decoding it ignores them, and so does the engine).
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+#: generation-config entries that never change which tokens come out (how caches, compilation or transformers'
+#: own assisted decoding are set up, what is returned besides the tokens, beam-search-only settings while
+#: ``num_beams`` is 1): read from a generation config they are skipped; given as arguments the engine still refuses
+#: those it cannot honour (``output_scores=True``, ...).
+TOKEN_NEUTRAL_CONFIG = ("bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config",
+                        "max_cache_len", "compile_config", "disable_compile", "low_memory", "prefill_chunk_size",
+                        "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                        "return_dict_in_generate", "renormalize_logits", "is_assistant", "num_assistant_tokens",
+                        "num_assistant_tokens_schedule", "assistant_confidence_threshold", "prompt_lookup_num_tokens",
+                        "max_matching_ngram_size", "assistant_lookbehind", "target_lookbehind", "length_penalty",
+                        "early_stopping")
+
+#: transformers ``generate`` arguments that change nothing in a greedy/sampling decode when they have these values
+#: (their defaults): accepted and dropped.
 NO_OP_VALUES: dict[str, tuple] = {
     "num_beams": (1,),
     "num_beam_groups": (1,),
@@ -40,34 +64,37 @@ NO_OP_VALUES: dict[str, tuple] = {
     "output_logits": (False,),
     "output_attentions": (False,),
     "output_hidden_states": (False,),
-    "repetition_penalty": (1.0,),
     "encoder_repetition_penalty": (1.0,),
     "length_penalty": (1.0,),
     "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,),
     "renormalize_logits": (False,),
     "remove_invalid_values": (False,),
-    "min_new_tokens": (0,),
-    "min_length": (0,),
+    "min_p": (0.0,),
     "typical_p": (1.0,),
     "epsilon_cutoff": (0.0,),
     "eta_cutoff": (0.0,),
     "diversity_penalty": (0.0,),
     "guidance_scale": (1.0,),
+    "penalty_alpha": (0.0,),
+    "token_healing": (False,),
     "low_memory": (False,),
     "synced_gpus": (False,),
+    "suppress_tokens": ([],),
+    "begin_suppress_tokens": ([],),
+    "bad_words_ids": ([],),
+    "sequence_bias": ({},),
 }
 
-#: Token ids with no effect on a batch-size-1 prompt without padding (no padding, the prompt already starts).
+#: Token ids with no effect on a prompt without padding (no padding, the prompt already starts).
 IGNORABLE_IDS = ("pad_token_id", "bos_token_id", "decoder_start_token_id")
 
 #: Arguments of transformers' ``generate`` itself (beside the GenerationConfig fields), with what to do instead.
 GENERATE_ONLY = {
-    "generation_config": "pass its settings as arguments (max_new_tokens, do_sample, temperature, top_k, top_p, "
-                         "eos_token_id, stop_strings)",
     "assistant_model": "the draft is SpeculativeGenerator's second argument",
     "assistant_tokenizer": "target and draft must share the tokenizer",
-    "logits_processor": "only HF's temperature / top-k / top-p warpers are applied (lossless verification needs the "
-                        "same processing on both sides)",
+    "logits_processor": "only HF's repetition penalty and temperature / top-k / top-p warpers are applied (lossless "
+                        "verification needs the same processing on both sides)",
     "stopping_criteria": "use eos_token_id or stop_strings",
     "prefix_allowed_tokens_fn": "constrained decoding is not implemented",
     "negative_prompt_ids": "classifier-free guidance is not implemented",
@@ -76,10 +103,42 @@ GENERATE_ONLY = {
 }
 
 
-def _generation_config_fields() -> set[str]:
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What a ``generate`` call decodes with (``check_generate_call``): every value is the call's argument, else the
+    generation config's, else transformers' default (``SETTING_DEFAULTS``; lengths: ``DEFAULT_MAX_NEW_TOKENS``)."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    min_new_tokens: int
+    min_length: int
+    eos_token_id: Any  # an int, a list or a tensor of ids, None: no EOS
+    pad_token_id: int | None
+    stop_strings: str | list[str] | None
+
+
+def _config_entries(config: Any) -> dict[str, Any]:
+    """The settings a generation config sets (not None): its GenerationConfig fields only, as ``generate`` reads
+    them (a checkpoint's config may carry other keys, e.g. a serving engine's ``presence_penalty``, which
+    ``generate`` never applies)."""
+    if config is None:
+        return {}
+    if not hasattr(config, "to_dict"):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(config).__name__}")
+    fields = _generation_config_fields()
+    return {key: value for key, value in config.to_dict().items() if value is not None and key in fields}
+
+
+@functools.cache
+def _generation_config_fields() -> frozenset[str]:
+    """The fields of transformers' GenerationConfig (its settings; bookkeeping left out)."""
     from transformers import GenerationConfig
 
-    return set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+    return frozenset(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
 
 
 def _as_token_tensor(value: Any, name: str) -> Tensor:
@@ -152,6 +211,8 @@ def _check_number(name: str, value: Any, *, low: float, low_open: bool, high: fl
 
 def _is_no_op(key: str, value: Any) -> bool:
     """Whether ``value`` is the value of ``key`` that changes nothing (booleans match booleans only)."""
+    if isinstance(value, (list, tuple, dict)):  # an empty list of tokens to suppress or ban, no bias
+        return len(value) == 0 and isinstance(NO_OP_VALUES.get(key, (None,))[0], (list, dict))
     if not isinstance(value, (bool, int, float)):
         return False
     for ok in NO_OP_VALUES.get(key, ()):
@@ -346,14 +407,21 @@ def _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, token_id) 
         )
 
 
-def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_sample: Any, temperature: Any,
-                        top_k: Any, top_p: Any, inputs: dict[str, Any],
-                        generator: Any = None) -> tuple[Tensor, int, dict[str, Any]]:
+def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], *, inputs: dict[str, Any],
+                        generator: Any = None) -> tuple[Tensor, GenerationSettings, dict[str, Any]]:
     """Check and normalize a ``generate`` call of the engine whose target is ``target`` (a family adapter or the
-    model). Returns ``(input_ids [1, L] tensor, max_new_tokens, model inputs)``: lists converted, ``max_length``
-    turned into ``max_new_tokens``, no-op ``generate`` arguments dropped. Raises ValueError / TypeError."""
+    model). ``arguments``: the engine's own generate arguments (``max_new_tokens``, ``do_sample``, ``temperature``,
+    ``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``stop_strings``,
+    ``generation_config``; None: not given); ``inputs``: every other keyword argument.
+
+    Returns ``(input_ids [B, L] tensor, settings, model inputs)``: lists converted, the settings read as ``generate``
+    reads them (the call's arguments over ``generation_config`` over the target's own ``generation_config``;
+    ``max_length`` turned into ``max_new_tokens``), no-op ``generate`` arguments dropped. What ``generate`` would
+    apply and the engine does not implement is refused, not ignored, wherever it is set: a call's argument, or an
+    entry of either generation config. Raises ValueError / TypeError."""
     model = getattr(target, "model", target)
     inputs = dict(inputs)
+    arguments = {key: value for key, value in arguments.items() if value is not None}
     if input_ids is None:
         raise TypeError("input_ids is required (the processor's or tokenizer's output)")
     input_ids = _as_token_tensor(input_ids, "input_ids")
@@ -361,14 +429,23 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
         inputs["attention_mask"] = _as_mask_tensor(inputs["attention_mask"])
     if input_ids.dim() == 2 and input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty; the prompt needs at least one token")
+    prompt_len = input_ids.shape[-1]
+    # the generation config: a given one's entries over the target's own (transformers fills what a given config
+    # leaves unset from model.generation_config)
+    config = {**_config_entries(getattr(model, "generation_config", None)),
+              **_config_entries(arguments.pop("generation_config", None))}
+    do_sample = arguments.get("do_sample", config.get("do_sample", SETTING_DEFAULTS["do_sample"]))
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
 
-    # transformers generate arguments: honoured, dropped as no-ops, or refused
+    # the call's other transformers generate arguments: honoured, dropped as no-ops, or refused
     config_fields = _generation_config_fields()
     max_length = inputs.pop("max_length", None)
+    given: set[str] = set()  # generation settings the call sets (they override the config's)
     refused, unknown = [], []
     for key in list(inputs):
         if key in GENERATE_ONLY:
-            if inputs[key] is None or (key == "synced_gpus" and inputs[key] is False):
+            if inputs[key] is None:
                 inputs.pop(key)
                 continue
             raise ValueError(f"generate argument {key!r} is not supported by sage_ext: {GENERATE_ONLY[key]}")
@@ -377,7 +454,13 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
                 unknown.append(key)  # unless a model input (pixel values, grids, ...): sorted out below
             continue
         value = inputs.pop(key)
-        if value is None or key in IGNORABLE_IDS or _is_no_op(key, value):
+        if value is None:
+            continue
+        given.add(key)
+        if key in SETTING_DEFAULTS:  # honoured, like the engine's own arguments (min_new_tokens, ...)
+            arguments[key] = value
+            continue
+        if key in IGNORABLE_IDS or _is_no_op(key, value) or (key in SAMPLING_ONLY and not do_sample):
             continue
         refused.append(f"{key}={value!r}")
     names = _model_input_names(model) if unknown else None
@@ -393,35 +476,67 @@ def check_generate_call(target: Any, input_ids: Any, max_new_tokens: Any, *, do_
             f"generate argument(s) {', '.join(refused)} not supported by sage_ext's engine (refused rather than ignored); "
             f"it takes: {', '.join(ENGINE_ARGUMENTS)}, and the model inputs"
         )
+    # the generation config's entries the engine does not implement: generate would apply them, so ignoring them
+    # would give another output than target.generate
+    from_config = []
+    for key, value in config.items():
+        if (key in SETTING_DEFAULTS or key in ("max_new_tokens", "max_length") or key in given
+                or key in TOKEN_NEUTRAL_CONFIG or key in IGNORABLE_IDS or _is_no_op(key, value)
+                or (key in SAMPLING_ONLY and not do_sample)):
+            continue
+        from_config.append((key, value))
+    if from_config:
+        settings = ", ".join(f"{key}={value!r}" for key, value in from_config)
+        ways = ", ".join(f"pass {key}={NO_OP_VALUES[key][0]!r}" if key in NO_OP_VALUES
+                         else f"set model.generation_config.{key} = None" for key, _ in from_config)
+        raise ValueError(
+            f"the generation config sets {settings}, which target.generate applies and sage_ext's engine does not "
+            f"implement (refused rather than ignored: the output would differ from target.generate's); to decode "
+            f"without it, {ways} (and do the same for target.generate to compare)"
+        )
 
-    prompt_len = input_ids.shape[-1]
+    # lengths: the call's max_new_tokens or max_length, else the config's (max_new_tokens first, as in generate)
+    max_new_tokens = arguments.get("max_new_tokens")
+    if max_length is not None and max_new_tokens is not None:
+        raise ValueError(f"pass max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both")
+    source = "max_length"
+    if max_new_tokens is None and max_length is None:
+        max_new_tokens = config.get("max_new_tokens")
+        if max_new_tokens is None:
+            max_length, source = config.get("max_length"), "the generation config's max_length"
     if max_length is not None:
-        if max_new_tokens is not None:
-            raise ValueError(f"pass max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both")
         _check_number("max_length", max_length, low=1, low_open=False, integer=True)
         if max_length <= prompt_len:
-            raise ValueError(f"max_length ({max_length}) leaves no room for new tokens after the {prompt_len}-token "
+            raise ValueError(f"{source} ({max_length}) leaves no room for new tokens after the {prompt_len}-token "
                              f"prompt; use max_new_tokens")
         max_new_tokens = max_length - prompt_len
     if max_new_tokens is None:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     _check_number("max_new_tokens", max_new_tokens, low=1, low_open=False, integer=True)
-    max_new_tokens = int(max_new_tokens)
 
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
-    _check_number("temperature", temperature, low=0.0, low_open=False)
-    if top_k is not None:
-        _check_number("top_k", top_k, low=0, low_open=False, integer=True)
-    if top_p is not None:
-        _check_number("top_p", top_p, low=0.0, low_open=False, high=1.0)
+    value = {key: arguments.get(key, config.get(key, default)) for key, default in SETTING_DEFAULTS.items()}
+    _check_number("temperature", value["temperature"], low=0.0, low_open=False)
+    _check_number("top_k", value["top_k"], low=0, low_open=False, integer=True)
+    _check_number("top_p", value["top_p"], low=0.0, low_open=False, high=1.0)
+    _check_number("repetition_penalty", value["repetition_penalty"], low=0.0, low_open=True)
+    _check_number("min_new_tokens", value["min_new_tokens"], low=0, low_open=False, integer=True)
+    _check_number("min_length", value["min_length"], low=0, low_open=False, integer=True)
+    if do_sample and not value["temperature"] > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {value['temperature']}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (seeded, on the target's device), got "
                         f"{type(generator).__name__}")
+    settings = GenerationSettings(
+        max_new_tokens=int(max_new_tokens), do_sample=do_sample,
+        # generate's warpers take Python numbers (a NumPy or 0-d tensor value is checked as a number already)
+        temperature=float(value["temperature"]), top_k=int(value["top_k"]), top_p=float(value["top_p"]),
+        repetition_penalty=float(value["repetition_penalty"]), min_new_tokens=int(value["min_new_tokens"]),
+        min_length=int(value["min_length"]), eos_token_id=value["eos_token_id"],
+        pad_token_id=value["pad_token_id"], stop_strings=value["stop_strings"])
 
     if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # a batch's rows are checked one by one once split
         _check_visual_inputs(model, input_ids, inputs)
-    return input_ids, max_new_tokens, inputs
+    return input_ids, settings, inputs
 
 
 def check_row_inputs(target: Any, input_ids: Tensor, inputs: dict[str, Any]) -> None:

@@ -78,7 +78,7 @@ def sample_tokens(generator_obj, inputs, runs: int = RUNS, **kwargs) -> tuple[li
 
 
 def hf_warper(generator_obj, **kwargs):
-    warpers = generator_obj._warpers(kwargs.get("temperature", 1.0), kwargs.get("top_k"), kwargs.get("top_p"))
+    warpers = generator_obj._warpers(kwargs.get("temperature", 1.0), kwargs.get("top_k", 50), kwargs.get("top_p", 1.0))
 
     def warp(logits):
         scores = logits.float()

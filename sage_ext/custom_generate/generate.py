@@ -12,9 +12,9 @@ the copy is imported outside the sage_ext package.
 Mapping: ``model`` = the target, ``assistant_model`` = the draft (None only with ``policy="ar"``),
 ``policy`` (a name or a policy object), ``draft_prune_ratio``, ``batch_node_budget``, ``capture_draft`` and
 ``sampling_rule`` go to ``SpeculativeGenerator``; the generation settings are those ``target.generate`` would
-use: the call's keyword arguments over ``generation_config`` over the model's own, 20 new tokens when no length is
-set anywhere (transformers' default). What the engine does not
-implement (beam search, logits processors, output_scores, ...) is refused with a ValueError, not ignored.
+use: the call's keyword arguments over ``generation_config`` over the model's own (the engine reads them so), 20
+new tokens when no length is set anywhere (transformers' default). What the engine does not implement (beam
+search, logits processors, output_scores, ...) is refused with a ValueError, not ignored.
 Returns the sequences (LongTensor ``[B, prompt + new]``), or with ``return_dict_in_generate=True`` a
 ``SpeculativeGenerateOutput`` (a ``GenerateDecoderOnlyOutput`` with the run's ``stats`` added).
 """
@@ -36,10 +36,6 @@ HF_DEFAULT_MAX_NEW_TOKENS = 20
 _NONE_MEANS_UNSET = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "negative_prompt_ids",
                      "negative_prompt_attention_mask", "synced_gpus", "assistant_tokenizer")
 
-#: config entries that are bookkeeping, not settings.
-_NOT_SETTINGS = ("transformers_version", "_from_model_config")
-
-
 @dataclass
 class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
     """``GenerateDecoderOnlyOutput`` (``sequences``; scores, logits, attentions stay None) plus the sage_ext
@@ -48,23 +44,15 @@ class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
     stats: Any = None
 
 
-def _diff(config) -> dict:
-    return {} if config is None else {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_SETTINGS}
-
-
-def _settings(model, generation_config, kwargs: dict) -> dict:
-    """The call's settings over the given config's non-default ones over the model's own (transformers fills what a
-    given config leaves unset from ``model.generation_config``), with transformers' length rules."""
-    base = {**_diff(getattr(model, "generation_config", None)), **_diff(generation_config)}
-    if "max_length" in kwargs and kwargs.get("max_new_tokens") is None:  # the call's max_length beats the config's
-        base.pop("max_new_tokens", None)
-    settings = {**base, **kwargs}
-    if settings.get("max_new_tokens") is not None:  # max_new_tokens takes precedence, as in transformers
-        settings.pop("max_length", None)
-    elif settings.get("max_length") is None:
-        settings.pop("max_length", None)
-        settings["max_new_tokens"] = HF_DEFAULT_MAX_NEW_TOKENS
-    return settings
+def _setting(name: str, kwargs: dict, *configs) -> Any:
+    """``name`` as transformers reads it: the call's keyword argument, else the first config that sets it."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    for config in configs:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def generate(model, inputs=None, generation_config=None, assistant_model=None, streamer=None, *,
@@ -85,12 +73,17 @@ def generate(model, inputs=None, generation_config=None, assistant_model=None, s
     if assistant_model is None and policy != "ar":
         raise ValueError("sage_ext's custom_generate needs the draft model: pass assistant_model=<draft> "
                          "(or policy='ar' for target-only decoding)")
-    settings = _settings(model, generation_config, kwargs)
-    return_dict = bool(settings.pop("return_dict_in_generate", False))
+    # the engine reads the settings as generate does (the call's over generation_config over the model's own); only
+    # the length default and the return type are transformers' here
+    configs = (generation_config, getattr(model, "generation_config", None))
+    if _setting("max_new_tokens", kwargs, *configs) is None and _setting("max_length", kwargs, *configs) is None:
+        kwargs["max_new_tokens"] = HF_DEFAULT_MAX_NEW_TOKENS
+    return_dict = bool(_setting("return_dict_in_generate", kwargs, *configs))
+    kwargs.pop("return_dict_in_generate", None)
     engine = SpeculativeGenerator(model, assistant_model, policy, draft_prune_ratio=draft_prune_ratio,
                                   batch_node_budget=batch_node_budget, capture_draft=capture_draft,
                                   sampling_rule=sampling_rule)
-    sequences, stats = engine.generate(streamer=streamer, **settings)
+    sequences, stats = engine.generate(streamer=streamer, generation_config=generation_config, **kwargs)
     if return_dict:
         return SpeculativeGenerateOutput(sequences=sequences, stats=stats)
     return sequences

@@ -8,6 +8,8 @@
 - ``caches``: ``RowCache`` (the KV caches, every batch row at its own length; static buffers for a captured draft)
   and its layers grouped per device for the commit;
 - ``capture``: the draft's tree forward compiled for a few fixed shapes (``capture_draft=True``);
+- ``processing``: the target's scores per tree node as ``generate``'s logits processors leave them (repetition
+  penalty, minimum lengths);
 - ``costs``: the live cost and acceptance estimates of ``sage_cost``;
 - ``stats``: the step timeline and ``GenerationStats``.
 """

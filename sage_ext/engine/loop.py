@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,7 +54,11 @@ from .capture import CapturedForward, padded_rows, tree_forward
 from .costs import RowOutcome, StepCost, learning_for
 from .draft_round import DraftRound
 from .policies import DEFAULT_POLICY, TreePolicy, make_policy
+from .processing import TargetProcessing
 from .stats import GenerationStats, StepRecord, Timeline
+
+if TYPE_CHECKING:
+    from ..validation import GenerationSettings
 
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
 DEFAULT_MAX_VOCAB_PADDING = 256
@@ -214,17 +218,9 @@ class SpeculativeGenerator:
             )
 
     # ------------------------------------------------------------------ sampling helpers
-    def _warpers(self, temperature: float, top_k: int | None, top_p: float | None) -> list:
+    @staticmethod
+    def _warpers(temperature: float, top_k: int, top_p: float) -> list:
         """HF-equivalent logits warpers (same classes and order as ``generate``), applied in float32."""
-        config = getattr(self.target.model, "generation_config", None)
-        if top_k is None:
-            top_k = getattr(config, "top_k", None)
-            top_k = 50 if top_k is None else top_k  # HF's default
-        if top_p is None:
-            top_p = getattr(config, "top_p", None)
-            top_p = 1.0 if top_p is None else top_p
-        # HF's warpers take Python numbers only (a NumPy or 0-d tensor value is checked as a number already)
-        temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)
         warpers: list = []
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -234,8 +230,17 @@ class SpeculativeGenerator:
             warpers.append(TopPLogitsWarper(top_p=top_p))
         return warpers
 
-    def _target_probs(self, logits: Tensor) -> Tensor:
-        scores = logits.float()
+    def _target_scores(self, logits: Tensor, row: "_Row", context_len: int, tree: tuple | None) -> Tensor:
+        """The target's scores ``[N, V]`` as ``generate``'s logits processors leave them, before the sampling warpers:
+        the logits themselves, or in float32 after the generation's ``TargetProcessing`` (repetition penalty, minimum
+        lengths) of each node's context: the row's first ``context_len`` tokens, then the node's path in ``tree``
+        (``tokens``, ``parents``, depth bound; None: no tree)."""
+        if self._processing is None:
+            return logits
+        return self._processing(logits, row.seq[0, :context_len], row.prompt_len, tree)
+
+    def _target_probs(self, scores: Tensor) -> Tensor:
+        scores = scores.float()
         for warper in self._active_warpers:
             scores = warper(None, scores)
         return torch.softmax(scores, dim=-1)
@@ -249,12 +254,14 @@ class SpeculativeGenerator:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
         eos_token_id: int | list[int] | None = None,
         stop_strings: str | list[str] | None = None,
         tokenizer=None,
         streamer=None,
         generator: torch.Generator | None = None,
         pad_token_id: int | None = None,
+        generation_config=None,
         **inputs: Any,
     ) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` tokens after the prompt (or after each prompt of a batch).
@@ -264,8 +271,11 @@ class SpeculativeGenerator:
         ``target.generate(do_sample=False)`` in float32 (in bf16/fp16 the tree forward can round a near-tie
         differently from one-token decoding: docs/ENGINE.md, Precision); with ``do_sample`` the output is
         distributed exactly like the target's sampling with the same ``temperature`` / ``top_k`` / ``top_p``
-        (``do_sample`` and these None → the target's generation_config, then HF's defaults: greedy, temperature 1.0,
-        top_k 50, top_p 1.0; top_k 0 disables top-k).
+        (top_k 0 disables top-k). ``repetition_penalty``, ``min_new_tokens`` and ``min_length`` (keyword) are applied
+        to every tree node as ``generate`` applies them. Every setting left None is read as ``generate`` reads it:
+        from ``generation_config`` (a GenerationConfig, over the target's own), then the target's
+        ``generation_config``, then HF's defaults (greedy, temperature 1.0, top_k 50, top_p 1.0, 64 new tokens here);
+        a generation-config entry the engine does not implement raises ValueError instead of being ignored.
         ``eos_token_id`` (int, list or tensor; default: the target's generation_config's, as ``generate``), ``stop_strings`` (needs
         ``tokenizer``; same rule as HF's StopStringCriteria), ``streamer`` (``put``/``end``, receives the
         prompt first, then the tokens of every step; one prompt only), ``generator`` (torch.Generator for sampling).
@@ -279,25 +289,17 @@ class SpeculativeGenerator:
         """
         from ..validation import check_generate_call, check_row_inputs
 
-        config = getattr(self.target.model, "generation_config", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(config, "pad_token_id", None)
-        if do_sample is None:  # generate's defaults: the generation config's, then greedy at temperature 1
-            do_sample = bool(getattr(config, "do_sample", None) or False)
-        if temperature is None:
-            temperature = getattr(config, "temperature", None)
-            temperature = 1.0 if temperature is None else temperature
-        input_ids, max_new_tokens, inputs = check_generate_call(
-            self.target, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, inputs=inputs, generator=generator)
+        arguments = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                         top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, stop_strings=stop_strings, generation_config=generation_config)
+        input_ids, settings, inputs = check_generate_call(self.target, input_ids, arguments, inputs=inputs,
+                                                          generator=generator)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if stop_strings and tokenizer is None:
-            raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...)")
+        max_new_tokens, eos_token_id, pad_token_id = settings.max_new_tokens, settings.eos_token_id, settings.pad_token_id
+        if settings.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...); they may come from the generation "
+                             "config")
         batch = input_ids.shape[0]
         if batch > 1 and streamer is not None:
             raise ValueError(f"a streamer takes one sequence (as transformers' streamers do); got a batch of {batch} "
@@ -315,10 +317,7 @@ class SpeculativeGenerator:
                                  "to fill the rows that end early")
             pad_token_id = int(eos[0])
         with torch.inference_mode():
-            return self._generate(
-                input_ids, rows, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                stop_strings, tokenizer, streamer, generator, pad_token_id,
-            )
+            return self._generate(input_ids, rows, settings, tokenizer, streamer, generator, pad_token_id)
 
     def _check_row_fits(self, row_inputs: dict, max_new_tokens: int) -> None:
         """Refuse a prompt whose tree would leave the sliding window or cross a position-dependent rope threshold."""
@@ -335,9 +334,10 @@ class SpeculativeGenerator:
         if rope_reason is not None:
             raise ValueError(rope_reason)
 
-    def _generate(self, input_ids, row_inputs, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                  stop_strings, tokenizer, streamer, generator, pad_token_id) -> GenerationOutput:
+    def _generate(self, input_ids, row_inputs, settings: "GenerationSettings", tokenizer, streamer, generator,
+                  pad_token_id) -> GenerationOutput:
         wall_start = time.perf_counter()
+        max_new_tokens, do_sample, temperature = settings.max_new_tokens, settings.do_sample, settings.temperature
         policy = self.policy
         batch = len(row_inputs)
         # devices and dtypes as the models are now (looked up once: HF's accessors are slow)
@@ -349,10 +349,15 @@ class SpeculativeGenerator:
         self.timeline = timeline = Timeline(device, clock=self.host_clock)
         self.do_sample = do_sample
         self.draft_temperature = temperature if do_sample else 1.0
-        self._active_warpers = self._warpers(temperature, top_k, top_p) if do_sample else []
+        self._active_warpers = self._warpers(temperature, settings.top_k, settings.top_p) if do_sample else []
 
-        eos_ids = set(_eos_ids(eos_token_id, self.target))
-        stop_criteria = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
+        eos_ids = set(_eos_ids(settings.eos_token_id, self.target))
+        processing = TargetProcessing(settings.repetition_penalty, settings.min_length, settings.min_new_tokens,
+                                      # EOS ids the scores have (generate's rule: an id outside them matches nothing)
+                                      torch.tensor([i for i in sorted(eos_ids) if 0 <= i < self.target.vocab_size],
+                                                   dtype=torch.int64, device=device))
+        self._processing = processing if processing.active else None
+        stop_criteria = StopStringCriteria(tokenizer, settings.stop_strings) if settings.stop_strings else None
 
         # one state per row; row 0 runs the generator's own policy object (its state is inspected after a call)
         prompt_lens = [inputs["input_ids"].shape[1] for inputs in row_inputs]
@@ -405,7 +410,8 @@ class SpeculativeGenerator:
         if use_draft:
             self.draft.position_offset = _batch_offsets(draft_offsets, self.draft_device)
         with timeline.region("tree_ops"):
-            logits = torch.cat(first_logits)
+            logits = torch.cat([self._target_scores(row_logits, row, row.prompt_len, None)
+                                for row, row_logits in zip(rows, first_logits)])
             if do_sample:
                 # drawn on the generator's device (a CPU generator with a model on CUDA works too): this is the
                 # prefill, whose tokens are read on the host just below anyway
@@ -490,14 +496,15 @@ class SpeculativeGenerator:
                 workspace = row.ctx.ws
                 target_tensors = target_groups.tensors(slot) if num_nodes > 1 else no_groups
                 draft_tensors = draft_groups.tensors(slot) if use_draft and num_nodes > 1 else no_groups
-                row_logits = logits[slot: slot + 1, :num_nodes]
+                tree = (tokens[:, :num_nodes], workspace.tree_parents, row.proposal.depth_bound) if num_nodes > 1 else None
+                scores = self._target_scores(logits[slot, :num_nodes], row, row.cur_len, tree)
                 if do_sample:
-                    probs = self._target_probs(row_logits[0])[None]
+                    probs = self._target_probs(scores)[None]
                     verified = self._verify_sampling(tokens, workspace.tree_parents, probs, generator)
                     readback = workspace.commit_async(None, *verified, row.cur_len, target_tensors, row.target_len,
                                                       draft_tensors)
                 else:
-                    readback = workspace.commit_async(row_logits, None, None, None, row.cur_len, target_tensors,
+                    readback = workspace.commit_async(scores[None], None, None, None, row.cur_len, target_tensors,
                                                       row.target_len, draft_tensors)
                 level_mass = row.proposal.level_mass
                 if isinstance(level_mass, Tensor):  # the tree's mass per depth rides along (float64 bits as int64)
