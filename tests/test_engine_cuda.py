@@ -9,6 +9,7 @@
 - sampling with a CUDA and with a CPU ``torch.Generator``: seeded runs repeat, the tokens follow the target's
   distribution (chi-square, as tests/test_engine_sampling.py);
 - batches: every row of a batch (different lengths and media) equals ``target.generate`` on that row alone;
+- the repetition penalty and minimum lengths per tree node (greedy and top-k-1 sampling), with no extra sync;
 - the captured draft (``capture_draft=True``: CUDA graphs): batch rows and caches as above;
 - the CUDA-event timeline: statistics consistent (tests/test_engine_stats.py's checks), GPU time booked where
   it ran.
@@ -46,7 +47,11 @@ pytestmark = needs_gpu
 BUILDERS = all_family_builders()
 #: the policies of the sync count: POLICIES (SAGE takes static shapes on CUDA by default) and SAGE with
 #: data-dependent level sizes, which reads each level's size on the host
-SYNC_POLICIES = {**POLICIES, "sage_dynamic_shapes": lambda: SagePolicy(static_shapes=False)}
+SYNC_POLICIES = {**POLICIES, "sage_dynamic_shapes": lambda: SagePolicy(static_shapes=False),
+                 "sage_processed": SagePolicy}
+#: generate settings of a sync-count entry beside max_new_tokens: the target's scores processed per node
+#: (engine/processing.py) must add no sync
+SYNC_SETTINGS = {"sage_processed": {"repetition_penalty": 1.3, "min_new_tokens": 4}}
 TREE_POLICIES = ["chain", "static", "dynamic", "sage", "sage_zero_lag"]
 SAMPLING_RUNS = 1000
 
@@ -113,6 +118,22 @@ def test_batch_rows_equal_target_generate_alone(name, policy):
     for index, row in enumerate(rows):
         expected = hf_greedy(target, row, max_new_tokens=BATCH_NEW)[0, row["input_ids"].shape[1]:]
         assert torch.equal(out.sequences[index, width: width + len(expected)], expected), f"row {index}"
+
+
+@pytest.mark.parametrize("policy", ["ar", "chain", "sage", "sage_cost"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_vl", "llava"])
+def test_repetition_penalty_and_minimum_length_on_cuda(name, policy):
+    """tests/test_generation_config.py's checks on the GPU: the target's scores processed per tree node (repetition
+    penalty, min_new_tokens) give target.generate's output, greedy and with top-k-1 sampling."""
+    models = build(name)
+    settings = dict(max_new_tokens=MAX_NEW, repetition_penalty=1.3, min_new_tokens=MAX_NEW // 2)
+    engine = SpeculativeGenerator(models.target, models.draft if policy != "ar" else None, POLICIES[policy]())
+    for sampling in ({"do_sample": False}, {"do_sample": True, "top_k": 1}):
+        with torch.no_grad():
+            expected = models.target.generate(**models.inputs, **settings, **sampling)
+        out = engine.generate(**models.inputs, **settings, **sampling,
+                              generator=torch.Generator(CUDA).manual_seed(0) if sampling["do_sample"] else None)
+        assert torch.equal(out.sequences, expected), sampling
 
 
 @pytest.mark.parametrize(("name", "policy"), [("llava", "sage"), ("qwen2_vl", "chain")])
@@ -212,7 +233,7 @@ def count_syncs(families: list[str], policies: list[str]) -> dict:
             engine.step_hook = lambda info: marks.append(len(syncs))
             syncs.clear()
             counting[0] = True
-            out = engine.generate(**models.inputs, max_new_tokens=MAX_NEW)
+            out = engine.generate(**models.inputs, max_new_tokens=MAX_NEW, **SYNC_SETTINGS.get(policy, {}))
             counting[0] = False
             per_step = [end - start for start, end in zip(marks, marks[1:])]
             extra = [syncs[start:end] for start, end in zip(marks, marks[1:]) if end - start > 1]
