@@ -94,7 +94,8 @@ def test_demo_warms_up_notes_a_slowdown_and_plots_steps_and_speed(tmp_path, caps
         assert image.format == "PNG" and image.size[0] > 300
 
 
-@pytest.mark.parametrize("extra", [[], ["--capture-draft"]])
+@pytest.mark.parametrize("extra", [[], ["--capture-draft"],
+                                   ["--repetition-penalty", "3"]])  # strong enough to change this caption
 def test_generate_streams_the_target_greedy_text(tmp_path, capsys, extra):
     scene = scenes.heldout_scenes(1, start=300)[0]
     image_path = tmp_path / "scene.png"
@@ -106,11 +107,15 @@ def test_generate_streams_the_target_greedy_text(tmp_path, capsys, extra):
 
     target, _, processor = models.load_pair(str(TARGET_DIR), None, torch.device("cpu"), torch.float32)
     inputs = processor(text=scenes.caption_prompt(), images=Image.open(image_path).convert("RGB"), return_tensors="pt")
+    penalty = float(extra[1]) if extra[:1] == ["--repetition-penalty"] else 1.0
     with torch.inference_mode():
-        out = target.generate(**inputs, max_new_tokens=40, do_sample=False)
+        out = target.generate(**inputs, max_new_tokens=40, do_sample=False, repetition_penalty=penalty)
     expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert streamed == expected
     assert len(expected.split()) > 10
+    if penalty != 1.0:  # the penalty mattered
+        with torch.inference_mode():
+            assert not torch.equal(out, target.generate(**inputs, max_new_tokens=40, do_sample=False))
 
 
 def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, capsys):

@@ -84,6 +84,7 @@ def test_bad_image_paths(case, fragments, tmp_path, capsys, no_loading):
     ("--top-p", "2", "argument --top-p: must be in [0, 1], got 2"),
     ("--top-p", "-0.1", "argument --top-p: must be in [0, 1], got -0.1"),
     ("--top-k", "-3", "argument --top-k: must be >= 0, got -3"),
+    ("--repetition-penalty", "0", "argument --repetition-penalty: must be > 0, got 0"),
     ("--draft-prune-ratio", "1.5", "argument --draft-prune-ratio: must be in [0, 1], got 1.5"),
     ("--threads", "0", "argument --threads: must be >= 1, got 0"),
     ("--temperature", "nan", "argument --temperature: expected a finite number, got 'nan'"),

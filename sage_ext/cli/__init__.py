@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=_NONNEGATIVE_INT, default=None, help="sampling top-k (0 = off)")
     gen.add_argument("--top-p", type=ranged(float, low=0.0, high=1.0, what="in [0, 1]"),
                      default=None, help="sampling top-p, in [0, 1] (0 keeps the most likely token only)")
+    gen.add_argument("--repetition-penalty", type=ranged(float, low=0.0, low_open=True, what="> 0"), default=None,
+                     help="transformers' repetition penalty (> 0; 1 = off); default: the target's generation config's")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (torch.Generator)")
     _add_sampling_rule(gen)
     _add_draft_prune_ratio(gen)
