@@ -120,3 +120,27 @@ def test_sliding_window_shorter_than_the_sequence_is_refused(builder):
     out = SpeculativeGenerator(target, correlated_draft(target), "ar").generate(**inputs, max_new_tokens=8)
     with torch.no_grad():
         assert torch.equal(out.sequences, target.generate(**inputs, do_sample=False, max_new_tokens=8))
+
+
+@pytest.mark.parametrize("policy", ["ar", "sage", "sage_cost"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl-video"])
+def test_qwen_prompt_without_token_types_decodes_as_generate(name, policy):
+    """A hand-built Qwen prompt without mm_token_type_ids: generate decodes Qwen2-VL / Qwen2.5-VL ones with
+    multimodal positions all the same, Qwen3-VL ones with 1-D positions (its output then differs from the one with
+    the key); the engine gives generate's output either way, pruned draft too."""
+    from tiny_vlms import tiny_qwen2_5_vl, tiny_qwen2_vl
+    from tiny_vlms_more import tiny_qwen3_vl, tiny_qwen3_vl_video
+
+    builder = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl,
+               "qwen3_vl-video": tiny_qwen3_vl_video}[name]
+    target, inputs = builder()
+    bare = {key: value for key, value in inputs.items() if key != "mm_token_type_ids"}
+    with torch.no_grad():
+        expected = target.generate(**bare, max_new_tokens=MAX_NEW, do_sample=False)
+        with_key = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(expected, with_key) == name.startswith("qwen2")  # the case is what the docstring says
+    draft = correlated_draft(target, noise=0.1) if policy != "ar" else None
+    for prune in ([0.0, 0.5] if draft is not None else [0.0]):
+        out = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=prune).generate(
+            **bare, max_new_tokens=MAX_NEW)
+        assert torch.equal(out.sequences, expected), prune

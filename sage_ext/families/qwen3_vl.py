@@ -13,8 +13,9 @@ What differs from Qwen2-VL, and where it is handled:
     The prompt forward is the model's own, so the target's prompt is exact; tokens after the prompt are text and
     get no visual features, as in ``generate``. Draft-side pruning carries the kept visual rows' DeepStack
     features into the kept-rows forward (``sage_ext.pruning.forward_kept``).
-``mm_token_type_ids`` is derived from the token ids when missing (``Qwen2VLAdapter.prefill_inputs``): without it
-the model refuses multimodal positions.
+Without ``mm_token_type_ids`` (a hand-built prompt) ``generate`` gives every token 1-D text positions, images and
+videos included; the engine does the same (it derives nothing, unlike for Qwen2-VL), so the output stays
+``generate``'s.
 """
 from __future__ import annotations
 
@@ -25,3 +26,4 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """Adapter for ``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration``."""
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
+    derives_token_types = False
