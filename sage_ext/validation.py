@@ -34,51 +34,49 @@ ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "min_lengt
 #: The generation settings the engine implements, each read like ``generate`` reads it: the call's argument, else
 #: the generation config's (a given ``generation_config`` over the target's own), else transformers' default here.
 SETTING_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-                                    "repetition_penalty": 1.0, "min_new_tokens": 0, "min_length": 0,
+                                    "repetition_penalty": 1.0, "min_new_tokens": None, "min_length": 0,
                                     "eos_token_id": None, "pad_token_id": None, "stop_strings": None}
 
 #: Settings ``generate`` reads only when sampling (in greedy decoding it ignores them, and so does the engine).
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
-#: generation-config entries that never change which tokens come out (how caches, compilation or transformers'
-#: own assisted decoding are set up, what is returned besides the tokens, beam-search-only settings while
-#: ``num_beams`` is 1): read from a generation config they are skipped; given as arguments the engine still refuses
-#: those it cannot honour (``output_scores=True``, ...).
-TOKEN_NEUTRAL_CONFIG = ("bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config",
-                        "max_cache_len", "compile_config", "disable_compile", "low_memory", "prefill_chunk_size",
-                        "output_attentions", "output_hidden_states", "output_scores", "output_logits",
-                        "return_dict_in_generate", "renormalize_logits", "is_assistant", "num_assistant_tokens",
-                        "num_assistant_tokens_schedule", "assistant_confidence_threshold", "prompt_lookup_num_tokens",
-                        "max_matching_ngram_size", "assistant_lookbehind", "target_lookbehind", "length_penalty",
-                        "early_stopping")
+#: Settings that never change which tokens come out, whatever their value and wherever they are set: how caches,
+#: compilation or transformers' own assisted decoding are set up, beam-search-only settings (``num_beams`` > 1 is
+#: refused), renormalizing after the processors (the engine's softmax renormalizes).
+TOKEN_NEUTRAL = ("bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config",
+                 "max_cache_len", "compile_config", "disable_compile", "low_memory", "prefill_chunk_size",
+                 "renormalize_logits", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+                 "assistant_confidence_threshold", "prompt_lookup_num_tokens", "max_matching_ngram_size",
+                 "assistant_lookbehind", "target_lookbehind", "assistant_early_exit", "assistant_ensemble_weight",
+                 "speculation_type", "use_mtp", "length_penalty", "early_stopping", "num_beam_groups",
+                 "diversity_penalty")
+
+#: What ``generate`` returns besides the tokens: skipped in a generation config; asked for by the call (``True``),
+#: refused, since the engine returns the tokens and its own statistics only.
+OUTPUT_REQUESTS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                   "return_dict_in_generate")
 
 #: transformers ``generate`` arguments that change nothing in a greedy/sampling decode when they have these values
 #: (their defaults): accepted and dropped.
 NO_OP_VALUES: dict[str, tuple] = {
     "num_beams": (1,),
-    "num_beam_groups": (1,),
     "num_return_sequences": (1,),
-    "use_cache": (True,),
     "return_dict_in_generate": (False,),
     "output_scores": (False,),
     "output_logits": (False,),
     "output_attentions": (False,),
     "output_hidden_states": (False,),
     "encoder_repetition_penalty": (1.0,),
-    "length_penalty": (1.0,),
     "no_repeat_ngram_size": (0,),
     "encoder_no_repeat_ngram_size": (0,),
-    "renormalize_logits": (False,),
     "remove_invalid_values": (False,),
     "min_p": (0.0,),
     "typical_p": (1.0,),
     "epsilon_cutoff": (0.0,),
     "eta_cutoff": (0.0,),
-    "diversity_penalty": (0.0,),
     "guidance_scale": (1.0,),
     "penalty_alpha": (0.0,),
     "token_healing": (False,),
-    "low_memory": (False,),
     "synced_gpus": (False,),
     "suppress_tokens": ([],),
     "begin_suppress_tokens": ([],),
@@ -460,7 +458,8 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         if key in SETTING_DEFAULTS:  # honoured, like the engine's own arguments (min_new_tokens, ...)
             arguments[key] = value
             continue
-        if key in IGNORABLE_IDS or _is_no_op(key, value) or (key in SAMPLING_ONLY and not do_sample):
+        if (key in TOKEN_NEUTRAL or key in IGNORABLE_IDS or _is_no_op(key, value)
+                or (key in SAMPLING_ONLY and not do_sample)):
             continue
         refused.append(f"{key}={value!r}")
     names = _model_input_names(model) if unknown else None
@@ -481,7 +480,7 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
     from_config = []
     for key, value in config.items():
         if (key in SETTING_DEFAULTS or key in ("max_new_tokens", "max_length") or key in given
-                or key in TOKEN_NEUTRAL_CONFIG or key in IGNORABLE_IDS or _is_no_op(key, value)
+                or key in TOKEN_NEUTRAL or key in OUTPUT_REQUESTS or key in IGNORABLE_IDS or _is_no_op(key, value)
                 or (key in SAMPLING_ONLY and not do_sample)):
             continue
         from_config.append((key, value))
@@ -492,17 +491,21 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         raise ValueError(
             f"the generation config sets {settings}, which target.generate applies and sage_ext's engine does not "
             f"implement (refused rather than ignored: the output would differ from target.generate's); to decode "
-            f"without it, {ways} (and do the same for target.generate to compare)"
+            f"without it, {ways} (and do the same for target.generate to compare), or remove it from the "
+            f"checkpoint's generation_config.json"
         )
 
-    # lengths: the call's max_new_tokens or max_length, else the config's (max_new_tokens first, as in generate)
+    # lengths: max_new_tokens (the call's, else the config's) over max_length (the call's, else the config's), as
+    # generate ranks them
     max_new_tokens = arguments.get("max_new_tokens")
     if max_length is not None and max_new_tokens is not None:
         raise ValueError(f"pass max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both")
     source = "max_length"
-    if max_new_tokens is None and max_length is None:
+    if max_new_tokens is None:
         max_new_tokens = config.get("max_new_tokens")
-        if max_new_tokens is None:
+        if max_new_tokens is not None:
+            max_length = None
+        elif max_length is None:
             max_length, source = config.get("max_length"), "the generation config's max_length"
     if max_length is not None:
         _check_number("max_length", max_length, low=1, low_open=False, integer=True)
@@ -519,8 +522,10 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
     _check_number("top_k", value["top_k"], low=0, low_open=False, integer=True)
     _check_number("top_p", value["top_p"], low=0.0, low_open=False, high=1.0)
     _check_number("repetition_penalty", value["repetition_penalty"], low=0.0, low_open=True)
-    _check_number("min_new_tokens", value["min_new_tokens"], low=0, low_open=False, integer=True)
     _check_number("min_length", value["min_length"], low=0, low_open=False, integer=True)
+    if value["min_new_tokens"] is not None:  # it takes precedence over min_length, as in generate
+        _check_number("min_new_tokens", value["min_new_tokens"], low=0, low_open=False, integer=True)
+        value["min_length"] = 0
     if do_sample and not value["temperature"] > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {value['temperature']}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -530,7 +535,7 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         max_new_tokens=int(max_new_tokens), do_sample=do_sample,
         # generate's warpers take Python numbers (a NumPy or 0-d tensor value is checked as a number already)
         temperature=float(value["temperature"]), top_k=int(value["top_k"]), top_p=float(value["top_p"]),
-        repetition_penalty=float(value["repetition_penalty"]), min_new_tokens=int(value["min_new_tokens"]),
+        repetition_penalty=float(value["repetition_penalty"]), min_new_tokens=int(value["min_new_tokens"] or 0),
         min_length=int(value["min_length"]), eos_token_id=value["eos_token_id"],
         pad_token_id=value["pad_token_id"], stop_strings=value["stop_strings"])
 

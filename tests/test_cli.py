@@ -118,6 +118,33 @@ def test_generate_streams_the_target_greedy_text(tmp_path, capsys, extra):
             assert not torch.equal(out, target.generate(**inputs, max_new_tokens=40, do_sample=False))
 
 
+def test_generate_reads_what_the_flags_leave_out_from_the_generation_config(tmp_path, capsys):
+    """A checkpoint whose generation_config.json sets a length and stop strings: the CLI decodes as
+    target.generate(**inputs) does with that config (it passes the tokenizer the stop strings need)."""
+    import shutil
+
+    target_dir = tmp_path / "target"
+    shutil.copytree(TARGET_DIR, target_dir)
+    target, _, processor = models.load_pair(str(target_dir), None, torch.device("cpu"), torch.float32)
+    scene = scenes.heldout_scenes(1, start=301)[0]
+    image_path = tmp_path / "scene.png"
+    scene.render().save(image_path)
+    inputs = processor(text=scenes.caption_prompt(), images=Image.open(image_path).convert("RGB"), return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        free = target.generate(**inputs, max_new_tokens=30, do_sample=False)[0, prompt_len:]
+    stop = processor.tokenizer.decode(free[8:9])  # a word from the middle of the caption
+    target.generation_config.max_new_tokens, target.generation_config.stop_strings = 20, [stop]
+    target.generation_config.save_pretrained(target_dir)
+    with torch.inference_mode():
+        expected = target.generate(**inputs, tokenizer=processor.tokenizer, do_sample=False)[0, prompt_len:].tolist()
+    assert len(expected) < 20  # the stop string ended it
+    args = ["generate", "--target", str(target_dir), "--draft", str(DRAFT_DIR), "--image", str(image_path),
+            "--prompt", scenes.CAPTION_INSTRUCTION, "--policy", "sage", "--json"]
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["new_token_ids"] == expected
+
+
 def test_bench_small_writes_json_and_chart_with_identical_outputs(tmp_path, capsys):
     args = ["bench", "--scenes", "1", "--repeats", "1", "--max-new-tokens", "24", "--no-tune",
             "--policies", "hf-assisted", "static", "sage", "--out-dir", str(tmp_path), "--name", "tiny"]

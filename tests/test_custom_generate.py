@@ -131,6 +131,16 @@ def test_tiny_llama_lengths_follow_transformers(tiny_pair):
     # a misspelled argument is an error, as in transformers, not an input nothing reads
     with pytest.raises(ValueError, match="'max_new_token' are neither generate arguments nor inputs"):
         custom(target, **inputs, assistant_model=draft, max_new_token=5)
+    # the default length stops at max_position_embeddings, as transformers' does
+    limit, target.config.max_position_embeddings = target.config.max_position_embeddings, prompt_len + 8
+    try:
+        out = custom(target, **inputs, assistant_model=draft, eos_token_id=-1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            assert torch.equal(out, target.generate(**inputs, do_sample=False, eos_token_id=-1))
+        assert out.shape[1] == prompt_len + 8
+    finally:
+        target.config.max_position_embeddings = limit
 
 
 def test_streamer_and_sampling_settings_reach_the_engine(tiny_pair, capsys):

@@ -164,12 +164,21 @@ def test_special_token_outside_the_shared_vocabulary_is_rejected():
         SpeculativeGenerator(target, draft, "sage")
 
 
-def test_different_eos_is_rejected(llama):
-    target, _, _ = llama
+def test_a_draft_whose_generation_config_names_other_eos_ids(llama):
+    """The generation stops on the target's EOS ids (as generate); the draft's config (a base checkpoint drafting
+    for an instruct one names other ids) is not read, and the output is the target's."""
+    target, inputs, _ = llama
     draft = same_draft(target)
     draft.generation_config.eos_token_id = 3
-    with pytest.raises(ValueError, match="EOS"):
-        SpeculativeGenerator(target, draft, "sage")
+    prompt_len = inputs["input_ids"].shape[1]
+    eos = int(hf_greedy(target, inputs, max_new_tokens=24, eos_token_id=-1)[0, prompt_len + 4])
+    target.generation_config.eos_token_id, old = [eos, 7], target.generation_config.eos_token_id
+    try:
+        out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=24)
+        assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=24))
+    finally:
+        target.generation_config.eos_token_id = old
+    assert out.stats.stop_reason == "eos"
 
 
 @pytest.mark.parametrize("builder, change, fragment", [

@@ -153,6 +153,25 @@ def test_minimum_lengths_forbid_eos_at_every_node(llama, policy, entry):
         _set(target.generation_config, **old)
 
 
+def test_min_new_tokens_takes_precedence_over_min_length(llama):
+    """Both set (either in the call or the config): generate keeps min_new_tokens only."""
+    target, draft, inputs = llama
+    prompt_len = inputs["input_ids"].shape[1]
+    eos = int(hf_greedy(target, inputs, max_new_tokens=20, eos_token_id=-1)[0, prompt_len + 2])
+    generator = SpeculativeGenerator(target, draft, "sage")
+    for config, call in (({}, {"min_new_tokens": 1, "min_length": prompt_len + 12}),
+                         ({"min_length": prompt_len + 12}, {"min_new_tokens": 1}),
+                         ({"min_new_tokens": 1}, {"min_length": prompt_len + 12})):
+        old = _set(target.generation_config, **config)
+        try:
+            expected = hf_greedy(target, inputs, max_new_tokens=20, eos_token_id=eos, **call)
+            out = generator.generate(**inputs, max_new_tokens=20, eos_token_id=eos, **call)
+        finally:
+            _set(target.generation_config, **old)
+        assert torch.equal(out.sequences, expected), (config, call)
+        assert expected.shape[1] == prompt_len + 3  # min_new_tokens 1 let the early EOS end it
+
+
 def test_minimum_length_when_sampling(llama):
     """Sampling (top_k 1: deterministic) with min_new_tokens and a repetition penalty together, as generate."""
     target, draft, inputs = llama
@@ -208,6 +227,40 @@ def test_config_entries_that_change_no_token_are_accepted(llama):
     assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=6))
 
 
+@pytest.mark.parametrize("entries", [
+    dict(use_cache=False, cache_implementation="static", max_cache_len=64, low_memory=True, disable_compile=True,
+         prompt_lookup_num_tokens=3, num_assistant_tokens=4, renormalize_logits=True),
+    dict(length_penalty=2.0, early_stopping=True, num_beam_groups=1, diversity_penalty=0.5, use_mtp=False,
+         assistant_early_exit=1),
+])
+def test_settings_that_change_no_token_are_accepted_as_arguments_too(llama, entries):
+    """The same settings are neutral whether the call or a generation config sets them."""
+    target, draft, inputs = llama
+    out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=6, **entries)
+    assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=6))
+
+
+def test_output_requests_of_the_call_are_refused(llama):
+    target, draft, inputs = llama
+    with pytest.raises(ValueError, match="output_scores=True"):
+        SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=6, output_scores=True)
+
+
+def test_a_batch_without_eos_or_stop_strings_needs_no_pad_id():
+    """No row can end early, so nothing is filled (it needed a pad_token_id before)."""
+    model, rows, layout = CASES["llama"]()
+    batch = assemble(rows, **layout)
+    old = _set(model.generation_config, eos_token_id=None, pad_token_id=None)
+    try:
+        out = SpeculativeGenerator(model, correlated_draft(model, noise=0.1), "sage").generate(
+            **batch, max_new_tokens=6)
+        expected = [hf_greedy(model, row, max_new_tokens=6)[0, row["input_ids"].shape[1]:] for row in rows]
+    finally:
+        _set(model.generation_config, **old)
+    for b, new in enumerate(expected):
+        assert torch.equal(out.sequences[b, batch["input_ids"].shape[1]:], new), f"row {b}"
+
+
 def test_sampling_only_entries_are_refused_when_sampling(llama):
     target, draft, inputs = llama
     old = _set(target.generation_config, do_sample=True, typical_p=0.5)
@@ -219,18 +272,21 @@ def test_sampling_only_entries_are_refused_when_sampling(llama):
 
 
 def test_lengths_of_the_generation_config(llama):
-    """max_new_tokens, else max_length, of the config when the call sets no length; the call's length wins."""
+    """As generate ranks them: max_new_tokens (the call's, else the config's) over max_length (the call's, else the
+    config's); each case checked against target.generate."""
     target, draft, inputs = llama
     generator = SpeculativeGenerator(target, draft, "sage")
     prompt_len = inputs["input_ids"].shape[1]
     eos = {"eos_token_id": -1}
-    for entries, new in (({"max_new_tokens": 7}, 7), ({"max_length": prompt_len + 5}, 5),
-                         ({"max_new_tokens": 7, "max_length": prompt_len + 3}, 7)):
+    for entries, call in (({"max_new_tokens": 7}, {}), ({"max_length": prompt_len + 5}, {}),
+                          ({"max_new_tokens": 7, "max_length": prompt_len + 3}, {}),
+                          ({"max_new_tokens": 7}, {"max_new_tokens": 2}),
+                          ({"max_new_tokens": 7}, {"max_length": prompt_len + 4}),  # the config's max_new_tokens wins
+                          ({"max_length": prompt_len + 9}, {"max_length": prompt_len + 4})):
         old = _set(target.generation_config, **entries)
         try:
-            assert generator.generate(**inputs, **eos).sequences.shape[1] == prompt_len + new
-            assert generator.generate(**inputs, max_new_tokens=2, **eos).sequences.shape[1] == prompt_len + 2
-            assert generator.generate(**inputs, max_length=prompt_len + 4, **eos).sequences.shape[1] == prompt_len + 4
+            expected = hf_greedy(target, inputs, **eos, **call)
+            assert torch.equal(generator.generate(**inputs, **eos, **call).sequences, expected), (entries, call)
         finally:
             _set(target.generation_config, **old)
     old = _set(target.generation_config, max_length=prompt_len)

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text; without the image token it is wrapped by the chat template (or <image>\\nTEXT\\n)")
     gen.add_argument("--policy", default=DEFAULT_POLICY, choices=policy_names,
                      help=f"tree policy (default {DEFAULT_POLICY})")
-    gen.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=128)
+    gen.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=None,
+                     help="default: the target's generation config's length (as transformers' generate), else 64")
     gen.add_argument("--temperature", type=ranged(float, low=0.0, what=">= 0"), default=0.0,
                      help="0 = greedy (default); > 0 samples losslessly")
     gen.add_argument("--top-k", type=_NONNEGATIVE_INT, default=None, help="sampling top-k (0 = off)")

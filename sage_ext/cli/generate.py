@@ -41,7 +41,8 @@ def cmd_generate(args) -> int:
         generator.manual_seed(args.seed)
     run = run_engine(engine, inputs, args.max_new_tokens, device, do_sample=sample,
                      temperature=args.temperature if sample else 1.0, top_k=args.top_k, top_p=args.top_p,
-                     repetition_penalty=args.repetition_penalty, streamer=streamer, generator=generator)
+                     repetition_penalty=args.repetition_penalty, streamer=streamer, generator=generator,
+                     tokenizer=tokenizer)  # for stop strings a generation config may set
     text = tokenizer.decode(run["ids"], skip_special_tokens=True)
     stats = run["stats"]
     if args.json:

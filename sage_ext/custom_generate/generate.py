@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from sage_ext.engine import SpeculativeGenerator
@@ -77,7 +78,13 @@ def generate(model, inputs=None, generation_config=None, assistant_model=None, s
     # the length default and the return type are transformers' here
     configs = (generation_config, getattr(model, "generation_config", None))
     if _setting("max_new_tokens", kwargs, *configs) is None and _setting("max_length", kwargs, *configs) is None:
-        kwargs["max_new_tokens"] = HF_DEFAULT_MAX_NEW_TOKENS
+        # transformers' default: 20 new tokens, the whole sequence capped at the model's max_position_embeddings
+        prompt_len = torch.as_tensor(kwargs.get("input_ids", [[]])).shape[-1]
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and prompt_len + HF_DEFAULT_MAX_NEW_TOKENS > limit:
+            kwargs["max_length"] = limit
+        else:
+            kwargs["max_new_tokens"] = HF_DEFAULT_MAX_NEW_TOKENS
     return_dict = bool(_setting("return_dict_in_generate", kwargs, *configs))
     kwargs.pop("return_dict_in_generate", None)
     engine = SpeculativeGenerator(model, assistant_model, policy, draft_prune_ratio=draft_prune_ratio,

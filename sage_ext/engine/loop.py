@@ -202,9 +202,6 @@ class SpeculativeGenerator:
                     f"rows may differ (at most {max_vocab_padding}, with every special token id < {shared}). "
                     f"Use a draft with the target's tokenizer."
                 )
-        eos_t, eos_d = set(target.eos_token_ids()), set(draft.eos_token_ids())
-        if eos_t and eos_d and eos_t != eos_d:
-            raise ValueError(f"target and draft disagree on EOS token ids ({sorted(eos_t)} vs {sorted(eos_d)})")
         from ..validation import media_layout
 
         media_t, media_d = media_layout(target.config), media_layout(draft.config)
@@ -312,10 +309,11 @@ class SpeculativeGenerator:
             self._check_row_fits(row_inputs, max_new_tokens)
         if batch > 1 and pad_token_id is None:
             eos = _eos_ids(eos_token_id, self.target)
-            if not eos:
-                raise ValueError("a batch needs pad_token_id (the target's generation_config has none, nor an EOS id) "
-                                 "to fill the rows that end early")
-            pad_token_id = int(eos[0])
+            if eos:
+                pad_token_id = int(eos[0])
+            elif settings.stop_strings:  # without EOS or stop strings every row runs to max_new_tokens: none to fill
+                raise ValueError("a batch with stop_strings needs pad_token_id (the generation config has none, nor an "
+                                 "EOS id) to fill the rows that end early")
         with torch.inference_mode():
             return self._generate(input_ids, rows, settings, tokenizer, streamer, generator, pad_token_id)
 
