@@ -224,6 +224,36 @@ def test_flash_attention_is_refused(which):
         SpeculativeGenerator(target, draft, "sage")
 
 
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_attention_switched_after_construction_is_refused_at_generate(llama, which):
+    """set_attn_implementation after the generator was built: the next generate refuses it as the constructor does
+    (flex attention reached with the tree mask read out of bounds and could abort the process)."""
+    target, inputs, _ = llama
+    target, draft = copy.deepcopy(target), same_draft(target)
+    generator = SpeculativeGenerator(target, draft, "sage")
+    model = target if which == "target" else draft
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*attn_implementation='sdpa'"):
+        generator.generate(**inputs, max_new_tokens=6)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(generator.generate(**inputs, max_new_tokens=6).sequences,
+                       hf_greedy(target, inputs, max_new_tokens=6))
+
+
+def test_dynamically_quantized_models():
+    """int8 dynamic quantization (torch.ao, every Linear: the lm_head's weight is then a method): target, draft or
+    both, the output is the (quantized) target's own."""
+    target, inputs = tiny_llama(seed=0)
+    draft = correlated_draft(target, noise=0.1)
+
+    def int8(model):
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+    for pair in ((target, int8(draft)), (int8(target), int8(draft)), (int8(target), draft)):
+        out = SpeculativeGenerator(*pair, "sage").generate(**inputs, max_new_tokens=12)
+        assert torch.equal(out.sequences, hf_greedy(pair[0], inputs, max_new_tokens=12))
+
+
 def test_eager_attention_is_lossless():
     target, inputs = tiny_mistral()
     target.config._attn_implementation = "eager"

@@ -286,6 +286,11 @@ class SpeculativeGenerator:
         """
         from ..validation import check_generate_call, check_row_inputs
 
+        # the models may have been switched since the constructor (set_attn_implementation): checked per call, since
+        # a kernel that cannot take the tree mask may read out of bounds instead of failing
+        for adapter in (self.target, self.draft):
+            if adapter is not None:
+                adapter.check_supported()
         arguments = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                          top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, stop_strings=stop_strings, generation_config=generation_config)

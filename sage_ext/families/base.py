@@ -196,8 +196,14 @@ class FamilyAdapter:
 
     @property
     def vocab_size(self) -> int:
-        """Width of the logits the model returns (the lm_head's rows; may include padding rows)."""
-        return self.model.get_output_embeddings().weight.shape[0]
+        """Width of the logits the model returns (the lm_head's rows; may include padding rows). Read from the
+        head's ``out_features`` where it has one: a quantized head's ``weight`` is a method, not a tensor."""
+        head = self.model.get_output_embeddings()
+        rows = getattr(head, "out_features", None)
+        if rows is None:
+            weight = head.weight
+            rows = (weight() if callable(weight) else weight).shape[0]
+        return int(rows)
 
     def eos_token_ids(self) -> list[int]:
         """End-of-sequence ids as ``generate`` reads them: the generation config's (None there: no EOS, even when the
