@@ -7,6 +7,8 @@ empirical frequencies over a few thousand seeded runs must pass a chi-square tes
 negative control — a verifier that forgets to remove a rejected draft token from the residual
 distribution — must fail it (p < 1e-6), so the test has the power to see a real bias.
 
+With a repetition penalty, the same check with transformers' processor applied to every enumerated continuation.
+
 One vision-language case: Qwen3-VL (image prompt, M-RoPE, DeepStack) with the same 24-token vocabulary; its exact
 marginals come from the model's own cached decoding after its own prompt forward (fewer runs: each costs more).
 """
@@ -36,16 +38,22 @@ def setup():
     return target, draft, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
 
 
-def exact_marginals(target, inputs, warp) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact distributions of the 2nd and 3rd new token under the target's sampling."""
+def exact_marginals(target, inputs, warp, processor=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact distributions of the 2nd and 3rd new token under the target's sampling; ``processor``: a transformers
+    logits processor applied before the warpers (as generate applies it), given each continuation's whole ids."""
     prompt = inputs["input_ids"]
     vocab = torch.arange(VOCAB)
+
+    def scores(ids):
+        logits = target(input_ids=ids).logits[:, -1].float()
+        return warp(logits if processor is None else processor(ids, logits))
+
     with torch.no_grad():
-        first = warp(target(input_ids=prompt).logits[:, -1])[0]  # [V]
+        first = scores(prompt)[0]  # [V]
         one = torch.cat((prompt.expand(VOCAB, -1), vocab[:, None]), dim=1)
-        second = warp(target(input_ids=one).logits[:, -1])  # [V, V]: row t1
+        second = scores(one)  # [V, V]: row t1
         two = torch.cat((one.repeat_interleave(VOCAB, 0), vocab.repeat(VOCAB)[:, None]), dim=1)
-        third = warp(target(input_ids=two).logits[:, -1])  # [V*V, V]: row (t1, t2)
+        third = scores(two)  # [V*V, V]: row (t1, t2)
     p2 = first @ second
     p3 = (first[:, None] * second).reshape(-1) @ third
     return p2.double(), p3.double()
@@ -107,6 +115,25 @@ def test_sampled_tokens_follow_the_target_distribution(setup, name):
     make_policy, kwargs, rule = SETTINGS[name]
     engine = SpeculativeGenerator(target, draft, make_policy(), sampling_rule=rule)
     p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
+    second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
+    assert mean_tau > 0.3, "the draft should get tokens accepted"
+    assert chi_square_p(second, p2) > P_PASS
+    assert chi_square_p(third, p3) > P_PASS
+
+
+@pytest.mark.parametrize("rule", ["specinfer", "traversal"])
+def test_sampling_with_a_repetition_penalty_follows_the_target_distribution(setup, rule):
+    """The penalty of each node's own context (tests/test_generation_config.py) under sampling: the marginals of the
+    2nd and 3rd token with transformers' RepetitionPenaltyLogitsProcessor applied to every continuation."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    target, draft, inputs = setup
+    kwargs = {"temperature": 1.5, "top_k": 0, "repetition_penalty": 2.0}
+    engine = SpeculativeGenerator(target, draft, SagePolicy(), sampling_rule=rule)
+    warp = hf_warper(engine, temperature=1.5, top_k=0)
+    p2, p3 = exact_marginals(target, inputs, warp, RepetitionPenaltyLogitsProcessor(2.0))
+    free2, free3 = exact_marginals(target, inputs, warp)
+    assert (p2 - free2).abs().sum() > 0.1 and (p3 - free3).abs().sum() > 0.1  # the penalty matters here
     second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
     assert mean_tau > 0.3, "the draft should get tokens accepted"
     assert chi_square_p(second, p2) > P_PASS
