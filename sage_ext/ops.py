@@ -381,7 +381,8 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: t
     -------
     accepted, accept_len, bonus : torch.Tensor
         As in `verify_greedy`; `bonus` is sampled from the residual distribution at the last
-        accepted node.
+        accepted node (from its target row when the residual vanished numerically; -1 when that row
+        has no positive entry: NaN or inf probabilities, not a distribution).
 
     Examples
     --------
@@ -427,7 +428,8 @@ def verify_traversal(tokens: torch.Tensor, parents: torch.Tensor, target_probs: 
     Returns
     -------
     accepted, accept_len, bonus : torch.Tensor
-        As in `verify_sampling`; `bonus` is sampled from the residual distribution at the accepted node.
+        As in `verify_sampling`; `bonus` is sampled from the residual distribution at the accepted node
+        (the same fallbacks, -1 included).
 
     Examples
     --------

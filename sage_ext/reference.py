@@ -379,14 +379,25 @@ def _mass(p: torch.Tensor) -> torch.Tensor:
 
 def _sample_index(p: torch.Tensor, mass: torch.Tensor, uniform: torch.Tensor) -> int:
     """Smallest x with cumsum(p)[x] > uniform * mass (float64 accumulation); the last positive entry
-    when rounding leaves none."""
+    when rounding leaves none; -1 when none is positive."""
     cumulative = torch.cumsum(p.double(), dim=0)
     threshold = uniform.double() * mass.double()
     index = int(torch.searchsorted(cumulative, threshold, right=True))
     if index < p.numel():
         return index
     positive = torch.nonzero(p > 0).flatten()
-    return int(positive[-1]) if positive.numel() else 0
+    return int(positive[-1]) if positive.numel() else -1
+
+
+def _bonus(residual: torch.Tensor, mass: torch.Tensor, target_row: torch.Tensor, uniform: torch.Tensor) -> int:
+    """The bonus token: drawn from the residual, or from the target row itself when the residual vanished
+    numerically (its mass is not positive, or only float rounding is left on zeroed tokens: no positive entry);
+    -1 when the target row has no positive entry either (not a distribution)."""
+    index = _sample_index(residual, mass, uniform) if mass > 0 else -1
+    if index < 0:
+        target_row = target_row.float()
+        index = _sample_index(target_row, _mass(target_row), uniform)
+    return index
 
 
 def verify_sampling(tokens, parents, target_probs, draft_probs=None, generator=None):
@@ -434,11 +445,8 @@ def verify_sampling(tokens, parents, target_probs, draft_probs=None, generator=N
                 break
             u = accepted_child
             walk.append(u)
-        if not mass > 0:  # the residual vanished numerically: fall back to the target itself
-            p = target_probs[b, u].float()
-            mass = _mass(p)
         walks.append(walk)
-        bonuses.append(_sample_index(p, mass, uniforms[b, 0]))
+        bonuses.append(_bonus(p, mass, target_probs[b, u], uniforms[b, 0]))
     return _walk_outputs(batch, num_nodes, walks, bonuses, tokens.device)
 
 
@@ -538,12 +546,9 @@ def verify_traversal(tokens, parents, target_probs, draft_probs=None, generator=
             reject_child(stack[-1][0], row_tokens[u])
         walks.append([node for node, _ in stack])
         accepted_node = stack[-1][0]
-        if mass[accepted_node] > 0:
-            p, m = residual(accepted_node), mass[accepted_node]
-        else:  # the residual vanished numerically: draw from the target row itself
-            p = target[accepted_node]
-            m = _mass(p)
-        bonuses.append(_sample_index(p, m, uniforms[b, 0]))
+        m = mass[accepted_node]
+        bonuses.append(_bonus(residual(accepted_node) if m > 0 else target[accepted_node], m, target[accepted_node],
+                              uniforms[b, 0]))
     return _walk_outputs(batch, num_nodes, walks, bonuses, tokens.device)
 
 

@@ -140,6 +140,29 @@ def test_sampling_with_a_repetition_penalty_follows_the_target_distribution(setu
     assert chi_square_p(third, p3) > P_PASS
 
 
+@pytest.mark.parametrize("policy", ["ar", "chain", "sage"])
+def test_nan_probabilities_after_the_prompt_raise_as_in_transformers(policy):
+    """The target's logits turn NaN after the prompt (as a float16 overflow would): transformers' sampling raises
+    at the second token, and so does the engine (the verify ops then return bonus -1; it emitted token 0 before)."""
+    target, inputs = tiny_llama(seed=0)
+    forwards = [0]
+
+    def nan_after_the_prompt(module, args, out):  # the prompt forward is the first of each generation
+        forwards[0] += 1
+        return out if forwards[0] == 1 else torch.full_like(out, float("nan"))
+
+    hook = target.lm_head.register_forward_hook(nan_after_the_prompt)
+    try:
+        with pytest.raises(RuntimeError, match="probability tensor contains either"):
+            target.generate(**inputs, do_sample=True, max_new_tokens=4)
+        forwards[0] = 0
+        engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.1) if policy != "ar" else None, policy)
+        with pytest.raises(RuntimeError, match="sampling probabilities after the accepted tokens hold inf or nan"):
+            engine.generate(**inputs, do_sample=True, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+
+
 class ResidualNotUpdated(SpeculativeGenerator):
     """Broken on purpose: after rejecting a draft token it keeps sampling from the unmodified target
     distribution, so a rejected token can come back as the bonus (over-represented)."""

@@ -147,6 +147,22 @@ def test_verify_sampling_same_uniforms(with_draft, vocab, dtype):
                draft.to(dtype) if with_draft else None, uniforms)
 
 
+@pytest.mark.parametrize("verify", ["verify_sampling", "verify_traversal"])
+def test_a_residual_left_with_rounding_only_draws_alike(verify):
+    """tests/test_ops_verify.py's rounding case on the GPU: both children of the only two positive tokens
+    rejected by the largest uniform, the bonus drawn from the target row, as on the CPU (never token 0, of
+    probability 0)."""
+    from test_ops_verify import ROUNDING_ROW
+
+    probs = torch.zeros(1, 3, 8)
+    probs[0, 0, 3], probs[0, 0, 5] = ROUNDING_ROW
+    probs[0, 1:, 1] = 1.0
+    tokens, parents = torch.tensor([[7, 3, 5]]), torch.tensor([[-1, 0, 0]])
+    uniforms = torch.tensor([[0.5, 0.9999, 1 - 2 ** -24]])
+    _, _, bonus = parity(getattr(torch.ops.sage_ext, verify), tokens, parents, probs, None, uniforms)
+    assert float(probs[0, 0, int(bonus[0])]) > 0
+
+
 def test_verify_sampling_cuda_generator_repeats():
     parents = random_parents(4, 16, seed=0).to(CUDA)
     tokens = torch.randint(0, 50, (4, 16), device=CUDA)

@@ -116,6 +116,47 @@ def test_sampling_rejects_everything_then_samples_the_residual():
     assert accept_len.tolist() == [0] and bonus.tolist() == [2]
 
 
+#: A root whose two children hold the only tokens of positive probability (top-k 2): after the first is rejected
+#: the running float32 mass rounds above the second's probability (ratio 0.99994, not 1), so the largest uniform
+#: torch.rand gives (1 - 2^-24) rejects it too, and only rounding is left on the zeroed tokens. (Found by an
+#: adversarial run: the bonus was then token 0, of target probability 0.)
+ROUNDING_ROW = (0.81585354, 0.00050428516)
+
+
+def _verify_with(implementation: str, verify: str, tokens, parents, probs, uniforms):
+    """The op given ``uniforms``, or the oracle drawing exactly these (its torch.rand call is the op wrapper's)."""
+    if implementation == "op":
+        return getattr(torch.ops.sage_ext, verify)(tokens, parents, probs, None, uniforms)
+    original, torch.rand = torch.rand, lambda *args, **kwargs: uniforms.clone()
+    try:
+        return getattr(reference, verify)(tokens, parents, probs)
+    finally:
+        torch.rand = original
+
+
+@pytest.mark.parametrize("verify", ["verify_sampling", "verify_traversal"])
+@pytest.mark.parametrize("implementation", ["op", "reference"])
+def test_a_residual_left_with_rounding_only_draws_a_token_the_target_can_give(verify, implementation):
+    probs = torch.zeros(1, 3, 8)
+    probs[0, 0, 3], probs[0, 0, 5] = ROUNDING_ROW
+    probs[0, 1:, 1] = 1.0
+    tokens, parents = torch.tensor([[7, 3, 5]]), torch.tensor([[-1, 0, 0]])
+    uniforms = torch.tensor([[0.5, 0.9999, 1 - 2 ** -24]])
+    _, accept_len, bonus = _verify_with(implementation, verify, tokens, parents, probs, uniforms)
+    assert accept_len.tolist() == [0]
+    assert float(probs[0, 0, int(bonus[0])]) > 0, f"bonus {int(bonus[0])} has target probability 0"
+    # random two-token rows, both children met by the largest uniform: the bonus always has positive probability
+    gen = torch.Generator().manual_seed(0)
+    worst = torch.tensor([[0.5, 1 - 2 ** -24, 1 - 2 ** -24]])
+    for _ in range(300):
+        a = float(torch.rand((), generator=gen))
+        probs[0, 0].zero_()
+        probs[0, 0, 3], probs[0, 0, 5] = a, float(torch.rand((), generator=gen)) * (1 - a)
+        accepted, accept_len, bonus = _verify_with(implementation, verify, tokens, parents, probs, worst)
+        row = int(accepted[0, int(accept_len[0])])  # the bonus follows the last accepted node
+        assert float(probs[0, row, int(bonus[0])]) > 0
+
+
 @given(batch=batches, num_nodes=st.integers(1, 64), vocab=vocabs, dtype=st.sampled_from(LOGIT_DTYPES),
        with_draft=st.booleans(), sharpness=st.sampled_from([0.5, 2.0, 6.0]), seed=seeds)
 def test_sampling_matches_reference(batch, num_nodes, vocab, dtype, with_draft, sharpness, seed):

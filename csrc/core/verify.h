@@ -142,9 +142,10 @@ SAGE_EXT_SIMD_INLINE double subtract_draft(const P* p, const Q* q, float mass, f
 }
 
 // Smallest x with cumsum(p)[x] > threshold (float64 accumulation), reading p[x] as 0 for the tokens
-// in `zeroed` (sorted, no duplicates); the last positive entry if rounding leaves none. Whole blocks are summed W
-// lanes at a time; only the block where the sum crosses the threshold (or one holding a zeroed
-// token) is walked token by token.
+// in `zeroed` (sorted, no duplicates); the last positive entry if rounding leaves none; -1 when no
+// entry is positive (a residual whose mass is float rounding left over: the caller draws from the
+// target row instead, see draw_bonus). Whole blocks are summed W lanes at a time; only the block
+// where the sum crosses the threshold (or one holding a zeroed token) is walked token by token.
 template <int W, typename T>
 SAGE_EXT_SIMD_INLINE int64_t inverse_cdf(const T* p, int64_t vocab, const std::vector<int64_t>& zeroed,
                                          double threshold) {
@@ -169,10 +170,25 @@ SAGE_EXT_SIMD_INLINE int64_t inverse_cdf(const T* p, int64_t vocab, const std::v
       if (cumulative > threshold) return x;
     }
   }
-  for (int64_t x = vocab - 1; x > 0; --x) {
+  for (int64_t x = vocab - 1; x >= 0; --x) {
     if (simd::load_scalar(p + x) > 0.0f && !std::binary_search(zeroed.begin(), zeroed.end(), x)) return x;
   }
-  return 0;
+  return -1;
+}
+
+// The bonus token: drawn from the residual by `draw` (inverse_cdf over it; -1 when it has no positive
+// entry), or from the target row itself when the residual vanished numerically: its mass is not
+// positive, or rejecting the children left only float rounding (a child whose exact acceptance
+// probability is 1 can be rejected when the running mass rounds above its probability, and the
+// leftover mass then sits on zeroed tokens). Either way the token has positive target probability;
+// -1 when the target row has no positive entry (NaN, all zero: not a distribution; the engine raises, as
+// sampling from it does in transformers).
+template <int W, typename T, typename Draw>
+SAGE_EXT_SIMD_INLINE int64_t draw_bonus(double mass, const T* target_row, int64_t vocab, float uniform, Draw draw) {
+  const int64_t token = mass > 0.0 ? draw(static_cast<double>(uniform) * mass) : -1;
+  if (token >= 0) return token;
+  const double row_mass = static_cast<float>(simd::sum<W>(target_row, vocab));
+  return inverse_cdf<W>(target_row, vocab, {}, static_cast<double>(uniform) * row_mass);
 }
 
 }  // namespace verify_detail
@@ -232,16 +248,12 @@ SAGE_EXT_SIMD_INLINE VerifyResult verify_sampling_row(const int64_t* tokens, con
       }
     }
     if (next < 0) {
-      if (!(mass > 0.0f)) {  // the residual vanished numerically: draw from the target row itself
-        in_buffer = false;
-        zeroed.clear();
-        mass = static_cast<float>(simd::sum<W>(target_row, vocab));
-      }
-      const double threshold = static_cast<double>(uniforms[0]) * mass;
       std::sort(zeroed.begin(), zeroed.end());
       zeroed.erase(std::unique(zeroed.begin(), zeroed.end()), zeroed.end());  // children may share a token
-      const int64_t bonus = in_buffer ? verify_detail::inverse_cdf<W>(residual.data(), vocab, zeroed, threshold)
-                                      : verify_detail::inverse_cdf<W>(target_row, vocab, zeroed, threshold);
+      const int64_t bonus = verify_detail::draw_bonus<W>(mass, target_row, vocab, uniforms[0], [&](double threshold) {
+        return in_buffer ? verify_detail::inverse_cdf<W>(residual.data(), vocab, zeroed, threshold)
+                         : verify_detail::inverse_cdf<W>(target_row, vocab, zeroed, threshold);
+      });
       return VerifyResult{length, bonus};
     }
     node = next;
@@ -409,27 +421,20 @@ SAGE_EXT_SIMD_INLINE VerifyResult verify_traversal_row(const int64_t* tokens, co
 
   ensure_mass(node);
   const T* t = target_row(node);
-  const float mass = s.mass[node];
-  int64_t bonus;
   s.zeroed.clear();
-  if (mass > 0.0f) {
-    const double threshold = static_cast<double>(uniforms[0]) * mass;
+  const int64_t bonus = verify_detail::draw_bonus<W>(s.mass[node], t, vocab, uniforms[0], [&](double threshold) {
     if (draft_probs != nullptr && s.coef[node] != 0.0f) {
       s.residual.resize(static_cast<size_t>(vocab));
       verify_detail::clipped_residual<W>(t, draft_row(node), s.coef[node], s.residual.data(), vocab);
-      bonus = verify_detail::inverse_cdf<W>(s.residual.data(), vocab, s.zeroed, threshold);
-    } else {
-      if (draft_probs == nullptr) {  // all children of `node` were rejected: their tokens are zeroed
-        for (int64_t c = links.first_child[node]; c != -1; c = links.next_sibling[c]) s.zeroed.push_back(tokens[c]);
-        std::sort(s.zeroed.begin(), s.zeroed.end());
-        s.zeroed.erase(std::unique(s.zeroed.begin(), s.zeroed.end()), s.zeroed.end());
-      }
-      bonus = verify_detail::inverse_cdf<W>(t, vocab, s.zeroed, threshold);
+      return verify_detail::inverse_cdf<W>(s.residual.data(), vocab, s.zeroed, threshold);
     }
-  } else {  // the residual vanished numerically: draw from the target row itself
-    const float row_mass = static_cast<float>(simd::sum<W>(t, vocab));
-    bonus = verify_detail::inverse_cdf<W>(t, vocab, s.zeroed, static_cast<double>(uniforms[0]) * row_mass);
-  }
+    if (draft_probs == nullptr) {  // all children of `node` were rejected: their tokens are zeroed
+      for (int64_t c = links.first_child[node]; c != -1; c = links.next_sibling[c]) s.zeroed.push_back(tokens[c]);
+      std::sort(s.zeroed.begin(), s.zeroed.end());
+      s.zeroed.erase(std::unique(s.zeroed.begin(), s.zeroed.end()), s.zeroed.end());
+    }
+    return verify_detail::inverse_cdf<W>(t, vocab, s.zeroed, threshold);
+  });
   return VerifyResult{length, bonus};
 }
 

@@ -453,7 +453,8 @@ __device__ float load_residual(const scalar_t* __restrict__ row, int vocab, floa
 }
 
 // Smallest x with cumsum(w)[x] > threshold (cumulative sums in double), w[x] = weight(x) as float;
-// the last positive entry when rounding leaves none (core::verify_detail::inverse_cdf). Each thread
+// the last positive entry when rounding leaves none, -1 when none is positive (core::verify_detail::
+// inverse_cdf: the caller then draws from the target row, block_bonus_or_target_row). Each thread
 // scans a contiguous segment starting from the block-wide prefix of the segments before it.
 // sums, ints: kWarpSize + 1 elements of shared scratch each.
 template <typename WeightFn>
@@ -480,8 +481,21 @@ __device__ int block_inverse_cdf_of(int vocab, double threshold, double* sums, i
   }
   found = block_reduce(found, MinOp{}, INT32_MAX, ints);
   if (found != INT32_MAX) return found;
-  last_positive = block_reduce(last_positive, MaxOp{}, -1, ints);
-  return last_positive < 0 ? 0 : last_positive;
+  return block_reduce(last_positive, MaxOp{}, -1, ints);
+}
+
+// `token` (a residual draw, -1 when it had no positive entry: the residual vanished numerically) or a draw
+// from the target row itself (core::verify_detail::draw_bonus; -1 when that row has no positive entry: not a
+// distribution). Block-wide; every thread returns the token.
+template <typename T>
+__device__ int block_bonus_or_target_row(int token, const T* __restrict__ target_row, int vocab, float uniform,
+                                         double* sums, int* ints) {
+  if (token >= 0) return token;
+  double sum = 0.0;
+  for (int v = threadIdx.x; v < vocab; v += blockDim.x) sum += static_cast<float>(target_row[v]);
+  const float row_mass = static_cast<float>(block_reduce(sum, SumOp{}, 0.0, sums));
+  return block_inverse_cdf_of(vocab, static_cast<double>(uniform) * row_mass, sums, ints,
+                              [target_row](int v) { return static_cast<float>(target_row[v]); });
 }
 
 // block_inverse_cdf_of over an array w[0, vocab).
@@ -568,15 +582,9 @@ __global__ void __launch_bounds__(kSamplingThreads, 1)
   }
 
   const scalar_t* target_row = target_probs + (b * num_nodes + node) * vocab;
-  int token;
-  if (mass > 0.0f) {
-    token = block_inverse_cdf(residual, vocab, static_cast<double>(row_uniforms[0]) * mass, smem);
-  } else {  // the residual vanished numerically: sample from the target itself
-    double sum = 0.0;
-    for (int v = i; v < vocab; v += blockDim.x) sum += static_cast<float>(target_row[v]);
-    const float target_mass = static_cast<float>(block_reduce(sum, SumOp{}, 0.0, smem.sums));
-    token = block_inverse_cdf(target_row, vocab, static_cast<double>(row_uniforms[0]) * target_mass, smem);
-  }
+  // from the residual, or from the target row when the residual vanished numerically (mass, block-uniform)
+  int token = mass > 0.0f ? block_inverse_cdf(residual, vocab, static_cast<double>(row_uniforms[0]) * mass, smem) : -1;
+  token = block_bonus_or_target_row(token, target_row, vocab, row_uniforms[0], smem.sums, smem.ints);
   __syncthreads();
   if (i < num_nodes) accepted[b * num_nodes + i] = i == 0 ? 0 : (i <= length ? smem.path[i] : -1);
   if (i == 0) {
@@ -882,6 +890,7 @@ __global__ void __launch_bounds__(kTraversalThreads, 1)
         token = block_inverse_cdf_of(vocab, threshold, smem.sums, smem.ints,
                                      [t](int v) { return static_cast<float>(t[v]); });
       }
+      token = block_bonus_or_target_row(token, t, vocab, uniforms[b * num_nodes], smem.sums, smem.ints);
     }
     __syncthreads();  // every thread has read the request before thread 0 posts the next one
   }

@@ -796,6 +796,10 @@ class _Row:
         # the readback, decoded by the workspace (host ints, a float, a list: no device access)
         tau, processed_n, real_n = committed.accept_len, committed.draft_held, committed.real_nodes
         new_host, alpha_measured = committed.tokens, committed.alpha
+        if new_host and min(new_host) < 0:  # the verify ops' bonus when the target row is not a distribution
+            raise RuntimeError("the target's sampling probabilities after the accepted tokens hold inf or nan (no "
+                               "positive entry; a float16 overflow?): transformers' sampling raises here as well "
+                               "('probability tensor contains either inf, nan or element < 0')")
         if self.policy.uses_draft:
             self.draft_done = self.target_len + processed_n
         remaining = max_new_tokens - self.n_generated
