@@ -304,6 +304,13 @@ def test_sliding_window_longer_than_the_window_is_refused():
         SpeculativeGenerator(target, same_draft(target), "sage").generate(**inputs, max_new_tokens=64)
 
 
+@pytest.mark.parametrize("ratio", [None, "0.5", True, -0.1, 1.5, float("nan")])
+def test_a_draft_prune_ratio_that_is_not_a_fraction_is_refused(llama, ratio):
+    target, _, draft = llama
+    with pytest.raises(ValueError, match=r"draft_prune_ratio must be a number in \[0, 1\]"):
+        SpeculativeGenerator(target, draft, "sage", draft_prune_ratio=ratio)
+
+
 def test_policy_without_draft_is_refused(llama):
     target, _, _ = llama
     with pytest.raises(ValueError, match="needs a draft"):

@@ -122,6 +122,26 @@ def test_sliding_window_shorter_than_the_sequence_is_refused(builder):
         assert torch.equal(out.sequences, target.generate(**inputs, do_sample=False, max_new_tokens=8))
 
 
+@pytest.mark.parametrize("builder", [tiny_gemma2, tiny_gemma3_text])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_sliding_window_fitting_prompt_and_new_tokens_is_lossless_for_every_tree(builder, policy):
+    """Tree attention equals sliding-window attention while the queries that decide emitted tokens see at most the
+    window: prompt + max_new_tokens - 1 <= window, whatever the tree's size (deeper nodes are never emitted; the
+    bound was prompt + max_new_tokens + the tree's node capacity, which refused SAGE's and EAGLE-2's trees at
+    every length near the window). One position more is refused."""
+    window = 32
+    target, inputs = builder(sliding_window=window)
+    prompt_len = inputs["input_ids"].shape[1]
+    generator = SpeculativeGenerator(target, correlated_draft(target) if policy != "ar" else None, POLICIES[policy]())
+    fits = window - prompt_len + 1
+    out = generator.generate(**inputs, max_new_tokens=fits, eos_token_id=-1)
+    with torch.no_grad():
+        assert torch.equal(out.sequences, target.generate(**inputs, do_sample=False, max_new_tokens=fits,
+                                                          eos_token_id=-1))
+    with pytest.raises(ValueError, match=f"window {window}.*= {window + 1} positions"):
+        generator.generate(**inputs, max_new_tokens=fits + 1)
+
+
 @pytest.mark.parametrize("policy", ["ar", "sage", "sage_cost"])
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl-video"])
 def test_qwen_prompt_without_token_types_decodes_as_generate(name, policy):

@@ -8,6 +8,8 @@ the same crossing generation departs from ``target.generate`` (the negative cont
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_engine import POLICIES
@@ -17,7 +19,7 @@ from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.families import FamilyAdapter
+from sage_ext.families import FamilyAdapter, get_adapter
 from sage_ext.families.support import position_dependent_ropes
 
 MAX_POSITIONS = 24  # the threshold of every scaled type below
@@ -137,3 +139,62 @@ def test_per_layer_type_rope_parameters_are_read():
         rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     assert position_dependent_ropes(config) == [("dynamic", 40)]
+
+
+def _left_padded(rows: list[dict]) -> dict:
+    length = max(row["input_ids"].shape[1] for row in rows)
+    ids = torch.stack([torch.nn.functional.pad(row["input_ids"][0], (length - row["input_ids"].shape[1], 0), value=0)
+                       for row in rows])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones_like(row["input_ids"][0]),
+                                                (length - row["input_ids"].shape[1], 0)) for row in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("rope_type", POSITION_DEPENDENT)
+@pytest.mark.parametrize("policy", ["ar", "chain"])
+def test_a_batch_with_rows_on_both_sides_of_the_threshold_is_refused(rope_type, policy):
+    """A batched forward takes its frequencies from its longest row: a row that stays within the threshold beside
+    one past it (each fine alone) would not decode as it does alone, for one-token steps too (found by an
+    adversarial run: a longrope batch gave the short row other tokens than alone and than batched generate). Rows
+    all within it decode as alone."""
+    target, short = tiny_scaled_llama(rope_type, prompt_len=6)
+    long = text_prompt(MAX_POSITIONS + 4, seed=6)
+    draft = correlated_draft(target, noise=0.1) if policy != "ar" else None
+    generator = SpeculativeGenerator(target, draft, POLICIES[policy]())
+    with pytest.raises(ValueError, match=f"rope_type='{rope_type}'") as refusal:
+        generator.generate(**_left_padded([long, short]), max_new_tokens=4)
+    if policy == "ar" or rope_type == "longrope":  # (a dynamic rope refuses the long row's trees alone already)
+        assert "a batch's forwards take the longest row's" in str(refusal.value)
+    within = text_prompt(PROMPT_LEN, seed=7)
+    out = generator.generate(**_left_padded([within, short]), max_new_tokens=4)
+    for b, row in enumerate((within, short)):
+        expected = generate_reference(copy.deepcopy(target), row, 4)[0, row["input_ids"].shape[1]:]
+        assert torch.equal(out.sequences[b, -4:], expected), f"row {b}"
+
+
+def test_phi3_longrope_crossing_is_refused_for_one_token_steps_too():
+    """Phi-3's generate drops its cache and re-encodes the whole sequence when it first passes its longrope
+    threshold, which one-token steps on a kept cache do not reproduce (found by an adversarial run: 'ar' gave other
+    tokens); a prompt already past the threshold decodes as generate."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    half = 8  # rotary dims / 2: head_dim 32, partial rotary 0.5
+    config = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2 * MAX_POSITIONS,
+                        original_max_position_embeddings=MAX_POSITIONS, partial_rotary_factor=0.5,
+                        eos_token_id=None, bos_token_id=1, pad_token_id=0, initializer_range=0.12,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                         "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                                         "long_factor": [1.0 + 3.0 * i for i in range(half)],
+                                         "original_max_position_embeddings": MAX_POSITIONS})
+    torch.manual_seed(3)
+    target = finish(Phi3ForCausalLM._from_config(config, attn_implementation="sdpa"), seed=7)
+    assert get_adapter(target).reencodes_at_rope_threshold
+    generator = SpeculativeGenerator(target, None, "ar")
+    inputs = text_prompt(PROMPT_LEN, seed=5)
+    with pytest.raises(ValueError, match="rope_type='longrope'"):
+        generator.generate(**inputs, max_new_tokens=2 * MAX_POSITIONS)
+    past = text_prompt(MAX_POSITIONS + 2, seed=5)
+    out = generator.generate(**past, max_new_tokens=12)
+    assert torch.equal(out.sequences, generate_reference(target, past, 12))
+    assert not get_adapter(tiny_scaled_llama("longrope")[0]).reencodes_at_rope_threshold  # Llama keeps its cache

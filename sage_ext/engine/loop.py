@@ -31,6 +31,7 @@ Models are used as loaded (any device / dtype / device_map); nothing in transfor
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
@@ -48,6 +49,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from .. import ops
 from ..families import FamilyAdapter, get_adapter
 from ..families.base import token_id_list
+from ..families.support import batch_rope_refusal
 from ..pruning import scored_prefill
 from .caches import CacheGroups, RowCache
 from .capture import CapturedForward, padded_rows, tree_forward
@@ -149,8 +151,9 @@ class SpeculativeGenerator:
             self.draft = get_adapter(draft)
             self.draft.check_supported()
             self._check_pair(max_vocab_padding)
-        if not 0.0 <= draft_prune_ratio <= 1.0:
-            raise ValueError(f"draft_prune_ratio must be in [0, 1], got {draft_prune_ratio}")
+        if isinstance(draft_prune_ratio, bool) or not isinstance(draft_prune_ratio, numbers.Real) \
+                or not 0.0 <= draft_prune_ratio <= 1.0:
+            raise ValueError(f"draft_prune_ratio must be a number in [0, 1], got {draft_prune_ratio!r}")
         self.draft_prune_ratio = draft_prune_ratio
         if batch_node_budget is not None and (isinstance(batch_node_budget, bool) or
                                               not isinstance(batch_node_budget, int) or batch_node_budget < 2):
@@ -312,6 +315,12 @@ class SpeculativeGenerator:
             if batch > 1:
                 check_row_inputs(self.target, row_inputs["input_ids"], row_inputs)
             self._check_row_fits(row_inputs, max_new_tokens)
+        if batch > 1:  # a position-dependent rope: every row in the same regime (batched forwards take the longest)
+            spans = [self.target.rope_span(row_inputs, max_new_tokens, self.policy.depth_bound) for row_inputs in rows]
+            if spans[0] is not None:
+                reason = batch_rope_refusal(type(self.target.model).__name__, self.target.text_config, spans)
+                if reason is not None:
+                    raise ValueError(reason)
         if batch > 1 and pad_token_id is None:
             eos = _eos_ids(eos_token_id, self.target)
             if eos:
@@ -323,15 +332,23 @@ class SpeculativeGenerator:
             return self._generate(input_ids, rows, settings, tokenizer, streamer, generator, pad_token_id)
 
     def _check_row_fits(self, row_inputs: dict, max_new_tokens: int) -> None:
-        """Refuse a prompt whose tree would leave the sliding window or cross a position-dependent rope threshold."""
-        input_ids = row_inputs["input_ids"]
-        for adapter in (self.target, self.draft if self.policy.uses_draft else None):
+        """Refuse a prompt whose output would depend on a sliding window or cross a position-dependent rope
+        threshold under tree attention.
+
+        The tree mask attends to every earlier token, which equals sliding-window attention while a query's
+        context fits the window. The target's queries that decide emitted tokens end at sequence index
+        L + max_new_tokens - 2 (deeper tree nodes are never emitted), so prompt + max_new_tokens - 1 positions must
+        fit its window. The draft's windows only shape its proposals (lossless either way); its prompt forward,
+        the model's own, must fit, so that its cache holds every prompt position."""
+        length = row_inputs["input_ids"].shape[1]
+        for adapter, needed, what in ((self.target, length + max_new_tokens - 1, f"prompt {length} + "
+                                       f"{max_new_tokens} new tokens - 1"),
+                                      (self.draft if self.policy.uses_draft else None, length, f"prompt {length}")):
             window = adapter.sliding_window() if adapter is not None else None
-            if window is not None and input_ids.shape[1] + max_new_tokens + self.policy.capacity > window:
+            if window is not None and needed > window:
                 raise ValueError(
                     f"{type(adapter.model).__name__} uses sliding-window attention (window {window}); tree "
-                    f"attention here supports sequences up to the window only (prompt {input_ids.shape[1]} + "
-                    f"{max_new_tokens} new tokens + a {self.policy.capacity}-node tree)"
+                    f"attention here reproduces it only within the window ({what} = {needed} positions)"
                 )
         rope_reason = self.target.rope_refusal(row_inputs, max_new_tokens, self.policy.depth_bound)
         if rope_reason is not None:

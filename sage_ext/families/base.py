@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -248,18 +249,38 @@ class FamilyAdapter:
                 f"attn_implementation='sdpa' (or 'eager'); sage_ext does not switch it for you."
             )
 
-    def rope_refusal(self, inputs: dict[str, Any], max_new_tokens: int, depth_bound: int) -> str | None:
-        """Why trees up to ``depth_bound`` deep would not reproduce ``generate``'s output under the decoder's rope
-        scaling (a position-dependent type reached or crossed: ``support.rope_refusal``), or None. Decided from the
-        config; the prompt's positions are computed only for models with such a rope."""
-        if depth_bound < 1 or not position_dependent_ropes(self.text_config):
+    def rope_span(self, inputs: dict[str, Any], max_new_tokens: int, depth_bound: int) -> tuple[int, int] | None:
+        """``(largest prompt position, bound of the largest position a forward of this generation reaches)`` with
+        trees up to ``depth_bound`` deep, for a decoder with a position-dependent rope; None for any other (the
+        prompt's positions are computed only then)."""
+        if not position_dependent_ropes(self.text_config):
             return None
         positions, offset = self.prefill_position_ids(self.prefill_inputs(inputs))
         length = inputs["input_ids"].shape[1]
         # the deepest node of the last possible step: root at sequence index L + max_new - 2, depth_bound below it
         deepest = length + max_new_tokens - 2 + depth_bound + int(torch.as_tensor(offset).max())
         prompt_max = int(positions.max())
-        return rope_refusal(type(self.model).__name__, self.text_config, prompt_max, max(deepest, prompt_max))
+        return prompt_max, max(deepest, prompt_max)
+
+    @property
+    def reencodes_at_rope_threshold(self) -> bool:
+        """Whether the model's ``generate`` drops its cache and re-encodes the whole sequence when it first passes
+        its longrope threshold (Phi-3's ``prepare_inputs_for_generation``): then even one-token steps on a kept
+        cache would not reproduce ``generate``."""
+        try:
+            source = inspect.getsource(type(self.model).prepare_inputs_for_generation)
+        except (OSError, TypeError):
+            return False
+        return "original_max_position_embeddings" in source
+
+    def rope_refusal(self, inputs: dict[str, Any], max_new_tokens: int, depth_bound: int) -> str | None:
+        """Why trees up to ``depth_bound`` deep would not reproduce ``generate``'s output under the decoder's rope
+        scaling (a position-dependent type reached or crossed: ``support.rope_refusal``), or None. One-token steps
+        (``depth_bound`` 0) follow ``generate`` unless the model re-encodes at the threshold."""
+        if depth_bound < 1 and not self.reencodes_at_rope_threshold:
+            return None
+        span = self.rope_span(inputs, max_new_tokens, depth_bound)
+        return None if span is None else rope_refusal(type(self.model).__name__, self.text_config, *span)
 
     # ------------------------------------------------------------------ forwards
     def prefill_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -113,6 +113,25 @@ def position_dependent_ropes(text_config) -> list[tuple[str, int]]:
     return found
 
 
+def batch_rope_refusal(name: str, text_config, spans: list[tuple[int, int]]) -> str | None:
+    """Why a batch of rows would not decode as each row alone under a position-dependent rope, or None.
+
+    A batched forward takes its frequencies from the longest row in it, so every row must be in the same regime
+    for the whole generation: every row's positions within the threshold, or ("longrope") every row's prompt
+    already beyond it. ``spans``: per row, (largest prompt position, bound of the largest position reached)."""
+    for rope_type, threshold in position_dependent_ropes(text_config):
+        within = all(final + 1 <= threshold for _, final in spans)
+        beyond = "dynamic" not in rope_type and all(prompt + 1 > threshold for prompt, _ in spans)
+        if not (within or beyond):
+            return (
+                f"{name} uses rope_type={rope_type!r}, whose frequencies follow the longest sequence in a forward "
+                f"(above {threshold} positions), and a batch's forwards take the longest row's: a row that stays "
+                f"below {threshold} beside one that reaches past it would not decode as it does alone. Decode these "
+                f"prompts in separate calls, or keep every row within {threshold} positions"
+            )
+    return None
+
+
 def rope_refusal(name: str, text_config, prompt_max_position: int, bound_max_position: int) -> str | None:
     """Why tree forwards of a model with a position-dependent rope would not reproduce ``generate``, or None.
 
