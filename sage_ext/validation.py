@@ -207,6 +207,13 @@ def _check_number(name: str, value: Any, *, low: float, low_open: bool, high: fl
         raise ValueError(f"{name} must be {where}, got {value}")
 
 
+def _changes_no_token(key: str, value: Any, do_sample: bool) -> bool:
+    """Whether setting ``key`` to ``value`` leaves generate's tokens as they are, wherever it is set: a neutral
+    setting, an id with no effect on an unpadded prompt, a no-op value, or a sampling setting in greedy decoding."""
+    return (key in TOKEN_NEUTRAL or key in IGNORABLE_IDS or _is_no_op(key, value)
+            or (key in SAMPLING_ONLY and not do_sample))
+
+
 def _is_no_op(key: str, value: Any) -> bool:
     """Whether ``value`` is the value of ``key`` that changes nothing (booleans match booleans only)."""
     if isinstance(value, (list, tuple, dict)):  # an empty list of tokens to suppress or ban, no bias
@@ -458,8 +465,7 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         if key in SETTING_DEFAULTS:  # honoured, like the engine's own arguments (min_new_tokens, ...)
             arguments[key] = value
             continue
-        if (key in TOKEN_NEUTRAL or key in IGNORABLE_IDS or _is_no_op(key, value)
-                or (key in SAMPLING_ONLY and not do_sample)):
+        if _changes_no_token(key, value, do_sample):
             continue
         refused.append(f"{key}={value!r}")
     names = _model_input_names(model) if unknown else None
@@ -480,8 +486,7 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
     from_config = []
     for key, value in config.items():
         if (key in SETTING_DEFAULTS or key in ("max_new_tokens", "max_length") or key in given
-                or key in TOKEN_NEUTRAL or key in OUTPUT_REQUESTS or key in IGNORABLE_IDS or _is_no_op(key, value)
-                or (key in SAMPLING_ONLY and not do_sample)):
+                or key in OUTPUT_REQUESTS or _changes_no_token(key, value, do_sample)):
             continue
         from_config.append((key, value))
     if from_config:

@@ -516,7 +516,9 @@ class SpeculativeGenerator:
                 workspace = row.ctx.ws
                 target_tensors = target_groups.tensors(slot) if num_nodes > 1 else no_groups
                 draft_tensors = draft_groups.tensors(slot) if use_draft and num_nodes > 1 else no_groups
-                tree = (tokens[:, :num_nodes], workspace.tree_parents, row.proposal.depth_bound) if num_nodes > 1 else None
+                tree = None  # each node's path, only when the scores are processed (read from the workspace)
+                if self._processing is not None and num_nodes > 1:
+                    tree = (tokens[:, :num_nodes], workspace.tree_parents, row.proposal.depth_bound)
                 scores = self._target_scores(logits[slot, :num_nodes], row, row.cur_len, tree)
                 if do_sample:
                     probs = self._target_probs(scores)[None]
