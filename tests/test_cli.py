@@ -118,6 +118,37 @@ def test_generate_streams_the_target_greedy_text(tmp_path, capsys, extra):
             assert not torch.equal(out, target.generate(**inputs, max_new_tokens=40, do_sample=False))
 
 
+def test_generate_with_a_text_only_draft(tmp_path, capsys):
+    """--draft naming a text-only causal LM of the target's tokenizer (here the bundled draft's decoder and head
+    saved as a LlamaForCausalLM, its vision left out): the output is the target's greedy decoding, and the draft,
+    blind, is still accepted."""
+    from transformers import AutoModelForCausalLM
+
+    from sage_ext.families.model_access import text_decoder
+
+    vlm_draft = models.load_model(str(DRAFT_DIR), torch.device("cpu"), torch.float32)
+    text_draft = AutoModelForCausalLM.from_config(vlm_draft.config.get_text_config(decoder=True))
+    text_draft.model.load_state_dict(text_decoder(vlm_draft).state_dict())
+    text_draft.lm_head.load_state_dict(vlm_draft.get_output_embeddings().state_dict())
+    text_draft.generation_config = vlm_draft.generation_config
+    text_draft.save_pretrained(tmp_path / "text_draft")
+    scene = scenes.heldout_scenes(1, start=302)[0]
+    image_path = tmp_path / "scene.png"
+    scene.render().save(image_path)
+    args = ["generate", "--target", str(TARGET_DIR), "--draft", str(tmp_path / "text_draft"), "--image",
+            str(image_path), "--prompt", scenes.CAPTION_INSTRUCTION, "--max-new-tokens", "40", "--policy", "sage",
+            "--json"]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    target, _, processor = models.load_pair(str(TARGET_DIR), None, torch.device("cpu"), torch.float32)
+    inputs = processor(text=scenes.caption_prompt(), images=Image.open(image_path).convert("RGB"), return_tensors="pt")
+    with torch.inference_mode():
+        expected = target.generate(**inputs, max_new_tokens=40, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert result["new_token_ids"] == expected.tolist()
+    assert result["stats"]["mean_tau"] > 0.5
+
+
 def test_generate_reads_what_the_flags_leave_out_from_the_generation_config(tmp_path, capsys):
     """A checkpoint whose generation_config.json sets a length and stop strings: the CLI decodes as
     target.generate(**inputs) does with that config (it passes the tokenizer the stop strings need)."""

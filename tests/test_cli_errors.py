@@ -233,10 +233,11 @@ def _save_model(model, folder: Path) -> Path:
 
 
 def test_draft_of_another_family_is_one_line(image_path, tmp_path, capsys):
-    from tiny_models import tiny_llama
+    from tiny_vlms import tiny_qwen2_vl
 
-    llama, _ = tiny_llama()
-    draft = _save_model(llama, tmp_path.parent / f"{tmp_path.name}_llama")
+    qwen2_vl, _ = tiny_qwen2_vl()
+    draft = _save_model(qwen2_vl, tmp_path.parent / f"{tmp_path.name}_qwen2_vl")
+    capsys.readouterr()  # saving's progress bars
     code, out, err = run_cli(generate_args(image_path, tmp_path, "--target", "fixture", "--draft", str(draft)),
                              capsys, tmp_path)
     assert_one_line(code, out, err, 1, "must be the same model family")

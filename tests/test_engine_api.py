@@ -200,8 +200,10 @@ def test_a_draft_that_reads_media_differently_is_rejected(builder, change, fragm
 
 
 def test_different_families_are_rejected():
+    """A vision-language draft of another family (a text-only draft of the target's tokenizer is accepted:
+    tests/test_text_draft.py)."""
     target, _ = tiny_llava()
-    draft, _ = tiny_llama()
+    draft, _ = tiny_qwen2_vl()
     with pytest.raises(ValueError, match="same model family"):
         SpeculativeGenerator(target, draft, "sage")
 

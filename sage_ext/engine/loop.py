@@ -122,7 +122,10 @@ class SpeculativeGenerator:
     ``sampling_rule``: how sampled trees are verified, ``"specinfer"`` or ``"traversal"`` (``SAMPLING_RULES``); greedy
     decoding does not use it.
     Target and draft must be the same family, share EOS ids and special tokens, and
-    use an attention implementation that takes additive 4-D masks ("sdpa" or "eager").
+    use an attention implementation that takes additive 4-D masks ("sdpa" or "eager"). A vision-language target
+    may also have a text-only causal LM of its tokenizer as its draft (e.g. Gemma-3-1B for a Gemma 3 model,
+    Qwen2.5-0.5B for Qwen2.5-VL): the draft reads the prompt's text tokens alone, at consecutive positions
+    (``draft_prune_ratio`` does not apply to it).
     """
 
     def __init__(
@@ -147,9 +150,12 @@ class SpeculativeGenerator:
         if draft is None and self.policy.uses_draft:
             raise ValueError(f"policy {self.policy.name!r} needs a draft model")
         self.draft: FamilyAdapter | None = None
+        #: a text-only draft of a vision-language target: it reads the prompt's text tokens alone (``prefill_text``)
+        self.text_draft = False
         if draft is not None:
             self.draft = get_adapter(draft)
             self.draft.check_supported()
+            self.text_draft = self.target.reads_media and not self.draft.reads_media
             self._check_pair(max_vocab_padding)
         if isinstance(draft_prune_ratio, bool) or not isinstance(draft_prune_ratio, numbers.Real) \
                 or not 0.0 <= draft_prune_ratio <= 1.0:
@@ -189,22 +195,27 @@ class SpeculativeGenerator:
     # ------------------------------------------------------------------ checks
     def _check_pair(self, max_vocab_padding: int) -> None:
         target, draft = self.target, self.draft
-        if type(target) is not type(draft):
+        if type(target) is not type(draft) and not self.text_draft:
             raise ValueError(
                 f"target ({type(target.model).__name__}) and draft ({type(draft.model).__name__}) must be the "
-                f"same model family"
+                f"same model family (or, for a vision-language target, a text-only causal LM of its tokenizer)"
             )
         vocab_t, vocab_d = target.vocab_size, draft.vocab_size
         if vocab_t != vocab_d:
             shared = min(vocab_t, vocab_d)
-            # ids beyond both vocabularies are unused config defaults, not tokens
-            special = {i for i in target.special_token_ids() + draft.special_token_ids() if i < max(vocab_t, vocab_d)}
+            # ids beyond both vocabularies are unused config defaults, not tokens; a text draft never reads the
+            # target's media placeholders (they are not in its prompt)
+            media = not self.text_draft
+            special = {i for i in target.special_token_ids(media) + draft.special_token_ids(media)
+                       if i < max(vocab_t, vocab_d)}
             if abs(vocab_t - vocab_d) > max_vocab_padding or any(i >= shared for i in special):
                 raise ValueError(
                     f"target and draft vocabularies differ (target {vocab_t}, draft {vocab_d} logits); only padding "
                     f"rows may differ (at most {max_vocab_padding}, with every special token id < {shared}). "
                     f"Use a draft with the target's tokenizer."
                 )
+        if self.text_draft:  # it is given the prompt's text alone
+            return
         from ..validation import media_layout
 
         media_t, media_d = media_layout(target.config), media_layout(draft.config)
@@ -341,9 +352,11 @@ class SpeculativeGenerator:
         fit its window. The draft's windows only shape its proposals (lossless either way); its prompt forward,
         the model's own, must fit, so that its cache holds every prompt position."""
         length = row_inputs["input_ids"].shape[1]
+        draft_length = int(self._text_draft_keep(row_inputs).sum()) if self.text_draft else length
         for adapter, needed, what in ((self.target, length + max_new_tokens - 1, f"prompt {length} + "
                                        f"{max_new_tokens} new tokens - 1"),
-                                      (self.draft if self.policy.uses_draft else None, length, f"prompt {length}")):
+                                      (self.draft if self.policy.uses_draft else None, draft_length,
+                                       f"prompt {draft_length}")):
             window = adapter.sliding_window() if adapter is not None else None
             if window is not None and needed > window:
                 raise ValueError(
@@ -353,6 +366,17 @@ class SpeculativeGenerator:
         rope_reason = self.target.rope_refusal(row_inputs, max_new_tokens, self.policy.depth_bound)
         if rope_reason is not None:
             raise ValueError(rope_reason)
+
+    def _text_draft_keep(self, row_inputs: dict) -> Tensor:
+        """bool ``[1, L]``: the prompt tokens a text-only draft reads, every token but the target's image/video
+        placeholders (the last token when the prompt holds nothing else: the draft's prompt cannot be empty)."""
+        visual = self.target.visual_token_mask(row_inputs)
+        if visual is None:
+            return torch.ones_like(row_inputs["input_ids"], dtype=torch.bool)
+        keep = ~visual.bool()
+        if not bool(keep.any()):
+            keep[:, -1] = True
+        return keep
 
     def _generate(self, input_ids, row_inputs, settings: "GenerationSettings", tokenizer, streamer, generator,
                   pad_token_id) -> GenerationOutput:
@@ -406,24 +430,31 @@ class SpeculativeGenerator:
             prefill_cache = DynamicCache()
             # the target's prefill, scoring the visual tokens for the draft's pruning when it is on
             with timeline.region("target_prefill"):
-                target_prefill, row.keep, _ = scored_prefill(self.target, inputs, prefill_cache,
-                                                             self.draft_prune_ratio if use_draft else 0.0)
+                target_prefill, row.keep, _ = scored_prefill(
+                    self.target, inputs, prefill_cache,
+                    self.draft_prune_ratio if use_draft and not self.text_draft else 0.0)
                 self.target_cache.load_row(row.index, prefill_cache)
+            if use_draft and self.text_draft:
+                row.keep = self._text_draft_keep(inputs)
             target_offsets.append(self.target.position_offset)
             first_logits.append(target_prefill.logits_last.to(device))
             if use_draft:
-                draft_inputs = inputs
+                # a text draft reads the prompt's text tokens only (no media to move)
+                draft_inputs = {"input_ids": inputs["input_ids"]} if self.text_draft else inputs
                 if self.draft_device != device:
                     draft_inputs = {key: value.to(self.draft_device) if isinstance(value, Tensor) else value
-                                    for key, value in inputs.items()}
+                                    for key, value in draft_inputs.items()}
                 if self.draft_token_clamp is not None:  # target-only padding ids (a sampled one, fed back) as the
                     # tree's tokens are: clamped into the draft's vocabulary (what the draft reads, never the output)
                     draft_inputs = {**draft_inputs, "input_ids": draft_inputs["input_ids"].clamp_max(
                         self.draft_token_clamp)}
                 prefill_cache = DynamicCache()
                 with timeline.region("draft_prefill"):
-                    self.draft.prefill(draft_inputs, prefill_cache,
-                                       keep=None if row.keep is None else row.keep.to(self.draft_device))
+                    if self.text_draft:
+                        self.draft.prefill_text(draft_inputs["input_ids"], row.keep, prefill_cache)
+                    else:
+                        self.draft.prefill(draft_inputs, prefill_cache,
+                                           keep=None if row.keep is None else row.keep.to(self.draft_device))
                     row.draft_start = self.draft_cache.load_row(row.index, prefill_cache)
                 draft_offsets.append(self.draft.position_offset)
         self.target.position_offset = _batch_offsets(target_offsets, device)

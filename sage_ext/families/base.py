@@ -165,6 +165,9 @@ class FamilyAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: whether the model reads images or videos (a vision-language family); False for text-only causal LMs, which
+    #: may draft for a vision-language target (``prefill_text``)
+    reads_media: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -214,11 +217,14 @@ class FamilyAdapter:
             return token_id_list(generation_config.eos_token_id)
         return token_id_list(getattr(self.text_config, "eos_token_id", None))
 
-    def special_token_ids(self) -> list[int]:
-        """Ids the engine may feed or emit that both vocabularies must hold (eos, bos, pad, media tokens)."""
+    def special_token_ids(self, media: bool = True) -> list[int]:
+        """Ids the engine may feed or emit that both vocabularies must hold (eos, bos, pad and, with ``media``, the
+        media placeholder tokens)."""
         ids = list(self.eos_token_ids())
+        names = ("bos_token_id", "pad_token_id") + (("image_token_id", "image_token_index", "video_token_id")
+                                                     if media else ())
         for cfg in (self.config, self.text_config):
-            for name in ("bos_token_id", "pad_token_id", "image_token_id", "image_token_index", "video_token_id"):
+            for name in names:
                 value = getattr(cfg, name, None)
                 if isinstance(value, int) and value >= 0:
                     ids.append(value)
@@ -329,6 +335,19 @@ class FamilyAdapter:
             out = forward_kept(self.model, model_inputs, cache, keep, position_ids)
         self.position_offset = offset
         return PrefillResult(out.logits[:, -1], offset)
+
+    def prefill_text(self, input_ids: Tensor, keep: Tensor, cache) -> PrefillResult:
+        """Prefill a text-only model drafting for a vision-language target: the prompt's kept tokens
+        ``input_ids[keep]`` (``keep``: bool ``[1, L]``, the target's text tokens) as a prompt of their own, at the
+        positions the model would give that text alone (0, 1, ...). The tokens after the prompt go on from there:
+        sequence index ``s >= L`` sits at ``s - (L - kept)``, which ``position_offset`` holds. (Visual pruning
+        keeps the original positions instead, ``prefill(keep=...)``: there the draft reads the same positions as
+        the target, media included; a text model's positions should not jump over media it never saw, nor run
+        past its own context because the target's media are long.)"""
+        kept_ids = input_ids[:, keep[0].to(input_ids.device)]
+        result = self.prefill({"input_ids": kept_ids}, cache)
+        self.position_offset = result.position_offset + (kept_ids.shape[1] - input_ids.shape[1])
+        return PrefillResult(result.logits_last, self.position_offset)
 
     def forward_tree(self, tokens: Tensor, seq_positions: Tensor, mask_4d: Tensor, cache) -> Tensor:
         """Forward tree nodes on top of ``cache``; returns logits ``[1, n, V]``.
