@@ -225,3 +225,30 @@ def test_sampling_with_a_text_draft_is_seeded_and_top_k_1_is_greedy():
     with torch.no_grad():
         reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert torch.equal(greedy, reference)
+
+
+def test_captured_text_draft():
+    """capture_draft=True with a text draft (its tree forwards compiled with static shapes): lossless, caches as
+    above."""
+    target, inputs = VLM_BUILDERS["qwen2_5_vl"]()
+    draft = text_draft_of(target)
+    out, taus = run_checked(target, draft, inputs, POLICIES["sage"](), capture_draft=True)
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)
+    assert max(taus) > 0
+
+
+def test_text_draft_through_transformers_generate():
+    """``target.generate(custom_generate=sage_ext's folder, assistant_model=text_lm)`` and ``sage_ext.generate``."""
+    import sage_ext
+
+    target, inputs = VLM_BUILDERS["gemma3"]()
+    draft = text_draft_of(target)
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+        through_hf = target.generate(**inputs, max_new_tokens=MAX_NEW, assistant_model=draft, do_sample=False,
+                                     custom_generate=sage_ext.custom_generate_path(), trust_remote_code=True)
+    assert torch.equal(through_hf, reference)
+    sequences, stats = sage_ext.generate(target, draft, **inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(sequences, reference) and stats.mean_tau > 0

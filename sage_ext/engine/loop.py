@@ -100,7 +100,7 @@ class StepDebug:
     accepted: Tensor
     tau: int
     finished: bool
-    draft_keep: Tensor | None  # prompt positions the draft saw (visual pruning), None = all
+    draft_keep: Tensor | None  # prompt positions the draft saw (visual pruning, a text draft's text), None = all
     row: int = 0  # the row of the batch
     level_mass: tuple[float, ...] = ()  # the tree's draft probability mass per depth (policies that measure it)
 
@@ -818,7 +818,7 @@ class _Row:
         policy.reset()
         self.prompt_len = prompt_len
         self.seq = torch.zeros(1, max_len, dtype=torch.int64, device=device)
-        self.keep: Tensor | None = None  # prompt positions the draft sees (visual pruning), None = all
+        self.keep: Tensor | None = None  # prompt positions the draft sees (visual pruning, a text draft's), None = all
         self.draft_start = 0  # the draft cache's length after the prefill
         self.ctx: DraftRound | None = None
         self.step_rows: list[_StepRow] = []
