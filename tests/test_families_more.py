@@ -142,6 +142,23 @@ def test_sliding_window_fitting_prompt_and_new_tokens_is_lossless_for_every_tree
         generator.generate(**inputs, max_new_tokens=fits + 1)
 
 
+@pytest.mark.parametrize("builder", [tiny_gemma2, tiny_gemma3_text])
+@pytest.mark.parametrize("policy", ["chain", "dynamic", "sage", "sage_cost"])
+def test_a_draft_window_shorter_than_the_prompt(builder, policy):
+    """A draft's sliding window bounds nothing: its cache keeps every position, its tree forwards attend past the
+    window (its proposals change, the output does not). A draft whose window is a fifth of the prompt is lossless
+    and accepted."""
+    target, inputs = builder(sliding_window=64, prompt_len=20)
+    draft = correlated_draft(target)
+    draft.config.sliding_window = 4
+    assert get_adapter(draft).sliding_window() == 4
+    out = SpeculativeGenerator(target, draft, POLICIES[policy]()).generate(**inputs, max_new_tokens=24, eos_token_id=-1)
+    with torch.no_grad():
+        expected = target.generate(**inputs, do_sample=False, max_new_tokens=24, eos_token_id=-1)
+    assert torch.equal(out.sequences, expected)
+    assert out.stats.mean_tau > 0
+
+
 @pytest.mark.parametrize("policy", ["ar", "sage", "sage_cost"])
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl-video"])
 def test_qwen_prompt_without_token_types_decodes_as_generate(name, policy):

@@ -252,3 +252,17 @@ def test_text_draft_through_transformers_generate():
     assert torch.equal(through_hf, reference)
     sequences, stats = sage_ext.generate(target, draft, **inputs, max_new_tokens=MAX_NEW)
     assert torch.equal(sequences, reference) and stats.mean_tau > 0
+
+
+def test_gemma3_text_draft_with_a_window_shorter_than_its_prompt():
+    """Gemma-3-1B drafting for a Gemma 3 model (window 512 against prompts of any length): the draft's sliding window
+    does not bound the prompt (tests/test_families_more.py::test_a_draft_window_shorter_than_the_prompt; its tree
+    forwards attend past the window, so its cache is not its own forward's: only the output is checked)."""
+    target, inputs = VLM_BUILDERS["gemma3"]()
+    draft = text_draft_of(target)
+    draft.config.sliding_window = 4
+    assert get_adapter(draft).sliding_window() == 4 < text_tokens(target, inputs).shape[1]
+    out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=MAX_NEW)
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, reference)
