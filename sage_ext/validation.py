@@ -262,8 +262,27 @@ def media_layout(config) -> dict[str, Any]:
     return {name: value for name, value in layout.items() if value is not None}
 
 
+#: The families whose videos are written with the IMAGE placeholder, a video's told apart by ``mm_token_type_ids``
+#: 2 (GLM-4V)
+SHARED_PLACEHOLDER_TYPES = ("glm4v", "glm4v_moe", "glm46v")
 #: The families whose media are patch rows with a t/h/w grid (one check for images and videos)
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe") + SHARED_PLACEHOLDER_TYPES
+
+
+def _media_placeholders(config, input_ids: Tensor, inputs: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``kind -> (placeholder token id, how many input_ids hold)`` for the image and video placeholders ``config``
+    names. GLM-4V writes a video's frames with the image placeholder: its ``mm_token_type_ids`` (2) tell them apart
+    (without them every such placeholder counts as an image's)."""
+    image_id = _config_value(config, "image_token_id", "image_token_index")
+    video_id = _config_value(config, "video_token_id", "video_token_index")
+    if getattr(config, "model_type", "") in SHARED_PLACEHOLDER_TYPES and image_id is not None:
+        placeholders = input_ids == int(image_id)
+        types = inputs.get("mm_token_type_ids")
+        video = (placeholders & (types.to(input_ids.device) == 2) if isinstance(types, Tensor)
+                 and tuple(types.shape) == tuple(input_ids.shape) else torch.zeros_like(placeholders))
+        return {"image": (int(image_id), int((placeholders & ~video).sum())), "video": (int(image_id), int(video.sum()))}
+    return {kind: (int(token_id), int((input_ids == int(token_id)).sum()))
+            for kind, token_id in (("image", image_id), ("video", video_id)) if token_id is not None}
 
 
 def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> None:
@@ -271,11 +290,15 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
     config = model.config
     model_name = type(model).__name__
     image_id = _config_value(config, "image_token_id", "image_token_index")
-    video_id = _config_value(config, "video_token_id", "video_token_index")
-    for kind, token_id, key in (("image", image_id, "pixel_values"), ("video", video_id, "pixel_values_videos")):
-        if token_id is None:
+    if (getattr(config, "model_type", "") in SHARED_PLACEHOLDER_TYPES and inputs.get("mm_token_type_ids") is None
+            and any(inputs.get(key) is not None for key in ("pixel_values", "pixel_values_videos"))):
+        raise ValueError(f"{model_name} needs mm_token_type_ids with images or videos (its placeholders are told apart "
+                         f"by them, and its positions computed from them): pass the processor's whole output")
+    placeholders = _media_placeholders(config, input_ids, inputs)
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if kind not in placeholders:
             continue
-        count = int((input_ids == int(token_id)).sum())
+        token_id, count = placeholders[kind]
         given = inputs.get(key) is not None
         precomputed = any(inputs.get(k) is not None for k in ("inputs_embeds", "image_features", f"{kind}_embeds"))
         if count and not given and not precomputed:
@@ -293,9 +316,8 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
     model_type = getattr(config, "model_type", "")
     vision = getattr(config, "vision_config", None)
     if model_type in QWEN_VL_TYPES and vision is not None:
-        for kind, token_id in (("image", image_id), ("video", video_id)):
-            if token_id is not None:
-                _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, int(token_id))
+        for kind, (token_id, count) in placeholders.items():
+            _check_qwen_vl_media(model_name, vision, inputs, kind, token_id, count)
     pixel_values = inputs.get("pixel_values")
     if pixel_values is None:
         return
@@ -377,9 +399,9 @@ def _check_llava_pixels(model, vision, input_ids, inputs, pixel_values, image_id
         _check_placeholders(input_ids, image_id, counts)
 
 
-def _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, token_id) -> None:
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL images or videos (``kind``): patch rows against ``{kind}_grid_thw``, and the
-    grid against the ``{kind}`` placeholders (t*h*w / spatial_merge_size^2 each)."""
+def _check_qwen_vl_media(model_name, vision, inputs, kind, token_id, tokens) -> None:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4V images or videos (``kind``): patch rows against ``{kind}_grid_thw``,
+    and the grid against the ``tokens`` ``{kind}`` placeholders (t*h*w / spatial_merge_size^2 each)."""
     pixel_key = "pixel_values" if kind == "image" else "pixel_values_videos"
     grid_key = f"{kind}_grid_thw"
     pixels, grid = inputs.get(pixel_key), inputs.get(grid_key)
@@ -404,7 +426,6 @@ def _check_qwen_vl_media(model_name, vision, input_ids, inputs, kind, token_id) 
             f"[{patches}, {width}] (sum of t*h*w patches, channels*temporal_patch*patch^2)"
         )
     merge = int(getattr(vision, "spatial_merge_size", 2))
-    tokens = int((input_ids == token_id).sum())
     if tokens != patches // (merge * merge):
         raise ValueError(
             f"input_ids hold {tokens} {kind} placeholder tokens (id {token_id}) but {grid_key} {grid.tolist()} "

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_llava  # noqa: F401  (one_thread: autouse)
 from tiny_vlms import tiny_idefics3, tiny_qwen2_vl
+from tiny_glm4v import tiny_glm4v, tiny_glm4v_video
 from tiny_vlms_more import tiny_gemma3, tiny_internvl, tiny_paligemma, tiny_qwen3_vl, tiny_qwen3_vl_video
 
 from sage_ext.engine import SpeculativeGenerator
@@ -153,10 +154,11 @@ def test_qwen2_vl_pixel_values_and_grid_mismatch():
                               "image_grid_thw": torch.tensor([[1, 4, 12]])}, max_new_tokens=3)
 
 
-@pytest.mark.parametrize("builder, kind", [(tiny_qwen3_vl, "image"), (tiny_qwen3_vl_video, "video")])
+@pytest.mark.parametrize("builder, kind", [(tiny_qwen3_vl, "image"), (tiny_qwen3_vl_video, "video"),
+                                           (tiny_glm4v, "image"), (tiny_glm4v_video, "video")])
 def test_qwen_vl_media_are_checked_for_images_and_videos(builder, kind):
-    """Every Qwen-VL family's images and videos get the same checks (grid given, patch rows, placeholders) before
-    transformers sees them."""
+    """Every Qwen-VL family's images and videos, and GLM-4V's (a video's placeholders are image placeholders of
+    token type 2), get the same checks (grid given, patch rows, placeholders) before transformers sees them."""
     target, inputs = builder(small=True)
     pixels, grid = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
     generator = SpeculativeGenerator(target, None, "ar")
@@ -168,6 +170,16 @@ def test_qwen_vl_media_are_checked_for_images_and_videos(builder, kind):
     with pytest.raises(ValueError, match=f"{grid} .* gives {t * h * w // 2 // 4}"):
         generator.generate(**{**inputs, pixels: inputs[pixels][: t * h * w // 2], grid: torch.tensor([[t, h // 2, w]])},
                            max_new_tokens=3)
+
+
+@pytest.mark.parametrize("builder", [tiny_glm4v, tiny_glm4v_video])
+def test_glm4v_media_without_token_types(builder):
+    """GLM-4V tells a video's placeholders from an image's by mm_token_type_ids alone (and its forward asks for
+    them): media without them are refused with what to pass."""
+    target, inputs = builder(small=True)
+    with pytest.raises(ValueError, match="needs mm_token_type_ids with images or videos"):
+        SpeculativeGenerator(target, None, "ar").generate(
+            **{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, max_new_tokens=3)
 
 
 @pytest.mark.parametrize("builder, change, fragment", [

@@ -36,6 +36,7 @@ from tiny_vlms_more import (
     tiny_qwen3_vl_moe,
     tiny_qwen3_vl_video,
 )
+from tiny_glm4v import glm4v_inputs, tiny_glm4v, tiny_glm4v_moe, tiny_glm4v_video
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from sage_ext.families import get_adapter
@@ -156,6 +157,17 @@ def qwen3_video_case():
     return model, [first, second, text_row(8, 3, "mm_token_type_ids")], {}
 
 
+def glm4v_video_case():
+    """GLM-4V (a video's frames written with the image placeholder, told apart by mm_token_type_ids 2): rows of a
+    video, an image, two videos, text. (An image and a video in one prompt fail inside transformers' GLM-4V, which
+    counts every image placeholder against the images' features.)"""
+    model, first = tiny_glm4v_video(seed=0)
+    image = glm4v_inputs(model, seed=1, image_grid=(1, 4, 8), question_len=4)
+    videos = joined(glm4v_inputs(model, seed=2, image_grid=None, video_grid=(2, 4, 4), question_len=2),
+                    glm4v_inputs(model, seed=3, image_grid=None, video_grid=(4, 4, 6), question_len=3))
+    return model, [first, image, videos, text_row(9, 3, "mm_token_type_ids")], {}
+
+
 def anyres_row(model, sizes: list[list[int]], seed: int, batch_num_images: bool = False) -> dict:
     """A LLaVA-NeXT / -OneVision prompt with images of ``sizes`` (h, w) as the processor returns it alone: each
     image anyres-patched (OneVision with ``batch_num_images``: only an image alone in its prompt), pixel_values
@@ -240,6 +252,9 @@ CASES = {
     "gemma3": joined_case(tiny_gemma3, "token_type_ids"),
     "paligemma": joined_case(tiny_paligemma, "token_type_ids"),
     "internvl": joined_case(tiny_internvl, tiles=[(2,), (1, 2)]),
+    "glm4v": joined_case(tiny_glm4v, "mm_token_type_ids"),
+    "glm4v_moe": joined_case(tiny_glm4v_moe, "mm_token_type_ids"),
+    "glm4v-video": glm4v_video_case,
 }
 
 

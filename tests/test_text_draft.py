@@ -25,7 +25,7 @@ from sage_ext.families.model_access import cache_kwarg, text_decoder
 VLM_BUILDERS = {"llava": TINY_MODEL_BUILDERS["llava"], **ALL_VLM_BUILDERS}
 # the causal-LM model type of a vision-language decoder that has no causal-LM class of its own
 CAUSAL_LM_TYPES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
-                   "qwen3_vl_moe_text": "qwen3_moe"}
+                   "qwen3_vl_moe_text": "qwen3_moe", "glm4v_text": "glm4", "glm4v_moe_text": "glm4_moe"}
 
 
 def text_draft_of(target: torch.nn.Module, noise: float = 0.1, seed: int = 1, vocab_size: int | None = None):
@@ -39,7 +39,10 @@ def text_draft_of(target: torch.nn.Module, noise: float = 0.1, seed: int = 1, vo
     else:  # the same decoder with 1-D rope (M-RoPE sections dropped)
         fields = {key: value for key, value in text_config.to_dict().items()
                   if key not in ("model_type", "rope_scaling", "rope_parameters", "architectures")}
-        config = AutoConfig.for_model(causal_type, **fields)
+        fields.setdefault("head_dim", text_config.hidden_size // text_config.num_attention_heads)
+        rope = dict(getattr(text_config, "rope_parameters", None) or {})
+        rope.pop("mrope_section", None)
+        config = AutoConfig.for_model(causal_type, **fields, **({"rope_parameters": rope} if rope else {}))
     if getattr(config, "use_bidirectional_attention", False):  # PaliGemma's decoder reads its prefix both ways
         config.use_bidirectional_attention = False
     if vocab_size is not None:
@@ -50,7 +53,7 @@ def text_draft_of(target: torch.nn.Module, noise: float = 0.1, seed: int = 1, vo
         source = text_decoder(target).state_dict()
         own = draft.model.state_dict()
         for name, value in own.items():
-            if name in source and source[name].shape[1:] == value.shape[1:]:
+            if name in source and source[name].shape[1:] == value.shape[1:] and source[name].shape[0] >= value.shape[0]:
                 value.copy_(source[name][: value.shape[0]])
         head = target.get_output_embeddings().weight
         draft.get_output_embeddings().weight.copy_(head[: draft.get_output_embeddings().weight.shape[0]])

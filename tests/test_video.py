@@ -1,4 +1,4 @@
-"""Video inputs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision prompts with a video (and a video beside an
+"""Video inputs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V and LLaVA-OneVision prompts with a video (and a video beside an
 image) give exactly ``target.generate``'s greedy output for every policy, and both KV caches equal a recomputation
 after every step.
 
@@ -31,6 +31,7 @@ from tiny_vlms import (
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
 )
+from tiny_glm4v import tiny_glm4v_video
 from tiny_vlms_more import tiny_qwen3_vl_video
 from transformers import DynamicCache
 
@@ -110,6 +111,10 @@ CASES = {
     # 4 frames of 2x3; neither can put the last position below the largest (see the module docstring)
     "qwen3_vl-many-frames": (lambda: tiny_qwen3_vl_video(video_grid=(8, 4, 4)), False),
     "qwen3_vl-image-and-video": (lambda: tiny_qwen3_vl_video(video_grid=(4, 4, 6), image_grid=(1, 8, 12)), False),
+    # GLM-4V: Qwen3-VL's per-frame layout (each frame at one temporal position, timestamps between), the frames
+    # written with the image placeholder (mm_token_type_ids 2)
+    "glm4v-video": (lambda: tiny_glm4v_video(video_grid=(4, 4, 6)), False),
+    "glm4v-many-frames": (lambda: tiny_glm4v_video(video_grid=(8, 4, 4)), False),
 }
 
 

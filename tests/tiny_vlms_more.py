@@ -1,6 +1,6 @@
 """Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT, Gemma 3,
-PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL, Mistral 3 (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3
-text, GPT-2 (plain causal LMs).
+PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL, Mistral 3, GLM-4V (tests/tiny_glm4v.py:
+GLM-4.1V, GLM-4.5V, GLM-4.6V) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2 (plain causal LMs).
 
 Same conventions as tests/tiny_vlms.py (no downloads, fp32, eval, ``LOGIT_STD`` embeddings and lm_head,
 ``(model, inputs)`` with the processor's layout, special ids at the top of a 256-token vocabulary, image
@@ -64,9 +64,11 @@ from tiny_vlms import (
     finish,
     text_config_kwargs,
 )
+from tiny_glm4v import tiny_glm4v, tiny_glm4v_moe, tiny_glm46v
 
 from sage_ext.families.causal_lm import CausalLMAdapter
 from sage_ext.families.gemma3 import Gemma3Adapter
+from sage_ext.families.glm4v import Glm4vAdapter
 from sage_ext.families.internvl import InternVLAdapter
 from sage_ext.families.llava import Mistral3Adapter
 from sage_ext.families.llava_next import LlavaNextAdapter
@@ -365,6 +367,9 @@ def tiny_gpt2(seed: int = 0, small: bool = False, prompt_len: int = 12):
 
 
 MORE_VLM_BUILDERS = {
+    "glm4v": tiny_glm4v,
+    "glm4v_moe": tiny_glm4v_moe,
+    "glm46v": tiny_glm46v,
     "llava_next": tiny_llava_next,
     "gemma3": tiny_gemma3,
     "paligemma": tiny_paligemma,
@@ -387,6 +392,9 @@ ALL_VLM_BUILDERS = {**TINY_VLM_BUILDERS, **MORE_VLM_BUILDERS}
 
 #: The adapter each family must get.
 MORE_ADAPTER_CLASSES = {
+    "glm4v": Glm4vAdapter,
+    "glm4v_moe": Glm4vAdapter,
+    "glm46v": Glm4vAdapter,
     "llava_next": LlavaNextAdapter,
     "gemma3": Gemma3Adapter,
     "paligemma": PaliGemmaAdapter,
