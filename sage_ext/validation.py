@@ -266,7 +266,7 @@ def media_layout(config) -> dict[str, Any]:
 #: 2 (GLM-4V)
 SHARED_PLACEHOLDER_TYPES = ("glm4v", "glm4v_moe", "glm46v")
 #: The families whose media are patch rows with a t/h/w grid (one check for images and videos)
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe") + SHARED_PLACEHOLDER_TYPES
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision1_5") + SHARED_PLACEHOLDER_TYPES
 
 
 def _media_placeholders(config, input_ids: Tensor, inputs: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -400,7 +400,7 @@ def _check_llava_pixels(model, vision, input_ids, inputs, pixel_values, image_id
 
 
 def _check_qwen_vl_media(model_name, vision, inputs, kind, token_id, tokens) -> None:
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4V images or videos (``kind``): patch rows against ``{kind}_grid_thw``,
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4V / LLaVA-OneVision-1.5 images or videos (``kind``): patch rows against ``{kind}_grid_thw``,
     and the grid against the ``tokens`` ``{kind}`` placeholders (t*h*w / spatial_merge_size^2 each)."""
     pixel_key = "pixel_values" if kind == "image" else "pixel_values_videos"
     grid_key = f"{kind}_grid_thw"
@@ -416,7 +416,7 @@ def _check_qwen_vl_media(model_name, vision, inputs, kind, token_id, tokens) -> 
         raise TypeError(f"{pixel_key} must be a tensor (the processor's return_tensors='pt'), got "
                         f"{type(pixels).__name__}")
     patch = int(vision.patch_size)
-    temporal = int(getattr(vision, "temporal_patch_size", 2))
+    temporal = int(getattr(vision, "temporal_patch_size", 1))  # LLaVA-OneVision-1.5's tower has no temporal patch
     channels = int(getattr(vision, "in_channels", getattr(vision, "num_channels", 3)))
     width = channels * temporal * patch * patch
     patches = int(grid.prod(-1).sum())

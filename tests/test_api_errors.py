@@ -11,6 +11,7 @@ import torch
 from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_llava  # noqa: F401  (one_thread: autouse)
 from tiny_vlms import tiny_idefics3, tiny_qwen2_vl
 from tiny_glm4v import tiny_glm4v, tiny_glm4v_video
+from tiny_llava_onevision1_5 import tiny_llava_onevision1_5_video
 from tiny_vlms_more import tiny_gemma3, tiny_internvl, tiny_paligemma, tiny_qwen3_vl, tiny_qwen3_vl_video
 
 from sage_ext.engine import SpeculativeGenerator
@@ -155,10 +156,12 @@ def test_qwen2_vl_pixel_values_and_grid_mismatch():
 
 
 @pytest.mark.parametrize("builder, kind", [(tiny_qwen3_vl, "image"), (tiny_qwen3_vl_video, "video"),
-                                           (tiny_glm4v, "image"), (tiny_glm4v_video, "video")])
+                                           (tiny_glm4v, "image"), (tiny_glm4v_video, "video"),
+                                           (tiny_llava_onevision1_5_video, "image"),
+                                           (tiny_llava_onevision1_5_video, "video")])
 def test_qwen_vl_media_are_checked_for_images_and_videos(builder, kind):
-    """Every Qwen-VL family's images and videos, and GLM-4V's (a video's placeholders are image placeholders of
-    token type 2), get the same checks (grid given, patch rows, placeholders) before transformers sees them."""
+    """Every Qwen-VL family's images and videos, GLM-4V's (a video's placeholders are image placeholders of token
+    type 2) and LLaVA-OneVision-1.5's (no temporal patching), get the same checks (grid given, patch rows, placeholders) before transformers sees them."""
     target, inputs = builder(small=True)
     pixels, grid = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
     generator = SpeculativeGenerator(target, None, "ar")

@@ -37,6 +37,7 @@ from tiny_vlms_more import (
     tiny_qwen3_vl_video,
 )
 from tiny_glm4v import glm4v_inputs, tiny_glm4v, tiny_glm4v_moe, tiny_glm4v_video
+from tiny_llava_onevision1_5 import onevision15_inputs, tiny_llava_onevision1_5
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from sage_ext.families import get_adapter
@@ -168,6 +169,14 @@ def glm4v_video_case():
     return model, [first, image, videos, text_row(9, 3, "mm_token_type_ids")], {}
 
 
+def onevision15_video_case():
+    """LLaVA-OneVision-1.5: rows of an image, an image and a video, a video, text."""
+    model, first = tiny_llava_onevision1_5(seed=0)
+    both = onevision15_inputs(model, seed=1, image_grid=(1, 4, 8), video_grid=(2, 4, 4), question_len=3)
+    video = onevision15_inputs(model, seed=2, image_grid=None, video_grid=(4, 4, 6), question_len=2)
+    return model, [first, both, video, text_row(9, 3)], {}
+
+
 def anyres_row(model, sizes: list[list[int]], seed: int, batch_num_images: bool = False) -> dict:
     """A LLaVA-NeXT / -OneVision prompt with images of ``sizes`` (h, w) as the processor returns it alone: each
     image anyres-patched (OneVision with ``batch_num_images``: only an image alone in its prompt), pixel_values
@@ -255,6 +264,8 @@ CASES = {
     "glm4v": joined_case(tiny_glm4v, "mm_token_type_ids"),
     "glm4v_moe": joined_case(tiny_glm4v_moe, "mm_token_type_ids"),
     "glm4v-video": glm4v_video_case,
+    "llava_onevision1_5": joined_case(tiny_llava_onevision1_5),
+    "llava_onevision1_5-video": onevision15_video_case,
 }
 
 

@@ -1,6 +1,6 @@
 """Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT, Gemma 3,
 PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL, Mistral 3, GLM-4V (tests/tiny_glm4v.py:
-GLM-4.1V, GLM-4.5V, GLM-4.6V) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2 (plain causal LMs).
+GLM-4.1V, GLM-4.5V, GLM-4.6V), LLaVA-OneVision-1.5 (tests/tiny_llava_onevision1_5.py) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2 (plain causal LMs).
 
 Same conventions as tests/tiny_vlms.py (no downloads, fp32, eval, ``LOGIT_STD`` embeddings and lm_head,
 ``(model, inputs)`` with the processor's layout, special ids at the top of a 256-token vocabulary, image
@@ -65,6 +65,7 @@ from tiny_vlms import (
     text_config_kwargs,
 )
 from tiny_glm4v import tiny_glm4v, tiny_glm4v_moe, tiny_glm46v
+from tiny_llava_onevision1_5 import tiny_llava_onevision1_5
 
 from sage_ext.families.causal_lm import CausalLMAdapter
 from sage_ext.families.gemma3 import Gemma3Adapter
@@ -72,6 +73,7 @@ from sage_ext.families.glm4v import Glm4vAdapter
 from sage_ext.families.internvl import InternVLAdapter
 from sage_ext.families.llava import Mistral3Adapter
 from sage_ext.families.llava_next import LlavaNextAdapter
+from sage_ext.families.llava_onevision1_5 import LlavaOnevision15Adapter
 from sage_ext.families.paligemma import PaliGemmaAdapter
 from sage_ext.families.qwen3_vl import Qwen3VLAdapter
 
@@ -371,6 +373,7 @@ MORE_VLM_BUILDERS = {
     "glm4v_moe": tiny_glm4v_moe,
     "glm46v": tiny_glm46v,
     "llava_next": tiny_llava_next,
+    "llava_onevision1_5": tiny_llava_onevision1_5,
     "gemma3": tiny_gemma3,
     "paligemma": tiny_paligemma,
     "qwen3_vl": tiny_qwen3_vl,
@@ -396,6 +399,7 @@ MORE_ADAPTER_CLASSES = {
     "glm4v_moe": Glm4vAdapter,
     "glm46v": Glm4vAdapter,
     "llava_next": LlavaNextAdapter,
+    "llava_onevision1_5": LlavaOnevision15Adapter,
     "gemma3": Gemma3Adapter,
     "paligemma": PaliGemmaAdapter,
     "qwen3_vl": Qwen3VLAdapter,
