@@ -30,6 +30,7 @@ from tiny_vlms_more import (
     tiny_gpt2,
     tiny_internvl,
     tiny_llava_next,
+    tiny_llava_next_video,
     tiny_paligemma,
     tiny_phi3,
     tiny_qwen3_vl,
@@ -169,6 +170,14 @@ def glm4v_video_case():
     return model, [first, image, videos, text_row(9, 3, "mm_token_type_ids")], {}
 
 
+def llava_next_video_case():
+    """LLaVA-NeXT-Video: rows of an image and a video, a video of as many frames, text (a batch's videos share the
+    frame count: pixel_values_videos is one tensor)."""
+    model, first = tiny_llava_next_video(seed=0)
+    video = tiny_llava_next_video(seed=1, image=False, question_len=3)[1]
+    return model, [first, video, text_row(9, 3)], {}
+
+
 def onevision15_video_case():
     """LLaVA-OneVision-1.5: rows of an image, an image and a video, a video, text."""
     model, first = tiny_llava_onevision1_5(seed=0)
@@ -264,6 +273,7 @@ CASES = {
     "glm4v": joined_case(tiny_glm4v, "mm_token_type_ids"),
     "glm4v_moe": joined_case(tiny_glm4v_moe, "mm_token_type_ids"),
     "glm4v-video": glm4v_video_case,
+    "llava_next_video": llava_next_video_case,
     "llava_onevision1_5": joined_case(tiny_llava_onevision1_5),
     "llava_onevision1_5-video": onevision15_video_case,
 }

@@ -96,8 +96,8 @@ REFUSED = {
         vocab_size=64, hidden_size=16, n_layer=1, n_head=2)), "takes no position_ids"),
     "openai-gpt (no 4-D masks)": (lambda: _on_meta(transformers.OpenAIGPTLMHeadModel, transformers.OpenAIGPTConfig(
         vocab_size=64, n_embd=16, n_layer=1, n_head=2)), "4-D attention mask"),
-    "llava_next_video (unknown multimodal family)": (lambda: _on_meta(
-        transformers.LlavaNextVideoForConditionalGeneration, transformers.LlavaNextVideoConfig()), "multimodal model"),
+    "video_llava (unknown multimodal family)": (lambda: _on_meta(
+        transformers.VideoLlavaForConditionalGeneration, transformers.VideoLlavaConfig()), "multimodal model"),
 }
 
 

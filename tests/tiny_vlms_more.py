@@ -1,4 +1,4 @@
-"""Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT, Gemma 3,
+"""Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT (and -Video), Gemma 3,
 PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL, Mistral 3, GLM-4V (tests/tiny_glm4v.py:
 GLM-4.1V, GLM-4.5V, GLM-4.6V), LLaVA-OneVision-1.5 (tests/tiny_llava_onevision1_5.py) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2 (plain causal LMs).
 
@@ -33,6 +33,8 @@ from transformers import (
     InternVLVisionConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
     MistralConfig,
@@ -72,7 +74,7 @@ from sage_ext.families.gemma3 import Gemma3Adapter
 from sage_ext.families.glm4v import Glm4vAdapter
 from sage_ext.families.internvl import InternVLAdapter
 from sage_ext.families.llava import Mistral3Adapter
-from sage_ext.families.llava_next import LlavaNextAdapter
+from sage_ext.families.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter
 from sage_ext.families.llava_onevision1_5 import LlavaOnevision15Adapter
 from sage_ext.families.paligemma import PaliGemmaAdapter
 from sage_ext.families.qwen3_vl import Qwen3VLAdapter
@@ -125,6 +127,38 @@ def tiny_llava_next(seed: int = 0, small: bool = False, question_len: int = 12):
     input_ids = _prompt(4, [IMAGE_TOKEN_ID] * n_image_tokens, question_len, seed)
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "pixel_values": pixel_values, "image_sizes": image_sizes}
+
+
+def tiny_llava_next_video(seed: int = 0, small: bool = False, question_len: int = 12, image: bool = True,
+                          frames: int = 3):
+    """LLaVA-NeXT-Video: LLaVA-NeXT's anyres image (88 tokens; left out when ``image`` is False) and a video of
+    ``frames`` 16-px frames, each pooled (stride 2) to 2x2 tokens."""
+    crop = 16
+    config = LlavaNextVideoConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=crop, patch_size=4, projection_dim=32),
+        text_config=dict(model_type="llama", **_text(small)),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=[[2 * crop, 2 * crop]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_stride=2,
+        tie_word_embeddings=False,
+    )
+    model = _built(LlavaNextVideoForConditionalGeneration, config, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs, block = {}, []
+    if image:
+        inputs.update(pixel_values=torch.randn(1, 5, 3, crop, crop, generator=generator),
+                      image_sizes=torch.tensor([[2 * crop, 2 * crop]]))
+        with torch.no_grad():
+            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        block += [IMAGE_TOKEN_ID] * sum(f.shape[0] for f in features) + [7]
+    inputs["pixel_values_videos"] = torch.randn(1, frames, 3, crop, crop, generator=generator)
+    block += [VIDEO_TOKEN_ID] * frames * (crop // 4 // 2) ** 2
+    input_ids = _prompt(4, block, question_len, seed)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **inputs}
 
 
 def tiny_gemma3(seed: int = 0, small: bool = False, question_len: int = 12):
@@ -373,6 +407,7 @@ MORE_VLM_BUILDERS = {
     "glm4v_moe": tiny_glm4v_moe,
     "glm46v": tiny_glm46v,
     "llava_next": tiny_llava_next,
+    "llava_next_video": tiny_llava_next_video,
     "llava_onevision1_5": tiny_llava_onevision1_5,
     "gemma3": tiny_gemma3,
     "paligemma": tiny_paligemma,
@@ -399,6 +434,7 @@ MORE_ADAPTER_CLASSES = {
     "glm4v_moe": Glm4vAdapter,
     "glm46v": Glm4vAdapter,
     "llava_next": LlavaNextAdapter,
+    "llava_next_video": LlavaNextVideoAdapter,
     "llava_onevision1_5": LlavaOnevision15Adapter,
     "gemma3": Gemma3Adapter,
     "paligemma": PaliGemmaAdapter,

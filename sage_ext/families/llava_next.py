@@ -1,4 +1,5 @@
-"""LLaVA-NeXT adapter (``LlavaNextForConditionalGeneration``): anyres image features (base crop, grid crops
+"""LLaVA-NeXT and LLaVA-NeXT-Video adapters (``LlavaNextForConditionalGeneration``,
+``LlavaNextVideoForConditionalGeneration``): anyres image features (base crop, grid crops
 unpadded to the image's aspect ratio, one newline embedding per feature row) scattered into the
 ``image_token_index`` placeholders (the processor expands them from ``image_sizes``), 1-D RoPE over the expanded
 sequence, so the base adapter's forwards apply as they are; only the visual-token mask is family-specific (the
@@ -72,3 +73,27 @@ class LlavaNextAdapter(FamilyAdapter):
         for row in rows:
             trim_patch_padding(self.config, row)
         return rows, keys
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video (``config.model_type == "llava_next_video"``): LLaVA-NeXT's anyres images, plus videos whose
+    frames go through the same tower and a spatial pool (``spatial_pool_stride``) into ``video_token_index``
+    placeholders: (side // stride)^2 per frame, side = image_size // patch_size. In a batch,
+    ``pixel_values_videos [num_videos, frames, 3, H, W]`` is one row per video."""
+
+    model_types = ("llava_next_video",)
+
+    def visual_token_mask(self, inputs: dict[str, Any]) -> Tensor:
+        input_ids = inputs["input_ids"]
+        return (input_ids == self.config.image_token_index) | (input_ids == self.config.video_token_index)
+
+    def batch_media(self, inputs: dict[str, Any]) -> list[BatchMedia]:
+        media = super().batch_media(inputs)
+        videos = inputs.get("pixel_values_videos")
+        if isinstance(videos, Tensor) and videos.dim() == 5:
+            count, frames = videos.shape[:2]
+            vision = self.config.vision_config
+            per_frame = (vision.image_size // vision.patch_size // self.config.spatial_pool_stride) ** 2
+            media.append(BatchMedia("video", self.config.video_token_index, [frames * per_frame] * count,
+                                    {"pixel_values_videos": [1] * count}))
+        return media
