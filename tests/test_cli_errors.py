@@ -237,10 +237,31 @@ def test_draft_of_another_family_is_one_line(image_path, tmp_path, capsys):
 
     qwen2_vl, _ = tiny_qwen2_vl()
     draft = _save_model(qwen2_vl, tmp_path.parent / f"{tmp_path.name}_qwen2_vl")
-    capsys.readouterr()  # saving's progress bars
+    capsys.readouterr()  # saving's progress bars (shown unless an earlier CLI run turned them off)
     code, out, err = run_cli(generate_args(image_path, tmp_path, "--target", "fixture", "--draft", str(draft)),
                              capsys, tmp_path)
     assert_one_line(code, out, err, 1, "must be the same model family")
+
+
+def test_a_model_without_sdpa_loads_with_eager_attention(tmp_path):
+    """A class without sdpa (Gemma 2) is loaded with eager attention, which takes tree masks too."""
+    from tiny_vlms_more import tiny_gemma2
+
+    folder = _save_model(tiny_gemma2()[0], tmp_path / "gemma2")
+    model = models.load_model(str(folder), torch.device("cpu"), torch.float32)
+    assert type(model).__name__ == "Gemma2ForCausalLM" and model.config._attn_implementation == "eager"
+
+
+def test_a_folder_no_generation_class_knows_is_one_line(image_path, tmp_path, capsys):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vision_only = _save_model(CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                               num_attention_heads=2, image_size=16, patch_size=4)),
+                              tmp_path.parent / f"{tmp_path.name}_clip")
+    capsys.readouterr()  # saving's progress bars (shown unless an earlier CLI run turned them off)
+    code, out, err = run_cli(generate_args(image_path, tmp_path, "--target", "fixture", "--draft", str(vision_only)),
+                             capsys, tmp_path)
+    assert_one_line(code, out, err, 1, "as a generation model: no generation class knows its config")
 
 
 def test_draft_with_another_vocabulary_is_one_line(image_path, tmp_path, capsys):
@@ -250,6 +271,7 @@ def test_draft_with_another_vocabulary_is_one_line(image_path, tmp_path, capsys)
     config.text_config.vocab_size += 1000
     torch.manual_seed(0)
     draft = _save_model(LlavaForConditionalGeneration(config), tmp_path.parent / f"{tmp_path.name}_vocab")
+    capsys.readouterr()  # saving's progress bars (shown unless an earlier CLI run turned them off)
     code, out, err = run_cli(generate_args(image_path, tmp_path, "--target", "fixture", "--draft", str(draft)),
                              capsys, tmp_path)
     assert_one_line(code, out, err, 1, "target and draft vocabularies differ (target 440, draft 1440 logits)")

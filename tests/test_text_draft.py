@@ -186,10 +186,12 @@ def test_a_prompt_of_media_alone():
     assert torch.equal(out.sequences, reference)
 
 
-def test_media_tokens_beyond_the_text_vocabulary():
-    """As LLaVA-1.5 (image token 32000) beside a 32000-token Llama: the target's media placeholder past the draft's
-    vocabulary does not matter to a text draft, which never reads it; a vision-language draft of that vocabulary
-    is refused as before, and so is a text draft that lacks the EOS id."""
+def test_special_tokens_beyond_the_text_vocabulary():
+    """As LLaVA-1.5 (image token 32000, pad 32001) beside a 32000-token Llama, or SmolVLM (EOS 49279) beside
+    SmolLM2's 49152 tokens: the target's media placeholder, pad and even EOS past a text draft's vocabulary do not
+    matter to it (it never reads media or padding; an EOS it lacks only means it never proposes the end), and the
+    output is the target's; a vision-language draft of that vocabulary is refused as before (its special ids named),
+    and so is any draft beyond max_vocab_padding."""
     target, inputs = TINY_MODEL_BUILDERS["llava"](vocab_size=128)
     image_id = 120
     inputs = dict(inputs, input_ids=torch.where(inputs["input_ids"] == 94, image_id, inputs["input_ids"]))
@@ -199,12 +201,20 @@ def test_media_tokens_beyond_the_text_vocabulary():
     with torch.no_grad():
         reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert torch.equal(out.sequences, reference)
+    target.config.pad_token_id = 121
+    without_eos = text_draft_of(target, vocab_size=90)  # EOS 95 and pad 121 outside it too
+    for policy in ("sage", "chain"):
+        out = SpeculativeGenerator(target, without_eos, policy).generate(**inputs, max_new_tokens=40)
+        with torch.no_grad():
+            reference = target.generate(**inputs, do_sample=False, max_new_tokens=40)
+        assert torch.equal(out.sequences, reference)
+        assert out.stats.mean_tau > 0
     small_vlm, _ = TINY_MODEL_BUILDERS["llava"](vocab_size=112)
     small_vlm.config.image_token_id = 100
-    with pytest.raises(ValueError, match="vocabularies differ"):
+    with pytest.raises(ValueError, match=r"special token id\(s\) \[120, 121\]"):
         SpeculativeGenerator(target, small_vlm, "sage")
-    with pytest.raises(ValueError, match="vocabularies differ"):
-        SpeculativeGenerator(target, text_draft_of(target, vocab_size=90), "sage")
+    with pytest.raises(ValueError, match="only padding rows may differ \\(at most max_vocab_padding=8\\)"):
+        SpeculativeGenerator(target, draft, "sage", max_vocab_padding=8)
 
 
 def test_pairs_that_stay_refused():
@@ -269,3 +279,25 @@ def test_gemma3_text_draft_with_a_window_shorter_than_its_prompt():
     with torch.no_grad():
         reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert torch.equal(out.sequences, reference)
+
+
+@pytest.mark.parametrize("capture_draft", [False, True])
+def test_a_text_draft_with_learned_absolute_positions(capture_draft):
+    """GPT-2 (a table of absolute positions) drafting for Qwen2-VL, in a batch of three rows and, captured, alone:
+    the padding slots of batched and shape-padded forwards sit below position 0 with a text draft's offset, and
+    are floored there (``FamilyAdapter.rope_position_ids``; it raised inside torch.embedding)."""
+    from test_batch_split import CASES, assemble
+    from tiny_vlms_more import CAUSAL_LM_BUILDERS
+
+    target, rows, layout = CASES["qwen2_vl"]()
+    gpt2 = CAUSAL_LM_BUILDERS["gpt2"](seed=3)[0]
+    generator = SpeculativeGenerator(target, gpt2, "sage", capture_draft=capture_draft)
+    assert generator.text_draft
+    prompts = rows[:1] if capture_draft else rows
+    batch = prompts[0] if capture_draft else assemble(prompts, **layout)
+    out = generator.generate(**batch, max_new_tokens=MAX_NEW, pad_token_id=2)
+    length = batch["input_ids"].shape[1]
+    for index, row in enumerate(prompts):
+        with torch.no_grad():
+            reference = target.generate(**row, do_sample=False, max_new_tokens=MAX_NEW)[0, row["input_ids"].shape[1]:]
+        assert torch.equal(out.sequences[index, length:length + reference.shape[0]], reference)

@@ -76,24 +76,34 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 def load_model(path_or_id: str, device: torch.device, dtype, device_map: str | None = None) -> torch.nn.Module:
     """A vision-language (or text) generation model, in eval mode, with an attention implementation
-    that takes tree masks (sdpa). Offline (``HF_HUB_OFFLINE=1``) nothing is asked of the network.
-    ``device_map`` (accelerate's ``auto``, ...): the model is placed by accelerate instead of moved to ``device``."""
+    that takes tree masks: sdpa, or eager for a class without sdpa (Gemma 2). Offline (``HF_HUB_OFFLINE=1``) nothing
+    is asked of the network. ``device_map`` (accelerate's ``auto``, ...): the model is placed by accelerate instead of
+    moved to ``device``."""
     import transformers
 
     path_or_id = resolve_model(path_or_id, "target")
-    errors = []
+    placement = {"device_map": device_map} if device_map else {}
+    unknown, reasons = [], []
     for auto_class in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
         loader = getattr(transformers, auto_class, None)
         if loader is None:
             continue
-        try:
-            placement = {"device_map": device_map} if device_map else {}
-            model = loader.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa",
-                                           local_files_only=hub_offline(), **placement)
-            return (model if device_map else model.to(device)).eval()
-        except ValueError as error:  # this auto class does not know the config: try the next one
-            errors.append(f"{auto_class}: {error}")
-    raise ValueError(f"could not load {path_or_id!r} as a generation model:\n" + "\n".join(errors))
+        for attention in ("sdpa", "eager"):
+            try:
+                model = loader.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attention,
+                                               local_files_only=hub_offline(), **placement)
+                return (model if device_map else model.to(device)).eval()
+            except ValueError as error:
+                message = str(error)
+                if "Unrecognized configuration class" in message:  # this auto class does not know the config
+                    unknown.append(auto_class)
+                    break
+                if attention == "sdpa" and "scaled_dot_product_attention" in message:  # no sdpa: eager takes masks
+                    continue
+                reasons.append(f"{auto_class}: {message.splitlines()[0]}")
+                break
+    why = "; ".join(reasons) if reasons else f"no generation class knows its config ({', '.join(unknown)})"
+    raise ValueError(f"could not load {path_or_id!r} as a generation model: {why}")
 
 
 def load_pair(target: str, draft: str | None, device: torch.device, dtype,

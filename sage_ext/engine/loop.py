@@ -203,16 +203,24 @@ class SpeculativeGenerator:
         vocab_t, vocab_d = target.vocab_size, draft.vocab_size
         if vocab_t != vocab_d:
             shared = min(vocab_t, vocab_d)
-            # ids beyond both vocabularies are unused config defaults, not tokens; a text draft never reads the
-            # target's media placeholders (they are not in its prompt)
-            media = not self.text_draft
-            special = {i for i in target.special_token_ids(media) + draft.special_token_ids(media)
-                       if i < max(vocab_t, vocab_d)}
-            if abs(vocab_t - vocab_d) > max_vocab_padding or any(i >= shared for i in special):
+            if abs(vocab_t - vocab_d) > max_vocab_padding:
                 raise ValueError(
                     f"target and draft vocabularies differ (target {vocab_t}, draft {vocab_d} logits); only padding "
-                    f"rows may differ (at most {max_vocab_padding}, with every special token id < {shared}). "
-                    f"Use a draft with the target's tokenizer."
+                    f"rows may differ (at most max_vocab_padding={max_vocab_padding}). Use a draft with the target's "
+                    f"tokenizer."
+                )
+            # A text draft is exempt: it never reads the target's media placeholders or padding, and an EOS or BOS
+            # outside its vocabulary only changes its proposals (it never proposes the end); a vision-language
+            # draft of the same family holds the family's special tokens unless its tokenizer is another.
+            # (Ids beyond both vocabularies are unused config defaults, not tokens.)
+            special = set() if self.text_draft else {
+                i for i in target.special_token_ids() + draft.special_token_ids() if i < max(vocab_t, vocab_d)}
+            outside = sorted(i for i in special if i >= shared)
+            if outside:
+                raise ValueError(
+                    f"target and draft vocabularies differ (target {vocab_t}, draft {vocab_d} logits) and the special "
+                    f"token id(s) {outside} (EOS, BOS, pad, image/video) lie outside the smaller one: only padding "
+                    f"rows may differ. Use a draft with the target's tokenizer."
                 )
         if self.text_draft:  # it is given the prompt's text alone
             return

@@ -217,14 +217,12 @@ class FamilyAdapter:
             return token_id_list(generation_config.eos_token_id)
         return token_id_list(getattr(self.text_config, "eos_token_id", None))
 
-    def special_token_ids(self, media: bool = True) -> list[int]:
-        """Ids the engine may feed or emit that both vocabularies must hold (eos, bos, pad and, with ``media``, the
-        media placeholder tokens)."""
+    def special_token_ids(self) -> list[int]:
+        """Ids the engine may feed or emit that both vocabularies of a same-family pair must hold (eos, bos, pad,
+        media tokens)."""
         ids = list(self.eos_token_ids())
-        names = ("bos_token_id", "pad_token_id") + (("image_token_id", "image_token_index", "video_token_id")
-                                                     if media else ())
         for cfg in (self.config, self.text_config):
-            for name in names:
+            for name in ("bos_token_id", "pad_token_id", "image_token_id", "image_token_index", "video_token_id"):
                 value = getattr(cfg, name, None)
                 if isinstance(value, int) and value >= 0:
                     ids.append(value)
@@ -295,8 +293,12 @@ class FamilyAdapter:
 
     def rope_position_ids(self, seq_positions: Tensor) -> Tensor:
         """Position ids for tokens at sequence indices ``seq_positions [1, n]`` after the prompt:
-        ``seq_positions + position_offset`` (``[1, n]``, or ``[R, 1, n]`` when the model has R position rows)."""
-        return seq_positions + self.position_offset
+        ``seq_positions + position_offset`` (``[1, n]``, or ``[R, 1, n]`` when the model has R position rows).
+
+        Floored at 0: a batched or shape-padded forward's padding slots sit at sequence index 0, which a negative
+        offset (a text draft's, an M-RoPE prompt's) puts below 0, and a model with learned absolute positions
+        (GPT-2) cannot embed that; every real token's position is >= 0 and unchanged."""
+        return (seq_positions + self.position_offset).clamp_min(0)
 
     def prefill_position_ids(self, inputs: dict[str, Any]) -> tuple[Tensor, int | Tensor]:
         """The prompt's position ids as ``generate`` computes them, and the offset of the tokens after it.
