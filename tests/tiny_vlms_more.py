@@ -104,10 +104,13 @@ def _text_prompt(length: int, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- vision-language
-def tiny_llava_next(seed: int = 0, small: bool = False, question_len: int = 12):
-    """LLaVA-NeXT: CLIP crops of 16 px (4 px patches, CLS dropped), anyres 2x2 grid + base crop -> 88 tokens."""
-    crop = 16
-    config = LlavaNextConfig(
+LLAVA_NEXT_CROP = 16
+
+
+def _llava_next_config(small: bool) -> dict:
+    """LLaVA-NeXT's (and -Video's) settings: CLIP crops of 16 px (4 px patches, CLS dropped), one 2x2 anyres grid."""
+    crop = LLAVA_NEXT_CROP
+    return dict(
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=crop, patch_size=4, projection_dim=32),
         text_config=dict(model_type="llama", **_text(small)),
@@ -117,44 +120,39 @@ def tiny_llava_next(seed: int = 0, small: bool = False, question_len: int = 12):
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
-    model = _built(LlavaNextForConditionalGeneration, config, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    pixel_values = torch.randn(1, 5, 3, crop, crop, generator=generator)  # base crop + 2x2 grid
-    image_sizes = torch.tensor([[2 * crop, 2 * crop]])
-    with torch.no_grad():  # the processor computes this count from the sizes; asking the model is exact
-        features = model.model.get_image_features(pixel_values, image_sizes).pooler_output
-    n_image_tokens = sum(f.shape[0] for f in features)
-    input_ids = _prompt(4, [IMAGE_TOKEN_ID] * n_image_tokens, question_len, seed)
-    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                   "pixel_values": pixel_values, "image_sizes": image_sizes}
+
+
+def _anyres_image(model, generator: torch.Generator) -> tuple[dict, int]:
+    """One 32x32 anyres image (base crop + 2x2 grid) and its placeholder count, asked of the model (the processor
+    computes it from the size)."""
+    crop = LLAVA_NEXT_CROP
+    image = {"pixel_values": torch.randn(1, 5, 3, crop, crop, generator=generator),
+             "image_sizes": torch.tensor([[2 * crop, 2 * crop]])}
+    with torch.no_grad():
+        features = model.model.get_image_features(image["pixel_values"], image["image_sizes"]).pooler_output
+    return image, sum(f.shape[0] for f in features)
+
+
+def tiny_llava_next(seed: int = 0, small: bool = False, question_len: int = 12):
+    """LLaVA-NeXT: an anyres 2x2 grid + base crop -> 88 tokens."""
+    model = _built(LlavaNextForConditionalGeneration, LlavaNextConfig(**_llava_next_config(small)), seed)
+    image, count = _anyres_image(model, torch.Generator().manual_seed(seed + 1))
+    input_ids = _prompt(4, [IMAGE_TOKEN_ID] * count, question_len, seed)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **image}
 
 
 def tiny_llava_next_video(seed: int = 0, small: bool = False, question_len: int = 12, image: bool = True,
                           frames: int = 3):
     """LLaVA-NeXT-Video: LLaVA-NeXT's anyres image (88 tokens; left out when ``image`` is False) and a video of
     ``frames`` 16-px frames, each pooled (stride 2) to 2x2 tokens."""
-    crop = 16
-    config = LlavaNextVideoConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=crop, patch_size=4, projection_dim=32),
-        text_config=dict(model_type="llama", **_text(small)),
-        image_token_index=IMAGE_TOKEN_ID,
-        video_token_index=VIDEO_TOKEN_ID,
-        image_grid_pinpoints=[[2 * crop, 2 * crop]],
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        spatial_pool_stride=2,
-        tie_word_embeddings=False,
-    )
+    config = LlavaNextVideoConfig(**_llava_next_config(small), video_token_index=VIDEO_TOKEN_ID, spatial_pool_stride=2)
     model = _built(LlavaNextVideoForConditionalGeneration, config, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     inputs, block = {}, []
     if image:
-        inputs.update(pixel_values=torch.randn(1, 5, 3, crop, crop, generator=generator),
-                      image_sizes=torch.tensor([[2 * crop, 2 * crop]]))
-        with torch.no_grad():
-            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-        block += [IMAGE_TOKEN_ID] * sum(f.shape[0] for f in features) + [7]
+        inputs, count = _anyres_image(model, generator)
+        block += [IMAGE_TOKEN_ID] * count + [7]
+    crop = LLAVA_NEXT_CROP
     inputs["pixel_values_videos"] = torch.randn(1, frames, 3, crop, crop, generator=generator)
     block += [VIDEO_TOKEN_ID] * frames * (crop // 4 // 2) ** 2
     input_ids = _prompt(4, block, question_len, seed)
