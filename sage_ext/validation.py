@@ -20,8 +20,10 @@ import torch
 from torch import Tensor
 
 from .families.base import height_width
+from .families.glm4v import shared_placeholder_videos
 from .families.internvl import internvl_tile_tokens
 from .families.llava import llava_image_tokens
+from .families.llava_next import video_tokens_per_frame
 
 #: What ``generate`` produces when no length is set: not by the call, nor by the generation config.
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -271,18 +273,32 @@ QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_on
 
 def _media_placeholders(config, input_ids: Tensor, inputs: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """``kind -> (placeholder token id, how many input_ids hold)`` for the image and video placeholders ``config``
-    names. GLM-4V writes a video's frames with the image placeholder: its ``mm_token_type_ids`` (2) tell them apart
-    (without them every such placeholder counts as an image's)."""
+    names; GLM-4V's videos by ``shared_placeholder_videos``."""
     image_id = _config_value(config, "image_token_id", "image_token_index")
     video_id = _config_value(config, "video_token_id", "video_token_index")
     if getattr(config, "model_type", "") in SHARED_PLACEHOLDER_TYPES and image_id is not None:
         placeholders = input_ids == int(image_id)
-        types = inputs.get("mm_token_type_ids")
-        video = (placeholders & (types.to(input_ids.device) == 2) if isinstance(types, Tensor)
-                 and tuple(types.shape) == tuple(input_ids.shape) else torch.zeros_like(placeholders))
+        videos_only = inputs.get("pixel_values_videos") is not None and inputs.get("pixel_values") is None
+        video = shared_placeholder_videos(input_ids, int(image_id), inputs.get("mm_token_type_ids"), videos_only)
         return {"image": (int(image_id), int((placeholders & ~video).sum())), "video": (int(image_id), int(video.sum()))}
     return {kind: (int(token_id), int((input_ids == int(token_id)).sum()))
             for kind, token_id in (("image", image_id), ("video", video_id)) if token_id is not None}
+
+
+def _check_token_types(input_ids: Tensor, inputs: dict[str, Any]) -> None:
+    """``mm_token_type_ids`` (Qwen-VL, GLM-4V), when given: an integer tensor shaped like ``input_ids`` of 0 (text),
+    1 (an image's placeholder) and 2 (a video's), as processors return it."""
+    types = inputs.get("mm_token_type_ids")
+    if types is None:
+        return
+    if (not isinstance(types, Tensor) or types.dtype.is_floating_point or types.dtype == torch.bool
+            or tuple(types.shape) != tuple(input_ids.shape)):
+        raise ValueError(f"mm_token_type_ids must be an integer tensor shaped like input_ids {tuple(input_ids.shape)} "
+                         f"(the processor's), got {_shape(types)}"
+                         f"{'' if not isinstance(types, Tensor) else f' of {types.dtype}'}")
+    wrong = sorted(set(types[(types < 0) | (types > 2)].tolist()))
+    if wrong:
+        raise ValueError(f"mm_token_type_ids holds {wrong[:5]}: its values are 0 (text), 1 (image) and 2 (video)")
 
 
 def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> None:
@@ -290,10 +306,17 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
     config = model.config
     model_name = type(model).__name__
     image_id = _config_value(config, "image_token_id", "image_token_index")
-    if (getattr(config, "model_type", "") in SHARED_PLACEHOLDER_TYPES and inputs.get("mm_token_type_ids") is None
-            and any(inputs.get(key) is not None for key in ("pixel_values", "pixel_values_videos"))):
-        raise ValueError(f"{model_name} needs mm_token_type_ids with images or videos (its placeholders are told apart "
-                         f"by them, and its positions computed from them): pass the processor's whole output")
+    model_type = getattr(config, "model_type", "")
+    _check_token_types(input_ids, inputs)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if inputs.get(key) is not None and not isinstance(inputs[key], Tensor):
+            raise TypeError(f"{key} must be a tensor (the processor's return_tensors='pt'), got "
+                            f"{type(inputs[key]).__name__}")
+    if (model_type in SHARED_PLACEHOLDER_TYPES and inputs.get("pixel_values") is not None
+            and inputs.get("pixel_values_videos") is not None):
+        raise ValueError(f"{model_name} in transformers cannot take an image and a video in one prompt (it counts a "
+                         f"video's placeholders among the image's): give them in separate prompts (a batch may mix "
+                         f"rows of images and rows of videos)")
     placeholders = _media_placeholders(config, input_ids, inputs)
     for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
         if kind not in placeholders:
@@ -302,10 +325,12 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
         given = inputs.get(key) is not None
         precomputed = any(inputs.get(k) is not None for k in ("inputs_embeds", "image_features", f"{kind}_embeds"))
         if count and not given and not precomputed:
+            shared = (f" ({model_name} writes a video's frames with the image placeholder too: a video's are those of "
+                      f"mm_token_type_ids 2)" if model_type in SHARED_PLACEHOLDER_TYPES else "")
             raise ValueError(
-                f"input_ids hold {count} {kind} placeholder tokens (id {int(token_id)}) but no {key} were given: pass "
-                f"the processor's whole output (processor(text=..., {kind}s=..., return_tensors='pt')), not only its "
-                f"input_ids"
+                f"input_ids hold {count} {kind} placeholder tokens (id {int(token_id)}) but no {key} were given{shared}: "
+                f"pass the processor's whole output (processor(text=..., {kind}s=..., return_tensors='pt')), not only "
+                f"its input_ids"
             )
         if given and not count:
             raise ValueError(
@@ -313,21 +338,22 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
                 f"{model_name} to put them at: build the prompt with the processor (its {kind} token), or leave "
                 f"{key} out"
             )
-    model_type = getattr(config, "model_type", "")
     vision = getattr(config, "vision_config", None)
+    if model_type == "llava_next_video" and vision is not None and inputs.get("pixel_values_videos") is not None:
+        _check_pooled_videos(model_name, config, inputs["pixel_values_videos"], placeholders["video"][1])
     if model_type in QWEN_VL_TYPES and vision is not None:
         for kind, (token_id, count) in placeholders.items():
             _check_qwen_vl_media(model_name, vision, inputs, kind, token_id, count)
     pixel_values = inputs.get("pixel_values")
     if pixel_values is None:
         return
-    if not isinstance(pixel_values, Tensor):
-        raise TypeError(f"pixel_values must be a tensor (the processor's return_tensors='pt'), got "
-                        f"{type(pixel_values).__name__}")
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
     if vision is None or image_id is None:
         return
+    if model_type in ("llava_next", "llava_next_video") and inputs.get("image_sizes") is None:
+        raise ValueError(f"pixel_values were given without image_sizes; {model_name} needs both (the processor "
+                         f"returns them together)")
     if model_type in ("llava", "mistral3"):
         if model_type == "mistral3" and inputs.get("image_sizes") is None:
             raise ValueError(f"pixel_values were given without image_sizes; {model_name} needs both (the processor "
@@ -353,6 +379,24 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
             raise ValueError(f"pixel_attention_mask has shape {_shape(mask)}; with pixel_values of shape "
                              f"{_shape(pixel_values)} {model_name} expects [batch, images, height, width] "
                              f"{tuple(pixel_values.shape[:2]) + tuple(pixel_values.shape[3:])}")
+
+
+def _check_pooled_videos(model_name, config, videos: Tensor, placeholders: int) -> None:
+    """LLaVA-NeXT-Video's ``pixel_values_videos [num_videos, frames, C, size, size]`` (the tower's crops) against
+    its video placeholders (``video_tokens_per_frame`` per frame)."""
+    vision = config.vision_config
+    channels = int(getattr(vision, "num_channels", 3))
+    height, width = height_width(vision.image_size)
+    if not videos.is_floating_point() or videos.dim() != 5 or tuple(videos.shape[2:]) != (channels, height, width):
+        raise ValueError(f"pixel_values_videos has shape {_shape(videos)} ({videos.dtype}); {model_name} expects a "
+                         f"float tensor [num_videos, frames, {channels}, {height}, {width}]: make them with the model's "
+                         f"processor")
+    count, frames = videos.shape[:2]
+    per_frame = video_tokens_per_frame(config)
+    if placeholders != count * frames * per_frame:
+        raise ValueError(f"input_ids hold {placeholders} video placeholder tokens but pixel_values_videos hold {count} "
+                         f"video(s) of {frames} frames, {per_frame} tokens each ({count * frames * per_frame}): use the "
+                         f"processor for the text and the videos together (a batch's videos share one frame count)")
 
 
 def _check_square_images(model_name, vision, pixel_values: Tensor) -> None:
@@ -410,11 +454,11 @@ def _check_qwen_vl_media(model_name, vision, inputs, kind, token_id, tokens) -> 
     if grid is None:
         raise ValueError(f"{pixel_key} were given without {grid_key}; {model_name} needs both (the processor "
                          f"returns them together)")
-    if not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[1] != 3:
-        raise ValueError(f"{grid_key} has shape {_shape(grid)}; {model_name} expects [num_{kind}s, 3] (t, h, w)")
-    if not isinstance(pixels, Tensor):
-        raise TypeError(f"{pixel_key} must be a tensor (the processor's return_tensors='pt'), got "
-                        f"{type(pixels).__name__}")
+    if (not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point
+            or grid.dtype == torch.bool):
+        raise ValueError(f"{grid_key} has shape {_shape(grid)}"
+                         f"{'' if not isinstance(grid, Tensor) else f' ({grid.dtype})'}; {model_name} expects an integer "
+                         f"tensor [num_{kind}s, 3] (t, h, w)")
     patch = int(vision.patch_size)
     temporal = int(getattr(vision, "temporal_patch_size", 1))  # LLaVA-OneVision-1.5's tower has no temporal patch
     channels = int(getattr(vision, "in_channels", getattr(vision, "num_channels", 3)))

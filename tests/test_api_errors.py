@@ -12,7 +12,14 @@ from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_llava  # 
 from tiny_vlms import tiny_idefics3, tiny_qwen2_vl
 from tiny_glm4v import tiny_glm4v, tiny_glm4v_video
 from tiny_llava_onevision1_5 import tiny_llava_onevision1_5_video
-from tiny_vlms_more import tiny_gemma3, tiny_internvl, tiny_paligemma, tiny_qwen3_vl, tiny_qwen3_vl_video
+from tiny_vlms_more import (
+    tiny_gemma3,
+    tiny_internvl,
+    tiny_llava_next_video,
+    tiny_paligemma,
+    tiny_qwen3_vl,
+    tiny_qwen3_vl_video,
+)
 
 from sage_ext.engine import SpeculativeGenerator
 
@@ -175,14 +182,40 @@ def test_qwen_vl_media_are_checked_for_images_and_videos(builder, kind):
                            max_new_tokens=3)
 
 
-@pytest.mark.parametrize("builder", [tiny_glm4v, tiny_glm4v_video])
-def test_glm4v_media_without_token_types(builder):
-    """GLM-4V tells a video's placeholders from an image's by mm_token_type_ids alone (and its forward asks for
-    them): media without them are refused with what to pass."""
+@pytest.mark.parametrize("change, fragment", [
+    (lambda inputs: {"mm_token_type_ids": inputs["mm_token_type_ids"][:, :-1]},
+     r"mm_token_type_ids must be an integer tensor shaped like input_ids \(1, \d+\) .* got \(1, \d+\)"),
+    (lambda inputs: {"mm_token_type_ids": inputs["mm_token_type_ids"].tolist()}, "got list"),
+    (lambda inputs: {"mm_token_type_ids": inputs["mm_token_type_ids"].float()}, "of torch.float32"),
+    (lambda inputs: {"mm_token_type_ids": inputs["mm_token_type_ids"] * 3}, r"holds \[3\]: its values are 0"),
+    (lambda inputs: {"image_grid_thw": inputs["image_grid_thw"].float()}, r"expects an integer tensor \[num_images, 3\]"),
+])
+@pytest.mark.parametrize("builder", [tiny_qwen2_vl, tiny_glm4v])
+def test_token_types_and_grids_are_checked(builder, change, fragment):
+    """mm_token_type_ids (an integer tensor like input_ids, of 0, 1 and 2) and the grids (integers) before transformers
+    sees them (it raised IndexError, TypeError, KeyError or NotImplementedError)."""
     target, inputs = builder(small=True)
-    with pytest.raises(ValueError, match="needs mm_token_type_ids with images or videos"):
-        SpeculativeGenerator(target, None, "ar").generate(
-            **{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, max_new_tokens=3)
+    with pytest.raises(ValueError, match=fragment):
+        SpeculativeGenerator(target, None, "ar").generate(**{**inputs, **change(inputs)}, max_new_tokens=3)
+
+
+def test_llava_next_video_media_are_checked():
+    """LLaVA-NeXT-Video's videos ([videos, frames, C, size, size], as many placeholders as their pooled frames) and
+    its images (with image_sizes) before transformers sees them."""
+    target, inputs = tiny_llava_next_video(small=True)
+    generator = SpeculativeGenerator(target, None, "ar")
+    videos = inputs["pixel_values_videos"]
+    for change, fragment in [
+        ({"pixel_values_videos": videos[0]}, r"expects a float tensor \[num_videos, frames, 3, 16, 16\]"),
+        ({"pixel_values_videos": videos[:, :, :1]}, r"has shape \(1, 3, 1, 16, 16\)"),
+        ({"pixel_values_videos": torch.cat([videos, videos[:, :1]], 1)},
+         r"hold 12 video placeholder tokens but pixel_values_videos hold 1 video\(s\) of 4 frames, 4 tokens each"),
+        ({"pixel_values_videos": list(videos)}, "pixel_values_videos must be a tensor"),
+        ({"image_sizes": None}, "pixel_values were given without image_sizes"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=fragment):
+            generator.generate(**{key: value for key, value in {**inputs, **change}.items() if value is not None},
+                               max_new_tokens=3)
 
 
 @pytest.mark.parametrize("builder, change, fragment", [

@@ -96,13 +96,20 @@ def test_qwen_position_offset_follows_the_prompts_last_position(name):
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_prefill_without_token_types_derives_them(name):
-    """A hand-built Qwen prompt without mm_token_type_ids still gets M-RoPE positions."""
+def test_qwen_prefill_without_token_types_is_one_dimensional(name):
+    """A hand-built Qwen prompt without mm_token_type_ids gets what generate gives it, 1-D positions on every row
+    (nothing derived: the output equals generate's, tests/test_families_more.py), and its prefill is the model's
+    forward at those positions."""
     model, inputs = TINY_VLM_BUILDERS[name]()
     bare = {key: value for key, value in inputs.items() if key != "mm_token_type_ids"}
-    result = Qwen2VLAdapter(model).prefill(bare, DynamicCache(config=model.config))
-    expected_logits, _ = hf_prefill(model, inputs)
-    torch.testing.assert_close(result.logits_last, expected_logits, atol=ATOL, rtol=0)
+    adapter = Qwen2VLAdapter(model)
+    positions, offset = adapter.prefill_position_ids(adapter.prefill_inputs(bare))
+    length = bare["input_ids"].shape[1]
+    assert torch.equal(positions, torch.arange(length).expand_as(positions)) and not torch.as_tensor(offset).any()
+    result = adapter.prefill(bare, DynamicCache(config=model.config))
+    with torch.no_grad():
+        expected = model(**bare, position_ids=positions, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(result.logits_last, expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("committed", [0, 2], ids=["after-prompt", "after-2-tokens"])

@@ -21,7 +21,9 @@ import transformers
 from test_engine import POLICIES
 from test_engine_kv import MAX_NEW, run_with_cache_checks
 from tiny_models import correlated_draft, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny_vlms import strengthen
 from tiny_vlms_more import (
+    ALL_VLM_BUILDERS,
     CAUSAL_LM_BUILDERS,
     MORE_ADAPTER_CLASSES,
     MORE_VLM_BUILDERS,
@@ -41,6 +43,35 @@ def family(request):
     with torch.no_grad():
         reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     return request.param, target, inputs, correlated_draft(target, noise=0.1), reference
+
+
+#: Builders whose greedy output does not depend on the pixels (HF's 0.02 initialization: the decoder follows the last
+#: token alone). Their lossless tests still check both caches against a recomputation after every step, but not
+#: what the media make the target say; moving them to a stronger decoder (``tiny_vlms.strengthen``) breaks about 36
+#: assertions tuned on these models (correlated drafts accepting nothing, PaliGemma ending at once), left for later.
+PIXEL_BLIND = ("llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "idefics3", "smolvlm")
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["as-built", "strengthened"])
+@pytest.mark.parametrize("name", ["llava", *ALL_VLM_BUILDERS])
+def test_every_tiny_vlm_reads_its_pixels(name, strong, request):
+    """The tiny vision-language models' greedy output changes with the image's pixels (and video's): otherwise a
+    lossless test of the family passes whatever the engine does with its media. The blind ones (``PIXEL_BLIND``) are
+    expected to fail as built (strict: the mark goes when they are fixed), and read them once strengthened."""
+    from tiny_models import tiny_llava
+
+    if name in PIXEL_BLIND and not strong:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="built pixel-blind (HF's decoder initialization)"))
+    target, inputs = tiny_llava() if name == "llava" else ALL_VLM_BUILDERS[name]()
+    if strong:
+        strengthen(target)
+    generator = torch.Generator().manual_seed(99)
+    other = {key: torch.randn(value.shape, generator=generator) * value.std() + value.mean()
+             if key.startswith("pixel_values") and value.is_floating_point() else value for key, value in inputs.items()}
+    assert any(key.startswith("pixel_values") for key in inputs)
+    with torch.no_grad():
+        assert not torch.equal(target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW),
+                               target.generate(**other, do_sample=False, max_new_tokens=MAX_NEW))
 
 
 def test_registry_picks_the_adapter(family):
@@ -162,20 +193,22 @@ def test_a_draft_window_shorter_than_the_prompt(builder, policy):
 @pytest.mark.parametrize("policy", ["ar", "sage", "sage_cost"])
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl-video"])
 def test_qwen_prompt_without_token_types_decodes_as_generate(name, policy):
-    """A hand-built Qwen prompt without mm_token_type_ids: generate decodes Qwen2-VL / Qwen2.5-VL ones with
-    multimodal positions all the same, Qwen3-VL ones with 1-D positions (its output then differs from the one with
-    the key); the engine gives generate's output either way, pruned draft too."""
+    """A hand-built Qwen prompt without mm_token_type_ids: generate decodes it with 1-D positions, its output then
+    differs from the one with the key (Qwen2-VL and Qwen2.5-VL too: the engine derived the token types for them
+    and gave the keyed output, unseen while the tiny models were blind to positions); the engine gives generate's
+    output, pruned draft too."""
     from tiny_vlms import tiny_qwen2_5_vl, tiny_qwen2_vl
     from tiny_vlms_more import tiny_qwen3_vl, tiny_qwen3_vl_video
 
     builder = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl,
                "qwen3_vl-video": tiny_qwen3_vl_video}[name]
     target, inputs = builder()
+    strengthen(target)  # positions must matter for the case to show anything
     bare = {key: value for key, value in inputs.items() if key != "mm_token_type_ids"}
     with torch.no_grad():
         expected = target.generate(**bare, max_new_tokens=MAX_NEW, do_sample=False)
         with_key = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
-    assert torch.equal(expected, with_key) == name.startswith("qwen2")  # the case is what the docstring says
+    assert not torch.equal(expected, with_key)  # the case is what the docstring says
     draft = correlated_draft(target, noise=0.1) if policy != "ar" else None
     for prune in ([0.0, 0.5] if draft is not None else [0.0]):
         out = SpeculativeGenerator(target, draft, policy, draft_prune_ratio=prune).generate(

@@ -118,8 +118,9 @@ def test_text_draft_is_lossless_and_reads_the_text_alone(vlm_pair, policy):
     with torch.no_grad():
         reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert torch.equal(out.sequences, reference)
-    if policy != "chain":  # the draft's weights are the target's decoder's: a tree holds the target's token at times
-        # (the draft's greedy chain may miss at every step where the target's tokens depend on the image)
+    if policy == "dynamic":  # the draft's weights are the target's decoder's: EAGLE-2's 64-node tree holds the
+        # target's token at times (a chain or a narrower tree may miss at every step where the target's tokens follow
+        # the image, which the draft never sees)
         assert max(taus) > 0
 
 

@@ -31,11 +31,15 @@ from tiny_vlms import (
 
 VIDEO_START_ID, VIDEO_END_ID = 248, 249
 HEAD_DIM = 16
+# decoder and vision weights drawn with std 0.12 (HF's 0.02 leaves the output nearly blind to pixels and positions:
+# tests/test_families_more.py::test_every_tiny_vlm_reads_its_pixels)
+INIT_RANGE = 0.12
 
 
 def _config(kind: str, small: bool):
-    text = text_config_kwargs(small, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+    text = text_config_kwargs(small, initializer_range=INIT_RANGE,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
     text["hidden_size"] = HEAD_DIM * text["num_attention_heads"]
     text["intermediate_size"] = 2 * text["hidden_size"]
     if kind == "glm4v_moe":
@@ -46,7 +50,7 @@ def _config(kind: str, small: bool):
     vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4, temporal_patch_size=2,
                   spatial_merge_size=2, in_channels=3, out_hidden_size=text["hidden_size"], image_size=32)
     config_class = {"glm4v": Glm4vConfig, "glm4v_moe": Glm4vMoeConfig, "glm46v": Glm46VConfig}[kind]
-    return config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+    return config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, initializer_range=INIT_RANGE,
                         video_token_id=VIDEO_TOKEN_ID, image_start_token_id=VISION_START_ID,
                         image_end_token_id=VISION_END_ID, video_start_token_id=VIDEO_START_ID,
                         video_end_token_id=VIDEO_END_ID, tie_word_embeddings=False)

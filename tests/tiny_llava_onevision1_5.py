@@ -8,16 +8,18 @@ from __future__ import annotations
 import torch
 from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
 
+from tiny_glm4v import INIT_RANGE
 from tiny_vlms import IMAGE_TOKEN_ID, TEXT_VOCAB, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID, finish, text_config_kwargs
 
 
 def _model(seed: int, small: bool):
-    text = {**text_config_kwargs(small), "model_type": "qwen3", "head_dim": 16}
+    text = {**text_config_kwargs(small, initializer_range=INIT_RANGE), "model_type": "qwen3", "head_dim": 16}
     vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4, spatial_merge_size=2,
                   in_channels=3, out_hidden_size=text["hidden_size"])
     config = LlavaOnevision15Config(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
                                     video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
-                                    vision_end_token_id=VISION_END_ID, tie_word_embeddings=False)
+                                    vision_end_token_id=VISION_END_ID, tie_word_embeddings=False,
+                                    initializer_range=INIT_RANGE)
     torch.manual_seed(seed)
     return finish(LlavaOnevision15ForConditionalGeneration(config))
 

@@ -35,6 +35,7 @@ from transformers import (
 
 from sage_ext.families.idefics3 import Idefics3Adapter
 from sage_ext.families.llava_onevision import LlavaOnevisionAdapter
+from sage_ext.families.model_access import text_decoder
 from sage_ext.families.qwen2_vl import Qwen2VLAdapter
 
 VOCAB_SIZE = 256
@@ -76,6 +77,30 @@ def finish(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
         for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
             weight.copy_(torch.randn(weight.shape, generator=generator) * LOGIT_STD)
     return model.float().eval()
+
+
+#: The last linear layer from the vision tower into the decoder, per family (``strengthen``).
+VISUAL_PROJECTIONS = ("multi_modal_projector.linear_2", "visual.merger.mlp.2", "connector.modality_projection.proj")
+
+
+def strengthen(model: torch.nn.Module, seed: int = 4321, decoder_std: float = 0.12,
+               visual_gain: float = 30.0) -> torch.nn.Module:
+    """``model`` (a vision-language builder's) with its decoder's linear layers drawn with std ``decoder_std`` and its
+    vision-to-text projection scaled by ``visual_gain``. With HF's 0.02 a tiny decoder barely moves the residual
+    stream: the greedy output of the builders of this module (and LLaVA's) follows the last token alone, blind to
+    pixels and positions (tests/test_families_more.py::test_every_tiny_vlm_reads_its_pixels), so a test that needs
+    them to matter strengthens its model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in text_decoder(model).layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * decoder_std)
+        for name, module in model.named_modules():
+            if name.endswith(VISUAL_PROJECTIONS) and isinstance(module, torch.nn.Linear):
+                module.weight.mul_(visual_gain)
+                if module.bias is not None:
+                    module.bias.mul_(visual_gain)
+    return model
 
 
 def _prompt(prefix_len: int, image_block: list[int], question_len: int, seed: int) -> torch.Tensor:

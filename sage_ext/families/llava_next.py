@@ -75,10 +75,17 @@ class LlavaNextAdapter(FamilyAdapter):
         return rows, keys
 
 
+def video_tokens_per_frame(config) -> int:
+    """LLaVA-NeXT-Video's placeholders per video frame: the tower's (side x side) patch grid pooled with kernel and
+    stride ``spatial_pool_stride``, side = image_size // patch_size."""
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size // config.spatial_pool_stride) ** 2
+
+
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     """LLaVA-NeXT-Video (``config.model_type == "llava_next_video"``): LLaVA-NeXT's anyres images, plus videos whose
     frames go through the same tower and a spatial pool (``spatial_pool_stride``) into ``video_token_index``
-    placeholders: (side // stride)^2 per frame, side = image_size // patch_size. In a batch,
+    placeholders (``video_tokens_per_frame`` per frame). In a batch,
     ``pixel_values_videos [num_videos, frames, 3, H, W]`` is one row per video."""
 
     model_types = ("llava_next_video",)
@@ -92,8 +99,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         videos = inputs.get("pixel_values_videos")
         if isinstance(videos, Tensor) and videos.dim() == 5:
             count, frames = videos.shape[:2]
-            vision = self.config.vision_config
-            per_frame = (vision.image_size // vision.patch_size // self.config.spatial_pool_stride) ** 2
+            per_frame = video_tokens_per_frame(self.config)
             media.append(BatchMedia("video", self.config.video_token_index, [frames * per_frame] * count,
                                     {"pixel_values_videos": [1] * count}))
         return media

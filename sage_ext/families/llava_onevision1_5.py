@@ -15,4 +15,3 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
     """Adapter for ``LlavaOnevision15ForConditionalGeneration``."""
 
     model_types = ("llava_onevision1_5",)
-    derives_token_types = False

@@ -8,9 +8,9 @@ position is below its largest one. Every call passes explicit ``position_ids``, 
 model caches on itself are never read here (and are restored after the prompt positions are computed).
 
 ``mm_token_type_ids`` (text 0, image 1, video 2) is what ``get_rope_index`` groups tokens by; when the
-inputs lack it (a hand-built prompt), it is derived from the image/video token ids: ``generate`` decodes such a
-prompt with multimodal positions all the same (its forward recomputes them), while the positions prepared without
-it are 1-D. (Qwen3-VL's ``generate`` keeps 1-D positions then, so its adapter derives nothing.)
+inputs lack it (a hand-built prompt), ``generate`` gives the prompt 1-D positions, and so does the engine: nothing is
+derived (an adapter that derived them decoded such prompts with multimodal positions, other tokens than
+``generate``'s: tests/test_families_more.py::test_qwen_prompt_without_token_types_decodes_as_generate).
 
 In a batch, images and videos are concatenated: ``pixel_values`` holds t*h*w patch rows per ``image_grid_thw``
 row and the image t*h*w / spatial_merge_size**2 placeholders (videos alike: ``pixel_values_videos``,
@@ -41,19 +41,6 @@ class Qwen2VLAdapter(FamilyAdapter):
     def visual_token_mask(self, inputs: dict[str, Any]) -> Tensor:
         input_ids = inputs["input_ids"]
         return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
-
-    #: whether ``generate`` decodes a prompt without ``mm_token_type_ids`` as if they were given (see above)
-    derives_token_types = True
-
-    def prefill_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Processor outputs, with ``mm_token_type_ids`` derived from the token ids when missing (where ``generate``
-        decodes so)."""
-        model_inputs = super().prefill_inputs(inputs)
-        if self.derives_token_types and model_inputs.get("mm_token_type_ids") is None:
-            input_ids = model_inputs["input_ids"]
-            token_types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
-            model_inputs["mm_token_type_ids"] = token_types
-        return model_inputs
 
     def batch_media(self, inputs: dict[str, Any]) -> list[BatchMedia]:
         merge = self.config.vision_config.spatial_merge_size ** 2

@@ -14,8 +14,7 @@ What differs from Qwen2-VL, and where it is handled:
     get no visual features, as in ``generate``. Draft-side pruning carries the kept visual rows' DeepStack
     features into the kept-rows forward (``sage_ext.pruning.forward_kept``).
 Without ``mm_token_type_ids`` (a hand-built prompt) ``generate`` gives every token 1-D text positions, images and
-videos included; the engine does the same (it derives nothing, unlike for Qwen2-VL), so the output stays
-``generate``'s.
+videos included; the engine does the same, so the output stays ``generate``'s.
 """
 from __future__ import annotations
 
@@ -26,4 +25,3 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """Adapter for ``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration``."""
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
-    derives_token_types = False
