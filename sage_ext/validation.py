@@ -20,10 +20,13 @@ import torch
 from torch import Tensor
 
 from .families.base import height_width
-from .families.glm4v import shared_placeholder_videos
+from .families.glm4v import Glm4vAdapter, shared_placeholder_videos
 from .families.internvl import internvl_tile_tokens
 from .families.llava import llava_image_tokens
 from .families.llava_next import video_tokens_per_frame
+from .families.llava_onevision1_5 import LlavaOnevision15Adapter
+from .families.qwen2_vl import Qwen2VLAdapter
+from .families.qwen3_vl import Qwen3VLAdapter
 
 #: What ``generate`` produces when no length is set: not by the call, nor by the generation config.
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -266,9 +269,11 @@ def media_layout(config) -> dict[str, Any]:
 
 #: The families whose videos are written with the IMAGE placeholder, a video's told apart by ``mm_token_type_ids``
 #: 2 (GLM-4V)
-SHARED_PLACEHOLDER_TYPES = ("glm4v", "glm4v_moe", "glm46v")
-#: The families whose media are patch rows with a t/h/w grid (one check for images and videos)
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision1_5") + SHARED_PLACEHOLDER_TYPES
+SHARED_PLACEHOLDER_TYPES = Glm4vAdapter.model_types
+#: The families whose media are patch rows with a t/h/w grid (one check for images and videos): Qwen2-VL's adapter
+#: and those built on it
+QWEN_VL_TYPES = tuple(model_type for adapter in (Qwen2VLAdapter, Qwen3VLAdapter, Glm4vAdapter, LlavaOnevision15Adapter)
+                      for model_type in adapter.model_types)
 
 
 def _media_placeholders(config, input_ids: Tensor, inputs: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -278,11 +283,15 @@ def _media_placeholders(config, input_ids: Tensor, inputs: dict[str, Any]) -> di
     video_id = _config_value(config, "video_token_id", "video_token_index")
     if getattr(config, "model_type", "") in SHARED_PLACEHOLDER_TYPES and image_id is not None:
         placeholders = input_ids == int(image_id)
-        videos_only = inputs.get("pixel_values_videos") is not None and inputs.get("pixel_values") is None
-        video = shared_placeholder_videos(input_ids, int(image_id), inputs.get("mm_token_type_ids"), videos_only)
+        video = shared_placeholder_videos(input_ids, int(image_id), inputs.get("mm_token_type_ids"), inputs)
         return {"image": (int(image_id), int((placeholders & ~video).sum())), "video": (int(image_id), int(video.sum()))}
     return {kind: (int(token_id), int((input_ids == int(token_id)).sum()))
             for kind, token_id in (("image", image_id), ("video", video_id)) if token_id is not None}
+
+
+def _is_integer_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor of integers (token ids, token types, grids), as processors return them."""
+    return isinstance(value, Tensor) and not value.dtype.is_floating_point and value.dtype != torch.bool
 
 
 def _check_token_types(input_ids: Tensor, inputs: dict[str, Any]) -> None:
@@ -291,8 +300,7 @@ def _check_token_types(input_ids: Tensor, inputs: dict[str, Any]) -> None:
     types = inputs.get("mm_token_type_ids")
     if types is None:
         return
-    if (not isinstance(types, Tensor) or types.dtype.is_floating_point or types.dtype == torch.bool
-            or tuple(types.shape) != tuple(input_ids.shape)):
+    if not _is_integer_tensor(types) or tuple(types.shape) != tuple(input_ids.shape):
         raise ValueError(f"mm_token_type_ids must be an integer tensor shaped like input_ids {tuple(input_ids.shape)} "
                          f"(the processor's), got {_shape(types)}"
                          f"{'' if not isinstance(types, Tensor) else f' of {types.dtype}'}")
@@ -454,8 +462,7 @@ def _check_qwen_vl_media(model_name, vision, inputs, kind, token_id, tokens) -> 
     if grid is None:
         raise ValueError(f"{pixel_key} were given without {grid_key}; {model_name} needs both (the processor "
                          f"returns them together)")
-    if (not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point
-            or grid.dtype == torch.bool):
+    if not _is_integer_tensor(grid) or grid.dim() != 2 or grid.shape[1] != 3:
         raise ValueError(f"{grid_key} has shape {_shape(grid)}"
                          f"{'' if not isinstance(grid, Tensor) else f' ({grid.dtype})'}; {model_name} expects an integer "
                          f"tensor [num_{kind}s, 3] (t, h, w)")

@@ -26,13 +26,15 @@ from .qwen2_vl import Qwen2VLAdapter
 
 
 def shared_placeholder_videos(input_ids: Tensor, image_id: int, token_types: Tensor | None,
-                              videos_only: bool) -> Tensor:
+                              inputs: dict[str, Any]) -> Tensor:
     """bool like ``input_ids``: which of GLM-4V's image placeholders are a video's. Its processor marks them with
-    ``mm_token_type_ids`` 2; without token types ``generate`` puts the media given into every placeholder, so they
-    are a video's exactly when only videos are given (``videos_only``)."""
+    ``mm_token_type_ids`` 2 (``token_types``, the rows' of ``input_ids``); without token types ``generate`` puts the
+    media given into every placeholder, so they are a video's exactly when ``inputs`` (the prompt's or the batch's
+    processor outputs) give videos and no images."""
     placeholders = input_ids == image_id
     if token_types is not None:
         return placeholders & (token_types.to(input_ids.device) == 2)
+    videos_only = inputs.get("pixel_values_videos") is not None and inputs.get("pixel_values") is None
     return placeholders if videos_only else torch.zeros_like(placeholders)
 
 
@@ -53,12 +55,11 @@ class Glm4vAdapter(Qwen2VLAdapter):
             if inputs.get("pixel_values") is not None and inputs.get("pixel_values_videos") is not None:
                 raise ValueError(f"a {type(self.model).__name__} batch of images and videos needs mm_token_type_ids "
                                  f"(the processor's) to tell a video's placeholders from an image's")
-        videos_only = inputs.get("pixel_values_videos") is not None and inputs.get("pixel_values") is None
         length = input_ids.shape[1]
         marked = []
         for b, ids in enumerate(row_ids):
             types = None if token_types is None else token_types[b, length - ids.shape[0]:]
-            video = shared_placeholder_videos(ids, self.image_token_id, types, videos_only)
+            video = shared_placeholder_videos(ids, self.image_token_id, types, inputs)
             ids = torch.where(ids == self.video_token_id, -1, ids)
             marked.append(torch.where(video, self.video_token_id, ids))
         return super().split_media(inputs, marked)
