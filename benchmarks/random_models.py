@@ -1,10 +1,11 @@
 """The benchmarks' random-weight models: built from transformers configs (no downloads), fp32, eval, CPU-fast.
 
-bench_engine.py measures on these. Their configs, seeds and weight recipes are those of the test suite's tiny
-models (tests/tiny_models.py ``tiny_llama`` / ``text_prompt``, tests/tiny_vlms.py ``tiny_qwen2_vl`` /
-``correlated_draft``), so the committed results in results/ stay comparable; the benchmarks keep their own
-copy so that they do not depend on tests/. tests/test_bench_models.py checks that both give the same weights
-and inputs.
+bench_engine.py and bench_identical_draft.py measure on these. Their configs, seeds and weight recipes are those
+the test suite's tiny models had until 2026-12-06 (tests/tiny_models.py ``tiny_llama`` / ``text_prompt``,
+tests/tiny_vlms.py ``tiny_qwen2_vl`` / ``correlated_draft``), kept so the committed results in results/ stay
+comparable; the tests' decoders have since been re-drawn with a larger std so that their output reads the context
+and the pixels (these models' decoders keep HF's 0.02: their greedy output follows the last token, which changes
+what they accept, not what an engine step costs).
 
 ``large_logits``: the token embeddings and the lm_head are re-drawn with std ``LOGIT_STD`` (well separated
 argmaxes); without it a random transformer keeps HF's init (std 0.02: nearly uniform logits, near-ties at most

@@ -332,13 +332,13 @@ def priced_clock(engine: SpeculativeGenerator, prices: dict[str, float]):
 ])
 def test_the_depth_cap_follows_the_prices(prices, direction):
     target, inputs = tiny_llama(seed=3)
-    reference = hf_greedy(target, inputs, max_new_tokens=64)
+    reference = hf_greedy(target, inputs, max_new_tokens=64, eos_token_id=-1)  # no EOS: every step runs
     policy = CostAwareSagePolicy()
     engine = SpeculativeGenerator(target, same_draft(target), policy)
     engine.host_clock = priced_clock(engine, prices)
     caps = []
     engine.step_hook = lambda info: caps.append(policy.d_max)
-    out = engine.generate(**inputs, max_new_tokens=64)
+    out = engine.generate(**inputs, max_new_tokens=64, eos_token_id=-1)
     assert torch.equal(out.sequences, reference)
     assert policy.costs.steps == len(out.stats.steps) - 1  # every step but the last, one step late
     start = policy.d_max_init
@@ -406,14 +406,16 @@ def test_sage_cost_learns_from_batch_steps():
         stop_set.setdefault(info.step, policy.learned.go_on is not None)
 
     engine.step_hook = hook
-    out = engine.generate(**batch, max_new_tokens=40, eos_token_id=-1, pad_token_id=0)
+    # 80 tokens: with the prices' dear draft the cap comes down one level a step, and the rows (the target's own
+    # copy drafting: 3-12 tokens a step) must outlast its way down to be checked there
+    out = engine.generate(**batch, max_new_tokens=80, eos_token_id=-1, pad_token_id=0)
     for b, new in enumerate(references):
         assert torch.equal(out.sequences[b, batch["input_ids"].shape[1]:][: len(new)], new)
     assert policy.costs.steps == len(steps) - 1 > 2
     assert policy.depth_goal == policy.d_min + 1 < policy.d_max_init  # dear draft forwards: shallow, every row
     assert all(step.d_max == policy.d_min + 1 for stats in out.stats for step in stats.steps[-2:])
     # no level stop while several rows share the draft forwards (one row's stop saves none): steps 3 and 4, the first
-    # whose hook comes after two observed steps, every row still going (at most 6 + 9 + 8 + 7 of its 40 tokens); one
+    # whose hook comes after two observed steps, every row still going (at most 6 + 13 + 8 + 7 of its 80 tokens); one
     # prompt alone gets it from the same step on
     assert not stop_set[3] and not stop_set[4]
     alone = {}
@@ -634,13 +636,13 @@ def test_a_draft_identical_to_the_target_gets_long_chains():
     that every node of it is accepted and proposes it at the longest length that pays: more tokens a step than a
     5-token chain, where without chains it gets fewer; greedy output identical to the target's throughout."""
     target, inputs = tiny_llama(seed=3)
-    reference = hf_greedy(target, inputs, max_new_tokens=80)
+    reference = hf_greedy(target, inputs, max_new_tokens=80, eos_token_id=-1)  # no EOS: every step runs
     taus = {}
     for chains in (True, False):
         policy = CostAwareSagePolicy(chains=chains)
         engine = SpeculativeGenerator(target, same_draft(target), policy)
         engine.host_clock = priced_clock(engine, {"draft_decode": 0.25, "target_verify": 1.0})
-        out = engine.generate(**inputs, max_new_tokens=80)
+        out = engine.generate(**inputs, max_new_tokens=80, eos_token_id=-1)
         assert torch.equal(out.sequences, reference)
         late = out.stats.steps[6:-1]  # (the last step is cut by max_new_tokens)
         taus[chains] = sum(step.tau for step in late) / len(late)

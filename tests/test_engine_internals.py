@@ -121,9 +121,9 @@ def test_masks_and_positions_match_tree_buffers(pair, policy, prompt_len):
     policy_object.build = checked_build
     generator.target.forward_tree = checked_forward
     inputs = text_prompt(prompt_len, seed=3)
-    out = generator.generate(**inputs, max_new_tokens=MAX_NEW)
+    out = generator.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=-1)  # every step runs (no EOS)
     with torch.no_grad():
-        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=-1)
     assert torch.equal(out.sequences, reference)
     assert seen["builds"] == seen["targets"] == out.stats.target_forwards > 0
     if policy == "sage_flat_draft":  # the case it exists for: root-only trees after the fixed first round

@@ -96,7 +96,7 @@ def test_qwen_vl_instruct_generation_config_as_shipped():
     """Qwen2-VL / Qwen2.5-VL instruct checkpoints ship do_sample with top_k 1, top_p 0.001, a low temperature and
     repetition_penalty 1.05: target.generate(**inputs) with no settings then decodes deterministically with the
     penalty (through the sampling path), and so does the engine."""
-    target, inputs = tiny_qwen2_5_vl(seed=0)
+    target, inputs = tiny_qwen2_5_vl(seed=4)  # its greedy output repeats itself: the penalty of 1.05 changes it
     draft = correlated_draft(target, noise=0.1)
     old = _set(target.generation_config, do_sample=True, top_k=1, top_p=0.001, temperature=0.1,
                repetition_penalty=PENALTY)

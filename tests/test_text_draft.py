@@ -131,7 +131,8 @@ def test_text_draft_accepts_like_the_decoder_it_copies():
     draft = text_draft_of(target, noise=0.0)
     text_only = {"input_ids": text_tokens(target, inputs)}
     text_only["attention_mask"] = torch.ones_like(text_only["input_ids"])
-    out = SpeculativeGenerator(target, draft, POLICIES["chain"]()).generate(**text_only, max_new_tokens=MAX_NEW)
+    out = SpeculativeGenerator(target, draft, POLICIES["chain"]()).generate(**text_only, max_new_tokens=MAX_NEW,
+                                                                          eos_token_id=-1)
     records = out.stats.steps[:-1]  # the last step may be cut by max_new_tokens
     assert records and all(record.tau == record.tree_depth == 5 for record in records)
     # the same draft with the image in the target's prompt: the text the draft reads is the same, its predictions
@@ -204,10 +205,12 @@ def test_special_tokens_beyond_the_text_vocabulary():
     assert torch.equal(out.sequences, reference)
     target.config.pad_token_id = 121
     without_eos = text_draft_of(target, vocab_size=90)  # EOS 95 and pad 121 outside it too
+    # a prompt of text alone: the target reads what the draft reads, so the draft's tokens get accepted
+    text_only = {"input_ids": text_tokens(target, inputs)}
     for policy in ("sage", "chain"):
-        out = SpeculativeGenerator(target, without_eos, policy).generate(**inputs, max_new_tokens=40)
+        out = SpeculativeGenerator(target, without_eos, policy).generate(**text_only, max_new_tokens=40)
         with torch.no_grad():
-            reference = target.generate(**inputs, do_sample=False, max_new_tokens=40)
+            reference = target.generate(**text_only, do_sample=False, max_new_tokens=40)
         assert torch.equal(out.sequences, reference)
         assert out.stats.mean_tau > 0
     small_vlm, _ = TINY_MODEL_BUILDERS["llava"](vocab_size=112)

@@ -6,7 +6,8 @@ tokens expanded, ``attention_mask``, ``pixel_values`` and the family's extras). 
 ``text prefix, image, text question``, a few dozen to ~100 tokens long.
 
 The text embeddings and lm_head are re-initialized with a large std (``LOGIT_STD``) so greedy
-argmaxes are well separated and exact-match checks are not decided by rounding noise.
+argmaxes are well separated and exact-match checks are not decided by rounding noise, and the decoder and
+vision projection with a large one (``strengthen``) so the output depends on the pixels, positions and context.
 
 Drafts: ``correlated_draft(target)`` copies the target and perturbs every weight (same config,
 tokens agree often but not always); every builder also takes ``small=True`` for a smaller config
@@ -87,9 +88,9 @@ def strengthen(model: torch.nn.Module, seed: int = 4321, decoder_std: float = 0.
                visual_gain: float = 30.0) -> torch.nn.Module:
     """``model`` (a vision-language builder's) with its decoder's linear layers drawn with std ``decoder_std`` and its
     vision-to-text projection scaled by ``visual_gain``. With HF's 0.02 a tiny decoder barely moves the residual
-    stream: the greedy output of the builders of this module (and LLaVA's) follows the last token alone, blind to
-    pixels and positions (tests/test_families_more.py::test_every_tiny_vlm_reads_its_pixels), so a test that needs
-    them to matter strengthens its model."""
+    stream and its greedy output follows the last token alone, blind to pixels, positions and context; the builders
+    of this module and LLaVA's call this (tests/test_families_more.py: test_every_tiny_vlm_reads_its_pixels,
+    test_every_tiny_model_reads_its_context)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in text_decoder(model).layers.modules():
@@ -150,7 +151,7 @@ def tiny_qwen2_vl(seed: int = 0, small: bool = False, grid_thw=(1, 12, 16), ques
         **common,
     )
     torch.manual_seed(seed)
-    model = finish(Qwen2VLForConditionalGeneration(config))
+    model = strengthen(finish(Qwen2VLForConditionalGeneration(config)), seed=4321 + seed)
     return model, _qwen_inputs(model, grid_thw, seed, question_len)
 
 
@@ -165,7 +166,7 @@ def tiny_qwen2_5_vl(seed: int = 0, small: bool = False, grid_thw=(1, 12, 16), qu
         **common,
     )
     torch.manual_seed(seed)
-    model = finish(Qwen2_5_VLForConditionalGeneration(config))
+    model = strengthen(finish(Qwen2_5_VLForConditionalGeneration(config)), seed=4321 + seed)
     return model, _qwen_inputs(model, grid_thw, seed, question_len)
 
 
@@ -185,7 +186,7 @@ def tiny_llava_onevision(seed: int = 0, small: bool = False, question_len: int =
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = finish(LlavaOnevisionForConditionalGeneration(config))
+    model = strengthen(finish(LlavaOnevisionForConditionalGeneration(config)), seed=4321 + seed)
     generator = torch.Generator().manual_seed(seed + 1)
     pixel_values = torch.randn(1, 5, 3, crop, crop, generator=generator)  # base crop + 2x2 grid
     image_sizes = torch.tensor([[2 * crop, 2 * crop]])
@@ -212,7 +213,7 @@ def _idefics3_like(config_class, model_class, seed: int, small: bool, question_l
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = finish(model_class(config))
+    model = strengthen(finish(model_class(config)), seed=4321 + seed)
     tokens_per_image = model.model.image_seq_len
     one_image = [FAKE_AROUND_IMAGE_ID] + [IMAGE_TOKEN_ID] * tokens_per_image
     input_ids = _prompt(4, one_image * 2 + [FAKE_AROUND_IMAGE_ID], question_len, seed)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numbers
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
@@ -147,6 +148,12 @@ class SpeculativeGenerator:
         self.policy = make_policy(policy)
         self.target = get_adapter(target)
         self.target.check_supported()
+        if self.policy.uses_draft and _quantizes_activations_per_forward(target):
+            warnings.warn(
+                f"{type(target).__name__} has dynamically quantized Linear layers (quantize_dynamic): they quantize "
+                f"their input with one scale over every row of a forward, so a tree verification (many rows) "
+                f"rounds otherwise than generate's one row, and the output can part from target.generate's (a "
+                f"quantized draft is exact; so is policy 'ar'; docs/ENGINE.md, Precision)", stacklevel=2)
         if draft is None and self.policy.uses_draft:
             raise ValueError(f"policy {self.policy.name!r} needs a draft model")
         self.draft: FamilyAdapter | None = None
@@ -752,6 +759,14 @@ class SpeculativeGenerator:
         if tokenizer is not None:
             kwargs["tokenizer"] = getattr(tokenizer, "tokenizer", tokenizer)
         return GenerationStream(self.generate, kwargs, tokenizer, skip_special_tokens)
+
+
+def _quantizes_activations_per_forward(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds dynamically quantized Linear layers (``torch.ao.quantization.quantize_dynamic``), whose
+    activation scale is computed over the whole input of each call: their output for a row depends on the other
+    rows of the forward."""
+    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+    return any(isinstance(module, dynamic_linear) for module in model.modules())
 
 
 #: The keyword arguments of ``generate`` / ``stream`` that go to the ``SpeculativeGenerator``.
