@@ -206,6 +206,38 @@ def test_a_draft_window_shorter_than_the_prompt(builder, policy):
     assert out.stats.mean_tau > 0
 
 
+def test_learned_position_tables():
+    """GPT-2's learned position table (``n_positions``) bounds what generate can feed: a target whose emitted tokens fit
+    decodes as generate although deeper tree nodes reach past the table (capped at its last row: never emitted),
+    one that does not fit is refused up front (generate fails at the table's end with an IndexError), and a draft
+    with a short table drafts past it (its proposals change, the output does not). OPT's table (two rows more) is
+    found as well; rotary models have none."""
+    from transformers import OPTConfig, OPTForCausalLM
+    from tiny_vlms_more import tiny_gpt2, tiny_qwen3
+
+    target, inputs = tiny_gpt2(n_positions=32)  # a 12-token prompt: 21 new tokens fit, 22 do not
+    assert get_adapter(target).position_limit == 32
+    draft = correlated_draft(target)
+    with torch.no_grad():
+        expected = target.generate(**inputs, do_sample=False, max_new_tokens=21, eos_token_id=-1)
+        with pytest.raises(IndexError):
+            target.generate(**inputs, do_sample=False, max_new_tokens=22, eos_token_id=-1)
+    for policy in ("chain", "dynamic", "sage", "sage_cost"):
+        out = SpeculativeGenerator(target, draft, policy).generate(**inputs, max_new_tokens=21, eos_token_id=-1)
+        assert torch.equal(out.sequences, expected), policy
+        with pytest.raises(ValueError, match=r"learned table of 32 .*12 \+ 22 new tokens - 1 = 33 positions"):
+            SpeculativeGenerator(target, draft, policy).generate(**inputs, max_new_tokens=22)
+    wide, _ = tiny_gpt2()
+    short_draft, _ = tiny_gpt2(seed=1, small=True, n_positions=16)
+    out = SpeculativeGenerator(wide, short_draft, "sage").generate(**inputs, max_new_tokens=40, eos_token_id=-1)
+    with torch.no_grad():
+        assert torch.equal(out.sequences, wide.generate(**inputs, do_sample=False, max_new_tokens=40, eos_token_id=-1))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=1,
+                                   ffn_dim=64, num_attention_heads=2, max_position_embeddings=48))
+    assert get_adapter(opt).position_limit == 48
+    assert get_adapter(tiny_qwen3()[0]).position_limit is None
+
+
 @pytest.mark.parametrize("policy", ["ar", "sage", "sage_cost"])
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl-video"])
 def test_qwen_prompt_without_token_types_decodes_as_generate(name, policy):

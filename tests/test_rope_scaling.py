@@ -105,7 +105,8 @@ def test_position_dependent_types_are_refused_when_a_tree_would_cross_the_thresh
     policy = POLICIES["chain"]()
     generator = SpeculativeGenerator(target, correlated_draft(target, noise=0.1), policy)
     max_new = MAX_POSITIONS - PROMPT_LEN + 2 - policy.depth_bound  # one position too far
-    with pytest.raises(ValueError, match=f"rope_type='{rope_type}'.*above {MAX_POSITIONS} positions"):
+    with pytest.raises(ValueError, match=f"rope_type='{rope_type}'.*above {MAX_POSITIONS} positions.*a tree up to "
+                                         f"{policy.depth_bound} deep.*lower max_new_tokens by 1 to keep it within"):
         generator.generate(**inputs, max_new_tokens=max_new)
     # one-token steps (policy 'ar') are generate's own forwards: allowed, and identical, past the threshold
     out = SpeculativeGenerator(target, None, "ar").generate(**inputs, max_new_tokens=2 * MAX_POSITIONS)

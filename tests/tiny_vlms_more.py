@@ -392,10 +392,10 @@ def tiny_gemma3_text(seed: int = 0, small: bool = False, prompt_len: int = 12, s
     return _built(Gemma3ForCausalLM, config, seed), _text_prompt(prompt_len, seed)
 
 
-def tiny_gpt2(seed: int = 0, small: bool = False, prompt_len: int = 12):
-    """GPT-2 (``GPT2LMHeadModel``): learned absolute position embeddings, no RoPE."""
+def tiny_gpt2(seed: int = 0, small: bool = False, prompt_len: int = 12, n_positions: int = 1024):
+    """GPT-2 (``GPT2LMHeadModel``): learned absolute position embeddings (``n_positions`` of them), no RoPE."""
     hidden, layers = (32, 1) if small else (64, 2)
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=hidden, n_layer=layers, n_head=2, n_positions=1024,
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=hidden, n_layer=layers, n_head=2, n_positions=n_positions,
                         bos_token_id=0, eos_token_id=255, initializer_range=INIT_RANGE, tie_word_embeddings=False)
     return _built(GPT2LMHeadModel, config, seed), _text_prompt(prompt_len, seed)
 

@@ -364,9 +364,12 @@ class SpeculativeGenerator:
         The tree mask attends to every earlier token, which equals sliding-window attention while a query's
         context fits the window. The target's queries that decide emitted tokens end at sequence index
         L + max_new_tokens - 2 (deeper tree nodes are never emitted), so prompt + max_new_tokens - 1 positions must
-        fit its window. A draft's window is not checked: its cache holds every position whatever its window (the
-        engine's caches keep them all), its tree forwards attend beyond the window, and that changes only its
-        proposals, never the output (``test_families_more.py::test_a_draft_window_shorter_than_the_prompt``)."""
+        fit its window, and those positions its learned position table if it has one (GPT-2's: deeper tree nodes are
+        capped at the table's last row, ``FamilyAdapter.rope_position_ids``). A draft's window and table are not
+        checked: its cache holds every position whatever its window (the engine's caches keep them all), its tree
+        forwards attend beyond the window or sit at the table's last row, and that changes only its proposals, never
+        the output (``test_families_more.py``: ``test_a_draft_window_shorter_than_the_prompt``,
+        ``test_learned_position_tables``)."""
         length = row_inputs["input_ids"].shape[1]
         window = self.target.sliding_window()
         if window is not None and length + max_new_tokens - 1 > window:
@@ -374,6 +377,13 @@ class SpeculativeGenerator:
                 f"{type(self.target.model).__name__} uses sliding-window attention (window {window}); tree attention "
                 f"here reproduces it only within the window (prompt {length} + {max_new_tokens} new tokens - 1 = "
                 f"{length + max_new_tokens - 1} positions)"
+            )
+        limit = self.target.position_limit
+        if limit is not None and length + max_new_tokens - 1 > limit:  # generate feeds all but the last new token
+            raise ValueError(
+                f"{type(self.target.model).__name__} embeds positions from a learned table of {limit} "
+                f"(max_position_embeddings); prompt {length} + {max_new_tokens} new tokens - 1 = "
+                f"{length + max_new_tokens - 1} positions do not fit: shorten the prompt or lower max_new_tokens"
             )
         rope_reason = self.target.rope_refusal(row_inputs, max_new_tokens, self.policy.depth_bound)
         if rope_reason is not None:

@@ -157,6 +157,22 @@ def _kept_rope_deltas(model: torch.nn.Module):
             holder.rope_deltas = saved
 
 
+def learned_position_limit(model: torch.nn.Module, text_config) -> int | None:
+    """How many positions the decoder's learned absolute position table embeds (GPT-2's ``wpe``, OPT's
+    ``embed_positions``: an embedding of ``max_position_embeddings`` rows of the hidden size, OPT's two more), or None
+    when positions are rotary or ALiBi (nothing to run past: ``max_position_embeddings`` is then no hard limit)."""
+    limit = getattr(text_config, "max_position_embeddings", None)
+    hidden = getattr(text_config, "hidden_size", None)
+    if not isinstance(limit, int) or hidden is None:
+        return None
+    tokens = model.get_input_embeddings()
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Embedding) and module is not tokens and module.embedding_dim == hidden
+                and module.num_embeddings in (limit, limit + 2)):
+            return limit
+    return None
+
+
 class FamilyAdapter:
     """Adapter for one model family; one instance per model (it remembers the prompt's position offset).
 
@@ -173,6 +189,7 @@ class FamilyAdapter:
         self.model = model
         self.position_offset: int | Tensor = 0
         self.cache_kwarg = cache_kwarg(model)
+        self.position_limit = learned_position_limit(model, self.text_config)
 
     # ------------------------------------------------------------------ facts about the model
     @property
@@ -284,7 +301,7 @@ class FamilyAdapter:
         if depth_bound < 1 and not self.reencodes_at_rope_threshold:
             return None
         span = self.rope_span(inputs, max_new_tokens, depth_bound)
-        return None if span is None else rope_refusal(type(self.model).__name__, self.text_config, *span)
+        return None if span is None else rope_refusal(type(self.model).__name__, self.text_config, *span, depth_bound)
 
     # ------------------------------------------------------------------ forwards
     def prefill_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -297,8 +314,13 @@ class FamilyAdapter:
 
         Floored at 0: a batched or shape-padded forward's padding slots sit at sequence index 0, which a negative
         offset (a text draft's, an M-RoPE prompt's) puts below 0, and a model with learned absolute positions
-        (GPT-2) cannot embed that; every real token's position is >= 0 and unchanged."""
-        return (seq_positions + self.position_offset).clamp_min(0)
+        (GPT-2) cannot embed that; every real token's position is >= 0 and unchanged.
+
+        Capped at the last row of a learned position table (``position_limit``): only tree nodes deeper than any
+        token the target emits reach past it (``_check_row_fits`` refuses a target whose emitted tokens would), and a
+        draft's positions past it change only its proposals, never the output."""
+        positions = (seq_positions + self.position_offset).clamp_min(0)
+        return positions if self.position_limit is None else positions.clamp_max(self.position_limit - 1)
 
     def prefill_position_ids(self, inputs: dict[str, Any]) -> tuple[Tensor, int | Tensor]:
         """The prompt's position ids as ``generate`` computes them, and the offset of the tokens after it.

@@ -132,14 +132,16 @@ def batch_rope_refusal(name: str, text_config, spans: list[tuple[int, int]]) -> 
     return None
 
 
-def rope_refusal(name: str, text_config, prompt_max_position: int, bound_max_position: int) -> str | None:
+def rope_refusal(name: str, text_config, prompt_max_position: int, bound_max_position: int,
+                 tree_depth: int = 0) -> str | None:
     """Why tree forwards of a model with a position-dependent rope would not reproduce ``generate``, or None.
 
     ``generate`` forwards one token at a time, so its frequencies follow each token's own position; a tree forward
     applies the frequencies of its deepest node to every node in it. The two agree exactly when no forward after
     the prompt moves the frequencies: "dynamic" never grows past its threshold (the prompt and every tree stay
     within it), "longrope" never crosses its threshold after the prompt (everything below it, or the prompt
-    already above it). ``bound_max_position``: an upper bound of the largest position any target forward reaches.
+    already above it). ``bound_max_position``: an upper bound of the largest position any target forward reaches,
+    the last emitted token's plus ``tree_depth`` (the deepest tree a step may verify after it).
     """
     for rope_type, threshold in position_dependent_ropes(text_config):
         prompt_len, final_len = prompt_max_position + 1, bound_max_position + 1
@@ -153,6 +155,7 @@ def rope_refusal(name: str, text_config, prompt_max_position: int, bound_max_pos
                 f"forward (above {threshold} positions); a token tree's forward reaching past that would rotate "
                 f"its nodes differently from generate's one-token steps, so the output would not be the target's. "
                 f"This generation may reach {final_len} positions (prompt up to {prompt_len}, plus max_new_tokens "
-                f"and the tree); use max_new_tokens that keep it within {threshold}, or policy 'ar'"
+                f"and a tree up to {tree_depth} deep, past the last token); lower max_new_tokens by "
+                f"{final_len - threshold} to keep it within {threshold}, or use policy 'ar'"
             )
     return None
