@@ -1,9 +1,10 @@
-"""Which sampling verification rule accepts more? SpecInfer's (``ops.verify_sampling``) against Traversal
-Verification (``ops.verify_traversal``) on the bundled pairs, every tree policy, temperatures 0.7 and 1.0.
+"""Which sampling verification rule accepts more? SpecInfer's (``ops.verify_sampling``), Traversal Verification
+(``ops.verify_traversal``) and the Gumbel-coupled rule (``sage_ext/engine/coupled.py``: each position's token fixed by
+its own noise) on the bundled pairs, every tree policy, temperatures 0.7 and 1.0.
 
-Both rules are lossless (tests/test_engine_sampling.py checks each against the target's exact distribution), so
+All rules are lossless (tests/test_engine_sampling.py checks each against the target's exact distribution), so
 the only question is how many draft tokens each accepts per step (tau) and what that does to the speed. For each
-pair, temperature and held-out scene the two rules take turns policy by policy, with the same seed per (scene,
+pair, temperature and held-out scene the rules take turns policy by policy, with the same seed per (scene,
 repeat), so machine drift hits both alike; target-only sampling by the engine runs once per scene and repeat for
 the speedup. Reported per pair, temperature, policy and rule: mean tau over all steps and tokens per second
 (new tokens over the wall time of all its runs), relative to target-only.
@@ -60,7 +61,7 @@ def measure(pair_name: str, temperatures: list[float], repeats: int, scene_offse
             for i, inputs in enumerate(prompts):
                 seed = 1000 * repeat + i + 1
                 runs = [(("ar", None), baseline)]
-                for policy in POLICIES:  # the two rules back to back, alternating which goes first
+                for policy in POLICIES:  # the rules back to back, alternating their order
                     order = SAMPLING_RULES if (i + repeat) % 2 == 0 else SAMPLING_RULES[::-1]
                     runs += [((policy, rule), engines[policy, rule]) for rule in order]
                 for key, engine in runs:
@@ -82,7 +83,9 @@ def measure(pair_name: str, temperatures: list[float], repeats: int, scene_offse
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Sampling verification rules: SpecInfer vs Traversal Verification ({report['machine']})", "",
+    rules = list(dict.fromkeys(r["rule"] for r in report["rows"]))
+    others = [rule for rule in rules if rule != "specinfer"]
+    lines = [f"# Sampling verification rules: {', '.join(rules)} ({report['machine']})", "",
              f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads, float32, pure temperature "
              f"sampling (no top-k / top-p), {report['repeats']} repeat(s); each pair's default draft prune ratio. "
              "tau = accepted draft tokens per step; speedup = tokens/s over target-only sampling by the engine, "
@@ -91,16 +94,19 @@ def markdown(report: dict) -> str:
         settings = SETTINGS[pair_name]
         lines += [f"## {pair_name} ({report['scenes'][pair_name]} held-out scenes from {report['scene_offset']}, up to "
                   f"{settings['max_new_tokens']} new tokens)", "",
-                  "| T | policy | tau specinfer | tau traversal | traversal / specinfer | speedup specinfer | "
-                  "speedup traversal |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| T | policy | " + " | ".join(f"tau {rule}" for rule in rules) + " | "
+                  + " | ".join(f"{rule} / specinfer" for rule in others) + " | "
+                  + " | ".join(f"speedup {rule}" for rule in rules) + " |",
+                  "| ---: | --- |" + " ---: |" * (2 * len(rules) + len(others))]
         rows = [r for r in report["rows"] if r["pair"] == pair_name]
         for temperature in dict.fromkeys(r["temperature"] for r in rows):
             for policy in POLICIES:
                 by_rule = {r["rule"]: r for r in rows if r["temperature"] == temperature and r["policy"] == policy}
-                spec, trav = by_rule["specinfer"], by_rule["traversal"]
-                ratio = trav["mean_tau"] / spec["mean_tau"] if spec["mean_tau"] else float("nan")
-                lines.append(f"| {temperature:g} | {policy} | {spec['mean_tau']:.2f} | {trav['mean_tau']:.2f} | "
-                             f"{ratio:.3f} | {spec['speedup_vs_ar']:.2f}x | {trav['speedup_vs_ar']:.2f}x |")
+                spec = by_rule["specinfer"]["mean_tau"]
+                cells = [f"{by_rule[rule]['mean_tau']:.2f}" for rule in rules]
+                cells += [f"{by_rule[rule]['mean_tau'] / spec:.3f}" if spec else "nan" for rule in others]
+                cells += [f"{by_rule[rule]['speedup_vs_ar']:.2f}x" for rule in rules]
+                lines.append(f"| {temperature:g} | {policy} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

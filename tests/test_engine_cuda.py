@@ -288,7 +288,7 @@ def sampling_setup():
 @pytest.mark.parametrize("generator_device", ["cuda", "cpu"])
 @pytest.mark.parametrize("policy", ["chain", "static", "dynamic", "sage"])
 def test_seeded_sampling_repeats(sampling_setup, generator_device, policy):
-    make_policy, kwargs = SETTINGS[policy]
+    make_policy, kwargs, _ = SETTINGS[policy]  # (policy, settings, sampling rule)
     engine = SpeculativeGenerator(sampling_setup.target, sampling_setup.draft, make_policy())
 
     def sample(seed):
@@ -304,10 +304,25 @@ def test_seeded_sampling_repeats(sampling_setup, generator_device, policy):
 
 
 @pytest.mark.parametrize("generator_device", ["cuda", "cpu"])
+def test_gumbel_sampled_tokens_do_not_depend_on_the_trees_on_cuda(sampling_setup, generator_device):
+    """tests/test_engine_sampling.py's check of sampling_rule "gumbel" on the GPU: one seed, one output for every
+    policy, from a CUDA generator or a CPU one."""
+    outputs = []
+    for policy in ("ar", "chain", "sage", "sage_cost"):
+        engine = SpeculativeGenerator(sampling_setup.target, sampling_setup.draft if policy != "ar" else None,
+                                      POLICIES[policy](), sampling_rule="gumbel")
+        out = engine.generate(**sampling_setup.inputs, max_new_tokens=12, do_sample=True, eos_token_id=-1,
+                              temperature=1.5, top_k=0, generator=torch.Generator(generator_device).manual_seed(7))
+        assert out.sequences.device.type == "cuda"
+        outputs.append(out.sequences)
+    assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
+@pytest.mark.parametrize("generator_device", ["cuda", "cpu"])
 def test_sampled_tokens_follow_the_target_distribution(sampling_setup, generator_device):
     """The chi-square test of tests/test_engine_sampling.py (exact marginals of the 2nd and 3rd new token from the
     CPU copy of the target), on fewer runs."""
-    make_policy, kwargs = SETTINGS["sage"]
+    make_policy, kwargs, _ = SETTINGS["sage"]
     engine = SpeculativeGenerator(sampling_setup.target, sampling_setup.draft, make_policy())
     p2, p3 = exact_marginals(sampling_setup.cpu_target, sampling_setup.cpu_inputs, hf_warper(engine, **kwargs))
     generator = torch.Generator(generator_device).manual_seed(1234)

@@ -106,6 +106,9 @@ SETTINGS = {  # name: (policy, sampling settings, sampling rule)
     "chain_traversal": (lambda: ChainPolicy(length=4), {"temperature": 2.0, "top_k": 0}, "traversal"),
     "static_traversal": (StaticTreePolicy, {"temperature": 2.0, "top_k": 0}, "traversal"),
     "sage_traversal_top_k_top_p": (SagePolicy, {"temperature": 1.5, "top_k": 8, "top_p": 0.9}, "traversal"),
+    "chain_gumbel": (lambda: ChainPolicy(length=4), {"temperature": 2.0, "top_k": 0}, "gumbel"),
+    "static_gumbel": (StaticTreePolicy, {"temperature": 2.0, "top_k": 0}, "gumbel"),
+    "sage_gumbel_top_k_top_p": (SagePolicy, {"temperature": 1.5, "top_k": 8, "top_p": 0.9}, "gumbel"),
 }
 
 
@@ -121,7 +124,7 @@ def test_sampled_tokens_follow_the_target_distribution(setup, name):
     assert chi_square_p(third, p3) > P_PASS
 
 
-@pytest.mark.parametrize("rule", ["specinfer", "traversal"])
+@pytest.mark.parametrize("rule", ["specinfer", "traversal", "gumbel"])
 def test_sampling_with_a_repetition_penalty_follows_the_target_distribution(setup, rule):
     """The penalty of each node's own context (tests/test_generation_config.py) under sampling: the marginals of the
     2nd and 3rd token with transformers' RepetitionPenaltyLogitsProcessor applied to every continuation."""
@@ -140,8 +143,9 @@ def test_sampling_with_a_repetition_penalty_follows_the_target_distribution(setu
     assert chi_square_p(third, p3) > P_PASS
 
 
+@pytest.mark.parametrize("rule", ["specinfer", "gumbel"])
 @pytest.mark.parametrize("policy", ["ar", "chain", "sage"])
-def test_nan_probabilities_after_the_prompt_raise_as_in_transformers(policy):
+def test_nan_probabilities_after_the_prompt_raise_as_in_transformers(policy, rule):
     """The target's logits turn NaN after the prompt (as a float16 overflow would): transformers' sampling raises
     at the second token, and so does the engine (the verify ops then return bonus -1; it emitted token 0 before)."""
     target, inputs = tiny_llama(seed=0)
@@ -156,7 +160,8 @@ def test_nan_probabilities_after_the_prompt_raise_as_in_transformers(policy):
         with pytest.raises(RuntimeError, match="probability tensor contains either"):
             target.generate(**inputs, do_sample=True, max_new_tokens=4)
         forwards[0] = 0
-        engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.1) if policy != "ar" else None, policy)
+        engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.1) if policy != "ar" else None, policy,
+                                      sampling_rule=rule)
         with pytest.raises(RuntimeError, match="sampling probabilities after the accepted tokens hold inf or nan"):
             engine.generate(**inputs, do_sample=True, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     finally:
@@ -194,10 +199,54 @@ def test_negative_control_biased_verifier_is_detected(setup):
     assert min(chi_square_p(second, p2), chi_square_p(third, p3)) < P_BROKEN
 
 
+def test_negative_control_uniform_instead_of_gumbel_noise_is_detected(setup, monkeypatch):
+    """The "gumbel" rule broken on purpose: the uniform draw added as it is, its -log(-log u) transform forgotten
+    (every token then leans to the target's most likely one)."""
+    from sage_ext.engine.coupled import PositionNoise
+
+    target, draft, inputs = setup
+    kwargs = {"temperature": 2.0, "top_k": 0}
+    gumbel = PositionNoise.window
+    monkeypatch.setattr(PositionNoise, "window", lambda self, index, count, vocab:
+                        torch.exp(-torch.exp(-gumbel(self, index, count, vocab))))  # back to the uniform
+    engine = SpeculativeGenerator(target, draft, StaticTreePolicy(), sampling_rule="gumbel")
+    p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
+    second, third, _ = sample_tokens(engine, inputs, **kwargs)
+    assert min(chi_square_p(second, p2), chi_square_p(third, p3)) < P_BROKEN
+
+
 def test_an_unknown_sampling_rule_is_refused(setup):
     target, draft, _ = setup
-    with pytest.raises(ValueError, match="sampling_rule must be one of specinfer, traversal"):
+    with pytest.raises(ValueError, match="sampling_rule must be one of specinfer, traversal, gumbel"):
         SpeculativeGenerator(target, draft, "sage", sampling_rule="typical")
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_gumbel_sampled_tokens_do_not_depend_on_the_trees(setup, batch):
+    """sampling_rule "gumbel": the token of each sequence index is fixed by its own noise before any tree is
+    verified, so a seeded call gives the same tokens with every policy (ar included) and with sage_cost whatever it
+    learned in earlier calls; another seed gives others. A batch's rows each have their own stream."""
+    target, draft, inputs = setup
+    if batch:
+        other = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
+        inputs = {"input_ids": torch.cat([inputs["input_ids"], other]),
+                  "attention_mask": torch.ones(2, 6, dtype=torch.int64)}
+
+    def run(policy, seed=7, engine=None):
+        engine = engine or SpeculativeGenerator(target, draft if policy != "ar" else None, policy,
+                                                sampling_rule="gumbel")
+        return engine.generate(**inputs, max_new_tokens=24, do_sample=True, temperature=1.5, top_k=0,
+                               eos_token_id=-1, generator=torch.Generator().manual_seed(seed)).sequences
+
+    expected = run("ar")
+    for policy in ("chain", "static", "dynamic", "sage", "sage_cost"):
+        assert torch.equal(run(policy), expected), policy
+    learning = SpeculativeGenerator(target, draft, "sage_cost", sampling_rule="gumbel")
+    for _ in range(3):  # its trees change as it learns; its tokens do not
+        assert torch.equal(run(None, engine=learning), expected)
+    assert not torch.equal(run("sage", seed=8), expected)
+    if batch:
+        assert not torch.equal(expected[0, 6:], expected[1, 6:])
 
 
 def test_seeded_sampling_repeats_exactly(setup):

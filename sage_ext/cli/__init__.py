@@ -101,7 +101,9 @@ def _add_sampling_rule(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--sampling-rule", default=DEFAULT_SAMPLING_RULE, choices=SAMPLING_RULES,
                         help=f"how sampled trees are verified (default {DEFAULT_SAMPLING_RULE}): specinfer (node by node "
-                             "from the root) or traversal (Traversal Verification: leaf to root); both lossless")
+                             "from the root), traversal (Traversal Verification: leaf to root) or gumbel (each "
+                             "position's token fixed by its own noise: a seed gives the same tokens with every "
+                             "policy); all lossless")
 
 
 def _add_capture_draft(parser: argparse.ArgumentParser) -> None:

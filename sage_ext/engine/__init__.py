@@ -10,6 +10,8 @@
 - ``capture``: the draft's tree forward compiled for a few fixed shapes (``capture_draft=True``);
 - ``processing``: the target's scores per tree node as ``generate``'s logits processors leave them (repetition
   penalty, minimum lengths);
+- ``coupled``: the Gumbel-coupled sampling rule (``sampling_rule="gumbel"``: each position's token fixed by its own
+  noise, so a seeded call's tokens do not depend on the trees);
 - ``costs``: the live cost and acceptance estimates of ``sage_cost``;
 - ``stats``: the step timeline and ``GenerationStats``.
 """

@@ -55,6 +55,7 @@ from ..pruning import scored_prefill
 from .caches import CacheGroups, RowCache
 from .capture import CapturedForward, padded_rows, tree_forward
 from .costs import RowOutcome, StepCost, learning_for
+from .coupled import PositionNoise, coupled_token, row_generators, verify_coupled
 from .draft_round import DraftRound
 from .policies import DEFAULT_POLICY, TreePolicy, make_policy
 from .processing import TargetProcessing
@@ -69,12 +70,15 @@ DEFAULT_MAX_VOCAB_PADDING = 256
 #: running; a row's tree is cut to its share. 128 leaves one prompt's default trees (at most 65 nodes) as they are
 #: and gives each of 8 rows 16 (benchmarks/results/batch_*.md measures budgets against batch size).
 DEFAULT_BATCH_NODE_BUDGET = 128
-#: How a sampled tree is verified, both lossless for the deterministic top-k trees every policy builds:
+#: How a sampled tree is verified, all lossless for the deterministic top-k trees every policy builds:
 #: "specinfer" (``ops.verify_sampling``: from the root, each node's children tried in turn against the residual
-#: distribution) and "traversal" (``ops.verify_traversal``: Traversal Verification, Weng et al. 2025: leaf to root,
-#: a whole path accepted at once). On such trees both accept the same number of tokens in distribution (measured:
-#: benchmarks/bench_sampling_rules.py); Traversal Verification gains with sampled drafts only (docs/ENGINE.md).
-SAMPLING_RULES = ("specinfer", "traversal")
+#: distribution), "traversal" (``ops.verify_traversal``: Traversal Verification, Weng et al. 2025: leaf to root,
+#: a whole path accepted at once) and "gumbel" (``coupled.verify_coupled``: each sequence index's token is the
+#: Gumbel-max sample of its own noise, so a seeded call's tokens do not depend on the trees: the same for every
+#: policy and however ``sage_cost`` has learned). On such trees all accept the same number of tokens in distribution
+#: (measured for the first two: benchmarks/bench_sampling_rules.py); Traversal Verification gains with sampled
+#: drafts only (docs/ENGINE.md).
+SAMPLING_RULES = ("specinfer", "traversal", "gumbel")
 DEFAULT_SAMPLING_RULE = "specinfer"
 
 
@@ -145,6 +149,7 @@ class SpeculativeGenerator:
             raise ValueError(f"sampling_rule must be one of {', '.join(SAMPLING_RULES)}, got {sampling_rule!r}")
         self.sampling_rule = sampling_rule
         self._verify_sampled_tree = ops.verify_traversal if sampling_rule == "traversal" else ops.verify_sampling
+        self.coupled_sampling = sampling_rule == "gumbel"
         self.policy = make_policy(policy)
         self.target = get_adapter(target)
         self.target.check_supported()
@@ -265,11 +270,14 @@ class SpeculativeGenerator:
             return logits
         return self._processing(logits, row.seq[0, :context_len], row.prompt_len, tree)
 
-    def _target_probs(self, scores: Tensor) -> Tensor:
+    def _warped(self, scores: Tensor) -> Tensor:
         scores = scores.float()
         for warper in self._active_warpers:
             scores = warper(None, scores)
-        return torch.softmax(scores, dim=-1)
+        return scores
+
+    def _target_probs(self, scores: Tensor) -> Tensor:
+        return torch.softmax(self._warped(scores), dim=-1)
 
     # ------------------------------------------------------------------ generate
     def generate(
@@ -485,7 +493,17 @@ class SpeculativeGenerator:
         with timeline.region("tree_ops"):
             logits = torch.cat([self._target_scores(row_logits, row, row.prompt_len, None)
                                 for row, row_logits in zip(rows, first_logits)])
-            if do_sample:
+            if do_sample and self.coupled_sampling:
+                warped = self._warped(logits)
+                # the prefill's tokens are read on the host just below anyway
+                if not bool((warped.amax(dim=-1) > float("-inf")).all()):  # NaN or nothing left: no distribution
+                    raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+                for row, row_generator in zip(rows, row_generators(batch, generator)):
+                    row.noise = PositionNoise(row_generator, device)
+                first = torch.stack([coupled_token(warped[row.index],
+                                                   row.noise.window(row.prompt_len, 1, warped.shape[-1])[0])
+                                     for row in rows])
+            elif do_sample:
                 # drawn on the generator's device (a CPU generator with a model on CUDA works too): this is the
                 # prefill, whose tokens are read on the host just below anyway
                 probs = self._target_probs(logits)
@@ -564,7 +582,7 @@ class SpeculativeGenerator:
             # per row: verification, then the commit (new tokens into the row's sequence buffer, both caches'
             # accepted rows compacted in the row's columns); then all rows' readbacks read to the host at once
             readbacks = []
-            for slot, (row, (tokens, _, _)) in enumerate(zip(live, target_requests)):
+            for slot, (row, (tokens, positions, _)) in enumerate(zip(live, target_requests)):
                 num_nodes = row.num_nodes
                 workspace = row.ctx.ws
                 target_tensors = target_groups.tensors(slot) if num_nodes > 1 else no_groups
@@ -573,7 +591,17 @@ class SpeculativeGenerator:
                 if self._processing is not None and num_nodes > 1:
                     tree = (tokens[:, :num_nodes], workspace.tree_parents, row.proposal.depth_bound)
                 scores = self._target_scores(logits[slot, :num_nodes], row, row.cur_len, tree)
-                if do_sample:
+                if do_sample and self.coupled_sampling:
+                    # node at depth d predicts sequence index cur_len + d: its index's noise
+                    vocab = scores.shape[-1]
+                    noise = row.noise.window(row.cur_len, row.proposal.depth_bound + 1, vocab)
+                    verified = verify_coupled(tokens[:, :num_nodes], workspace.tree_parents[:, :num_nodes],
+                                              self._warped(scores), noise,
+                                              positions[0, :num_nodes] - (row.cur_len - 1),
+                                              row.noise.buffer(num_nodes, vocab))
+                    readback = workspace.commit_async(None, *verified, row.cur_len, target_tensors, row.target_len,
+                                                      draft_tensors)
+                elif do_sample:
                     probs = self._target_probs(scores)[None]
                     verified = self._verify_sampling(tokens, workspace.tree_parents, probs, generator)
                     readback = workspace.commit_async(None, *verified, row.cur_len, target_tensors, row.target_len,
@@ -858,6 +886,7 @@ class _Row:
         self.num_nodes = 1
         self.target_len = 0
         self.level_mass: tuple[float, ...] = ()  # the step's tree mass per depth, when the policy measures it
+        self.noise: PositionNoise | None = None  # the row's noise per sequence index (sampling_rule "gumbel")
 
     def start(self, prompt: list[int], first_token: int, max_new_tokens: int, eos_ids: set[int],
               stop_criteria) -> None:
