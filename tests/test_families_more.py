@@ -66,21 +66,16 @@ def test_every_tiny_vlm_reads_its_pixels(name):
     assert not torch.equal(_greedy(target, inputs), _greedy(target, other))
 
 
-def _text_builders() -> dict:
-    from tiny_models import tiny_llama, tiny_mistral, tiny_qwen2
-
-    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, **CAUSAL_LM_BUILDERS}
-
-
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", *CAUSAL_LM_BUILDERS, "llava", *ALL_VLM_BUILDERS])
 def test_every_tiny_model_reads_its_context(name):
     """Every tiny model's greedy output changes with the prompt's text before its last token: a model that follows
     the last token alone (a bigram table) passes a lossless test whatever the engine's tree mask, positions and
     caches give its attention. Ordinary text ids (2-89 in every builder) are swapped for others; specials and media
     placeholders stay."""
-    from tiny_models import tiny_llava
+    from tiny_models import tiny_llama, tiny_llava, tiny_mistral, tiny_qwen2
 
-    builders = {**_text_builders(), "llava": tiny_llava, **ALL_VLM_BUILDERS}
+    builders = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, **CAUSAL_LM_BUILDERS,
+                "llava": tiny_llava, **ALL_VLM_BUILDERS}
     target, inputs = builders[name]()
     ids = inputs["input_ids"]
     ordinary = (ids > 1) & (ids < 90)

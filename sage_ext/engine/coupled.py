@@ -74,9 +74,14 @@ def verify_coupled(tokens: Tensor, parents: Tensor, scores: Tensor, noise: Tenso
     torch.index_select(noise, 0, depths.clamp(0, noise.shape[0] - 1), out=out)
     out.add_(scores)
     accepted, accept_len, bonus = ops.verify_greedy(tokens, parents, out[None])
-    broken = ~(out.amax(dim=-1) > float("-inf"))  # [N]: NaN compares false too
-    on_path = broken[accepted.clamp_min(0)] & (accepted >= 0)
+    on_path = no_distribution(out)[accepted.clamp_min(0)] & (accepted >= 0)
     return accepted, accept_len, torch.where(on_path.any(dim=-1), torch.full_like(bonus, -1), bonus)
+
+
+def no_distribution(scores: Tensor) -> Tensor:
+    """bool ``[...]``: which rows of ``scores [..., V]`` sample nothing (a NaN, or every score -inf), where
+    ``generate``'s multinomial raises."""
+    return ~(scores.amax(dim=-1) > float("-inf"))  # NaN compares false too
 
 
 def coupled_token(scores: Tensor, noise: Tensor) -> Tensor:

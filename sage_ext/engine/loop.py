@@ -55,7 +55,7 @@ from ..pruning import scored_prefill
 from .caches import CacheGroups, RowCache
 from .capture import CapturedForward, padded_rows, tree_forward
 from .costs import RowOutcome, StepCost, learning_for
-from .coupled import PositionNoise, coupled_token, row_generators, verify_coupled
+from .coupled import PositionNoise, coupled_token, no_distribution, row_generators, verify_coupled
 from .draft_round import DraftRound
 from .policies import DEFAULT_POLICY, TreePolicy, make_policy
 from .processing import TargetProcessing
@@ -496,7 +496,7 @@ class SpeculativeGenerator:
             if do_sample and self.coupled_sampling:
                 warped = self._warped(logits)
                 # the prefill's tokens are read on the host just below anyway
-                if not bool((warped.amax(dim=-1) > float("-inf")).all()):  # NaN or nothing left: no distribution
+                if bool(no_distribution(warped).any()):
                     raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
                 for row, row_generator in zip(rows, row_generators(batch, generator)):
                     row.noise = PositionNoise(row_generator, device)
