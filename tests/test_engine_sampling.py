@@ -202,13 +202,11 @@ def test_negative_control_biased_verifier_is_detected(setup):
 def test_negative_control_uniform_instead_of_gumbel_noise_is_detected(setup, monkeypatch):
     """The "gumbel" rule broken on purpose: the uniform draw added as it is, its -log(-log u) transform forgotten
     (every token then leans to the target's most likely one)."""
-    from sage_ext.engine.coupled import PositionNoise
+    from sage_ext.engine import coupled
 
     target, draft, inputs = setup
     kwargs = {"temperature": 2.0, "top_k": 0}
-    gumbel = PositionNoise.window
-    monkeypatch.setattr(PositionNoise, "window", lambda self, index, count, vocab:
-                        torch.exp(-torch.exp(-gumbel(self, index, count, vocab))))  # back to the uniform
+    monkeypatch.setattr(coupled, "gumbel_noise", lambda uniform: uniform)
     engine = SpeculativeGenerator(target, draft, StaticTreePolicy(), sampling_rule="gumbel")
     p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
     second, third, _ = sample_tokens(engine, inputs, **kwargs)
@@ -219,6 +217,30 @@ def test_an_unknown_sampling_rule_is_refused(setup):
     target, draft, _ = setup
     with pytest.raises(ValueError, match="sampling_rule must be one of specinfer, traversal, gumbel"):
         SpeculativeGenerator(target, draft, "sage", sampling_rule="typical")
+
+
+def test_position_noise_is_one_draw_per_index_whatever_is_asked():
+    """PositionNoise's ring gives index s the s-th draw of the row's generator, however the steps ask for it (windows
+    of changing depth, indices committed one or many at a time, a window larger than the ring so it grows), and
+    each node reads the row of the index it predicts (padding depths clamped into the window)."""
+    from sage_ext.engine.coupled import PositionNoise, gumbel_noise
+
+    vocab, start = 7, 5
+    stream = torch.Generator().manual_seed(3)
+    tiny, almost_one = torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps
+    expected = torch.stack([gumbel_noise(torch.rand(vocab, generator=stream).clamp_(tiny, almost_one))
+                            for _ in range(80)])
+    noise = PositionNoise(torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(noise.at(start, vocab), expected[0])
+    index = start + 1
+    # each step commits at most what the previous one drew (the bonus included), as the engine does
+    for committed, count in [(0, 3), (3, 9), (0, 4), (4, 20), (3, 33), (1, 2), (2, 12)]:
+        index += committed
+        depths = torch.tensor([0, count - 1, count + 4, -1, count // 2])
+        got = noise.for_nodes(index, depths, count, vocab)
+        want = expected[index - start + depths.clamp(0, count - 1)]
+        assert torch.equal(got, want), (index, count)
+    assert noise.table.shape[0] == 64  # grew past 16 and 32 for the 33-index window
 
 
 @pytest.mark.parametrize("batch", [False, True])

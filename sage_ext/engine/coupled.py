@@ -17,15 +17,25 @@ import torch
 from torch import Tensor
 
 
+def gumbel_noise(uniform: Tensor) -> Tensor:
+    """Gumbel(0, 1) noise from a uniform draw kept off 0 and 1: ``-log(Exp(1))`` with ``Exp(1) = -log(u)``."""
+    return -torch.log(-torch.log(uniform))
+
+
 class PositionNoise:
     """One row's Gumbel noise per sequence index, drawn in index order from the row's own generator: the stream of
-    draws is the same whatever trees ask for it (each index's ``[V]`` vector is one draw of its own)."""
+    draws is the same whatever trees ask for it (each index's ``[V]`` vector is one draw of its own).
+
+    The noise lives in a ring, ``table [capacity, V]`` with index ``s`` in row ``s % capacity``: a step draws only the
+    indices it has not drawn yet and reads its nodes' rows straight from the ring (no ``[depth, V]`` copy a step;
+    indices below the one asked for are committed and their rows are drawn over)."""
 
     def __init__(self, generator: torch.Generator, device: torch.device):
         self.generator = generator
         self.device = device
-        self.start = 0  # the sequence index of rows[0]
-        self.rows: list[Tensor] = []
+        self.table = torch.empty(0, 0, device=device)
+        self.start = 0  # the lowest index still held
+        self.end = 0  # one past the highest index drawn
         self._buffer = torch.empty(0, device=device)
 
     def buffer(self, nodes: int, vocab: int) -> Tensor:
@@ -34,22 +44,39 @@ class PositionNoise:
             self._buffer = torch.empty(nodes * vocab, device=self.device)
         return self._buffer[: nodes * vocab].view(nodes, vocab)
 
-    def window(self, index: int, count: int, vocab: int) -> Tensor:
-        """The noise of indices ``index .. index + count - 1`` ``[count, vocab]`` (indices below ``index`` are
-        dropped: they are committed and never asked again)."""
-        if not self.rows:
-            self.start = index
-        drop = min(index - self.start, len(self.rows))
-        del self.rows[:drop]
-        self.start += drop
-        if not self.rows:
-            self.start = index
-        while len(self.rows) < count:
+    def _hold(self, index: int, count: int, vocab: int) -> None:
+        """Make the ring hold indices ``index .. index + count - 1`` (drawing the new ones in order) and let go of
+        those below ``index``."""
+        if self.end <= index or self.table.shape[-1] != vocab:  # nothing held is wanted any more (or a first call)
+            self.start = self.end = index
+        self.start = max(self.start, index)
+        capacity = self.table.shape[0]
+        if index + count - self.start > capacity:  # grow: the held rows move to their rows in the larger ring
+            capacity = max(16, 1 << (index + count - self.start - 1).bit_length())
+            table = torch.empty(capacity, vocab, device=self.device)
+            held = torch.arange(self.start, self.end, device=self.device)
+            if held.numel():
+                table[held % capacity] = self.table[held % self.table.shape[0]]
+            self.table = table
+        while self.end < index + count:
             uniform = torch.rand(vocab, generator=self.generator, device=self.generator.device)
-            # Gumbel(0, 1) = -log(Exp(1)); the uniform is kept off 0 and 1 so both logs stay finite
+            # kept off 0 and 1 so both logs of the transform stay finite
             uniform = uniform.clamp_(torch.finfo(uniform.dtype).tiny, 1.0 - torch.finfo(uniform.dtype).eps)
-            self.rows.append((-torch.log(-torch.log(uniform))).to(self.device))
-        return torch.stack(self.rows[:count])
+            self.table[self.end % capacity] = gumbel_noise(uniform).to(self.device)
+            self.end += 1
+
+    def at(self, index: int, vocab: int) -> Tensor:
+        """The noise ``[vocab]`` of sequence index ``index``."""
+        self._hold(index, 1, vocab)
+        return self.table[index % self.table.shape[0]]
+
+    def for_nodes(self, index: int, depths: Tensor, count: int, vocab: int) -> Tensor:
+        """Each tree node's noise, ``[N, vocab]`` in the reused ``buffer``: the node at depth ``depths[n]`` below a
+        root at sequence index ``index - 1`` predicts index ``index + depths[n]`` (``count``: the tree's depth bound
+        plus one; padding slots' depths are clamped into it, never read)."""
+        self._hold(index, count, vocab)
+        rows = (depths.clamp(0, count - 1) + index) % self.table.shape[0]
+        return torch.index_select(self.table, 0, rows, out=self.buffer(depths.shape[0], vocab))
 
 
 def row_generators(count: int, generator: torch.Generator | None) -> list[torch.Generator]:
@@ -60,21 +87,19 @@ def row_generators(count: int, generator: torch.Generator | None) -> list[torch.
     return [torch.Generator(device).manual_seed(seed) for seed in seeds]
 
 
-def verify_coupled(tokens: Tensor, parents: Tensor, scores: Tensor, noise: Tensor, depths: Tensor, out: Tensor):
+def verify_coupled(tokens: Tensor, parents: Tensor, scores: Tensor, noise: Tensor):
     """Verify one row's tree (``tokens``, ``parents`` ``[1, N]``) against the target's warped ``scores [N, V]`` (logits
     after temperature, top-k and top-p: ``log_softmax`` would shift each row by a constant, which no argmax sees):
-    greedy verification of the scores plus each node's noise (``noise [D, V]`` from the root's index on, ``depths
-    [N]`` each node's depth below the root; padding slots are clamped, never read), summed in ``out [N, V]`` (a buffer
-    kept across steps: a fresh [N, V] tensor a step costs more than the rest on a CPU at V = 152064). Returns
-    ``ops.verify_greedy``'s ``(accepted, accept_len, bonus)``; the bonus is -1 when a row on the accepted path is no
-    distribution (NaN, or every score -inf), as the sampling ops give it, for the engine to raise as ``generate``'s
-    multinomial does."""
+    greedy verification of the scores plus each node's noise (``noise [N, V]``, ``PositionNoise.for_nodes``: a
+    buffer kept across steps, to which the scores are added in place -- a fresh [N, V] tensor a step costs more than
+    the rest on a CPU at V = 152064). Returns ``ops.verify_greedy``'s ``(accepted, accept_len, bonus)``; the bonus is
+    -1 when a row on the accepted path is no distribution (NaN, or every score -inf), as the sampling ops give it,
+    for the engine to raise as ``generate``'s multinomial does."""
     from .. import ops
 
-    torch.index_select(noise, 0, depths.clamp(0, noise.shape[0] - 1), out=out)
-    out.add_(scores)
-    accepted, accept_len, bonus = ops.verify_greedy(tokens, parents, out[None])
-    on_path = no_distribution(out)[accepted.clamp_min(0)] & (accepted >= 0)
+    noise.add_(scores)
+    accepted, accept_len, bonus = ops.verify_greedy(tokens, parents, noise[None])
+    on_path = no_distribution(noise)[accepted.clamp_min(0)] & (accepted >= 0)
     return accepted, accept_len, torch.where(on_path.any(dim=-1), torch.full_like(bonus, -1), bonus)
 
 

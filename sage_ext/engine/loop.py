@@ -500,8 +500,7 @@ class SpeculativeGenerator:
                     raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
                 for row, row_generator in zip(rows, row_generators(batch, generator)):
                     row.noise = PositionNoise(row_generator, device)
-                first = torch.stack([coupled_token(warped[row.index],
-                                                   row.noise.window(row.prompt_len, 1, warped.shape[-1])[0])
+                first = torch.stack([coupled_token(warped[row.index], row.noise.at(row.prompt_len, warped.shape[-1]))
                                      for row in rows])
             elif do_sample:
                 # drawn on the generator's device (a CPU generator with a model on CUDA works too): this is the
@@ -593,12 +592,10 @@ class SpeculativeGenerator:
                 scores = self._target_scores(logits[slot, :num_nodes], row, row.cur_len, tree)
                 if do_sample and self.coupled_sampling:
                     # node at depth d predicts sequence index cur_len + d: its index's noise
-                    vocab = scores.shape[-1]
-                    noise = row.noise.window(row.cur_len, row.proposal.depth_bound + 1, vocab)
+                    noise = row.noise.for_nodes(row.cur_len, positions[0, :num_nodes] - (row.cur_len - 1),
+                                                row.proposal.depth_bound + 1, scores.shape[-1])
                     verified = verify_coupled(tokens[:, :num_nodes], workspace.tree_parents[:, :num_nodes],
-                                              self._warped(scores), noise,
-                                              positions[0, :num_nodes] - (row.cur_len - 1),
-                                              row.noise.buffer(num_nodes, vocab))
+                                              self._warped(scores), noise)
                     readback = workspace.commit_async(None, *verified, row.cur_len, target_tensors, row.target_len,
                                                       draft_tensors)
                 elif do_sample:
