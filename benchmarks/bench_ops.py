@@ -8,7 +8,10 @@ tree_buffers, verify_greedy on the target's logits) at B=1, N=64, V=152064.
 On CPU the table reports both latencies and the speed-up (reference / extension). On CUDA the
 extension is timed with CUDA events under torch.cuda.set_sync_debug_mode("error"), so any
 host-device sync inside an op aborts the run; the reference (which reads data back on purpose)
-is timed on CPU tensors for the ratio.
+is timed on CPU tensors for the ratio. A CUDA run times each op twice: one call as the engine
+makes it (from the Python call to the end of its last kernel: the host's launch work included),
+and the GPU time alone (20 calls captured in one CUDA graph and replayed, per call). The
+"launch floor" row is one trivial torch kernel timed both ways: what the host costs any op.
 
 Usage:
     python benchmarks/bench_ops.py                 # CPU, full grid (a few minutes on 2 cores)
@@ -85,6 +88,40 @@ def time_cuda(fn, min_seconds: float, max_reps: int) -> float:
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
     return statistics.median(b.elapsed_time(e) for b, e in events) * 1e3
+
+
+def time_cuda_graph(fn, generators=(), calls: int = 20, replays: int = 10) -> float | None:
+    """GPU time of one fn() in microseconds, the host out of the way: ``calls`` calls captured in one CUDA graph
+    (``generators``: the CUDA generators fn draws from, registered with the graph) and replayed, the median replay
+    over ``calls``. None, with the reason printed, when fn cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (lazy initialisation, the allocator's first blocks)
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        for generator in generators:
+            register = getattr(graph, "register_generator_state", None)  # torch 2.4 and later
+            if register is None:
+                raise RuntimeError("this torch cannot capture a user-supplied generator")
+            register(generator)
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        samples = []
+        for _ in range(replays):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+        return statistics.median(samples) * 1e3 / calls
+    except RuntimeError as error:  # an op (or this torch) that cannot be captured: the table says "-"
+        print(f"  (not timed in a CUDA graph: {str(error).splitlines()[0]})", flush=True)
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,12 +309,24 @@ def cases(quick: bool, point: bool = False):
     return out
 
 
-def op_callable(impl, name):
+def op_callable(impl, name, device):
+    """(the op of ``impl`` as a callable, the generators it draws from): a sampling op's generator is made once,
+    outside the timed calls."""
     base = name.split("[")[0]
     fn = getattr(impl, base)
     if base == "verify_sampling":
-        return lambda *a: fn(*a, generator=torch.Generator(a[0].device).manual_seed(0))
-    return fn
+        generator = torch.Generator(device).manual_seed(0)
+        return (lambda *a: fn(*a, generator=generator)), (generator,)
+    return fn, ()
+
+
+def launch_floor_args():
+    """The "launch floor" row's input: one trivial kernel (an add over 64 numbers) into a preallocated output."""
+    return (torch.zeros(64), torch.empty(64))
+
+
+def launch_floor(values, out):
+    return torch.add(values, 1, out=out)
 
 
 def to_device(args, device):
@@ -285,41 +334,51 @@ def to_device(args, device):
                  else a for a in args)
 
 
+def timed_row(op, sizes, ext_call, ref_call, device, min_seconds, ref_reps, generators=(), max_reps=200):
+    """One table row: ``ext_call`` on ``device`` (and, on CUDA, in a CUDA graph), ``ref_call`` on the CPU."""
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    ext_us = timer(ext_call, min_seconds, max_reps)
+    graph_us = time_cuda_graph(ext_call, generators) if device.type == "cuda" else None
+    ref_us = time_cpu(ref_call, min_seconds / 2, ref_reps)
+    row = dict(op=op, **{k: sizes.get(k) for k in ("B", "N", "V")}, ext_us=ext_us, graph_us=graph_us, ref_us=ref_us,
+               speedup=ref_us / ext_us)
+    print_row(row)
+    return row
+
+
 def run(device: torch.device, quick: bool, point: bool = False):
     min_seconds = 0.05 if quick else 0.2
-    rows = []
+    ref_reps = 3 if quick else 10
+    floor_args = launch_floor_args()
+    floor_ext = to_device(floor_args, device)
+    rows = [timed_row("launch floor", {}, lambda: launch_floor(*floor_ext), lambda: launch_floor(*floor_args), device,
+                      min_seconds, ref_reps)]
     for name, sizes, make_args in cases(quick, point):
         args = make_args()
         ext_args = to_device(args, device)
-        timer = time_cuda if device.type == "cuda" else time_cpu
-        ext_fn, ref_fn = op_callable(ops, name), op_callable(reference, name)
-        ext_us = timer(lambda: ext_fn(*ext_args), min_seconds, 200)
-        ref_us = time_cpu(lambda: ref_fn(*args), min_seconds / 2, 3 if quick else 10)
-        rows.append(dict(op=name, **{k: sizes.get(k) for k in ("B", "N", "V")}, ext_us=ext_us, ref_us=ref_us,
-                         speedup=ref_us / ext_us))
-        print_row(rows[-1])
+        ext_fn, generators = op_callable(ops, name, device)
+        ref_fn, _ = op_callable(reference, name, torch.device("cpu"))
+        rows.append(timed_row(name, sizes, lambda: ext_fn(*ext_args), lambda: ref_fn(*args), device, min_seconds,
+                              ref_reps, generators))
         del args, ext_args
 
     batch, budget, vocab = 1, 64, 152064
     ref_inputs = bundle_inputs(batch, budget, vocab, torch.device("cpu"))
     ext_inputs = [t.to(device) for t in ref_inputs]
-    timer = time_cuda if device.type == "cuda" else time_cpu
-    ext_us = timer(lambda: sage_round(ops, ext_inputs[0], ext_inputs[1:3], ext_inputs[3], budget), min_seconds, 100)
-    ref_us = time_cpu(lambda: sage_round(reference, ref_inputs[0], ref_inputs[1:3], ref_inputs[3], budget),
-                      min_seconds, 10)
+    rows.append(timed_row("per-step bundle", dict(B=batch, N=budget, V=vocab),
+                          lambda: sage_round(ops, ext_inputs[0], ext_inputs[1:3], ext_inputs[3], budget),
+                          lambda: sage_round(reference, ref_inputs[0], ref_inputs[1:3], ref_inputs[3], budget),
+                          device, min_seconds, 10, max_reps=100))
     (_, ext_verify), (_, ref_verify) = (sage_round(ops, ext_inputs[0], ext_inputs[1:3], ext_inputs[3], budget),
                                         sage_round(reference, ref_inputs[0], ref_inputs[1:3], ref_inputs[3], budget))
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ext_verify, ref_verify)), "bundle results differ"
-    rows.append(dict(op="per-step bundle", B=batch, N=budget, V=vocab, ext_us=ext_us, ref_us=ref_us,
-                     speedup=ref_us / ext_us))
-    print_row(rows[-1])
     return rows
 
 
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
-HEADER = f"{'op':<24}{'B':>3}{'N':>5}{'V':>8}{'extension us':>15}{'reference us':>15}{'speed-up':>10}"
+HEADER = f"{'op':<24}{'B':>3}{'N':>5}{'V':>8}{'extension us':>15}{'in graph us':>13}{'reference us':>15}{'speed-up':>10}"
 
 
 def fmt(value):
@@ -327,7 +386,8 @@ def fmt(value):
 
 
 def print_row(row):
-    print(f"{row['op']:<24}{fmt(row['B']):>3}{fmt(row['N']):>5}{fmt(row['V']):>8}{row['ext_us']:>15.1f}"
+    graph = "-" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
+    print(f"{row['op']:<24}{fmt(row['B']):>3}{fmt(row['N']):>5}{fmt(row['V']):>8}{row['ext_us']:>15.1f}{graph:>13}"
           f"{row['ref_us']:>15.1f}{row['speedup']:>9.1f}x", flush=True)
 
 
@@ -357,12 +417,18 @@ def write_results(rows, info, quick, out_dir=RESULTS_DIR):
         f"({info['cpu']}, load average {info['load_average_at_start'][0]} at start); extension on "
         f"`{info['device']}`, reference (sage_ext.reference) on CPU. "
         "Median microseconds; speed-up = reference / extension." + (" Quick run." if quick else ""),
-        "",
-        "| op | B | N | V | extension (us) | reference (us) | speed-up |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    cuda = info["device"].startswith("cuda")
+    if cuda:
+        lines += ["", "extension: one call as the engine makes it, from the Python call to the end of its last kernel "
+                  "(CUDA events; the host's launch work included); in a CUDA graph: the GPU time of one call (20 calls "
+                  "captured in one graph, replayed); launch floor: one trivial torch kernel (an add of 64 numbers)."]
+    lines += ["", "| op | B | N | V | extension (us) |" + (" in a CUDA graph (us) |" if cuda else "")
+              + " reference (us) | speed-up |",
+              "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if cuda else "") + " ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['op']} | {fmt(r['B'])} | {fmt(r['N'])} | {fmt(r['V'])} | {r['ext_us']:.1f} | "
+        graph = "" if not cuda else " - |" if r["graph_us"] is None else f" {r['graph_us']:.1f} |"
+        lines.append(f"| {r['op']} | {fmt(r['B'])} | {fmt(r['N'])} | {fmt(r['V'])} | {r['ext_us']:.1f} |{graph} "
                      f"{r['ref_us']:.1f} | {r['speedup']:.1f}x |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem

@@ -14,7 +14,8 @@
 #                    V=152064, bf16 and fp32)
 #   racecheck        compute-sanitizer racecheck, same calls
 #   bench_ops        benchmarks/bench_ops.py --device cuda --point (B=1, N=64, V=152064; CUDA events; a sync
-#                    inside an op aborts it)                    -> OUTDIR/bench_ops/ops_<gpu>.{json,md}
+#                    inside an op aborts it; each op also timed in a CUDA graph: its GPU time without the host's
+#                    launch work)                               -> OUTDIR/bench_ops/ops_<gpu>.{json,md}
 #   tests_engine     pytest tests/test_engine_cuda.py but the captured draft (pytest-xdist, 4 workers, when installed)
 #   tests_devices    pytest tests/test_engine_devices.py (a target split over the GPU and the CPU)
 #   memcheck_engine  compute-sanitizer memcheck over scripts/cuda_ops_once.py --only engine (tiny models)
