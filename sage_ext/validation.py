@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .engine.processing import PROCESSOR_SETTINGS, sampling_warpers, transformers_processors
 from .families.base import height_width
 from .families.glm4v import Glm4vAdapter, shared_placeholder_videos
 from .families.internvl import internvl_tile_tokens
@@ -31,16 +32,20 @@ from .families.qwen3_vl import Qwen3VLAdapter
 #: What ``generate`` produces when no length is set: not by the call, nor by the generation config.
 DEFAULT_MAX_NEW_TOKENS = 64
 
-#: The engine's own ``generate`` arguments (handled by its signature), listed in refusals.
+#: The ``generate`` arguments the engine takes (its signature's, and the settings it reads from keywords: the other
+#: sampling warpers and transformers' processors it applies), listed in refusals.
 ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
-                    "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "stop_strings", "tokenizer",
-                    "streamer", "generator", "generation_config")
+                    "top_p", "top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+                    *PROCESSOR_SETTINGS, "eos_token_id", "pad_token_id", "stop_strings", "tokenizer", "streamer",
+                    "generator", "generation_config")
 
 #: The generation settings the engine implements, each read like ``generate`` reads it: the call's argument, else
 #: the generation config's (a given ``generation_config`` over the target's own), else transformers' default here.
 SETTING_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-                                    "repetition_penalty": 1.0, "min_new_tokens": None, "min_length": 0,
-                                    "eos_token_id": None, "pad_token_id": None, "stop_strings": None}
+                                    "top_h": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None,
+                                    "eta_cutoff": None, "repetition_penalty": 1.0, "min_new_tokens": None,
+                                    "min_length": 0, "eos_token_id": None, "pad_token_id": None, "stop_strings": None,
+                                    **{key: None for key in PROCESSOR_SETTINGS}}
 
 #: Settings ``generate`` reads only when sampling (in greedy decoding it ignores them, and so does the engine).
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
@@ -72,21 +77,11 @@ NO_OP_VALUES: dict[str, tuple] = {
     "output_attentions": (False,),
     "output_hidden_states": (False,),
     "encoder_repetition_penalty": (1.0,),
-    "no_repeat_ngram_size": (0,),
     "encoder_no_repeat_ngram_size": (0,),
-    "remove_invalid_values": (False,),
-    "min_p": (0.0,),
-    "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,),
-    "eta_cutoff": (0.0,),
     "guidance_scale": (1.0,),
     "penalty_alpha": (0.0,),
     "token_healing": (False,),
     "synced_gpus": (False,),
-    "suppress_tokens": ([],),
-    "begin_suppress_tokens": ([],),
-    "bad_words_ids": ([],),
-    "sequence_bias": ({},),
 }
 
 #: Token ids with no effect on a prompt without padding (no padding, the prompt already starts).
@@ -96,8 +91,10 @@ IGNORABLE_IDS = ("pad_token_id", "bos_token_id", "decoder_start_token_id")
 GENERATE_ONLY = {
     "assistant_model": "the draft is SpeculativeGenerator's second argument",
     "assistant_tokenizer": "target and draft must share the tokenizer",
-    "logits_processor": "only HF's repetition penalty and temperature / top-k / top-p warpers are applied (lossless "
-                        "verification needs the same processing on both sides)",
+    "logits_processor": "only generate's own processing is applied: the repetition penalty, the minimum lengths and "
+                        "the sampling warpers (temperature, top-h, top-k, top-p, min-p, typical-p, epsilon and eta "
+                        "cutoffs), set by their generate arguments (lossless verification needs the same processing "
+                        "on both sides)",
     "stopping_criteria": "use eos_token_id or stop_strings",
     "prefix_allowed_tokens_fn": "constrained decoding is not implemented",
     "negative_prompt_ids": "classifier-free guidance is not implemented",
@@ -116,12 +113,18 @@ class GenerationSettings:
     temperature: float
     top_k: int
     top_p: float
+    top_h: float | None
+    min_p: float | None
+    typical_p: float | None
+    epsilon_cutoff: float | None
+    eta_cutoff: float | None
     repetition_penalty: float
     min_new_tokens: int
     min_length: int
     eos_token_id: Any  # an int, a list or a tensor of ids, None: no EOS
     pad_token_id: int | None
     stop_strings: str | list[str] | None
+    processors: dict[str, Any]  # the PROCESSOR_SETTINGS set (transformers' processors apply them)
 
 
 def _config_entries(config: Any) -> dict[str, Any]:
@@ -605,6 +608,11 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         value["min_length"] = 0
     if do_sample and not value["temperature"] > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {value['temperature']}")
+    for key in ("top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"):  # their range: the warpers' check
+        if value[key] is not None:
+            if isinstance(value[key], bool) or not isinstance(value[key], numbers.Real):
+                raise TypeError(f"{key} must be a number, got {value[key]!r}")
+            value[key] = float(value[key])
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (seeded, on the target's device), got "
                         f"{type(generator).__name__}")
@@ -612,10 +620,17 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         max_new_tokens=int(max_new_tokens), do_sample=do_sample,
         # generate's warpers take Python numbers (a NumPy or 0-d tensor value is checked as a number already)
         temperature=float(value["temperature"]), top_k=int(value["top_k"]), top_p=float(value["top_p"]),
+        top_h=value["top_h"], min_p=value["min_p"], typical_p=value["typical_p"],
+        epsilon_cutoff=value["epsilon_cutoff"], eta_cutoff=value["eta_cutoff"],
         repetition_penalty=float(value["repetition_penalty"]), min_new_tokens=int(value["min_new_tokens"] or 0),
         min_length=int(value["min_length"]), eos_token_id=value["eos_token_id"],
-        pad_token_id=value["pad_token_id"], stop_strings=value["stop_strings"])
+        pad_token_id=value["pad_token_id"], stop_strings=value["stop_strings"],
+        processors={key: value[key] for key in PROCESSOR_SETTINGS if value[key] is not None})
 
+    # transformers' own checks of the processors' and warpers' values (ValueError), before any work
+    transformers_processors(settings.processors, [], prompt_len, settings.max_new_tokens)
+    if do_sample:
+        sampling_warpers(settings)
     if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # a batch's rows are checked one by one once split
         _check_visual_inputs(model, input_ids, inputs)
     return input_ids, settings, inputs

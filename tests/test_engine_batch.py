@@ -294,7 +294,7 @@ def sample_rows(engine, batch, runs: int, **kwargs) -> list[tuple[list[int], lis
 
 
 def row_pvalues(engine, rows, batch, **kwargs) -> list[float]:
-    warp = hf_warper(engine, **kwargs)
+    warp = hf_warper(engine.target.model, **kwargs)
     pvalues = []
     for row, (second, third) in zip(rows, sample_rows(engine, batch, RUNS, **kwargs)):
         p2, p3 = exact_marginals(engine.target.model, row, warp)

@@ -324,7 +324,8 @@ def test_sampled_tokens_follow_the_target_distribution(sampling_setup, generator
     CPU copy of the target), on fewer runs."""
     make_policy, kwargs, _ = SETTINGS["sage"]
     engine = SpeculativeGenerator(sampling_setup.target, sampling_setup.draft, make_policy())
-    p2, p3 = exact_marginals(sampling_setup.cpu_target, sampling_setup.cpu_inputs, hf_warper(engine, **kwargs))
+    cpu_target = sampling_setup.cpu_target
+    p2, p3 = exact_marginals(cpu_target, sampling_setup.cpu_inputs, hf_warper(cpu_target, **kwargs))
     generator = torch.Generator(generator_device).manual_seed(1234)
     prompt_len = sampling_setup.inputs["input_ids"].shape[1]
     second, third, taus = [], [], []

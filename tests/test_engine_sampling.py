@@ -19,7 +19,7 @@ import torch
 from scipy.stats import chisquare
 from tiny_models import correlated_draft, one_thread, tiny_llama  # noqa: F401  (one_thread: autouse fixture)
 from tiny_vlms_more import tiny_qwen3_vl
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from sage_ext.engine import SpeculativeGenerator
 from sage_ext.engine.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
@@ -85,8 +85,20 @@ def sample_tokens(generator_obj, inputs, runs: int = RUNS, **kwargs) -> tuple[li
     return second, third, sum(taus) / len(taus)
 
 
-def hf_warper(generator_obj, **kwargs):
-    warpers = generator_obj._warpers(kwargs.get("temperature", 1.0), kwargs.get("top_k", 50), kwargs.get("top_p", 1.0))
+WARPER_SETTINGS = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def hf_warpers(target, **kwargs) -> list:
+    """transformers' own sampling warpers for the sampling settings among ``kwargs`` (``generate``'s processor list,
+    built by the model itself; top_k 50 when not given, as generate's default)."""
+    settings = {key: value for key, value in kwargs.items() if key in WARPER_SETTINGS}
+    config = GenerationConfig(do_sample=True, **{"top_k": 50, **settings})
+    return list(target._get_logits_processor(generation_config=config, device="cpu"))
+
+
+def hf_warper(target, **kwargs):
+    """The target's sampling distribution of a row of logits under ``kwargs`` (``hf_warpers``, then softmax)."""
+    warpers = hf_warpers(target, **kwargs)
 
     def warp(logits):
         scores = logits.float()
@@ -109,6 +121,10 @@ SETTINGS = {  # name: (policy, sampling settings, sampling rule)
     "chain_gumbel": (lambda: ChainPolicy(length=4), {"temperature": 2.0, "top_k": 0}, "gumbel"),
     "static_gumbel": (StaticTreePolicy, {"temperature": 2.0, "top_k": 0}, "gumbel"),
     "sage_gumbel_top_k_top_p": (SagePolicy, {"temperature": 1.5, "top_k": 8, "top_p": 0.9}, "gumbel"),
+    # the other warpers generate samples with (each changes this model's distributions: test_the_warpers_matter)
+    "sage_min_p_typical_p": (SagePolicy, {"temperature": 1.5, "top_k": 0, "min_p": 0.1, "typical_p": 0.9}, "specinfer"),
+    "static_top_h_epsilon_eta": (StaticTreePolicy, {"temperature": 2.0, "top_k": 0, "top_h": 0.8,
+                                                    "epsilon_cutoff": 0.02, "eta_cutoff": 0.02}, "gumbel"),
 }
 
 
@@ -117,11 +133,51 @@ def test_sampled_tokens_follow_the_target_distribution(setup, name):
     target, draft, inputs = setup
     make_policy, kwargs, rule = SETTINGS[name]
     engine = SpeculativeGenerator(target, draft, make_policy(), sampling_rule=rule)
-    p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
+    p2, p3 = exact_marginals(target, inputs, hf_warper(target, **kwargs))
     second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
     assert mean_tau > 0.3, "the draft should get tokens accepted"
     assert chi_square_p(second, p2) > P_PASS
     assert chi_square_p(third, p3) > P_PASS
+
+
+def test_the_engine_samples_with_generates_warpers(setup):
+    """Every sampling setting generate honours gives the engine transformers' own warpers, in generate's order and
+    under its conditions (a cutoff of 0 or a typical_p of 1 applies none), and they warp every node's scores alike."""
+    target, draft, inputs = setup
+    engine = SpeculativeGenerator(target, draft, SagePolicy())
+    scores = torch.randn(9, VOCAB, generator=torch.Generator().manual_seed(5)) * 3
+    for kwargs in ({"temperature": 0.7, "top_h": 0.6, "top_k": 5, "top_p": 0.8, "min_p": 0.02, "typical_p": 0.95,
+                    "epsilon_cutoff": 0.001, "eta_cutoff": 0.001},
+                   {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 1.0, "top_k": 0},
+                   {"temperature": 1.2, "typical_p": 0.5}, {"top_h": 1.0, "top_p": 1.0}):
+        engine.generate(**inputs, max_new_tokens=2, do_sample=True, **kwargs)
+        expected = hf_warpers(target, **kwargs)
+        assert [type(w) for w in engine._active_warpers] == [type(w) for w in expected], kwargs
+        ours, theirs = scores.clone(), scores.clone()
+        for mine, hf in zip(engine._active_warpers, expected):
+            ours, theirs = mine(None, ours), hf(None, theirs)
+        assert torch.equal(ours, theirs), kwargs
+
+
+@pytest.mark.parametrize("name", ["sage_min_p_typical_p", "static_top_h_epsilon_eta"])
+def test_the_warpers_matter(setup, name):
+    """The statistical settings of the newer warpers are not vacuous: each warper alone changes the 2nd token's
+    distribution from the temperature-only one."""
+    target, _, inputs = setup
+    kwargs = SETTINGS[name][1]
+    base = {key: kwargs[key] for key in ("temperature", "top_k")}
+    p2_base, _ = exact_marginals(target, inputs, hf_warper(target, **base))
+    for key in kwargs.keys() - base.keys():
+        p2, _ = exact_marginals(target, inputs, hf_warper(target, **base, **{key: kwargs[key]}))
+        assert (p2 - p2_base).abs().sum() > 0.02, key
+
+
+@pytest.mark.parametrize("kwargs, error", [({"min_p": 1.5}, "min_p"), ({"typical_p": -0.5}, "typical_p"),
+                                           ({"top_h": 0.0}, "top_h"), ({"min_p": "0.1"}, "min_p must be a number")])
+def test_bad_warper_values_are_refused_before_any_work(setup, kwargs, error):
+    target, draft, inputs = setup
+    with pytest.raises((ValueError, TypeError), match=error):
+        SpeculativeGenerator(target, draft, SagePolicy()).generate(**inputs, max_new_tokens=2, do_sample=True, **kwargs)
 
 
 @pytest.mark.parametrize("rule", ["specinfer", "traversal", "gumbel"])
@@ -133,10 +189,36 @@ def test_sampling_with_a_repetition_penalty_follows_the_target_distribution(setu
     target, draft, inputs = setup
     kwargs = {"temperature": 1.5, "top_k": 0, "repetition_penalty": 2.0}
     engine = SpeculativeGenerator(target, draft, SagePolicy(), sampling_rule=rule)
-    warp = hf_warper(engine, temperature=1.5, top_k=0)
+    warp = hf_warper(target, temperature=1.5, top_k=0)
     p2, p3 = exact_marginals(target, inputs, warp, RepetitionPenaltyLogitsProcessor(2.0))
     free2, free3 = exact_marginals(target, inputs, warp)
     assert (p2 - free2).abs().sum() > 0.1 and (p3 - free3).abs().sum() > 0.1  # the penalty matters here
+    second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
+    assert mean_tau > 0.3, "the draft should get tokens accepted"
+    assert chi_square_p(second, p2) > P_PASS
+    assert chi_square_p(third, p3) > P_PASS
+
+
+def test_sampling_with_context_dependent_processors_follows_the_target_distribution(setup):
+    """Banned bigrams and a bigram bias (transformers' NoBadWords and SequenceBias processors, which read each
+    continuation's last token) under sampling: the marginals of the 2nd and 3rd token with them applied to every
+    continuation."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        NoBadWordsLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+    )
+
+    target, draft, inputs = setup
+    bad_words = [[token, banned] for token in range(12) for banned in (7, 9)]
+    bias = {(token, 3): 4.0 for token in range(12, VOCAB)}
+    kwargs = {"temperature": 1.5, "top_k": 0, "bad_words_ids": bad_words, "sequence_bias": bias}
+    engine = SpeculativeGenerator(target, draft, SagePolicy())
+    warp = hf_warper(target, temperature=1.5, top_k=0)
+    processors = LogitsProcessorList([SequenceBiasLogitsProcessor(bias), NoBadWordsLogitsProcessor(bad_words)])
+    p2, p3 = exact_marginals(target, inputs, warp, processors)
+    free2, free3 = exact_marginals(target, inputs, warp)
+    assert (p2 - free2).abs().sum() > 0.1 and (p3 - free3).abs().sum() > 0.1  # the processors matter here
     second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
     assert mean_tau > 0.3, "the draft should get tokens accepted"
     assert chi_square_p(second, p2) > P_PASS
@@ -194,7 +276,7 @@ def test_negative_control_biased_verifier_is_detected(setup):
     target, draft, inputs = setup
     kwargs = {"temperature": 2.0, "top_k": 0}
     engine = ResidualNotUpdated(target, draft, StaticTreePolicy())
-    p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
+    p2, p3 = exact_marginals(target, inputs, hf_warper(target, **kwargs))
     second, third, _ = sample_tokens(engine, inputs, **kwargs)
     assert min(chi_square_p(second, p2), chi_square_p(third, p3)) < P_BROKEN
 
@@ -208,7 +290,7 @@ def test_negative_control_uniform_instead_of_gumbel_noise_is_detected(setup, mon
     kwargs = {"temperature": 2.0, "top_k": 0}
     monkeypatch.setattr(coupled, "gumbel_noise", lambda uniform: uniform)
     engine = SpeculativeGenerator(target, draft, StaticTreePolicy(), sampling_rule="gumbel")
-    p2, p3 = exact_marginals(target, inputs, hf_warper(engine, **kwargs))
+    p2, p3 = exact_marginals(target, inputs, hf_warper(target, **kwargs))
     second, third, _ = sample_tokens(engine, inputs, **kwargs)
     assert min(chi_square_p(second, p2), chi_square_p(third, p3)) < P_BROKEN
 
@@ -304,7 +386,7 @@ def test_sampled_tokens_follow_the_target_distribution_qwen3_vl():
     target, inputs = tiny_qwen3_vl(vocab_size=VOCAB, grid_thw=(1, 4, 6), question_len=4)
     kwargs = {"temperature": 2.0, "top_k": 0}
     engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.3), StaticTreePolicy())
-    warp = hf_warper(engine, **kwargs)
+    warp = hf_warper(target, **kwargs)
     first, second, third = cached_distributions(target, inputs, warp)
 
     # the oracle against the model's uncached forward of the prompt + two text tokens (t1, t2) = (1, 2), at the

@@ -12,10 +12,14 @@ from test_engine import POLICIES, hf_greedy
 from tiny_models import correlated_draft, one_thread, tiny_llama, tiny_tokenizer  # noqa: F401  (one_thread: autouse)
 from tiny_vlms import tiny_qwen2_5_vl
 from transformers import GenerationConfig
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.engine.processing import penalize_repeats, tree_paths
+from sage_ext.engine.processing import TargetProcessing, penalize_repeats, transformers_processors, tree_paths
 
 PENALTY = 1.3  # strong enough to change these tiny models' greedy outputs (each test checks that it does)
 
@@ -53,6 +57,54 @@ def test_the_tree_penalty_is_transformers_processor_at_every_node():
         assert torch.equal(got[node], processor(ids, scores[node: node + 1].clone())[0]), f"node {node}"
 
 
+def _random_tree(vocab: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 5, 6, 8, 9])
+    tokens = torch.randint(0, vocab, (parents.shape[0],), generator=gen)
+    context = torch.cat([torch.randint(0, vocab, (7,), generator=gen), tokens[:1]])  # the root is committed
+    return tokens, parents, 5, context, gen
+
+
+def _node_ids(tokens, parents, context, node):
+    path, n = [], node
+    while n > 0:
+        path.append(int(tokens[n]))
+        n = int(parents[n])
+    return torch.cat([context, torch.tensor(path[::-1], dtype=torch.int64)])[None]
+
+
+def test_transformers_processors_at_every_node():
+    """The processors of the other settings (transformers' own classes, called once per depth on every node's ids)
+    give every node of a random tree what they give after the node's whole context, bit for bit, in generate's
+    order around the penalty and the minimum lengths; each setting changes some node's scores here."""
+    vocab, max_new = 30, 10
+    tokens, parents, depth, context, gen = _random_tree(vocab, 1)
+    prompt_len, eos = 4, [int(tokens[3]), 2]
+    settings = {"sequence_bias": {(int(tokens[1]),): -2.0, (int(tokens[1]), int(tokens[3])): 4.0},
+                "no_repeat_ngram_size": 2,
+                "bad_words_ids": [[int(tokens[2]), int(tokens[5])], [int(tokens[6])]],
+                "forced_eos_token_id": 9, "remove_invalid_values": True,
+                "exponential_decay_length_penalty": (2, 1.7), "suppress_tokens": [0, 11],
+                "begin_suppress_tokens": [int(tokens[4])]}
+    scores = torch.randn(tokens.shape[0], vocab, generator=gen) * 3
+    scores[4, 5] = float("nan")
+    processing = TargetProcessing(PENALTY, 0, 3, torch.tensor(eos), eos, settings, max_new)
+    got = processing(scores.clone(), context, prompt_len, (tokens, parents, depth))
+    row = transformers_processors(settings, eos, prompt_len, max_new)
+    # generate's order: sequence bias, penalty, repeated n-grams, banned words, minimum new tokens, then the rest
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+    expected = LogitsProcessorList([*row.before_penalty, RepetitionPenaltyLogitsProcessor(PENALTY),
+                                    *row.before_min_lengths, MinNewTokensLengthLogitsProcessor(prompt_len, 3, eos),
+                                    *row.after_min_lengths])
+    assert len(expected) == 10
+    for node in range(tokens.shape[0]):
+        ids = _node_ids(tokens, parents, context, node)
+        assert torch.equal(got[node], expected(ids, scores[node: node + 1].clone())[0]), f"node {node}"
+    for key in settings:  # each setting matters for some node
+        alone = TargetProcessing(1.0, 0, 0, torch.tensor(eos), eos, {key: settings[key]}, max_new)
+        assert not torch.equal(alone(scores.clone(), context, prompt_len, (tokens, parents, depth)), scores), key
+
+
 # ------------------------------------------------------------------------------------------ greedy, every policy
 @pytest.fixture(scope="module")
 def llama():
@@ -76,6 +128,61 @@ def test_repetition_penalty_of_the_generation_config_every_policy(llama, policy)
     assert not torch.equal(expected, hf_greedy(target, inputs, max_new_tokens=24))  # the penalty mattered
     if policy != "ar":
         assert sum(step.tau for step in out.stats.steps) > 0
+
+
+PROCESSOR_CASES = {  # settings (each changes this model's greedy output: the test checks it), by name
+    "no_repeat_ngram_size": lambda seq: {"no_repeat_ngram_size": 2},
+    "suppress_tokens": lambda seq: {"suppress_tokens": [seq[0], seq[3]]},
+    "begin_suppress_tokens": lambda seq: {"begin_suppress_tokens": [seq[0]]},
+    "bad_words_ids": lambda seq: {"bad_words_ids": [[seq[2]], [seq[4], seq[5]], [seq[7], seq[8], seq[9]]]},
+    "sequence_bias": lambda seq: {"sequence_bias": {(seq[1],): -5.0, (seq[3], seq[4]): -10.0, (seq[6], 3): 8.0}},
+    "forced_eos_token_id": lambda seq: {"forced_eos_token_id": 5},
+    "exponential_decay_length_penalty": lambda seq: {"exponential_decay_length_penalty": (3, 1.5),
+                                                     "eos_token_id": seq[5]},
+    "with_the_penalty": lambda seq: {"bad_words_ids": [[seq[4], seq[5]]], "repetition_penalty": PENALTY,
+                                     "min_new_tokens": 4, "suppress_tokens": [seq[10]]},
+}
+
+
+@pytest.mark.parametrize("case", list(PROCESSOR_CASES))
+def test_transformers_processors_every_policy(llama, case):
+    """sequence_bias, no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens,
+    forced_eos_token_id and exponential_decay_length_penalty, as arguments: every policy's output equals target.generate's (which they
+    change), with trees whose nodes each get their own context's processing."""
+    target, draft, inputs = llama
+    prompt_len = inputs["input_ids"].shape[1]
+    plain = hf_greedy(target, inputs, max_new_tokens=20, eos_token_id=None)
+    settings = PROCESSOR_CASES[case](plain[0, prompt_len:].tolist())
+    hf_settings = {"eos_token_id": None, **settings}
+    expected = hf_greedy(target, inputs, max_new_tokens=20, **hf_settings)
+    assert not torch.equal(expected, plain)
+    for policy in POLICIES:
+        out = SpeculativeGenerator(target, draft if policy != "ar" else None, POLICIES[policy]()).generate(
+            **inputs, max_new_tokens=20, **{"eos_token_id": -1, **settings})
+        assert torch.equal(out.sequences, expected), policy
+
+
+def test_transformers_processors_of_the_generation_config(llama):
+    """The same settings in the target's generation config are applied as generate applies them."""
+    target, draft, inputs = llama
+    prompt_len = inputs["input_ids"].shape[1]
+    seq = hf_greedy(target, inputs, max_new_tokens=20)[0, prompt_len:].tolist()
+    old = _set(target.generation_config, suppress_tokens=[seq[2]], bad_words_ids=[[seq[5], seq[6]]])
+    try:
+        expected = hf_greedy(target, inputs, max_new_tokens=20)
+        out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=20)
+    finally:
+        _set(target.generation_config, **old)
+    assert torch.equal(out.sequences, expected)
+    assert expected[0, prompt_len:].tolist() != seq
+
+
+@pytest.mark.parametrize("entry, error", [({"bad_words_ids": [[-3]]}, "bad_words_ids"),
+                                          ({"sequence_bias": {(2,): "x"}}, "sequence_bias")])
+def test_bad_processor_values_are_refused_before_any_work(llama, entry, error):
+    target, draft, inputs = llama
+    with pytest.raises(ValueError, match=error):
+        SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=4, **entry)
 
 
 def test_repetition_penalty_as_an_argument(llama):
@@ -189,10 +296,9 @@ def test_minimum_length_when_sampling(llama):
 
 # ------------------------------------------------------------------------------------------ the other entries
 @pytest.mark.parametrize("entry, neutral", [
-    ({"no_repeat_ngram_size": 2}, {"no_repeat_ngram_size": 0}),
+    ({"token_healing": True}, {"token_healing": False}),
     ({"num_beams": 3}, {"num_beams": 1}),
-    ({"suppress_tokens": [5, 6]}, {"suppress_tokens": []}),
-    ({"forced_eos_token_id": 3}, None),
+    ({"guidance_scale": 1.5}, {"guidance_scale": 1.0}),
 ])
 def test_config_entries_the_engine_does_not_implement_are_refused(llama, entry, neutral):
     """Such an entry of the target's generation config was ignored, so the output silently differed from
@@ -261,12 +367,18 @@ def test_a_batch_without_eos_or_stop_strings_needs_no_pad_id():
         assert torch.equal(out.sequences[b, batch["input_ids"].shape[1]:], new), f"row {b}"
 
 
-def test_sampling_only_entries_are_refused_when_sampling(llama):
+def test_sampling_entries_of_the_config_are_honoured_when_sampling(llama):
+    """A generation config's sampling warpers (typical_p, min_p, ...) apply when sampling, as in generate; the
+    call's value wins over the config's."""
     target, draft, inputs = llama
-    old = _set(target.generation_config, do_sample=True, typical_p=0.5)
+    old = _set(target.generation_config, do_sample=True, typical_p=0.5, min_p=0.05)
     try:
-        with pytest.raises(ValueError, match="generation config sets typical_p=0.5"):
-            SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=6)
+        generator = SpeculativeGenerator(target, draft, "sage")
+        generator.generate(**inputs, max_new_tokens=6)
+        warpers = {type(w).__name__: w for w in generator._active_warpers}
+        assert warpers["TypicalLogitsWarper"].mass == 0.5 and warpers["MinPLogitsWarper"].min_p == 0.05
+        generator.generate(**inputs, max_new_tokens=6, typical_p=0.8)
+        assert {type(w).__name__: w for w in generator._active_warpers}["TypicalLogitsWarper"].mass == 0.8
     finally:
         _set(target.generation_config, **old)
 
@@ -326,5 +438,8 @@ def test_a_given_generation_config_over_the_targets_own(llama):
     assert torch.equal(out.sequences, hf_greedy(target, inputs, generation_config=config))
     out = generator.generate(**inputs, generation_config=config, max_new_tokens=4)
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
-    with pytest.raises(ValueError, match="generation config sets no_repeat_ngram_size=2"):
-        generator.generate(**inputs, generation_config=GenerationConfig(no_repeat_ngram_size=2))
+    with pytest.raises(ValueError, match="generation config sets token_healing=True"):
+        generator.generate(**inputs, generation_config=GenerationConfig(token_healing=True))
+    config = GenerationConfig(max_new_tokens=12, no_repeat_ngram_size=2)  # a processor's setting in a given config
+    out = generator.generate(**inputs, generation_config=config)
+    assert torch.equal(out.sequences, hf_greedy(target, inputs, generation_config=config))

@@ -40,11 +40,6 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .. import ops
@@ -58,7 +53,7 @@ from .costs import RowOutcome, StepCost, learning_for
 from .coupled import PositionNoise, coupled_token, no_distribution, row_generators, verify_coupled
 from .draft_round import DraftRound
 from .policies import DEFAULT_POLICY, TreePolicy, make_policy
-from .processing import TargetProcessing
+from .processing import TargetProcessing, sampling_warpers
 from .stats import GenerationStats, StepRecord, Timeline
 
 if TYPE_CHECKING:
@@ -249,22 +244,10 @@ class SpeculativeGenerator:
             )
 
     # ------------------------------------------------------------------ sampling helpers
-    @staticmethod
-    def _warpers(temperature: float, top_k: int, top_p: float) -> list:
-        """HF-equivalent logits warpers (same classes and order as ``generate``), applied in float32."""
-        warpers: list = []
-        if temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            warpers.append(TopKLogitsWarper(top_k=top_k))
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p=top_p))
-        return warpers
-
     def _target_scores(self, logits: Tensor, row: "_Row", context_len: int, tree: tuple | None) -> Tensor:
         """The target's scores ``[N, V]`` as ``generate``'s logits processors leave them, before the sampling warpers:
         the logits themselves, or in float32 after the generation's ``TargetProcessing`` (repetition penalty, minimum
-        lengths) of each node's context: the row's first ``context_len`` tokens, then the node's path in ``tree``
+        lengths, transformers' processors of the other settings) of each node's context: the row's first ``context_len`` tokens, then the node's path in ``tree``
         (``tokens``, ``parents``, depth bound; None: no tree)."""
         if self._processing is None:
             return logits
@@ -423,13 +406,14 @@ class SpeculativeGenerator:
         self.timeline = timeline = Timeline(device, clock=self.host_clock)
         self.do_sample = do_sample
         self.draft_temperature = temperature if do_sample else 1.0
-        self._active_warpers = self._warpers(temperature, settings.top_k, settings.top_p) if do_sample else []
+        self._active_warpers = sampling_warpers(settings, device) if do_sample else []
 
         eos_ids = set(_eos_ids(settings.eos_token_id, self.target))
+        # EOS ids the scores have (generate's rule: an id outside them matches nothing)
+        scored_eos = [i for i in sorted(eos_ids) if 0 <= i < self.target.vocab_size]
         processing = TargetProcessing(settings.repetition_penalty, settings.min_length, settings.min_new_tokens,
-                                      # EOS ids the scores have (generate's rule: an id outside them matches nothing)
-                                      torch.tensor([i for i in sorted(eos_ids) if 0 <= i < self.target.vocab_size],
-                                                   dtype=torch.int64, device=device))
+                                      torch.tensor(scored_eos, dtype=torch.int64, device=device), scored_eos,
+                                      settings.processors, max_new_tokens)
         self._processing = processing if processing.active else None
         stop_criteria = StopStringCriteria(tokenizer, settings.stop_strings) if settings.stop_strings else None
 
