@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .engine.processing import PROCESSOR_SETTINGS, sampling_warpers, transformers_processors
-from .families.base import height_width
+from .families.base import height_width, token_id_list
 from .families.glm4v import Glm4vAdapter, shared_placeholder_videos
 from .families.internvl import internvl_tile_tokens
 from .families.llava import llava_image_tokens
@@ -627,13 +627,31 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         pad_token_id=value["pad_token_id"], stop_strings=value["stop_strings"],
         processors={key: value[key] for key in PROCESSOR_SETTINGS if value[key] is not None})
 
-    # transformers' own checks of the processors' and warpers' values (ValueError), before any work
-    transformers_processors(settings.processors, [], prompt_len, settings.max_new_tokens)
+    # transformers' own checks of the processors' and warpers' values (ValueError), before any work (the EOS ids'
+    # part when the engine has them)
+    _check_forced_not_suppressed(settings.processors)
+    transformers_processors({k: v for k, v in settings.processors.items() if k != "exponential_decay_length_penalty"},
+                            None, prompt_len, settings.max_new_tokens)
     if do_sample:
         sampling_warpers(settings)
     if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # a batch's rows are checked one by one once split
         _check_visual_inputs(model, input_ids, inputs)
     return input_ids, settings, inputs
+
+
+def _check_forced_not_suppressed(processors: dict[str, Any]) -> None:
+    """``GenerationConfig.validate``'s rule: every forced BOS / EOS token also suppressed would leave no token to
+    force (every score -inf at that step)."""
+    suppressed = processors.get("suppress_tokens")
+    if suppressed is None:
+        return
+    suppressed = set(token_id_list(suppressed))
+    for key in ("forced_bos_token_id", "forced_eos_token_id"):
+        forced = processors.get(key)
+        if forced is not None and set(token_id_list(forced)) and set(token_id_list(forced)) <= suppressed:
+            raise ValueError(f"every token of {key} ({sorted(set(token_id_list(forced)))}) is also in suppress_tokens: "
+                             f"the step that forces it would have no token left (transformers refuses this too); "
+                             f"remove the overlap from one of the two (to keep EOS away early, use min_new_tokens)")
 
 
 def check_row_inputs(target: Any, input_ids: Tensor, inputs: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from test_batch_split import CASES, assemble
@@ -177,12 +178,54 @@ def test_transformers_processors_of_the_generation_config(llama):
     assert expected[0, prompt_len:].tolist() != seq
 
 
-@pytest.mark.parametrize("entry, error", [({"bad_words_ids": [[-3]]}, "bad_words_ids"),
-                                          ({"sequence_bias": {(2,): "x"}}, "sequence_bias")])
-def test_bad_processor_values_are_refused_before_any_work(llama, entry, error):
+def test_processor_settings_as_tensors_and_arrays(llama):
+    """Token lists given as a tensor or a NumPy array, as generate takes them: a one-element tensor of token 0 is set
+    (it was read as False and dropped), a longer one is no truth value to test."""
     target, draft, inputs = llama
-    with pytest.raises(ValueError, match=error):
-        SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=4, **entry)
+    bias = {(0,): 40.0}  # every token would be 0 without the suppression
+    for suppress in (torch.tensor([0]), np.array([0]), torch.tensor([0, 53]), np.array([53, 0])):
+        for key in ("suppress_tokens", "begin_suppress_tokens"):
+            settings = {"sequence_bias": bias, key: suppress}
+            expected = hf_greedy(target, inputs, max_new_tokens=8, eos_token_id=None, **settings)
+            out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=8, eos_token_id=-1,
+                                                                       **settings)
+            assert torch.equal(out.sequences, expected), (key, suppress)
+
+
+def test_bad_words_keep_generates_eos_rule(llama):
+    """generate drops a banned word that is one of the EOS ids (all of them, one outside the scores included) before
+    its processor checks the words against the vocabulary: so does the engine."""
+    target, draft, inputs = llama
+    vocab = target.config.vocab_size
+    settings = {"eos_token_id": [vocab - 1, vocab + 4], "bad_words_ids": [[vocab + 4], [53]]}
+    expected = hf_greedy(target, inputs, max_new_tokens=12, **settings)
+    for policy in ("ar", "sage"):
+        out = SpeculativeGenerator(target, draft if policy != "ar" else None, policy).generate(
+            **inputs, max_new_tokens=12, **settings)
+        assert torch.equal(out.sequences, expected), policy
+
+
+@pytest.mark.parametrize("entry, error", [
+    ({"bad_words_ids": [[-3]]}, "bad_words_ids"), ({"bad_words_ids": []}, "bad_words_ids"),
+    ({"sequence_bias": {(2,): "x"}}, "sequence_bias"), ({"sequence_bias": {}}, "sequence_bias"),
+    ({"suppress_tokens": [3, 7], "forced_eos_token_id": 7}, "forced_eos_token_id.*also in suppress_tokens"),
+    ({"suppress_tokens": np.array([3, 7]), "forced_bos_token_id": 3}, "forced_bos_token_id.*also in suppress_tokens"),
+    ({"exponential_decay_length_penalty": (2, 1.5), "eos_token_id": None}, "needs an EOS id"),
+])
+def test_bad_processor_values_are_refused_before_any_work(llama, entry, error):
+    """What transformers' processors or generate's config check refuse (ValueError) is refused before any forward."""
+    target, draft, inputs = llama
+    old = _set(target.generation_config, eos_token_id=None)  # (the decay case: no EOS anywhere)
+    generator = SpeculativeGenerator(target, draft, "sage")
+    forwards = []
+    hook = target.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        with pytest.raises(ValueError, match=error):
+            generator.generate(**inputs, max_new_tokens=4, **entry)
+    finally:
+        hook.remove()
+        _set(target.generation_config, **old)
+    assert not forwards
 
 
 def test_repetition_penalty_as_an_argument(llama):

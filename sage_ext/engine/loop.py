@@ -409,16 +409,20 @@ class SpeculativeGenerator:
         self._active_warpers = sampling_warpers(settings, device) if do_sample else []
 
         eos_ids = set(_eos_ids(settings.eos_token_id, self.target))
-        # EOS ids the scores have (generate's rule: an id outside them matches nothing)
+        # EOS ids the scores have (generate's rule: an id outside them matches nothing); transformers' processors get
+        # them all, as generate hands them over
         scored_eos = [i for i in sorted(eos_ids) if 0 <= i < self.target.vocab_size]
         processing = TargetProcessing(settings.repetition_penalty, settings.min_length, settings.min_new_tokens,
-                                      torch.tensor(scored_eos, dtype=torch.int64, device=device), scored_eos,
-                                      settings.processors, max_new_tokens)
+                                      torch.tensor(scored_eos, dtype=torch.int64, device=device),
+                                      sorted(eos_ids) if eos_ids else None, settings.processors, max_new_tokens)
         self._processing = processing if processing.active else None
         stop_criteria = StopStringCriteria(tokenizer, settings.stop_strings) if settings.stop_strings else None
 
         # one state per row; row 0 runs the generator's own policy object (its state is inspected after a call)
         prompt_lens = [inputs["input_ids"].shape[1] for inputs in row_inputs]
+        if processing.settings:  # each row's processors built (and their values checked) before any forward
+            for prompt_len in prompt_lens:
+                processing.row_processors(prompt_len)
         # sequence buffers: bound every cache length, with room for a whole tree's new tokens (commit_tree_)
         max_len = max(prompt_lens) + max_new_tokens + policy.capacity + 2
         rows = [_Row(index, policy if index == 0 else policy.for_row(), prompt_len, max_len, device)

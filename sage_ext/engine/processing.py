@@ -86,20 +86,20 @@ class RowProcessors(NamedTuple):
         return bool(self.before_penalty or self.before_min_lengths or self.after_min_lengths)
 
 
-def transformers_processors(settings: dict[str, Any], eos: list[int], prompt_len: int, max_new_tokens: int,
+def transformers_processors(settings: dict[str, Any], eos: list[int] | None, prompt_len: int, max_new_tokens: int,
                             device: torch.device | str = "cpu") -> RowProcessors:
-    """The processors ``generate`` builds for the ``PROCESSOR_SETTINGS`` in ``settings`` (those set), for a row of
-    ``prompt_len`` prompt tokens (lengths count from it: forced EOS at the last of ``max_new_tokens``, the decay's
-    start, the first new token for ``begin_suppress_tokens``) with the EOS ids ``eos``. HF's classes under
-    ``generate``'s conditions; their constructors check the values (ValueError). An empty list of tokens or words is
-    nothing to apply."""
+    """The processors ``generate`` builds for the ``PROCESSOR_SETTINGS`` in ``settings`` (those set: not None), for a
+    row of ``prompt_len`` prompt tokens (lengths count from it: forced EOS at the last of ``max_new_tokens``, the
+    decay's start, the first new token for ``begin_suppress_tokens``) with the generation's EOS ids ``eos`` (all of
+    them, as ``generate`` hands them over; None: no EOS). HF's classes under ``generate``'s conditions; their
+    constructors check the values (ValueError), as in ``generate``."""
     before_penalty, before_min_lengths, after = [], [], []
-    eos_tensor = torch.tensor(eos, dtype=torch.int64)
-    if settings.get("sequence_bias"):
+    eos_tensor = None if eos is None else torch.tensor(eos, dtype=torch.int64)
+    if settings.get("sequence_bias") is not None:
         before_penalty.append(SequenceBiasLogitsProcessor(sequence_bias=settings["sequence_bias"]))
-    if (settings.get("no_repeat_ngram_size") or 0) > 0:
+    if settings.get("no_repeat_ngram_size") is not None and settings["no_repeat_ngram_size"] > 0:
         before_min_lengths.append(NoRepeatNGramLogitsProcessor(settings["no_repeat_ngram_size"]))
-    if settings.get("bad_words_ids"):
+    if settings.get("bad_words_ids") is not None:
         before_min_lengths.append(NoBadWordsLogitsProcessor(settings["bad_words_ids"], eos_tensor))
     forced_bos = settings.get("forced_bos_token_id")
     if forced_bos is not None:
@@ -110,11 +110,14 @@ def transformers_processors(settings: dict[str, Any], eos: list[int], prompt_len
     if settings.get("remove_invalid_values") is True:
         after.append(InfNanRemoveLogitsProcessor())
     if settings.get("exponential_decay_length_penalty") is not None:
+        if eos_tensor is None:  # (generate fails inside the processor's constructor)
+            raise ValueError("exponential_decay_length_penalty raises the EOS scores: it needs an EOS id "
+                             "(eos_token_id, or the target's generation config's)")
         after.append(ExponentialDecayLengthPenalty(settings["exponential_decay_length_penalty"], eos_tensor,
                                                    prompt_len))
-    if settings.get("suppress_tokens"):
+    if settings.get("suppress_tokens") is not None:
         after.append(SuppressTokensLogitsProcessor(settings["suppress_tokens"], device=device))
-    if settings.get("begin_suppress_tokens"):
+    if settings.get("begin_suppress_tokens") is not None:
         begin = prompt_len if prompt_len > 1 or forced_bos is None else prompt_len + 1
         after.append(SuppressTokensAtBeginLogitsProcessor(settings["begin_suppress_tokens"], begin, device=device))
     return RowProcessors(before_penalty, before_min_lengths, after)
@@ -152,15 +155,16 @@ def apply_per_depth(processors: list, scores: Tensor, context: Tensor, ids: Tens
 
 @dataclass
 class TargetProcessing:
-    """A generation's processing of the target's scores (see the module docstring). ``eos`` ``[E]``: the EOS ids, on
-    the scores' device (``eos_ids`` the same on the host); ``settings``: the ``PROCESSOR_SETTINGS`` set, applied with
-    each row's ``transformers_processors`` (built once per prompt length)."""
+    """A generation's processing of the target's scores (see the module docstring). ``eos`` ``[E]``: the EOS ids the
+    scores have, on their device; ``eos_ids``: every EOS id of the generation, on the host (None: none), for
+    transformers' processors; ``settings``: the ``PROCESSOR_SETTINGS`` set, applied with each row's
+    ``transformers_processors`` (built once per prompt length)."""
 
     repetition_penalty: float
     min_length: int
     min_new_tokens: int
     eos: Tensor
-    eos_ids: list[int] = field(default_factory=list)
+    eos_ids: list[int] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 0
     _rows: dict[int, RowProcessors] = field(default_factory=dict)

@@ -101,12 +101,14 @@ def fixed_count_images(inputs: dict[str, Any], token_id: int, tokens_per_image: 
 
 
 def token_id_list(value: Any) -> list[int]:
-    """Token ids given as ``generate`` takes them (an int, a list / tuple / set or a tensor of them; None: none) as a
-    list of ints."""
+    """Token ids given as ``generate`` takes them (an int, a list / tuple / set, a tensor or a NumPy array of them;
+    None: none) as a list of ints."""
     if value is None:
         return []
     if isinstance(value, Tensor):
         value = value.flatten().tolist()
+    elif hasattr(value, "tolist"):  # a NumPy array or scalar
+        value = value.tolist()
     return [int(e) for e in (value if isinstance(value, (list, tuple, set)) else [value])]
 
 
