@@ -136,6 +136,28 @@ def test_repetition_penalty_and_minimum_length_on_cuda(name, policy):
         assert torch.equal(out.sequences, expected), sampling
 
 
+@pytest.mark.parametrize("policy", ["chain", "sage", "sage_cost"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_vl"])
+def test_transformers_processors_and_warpers_on_cuda(name, policy):
+    """tests/test_generation_config.py's processors (called per tree depth on the GPU's node ids) give
+    target.generate's greedy output; with min_p and typical_p on top of top-k 1 sampling, too."""
+    models = build(name)
+    prompt_len = models.inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        plain = models.target.generate(**models.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    seq = plain[0, prompt_len:].tolist()
+    settings = dict(max_new_tokens=MAX_NEW, no_repeat_ngram_size=2, bad_words_ids=[[seq[1], seq[2]]],
+                    sequence_bias={(seq[0],): -4.0}, suppress_tokens=[seq[3]])
+    engine = SpeculativeGenerator(models.target, models.draft, POLICIES[policy]())
+    for sampling in ({"do_sample": False}, {"do_sample": True, "top_k": 1, "min_p": 0.05, "typical_p": 0.9}):
+        with torch.no_grad():
+            expected = models.target.generate(**models.inputs, **settings, **sampling)
+        out = engine.generate(**models.inputs, **settings, **sampling,
+                              generator=torch.Generator(CUDA).manual_seed(0) if sampling["do_sample"] else None)
+        assert torch.equal(out.sequences, expected), sampling
+    assert not torch.equal(expected, plain)
+
+
 @pytest.mark.parametrize(("name", "policy"), [("llava", "sage"), ("qwen2_vl", "chain")])
 def test_captured_draft_on_cuda(name, policy):
     """``capture_draft=True`` on the GPU (CUDA graphs through torch.compile's "reduce-overhead" mode, the static
