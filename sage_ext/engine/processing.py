@@ -132,25 +132,37 @@ def node_ids(context: Tensor, paths: Tensor, depths: Tensor) -> Tensor:
     return torch.cat([context.to(paths.device).expand(paths.shape[0], -1), paths.gather(1, below)], dim=1)
 
 
+#: transformers' processors that read no ids (the same for every node): applied once to all nodes, not per depth
+READS_NO_IDS = (SuppressTokensLogitsProcessor, InfNanRemoveLogitsProcessor)
+
+
 def apply_per_depth(processors: list, scores: Tensor, context: Tensor, ids: Tensor | None, depths: Tensor | None,
                     depth_bound: int) -> Tensor:
-    """``processors`` (transformers', each reading a row's own ids and scores) on every node: with a tree (``ids``
-    from ``node_ids``), once per depth d on all nodes' ids cut to ``L + d``, kept for the nodes at depth d (a loop over
-    the depths, never over the nodes, no host read); without one, on ``context`` alone."""
-    if not processors:
-        return scores
+    """``processors`` (transformers', each reading a row's own ids and scores) on every node, in order: with a tree
+    (``ids`` from ``node_ids``), those that read ids once per depth d on all nodes' ids cut to ``L + d``, kept for the
+    nodes at depth d (a loop over the depths, never over the nodes, no host read), the others (``READS_NO_IDS``)
+    once on all nodes; without a tree, each on ``context`` alone."""
     if ids is None:
         for processor in processors:
             scores = processor(context[None], scores)
         return scores
-    out = scores
-    for depth in range(depth_bound + 1):
-        processed = scores
-        for processor in processors:
-            processed = processor(ids[:, : context.shape[0] + depth], processed)
-        if processed is not scores:  # (a processor whose length does not apply at this depth returns its input)
-            out = torch.where((depths == depth)[:, None], processed, out)
-    return out
+    segment: list = []  # consecutive processors that read ids
+    for processor in [*processors, None]:
+        if processor is not None and not isinstance(processor, READS_NO_IDS):
+            segment.append(processor)
+            continue
+        if segment:
+            out = scores
+            for depth in range(depth_bound + 1):
+                processed = scores
+                for each in segment:
+                    processed = each(ids[:, : context.shape[0] + depth], processed)
+                if processed is not scores:  # (a processor whose length does not apply here returns its input)
+                    out = torch.where((depths == depth)[:, None], processed, out)
+            scores, segment = out, []
+        if processor is not None:
+            scores = processor(ids, scores)
+    return scores
 
 
 @dataclass
