@@ -36,8 +36,8 @@ DEFAULT_MAX_NEW_TOKENS = 64
 #: sampling warpers and transformers' processors it applies), listed in refusals.
 ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
                     "top_p", "top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
-                    *PROCESSOR_SETTINGS, "eos_token_id", "pad_token_id", "stop_strings", "tokenizer", "streamer",
-                    "generator", "generation_config")
+                    *PROCESSOR_SETTINGS, "num_return_sequences", "eos_token_id", "pad_token_id", "stop_strings",
+                    "tokenizer", "streamer", "generator", "generation_config")
 
 #: The generation settings the engine implements, each read like ``generate`` reads it: the call's argument, else
 #: the generation config's (a given ``generation_config`` over the target's own), else transformers' default here.
@@ -45,6 +45,7 @@ SETTING_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top
                                     "top_h": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None,
                                     "eta_cutoff": None, "repetition_penalty": 1.0, "min_new_tokens": None,
                                     "min_length": 0, "eos_token_id": None, "pad_token_id": None, "stop_strings": None,
+                                    "num_return_sequences": 1,
                                     **{key: None for key in PROCESSOR_SETTINGS}}
 
 #: Settings ``generate`` reads only when sampling (in greedy decoding it ignores them, and so does the engine).
@@ -70,7 +71,6 @@ OUTPUT_REQUESTS = ("output_attentions", "output_hidden_states", "output_scores",
 #: (their defaults): accepted and dropped.
 NO_OP_VALUES: dict[str, tuple] = {
     "num_beams": (1,),
-    "num_return_sequences": (1,),
     "return_dict_in_generate": (False,),
     "output_scores": (False,),
     "output_logits": (False,),
@@ -124,6 +124,7 @@ class GenerationSettings:
     eos_token_id: Any  # an int, a list or a tensor of ids, None: no EOS
     pad_token_id: int | None
     stop_strings: str | list[str] | None
+    num_return_sequences: int  # samples per prompt (sampling only, as in generate)
     processors: dict[str, Any]  # the PROCESSOR_SETTINGS set (transformers' processors apply them)
 
 
@@ -606,6 +607,10 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
     if value["min_new_tokens"] is not None:  # it takes precedence over min_length, as in generate
         _check_number("min_new_tokens", value["min_new_tokens"], low=0, low_open=False, integer=True)
         value["min_length"] = 0
+    _check_number("num_return_sequences", value["num_return_sequences"], low=1, low_open=False, integer=True)
+    if value["num_return_sequences"] > 1 and not do_sample:  # generate's rule (GenerationConfig.validate)
+        raise ValueError(f"num_return_sequences={value['num_return_sequences']} needs do_sample=True: greedy decoding "
+                         f"gives one sequence per prompt (transformers refuses it too; beam search is not implemented)")
     if do_sample and not value["temperature"] > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {value['temperature']}")
     for key in ("top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"):  # their range: the warpers' check
@@ -625,6 +630,7 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         repetition_penalty=float(value["repetition_penalty"]), min_new_tokens=int(value["min_new_tokens"] or 0),
         min_length=int(value["min_length"]), eos_token_id=value["eos_token_id"],
         pad_token_id=value["pad_token_id"], stop_strings=value["stop_strings"],
+        num_return_sequences=int(value["num_return_sequences"]),
         processors={key: value[key] for key in PROCESSOR_SETTINGS if value[key] is not None})
 
     # transformers' own checks of the processors' and warpers' values (ValueError), before any work (the EOS ids'

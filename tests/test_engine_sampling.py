@@ -353,6 +353,52 @@ def test_gumbel_sampled_tokens_do_not_depend_on_the_trees(setup, batch):
         assert not torch.equal(expected[0, 6:], expected[1, 6:])
 
 
+@pytest.mark.parametrize("rule", ["specinfer", "gumbel"])
+def test_num_return_sequences_follow_the_target_distribution(setup, rule):
+    """num_return_sequences samples per prompt, as generate gives them: every returned row is an independent sample
+    of the target's distribution (the 2nd and 3rd tokens over all rows of all calls pass the chi-square test)."""
+    target, draft, inputs = setup
+    kwargs = {"temperature": 2.0, "top_k": 0}
+    engine = SpeculativeGenerator(target, draft, SagePolicy(), sampling_rule=rule)
+    p2, p3 = exact_marginals(target, inputs, hf_warper(target, **kwargs))
+    rng, prompt_len, second, third = torch.Generator().manual_seed(99), inputs["input_ids"].shape[1], [], []
+    for _ in range(RUNS // 4):
+        out = engine.generate(**inputs, max_new_tokens=3, do_sample=True, eos_token_id=-1, num_return_sequences=4,
+                              generator=rng, **kwargs)
+        assert out.sequences.shape == (4, prompt_len + 3) and len(out.stats) == 4
+        second += out.sequences[:, prompt_len + 1].tolist()
+        third += out.sequences[:, prompt_len + 2].tolist()
+    assert chi_square_p(second, p2) > P_PASS
+    assert chi_square_p(third, p3) > P_PASS
+
+
+def test_num_return_sequences_layout_as_generate(setup):
+    """A batch's prompts each repeated num_return_sequences times in a row (generate's layout: [B * n, ...]); with
+    top-k 1 every sample is generate's own; greedy decoding refuses n > 1 as generate does, and a streamer takes one
+    sequence only."""
+    target, draft, inputs = setup
+    other = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": torch.cat([inputs["input_ids"], torch.cat([torch.zeros(1, 2, dtype=torch.int64), other], 1)]),
+             "attention_mask": torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])}
+    engine = SpeculativeGenerator(target, draft, SagePolicy())
+    settings = dict(max_new_tokens=6, do_sample=True, top_k=1, eos_token_id=-1, pad_token_id=0)
+    out = engine.generate(**batch, **settings, num_return_sequences=3, generator=torch.Generator().manual_seed(0))
+    assert out.sequences.shape[0] == 6 and len(out.stats) == 6
+    assert torch.equal(out.sequences[:, :6], batch["input_ids"].repeat_interleave(3, dim=0))
+    alone = [engine.generate(input_ids=row, max_new_tokens=6, do_sample=True, top_k=1, eos_token_id=-1).sequences[0, -6:]
+             for row in (inputs["input_ids"], other)]
+    for index in range(6):
+        assert torch.equal(out.sequences[index, 6:], alone[index // 3]), index
+    with torch.no_grad():
+        expected = target.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=2)
+    got = engine.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=2)
+    assert torch.equal(got.sequences, expected)
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True"):
+        engine.generate(**inputs, max_new_tokens=4, num_return_sequences=2)
+    with pytest.raises(ValueError, match="a streamer takes one sequence"):
+        engine.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=2, streamer=object())
+
+
 def test_seeded_sampling_repeats_exactly(setup):
     target, draft, inputs = setup
     engine = SpeculativeGenerator(target, draft, "sage")

@@ -322,10 +322,12 @@ class SpeculativeGenerator:
         if settings.stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...); they may come from the generation "
                              "config")
-        batch = input_ids.shape[0]
+        samples = settings.num_return_sequences
+        batch = input_ids.shape[0] * samples
         if batch > 1 and streamer is not None:
-            raise ValueError(f"a streamer takes one sequence (as transformers' streamers do); got a batch of {batch} "
-                             f"prompts. Stream one prompt at a time, or generate the batch without a streamer.")
+            raise ValueError(f"a streamer takes one sequence (as transformers' streamers do); got {batch} sequences "
+                             f"({input_ids.shape[0]} prompt(s) x num_return_sequences {samples}). Stream one prompt "
+                             f"and one sample at a time, or generate without a streamer.")
         # every row as the processor would have given it alone (left padding and other rows' media removed)
         rows = self.target.split_batch({"input_ids": input_ids, **inputs})
         for row_inputs in rows:
@@ -345,6 +347,9 @@ class SpeculativeGenerator:
             elif settings.stop_strings:  # without EOS or stop strings every row runs to max_new_tokens: none to fill
                 raise ValueError("a batch with stop_strings needs pad_token_id (the generation config has none, nor an "
                                  "EOS id) to fill the rows that end early")
+        if samples > 1:  # each prompt's row that many times in a row, as generate expands its inputs
+            rows = [row for row in rows for _ in range(samples)]
+            input_ids = input_ids.repeat_interleave(samples, dim=0)
         with torch.inference_mode():
             return self._generate(input_ids, rows, settings, tokenizer, streamer, generator, pad_token_id)
 
