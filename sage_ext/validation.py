@@ -36,7 +36,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 #: sampling warpers and transformers' processors it applies), listed in refusals.
 ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
                     "top_p", "top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
-                    *PROCESSOR_SETTINGS, "num_return_sequences", "eos_token_id", "pad_token_id", "stop_strings",
+                    *PROCESSOR_SETTINGS, "num_return_sequences", "max_time", "eos_token_id", "pad_token_id", "stop_strings",
                     "tokenizer", "streamer", "generator", "generation_config")
 
 #: The generation settings the engine implements, each read like ``generate`` reads it: the call's argument, else
@@ -45,7 +45,7 @@ SETTING_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top
                                     "top_h": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None,
                                     "eta_cutoff": None, "repetition_penalty": 1.0, "min_new_tokens": None,
                                     "min_length": 0, "eos_token_id": None, "pad_token_id": None, "stop_strings": None,
-                                    "num_return_sequences": 1,
+                                    "num_return_sequences": 1, "max_time": None,
                                     **{key: None for key in PROCESSOR_SETTINGS}}
 
 #: Settings ``generate`` reads only when sampling (in greedy decoding it ignores them, and so does the engine).
@@ -125,6 +125,7 @@ class GenerationSettings:
     pad_token_id: int | None
     stop_strings: str | list[str] | None
     num_return_sequences: int  # samples per prompt (sampling only, as in generate)
+    max_time: float | None  # seconds after which every row stops (generate's MaxTimeCriteria; None: no limit)
     processors: dict[str, Any]  # the PROCESSOR_SETTINGS set (transformers' processors apply them)
 
 
@@ -608,6 +609,8 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         _check_number("min_new_tokens", value["min_new_tokens"], low=0, low_open=False, integer=True)
         value["min_length"] = 0
     _check_number("num_return_sequences", value["num_return_sequences"], low=1, low_open=False, integer=True)
+    if value["max_time"] is not None:
+        _check_number("max_time", value["max_time"], low=0.0, low_open=False)
     if value["num_return_sequences"] > 1 and not do_sample:  # generate's rule (GenerationConfig.validate)
         raise ValueError(f"num_return_sequences={value['num_return_sequences']} needs do_sample=True: greedy decoding "
                          f"gives one sequence per prompt (transformers refuses it too; beam search is not implemented)")
@@ -631,6 +634,7 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         min_length=int(value["min_length"]), eos_token_id=value["eos_token_id"],
         pad_token_id=value["pad_token_id"], stop_strings=value["stop_strings"],
         num_return_sequences=int(value["num_return_sequences"]),
+        max_time=None if value["max_time"] is None else float(value["max_time"]),
         processors={key: value[key] for key in PROCESSOR_SETTINGS if value[key] is not None})
 
     # transformers' own checks of the processors' and warpers' values (ValueError), before any work (the EOS ids'

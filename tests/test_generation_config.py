@@ -228,6 +228,28 @@ def test_bad_processor_values_are_refused_before_any_work(llama, entry, error):
     assert not forwards
 
 
+def test_max_time_stops_every_row_with_a_prefix_of_the_output(llama):
+    """max_time (generate's MaxTimeCriteria), as an argument or a config entry: once the generation has run that
+    long, every row stops after the step that passed it (at least one token: a step's), and what it emitted is a
+    prefix of the output without the limit; a long limit changes nothing."""
+    target, draft, inputs = llama
+    prompt_len = inputs["input_ids"].shape[1]
+    full = hf_greedy(target, inputs, max_new_tokens=24, eos_token_id=None)
+    generator = SpeculativeGenerator(target, draft, "sage")
+    out = generator.generate(**inputs, max_new_tokens=24, eos_token_id=-1, max_time=0.0)
+    new = out.sequences.shape[1] - prompt_len
+    assert 1 <= new < 24 and out.stats.stop_reason == "max_time"
+    assert torch.equal(out.sequences, full[:, : prompt_len + new])
+    old = _set(target.generation_config, max_time=0.0)
+    try:
+        assert generator.generate(**inputs, max_new_tokens=24, eos_token_id=-1).stats.stop_reason == "max_time"
+    finally:
+        _set(target.generation_config, **old)
+    assert torch.equal(generator.generate(**inputs, max_new_tokens=24, eos_token_id=-1, max_time=600.0).sequences, full)
+    with pytest.raises(ValueError, match="max_time must be >= 0"):
+        generator.generate(**inputs, max_new_tokens=4, max_time=-1.0)
+
+
 def test_repetition_penalty_as_an_argument(llama):
     target, draft, inputs = llama
     out = SpeculativeGenerator(target, draft, "sage_cost").generate(**inputs, max_new_tokens=24,

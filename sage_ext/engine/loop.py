@@ -400,6 +400,7 @@ class SpeculativeGenerator:
                   pad_token_id) -> GenerationOutput:
         wall_start = time.perf_counter()
         max_new_tokens, do_sample, temperature = settings.max_new_tokens, settings.do_sample, settings.temperature
+        max_time = settings.max_time
         policy = self.policy
         batch = len(row_inputs)
         # devices and dtypes as the models are now (looked up once: HF's accessors are slow)
@@ -618,6 +619,9 @@ class SpeculativeGenerator:
                 row.finish_step(max_new_tokens, eos_ids, stop_criteria, streamer)
                 if self.step_hook is not None:
                     self._debug(row, slot, target_requests[slot][0], step)
+            if max_time is not None and time.perf_counter() - wall_start > max_time:  # generate's MaxTimeCriteria
+                for row in live:
+                    row.stop_reason = row.stop_reason or "max_time"
             if learns_costs and step >= 2:  # the step before this one: its times are final (see Timeline)
                 policy.observe_cost(self._step_cost(rows, step - 1))
             finished = [slot for slot, row in enumerate(live) if row.stop_reason is not None]
