@@ -180,46 +180,48 @@ def test_bad_warper_values_are_refused_before_any_work(setup, kwargs, error):
         SpeculativeGenerator(target, draft, SagePolicy()).generate(**inputs, max_new_tokens=2, do_sample=True, **kwargs)
 
 
-@pytest.mark.parametrize("rule", ["specinfer", "traversal", "gumbel"])
-def test_sampling_with_a_repetition_penalty_follows_the_target_distribution(setup, rule):
-    """The penalty of each node's own context (tests/test_generation_config.py) under sampling: the marginals of the
-    2nd and 3rd token with transformers' RepetitionPenaltyLogitsProcessor applied to every continuation."""
+def _penalty():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    target, draft, inputs = setup
-    kwargs = {"temperature": 1.5, "top_k": 0, "repetition_penalty": 2.0}
-    engine = SpeculativeGenerator(target, draft, SagePolicy(), sampling_rule=rule)
-    warp = hf_warper(target, temperature=1.5, top_k=0)
-    p2, p3 = exact_marginals(target, inputs, warp, RepetitionPenaltyLogitsProcessor(2.0))
-    free2, free3 = exact_marginals(target, inputs, warp)
-    assert (p2 - free2).abs().sum() > 0.1 and (p3 - free3).abs().sum() > 0.1  # the penalty matters here
-    second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
-    assert mean_tau > 0.3, "the draft should get tokens accepted"
-    assert chi_square_p(second, p2) > P_PASS
-    assert chi_square_p(third, p3) > P_PASS
+    return {"repetition_penalty": 2.0}, RepetitionPenaltyLogitsProcessor(2.0)
 
 
-def test_sampling_with_context_dependent_processors_follows_the_target_distribution(setup):
-    """Banned bigrams and a bigram bias (transformers' NoBadWords and SequenceBias processors, which read each
-    continuation's last token) under sampling: the marginals of the 2nd and 3rd token with them applied to every
-    continuation."""
+def _banned_bigrams_and_bias():
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         NoBadWordsLogitsProcessor,
         SequenceBiasLogitsProcessor,
     )
 
-    target, draft, inputs = setup
     bad_words = [[token, banned] for token in range(12) for banned in (7, 9)]
     bias = {(token, 3): 4.0 for token in range(12, VOCAB)}
-    kwargs = {"temperature": 1.5, "top_k": 0, "bad_words_ids": bad_words, "sequence_bias": bias}
-    engine = SpeculativeGenerator(target, draft, SagePolicy())
+    return ({"bad_words_ids": bad_words, "sequence_bias": bias},
+            LogitsProcessorList([SequenceBiasLogitsProcessor(bias), NoBadWordsLogitsProcessor(bad_words)]))
+
+
+CONTEXT_PROCESSING = {  # name: (settings and transformers' processors for them, sampling rule)
+    "penalty_specinfer": (_penalty, "specinfer"),
+    "penalty_traversal": (_penalty, "traversal"),
+    "penalty_gumbel": (_penalty, "gumbel"),
+    "banned_bigrams_and_bias_specinfer": (_banned_bigrams_and_bias, "specinfer"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTEXT_PROCESSING))
+def test_sampling_with_context_dependent_processing_follows_the_target_distribution(setup, name):
+    """Processing that reads each node's own context (tests/test_generation_config.py) under sampling: the repetition
+    penalty, banned bigrams and a bigram bias (transformers' NoBadWords and SequenceBias processors, which read a
+    continuation's last token); the marginals of the 2nd and 3rd token with transformers' processors applied to
+    every continuation."""
+    make, rule = CONTEXT_PROCESSING[name]
+    settings, processors = make()
+    target, draft, inputs = setup
+    engine = SpeculativeGenerator(target, draft, SagePolicy(), sampling_rule=rule)
     warp = hf_warper(target, temperature=1.5, top_k=0)
-    processors = LogitsProcessorList([SequenceBiasLogitsProcessor(bias), NoBadWordsLogitsProcessor(bad_words)])
     p2, p3 = exact_marginals(target, inputs, warp, processors)
     free2, free3 = exact_marginals(target, inputs, warp)
-    assert (p2 - free2).abs().sum() > 0.1 and (p3 - free3).abs().sum() > 0.1  # the processors matter here
-    second, third, mean_tau = sample_tokens(engine, inputs, **kwargs)
+    assert (p2 - free2).abs().sum() > 0.1 and (p3 - free3).abs().sum() > 0.1  # the processing matters here
+    second, third, mean_tau = sample_tokens(engine, inputs, temperature=1.5, top_k=0, **settings)
     assert mean_tau > 0.3, "the draft should get tokens accepted"
     assert chi_square_p(second, p2) > P_PASS
     assert chi_square_p(third, p3) > P_PASS
