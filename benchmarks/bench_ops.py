@@ -378,7 +378,8 @@ def run(device: torch.device, quick: bool, point: bool = False):
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
-HEADER = f"{'op':<24}{'B':>3}{'N':>5}{'V':>8}{'extension us':>15}{'in graph us':>13}{'reference us':>15}{'speed-up':>10}"
+HEADER = (f"{'op':<24}{'B':>3}{'N':>5}{'V':>8}{'extension us':>15}{'in graph us':>13}{'reference us':>15}"
+          f"{'speed-up':>10}")
 
 
 def fmt(value):

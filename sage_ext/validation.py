@@ -36,8 +36,8 @@ DEFAULT_MAX_NEW_TOKENS = 64
 #: sampling warpers and transformers' processors it applies), listed in refusals.
 ENGINE_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
                     "top_p", "top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
-                    *PROCESSOR_SETTINGS, "num_return_sequences", "max_time", "eos_token_id", "pad_token_id", "stop_strings",
-                    "tokenizer", "streamer", "generator", "generation_config")
+                    *PROCESSOR_SETTINGS, "num_return_sequences", "max_time", "eos_token_id", "pad_token_id",
+                    "stop_strings", "tokenizer", "streamer", "generator", "generation_config")
 
 #: The generation settings the engine implements, each read like ``generate`` reads it: the call's argument, else
 #: the generation config's (a given ``generation_config`` over the target's own), else transformers' default here.
@@ -91,10 +91,10 @@ IGNORABLE_IDS = ("pad_token_id", "bos_token_id", "decoder_start_token_id")
 GENERATE_ONLY = {
     "assistant_model": "the draft is SpeculativeGenerator's second argument",
     "assistant_tokenizer": "target and draft must share the tokenizer",
-    "logits_processor": "only generate's own processing is applied: the repetition penalty, the minimum lengths and "
-                        "the sampling warpers (temperature, top-h, top-k, top-p, min-p, typical-p, epsilon and eta "
-                        "cutoffs), set by their generate arguments (lossless verification needs the same processing "
-                        "on both sides)",
+    "logits_processor": "only generate's own processing is applied, set by its arguments: the repetition penalty, "
+                        "minimum lengths, sequence_bias, no_repeat_ngram_size, bad_words_ids, suppressed and forced "
+                        "tokens, the exponential length penalty and the sampling warpers (lossless verification "
+                        "needs the same processing on every tree node)",
     "stopping_criteria": "use eos_token_id or stop_strings",
     "prefix_allowed_tokens_fn": "constrained decoding is not implemented",
     "negative_prompt_ids": "classifier-free guidance is not implemented",

@@ -387,8 +387,8 @@ def test_num_return_sequences_layout_as_generate(setup):
     out = engine.generate(**batch, **settings, num_return_sequences=3, generator=torch.Generator().manual_seed(0))
     assert out.sequences.shape[0] == 6 and len(out.stats) == 6
     assert torch.equal(out.sequences[:, :6], batch["input_ids"].repeat_interleave(3, dim=0))
-    alone = [engine.generate(input_ids=row, max_new_tokens=6, do_sample=True, top_k=1, eos_token_id=-1).sequences[0, -6:]
-             for row in (inputs["input_ids"], other)]
+    alone = [engine.generate(input_ids=row, max_new_tokens=6, do_sample=True, top_k=1,
+                             eos_token_id=-1).sequences[0, -6:] for row in (inputs["input_ids"], other)]
     for index in range(6):
         assert torch.equal(out.sequences[index, 6:], alone[index // 3]), index
     with torch.no_grad():

@@ -148,8 +148,8 @@ PROCESSOR_CASES = {  # settings (each changes this model's greedy output: the te
 @pytest.mark.parametrize("case", list(PROCESSOR_CASES))
 def test_transformers_processors_every_policy(llama, case):
     """sequence_bias, no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens,
-    forced_eos_token_id and exponential_decay_length_penalty, as arguments: every policy's output equals target.generate's (which they
-    change), with trees whose nodes each get their own context's processing."""
+    forced_eos_token_id and exponential_decay_length_penalty, as arguments: every policy's output equals
+    target.generate's (which they change), with trees whose nodes each get their own context's processing."""
     target, draft, inputs = llama
     prompt_len = inputs["input_ids"].shape[1]
     plain = hf_greedy(target, inputs, max_new_tokens=20, eos_token_id=None)

@@ -247,8 +247,9 @@ class SpeculativeGenerator:
     def _target_scores(self, logits: Tensor, row: "_Row", context_len: int, tree: tuple | None) -> Tensor:
         """The target's scores ``[N, V]`` as ``generate``'s logits processors leave them, before the sampling warpers:
         the logits themselves, or in float32 after the generation's ``TargetProcessing`` (repetition penalty, minimum
-        lengths, transformers' processors of the other settings) of each node's context: the row's first ``context_len`` tokens, then the node's path in ``tree``
-        (``tokens``, ``parents``, depth bound; None: no tree)."""
+        lengths, transformers' processors of the other settings) of each node's context: the row's first
+        ``context_len`` tokens, then the node's path in ``tree`` (``tokens``, ``parents``, depth bound; None: no
+        tree)."""
         if self._processing is None:
             return logits
         return self._processing(logits, row.seq[0, :context_len], row.prompt_len, tree)

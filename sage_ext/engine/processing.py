@@ -183,8 +183,8 @@ class TargetProcessing:
 
     @property
     def active(self) -> bool:
-        return (self.repetition_penalty != 1.0 or (self.eos.numel() > 0 and (self.min_length or self.min_new_tokens) > 0)
-                or bool(self.settings))
+        return (self.repetition_penalty != 1.0 or bool(self.settings)
+                or (self.eos.numel() > 0 and (self.min_length or self.min_new_tokens) > 0))
 
     def row_processors(self, prompt_len: int) -> RowProcessors:
         processors = self._rows.get(prompt_len)
