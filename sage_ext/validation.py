@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine.processing import PROCESSOR_SETTINGS, sampling_warpers, transformers_processors
+from .engine.processing import PROCESSOR_SETTINGS, sampling_warpers
 from .families.base import height_width, token_id_list
 from .families.glm4v import Glm4vAdapter, shared_placeholder_videos
 from .families.internvl import internvl_tile_tokens
@@ -637,11 +637,9 @@ def check_generate_call(target: Any, input_ids: Any, arguments: dict[str, Any], 
         max_time=None if value["max_time"] is None else float(value["max_time"]),
         processors={key: value[key] for key in PROCESSOR_SETTINGS if value[key] is not None})
 
-    # transformers' own checks of the processors' and warpers' values (ValueError), before any work (the EOS ids'
-    # part when the engine has them)
+    # transformers' own checks of the warpers' values (ValueError), before any work; the processors' are checked as
+    # the engine builds them, before its first forward (they need the EOS ids)
     _check_forced_not_suppressed(settings.processors)
-    transformers_processors({k: v for k, v in settings.processors.items() if k != "exponential_decay_length_penalty"},
-                            None, prompt_len, settings.max_new_tokens)
     if do_sample:
         sampling_warpers(settings)
     if input_ids.dim() == 2 and input_ids.shape[0] == 1:  # a batch's rows are checked one by one once split
@@ -657,9 +655,9 @@ def _check_forced_not_suppressed(processors: dict[str, Any]) -> None:
         return
     suppressed = set(token_id_list(suppressed))
     for key in ("forced_bos_token_id", "forced_eos_token_id"):
-        forced = processors.get(key)
-        if forced is not None and set(token_id_list(forced)) and set(token_id_list(forced)) <= suppressed:
-            raise ValueError(f"every token of {key} ({sorted(set(token_id_list(forced)))}) is also in suppress_tokens: "
+        forced = set(token_id_list(processors.get(key)))
+        if forced and forced <= suppressed:
+            raise ValueError(f"every token of {key} ({sorted(forced)}) is also in suppress_tokens: "
                              f"the step that forces it would have no token left (transformers refuses this too); "
                              f"remove the overlap from one of the two (to keep EOS away early, use min_new_tokens)")
 
