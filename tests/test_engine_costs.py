@@ -28,7 +28,7 @@ from sage_ext.engine.costs import (
     node_threshold,
 )
 from sage_ext import _C
-from sage_ext.engine.policies import CostAwareSagePolicy, SagePolicy, make_policy
+from sage_ext.engine.policies import CostAwareSagePolicy, SagePolicy, make_policy, sure_depth
 
 
 def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, first=0.004, verify0=0.005, verify1=1e-4,
@@ -555,6 +555,59 @@ def test_dear_draft_levels_stop_trees_below_the_cap():
         if stop:
             assert policy.learned.go_on is not None
     assert forwards[True] < forwards[False], forwards
+
+
+def test_sure_depth_is_where_a_sure_level_stops_paying():
+    pays, stops = _C.LevelGoOn([0.0, 1.0], [0.0, 2.0], 1.0, 0.5), _C.LevelGoOn([0.0, 1.0], [0.0, 1.0], 1.0, 0.5)
+    assert sure_depth([pays, pays, stops, pays], 12) == 3
+    assert sure_depth([pays], 12) == 12  # deeper levels take the last level's rule
+    assert sure_depth([stops, pays], 12) == 1
+
+
+def test_with_the_level_stop_the_cap_lets_a_sure_step_go_as_deep_as_it_pays():
+    """The depth cap best on average (``best_depth``) would cut short the steps whose draft stays sure; with the
+    per-step stop each step ends where its own mass stops paying, so the cap only has to let a sure step (one node a
+    level, all the mass on it) go as deep as that pays. A dear verify against cheap draft levels: the average
+    optimum is shallow, a sure level always pays, the cap goes to ``d_max_cap`` and the stop keeps the trees
+    shallow; greedy output identical."""
+    target, inputs = tiny_llama(seed=5)
+    draft = correlated_draft(target, noise=0.3)
+    reference = hf_greedy(target, inputs, max_new_tokens=64, eos_token_id=-1)
+    policy = CostAwareSagePolicy(chains=False)
+    engine = SpeculativeGenerator(target, draft, policy)
+    engine.host_clock = priced_clock(engine, {"draft_decode": 1.0, "target_verify": 8.0})
+    out = engine.generate(**inputs, max_new_tokens=64, eos_token_id=-1)
+    assert torch.equal(out.sequences, reference)
+    learned, d_min = policy.learned, policy.d_min
+    average_best = best_depth(learned.costs, learned.acceptance, d_min + 1, policy.d_max_cap,
+                              depth_of=lambda cap: d_min + learned.mean_alpha * (cap - d_min))
+    assert sure_depth(learned.go_on, policy.d_max_cap) == policy.d_max_cap
+    assert average_best < learned.depth_goal == policy.d_max_cap
+    late = out.stats.steps[-8:]
+    assert max(step.d_max for step in late) == policy.d_max_cap
+    assert sum(step.tree_depth for step in late) / len(late) < average_best  # each step's own stop
+
+
+def test_a_later_generation_starts_from_the_learned_confidence():
+    """SAGE opens every generation with its static first round (no root confidence measured yet); once sage_cost
+    knows the pair's costs, a generation starts from the recent root confidence instead (its first step an
+    adaptive tree, a trial of chain or tree with chains); greedy output identical."""
+    target, inputs = tiny_llama(seed=4)
+    draft = same_draft(target)
+    reference = hf_greedy(target, inputs, max_new_tokens=32)
+    for policy in (SagePolicy(), CostAwareSagePolicy(chains=False)):
+        engine = SpeculativeGenerator(target, draft, policy)
+        static_round = policy.first_round.capacity - 1  # its draft nodes
+        first = engine.generate(**inputs, max_new_tokens=32)
+        assert first.stats.steps[0].alpha is None and first.stats.steps[0].tree_slots == static_round
+        learned_alpha = getattr(getattr(policy, "learned", None), "mean_alpha", None)
+        second = engine.generate(**inputs, max_new_tokens=32)
+        assert torch.equal(first.sequences, reference) and torch.equal(second.sequences, reference)
+        opening = second.stats.steps[0]
+        if isinstance(policy, CostAwareSagePolicy):
+            assert opening.alpha == learned_alpha and opening.tree_slots != static_round
+        else:
+            assert opening.alpha is None and opening.tree_slots == static_round
 
 
 def measured_costs() -> CostModel:
