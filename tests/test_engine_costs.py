@@ -621,11 +621,12 @@ def measured_costs() -> CostModel:
 
 
 def test_the_kind_whose_trials_gave_more_tokens_per_second_runs():
-    """The first two steps and every ``trial_every``-th are trials, tree and chain in turn; the other steps run the
-    kind whose trials gave more tokens per second, both priced alike (their mean tokens, forwards and slots through
-    the cost model); steps that are not trials do not move the rates."""
+    """The first two steps are trials, then one every ``trial_every`` steps, tree and chain in turn; the other steps
+    run the kind whose trials gave more tokens per second, both priced alike (their mean tokens, forwards and slots
+    through the cost model); steps that are not trials do not move the rates. While trials confirm the preference
+    the gap between them doubles (up to ``max_trial_gap``); a change of preference brings it back."""
     costs = measured_costs()
-    choice = ProposalChoice(max_length=12, trial_every=4)
+    choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=16)
     assert choice.next_length(limit=64) == (0, True)  # first trial: the tree
     assert choice.next_length(limit=64) == (12, True)  # second: the chain, at its optimistic length
     choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)
@@ -633,19 +634,30 @@ def test_the_kind_whose_trials_gave_more_tokens_per_second_runs():
     choice.decide(costs)
     assert choice.tree.per_second(costs) == pytest.approx(2 / costs.seconds_for(3, 8))
     assert choice.chain.per_second(costs) == pytest.approx(9 / costs.seconds_for(8, 8))
-    assert choice.prefers_chain
+    assert choice.prefers_chain and choice.trial_gap == 4  # a first comparison confirms nothing
     length = choice.chain_length
-    assert [choice.next_length(limit=64) for _ in range(6)] == [(length, False), (length, False), (0, True),
-                                                                (length, False), (length, False), (length, False)]
-    assert choice.next_length(limit=64) == (length, True)  # (the trials alternate: the tree's turn came before)
+    # steps 2-4 run the chain; step 5, four after the last trial, is the tree's trial
+    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, False)] * 3 + [(0, True)]
     choice.observe_tree(accepted=9, forwards=3, slots=8)  # not a trial: the rates stay
     choice.decide(costs)
-    assert choice.prefers_chain and choice.tree.steps == 1 and choice.tree_steps == 2
-    for _ in range(6):
+    assert choice.prefers_chain and choice.tree.steps == 1 and choice.tree_steps == 2 and choice.trial_gap == 4
+    choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)  # step 5's trial: the chain still wins
+    choice.decide(costs)
+    assert choice.prefers_chain and choice.trial_gap == 8
+    # step 9 (four after step 5's trial, the gap when it ran) is the chain's trial
+    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, False)] * 3 + [(length, True)]
+    choice.observe_chain(accepted=8, levels=8, trial=True)
+    choice.decide(costs)
+    assert choice.trial_gap == 16  # and no further (max_trial_gap)
+    choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)
+    choice.decide(costs)
+    assert choice.trial_gap == 16
+    assert [choice.next_length(limit=64) for _ in range(8)] == [(length, False)] * 7 + [(0, True)]  # step 17
+    for _ in range(6):  # trees win from now on: the gap is trial_every again
         choice.observe_tree(accepted=6, forwards=5, slots=15, trial=True)
         choice.observe_chain(accepted=0, levels=3, trial=True)
     choice.decide(costs)
-    assert not choice.prefers_chain
+    assert not choice.prefers_chain and choice.trial_gap == 4
     choice.decide(costs, rows=2)  # a batch: trees only, no trial
     assert [choice.next_length(limit=64) for _ in range(10)] == [(0, False)] * 10
 
