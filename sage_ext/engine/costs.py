@@ -418,20 +418,20 @@ class ProposalChoice:
 
     The two are compared by trials: the first two steps are trials, then one every ``trial_every`` steps, tree and
     chain in turn whatever the preference, and each kind's rate is the decayed mean of its trials' tokens (accepted +
-    the bonus), draft forwards and verified slots, priced by the cost model; the other steps run the kind with the
-    higher rate. A trial of the kind that loses costs what it loses, so while trials keep confirming the preference
-    the gap between them doubles (up to ``max_trial_gap`` steps), and it is ``trial_every`` again when the
-    preference changes (held-out LLaVA scenes, trees preferred: chains=False ran 2-5% faster than the policy with
-    trials every 8 steps). Only trials count because their kind does not depend on how the last steps went: rates taken from
-    every step credit whichever kind happened to run in the easy passages (measured on the Qwen2-VL pair: trees run
-    between chains, chosen by all steps' rates, accepted 4.6 tokens a step against 5.5 for trees alone on the same
-    scenes, and the chain took over where it loses). A chain wins where the draft's greedy token is right more often
+    the bonus), draft forwards and verified slots, priced by the cost model; the other steps run the tree unless the
+    chain's rate is ``chain_margin`` times the tree's. A trial of the kind that loses costs what it loses, so while
+    trials keep confirming the preference the gap between them doubles (up to ``max_trial_gap`` steps), and it is
+    ``trial_every`` again when the preference changes. Only trials count because their kind does not depend on how
+    the last steps went: rates taken from every step credit whichever kind happened to run in the easy passages
+    (measured on the Qwen2-VL pair: trees run between chains, chosen by all steps' rates, accepted 4.6 tokens a step
+    against 5.5 for trees alone on the same scenes, and the chain took over where it loses). A chain wins where the draft's greedy token is right more often
     than its probabilities say (a copy of the target whose distributions are wide: SAGE reads the low confidence as
     low acceptance, builds shallow trees and its threshold drops the greedy path), or where long chains of a sure
     draft cost less than a tree's width brings.
 
     The chain is shaped like a tree: its length is the one with the most expected tokens per second from how deep
-    chains are accepted (``chain_depths``, a ``DepthAcceptance`` of chain steps only), and with dynamic shapes it
+    chains are accepted (``chain_depths``, a ``DepthAcceptance`` of chain steps only; with the level stop, at least
+    how deep a sure chain pays, ``CostAwareSagePolicy.observe_cost``), and with dynamic shapes it
     stops at the level where one more is worth less than it costs (``chain_go_on``: ``level_go_on_terms`` from the
     chain's own acceptance by depth and by mass, ``chain_masses``). Both start optimistic (depths accepted with 0.95,
     every mass accepted until shown otherwise): a short chain could never show how deep it goes. In a batch only

@@ -603,19 +603,21 @@ class CostAwareSagePolicy(SagePolicy):
     less than it costs at the probability mass the tree holds at its current depth (``level_go_on``,
     ``costs.level_go_on_terms``: SpecDec++'s stop rule; how often a depth is accepted at a given mass is learned
     too, ``MassAcceptance``): a step whose draft loses confidence halfway stops there, a confident one goes on to the
-    cap. With static shapes (CUDA) nothing is read mid-step and the cap alone applies, as in a batch (the shared
+    cap, which with this stop is at least as deep as a sure step pays for (``sure_depth``; the average optimum cut
+    sure steps short). A generation after the costs are known starts from the learned root confidence, not from
+    SAGE's static first round. With static shapes (CUDA) nothing is read mid-step and the cap alone applies, as in a batch (the shared
     draft forward runs while any row goes on: one row's stop would save none). ``width_from_cost``: the node threshold
     too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative draft probability,
     calibrated from every step's outcome) are worth less than the verify time it adds is not proposed, so a
     dear verify (a large batch, a slow target) narrows the trees. That least probability is a floor under
     SAGE's threshold at every level (``level_theta``), which stays the rule above it. Off by default: on the
     fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches").
-    ``chains`` (on by default): each step proposes SAGE's tree or the draft's greedy chain, whichever gives more
-    tokens per second (``costs.ProposalChoice``: the two compared by trials, every 8th step one or the other whatever
-    the preference, so that neither is credited with the passages it happened to run in). The chain is shaped like
-    the tree: its length is the one with the most expected tokens per second
-    from how deep chains are accepted, and with dynamic shapes it stops at the level where one more stops paying
-    (the level stop, learned from chain steps). A draft whose greedy token is right more often than its confidence
+    ``chains`` (on by default): each step proposes SAGE's tree or the draft's greedy chain, the chain where it gives
+    1.1x the tree's tokens per second (``costs.ProposalChoice``: the two compared by trials, one every 8 to 64 steps,
+    one kind or the other whatever the preference, so that neither is credited with the passages it happened to
+    run in). The chain is shaped like the tree: its length is the one with the most expected tokens per second
+    from how deep chains are accepted (with the level stop, at least how deep a sure chain pays), and with dynamic
+    shapes it stops at the level where one more stops paying (the level stop, learned from chain steps). A draft whose greedy token is right more often than its confidence
     says (SAGE then builds shallow, wide trees that drop the greedy path), or a sure draft whose long chains cost
     less than a tree's width brings, gets chains. One prompt at a time, like the level stop.
     The estimates (``learned``) outlast ``reset``: they belong to the pair of models and the device, not to one
