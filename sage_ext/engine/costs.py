@@ -182,6 +182,11 @@ class CostModel:
         self._draft_fit = draft.fit(prior_slope=proportional, prior_variance=1.0)
 
     @property
+    def estimated(self) -> bool:
+        """Whether every cost has a first estimate (two observed steps): what the policy's decisions wait for."""
+        return self.steps >= 2
+
+    @property
     def fixed_seconds(self) -> float:
         return self._fixed
 
@@ -490,9 +495,10 @@ class ProposalChoice:
         if costs.steps:  # a chain of L tokens: L draft forwards, L verified slots
             self.chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
                                            seconds_of=lambda length: costs.seconds_for(length, length))
-        prefers_chain = (not self.batched and self.tree.steps > 0 and self.chain.steps > 0
+        both_tried = self.tree.steps > 0 and self.chain.steps > 0
+        prefers_chain = (not self.batched and both_tried
                          and self.chain.per_second(costs) > self.chain_margin * self.tree.per_second(costs))
-        if self._trial_observed and self.tree.steps > 0 and self.chain.steps > 0:
+        if self._trial_observed and both_tried:
             # (the first decision from both kinds' trials confirms nothing yet)
             confirmed = self._compared and prefers_chain == self.prefers_chain
             self.trial_gap = min(2 * self.trial_gap, self.max_trial_gap) if confirmed else self.trial_every

@@ -692,7 +692,7 @@ class CostAwareSagePolicy(SagePolicy):
         learned = self.learned
         if learned is not None:
             self.d_max = learned.depth_goal  # a new generation starts where the last one's costs pointed
-            if learned.costs.steps >= 2:
+            if learned.costs.estimated:
                 # and from the root confidence recent steps measured, instead of SAGE's static first round (a
                 # 25-node tree 5 deep that a sure draft outgrows: the first of a caption's 5-8 steps)
                 self.alpha_next = learned.mean_alpha
@@ -703,7 +703,7 @@ class CostAwareSagePolicy(SagePolicy):
         if alpha_root is not None:
             self.alpha_next = alpha_root
             learned.mean_alpha += 0.2 * (alpha_root - learned.mean_alpha)
-        if learned.costs.steps >= 2:  # a first estimate of every cost
+        if learned.costs.estimated:
             if self.d_max < learned.depth_goal:
                 self.d_max += 1
             elif self.d_max > learned.depth_goal:
@@ -741,7 +741,7 @@ class CostAwareSagePolicy(SagePolicy):
 
         learned.depth_goal = best_depth(learned.costs, learned.acceptance, d_min + 1, self.d_max_cap,
                                         depth_of=depth_of, rows=cost.rows)
-        if learned.costs.steps >= 2 and learned.nodes.steps >= 1:
+        if learned.costs.estimated and learned.nodes.steps >= 1:
             # a node pays while calibration x p x (seconds per token) > one more verified token's seconds: that
             # least p is a floor under SAGE's threshold at every level
             depth = depth_of(learned.depth_goal)
