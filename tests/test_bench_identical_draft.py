@@ -11,14 +11,17 @@ from script_runs import run_main  # noqa: E402
 
 
 def test_identical_draft_report(tmp_path):
-    code = run_main(bench_identical_draft.main, ["--seeds", "1", "--new-tokens", "64", "--repeats", "1",
+    code = run_main(bench_identical_draft.main, ["--seeds", "1", "--new-tokens", "61", "--repeats", "1",
                                                  "--threads", "1", "--out-dir", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "identical_draft_cpu.json").read_text())
     assert report["identical_to_ar"]
     assert [row["model"] for row in report["rows"]] == list(bench_identical_draft.MODELS)
     for row in report["rows"]:
-        assert row["chain"]["tau"] == 5.0  # every chain token accepted (EOS off, 64 tokens: no step cut short
-        assert row["sage_cost"]["tau"] > row["chain"]["tau"], row  # by more than the 5 a chain can give)
-        assert all(row[name]["tokens_per_s"] > 0 for name in bench_identical_draft.POLICIES)
+        assert row["chain"]["tau"] == 5.0  # every chain token accepted (EOS off, 61 = 1 + 10 x 6 tokens: no step cut
+        # short by max_new_tokens
+        assert row["sage_cost"]["tau"] > row["chain"]["tau"], row  # (more than the 5 a chain can give)
+        assert all(row[name]["tokens_per_s"] > 0 and row[name]["over_chain"] > 0
+                   for name in bench_identical_draft.POLICIES)
+        assert row["chain"]["over_chain"] == 1.0
     assert "identical to ar: True" in (tmp_path / "identical_draft_cpu.md").read_text()

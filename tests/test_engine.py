@@ -24,6 +24,7 @@ from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
     tiny_llama,
     tiny_llava,
     tiny_tokenizer,
+    tokens_left,
 )
 
 from sage_ext.engine import SpeculativeGenerator
@@ -69,6 +70,8 @@ def family(request):
 def greedy_chain_depth(tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Tensor) -> int:
     """Depth reached by following, from the root, the child with the highest draft log-prob (the draft's
     greedy token: every policy includes rank 0 among a node's children whenever the node has any)."""
+    if parents.shape[1] == 1:  # the root alone (the generation's last token): no draft, no log-probs
+        return 0
     parents_list, logprobs_list = parents[0].tolist(), logprobs[0].tolist()
     node, depth = 0, 0
     while True:
@@ -105,8 +108,8 @@ def test_identical_draft_accepts_the_whole_greedy_chain(family, policy):
     out = generator.generate(**family.inputs, max_new_tokens=MAX_NEW)
     assert torch.equal(out.sequences, family.reference)
     assert seen and all(tau == expected for tau, expected in seen), seen
-    if policy in ("chain", "static"):
-        assert all(step.tau == 5 for step in out.stats.steps)
+    if policy in ("chain", "static"):  # the whole depth 5 every step, but never past max_new_tokens
+        assert [step.tau for step in out.stats.steps] == [min(5, left - 1) for left in tokens_left(out.stats, MAX_NEW)]
 
 
 @pytest.mark.parametrize("policy", SPECULATIVE)
@@ -224,7 +227,7 @@ def test_stop_strings(builder, policy):
 
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_llava])
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7, 13])
-@pytest.mark.parametrize("policy", ["static", "sage", "dynamic"])
+@pytest.mark.parametrize("policy", ["chain", "static", "sage", "sage_static_shapes", "dynamic", "sage_cost"])
 def test_max_new_tokens_is_exact(builder, max_new_tokens, policy):
     target, inputs = builder()
     reference = hf_greedy(target, inputs, max_new_tokens=max_new_tokens)
@@ -232,6 +235,12 @@ def test_max_new_tokens_is_exact(builder, max_new_tokens, policy):
         **inputs, max_new_tokens=max_new_tokens)
     assert torch.equal(out.sequences, reference)
     assert out.stats.new_tokens == max_new_tokens
+    # no level is drafted past the end: a tree d deep emits at most d + 1 tokens, so with r tokens left a step's
+    # tree is at most r - 1 deep, and the root alone (no draft forward) when one token is left
+    for step, left in zip(out.stats.steps, tokens_left(out.stats, max_new_tokens)):
+        assert step.tree_depth <= left - 1, (step, left)
+        if left == 1:
+            assert step.draft_forwards == 0 and step.tree_size == 0, step  # (tree_size: draft nodes)
 
 
 @pytest.mark.parametrize("family_name", ["llama", "qwen2", "mistral", "llava"])

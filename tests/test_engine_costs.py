@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_engine import hf_greedy
-from tiny_models import correlated_draft, one_thread, same_draft, tiny_llama  # noqa: F401  (autouse fixture)
+from tiny_models import correlated_draft, one_thread, same_draft, tiny_llama, tokens_left  # noqa: F401  (autouse)
 
 from sage_ext.engine import SpeculativeGenerator
 from sage_ext.engine.costs import (
@@ -526,7 +526,8 @@ def test_the_level_stop_ends_trees_in_the_engine(static_shapes):
     engine = SpeculativeGenerator(target, same_draft(target), _NeverGoesOn(static_shapes=static_shapes))
     out = engine.generate(**inputs, max_new_tokens=32)
     assert torch.equal(out.sequences, reference)
-    adaptive = out.stats.steps[1:]  # after SAGE's first (static) round
+    # after SAGE's first (static) round, the steps with room for two levels before max_new_tokens
+    adaptive = [step for step, left in zip(out.stats.steps, tokens_left(out.stats, 32)) if left > 2][1:]
     assert adaptive
     if static_shapes:
         assert all(step.draft_forwards > 1 for step in adaptive)
@@ -719,3 +720,33 @@ def test_a_draft_identical_to_the_target_gets_long_chains():
         else:
             assert policy.learned.proposals.chain_steps == 0
     assert taus[True] > 5.0 > taus[False], taus
+
+
+def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
+    """A trial step whose proposal the tokens left to max_new_tokens cut short (a tree below its d_max, a chain below
+    its length) counts as an ordinary step: its kind's rate would be priced by a step it could not take. Short
+    generations make such steps common; every other trial stays one."""
+    target, inputs = tiny_llama(seed=3)
+    policy = CostAwareSagePolicy()
+    engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.3), policy)
+    proposals = policy.learned.proposals
+    drawn, next_length, build = [], proposals.next_length, policy.build
+
+    def recorded_next_length(limit):
+        drawn.append(next_length(limit))
+        return drawn[-1]
+
+    def recorded_build(ctx):
+        count = len(drawn)
+        proposal = yield from build(ctx)
+        if len(drawn) > count:  # a step that chose between tree and chain (not SAGE's first round)
+            length, trial = drawn[-1]
+            seen.append((trial, proposal.trial, ctx.depth_limit, length or policy.d_max))
+        return proposal
+
+    proposals.next_length, policy.build, seen = recorded_next_length, recorded_build, []
+    for max_new_tokens in (6, 9, 5, 12, 7, 10, 4, 8) * 3:
+        out = engine.generate(**inputs, max_new_tokens=max_new_tokens)
+        assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=max_new_tokens))
+    assert all(kept == (trial and limit >= wanted) for trial, kept, limit, wanted in seen), seen
+    assert any(trial and not kept for trial, kept, _, _ in seen) and any(kept for _, kept, _, _ in seen)

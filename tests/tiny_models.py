@@ -135,6 +135,16 @@ def contrary_draft(target: torch.nn.Module) -> torch.nn.Module:
     return draft.eval()
 
 
+def tokens_left(stats, max_new_tokens: int) -> list[int]:
+    """Per step of a generation's ``stats``: the tokens still to generate when it began (the prefill gives the
+    first). A step with r left drafts at most r - 1 levels; with one left it is the target's alone (no tree)."""
+    left, generated = [], 1
+    for step in stats.steps:
+        left.append(max_new_tokens - generated)
+        generated += step.emitted
+    return left
+
+
 def tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
     """A word-level tokenizer over the tiny vocabulary: id i is the single printable character
     ``chr(33 + i)`` (ids up to 93), then ``<image>`` and ``</s>`` (EOS). Built offline."""

@@ -32,7 +32,8 @@ class DraftRound:
     small call right after a model forward pays again for the caches the forward evicted, so each gap is one
     native call. The workspace owns the step's tree: a policy starts it (``start_tree`` + ``root_inputs``), grows it
     level by level (``sage_level`` / ``static_level`` / ``topk_expand``, each with the inputs of the next draft
-    forward, which the policy yields to the engine to get the logits back) and says which tree the target verifies (``use_slots``: the slots ``[0, N)``;
+    forward, which the policy yields to the engine to get the logits back), no deeper than ``depth_limit`` and with
+    at most ``node_limit`` nodes, and says which tree the target verifies (``use_slots``: the slots ``[0, N)``;
     ``rerank``: EAGLE-2's selection; ``root_only``: no draft). The engine then asks the workspace for the target's
     inputs and the commit; no tree tensor goes back to it from Python. Nothing here reads device values except
     SAGE's per-level counts with ``static_shapes=False`` (the CPU default).
@@ -57,6 +58,10 @@ class DraftRound:
         # the most tree nodes (root included) this step's tree may have: the capacity, or the row's share of a
         # batch's node budget (the engine sets it before every build; policies cut their trees to it)
         self.node_limit = capacity
+        # the deepest node worth proposing this step: a tree d deep emits at most d + 1 tokens, so with r tokens left
+        # to max_new_tokens nodes deeper than r - 1 are never emitted (the engine sets it before every build; 0: the
+        # step is the root alone, policies never see it)
+        self.depth_limit = engine.policy.depth_bound
         self._level_index: dict[tuple[int, ...], Tensor] = {}  # level_mass's slot -> level maps, per level layout
 
     # ------------------------------------------------------------------ helpers for policies

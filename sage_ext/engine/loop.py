@@ -52,7 +52,7 @@ from .capture import CapturedForward, padded_rows, tree_forward
 from .costs import RowOutcome, StepCost, learning_for
 from .coupled import PositionNoise, coupled_token, no_distribution, row_generators, verify_coupled
 from .draft_round import DraftRound
-from .policies import DEFAULT_POLICY, TreePolicy, make_policy
+from .policies import DEFAULT_POLICY, TreePolicy, TreeProposal, make_policy
 from .processing import TargetProcessing, sampling_warpers
 from .stats import GenerationStats, StepRecord, Timeline
 
@@ -549,7 +549,10 @@ class SpeculativeGenerator:
             builds = {}  # batch slot -> (row, its build, the inputs of its next draft forward)
             for slot, row in enumerate(live):
                 row.ctx.node_limit = node_limit
-                build = row.policy.build(row.ctx)
+                # nodes deeper than the tokens left (the bonus aside) are never emitted: with one token left the step
+                # is the root alone, an ordinary decode step, whatever the policy
+                row.ctx.depth_limit = max_new_tokens - row.n_generated - 1
+                build = row.policy.build(row.ctx) if row.ctx.depth_limit > 0 else _last_token(row.ctx)
                 request = _advance(row, build, None)
                 if request is not None:
                     builds[slot] = (row, build, request)
@@ -950,6 +953,14 @@ class _Row:
         stats.new_tokens = self.n_generated
         stats.stop_reason = self.stop_reason
         return stats
+
+
+def _last_token(ctx: DraftRound):
+    """The build of a step with one token left to ``max_new_tokens``: the root alone (the target's next token; a
+    draft level could only propose tokens past the end)."""
+    ctx.root_only()
+    return TreeProposal(0, 0, shape="fixed")
+    yield  # a generator like every build (this one needs no draft forward)
 
 
 def _advance(row: _Row, build, logits: Tensor | None):

@@ -197,7 +197,8 @@ class StaticTreePolicy(TreePolicy):
         self._fed_slots = [0] + [slot for _, _, fed_start, fed_count, _ in self._levels[1:]
                                  for slot in range(fed_start, fed_start + fed_count)]
         self._device_cache: dict[tuple, dict[str, Any]] = {}
-        self._trimmed: dict[int, StaticTreePolicy] = {}  # node limit -> this tree cut to it (batch node budget)
+        # (node limit, depth limit) -> this tree cut to them (a batch's node budget, the tokens left to generate)
+        self._trimmed: dict[tuple[int, int], StaticTreePolicy] = {}
 
     @property
     def capacity(self) -> int:
@@ -226,18 +227,23 @@ class StaticTreePolicy(TreePolicy):
             self._device_cache[key] = cached
         return cached
 
-    def trimmed(self, node_limit: int) -> "StaticTreePolicy":
-        """This tree cut to ``node_limit`` nodes (root included): its shallowest paths, best ranks first (a prefix
-        of that order always holds every kept node's parent)."""
-        cut = self._trimmed.get(node_limit)
+    def trimmed(self, node_limit: int, depth_limit: int | None = None) -> "StaticTreePolicy":
+        """This tree cut to its nodes at most ``depth_limit`` deep (>= 1; None: all), then to ``node_limit`` nodes
+        (root included): its shallowest paths, best ranks first (a prefix of that order always holds every kept
+        node's parent)."""
+        depth_limit = self._max_depth if depth_limit is None else depth_limit
+        cut = self._trimmed.get((node_limit, depth_limit))
         if cut is None:
-            ordered = sorted(self.paths, key=lambda path: (len(path), path))
-            cut = self._trimmed[node_limit] = StaticTreePolicy(ordered[: node_limit - 1])
+            ordered = sorted((path for path in self.paths if len(path) <= depth_limit),
+                             key=lambda path: (len(path), path))
+            cut = self._trimmed[node_limit, depth_limit] = StaticTreePolicy(ordered[: node_limit - 1])
         return cut
 
     def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
-        if ctx.node_limit < self._num_nodes:  # the batch's node budget leaves this row fewer nodes than the tree's
-            return (yield from self.trimmed(ctx.node_limit).build(ctx))
+        # a batch's node budget may leave this row fewer nodes than the tree's; the end of the generation fewer levels
+        if ctx.node_limit < self._num_nodes or ctx.depth_limit < self._max_depth:
+            cut = self.trimmed(min(ctx.node_limit, self._num_nodes), min(ctx.depth_limit, self._max_depth))
+            return (yield from cut.build(ctx))
         static = self._on(ctx)
         n = self._num_nodes
         layout = static["layout"]
@@ -318,9 +324,10 @@ class DynamicTreePolicy(TreePolicy):
         # level's slots, and the next feed: the level's first k slots, its best nodes (expand_tree sorts them)
         frontier_start, frontier_count, next_slot = 0, 1, 1
         alpha_root = None
-        for level in range(1, self.depth + 1):
+        depth = min(self.depth, ctx.depth_limit)  # (the tokens left to generate may want fewer levels)
+        for level in range(1, depth + 1):
             num_slots = k if level == 1 else k * k
-            next_feed = (next_slot, k, level) if level < self.depth else None
+            next_feed = (next_slot, k, level) if level < depth else None
             alpha, inputs = ctx.topk_expand(logits, frontier_count, frontier_start, k, next_slot, num_slots,
                                             level == 1, next_feed)
             if level == 1:
@@ -328,8 +335,8 @@ class DynamicTreePolicy(TreePolicy):
             frontier_start, frontier_count, next_slot = next_slot, k, next_slot + num_slots
             if inputs is not None:
                 logits = yield inputs
-        ctx.rerank(next_slot, min(self.num_nodes + 1, ctx.node_limit))
-        return TreeProposal(self.depth, self.depth, alpha_root)
+        ctx.rerank(next_slot, min(self.num_nodes + 1, ctx.node_limit, next_slot))
+        return TreeProposal(depth, depth, alpha_root)
 
 
 class SagePolicy(TreePolicy):
@@ -549,7 +556,8 @@ class SagePolicy(TreePolicy):
             frontier_start, frontier_count, next_slot = next_slot, count, next_slot + count
             used += count
             level += 1
-            if inputs is None:  # deeper than max_depth, or the node budget is spent
+            # deeper than max_depth, the node budget spent, or deeper than the tokens left to generate
+            if inputs is None or level > ctx.depth_limit:
                 break
             logits = yield inputs
             forwards += 1
@@ -566,6 +574,8 @@ class SagePolicy(TreePolicy):
     def step_info(self, info: dict[str, Any], alpha_root: float | None) -> dict[str, Any]:
         # zero-lag: this step's root alpha shaped the tree; lag: the host alpha it was built with; the first
         # (static) round: none
+        if not info:  # a step the policy did not build (the generation's last token alone)
+            return info
         alpha = alpha_root if info.get("zero_lag") else info.get("alpha")
         if alpha is None:
             return {"d_max": info["d_max"]}
@@ -649,7 +659,9 @@ class CostAwareSagePolicy(SagePolicy):
         if self.chains and not self.opens_with_first_round():
             length, trial = self.learned.proposals.next_length(min(self.d_max_cap, self.n_max, ctx.node_limit - 1))
             proposal = yield from (self.build_chain(ctx, length) if length else super().build(ctx))
-            proposal.trial = trial
+            # a trial cut short by the end of the generation (max_new_tokens) would price its kind by a step it
+            # could not take: it counts as an ordinary step
+            proposal.trial = trial and ctx.depth_limit >= (length or self.d_max)
             return proposal
         return (yield from super().build(ctx))
 

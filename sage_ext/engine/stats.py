@@ -36,6 +36,8 @@ class StepRecord:
     tree_depth: depth bound of the tree (levels the policy built).
     draft_forwards: draft forward passes this step.
     alpha: the confidence that shaped this tree (None for fixed-shape policies and SAGE's first round).
+    (A last step with one token left to max_new_tokens is the root alone, built by no policy: no draft forward,
+    tree_size 0 and None in the policy's fields, alpha to d_max.)
     alpha_measured: the draft's confidence measured at this step's root.
     depth_target / width_target: SAGE's D(alpha) and W(alpha) for this tree; d_max: SAGE's current D_max.
     time: seconds of the whole step (filled when the generation ends).
