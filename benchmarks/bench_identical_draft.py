@@ -19,7 +19,12 @@ median); every output checked identical to ar's. tau does not depend on
 the machine; tokens per second does (a copy of the target costs as much per forward as the target, so speculation
 gains little in time here whatever the tree).
 
+``--draft contrary``: the other extreme, each model drafting with a copy whose lm_head is negated (its greedy token is
+the target's least likely: nothing is ever accepted). No drafting policy can gain there; the question is how
+little the default policy loses against target-only decoding (``ar``), which the report then compares against.
+
     python benchmarks/bench_identical_draft.py     # ~2 min on 2 cores; results/identical_draft_cpu.{json,md}
+    python benchmarks/bench_identical_draft.py --draft contrary   # results/contrary_draft_cpu.{json,md}
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from random_models import qwen2_vl_inputs, text_prompt, tiny_llama, tiny_qwen2_vl  # noqa: E402
+from random_models import contrary_draft, qwen2_vl_inputs, text_prompt, tiny_llama, tiny_qwen2_vl  # noqa: E402
 
 from sage_ext.cli.runs import cpu_model  # noqa: E402
 from sage_ext.engine import SpeculativeGenerator  # noqa: E402
@@ -59,13 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=str(ROOT / "results"))
+    parser.add_argument("--draft", choices=("identical", "contrary"), default="identical",
+                        help="a copy of the target, or a copy whose greedy token is never the target's")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, identical = [], True
     for model_name, build in MODELS.items():
         for seed in range(args.seeds):
             target, inputs = build(seed)
-            draft = copy.deepcopy(target).eval()
+            draft = copy.deepcopy(target).eval() if args.draft == "identical" else contrary_draft(target)
             engines = {name: SpeculativeGenerator(target, draft, name) for name in POLICIES}
             for engine in engines.values():  # warm-up (sage_cost learns its costs and acceptance here)
                 engine.generate(**inputs, max_new_tokens=args.new_tokens, eos_token_id=-1)
@@ -92,35 +99,43 @@ def main(argv: list[str] | None = None) -> int:
             for name, total in totals.items():
                 row[name] = {"tau": total["tau"] / total["steps"], "draft_forwards": total["forwards"] / total["steps"],
                              "tokens_per_s": total["tokens"] / total["seconds"],
-                             "over_chain": statistics.median(rate / chain for rate, chain in
-                                                             zip(total["rates"], totals["chain"]["rates"]))}
+                             **{f"over_{base}": statistics.median(rate / other for rate, other in
+                                                                  zip(total["rates"], totals[base]["rates"]))
+                                for base in ("chain", "ar")}}
             rows.append(row)
             print(f"{model_name} seed {seed}: " + ", ".join(
                 f"{name} tau {row[name]['tau']:.2f} {row[name]['tokens_per_s']:.0f} tok/s" for name in POLICIES),
                 flush=True)
     report = {"machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "seeds": args.seeds,
-              "new_tokens": args.new_tokens, "repeats": args.repeats, "identical_to_ar": identical, "rows": rows,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "draft": args.draft, "identical_to_ar": identical,
+              "rows": rows,
               "command": "python benchmarks/bench_identical_draft.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "identical_draft_cpu.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = ["# A draft identical to the target (random-weight models, each drafting with a copy of itself)", "",
+    (out_dir / f"{args.draft}_draft_cpu.json").write_text(json.dumps(report, indent=1) + "\n")
+    # against the chain where the draft is always right (the best fixed proposal), against ar where it never is
+    base = "chain" if args.draft == "identical" else "ar"
+    others = [name for name in POLICIES if name != base]
+    title = ("A draft identical to the target (random-weight models, each drafting with a copy of itself)"
+             if args.draft == "identical" else
+             "A draft that is never right (random-weight models, each drafting with a copy whose lm_head is negated)")
+    lines = [f"# {title}", "",
              f"`{report['command'].strip()}` — {report['machine']}, {args.threads} threads, torch {report['torch']}; "
              f"{args.new_tokens} greedy tokens (EOS off), {args.repeats} interleaved repeats after a warm-up "
-             f"generation. tau = accepted draft tokens per step; speed relative to the 5-token chain: the median over "
-             f"repeats of the two tokens-per-second ratio. Every output identical to ar: {identical}.", "",
+             f"generation. tau = accepted draft tokens per step; speed relative to {base}: the median over repeats "
+             f"of the two tokens-per-second ratio. Every output identical to ar: {identical}.", "",
              "| model | seed | chain tau | sage tau | sage_cost tau | sage_cost draft forwards / step "
-             "| chain tok/s | ar / chain | sage / chain | sage_cost / chain |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"| {base} tok/s | " + " | ".join(f"{name} / {base}" for name in others) + " |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in others) + " |"]
     for row in rows:
         lines.append(f"| {row['model']} | {row['seed']} | {row['chain']['tau']:.2f} | {row['sage']['tau']:.2f} | "
                      f"{row['sage_cost']['tau']:.2f} | {row['sage_cost']['draft_forwards']:.2f} | "
-                     f"{row['chain']['tokens_per_s']:.0f} | {row['ar']['over_chain']:.2f}x | "
-                     f"{row['sage']['over_chain']:.2f}x | {row['sage_cost']['over_chain']:.2f}x |")
-    ratios = [row["sage_cost"]["over_chain"] for row in rows]
-    lines += ["", f"sage_cost / chain over the rows: median {statistics.median(ratios):.2f}x, range "
+                     f"{row[base]['tokens_per_s']:.0f} | "
+                     + " | ".join(f"{row[name][f'over_{base}']:.2f}x" for name in others) + " |")
+    ratios = [row["sage_cost"][f"over_{base}"] for row in rows]
+    lines += ["", f"sage_cost / {base} over the rows: median {statistics.median(ratios):.2f}x, range "
                   f"{min(ratios):.2f}x-{max(ratios):.2f}x."]
-    (out_dir / "identical_draft_cpu.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{args.draft}_draft_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if identical else 1
 

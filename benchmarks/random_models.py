@@ -1,6 +1,7 @@
 """The benchmarks' random-weight models: built from transformers configs (no downloads), fp32, eval, CPU-fast.
 
-bench_engine.py and bench_identical_draft.py measure on these. Their configs, seeds and weight recipes are those
+bench_engine.py and bench_identical_draft.py measure on these (and on ``correlated_draft`` / ``contrary_draft``
+copies of them). Their configs, seeds and weight recipes are those
 the test suite's tiny models had until 2026-12-06 (tests/tiny_models.py ``tiny_llama`` / ``text_prompt``,
 tests/tiny_vlms.py ``tiny_qwen2_vl`` / ``correlated_draft``), kept so the committed results in results/ stay
 comparable; the tests' decoders have since been re-drawn with a larger std so that their output reads the context
@@ -118,4 +119,14 @@ def correlated_draft(target: torch.nn.Module, noise: float = 0.1, seed: int = 1)
         for param in draft.parameters():
             scale = param.std() if param.numel() > 1 else param.abs()
             param.add_(torch.randn(param.shape, generator=generator) * noise * scale)
+    return draft.eval()
+
+
+def contrary_draft(target: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the target with its lm_head negated (a head of its own, untied): its most likely tokens are the
+    target's least likely, so nothing it proposes is accepted."""
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        head = draft.get_output_embeddings()
+        head.weight = torch.nn.Parameter(-head.weight.detach().clone())
     return draft.eval()

@@ -25,3 +25,17 @@ def test_identical_draft_report(tmp_path):
                    for name in bench_identical_draft.POLICIES)
         assert row["chain"]["over_chain"] == 1.0
     assert "identical to ar: True" in (tmp_path / "identical_draft_cpu.md").read_text()
+
+
+def test_contrary_draft_report(tmp_path):
+    """``--draft contrary``: nothing is ever accepted, every output still identical to ar, and the report compares
+    the policies with ar (the one to lose least against)."""
+    code = run_main(bench_identical_draft.main, ["--draft", "contrary", "--seeds", "1", "--new-tokens", "24",
+                                                 "--repeats", "1", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "contrary_draft_cpu.json").read_text())
+    assert report["identical_to_ar"] and report["draft"] == "contrary"
+    for row in report["rows"]:
+        assert all(row[name]["tau"] == 0.0 for name in ("chain", "sage", "sage_cost")), row
+        assert row["ar"]["over_ar"] == 1.0 and row["sage_cost"]["over_ar"] > 0
+    assert "| sage_cost / ar |" in (tmp_path / "contrary_draft_cpu.md").read_text()

@@ -315,6 +315,12 @@ def test_a_dear_verify_narrows_sage_costs_trees():
         else:  # (free verify tokens: a slope of rounding noise at most)
             assert policy.node_floor() < 1e-9
     assert slots[(True, 2e-3)] < slots[(False, 2e-3)], slots
+def drafted_steps_observed(stats) -> int:
+    """The steps a cost-aware policy's cost model has seen after a generation: every step but the last (one step
+    late), those of the target alone aside (they price the target alone, not drafting)."""
+    return sum(step.draft_forwards > 0 for step in stats.steps[:-1])
+
+
 def priced_clock(engine: SpeculativeGenerator, prices: dict[str, float]):
     """A Timeline clock that advances by ``prices[category]`` each time a category ends (so a draft forward,
     one ``draft_decode`` span, costs its price), plus a microsecond."""
@@ -333,7 +339,8 @@ def priced_clock(engine: SpeculativeGenerator, prices: dict[str, float]):
 def test_the_depth_cap_follows_the_prices(prices, direction):
     target, inputs = tiny_llama(seed=3)
     reference = hf_greedy(target, inputs, max_new_tokens=64, eos_token_id=-1)  # no EOS: every step runs
-    policy = CostAwareSagePolicy()
+    # (drafting always: at the dear price the target alone would win, test_the_target_alone_where_drafting_does_not_pay)
+    policy = CostAwareSagePolicy(alone=False)
     engine = SpeculativeGenerator(target, same_draft(target), policy)
     engine.host_clock = priced_clock(engine, prices)
     caps = []
@@ -380,7 +387,7 @@ def test_seeded_sampling_repeats_under_the_same_prices():
         engine.host_clock = priced_clock(engine, {"draft_decode": 1.0, "target_verify": 2.0})
         out = engine.generate(**inputs, max_new_tokens=20, do_sample=True, eos_token_id=-1,
                               generator=torch.Generator().manual_seed(seed))
-        assert engine.policy.costs.steps == len(out.stats.steps) - 1
+        assert engine.policy.costs.steps == drafted_steps_observed(out.stats)
         return out.sequences
 
     first = sample(5)
@@ -437,11 +444,13 @@ def test_generators_of_the_same_models_share_what_sage_cost_learned():
     first.host_clock = priced_clock(first, {"draft_decode": 10.0, "target_verify": 1.0})
     out = first.generate(**inputs, max_new_tokens=48)
     learned = first.policy.learned
-    assert learned.costs.steps == len(out.stats.steps) - 1 > 2 and learned.depth_goal < first.policy.d_max_init
+    assert learned.costs.steps == drafted_steps_observed(out.stats) > 2 and learned.depth_goal < first.policy.d_max_init
+    observed = learned.costs.steps + learned.proposals.alone_steps  # (drafted steps and the target's alone)
     second = SpeculativeGenerator(target, draft, "sage_cost")
     assert second.policy.learned is learned and second.policy.d_max == learned.depth_goal
     assert torch.equal(second.generate(**inputs, max_new_tokens=48).sequences, out.sequences)
-    assert learned.costs.steps > len(out.stats.steps) - 1  # the second generation added to the same record
+    # the second generation added to the same record
+    assert learned.costs.steps + learned.proposals.alone_steps > observed
     other = SpeculativeGenerator(target, same_draft(target), "sage_cost")
     assert other.policy.learned is not learned and other.policy.learned.costs.steps == 0
     own = SpeculativeGenerator(target, draft, CostAwareSagePolicy())
@@ -750,3 +759,55 @@ def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
         assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=max_new_tokens))
     assert all(kept == (trial and limit >= wanted) for trial, kept, limit, wanted in seen), seen
     assert any(trial and not kept for trial, kept, _, _ in seen) and any(kept for _, kept, _, _ in seen)
+
+
+def test_the_target_alone_runs_where_its_trials_beat_drafting():
+    """With ``max_alone_run`` the trials take tree, chain and the target alone in turn; the steps that are not trials
+    run the target alone once its measured rate is ``alone_margin`` times the better drafting kind's (never in a
+    batch), at most ``max_alone_run`` in a row (then the preferred drafting kind: the draft catches up), and a new
+    generation starts a new run."""
+    costs = measured_costs()
+    choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=16, max_alone_run=3)
+    alone = ProposalChoice.ALONE
+    assert [choice.next_length(limit=64) for _ in range(3)] == [(0, True), (12, True), (alone, True)]
+    choice.observe_tree(accepted=0, forwards=3, slots=8, trial=True)
+    choice.observe_chain(accepted=0, levels=8, trial=True)
+    tree_rate = choice.tree.per_second(costs)
+    choice.observe_alone(seconds=1.0 / (1.2 * tree_rate), trial=True)  # 1.2x the tree: alone runs
+    choice.decide(costs)
+    assert choice.alone.per_second() == pytest.approx(1.2 * tree_rate) and choice.prefers_alone
+    # steps 3-4 alone (step 2's trial began the run), step 5 drafts (the run is at max_alone_run), step 6 is the
+    # tree's trial (4 after step 2's)
+    assert [choice.next_length(limit=64) for _ in range(4)] == [(alone, False)] * 2 + [(0, False), (0, True)]
+    choice.new_generation()  # a fresh draft: a new run of three
+    assert [choice.next_length(limit=64) for _ in range(3)] == [(alone, False)] * 3
+    choice.observe_alone(seconds=1.0 / (0.8 * tree_rate))  # the decayed mean: 0.95x the tree, drafting again
+    choice.decide(costs)
+    assert not choice.prefers_alone and choice.alone.steps == 2 and choice.alone_steps == 2
+    choice.observe_alone(seconds=1.0 / (2 * tree_rate), trial=True)
+    choice.decide(costs, rows=2)  # a batch: trees only
+    assert not choice.prefers_alone and choice.next_length(limit=64) == (0, False)
+    never = ProposalChoice(max_length=12)  # max_alone_run 0: tree and chain only, as before
+    assert [never.next_length(limit=64)[0] for _ in range(3)] == [0, 12, 0]
+
+
+@pytest.mark.parametrize("draft_price, alone_expected", [(10.0, True), (1e-3, False)])
+def test_the_target_alone_where_drafting_does_not_pay(draft_price, alone_expected):
+    """Priced draft forwards: where one costs ten verifies, sage_cost's steps run the target alone (no draft forward)
+    but for its trials and the draft's catch-up every max_alone_run steps; where drafting is nearly free, only the
+    target alone's own trials do. Greedy output identical either way, over generations that share what was learned."""
+    target, inputs = tiny_llama(seed=3)
+    reference = hf_greedy(target, inputs, max_new_tokens=64, eos_token_id=-1)
+    policy = CostAwareSagePolicy()
+    engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.3), policy)
+    engine.host_clock = priced_clock(engine, {"draft_decode": draft_price, "target_verify": 1.0})
+    for _ in range(3):
+        out = engine.generate(**inputs, max_new_tokens=64, eos_token_id=-1)
+        assert torch.equal(out.sequences, reference)
+    steps = out.stats.steps[:-1]  # (the last: one token left, the root alone whatever the policy)
+    alone = sum(step.draft_forwards == 0 for step in steps)
+    assert policy.learned.proposals.prefers_alone == alone_expected
+    if alone_expected:
+        assert alone > 0.7 * len(steps), [step.draft_forwards for step in steps]
+    else:
+        assert alone <= 1, [step.draft_forwards for step in steps]

@@ -16,6 +16,8 @@ from tiny_models import all_family_builders, correlated_draft, one_thread  # noq
 from transformers import DynamicCache
 
 from sage_ext.engine import SpeculativeGenerator
+from sage_ext.engine.costs import ProposalChoice
+from sage_ext.engine.policies import CostAwareSagePolicy
 from sage_ext.families import causal_mask_4d, get_adapter
 
 BUILDERS = all_family_builders()
@@ -103,3 +105,32 @@ def test_pruned_draft_cache_matches_recomputation(family_name, policy):
     with torch.no_grad():
         reference = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert torch.equal(out.sequences, reference)
+
+
+def test_caches_match_recomputation_with_steps_of_the_target_alone(family):
+    """sage_cost's steps of the target alone leave the draft behind: the next drafted step feeds every token they
+    committed with its root, one run shorter than the workspace's first-forward buffer and one longer (a fresh
+    causal mask), then trees and chains go on; both caches equal a recomputation after every step and the output is
+    the target's own."""
+    target, inputs, draft = family
+    policy = CostAwareSagePolicy()
+    alone = ProposalChoice.ALONE
+    runs = [alone] * 2 + [0] + [alone] + [4] + [alone] * (policy.depth_bound + 2) + [0, alone, 3]
+    plan = iter(runs)
+    policy.learned.proposals.next_length = lambda limit: (max(-1, min(next(plan, 0), limit)), False)
+    generator = SpeculativeGenerator(target, draft, policy)
+    checked = []
+
+    def check(info):
+        checked.append(info.tau)
+        check_step_caches(info, target, draft, inputs)
+
+    generator.step_hook = check
+    out = generator.generate(**inputs, max_new_tokens=40, eos_token_id=-1)
+    with torch.no_grad():
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=40, eos_token_id=-1)
+    assert torch.equal(out.sequences, reference)
+    steps = out.stats.steps
+    alone_steps = [step for step in steps[1:len(runs) + 1] if step.draft_forwards == 0]  # (after SAGE's first round)
+    assert len(alone_steps) == runs.count(alone) and all(step.tau == 0 and step.tree_size == 0 for step in alone_steps)
+    assert len(checked) == len(steps) and max(checked) > 0

@@ -420,7 +420,9 @@ at::Tensor TreeWorkspace::tree_logprobs() const {
 }
 
 at::Tensor TreeWorkspace::tree_node_row() const {
-  if (!mask.defined()) return at::Tensor();
+  // none without a draft, and none for the root alone: the draft ran no forward this step (its cache and draft_len
+  // stay as the last drafted step left them; the tokens committed meanwhile are fed with the next step's root)
+  if (!mask.defined() || tree_kind_ == TreeKind::kRoot) return at::Tensor();
   return tree_kind_ == TreeKind::kSelected ? selected_rows_ : node_row();
 }
 

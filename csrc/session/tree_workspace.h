@@ -105,7 +105,8 @@ class TreeWorkspace {
   // to the new base; returns the inputs of the step's first draft forward (sequence [draft_done, cur_len)).
   ForwardInputs start(int64_t cur_len, int64_t draft_done, const FixedLayout* layout);
 
-  // A step without a draft: the tree is the root alone (sequence[cur_len - 1]).
+  // A step without a draft: the tree is the root alone (sequence[cur_len - 1]). With a draft, its cache is left as
+  // it is: the tokens this step commits are pending for the next start() (any number of them).
   void root_only(int64_t cur_len);
 
   // One SAGE level (the sage_level_ op) on the last `frontier_count` rows of the draft logits [1, T, V]; then,
@@ -151,7 +152,7 @@ class TreeWorkspace {
   at::Tensor tree_tokens() const;    // [1, N]
   at::Tensor tree_parents() const;   // [1, N]
   at::Tensor tree_logprobs() const;  // [1, N] (undefined for the root alone)
-  at::Tensor tree_node_row() const;  // [1, >= N + 1] draft rows (undefined without a draft)
+  at::Tensor tree_node_row() const;  // [1, >= N + 1] draft rows (undefined without a draft or for the root alone)
 
   // ---- target side ----------------------------------------------------------------------------------
   // Tokens [1, N], positions [1, N] and the additive mask [1, 1, N, target_len + N] of the target's

@@ -49,7 +49,8 @@ class RowOutcome:
     accepted: int
     tree_depth: int
     level_mass: tuple[float, ...] = ()
-    shape: str = "tree"  # "tree": the policy's own; "chain": the draft's greedy chain; "fixed": a fixed-shape tree
+    shape: str = "tree"  # "tree": the policy's own; "chain": the draft's greedy chain; "fixed": a fixed-shape tree;
+    # "alone": no draft (the target's own step)
     trial: bool = False  # the proposal's kind was a trial's (``ProposalChoice``), not the preferred one
 
 
@@ -417,6 +418,23 @@ class _ProposalRate:
         return self.tokens / seconds if seconds > 0 else 0.0
 
 
+class _AloneRate:
+    """Decayed mean seconds of the target's steps alone (one token each)."""
+
+    def __init__(self, decay: float):
+        self.decay, self.steps = decay, 0
+        self.weight = self.seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.steps += 1
+        self.weight = self.decay * self.weight + 1.0
+        self.seconds += (seconds - self.seconds) / self.weight
+
+    def per_second(self) -> float:
+        """Tokens per second (0 before the first step)."""
+        return 1.0 / self.seconds if self.steps and self.seconds > 0 else 0.0
+
+
 class ProposalChoice:
     """Which proposal a step makes: the policy's tree, or a chain of the draft's greedy tokens, whichever gives more
     tokens per second; and how the chain is shaped.
@@ -434,6 +452,15 @@ class ProposalChoice:
     low acceptance, builds shallow trees and its threshold drops the greedy path), or where long chains of a sure
     draft cost less than a tree's width brings.
 
+    With ``max_alone_run``, a third kind joins the trials: the target **alone** (no draft forward, the root is the
+    tree: an ordinary decode step), priced by the measured seconds of such steps (their cost does not depend on the
+    passage, so every one counts). Where its rate is ``alone_margin`` times the better drafting kind's, the steps
+    that are not trials run the target alone: a draft that is never right, or one that costs as much as the target,
+    then costs about what plain decoding does instead of up to twice (a contrary draft as large as the target:
+    0.45x of target-only decoding before). The draft falls behind meanwhile: the tokens committed are fed with the
+    next drafted step's root, so at most ``max_alone_run`` such steps run in a row (what the workspace's first-forward
+    buffer holds) before a step drafts again with the preferred drafting kind.
+
     The chain is shaped like a tree: its length is the one with the most expected tokens per second from how deep
     chains are accepted (``chain_depths``, a ``DepthAcceptance`` of chain steps only; with the level stop, at least
     how deep a sure chain pays, ``CostAwareSagePolicy.observe_cost``), and with dynamic shapes it
@@ -447,11 +474,26 @@ class ProposalChoice:
     #: trees are chain-like too) trees run (held-out scenes of both bundled pairs: chains=False 2-5% faster than
     #: chains chosen on the rates alone); where chains win they win by far more (a copy of the target drafting: 2x)
     chain_margin = 1.1
+    #: how much faster the target alone must be than the better drafting kind for steps without a draft to run (its
+    #: rate is measured, not modelled, and a step of it teaches nothing about the draft)
+    alone_margin = 1.05
+    #: ``next_length``'s answer for a step of the target alone
+    ALONE = -1
 
-    def __init__(self, max_length: int, decay: float = 0.9, trial_every: int = 8, max_trial_gap: int = 64):
-        if max_length < 1 or not 0.0 < decay < 1.0 or not 2 <= trial_every <= max_trial_gap:
-            raise ValueError("need max_length >= 1, decay in (0, 1) and 2 <= trial_every <= max_trial_gap")
+    def __init__(self, max_length: int, decay: float = 0.9, trial_every: int = 8, max_trial_gap: int = 64,
+                 max_alone_run: int = 0):
+        if max_length < 1 or not 0.0 < decay < 1.0 or not 2 <= trial_every <= max_trial_gap or max_alone_run < 0:
+            raise ValueError("need max_length >= 1, decay in (0, 1), 2 <= trial_every <= max_trial_gap and "
+                             "max_alone_run >= 0")
         self.max_length, self.trial_every, self.max_trial_gap = max_length, trial_every, max_trial_gap
+        self.max_alone_run = max_alone_run  # 0: never the target alone
+        self.alone = _AloneRate(decay)
+        self.prefers_alone = False
+        self.alone_steps = 0  # steps of the target alone observed, trials or not
+        self._alone_run = 0  # steps of the target alone in a row (the draft's backlog)
+        # the kinds trials take in turn
+        self._trial_kinds = ("tree", "chain", "alone") if max_alone_run else ("tree", "chain")
+        self._trials_made = 0
         self.trial_gap = trial_every  # steps from one trial to the next (doubles while trials confirm the preference)
         self._next_trial = 0  # the step of the next trial
         self._trial_observed = False  # a trial was observed since the last decision
@@ -467,7 +509,6 @@ class ProposalChoice:
         self.batched = False  # the last step observed was a batch's
         self.chain_steps = self.tree_steps = 0  # steps observed of each kind, trials or not
         self._steps = 0  # steps proposed (batched ones aside)
-        self._next_trial_chain = False  # the next trial's kind
 
     def observe_tree(self, accepted: int, forwards: int, slots: int, trial: bool = False) -> None:
         """A tree step: ``accepted`` draft tokens, ``forwards`` draft forwards, ``slots`` verified draft slots;
@@ -488,6 +529,13 @@ class ProposalChoice:
         self.chain_depths.observe(accepted, levels)
         self.chain_masses.observe(accepted, level_mass)
 
+    def observe_alone(self, seconds: float, trial: bool = False) -> None:
+        """A step of the target alone that took ``seconds``; ``trial``: it was a trial."""
+        self.alone_steps += 1
+        self.alone.observe(seconds)
+        if trial:
+            self._trial_observed = True
+
     def decide(self, costs: "CostModel", rows: int = 1) -> None:
         """After a step of ``rows`` rows is observed: the chain's best length and which kind the steps that are not
         trials run."""
@@ -495,15 +543,18 @@ class ProposalChoice:
         if costs.steps:  # a chain of L tokens: L draft forwards, L verified slots
             self.chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
                                            seconds_of=lambda length: costs.seconds_for(length, length))
+        tree_rate, chain_rate = self.tree.per_second(costs), self.chain.per_second(costs)
         both_tried = self.tree.steps > 0 and self.chain.steps > 0
-        prefers_chain = (not self.batched and both_tried
-                         and self.chain.per_second(costs) > self.chain_margin * self.tree.per_second(costs))
+        prefers_chain = not self.batched and both_tried and chain_rate > self.chain_margin * tree_rate
+        drafting_rate = chain_rate if prefers_chain else tree_rate
+        prefers_alone = (not self.batched and self.max_alone_run > 0 and self.alone.steps > 0 and drafting_rate > 0
+                         and self.alone.per_second() > self.alone_margin * drafting_rate)
         if self._trial_observed and both_tried:
             # (the first decision from both kinds' trials confirms nothing yet)
-            confirmed = self._compared and prefers_chain == self.prefers_chain
+            confirmed = self._compared and (prefers_chain, prefers_alone) == (self.prefers_chain, self.prefers_alone)
             self.trial_gap = min(2 * self.trial_gap, self.max_trial_gap) if confirmed else self.trial_every
             self._trial_observed, self._compared = False, True
-        self.prefers_chain = prefers_chain
+        self.prefers_chain, self.prefers_alone = prefers_chain, prefers_alone
 
     def chain_stop_terms(self, costs: "CostModel") -> list | None:
         """The chain's per-level stop (``level_go_on_terms`` from its own acceptance by depth and by mass), a token
@@ -512,23 +563,34 @@ class ProposalChoice:
         return level_go_on_terms(costs, self.chain_depths, self.chain_masses, 1.0 / rate) if rate > 0 else None
 
     def next_length(self, limit: int) -> tuple[int, bool]:
-        """The next step's proposal: (chain length, 0 for the tree; whether the step is a trial), the length at most
-        ``limit``. In a batch: the tree, no trial."""
+        """The next step's proposal: (chain length, 0 for the tree, ``ALONE`` for the target alone; whether the step
+        is a trial), the length at most ``limit``. In a batch: the tree, no trial."""
         if self.batched:
             return 0, False
-        trial = self._steps < 2 or self._steps >= self._next_trial
+        trial = self._steps < len(self._trial_kinds) or self._steps >= self._next_trial
         if trial:
             self._next_trial = self._steps + self.trial_gap
-            chain, self._next_trial_chain = self._next_trial_chain, not self._next_trial_chain
-        else:
-            chain = self.prefers_chain
+            kind = self._trial_kinds[self._trials_made % len(self._trial_kinds)]
+            self._trials_made += 1
+        elif self.prefers_alone and self._alone_run < self.max_alone_run:
+            kind = "alone"
+        else:  # (after max_alone_run steps alone, the draft catches up with the preferred drafting kind)
+            kind = "chain" if self.prefers_chain else "tree"
+        self._alone_run = self._alone_run + 1 if kind == "alone" else 0
         self._steps += 1
-        return (max(1, min(self.chain_length, limit)) if chain else 0), trial
+        if kind == "alone":
+            return self.ALONE, trial
+        return (max(1, min(self.chain_length, limit)) if kind == "chain" else 0), trial
+
+    def new_generation(self) -> None:
+        """A generation starts: its draft has processed the whole prompt (no steps alone behind)."""
+        self._alone_run = 0
 
     def describe(self) -> dict:
         return {"chain_length": self.chain_length if self.prefers_chain else 0,
                 "chain_acceptance_by_depth": [round(p, 3) for p in self.chain_depths.probabilities()],
-                "chain_steps": self.chain_steps, "tree_steps": self.tree_steps}
+                "chain_steps": self.chain_steps, "tree_steps": self.tree_steps, "alone_steps": self.alone_steps,
+                "prefers_alone": self.prefers_alone}
 
 
 def cumulative_tokens(probabilities: list[float]) -> list[float]:

@@ -907,8 +907,8 @@ class _Row:
             raise RuntimeError("the target's sampling probabilities after the accepted tokens hold inf or nan (no "
                                "positive entry; a float16 overflow?): transformers' sampling raises here as well "
                                "('probability tensor contains either inf, nan or element < 0')")
-        if self.policy.uses_draft:
-            self.draft_done = self.target_len + processed_n
+        if proposal.draft_forwards:  # (a step of the root alone leaves the draft where it was: what it commits is
+            self.draft_done = self.target_len + processed_n  # fed with the next drafted step's root)
         remaining = max_new_tokens - self.n_generated
         emitted = new_host if len(new_host) <= remaining else new_host[:remaining]
         sequence_host = self.sequence_host
@@ -959,7 +959,7 @@ def _last_token(ctx: DraftRound):
     """The build of a step with one token left to ``max_new_tokens``: the root alone (the target's next token; a
     draft level could only propose tokens past the end)."""
     ctx.root_only()
-    return TreeProposal(0, 0, shape="fixed")
+    return TreeProposal(0, 0, shape="alone")
     yield  # a generator like every build (this one needs no draft forward)
 
 
