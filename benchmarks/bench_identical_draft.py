@@ -10,7 +10,8 @@ then builds shallow, wide trees). Models (benchmarks/random_models.py, each draf
 * ``tiny-llama``: the same with a large-std lm_head (well separated argmaxes: a sure draft);
 * ``tiny-qwen2-vl``: the tiny Qwen2-VL with an image (M-RoPE), large-std lm_head.
 
-Per model and seed: ar, chain (5 tokens), sage and sage_cost generate ``--new-tokens`` greedy tokens (EOS off)
+Per model and seed: ar, chain (5 tokens), sage, sage_cost and sage_cost_drafting (``alone=False``: it always
+drafts) generate ``--new-tokens`` greedy tokens (EOS off)
 after one warm-up generation each (sage_cost learns there), then ``--repeats`` timed generations, interleaved per
 repeat (the order reversed every other repeat). Reported: tau (accepted draft tokens per step), draft forwards per
 step, tokens per second and the speed relative to the chain: the median over repeats of each repeat's ratio (a
@@ -46,8 +47,11 @@ from random_models import contrary_draft, qwen2_vl_inputs, text_prompt, tiny_lla
 
 from sage_ext.cli.runs import cpu_model  # noqa: E402
 from sage_ext.engine import SpeculativeGenerator  # noqa: E402
+from sage_ext.engine.policies import CostAwareSagePolicy  # noqa: E402
 
-POLICIES = ("ar", "chain", "sage", "sage_cost")
+POLICIES = ("ar", "chain", "sage", "sage_cost", "sage_cost_drafting")
+#: the policies by name, and the default one that always drafts (what its steps of the target alone add)
+POLICY_OF = {name: name for name in POLICIES} | {"sage_cost_drafting": lambda: CostAwareSagePolicy(alone=False)}
 
 
 MODELS = {
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             target, inputs = build(seed)
             draft = copy.deepcopy(target).eval() if args.draft == "identical" else contrary_draft(target)
-            engines = {name: SpeculativeGenerator(target, draft, name) for name in POLICIES}
+            engines = {name: SpeculativeGenerator(target, draft, policy() if callable(policy) else policy)
+                       for name, policy in POLICY_OF.items()}
             for engine in engines.values():  # warm-up (sage_cost learns its costs and acceptance here)
                 engine.generate(**inputs, max_new_tokens=args.new_tokens, eos_token_id=-1)
             totals = {name: {"seconds": 0.0, "tokens": 0, "tau": 0, "forwards": 0, "steps": 0, "rates": []}

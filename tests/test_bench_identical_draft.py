@@ -1,6 +1,7 @@
 """benchmarks/bench_identical_draft.py at a small size: every policy's output identical to ar, and on a draft
-identical to the target whose distributions are flat (HF's initialization) the default policy accepts more tokens
-per step than the 5-token chain (tau is the machine-independent half of the report; the timing is not asserted)."""
+identical to the target whose distributions are flat (HF's initialization) the default policy (drafting always)
+accepts more tokens per step than the 5-token chain (tau is the machine-independent half of the report; the timing
+is not asserted)."""
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ def test_identical_draft_report(tmp_path):
     for row in report["rows"]:
         assert row["chain"]["tau"] == 5.0  # every chain token accepted (EOS off, 61 = 1 + 10 x 6 tokens: no step cut
         # short by max_new_tokens
-        assert row["sage_cost"]["tau"] > row["chain"]["tau"], row  # (more than the 5 a chain can give)
+        # more than the 5 a chain can give (the policy that always drafts: sage_cost's own mean counts its steps of
+        # the target alone, 0 each, which it runs where its measured times say drafting does not pay)
+        assert row["sage_cost_drafting"]["tau"] > row["chain"]["tau"], row
         assert all(row[name]["tokens_per_s"] > 0 and row[name]["over_chain"] > 0
                    for name in bench_identical_draft.POLICIES)
         assert row["chain"]["over_chain"] == 1.0

@@ -761,30 +761,36 @@ def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
     assert any(trial and not kept for trial, kept, _, _ in seen) and any(kept for _, kept, _, _ in seen)
 
 
-def test_the_target_alone_runs_where_its_trials_beat_drafting():
+def test_the_target_alone_runs_where_it_beats_drafting():
     """With ``max_alone_run`` the trials take tree, chain and the target alone in turn; the steps that are not trials
-    run the target alone once its measured rate is ``alone_margin`` times the better drafting kind's (never in a
-    batch), at most ``max_alone_run`` in a row (then the preferred drafting kind: the draft catches up), and a new
-    generation starts a new run."""
+    run the target alone once its measured rate is ``alone_margin`` times what drafting gave over its recent steps,
+    all of them (``drafted``; at least ``alone_after`` of them; never in a batch), at most ``max_alone_run`` in a row
+    (then the preferred drafting kind: the draft catches up), and a new generation starts a new run."""
     costs = measured_costs()
     choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=16, max_alone_run=3)
     alone = ProposalChoice.ALONE
     assert [choice.next_length(limit=64) for _ in range(3)] == [(0, True), (12, True), (alone, True)]
     choice.observe_tree(accepted=0, forwards=3, slots=8, trial=True)
-    choice.observe_chain(accepted=0, levels=8, trial=True)
-    tree_rate = choice.tree.per_second(costs)
-    choice.observe_alone(seconds=1.0 / (1.2 * tree_rate), trial=True)  # 1.2x the tree: alone runs
+    choice.observe_chain(accepted=0, levels=3, trial=True)
+    drafted_rate = choice.drafted.per_second(costs)
+    # (the decayed means of both steps' tokens, forwards and slots, priced: the second weighs 1 / (1 + 0.95))
+    assert drafted_rate == pytest.approx(1 / costs.seconds_for(3, 8 + (3 - 8) / 1.95))
+    choice.observe_alone(seconds=1.0 / (1.5 * drafted_rate), trial=True)  # 1.5x drafting
     choice.decide(costs)
-    assert choice.alone.per_second() == pytest.approx(1.2 * tree_rate) and choice.prefers_alone
+    assert not choice.prefers_alone  # two drafted steps: too few to judge drafting by
+    choice.observe_tree(accepted=0, forwards=3, slots=8)
+    choice.observe_chain(accepted=0, levels=3)  # (ordinary steps count too)
+    choice.decide(costs)
+    assert choice.drafted.steps == 4 and choice.prefers_alone
     # steps 3-4 alone (step 2's trial began the run), step 5 drafts (the run is at max_alone_run), step 6 is the
     # tree's trial (4 after step 2's)
     assert [choice.next_length(limit=64) for _ in range(4)] == [(alone, False)] * 2 + [(0, False), (0, True)]
     choice.new_generation()  # a fresh draft: a new run of three
     assert [choice.next_length(limit=64) for _ in range(3)] == [(alone, False)] * 3
-    choice.observe_alone(seconds=1.0 / (0.8 * tree_rate))  # the decayed mean: 0.95x the tree, drafting again
+    choice.observe_alone(seconds=1.0 / (0.6 * drafted_rate))  # the decayed mean: below the margin, drafting again
     choice.decide(costs)
     assert not choice.prefers_alone and choice.alone.steps == 2 and choice.alone_steps == 2
-    choice.observe_alone(seconds=1.0 / (2 * tree_rate), trial=True)
+    choice.observe_alone(seconds=1.0 / (3 * drafted_rate), trial=True)
     choice.decide(costs, rows=2)  # a batch: trees only
     assert not choice.prefers_alone and choice.next_length(limit=64) == (0, False)
     never = ProposalChoice(max_length=12)  # max_alone_run 0: tree and chain only, as before

@@ -454,8 +454,12 @@ class ProposalChoice:
 
     With ``max_alone_run``, a third kind joins the trials: the target **alone** (no draft forward, the root is the
     tree: an ordinary decode step), priced by the measured seconds of such steps (their cost does not depend on the
-    passage, so every one counts). Where its rate is ``alone_margin`` times the better drafting kind's, the steps
-    that are not trials run the target alone: a draft that is never right, or one that costs as much as the target,
+    passage, so every one counts). It is weighed against what drafting gave over its recent steps, all of them
+    (``drafted``, decayed 0.95 a step: while drafting runs, its steps are every step, chosen by no passage; while
+    the target alone runs, drafting's steps are its trials and catch-ups, chosen by the schedule), not against a
+    few trials: weighed against the trials, one that met a hard passage sent a Qwen2-VL caption into 18 steps of the
+    target alone (that scene ran at 264 tokens/s, the others at 330-440). Where the target alone's rate is ``alone_margin`` times drafting's, the steps that are not trials
+    run it: a draft that is never right, or one that costs as much as the target,
     then costs about what plain decoding does instead of up to twice (a contrary draft as large as the target:
     0.45x of target-only decoding before). The draft falls behind meanwhile: the tokens committed are fed with the
     next drafted step's root, so at most ``max_alone_run`` such steps run in a row (what the workspace's first-forward
@@ -474,9 +478,11 @@ class ProposalChoice:
     #: trees are chain-like too) trees run (held-out scenes of both bundled pairs: chains=False 2-5% faster than
     #: chains chosen on the rates alone); where chains win they win by far more (a copy of the target drafting: 2x)
     chain_margin = 1.1
-    #: how much faster the target alone must be than the better drafting kind for steps without a draft to run (its
-    #: rate is measured, not modelled, and a step of it teaches nothing about the draft)
-    alone_margin = 1.05
+    #: how much faster the target alone must be than drafting for steps without a draft to run (a step of it
+    #: teaches nothing about the draft; drafting's trials while it runs are few)
+    alone_margin = 1.2
+    #: drafted steps seen before the target alone may run
+    alone_after = 4
     #: ``next_length``'s answer for a step of the target alone
     ALONE = -1
 
@@ -488,6 +494,7 @@ class ProposalChoice:
         self.max_length, self.trial_every, self.max_trial_gap = max_length, trial_every, max_trial_gap
         self.max_alone_run = max_alone_run  # 0: never the target alone
         self.alone = _AloneRate(decay)
+        self.drafted = _ProposalRate(0.95)  # every drafted step, trial or not (tree or chain)
         self.prefers_alone = False
         self.alone_steps = 0  # steps of the target alone observed, trials or not
         self._alone_run = 0  # steps of the target alone in a row (the draft's backlog)
@@ -514,6 +521,7 @@ class ProposalChoice:
         """A tree step: ``accepted`` draft tokens, ``forwards`` draft forwards, ``slots`` verified draft slots;
         ``trial``: it was a trial."""
         self.tree_steps += 1
+        self.drafted.observe(accepted, forwards, slots)
         if trial:
             self.tree.observe(accepted, forwards, slots)
             self._trial_observed = True
@@ -523,6 +531,7 @@ class ProposalChoice:
         """A chain step that built ``levels`` tokens (one forward each) and accepted ``accepted``; ``level_mass``: its
         tokens' cumulative draft probabilities, when measured; ``trial``: it was a trial."""
         self.chain_steps += 1
+        self.drafted.observe(accepted, levels, levels)
         if trial:
             self.chain.observe(accepted, levels, levels)
             self._trial_observed = True
@@ -546,8 +555,9 @@ class ProposalChoice:
         tree_rate, chain_rate = self.tree.per_second(costs), self.chain.per_second(costs)
         both_tried = self.tree.steps > 0 and self.chain.steps > 0
         prefers_chain = not self.batched and both_tried and chain_rate > self.chain_margin * tree_rate
-        drafting_rate = chain_rate if prefers_chain else tree_rate
-        prefers_alone = (not self.batched and self.max_alone_run > 0 and self.alone.steps > 0 and drafting_rate > 0
+        drafting_rate = self.drafted.per_second(costs)
+        prefers_alone = (not self.batched and self.max_alone_run > 0 and self.alone.steps > 0
+                         and self.drafted.steps >= self.alone_after and drafting_rate > 0
                          and self.alone.per_second() > self.alone_margin * drafting_rate)
         if self._trial_observed and both_tried:
             # (the first decision from both kinds' trials confirms nothing yet)

@@ -436,7 +436,7 @@ class SpeculativeGenerator:
                 for index, prompt_len in enumerate(prompt_lens)]
         # every forward feeds at most max(first draft forward, tree) rows past a row's length; the buffers start with
         # room for the prompts and a few steps, and grow by doubling as the rows get longer
-        tree_room = max(policy.capacity, policy.depth_bound + 2)
+        tree_room = policy.forward_rows
         cache_capacity = max_len + tree_room
         initial = max(prompt_lens) + min(max_new_tokens, 64) + 2 * tree_room
         self.target_cache = RowCache(batch, cache_capacity, initial)

@@ -110,6 +110,12 @@ class TreePolicy:
         """Largest top-k the policy asks of the draft (must not exceed the vocabulary)."""
         return 1
 
+    @property
+    def forward_rows(self) -> int:
+        """The most rows one forward feeds past a row's cache length: a tree's slots, or the pending tokens and the
+        root of a step's first draft forward (the engine's cache room per forward; a captured draft's shapes)."""
+        return max(self.capacity, self.depth_bound + 2)
+
     def reset(self) -> None:
         """Forget per-generation state (called at the start of every generate)."""
 
@@ -663,10 +669,10 @@ class CostAwareSagePolicy(SagePolicy):
     def max_alone_run(self) -> int:
         """Steps of the target alone in a row at most: the draft's first forward after them feeds every token they
         committed (plus an accepted one it never processed and the root), as many rows as the engine makes room for
-        in one forward (``max(capacity, depth_bound + 2)``: a captured draft's static shapes). Longer runs make
-        the catch-up rarer: a contrary draft as large as the target ran at 0.83x of target-only decoding with
-        runs of 12, 0.9x with 63."""
-        return max(self.capacity, self.depth_bound + 2) - 2
+        in one forward (``forward_rows``: a captured draft's static shapes too). Longer runs make the catch-up
+        rarer: a contrary draft as large as the target ran at 0.83x of target-only decoding with runs of 12, 0.9x
+        with 63."""
+        return self.forward_rows - 2
 
     def opens_with_first_round(self) -> bool:
         # a generation after the costs are known starts from the confidence learned on this pair (``reset``)
