@@ -639,7 +639,7 @@ class CostAwareSagePolicy(SagePolicy):
     says (SAGE then builds shallow, wide trees that drop the greedy path), or a sure draft whose long chains cost
     less than a tree's width brings, gets chains. One prompt at a time, like the level stop. ``alone`` (on by
     default, with ``chains``): the trials take in the target alone too, a step without any draft forward, and where
-    it gives 1.05x the better drafting kind's tokens per second the steps run it (at most ``max_alone_run`` in a
+    it gives 1.2x what drafting gave over its recent steps the steps run it (at most ``max_alone_run`` in a
     row, then the draft catches up): a draft that is never right, or one as dear as the target, then costs about
     what plain decoding does (a contrary draft as large as the target: 0.45x of target-only decoding without it,
     0.9x with it).
