@@ -22,7 +22,8 @@ from tiny_vlms_more import tiny_qwen3_vl
 from transformers import DynamicCache, GenerationConfig
 
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.engine.policies import ChainPolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
+from sage_ext.engine.costs import ProposalChoice
+from sage_ext.engine.policies import ChainPolicy, CostAwareSagePolicy, DynamicTreePolicy, SagePolicy, StaticTreePolicy
 
 VOCAB = 24
 RUNS = 3000
@@ -355,6 +356,12 @@ def test_gumbel_sampled_tokens_do_not_depend_on_the_trees(setup, batch):
     assert not torch.equal(run("sage", seed=8), expected)
     if batch:
         assert not torch.equal(expected[0, 6:], expected[1, 6:])
+    else:  # sage_cost's steps of the target alone between drafted ones (a fixed plan): the same tokens again
+        policy = CostAwareSagePolicy()
+        plan = iter([ProposalChoice.ALONE] * 3 + [0, 4] + [ProposalChoice.ALONE] * 5 + [0])
+        policy.learned.proposals.next_length = lambda limit: (max(-1, min(next(plan, 0), limit)), False)
+        assert torch.equal(run(policy), expected)
+        assert next(plan, None) is None  # (every planned step ran)
 
 
 @pytest.mark.parametrize("rule", ["specinfer", "gumbel"])
