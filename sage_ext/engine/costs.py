@@ -496,7 +496,6 @@ class ProposalChoice:
         self.alone = _AloneRate(decay)
         self.drafted = _ProposalRate(0.95)  # every drafted step, trial or not (tree or chain)
         self.prefers_alone = False
-        self.alone_steps = 0  # steps of the target alone observed, trials or not
         self._alone_run = 0  # steps of the target alone in a row (the draft's backlog)
         # the kinds trials take in turn
         self._trial_kinds = ("tree", "chain", "alone") if max_alone_run else ("tree", "chain")
@@ -540,7 +539,6 @@ class ProposalChoice:
 
     def observe_alone(self, seconds: float, trial: bool = False) -> None:
         """A step of the target alone that took ``seconds``; ``trial``: it was a trial."""
-        self.alone_steps += 1
         self.alone.observe(seconds)
         if trial:
             self._trial_observed = True
@@ -591,6 +589,11 @@ class ProposalChoice:
         if kind == "alone":
             return self.ALONE, trial
         return (max(1, min(self.chain_length, limit)) if kind == "chain" else 0), trial
+
+    @property
+    def alone_steps(self) -> int:
+        """Steps of the target alone observed, trials or not (every one is priced)."""
+        return self.alone.steps
 
     def new_generation(self) -> None:
         """A generation starts: its draft has processed the whole prompt (no steps alone behind)."""

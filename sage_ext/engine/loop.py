@@ -52,13 +52,16 @@ from .capture import CapturedForward, padded_rows, tree_forward
 from .costs import RowOutcome, StepCost, learning_for
 from .coupled import PositionNoise, coupled_token, no_distribution, row_generators, verify_coupled
 from .draft_round import DraftRound
-from .policies import DEFAULT_POLICY, TreePolicy, TreeProposal, make_policy
+from .policies import DEFAULT_POLICY, AutoregressivePolicy, TreePolicy, make_policy
 from .processing import TargetProcessing, sampling_warpers
 from .stats import GenerationStats, StepRecord, Timeline
 
 if TYPE_CHECKING:
     from ..validation import GenerationSettings
 
+#: The build of a step with one token left to ``max_new_tokens``, whatever the policy: the root alone (the target's
+#: next token; a draft level could only propose tokens past the end).
+_LAST_TOKEN = AutoregressivePolicy()
 #: Target and draft vocabularies may differ by at most this many (padding) rows.
 DEFAULT_MAX_VOCAB_PADDING = 256
 #: Tree nodes (roots included) the target verifies per step for a whole batch, shared equally by the rows still
@@ -552,7 +555,7 @@ class SpeculativeGenerator:
                 # nodes deeper than the tokens left (the bonus aside) are never emitted: with one token left the step
                 # is the root alone, an ordinary decode step, whatever the policy
                 row.ctx.depth_limit = max_new_tokens - row.n_generated - 1
-                build = row.policy.build(row.ctx) if row.ctx.depth_limit > 0 else _last_token(row.ctx)
+                build = row.policy.build(row.ctx) if row.ctx.depth_limit > 0 else _LAST_TOKEN.build(row.ctx)
                 request = _advance(row, build, None)
                 if request is not None:
                     builds[slot] = (row, build, request)
@@ -953,14 +956,6 @@ class _Row:
         stats.new_tokens = self.n_generated
         stats.stop_reason = self.stop_reason
         return stats
-
-
-def _last_token(ctx: DraftRound):
-    """The build of a step with one token left to ``max_new_tokens``: the root alone (the target's next token; a
-    draft level could only propose tokens past the end)."""
-    ctx.root_only()
-    return TreeProposal(0, 0, shape="alone")
-    yield  # a generator like every build (this one needs no draft forward)
 
 
 def _advance(row: _Row, build, logits: Tensor | None):

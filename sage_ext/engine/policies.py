@@ -71,7 +71,7 @@ class TreeProposal:
     shape: ``"tree"`` (the policy's own), ``"chain"`` (the draft's greedy chain that a cost-aware policy proposes
     instead of its tree, learned from apart), ``"fixed"`` (a fixed-shape tree, e.g. SAGE's first round) or
     ``"alone"`` (no draft: the root alone, the target's own step, where a cost-aware policy finds that drafting
-    does not pay, or the generation's last token).
+    does not pay, every step of ``ar``, or the generation's last token: ``target_alone``).
     trial: the kind (tree or chain) was chosen as a trial, not as the preferred one (``costs.ProposalChoice``).
     """
 
@@ -162,9 +162,15 @@ class AutoregressivePolicy(TreePolicy):
         return 0
 
     def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
-        ctx.root_only()  # the root is read straight from the engine's sequence buffer: no tree state is written
-        return TreeProposal(0, 0)
+        return target_alone(ctx)
         yield  # a generator like every build (this one needs no draft forward)
+
+
+def target_alone(ctx, **fields) -> TreeProposal:
+    """The step's tree is the root alone: no draft forward, an ordinary decode step (the root is read straight from
+    the engine's sequence buffer: no tree state is written). ``fields``: the proposal's other fields."""
+    ctx.root_only()
+    return TreeProposal(0, 0, shape="alone", **fields)
 
 
 class StaticTreePolicy(TreePolicy):
@@ -682,8 +688,7 @@ class CostAwareSagePolicy(SagePolicy):
         if self.chains and not self.opens_with_first_round():
             length, trial = self.learned.proposals.next_length(min(self.d_max_cap, self.n_max, ctx.node_limit - 1))
             if length == ProposalChoice.ALONE:  # drafting does not pay here: the target's own step
-                ctx.root_only()
-                return TreeProposal(0, 0, info={"d_max": self.d_max}, shape="alone", trial=trial)
+                return target_alone(ctx, info={"d_max": self.d_max}, trial=trial)
             proposal = yield from (self.build_chain(ctx, length) if length else super().build(ctx))
             # a trial cut short by the end of the generation (max_new_tokens) would price its kind by a step it
             # could not take: it counts as an ordinary step
