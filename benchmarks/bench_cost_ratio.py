@@ -195,7 +195,8 @@ def main(argv=None) -> int:
         proposals = policy.learned.proposals
         learned[str(ratio)] = {"final_d_max": policy.d_max, "mean_tau": sum(r.tau for r in records) / len(records),
                                "mean_draft_forwards": sum(r.draft_forwards for r in records) / len(records),
-                               "chain_share": proposals.chain_steps / max(1, proposals.chain_steps + proposals.tree_steps)}
+                               "chain_share": proposals.chain_steps / max(1, proposals.chain_steps + proposals.tree_steps),
+                               "alone_share": proposals.alone_steps / len(records)}
         print(f"ratio {ratio}: " + ", ".join(f"{n} {t[str(ratio)]:.2f}x" for n, t in table.items()), flush=True)
 
     report = {"pair": args.pair, "draft_is_target": args.draft_is_target, "draft_prune_ratio": prune, "machine": cpu_model(), "threads": args.threads, "torch": torch.__version__, "scenes": args.scenes,
@@ -219,9 +220,10 @@ def main(argv=None) -> int:
         cells = [f"**{row[str(r)]:.2f}x**" if best[str(r)] == name else f"{row[str(r)]:.2f}x" for r in ratios]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "sage_cost per ratio (its depth cap at the end, mean accepted tokens and draft forwards per step, the "
-              "share of its steps that proposed the draft's greedy chain): "
+              "share of its drafted steps that proposed the draft's greedy chain, the share of its steps of the target alone): "
               + "; ".join(f"{r}: d_max {v['final_d_max']}, tau {v['mean_tau']:.2f}, "
-                          f"{v['mean_draft_forwards']:.1f} forwards, {v['chain_share']:.0%} chains"
+                          f"{v['mean_draft_forwards']:.1f} forwards, {v['chain_share']:.0%} chains, "
+                          f"{v['alone_share']:.0%} alone"
                           for r, v in learned.items()) + "."]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot_report(report, out_dir / f"{stem}.png")

@@ -55,6 +55,8 @@ def test_cost_model_recovers_known_costs():
     assert per_token == pytest.approx(1e-4, rel=1e-6)
     # a 6-deep tree: 7 forwards, 3 slots per level, the fixed part
     assert model.step_seconds(6) == pytest.approx(synthetic_step(slots=18, depth=6, accepted=0).seconds, rel=0.01)
+    # the target alone: no draft, the root verified, the fixed part
+    assert model.alone_seconds() == pytest.approx(0.003 + 0.005 + 1e-4, rel=1e-6)
 
 
 def test_fixed_tree_size_and_depth():
@@ -762,28 +764,35 @@ def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
 
 
 def test_the_target_alone_runs_where_it_beats_drafting():
-    """With ``max_alone_run`` the trials take tree, chain and the target alone in turn; the steps that are not trials
-    run the target alone once its measured rate is ``alone_margin`` times what drafting gave over its recent steps,
-    all of them (``drafted``; at least ``alone_after`` of them; never in a batch), at most ``max_alone_run`` in a row
-    (then the preferred drafting kind: the draft catches up), and a new generation starts a new run."""
+    """With ``max_alone_run`` the trials take tree, chain and the target alone in turn (the target alone once
+    drafting has been seen, ``alone_after`` steps, and could lose to it); the steps that are not trials run the target
+    alone once its measured rate is ``alone_margin`` times what drafting gave over its recent steps, all of them
+    (``drafted``; never in a batch), at most ``max_alone_run`` in a row (then the preferred drafting kind: the draft
+    catches up), and a new generation starts a new run."""
     costs = measured_costs()
     choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=16, max_alone_run=3)
     alone = ProposalChoice.ALONE
-    assert [choice.next_length(limit=64) for _ in range(3)] == [(0, True), (12, True), (alone, True)]
+    assert [choice.next_length(limit=64) for _ in range(2)] == [(0, True), (12, True)]
     choice.observe_tree(accepted=0, forwards=3, slots=8, trial=True)
     choice.observe_chain(accepted=0, levels=3, trial=True)
-    drafted_rate = choice.drafted.per_second(costs)
-    # (the decayed means of both steps' tokens, forwards and slots, priced: the second weighs 1 / (1 + 0.95))
-    assert drafted_rate == pytest.approx(1 / costs.seconds_for(3, 8 + (3 - 8) / 1.95))
-    choice.observe_alone(seconds=1.0 / (1.5 * drafted_rate), trial=True)  # 1.5x drafting
     choice.decide(costs)
-    assert not choice.prefers_alone  # two drafted steps: too few to judge drafting by
+    # (the decayed means of both steps' tokens, forwards and slots, priced: the second weighs 1 / (1 + 0.95))
+    assert choice.drafted.per_second(costs) == pytest.approx(1 / costs.seconds_for(3, 8 + (3 - 8) / 1.95))
+    assert not choice.alone_worth_a_trial  # two drafted steps: too few to judge drafting by
     choice.observe_tree(accepted=0, forwards=3, slots=8)
     choice.observe_chain(accepted=0, levels=3)  # (ordinary steps count too)
     choice.decide(costs)
-    assert choice.drafted.steps == 4 and choice.prefers_alone
-    # steps 3-4 alone (step 2's trial began the run), step 5 drafts (the run is at max_alone_run), step 6 is the
-    # tree's trial (4 after step 2's)
+    drafted_rate = choice.drafted.per_second(costs)
+    # a token a step of 3 draft forwards and a verify: the target alone's guessed rate is above drafting's
+    assert choice.drafted.steps == 4 and 1 / costs.alone_seconds() > drafted_rate
+    assert choice.alone_worth_a_trial and not choice.prefers_alone  # (not measured yet)
+    # steps 2-4 the tree (preferred by default), step 5 the next trial: the target alone's turn
+    assert [choice.next_length(limit=64) for _ in range(4)] == [(0, False)] * 3 + [(alone, True)]
+    choice.observe_alone(seconds=1.0 / (1.5 * drafted_rate), trial=True)  # 1.5x drafting
+    choice.decide(costs)
+    assert choice.prefers_alone
+    # steps 6-7 alone (step 5's trial began the run), step 8 drafts (the run is at max_alone_run), step 9 is the
+    # tree's trial (4 after step 5's)
     assert [choice.next_length(limit=64) for _ in range(4)] == [(alone, False)] * 2 + [(0, False), (0, True)]
     choice.new_generation()  # a fresh draft: a new run of three
     assert [choice.next_length(limit=64) for _ in range(3)] == [(alone, False)] * 3
@@ -795,6 +804,28 @@ def test_the_target_alone_runs_where_it_beats_drafting():
     assert not choice.prefers_alone and choice.next_length(limit=64) == (0, False)
     never = ProposalChoice(max_length=12)  # max_alone_run 0: tree and chain only, as before
     assert [never.next_length(limit=64)[0] for _ in range(3)] == [0, 12, 0]
+
+
+def test_no_trial_of_the_target_alone_where_drafting_gives_far_more():
+    """Where drafting gives several tokens for a step's cost, the cost model's guess at the target alone's rate is far
+    below drafting's: its turn among the trials passes to the tree, so no step is spent on a kind that cannot win."""
+    costs = measured_costs()
+    choice = ProposalChoice(max_length=12, trial_every=2, max_trial_gap=2, max_alone_run=3)
+    trials = []
+    for _ in range(24):
+        length, trial = choice.next_length(limit=64)
+        assert length != ProposalChoice.ALONE
+        if length == 0:
+            choice.observe_tree(accepted=8, forwards=9, slots=24, trial=trial)
+        else:
+            choice.observe_chain(accepted=min(8, length), levels=length, trial=trial)
+        choice.decide(costs)
+        if trial:
+            trials.append("chain" if length else "tree")
+    assert choice.alone_worth_a_trial is False and choice.alone.steps == 0
+    assert 1 / costs.alone_seconds() < choice.drafted.per_second(costs) / choice.alone_margin
+    # every third turn was the target alone's, taken by the tree: trees twice as often as chains
+    assert len(trials) >= 9 and trials.count("tree") > trials.count("chain") > 0
 
 
 @pytest.mark.parametrize("draft_price, alone_expected", [(10.0, True), (1e-3, False)])

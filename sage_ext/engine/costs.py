@@ -222,6 +222,12 @@ class CostModel:
         return (self._fixed + draft_intercept + per_forward * forwards + verify_intercept + per_row * rows
                 + per_token * rows * (slots + 1))
 
+    def alone_seconds(self, rows: int = 1) -> float:
+        """Predicted seconds of a step of the target alone (no draft forward; each row's root verified). On the high
+        side: the fixed part is that of the drafted steps observed, their tree work included."""
+        verify_intercept, per_row, per_token = self._verify_fit
+        return self._fixed + verify_intercept + (per_row + per_token) * rows
+
     def describe(self) -> dict:
         draft_intercept, per_forward = self.draft_line()
         verify_intercept, per_row, per_token = self._verify_fit
@@ -463,7 +469,11 @@ class ProposalChoice:
     then costs about what plain decoding does instead of up to twice (a contrary draft as large as the target:
     0.45x of target-only decoding before). The draft falls behind meanwhile: the tokens committed are fed with the
     next drafted step's root, so at most ``max_alone_run`` such steps run in a row (what the workspace's first-forward
-    buffer holds) before a step drafts again with the preferred drafting kind.
+    buffer holds) before a step drafts again with the preferred drafting kind. Its turn among the trials is taken only
+    once drafting has been seen (``alone_after`` steps) and where the cost model's guess at its rate
+    (``CostModel.alone_seconds``, on the low side) is within ``alone_margin`` of drafting's, else the tree takes it:
+    where drafting gives several tokens for a step's cost, a trial of the target alone can only lose (the simulated
+    cost-ratio studies lost up to 3% to them, 1-5% of their steps, on the Qwen2-VL pair falling behind paper SAGE).
 
     The chain is shaped like a tree: its length is the one with the most expected tokens per second from how deep
     chains are accepted (``chain_depths``, a ``DepthAcceptance`` of chain steps only; with the level stop, at least
@@ -496,6 +506,7 @@ class ProposalChoice:
         self.alone = _AloneRate(decay)
         self.drafted = _ProposalRate(0.95)  # every drafted step, trial or not (tree or chain)
         self.prefers_alone = False
+        self.alone_worth_a_trial = False  # the trial kinds' turn of the target alone is taken (else the tree's)
         self._alone_run = 0  # steps of the target alone in a row (the draft's backlog)
         # the kinds trials take in turn
         self._trial_kinds = ("tree", "chain", "alone") if max_alone_run else ("tree", "chain")
@@ -554,9 +565,13 @@ class ProposalChoice:
         both_tried = self.tree.steps > 0 and self.chain.steps > 0
         prefers_chain = not self.batched and both_tried and chain_rate > self.chain_margin * tree_rate
         drafting_rate = self.drafted.per_second(costs)
-        prefers_alone = (not self.batched and self.max_alone_run > 0 and self.alone.steps > 0
-                         and self.drafted.steps >= self.alone_after and drafting_rate > 0
-                         and self.alone.per_second() > self.alone_margin * drafting_rate)
+        judged = (not self.batched and self.max_alone_run > 0 and self.drafted.steps >= self.alone_after
+                  and drafting_rate > 0)  # enough of drafting seen to weigh the target alone against it
+        prefers_alone = judged and self.alone.steps > 0 and self.alone.per_second() > self.alone_margin * drafting_rate
+        # a trial of the target alone costs what a drafted step would have given beyond its one token: take one only
+        # where the cost model's guess at its rate (on the low side) is within the margin of drafting's
+        self.alone_worth_a_trial = prefers_alone or (judged and costs.estimated
+                                                     and self.alone_margin / costs.alone_seconds() > drafting_rate)
         if self._trial_observed and both_tried:
             # (the first decision from both kinds' trials confirms nothing yet)
             confirmed = self._compared and (prefers_chain, prefers_alone) == (self.prefers_chain, self.prefers_alone)
@@ -575,11 +590,14 @@ class ProposalChoice:
         is a trial), the length at most ``limit``. In a batch: the tree, no trial."""
         if self.batched:
             return 0, False
-        trial = self._steps < len(self._trial_kinds) or self._steps >= self._next_trial
+        trial = self._steps < 2 or self._steps >= self._next_trial
         if trial:
             self._next_trial = self._steps + self.trial_gap
             kind = self._trial_kinds[self._trials_made % len(self._trial_kinds)]
             self._trials_made += 1
+            if kind == "alone" and not self.alone_worth_a_trial:  # (its turn passes to the tree)
+                kind = self._trial_kinds[self._trials_made % len(self._trial_kinds)]
+                self._trials_made += 1
         elif self.prefers_alone and self._alone_run < self.max_alone_run:
             kind = "alone"
         else:  # (after max_alone_run steps alone, the draft catches up with the preferred drafting kind)
