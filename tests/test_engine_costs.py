@@ -634,43 +634,49 @@ def measured_costs() -> CostModel:
 
 
 def test_the_kind_whose_trials_gave_more_tokens_per_second_runs():
-    """The first two steps are trials, then one every ``trial_every`` steps, tree and chain in turn; the other steps
-    run the kind whose trials gave more tokens per second, both priced alike (their mean tokens, forwards and slots
-    through the cost model); steps that are not trials do not move the rates. While trials confirm the preference
-    the gap between them doubles (up to ``max_trial_gap``); a change of preference brings it back."""
+    """Trials come in rounds, a step of each kind back to back (the same passage for both), at the first step and then
+    every ``trial_every`` steps; the other steps run the kind whose trials gave more tokens per second, both priced
+    alike (their mean tokens, forwards and slots through the cost model); steps that are not trials do not move the
+    rates. While rounds confirm the preference the gap between them doubles (up to ``max_trial_gap``); a change of
+    preference brings it back."""
     costs = measured_costs()
     choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=16)
-    assert choice.next_length(limit=64) == (0, True)  # first trial: the tree
-    assert choice.next_length(limit=64) == (12, True)  # second: the chain, at its optimistic length
+    # the first round: the tree, then the chain at its optimistic length
+    assert [choice.next_length(limit=64) for _ in range(2)] == [(0, True), (12, True)]
     choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)
     choice.observe_chain(accepted=8, levels=8, trial=True)
     choice.decide(costs)
     assert choice.tree.per_second(costs) == pytest.approx(2 / costs.seconds_for(3, 8))
     assert choice.chain.per_second(costs) == pytest.approx(9 / costs.seconds_for(8, 8))
-    assert choice.prefers_chain and choice.trial_gap == 4  # a first comparison confirms nothing
+    assert choice.prefers_chain
     length = choice.chain_length
-    # steps 2-4 run the chain; step 5, four after the last trial, is the tree's trial
-    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, False)] * 3 + [(0, True)]
+    # steps 2-3 run the chain; step 4, four after the first round began, begins the next
+    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, False)] * 2 + [(0, True), (length, True)]
+    assert choice.trial_gap == 4  # (the first round began before any trial: it confirms nothing)
     choice.observe_tree(accepted=9, forwards=3, slots=8)  # not a trial: the rates stay
     choice.decide(costs)
-    assert choice.prefers_chain and choice.tree.steps == 1 and choice.tree_steps == 2 and choice.trial_gap == 4
-    choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)  # step 5's trial: the chain still wins
-    choice.decide(costs)
-    assert choice.prefers_chain and choice.trial_gap == 8
-    # step 9 (four after step 5's trial, the gap when it ran) is the chain's trial
-    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, False)] * 3 + [(length, True)]
-    choice.observe_chain(accepted=8, levels=8, trial=True)
-    choice.decide(costs)
-    assert choice.trial_gap == 16  # and no further (max_trial_gap)
-    choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)
-    choice.decide(costs)
+    assert choice.prefers_chain and choice.tree.steps == 1 and choice.tree_steps == 2
+    rounds = [(8, 2, 8), (16, 6, 16)]  # (the step a round begins, chain steps before it, the gap it sets)
+    for begins, before, gap in rounds:
+        choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)  # the last round's: the chain still wins
+        choice.observe_chain(accepted=8, levels=8, trial=True)
+        choice.decide(costs)
+        assert choice.prefers_chain
+        assert [choice.next_length(limit=64) for _ in range(before + 2)] == [(length, False)] * before + [
+            (0, True), (length, True)]
+        assert choice._steps == begins + 2 and choice.trial_gap == gap
+    # the gap goes no further (max_trial_gap): the next round at step 32
+    assert [choice.next_length(limit=64) for _ in range(16)] == [(length, False)] * 14 + [(0, True), (length, True)]
     assert choice.trial_gap == 16
-    assert [choice.next_length(limit=64) for _ in range(8)] == [(length, False)] * 7 + [(0, True)]  # step 17
-    for _ in range(6):  # trees win from now on: the gap is trial_every again
+    for _ in range(6):  # trees win from now on
         choice.observe_tree(accepted=6, forwards=5, slots=15, trial=True)
         choice.observe_chain(accepted=0, levels=3, trial=True)
     choice.decide(costs)
-    assert not choice.prefers_chain and choice.trial_gap == 4
+    assert not choice.prefers_chain
+    short = choice.chain_length
+    # the round at step 48 finds the preference changed: the gap is trial_every again
+    assert [choice.next_length(limit=64) for _ in range(16)] == [(0, False)] * 14 + [(0, True), (short, True)]
+    assert choice.trial_gap == 4
     choice.decide(costs, rows=2)  # a batch: trees only, no trial
     assert [choice.next_length(limit=64) for _ in range(10)] == [(0, False)] * 10
 
@@ -764,15 +770,15 @@ def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
 
 
 def test_the_target_alone_runs_where_it_beats_drafting():
-    """With ``max_alone_run`` the trials take tree, chain and the target alone in turn (the target alone once
-    drafting has been seen, ``alone_after`` steps, and could lose to it); the steps that are not trials run the target
-    alone once its measured rate is ``alone_margin`` times what drafting gave over its recent steps, all of them
-    (``drafted``; never in a batch), at most ``max_alone_run`` in a row (then the preferred drafting kind: the draft
-    catches up), and a new generation starts a new run."""
+    """With ``max_alone_run`` a round of trials takes the target alone after tree and chain (once drafting has been
+    seen, ``alone_after`` steps, and could lose to it); the steps that are not trials run the target alone once its
+    measured rate is ``alone_margin`` times what drafting gave over its recent steps, all of them (``drafted``; never
+    in a batch), at most ``max_alone_run`` in a row (then the preferred drafting kind: the draft catches up), and a new
+    generation starts a new run."""
     costs = measured_costs()
-    choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=16, max_alone_run=3)
+    choice = ProposalChoice(max_length=12, trial_every=8, max_trial_gap=16, max_alone_run=3)
     alone = ProposalChoice.ALONE
-    assert [choice.next_length(limit=64) for _ in range(2)] == [(0, True), (12, True)]
+    assert [choice.next_length(limit=64) for _ in range(2)] == [(0, True), (12, True)]  # no drafting seen yet
     choice.observe_tree(accepted=0, forwards=3, slots=8, trial=True)
     choice.observe_chain(accepted=0, levels=3, trial=True)
     choice.decide(costs)
@@ -782,24 +788,26 @@ def test_the_target_alone_runs_where_it_beats_drafting():
     choice.observe_tree(accepted=0, forwards=3, slots=8)
     choice.observe_chain(accepted=0, levels=3)  # (ordinary steps count too)
     choice.decide(costs)
-    drafted_rate = choice.drafted.per_second(costs)
+    drafted_rate, length = choice.drafted.per_second(costs), choice.chain_length
     # a token a step of 3 draft forwards and a verify: the target alone's guessed rate is above drafting's
     assert choice.drafted.steps == 4 and 1 / costs.alone_seconds() > drafted_rate
     assert choice.alone_worth_a_trial and not choice.prefers_alone  # (not measured yet)
-    # steps 2-4 the tree (preferred by default), step 5 the next trial: the target alone's turn
-    assert [choice.next_length(limit=64) for _ in range(4)] == [(0, False)] * 3 + [(alone, True)]
-    choice.observe_alone(seconds=1.0 / (1.5 * drafted_rate), trial=True)  # 1.5x drafting
+    # steps 2-7 the tree (preferred by default), steps 8-10 the next round, the target alone last
+    assert [choice.next_length(limit=64) for _ in range(9)] == [(0, False)] * 6 + [(0, True), (length, True),
+                                                                                  (alone, True)]
+    choice.observe_alone(seconds=1.0 / (1.5 * drafted_rate))  # 1.5x drafting
     choice.decide(costs)
     assert choice.prefers_alone
-    # steps 6-7 alone (step 5's trial began the run), step 8 drafts (the run is at max_alone_run), step 9 is the
-    # tree's trial (4 after step 5's)
-    assert [choice.next_length(limit=64) for _ in range(4)] == [(alone, False)] * 2 + [(0, False), (0, True)]
+    # steps 11-12 alone (step 10's trial began the run), step 13 drafts (the run is at max_alone_run), 14-15 alone,
+    # step 16 the next round
+    assert [choice.next_length(limit=64) for _ in range(8)] == [(alone, False)] * 2 + [(0, False)] + [
+        (alone, False)] * 2 + [(0, True), (length, True), (alone, True)]
     choice.new_generation()  # a fresh draft: a new run of three
     assert [choice.next_length(limit=64) for _ in range(3)] == [(alone, False)] * 3
     choice.observe_alone(seconds=1.0 / (0.6 * drafted_rate))  # the decayed mean: below the margin, drafting again
     choice.decide(costs)
     assert not choice.prefers_alone and choice.alone.steps == 2 and choice.alone_steps == 2
-    choice.observe_alone(seconds=1.0 / (3 * drafted_rate), trial=True)
+    choice.observe_alone(seconds=1.0 / (3 * drafted_rate))
     choice.decide(costs, rows=2)  # a batch: trees only
     assert not choice.prefers_alone and choice.next_length(limit=64) == (0, False)
     never = ProposalChoice(max_length=12)  # max_alone_run 0: tree and chain only, as before
@@ -808,9 +816,9 @@ def test_the_target_alone_runs_where_it_beats_drafting():
 
 def test_no_trial_of_the_target_alone_where_drafting_gives_far_more():
     """Where drafting gives several tokens for a step's cost, the cost model's guess at the target alone's rate is far
-    below drafting's: its turn among the trials passes to the tree, so no step is spent on a kind that cannot win."""
+    below drafting's: the rounds of trials leave it out, so no step is spent on a kind that cannot win."""
     costs = measured_costs()
-    choice = ProposalChoice(max_length=12, trial_every=2, max_trial_gap=2, max_alone_run=3)
+    choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=4, max_alone_run=3)
     trials = []
     for _ in range(24):
         length, trial = choice.next_length(limit=64)
@@ -824,15 +832,15 @@ def test_no_trial_of_the_target_alone_where_drafting_gives_far_more():
             trials.append("chain" if length else "tree")
     assert choice.alone_worth_a_trial is False and choice.alone.steps == 0
     assert 1 / costs.alone_seconds() < choice.drafted.per_second(costs) / choice.alone_margin
-    # every third turn was the target alone's, taken by the tree: trees twice as often as chains
-    assert len(trials) >= 9 and trials.count("tree") > trials.count("chain") > 0
+    assert trials == ["tree", "chain"] * 6  # a round every 4 steps, tree and chain only
 
 
 @pytest.mark.parametrize("draft_price, alone_expected", [(10.0, True), (1e-3, False)])
 def test_the_target_alone_where_drafting_does_not_pay(draft_price, alone_expected):
     """Priced draft forwards: where one costs ten verifies, sage_cost's steps run the target alone (no draft forward)
-    but for its trials and the draft's catch-up every max_alone_run steps; where drafting is nearly free, only the
-    target alone's own trials do. Greedy output identical either way, over generations that share what was learned."""
+    but for its trials and the draft's catch-up every max_alone_run steps; where drafting is nearly free, none do (not
+    even a trial: it could not win). Greedy output identical either way, over generations that share what was
+    learned."""
     target, inputs = tiny_llama(seed=3)
     reference = hf_greedy(target, inputs, max_new_tokens=64, eos_token_id=-1)
     policy = CostAwareSagePolicy()
@@ -847,4 +855,4 @@ def test_the_target_alone_where_drafting_does_not_pay(draft_price, alone_expecte
     if alone_expected:
         assert alone > 0.7 * len(steps), [step.draft_forwards for step in steps]
     else:
-        assert alone <= 1, [step.draft_forwards for step in steps]
+        assert alone == 0 and policy.learned.proposals.alone.steps == 0, [step.draft_forwards for step in steps]

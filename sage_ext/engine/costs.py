@@ -445,11 +445,15 @@ class ProposalChoice:
     """Which proposal a step makes: the policy's tree, or a chain of the draft's greedy tokens, whichever gives more
     tokens per second; and how the chain is shaped.
 
-    The two are compared by trials: the first two steps are trials, then one every ``trial_every`` steps, tree and
-    chain in turn whatever the preference, and each kind's rate is the decayed mean of its trials' tokens (accepted +
-    the bonus), draft forwards and verified slots, priced by the cost model; the other steps run the tree unless the
+    The two are compared by trials: rounds of trials, the first at the first step, then one every ``trial_every``
+    steps, each a step of every kind whatever the preference, back to back, so that the kinds meet the same passage
+    of the answer and their rates differ by the kind, not by where each ran (rounds of one kind at a time, in turn,
+    the trials of the two 8-64 steps apart: which kind ran most steps of the Qwen2-VL pair's held-out scenes
+    changed from one simulated cost ratio to the next, 7-91% chains, and the policy with chains ran 1-3% behind its
+    trees alone where those were close); each kind's rate is the decayed mean of its trials' tokens (accepted + the
+    bonus), draft forwards and verified slots, priced by the cost model; the other steps run the tree unless the
     chain's rate is ``chain_margin`` times the tree's. A trial of the kind that loses costs what it loses, so while
-    trials keep confirming the preference the gap between them doubles (up to ``max_trial_gap`` steps), and it is
+    rounds keep confirming the preference the gap between them doubles (up to ``max_trial_gap`` steps), and it is
     ``trial_every`` again when the preference changes. Only trials count because their kind does not depend on how
     the last steps went: rates taken from every step credit whichever kind happened to run in the easy passages
     (measured on the Qwen2-VL pair: trees run between chains, chosen by all steps' rates, accepted 4.6 tokens a step
@@ -469,10 +473,10 @@ class ProposalChoice:
     then costs about what plain decoding does instead of up to twice (a contrary draft as large as the target:
     0.45x of target-only decoding before). The draft falls behind meanwhile: the tokens committed are fed with the
     next drafted step's root, so at most ``max_alone_run`` such steps run in a row (what the workspace's first-forward
-    buffer holds) before a step drafts again with the preferred drafting kind. Its turn among the trials is taken only
-    once drafting has been seen (``alone_after`` steps) and where the cost model's guess at its rate
-    (``CostModel.alone_seconds``, on the low side) is within ``alone_margin`` of drafting's, else the tree takes it:
-    where drafting gives several tokens for a step's cost, a trial of the target alone can only lose (the simulated
+    buffer holds) before a step drafts again with the preferred drafting kind. It joins a round of trials only once
+    drafting has been seen (``alone_after`` steps) and where the cost model's guess at its rate
+    (``CostModel.alone_seconds``, on the low side) is within ``alone_margin`` of drafting's: where drafting gives
+    several tokens for a step's cost, a trial of the target alone can only lose (the simulated
     cost-ratio studies lost up to 3% to them, 1-5% of their steps, on the Qwen2-VL pair falling behind paper SAGE).
 
     The chain is shaped like a tree: its length is the one with the most expected tokens per second from how deep
@@ -496,7 +500,7 @@ class ProposalChoice:
     #: ``next_length``'s answer for a step of the target alone
     ALONE = -1
 
-    def __init__(self, max_length: int, decay: float = 0.9, trial_every: int = 8, max_trial_gap: int = 64,
+    def __init__(self, max_length: int, decay: float = 0.9, trial_every: int = 16, max_trial_gap: int = 128,
                  max_alone_run: int = 0):
         if max_length < 1 or not 0.0 < decay < 1.0 or not 2 <= trial_every <= max_trial_gap or max_alone_run < 0:
             raise ValueError("need max_length >= 1, decay in (0, 1), 2 <= trial_every <= max_trial_gap and "
@@ -506,15 +510,14 @@ class ProposalChoice:
         self.alone = _AloneRate(decay)
         self.drafted = _ProposalRate(0.95)  # every drafted step, trial or not (tree or chain)
         self.prefers_alone = False
-        self.alone_worth_a_trial = False  # the trial kinds' turn of the target alone is taken (else the tree's)
+        self.alone_worth_a_trial = False  # the target alone joins the next round of trials
         self._alone_run = 0  # steps of the target alone in a row (the draft's backlog)
-        # the kinds trials take in turn
+        # the kinds a round of trials takes, in this order
         self._trial_kinds = ("tree", "chain", "alone") if max_alone_run else ("tree", "chain")
-        self._trials_made = 0
-        self.trial_gap = trial_every  # steps from one trial to the next (doubles while trials confirm the preference)
-        self._next_trial = 0  # the step of the next trial
-        self._trial_observed = False  # a trial was observed since the last decision
-        self._compared = False  # a preference was decided from both kinds' trials
+        self._round: list[str] = []  # the kinds of the round under way still to run
+        self._round_preference: tuple[bool, bool] | None = None  # (prefers_chain, prefers_alone) as the last began
+        self.trial_gap = trial_every  # steps from a round to the next (doubles while rounds confirm the preference)
+        self._next_trial = 0  # the step of the next round
         self.tree, self.chain = _ProposalRate(decay), _ProposalRate(decay)  # over trials only
         # optimistic too: a chain is taken to be accepted deep until it is shown not to be (a short one would never
         # show how deep it could go)
@@ -534,7 +537,6 @@ class ProposalChoice:
         self.drafted.observe(accepted, forwards, slots)
         if trial:
             self.tree.observe(accepted, forwards, slots)
-            self._trial_observed = True
 
     def observe_chain(self, accepted: int, levels: int, level_mass: tuple[float, ...] | list[float] = (),
                       trial: bool = False) -> None:
@@ -544,15 +546,12 @@ class ProposalChoice:
         self.drafted.observe(accepted, levels, levels)
         if trial:
             self.chain.observe(accepted, levels, levels)
-            self._trial_observed = True
         self.chain_depths.observe(accepted, levels)
         self.chain_masses.observe(accepted, level_mass)
 
-    def observe_alone(self, seconds: float, trial: bool = False) -> None:
-        """A step of the target alone that took ``seconds``; ``trial``: it was a trial."""
+    def observe_alone(self, seconds: float) -> None:
+        """A step of the target alone that took ``seconds`` (trial or not: every one prices it)."""
         self.alone.observe(seconds)
-        if trial:
-            self._trial_observed = True
 
     def decide(self, costs: "CostModel", rows: int = 1) -> None:
         """After a step of ``rows`` rows is observed: the chain's best length and which kind the steps that are not
@@ -572,11 +571,6 @@ class ProposalChoice:
         # where the cost model's guess at its rate (on the low side) is within the margin of drafting's
         self.alone_worth_a_trial = prefers_alone or (judged and costs.estimated
                                                      and self.alone_margin / costs.alone_seconds() > drafting_rate)
-        if self._trial_observed and both_tried:
-            # (the first decision from both kinds' trials confirms nothing yet)
-            confirmed = self._compared and (prefers_chain, prefers_alone) == (self.prefers_chain, self.prefers_alone)
-            self.trial_gap = min(2 * self.trial_gap, self.max_trial_gap) if confirmed else self.trial_every
-            self._trial_observed, self._compared = False, True
         self.prefers_chain, self.prefers_alone = prefers_chain, prefers_alone
 
     def chain_stop_terms(self, costs: "CostModel") -> list | None:
@@ -590,14 +584,18 @@ class ProposalChoice:
         is a trial), the length at most ``limit``. In a batch: the tree, no trial."""
         if self.batched:
             return 0, False
-        trial = self._steps < 2 or self._steps >= self._next_trial
-        if trial:
+        if not self._round and self._steps >= self._next_trial:  # a round of trials begins
+            preference = (self.prefers_chain, self.prefers_alone)
+            if self._round_preference is not None:  # (the first round confirms nothing)
+                confirmed = preference == self._round_preference
+                self.trial_gap = min(2 * self.trial_gap, self.max_trial_gap) if confirmed else self.trial_every
+            # (a round that begins before both kinds were tried has nothing to confirm)
+            self._round_preference = preference if self.tree.steps and self.chain.steps else None
             self._next_trial = self._steps + self.trial_gap
-            kind = self._trial_kinds[self._trials_made % len(self._trial_kinds)]
-            self._trials_made += 1
-            if kind == "alone" and not self.alone_worth_a_trial:  # (its turn passes to the tree)
-                kind = self._trial_kinds[self._trials_made % len(self._trial_kinds)]
-                self._trials_made += 1
+            self._round = [kind for kind in self._trial_kinds if kind != "alone" or self.alone_worth_a_trial]
+        trial = bool(self._round)
+        if trial:
+            kind = self._round.pop(0)
         elif self.prefers_alone and self._alone_run < self.max_alone_run:
             kind = "alone"
         else:  # (after max_alone_run steps alone, the draft catches up with the preferred drafting kind)

@@ -770,9 +770,8 @@ class CostAwareSagePolicy(SagePolicy):
         if all(outcome.shape == "alone" for outcome in cost.outcomes):  # no draft: what the target alone costs
             if self.chains:  # (the choice is made again after trials and drafted steps: an ordinary step alone,
                 # which changes no drafting rate, costs no more than plain decoding's bookkeeping)
-                trial = any(outcome.trial for outcome in cost.outcomes)
-                learned.proposals.observe_alone(cost.seconds, trial)
-                if trial:
+                learned.proposals.observe_alone(cost.seconds)
+                if any(outcome.trial for outcome in cost.outcomes):
                     learned.proposals.decide(learned.costs, cost.rows)
             return
         learned.costs.observe(cost)
