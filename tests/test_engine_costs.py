@@ -814,6 +814,20 @@ def test_the_target_alone_runs_where_it_beats_drafting():
     assert [never.next_length(limit=64)[0] for _ in range(3)] == [0, 12, 0]
 
 
+def test_a_target_alone_priced_at_nothing_is_worth_a_trial():
+    """A cost model that has seen no verify and no fixed cost guesses a step of the target alone at 0 seconds (a
+    priced clock can do that): a trial is worth it, and nothing divides by zero."""
+    costs = CostModel()
+    for step in range(4):
+        costs.observe(synthetic_step(slots=4, depth=2 + step % 2, accepted=1, verify0=0.0, verify1=0.0, fixed=0.0))
+    choice = ProposalChoice(max_length=4, max_alone_run=3)
+    for _ in range(choice.alone_after):
+        choice.observe_tree(accepted=1, forwards=3, slots=4)
+    choice.decide(costs)
+    assert costs.alone_seconds() == 0.0 and choice.drafted.per_second(costs) > 0
+    assert choice.alone_worth_a_trial and not choice.prefers_alone
+
+
 def test_no_trial_of_the_target_alone_where_drafting_gives_far_more():
     """Where drafting gives several tokens for a step's cost, the cost model's guess at the target alone's rate is far
     below drafting's: the rounds of trials leave it out, so no step is spent on a kind that cannot win."""

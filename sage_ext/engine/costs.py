@@ -569,8 +569,9 @@ class ProposalChoice:
         prefers_alone = judged and self.alone.steps > 0 and self.alone.per_second() > self.alone_margin * drafting_rate
         # a trial of the target alone costs what a drafted step would have given beyond its one token: take one only
         # where the cost model's guess at its rate (on the low side) is within the margin of drafting's
-        self.alone_worth_a_trial = prefers_alone or (judged and costs.estimated
-                                                     and self.alone_margin / costs.alone_seconds() > drafting_rate)
+        alone_guess = costs.alone_seconds()
+        self.alone_worth_a_trial = prefers_alone or (judged and costs.estimated and (
+            alone_guess <= 0 or self.alone_margin / alone_guess > drafting_rate))
         self.prefers_chain, self.prefers_alone = prefers_chain, prefers_alone
 
     def chain_stop_terms(self, costs: "CostModel") -> list | None:
