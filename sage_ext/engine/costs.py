@@ -568,10 +568,10 @@ class ProposalChoice:
                   and drafting_rate > 0)  # enough of drafting seen to weigh the target alone against it
         prefers_alone = judged and self.alone.steps > 0 and self.alone.per_second() > self.alone_margin * drafting_rate
         # a trial of the target alone costs what a drafted step would have given beyond its one token: take one only
-        # where the cost model's guess at its rate (on the low side) is within the margin of drafting's
-        alone_guess = costs.alone_seconds()
-        self.alone_worth_a_trial = prefers_alone or (judged and costs.estimated and (
-            alone_guess <= 0 or self.alone_margin / alone_guess > drafting_rate))
+        # where the cost model's guess at its rate (on the low side) is within the margin of drafting's (a guess of
+        # 0 seconds, as a priced clock can give, is always worth one)
+        self.alone_worth_a_trial = prefers_alone or (judged and costs.estimated
+                                                     and drafting_rate * costs.alone_seconds() < self.alone_margin)
         self.prefers_chain, self.prefers_alone = prefers_chain, prefers_alone
 
     def chain_stop_terms(self, costs: "CostModel") -> list | None:
@@ -587,10 +587,9 @@ class ProposalChoice:
             return 0, False
         if not self._round and self._steps >= self._next_trial:  # a round of trials begins
             preference = (self.prefers_chain, self.prefers_alone)
-            if self._round_preference is not None:  # (the first round confirms nothing)
+            if self._round_preference is not None:  # (None: the last round began before both kinds were tried)
                 confirmed = preference == self._round_preference
                 self.trial_gap = min(2 * self.trial_gap, self.max_trial_gap) if confirmed else self.trial_every
-            # (a round that begins before both kinds were tried has nothing to confirm)
             self._round_preference = preference if self.tree.steps and self.chain.steps else None
             self._next_trial = self._steps + self.trial_gap
             self._round = [kind for kind in self._trial_kinds if kind != "alone" or self.alone_worth_a_trial]
