@@ -429,7 +429,7 @@ def test_sage_cost_learns_from_batch_steps():
     assert not stop_set[3] and not stop_set[4]
     alone = {}
     engine.step_hook = lambda info: alone.setdefault(info.step, policy.learned.go_on is not None)
-    engine.generate(**rows[0], max_new_tokens=40, eos_token_id=-1)
+    engine.generate(**rows[0], max_new_tokens=80, eos_token_id=-1)  # (long chains: 12 tokens a step)
     assert alone[3] and alone[4]
 
 
@@ -634,39 +634,53 @@ def measured_costs() -> CostModel:
 
 
 def test_the_kind_whose_trials_gave_more_tokens_per_second_runs():
-    """Trials come in rounds, a step of each kind back to back (the same passage for both), at the first step and then
-    every ``trial_every`` steps; the other steps run the kind whose trials gave more tokens per second, both priced
-    alike (their mean tokens, forwards and slots through the cost model); steps that are not trials do not move the
-    rates. While rounds confirm the preference the gap between them doubles (up to ``max_trial_gap``); a change of
-    preference brings it back."""
+    """Trials come in rounds, a step of each kind close together (the same passage for both), the first two rounds at
+    the first steps and then one every ``trial_every`` steps; each kind's trial follows a step of its own kind (a
+    warm-up step first where the last step was of another), the kind of the last step first. The other steps run
+    the chain only where its trials gave more tokens per second than the tree's by more than a standard error of
+    the difference (both priced alike: their mean tokens, forwards and slots through the cost model; two trials of
+    each at least); steps that are not trials do not move the rates. While rounds confirm the preference the gap
+    between them doubles (up to ``max_trial_gap``); a change of preference brings it back."""
     costs = measured_costs()
     choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=16)
-    # the first round: the tree, then the chain at its optimistic length
-    assert [choice.next_length(limit=64) for _ in range(2)] == [(0, True), (12, True)]
+    # the first round: the tree's trial (the prompt before it), a chain step, the chain's trial at its optimistic
+    # length
+    assert [choice.next_length(limit=64) for _ in range(3)] == [(0, True), (12, False), (12, True)]
     choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)
     choice.observe_chain(accepted=8, levels=8, trial=True)
     choice.decide(costs)
     assert choice.tree.per_second(costs) == pytest.approx(2 / costs.seconds_for(3, 8))
     assert choice.chain.per_second(costs) == pytest.approx(9 / costs.seconds_for(8, 8))
-    assert choice.prefers_chain
+    assert not choice.prefers_chain  # one trial of each: nothing yet says how sure the rates are
     length = choice.chain_length
-    # steps 2-3 run the chain; step 4, four after the first round began, begins the next
-    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, False)] * 2 + [(0, True), (length, True)]
+    # so the second round runs at once: the chain's trial first (the last step was a chain), then the tree's
+    assert [choice.next_length(limit=64) for _ in range(3)] == [(length, True), (0, False), (0, True)]
     assert choice.trial_gap == 4  # (the first round began before any trial: it confirms nothing)
+    choice.observe_tree(accepted=2, forwards=3, slots=8, trial=True)
+    choice.observe_chain(accepted=8, levels=8, trial=True)
+    choice.decide(costs)
+    tree_rates = [tokens / costs.seconds_for(3, 8) for tokens in (2, 3)]
+    spread = abs(tree_rates[1] - tree_rates[0]) / 2  # (two trials: their standard error, the weights aside)
+    assert choice.tree.rate_error(costs) == pytest.approx(spread, rel=0.06) and choice.chain.rate_error(costs) == 0
+    assert choice.prefers_chain and choice.chain_length == length
     choice.observe_tree(accepted=9, forwards=3, slots=8)  # not a trial: the rates stay
     choice.decide(costs)
-    assert choice.prefers_chain and choice.tree.steps == 1 and choice.tree_steps == 2
-    rounds = [(8, 2, 8), (16, 6, 16)]  # (the step a round begins, chain steps before it, the gap it sets)
+    assert choice.prefers_chain and choice.tree.steps == 2 and choice.tree_steps == 3
+    # step 6 the chain; the round at step 7, four after the second began, finds the preference changed: the gap
+    # stays trial_every
+    round_from_chain = [(length, True), (0, False), (0, True)]
+    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, False)] + round_from_chain
+    assert choice.trial_gap == 4
+    rounds = [(11, 1, 8), (19, 5, 16)]  # (the step a round begins, chain steps before it, the gap it sets)
     for begins, before, gap in rounds:
         choice.observe_tree(accepted=1, forwards=3, slots=8, trial=True)  # the last round's: the chain still wins
         choice.observe_chain(accepted=8, levels=8, trial=True)
         choice.decide(costs)
         assert choice.prefers_chain
-        assert [choice.next_length(limit=64) for _ in range(before + 2)] == [(length, False)] * before + [
-            (0, True), (length, True)]
-        assert choice._steps == begins + 2 and choice.trial_gap == gap
-    # the gap goes no further (max_trial_gap): the next round at step 32
-    assert [choice.next_length(limit=64) for _ in range(16)] == [(length, False)] * 14 + [(0, True), (length, True)]
+        assert [choice.next_length(limit=64) for _ in range(before + 3)] == [(length, False)] * before + round_from_chain
+        assert choice._steps == begins + 3 and choice.trial_gap == gap
+    # the gap goes no further (max_trial_gap): the next round at step 35
+    assert [choice.next_length(limit=64) for _ in range(16)] == [(length, False)] * 13 + round_from_chain
     assert choice.trial_gap == 16
     for _ in range(6):  # trees win from now on
         choice.observe_tree(accepted=6, forwards=5, slots=15, trial=True)
@@ -674,11 +688,39 @@ def test_the_kind_whose_trials_gave_more_tokens_per_second_runs():
     choice.decide(costs)
     assert not choice.prefers_chain
     short = choice.chain_length
-    # the round at step 48 finds the preference changed: the gap is trial_every again
-    assert [choice.next_length(limit=64) for _ in range(16)] == [(0, False)] * 14 + [(0, True), (short, True)]
+    # the round at step 51 (the tree's trial first) finds the preference changed: the gap is trial_every again
+    assert [choice.next_length(limit=64) for _ in range(16)] == [(0, False)] * 13 + [(0, True), (short, False),
+                                                                                    (short, True)]
     assert choice.trial_gap == 4
     choice.decide(costs, rows=2)  # a batch: trees only, no trial
     assert [choice.next_length(limit=64) for _ in range(10)] == [(0, False)] * 10
+
+
+def test_a_new_generation_needs_no_warm_up_before_a_trial():
+    """A generation's first step starts from the prompt, in neither kind's aftermath: a round of trials due there
+    begins with the tree's trial at once, where after a chain step it would begin with the chain's."""
+    choice = ProposalChoice(max_length=6, trial_every=2, max_trial_gap=2)
+    assert [choice.next_length(limit=64) for _ in range(6)] == [
+        (0, True), (6, False), (6, True), (6, True), (0, False), (0, True)]
+    choice.new_generation()
+    assert [choice.next_length(limit=64) for _ in range(3)] == [(0, True), (6, False), (6, True)]  # (due at step 6)
+
+
+def test_a_chain_ahead_by_less_than_its_trials_spread_does_not_run():
+    """Trials that vary from one passage to the next: a chain whose trials' mean is ahead of the tree's by less than
+    a standard error of the difference does not run; the same means with trials that agree do."""
+    costs = measured_costs()
+    noisy, steady = ProposalChoice(max_length=12), ProposalChoice(max_length=12)
+    for accepted in (0, 8, 1, 9):  # mean 4.5 accepted: about 1.6x the tree's tokens, but one trial in two fails
+        noisy.observe_tree(accepted=2, forwards=4, slots=12, trial=True)
+        noisy.observe_chain(accepted=accepted, levels=8, trial=True)
+        steady.observe_tree(accepted=2, forwards=4, slots=12, trial=True)
+        steady.observe_chain(accepted=4, levels=8, trial=True)
+    noisy.decide(costs)
+    steady.decide(costs)
+    assert noisy.chain.per_second(costs) > 1.1 * noisy.tree.per_second(costs)
+    assert not noisy.prefers_chain
+    assert steady.prefers_chain and steady.chain.per_second(costs) < noisy.chain.per_second(costs)
 
 
 def test_the_chains_length_and_stop_follow_its_acceptance():
@@ -694,7 +736,7 @@ def test_the_chains_length_and_stop_follow_its_acceptance():
         choice.observe_chain(accepted=1, levels=fresh_length, level_mass=[0.6] + [0.3] * (fresh_length - 1))
     choice.decide(costs)
     assert choice.chain_depths.probabilities()[1] < 0.2 and choice.chain_length <= 2
-    choice.next_length(limit=64)
+    [choice.next_length(limit=64) for _ in range(2)]  # the tree's trial, the chain's warm-up
     assert choice.next_length(limit=1) == (1, True)  # the chain's trial, cut to the limit
     assert choice.chain_stop_terms(costs) is None  # no rate yet: what a token is worth is unknown
     choice.observe_tree(accepted=2, forwards=4, slots=12, trial=True)
@@ -718,7 +760,8 @@ def test_a_draft_identical_to_the_target_gets_long_chains():
     """A copy of a random-weight target as the draft: its greedy token is always right while its distributions
     are wide, so SAGE's confidence reads low and its trees stay shallow. sage_cost tries the greedy chain, learns
     that every node of it is accepted and proposes it at the longest length that pays: more tokens a step than a
-    5-token chain, where without chains it gets fewer; greedy output identical to the target's throughout."""
+    5-token chain, where without chains it gets fewer (a second generation, after the first's trials); greedy output
+    identical to the target's throughout."""
     target, inputs = tiny_llama(seed=3)
     reference = hf_greedy(target, inputs, max_new_tokens=80, eos_token_id=-1)  # no EOS: every step runs
     taus = {}
@@ -726,9 +769,10 @@ def test_a_draft_identical_to_the_target_gets_long_chains():
         policy = CostAwareSagePolicy(chains=chains)
         engine = SpeculativeGenerator(target, same_draft(target), policy)
         engine.host_clock = priced_clock(engine, {"draft_decode": 0.25, "target_verify": 1.0})
-        out = engine.generate(**inputs, max_new_tokens=80, eos_token_id=-1)
-        assert torch.equal(out.sequences, reference)
-        late = out.stats.steps[6:-1]  # (the last step is cut by max_new_tokens)
+        for _ in range(2):
+            out = engine.generate(**inputs, max_new_tokens=80, eos_token_id=-1)
+            assert torch.equal(out.sequences, reference)
+        late = out.stats.steps[:-1]  # (the last step is cut by max_new_tokens)
         taus[chains] = sum(step.tau for step in late) / len(late)
         if chains:
             proposals = policy.learned.proposals
@@ -778,7 +822,8 @@ def test_the_target_alone_runs_where_it_beats_drafting():
     costs = measured_costs()
     choice = ProposalChoice(max_length=12, trial_every=8, max_trial_gap=16, max_alone_run=3)
     alone = ProposalChoice.ALONE
-    assert [choice.next_length(limit=64) for _ in range(2)] == [(0, True), (12, True)]  # no drafting seen yet
+    # no drafting seen yet: the tree's trial, the chain's after a warm-up step
+    assert [choice.next_length(limit=64) for _ in range(3)] == [(0, True), (12, False), (12, True)]
     choice.observe_tree(accepted=0, forwards=3, slots=8, trial=True)
     choice.observe_chain(accepted=0, levels=3, trial=True)
     choice.decide(costs)
@@ -792,16 +837,16 @@ def test_the_target_alone_runs_where_it_beats_drafting():
     # a token a step of 3 draft forwards and a verify: the target alone's guessed rate is above drafting's
     assert choice.drafted.steps == 4 and 1 / costs.alone_seconds() > drafted_rate
     assert choice.alone_worth_a_trial and not choice.prefers_alone  # (not measured yet)
-    # steps 2-7 the tree (preferred by default), steps 8-10 the next round, the target alone last
-    assert [choice.next_length(limit=64) for _ in range(9)] == [(0, False)] * 6 + [(0, True), (length, True),
-                                                                                  (alone, True)]
+    # steps 3-6 the second round (the first two run back to back): the chain first (the last step's kind), the tree
+    # after its warm-up step, the target alone last
+    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, True), (0, False), (0, True), (alone, True)]
     choice.observe_alone(seconds=1.0 / (1.5 * drafted_rate))  # 1.5x drafting
     choice.decide(costs)
     assert choice.prefers_alone
-    # steps 11-12 alone (step 10's trial began the run), step 13 drafts (the run is at max_alone_run), 14-15 alone,
-    # step 16 the next round
-    assert [choice.next_length(limit=64) for _ in range(8)] == [(alone, False)] * 2 + [(0, False)] + [
-        (alone, False)] * 2 + [(0, True), (length, True), (alone, True)]
+    # steps 7-8 alone (step 6's trial began the run), step 9 drafts (the run is at max_alone_run), 10 alone, step 11
+    # the next round (the tree's trial at once after the target alone, the chain's after a warm-up step)
+    assert [choice.next_length(limit=64) for _ in range(8)] == [(alone, False)] * 2 + [(0, False), (alone, False)] + [
+        (0, True), (length, False), (length, True), (alone, True)]
     choice.new_generation()  # a fresh draft: a new run of three
     assert [choice.next_length(limit=64) for _ in range(3)] == [(alone, False)] * 3
     choice.observe_alone(seconds=1.0 / (0.6 * drafted_rate))  # the decayed mean: below the margin, drafting again
@@ -811,7 +856,7 @@ def test_the_target_alone_runs_where_it_beats_drafting():
     choice.decide(costs, rows=2)  # a batch: trees only
     assert not choice.prefers_alone and choice.next_length(limit=64) == (0, False)
     never = ProposalChoice(max_length=12)  # max_alone_run 0: tree and chain only, as before
-    assert [never.next_length(limit=64)[0] for _ in range(3)] == [0, 12, 0]
+    assert [never.next_length(limit=64)[0] for _ in range(5)] == [0, 12, 12, 12, 0]
 
 
 def test_a_target_alone_priced_at_nothing_is_worth_a_trial():
@@ -834,7 +879,7 @@ def test_no_trial_of_the_target_alone_where_drafting_gives_far_more():
     costs = measured_costs()
     choice = ProposalChoice(max_length=12, trial_every=4, max_trial_gap=4, max_alone_run=3)
     trials = []
-    for _ in range(24):
+    for _ in range(23):
         length, trial = choice.next_length(limit=64)
         assert length != ProposalChoice.ALONE
         if length == 0:
@@ -846,7 +891,9 @@ def test_no_trial_of_the_target_alone_where_drafting_gives_far_more():
             trials.append("chain" if length else "tree")
     assert choice.alone_worth_a_trial is False and choice.alone.steps == 0
     assert 1 / costs.alone_seconds() < choice.drafted.per_second(costs) / choice.alone_margin
-    assert trials == ["tree", "chain"] * 6  # a round every 4 steps, tree and chain only
+    # the first two rounds back to back (steps 0-5), then one every 4 steps (from step 7): six in 23 steps, each a
+    # trial of the tree and one of the chain (the last step's kind first), none of the target alone
+    assert len(trials) == 12 and all(set(trials[i:i + 2]) == {"tree", "chain"} for i in range(0, 12, 2)), trials
 
 
 @pytest.mark.parametrize("draft_price, alone_expected", [(10.0, True), (1e-3, False)])

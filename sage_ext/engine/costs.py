@@ -35,7 +35,9 @@ call) starts from what the previous ones measured instead of from the priors; it
 """
 from __future__ import annotations
 
+import math
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -404,11 +406,13 @@ def level_go_on_terms(costs: "CostModel", acceptance: "DepthAcceptance", masses:
 
 
 class _ProposalRate:
-    """Decayed means of one kind of proposal's steps: tokens (accepted + the bonus), draft forwards, verified slots."""
+    """Decayed means of one kind of proposal's steps: tokens (accepted + the bonus), draft forwards, verified slots;
+    with ``keep``, the last ``keep`` steps themselves too, for how sure the mean is (``rate_error``)."""
 
-    def __init__(self, decay: float):
+    def __init__(self, decay: float, keep: int = 0):
         self.decay, self.steps = decay, 0
         self.weight = self.tokens = self.forwards = self.slots = 0.0
+        self._recent: deque[tuple[int, int, int]] = deque(maxlen=keep)
 
     def observe(self, accepted: int, forwards: int, slots: int) -> None:
         self.steps += 1
@@ -417,11 +421,33 @@ class _ProposalRate:
         self.tokens += rate * (accepted + 1 - self.tokens)
         self.forwards += rate * (forwards - self.forwards)
         self.slots += rate * (slots - self.slots)
+        if self._recent.maxlen:
+            self._recent.append((accepted + 1, forwards, slots))
 
     def per_second(self, costs: "CostModel") -> float:
         """Tokens per second, the means priced by the cost model (0 before the first step)."""
         seconds = costs.seconds_for(self.forwards, self.slots) if self.steps else 0.0
         return self.tokens / seconds if seconds > 0 else 0.0
+
+    def rate_error(self, costs: "CostModel") -> float:
+        """The standard error of the steps' mean rate: the decayed spread of the kept steps' own tokens per second
+        (each priced by the cost model, weighted as the means weigh them) over the square root of their effective
+        number less one; infinite below two steps."""
+        weight = weight_squared = total = total_squared = 0.0
+        step_weight = 1.0
+        for tokens, forwards, slots in reversed(self._recent):
+            seconds = costs.seconds_for(forwards, slots)
+            rate = tokens / seconds if seconds > 0 else 0.0
+            weight += step_weight
+            weight_squared += step_weight * step_weight
+            total += step_weight * rate
+            total_squared += step_weight * rate * rate
+            step_weight *= self.decay
+        effective = weight * weight / weight_squared if weight_squared else 0.0
+        if effective < 1.5:
+            return math.inf
+        mean = total / weight
+        return math.sqrt(max(0.0, total_squared / weight - mean * mean) / (effective - 1.0))
 
 
 class _AloneRate:
@@ -445,14 +471,17 @@ class ProposalChoice:
     """Which proposal a step makes: the policy's tree, or a chain of the draft's greedy tokens, whichever gives more
     tokens per second; and how the chain is shaped.
 
-    The two are compared by trials: rounds of trials, the first at the first step, then one every ``trial_every``
-    steps, each a step of every kind whatever the preference, back to back, so that the kinds meet the same passage
+    The two are compared by trials: rounds of trials, the first two at the first steps, then one every
+    ``trial_every`` steps, each a trial of every kind whatever the preference, close together (each drafting kind's
+    trial after a step of its own kind: where the last step drafted with the other, a warm-up step of it first, the
+    last step's kind first), so that the kinds meet the same passage
     of the answer and their rates differ by the kind, not by where each ran (rounds of one kind at a time, in turn,
     the trials of the two 8-64 steps apart: which kind ran most steps of the Qwen2-VL pair's held-out scenes
     changed from one simulated cost ratio to the next, 7-91% chains, and the policy with chains ran 1-3% behind its
     trees alone where those were close); each kind's rate is the decayed mean of its trials' tokens (accepted + the
     bonus), draft forwards and verified slots, priced by the cost model; the other steps run the tree unless the
-    chain's rate is ``chain_margin`` times the tree's. A trial of the kind that loses costs what it loses, so while
+    chain's rate is above it by more than ``chain_evidence`` standard errors of the difference (the spread of each
+    kind's trials' own rates, ``_ProposalRate.rate_error``; at least two trials of each). A trial of the kind that loses costs what it loses, so while
     rounds keep confirming the preference the gap between them doubles (up to ``max_trial_gap`` steps), and it is
     ``trial_every`` again when the preference changes. Only trials count because their kind does not depend on how
     the last steps went: rates taken from every step credit whichever kind happened to run in the easy passages
@@ -488,10 +517,14 @@ class ProposalChoice:
     trees run (its draft forwards run while any row's tree goes on, so one row's chain would save none).
     """
 
-    #: how much faster the chain's trials must be for the chain to run: where the two are close (a sure draft, whose
-    #: trees are chain-like too) trees run (held-out scenes of both bundled pairs: chains=False 2-5% faster than
-    #: chains chosen on the rates alone); where chains win they win by far more (a copy of the target drafting: 2x)
-    chain_margin = 1.1
+    #: by how many standard errors of the difference (``_ProposalRate.rate_error``) the chain's trials' rate must be
+    #: above the tree's for the chain to run: a handful of trials decides, and a step's tokens vary 1-13 from one
+    #: passage to the next, so a fixed margin either let a lucky round hand a whole run to the losing kind (the
+    #: Qwen2-VL pair: five chain trials gave 1.34x the trees' rate, the chain steps that followed 0.93x) or kept
+    #: the chain from where it wins by less than the margin (the targets drafting for themselves)
+    chain_evidence = 1.0
+    #: trials kept for ``rate_error`` (their weights decay 0.9 a trial: the 32nd weighs 3%)
+    trials_kept = 32
     #: how much faster the target alone must be than drafting for steps without a draft to run (a step of it
     #: teaches nothing about the draft; drafting's trials while it runs are few)
     alone_margin = 1.2
@@ -512,13 +545,14 @@ class ProposalChoice:
         self.prefers_alone = False
         self.alone_worth_a_trial = False  # the target alone joins the next round of trials
         self._alone_run = 0  # steps of the target alone in a row (the draft's backlog)
-        # the kinds a round of trials takes, in this order
-        self._trial_kinds = ("tree", "chain", "alone") if max_alone_run else ("tree", "chain")
-        self._round: list[str] = []  # the kinds of the round under way still to run
+        self._round: list[str] = []  # the kinds of the round under way still to try
+        self._last_kind: str | None = None  # the kind of the generation's last step proposed
         self._round_preference: tuple[bool, bool] | None = None  # (prefers_chain, prefers_alone) as the last began
         self.trial_gap = trial_every  # steps from a round to the next (doubles while rounds confirm the preference)
         self._next_trial = 0  # the step of the next round
-        self.tree, self.chain = _ProposalRate(decay), _ProposalRate(decay)  # over trials only
+        self._rounds_begun = 0
+        self.tree, self.chain = (_ProposalRate(decay, keep=self.trials_kept),  # over trials only
+                                 _ProposalRate(decay, keep=self.trials_kept))
         # optimistic too: a chain is taken to be accepted deep until it is shown not to be (a short one would never
         # show how deep it could go)
         self.chain_depths = DepthAcceptance(max_length, prior=0.95)
@@ -561,8 +595,9 @@ class ProposalChoice:
             self.chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
                                            seconds_of=lambda length: costs.seconds_for(length, length))
         tree_rate, chain_rate = self.tree.per_second(costs), self.chain.per_second(costs)
-        both_tried = self.tree.steps > 0 and self.chain.steps > 0
-        prefers_chain = not self.batched and both_tried and chain_rate > self.chain_margin * tree_rate
+        # (an error is infinite below two trials of its kind: no chain before both have two)
+        error = math.hypot(self.tree.rate_error(costs), self.chain.rate_error(costs))
+        prefers_chain = not self.batched and chain_rate - tree_rate > self.chain_evidence * error
         drafting_rate = self.drafted.per_second(costs)
         judged = (not self.batched and self.max_alone_run > 0 and self.drafted.steps >= self.alone_after
                   and drafting_rate > 0)  # enough of drafting seen to weigh the target alone against it
@@ -585,22 +620,36 @@ class ProposalChoice:
         is a trial), the length at most ``limit``. In a batch: the tree, no trial."""
         if self.batched:
             return 0, False
-        if not self._round and self._steps >= self._next_trial:  # a round of trials begins
+        # a round of trials begins; the first two back to back (a standard error needs two trials of each kind)
+        if not self._round and (self._steps >= self._next_trial or self._rounds_begun < 2):
+            self._rounds_begun += 1
             preference = (self.prefers_chain, self.prefers_alone)
             if self._round_preference is not None:  # (None: the last round began before both kinds were tried)
                 confirmed = preference == self._round_preference
                 self.trial_gap = min(2 * self.trial_gap, self.max_trial_gap) if confirmed else self.trial_every
             self._round_preference = preference if self.tree.steps and self.chain.steps else None
             self._next_trial = self._steps + self.trial_gap
-            self._round = [kind for kind in self._trial_kinds if kind != "alone" or self.alone_worth_a_trial]
-        trial = bool(self._round)
-        if trial:
-            kind = self._round.pop(0)
+            # the kind the last step ran first (its trial needs no warm-up), the target alone last
+            drafting = ["chain", "tree"] if self._last_kind == "chain" else ["tree", "chain"]
+            self._round = drafting + (["alone"] if self.alone_worth_a_trial else [])
+        trial = False
+        if self._round:
+            kind = self._round[0]
+            # a drafting kind's trial follows a step of its own kind (where the last step drafted with the other, a
+            # warm-up step of it runs first, an ordinary one): a step starts where the last one left the answer, and
+            # a chain rejected early leaves a harder start than a tree that got past the uncertain token (Qwen2-VL
+            # pair: chain trials right after tree trials mostly accepted 12 of 12 tokens, the chain steps between
+            # them 0-4). A step of the target alone, or the prompt, leaves neither kind's aftermath; and the target
+            # alone's rate is its seconds, the same anywhere.
+            trial = kind == "alone" or self._last_kind in (kind, "alone", None)
+            if trial:
+                self._round.pop(0)
         elif self.prefers_alone and self._alone_run < self.max_alone_run:
             kind = "alone"
         else:  # (after max_alone_run steps alone, the draft catches up with the preferred drafting kind)
             kind = "chain" if self.prefers_chain else "tree"
         self._alone_run = self._alone_run + 1 if kind == "alone" else 0
+        self._last_kind = kind
         self._steps += 1
         if kind == "alone":
             return self.ALONE, trial
@@ -612,8 +661,10 @@ class ProposalChoice:
         return self.alone.steps
 
     def new_generation(self) -> None:
-        """A generation starts: its draft has processed the whole prompt (no steps alone behind)."""
+        """A generation starts: its draft has processed the whole prompt (no steps alone behind), and no step has
+        run yet."""
         self._alone_run = 0
+        self._last_kind = None
 
     def describe(self) -> dict:
         return {"chain_length": self.chain_length if self.prefers_chain else 0,
