@@ -638,9 +638,9 @@ class CostAwareSagePolicy(SagePolicy):
     fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches").
     ``chains`` (on by default): each step proposes SAGE's tree or the draft's greedy chain, the chain where it gives
     more tokens per second than the tree beyond doubt (``costs.ProposalChoice``: the two compared by rounds of
-    trials, every 16 to 128 steps a step of each kind back to back whatever the preference, so that neither is
-    credited with the passages it happened to run in; the chain's rate must be above the tree's by more than a
-    standard error of the difference). The chain is shaped like the tree: its length is the one with the most expected tokens per second
+    trials, every 16 to 128 steps a trial of each kind close together whatever the preference, each after a step of
+    its own kind, so that neither is credited with the passages it happened to run in; the chain's rate must be
+    above the tree's by more than a standard error of the difference). The chain is shaped like the tree: its length is the one with the most expected tokens per second
     from how deep chains are accepted (with the level stop, at least how deep a sure chain pays), and with dynamic
     shapes it stops at the level where one more stops paying (the level stop, learned from chain steps). A draft whose greedy token is right more often than its confidence
     says (SAGE then builds shallow, wide trees that drop the greedy path), or a sure draft whose long chains cost
