@@ -786,7 +786,8 @@ def test_a_draft_identical_to_the_target_gets_long_chains():
 def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
     """A trial step whose proposal the tokens left to max_new_tokens cut short (a tree below its d_max, a chain below
     its length) counts as an ordinary step: its kind's rate would be priced by a step it could not take. Short
-    generations make such steps common; every other trial stays one."""
+    generations make such steps common; every other trial stays one, and a trial cut short is not lost: the next
+    step proposes its kind's trial again."""
     target, inputs = tiny_llama(seed=3)
     policy = CostAwareSagePolicy()
     engine = SpeculativeGenerator(target, correlated_draft(target, noise=0.3), policy)
@@ -802,15 +803,18 @@ def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
         proposal = yield from build(ctx)
         if len(drawn) > count:  # a step that chose between tree and chain (not SAGE's first round)
             length, trial = drawn[-1]
-            seen.append((trial, proposal.trial, ctx.depth_limit, length or policy.d_max))
+            seen.append((trial, proposal.trial, ctx.depth_limit, length or policy.d_max, length))
         return proposal
 
     proposals.next_length, policy.build, seen = recorded_next_length, recorded_build, []
     for max_new_tokens in (6, 9, 5, 12, 7, 10, 4, 8) * 3:
         out = engine.generate(**inputs, max_new_tokens=max_new_tokens)
         assert torch.equal(out.sequences, hf_greedy(target, inputs, max_new_tokens=max_new_tokens))
-    assert all(kept == (trial and limit >= wanted) for trial, kept, limit, wanted in seen), seen
-    assert any(trial and not kept for trial, kept, _, _ in seen) and any(kept for _, kept, _, _ in seen)
+    assert all(kept == (trial and limit >= wanted) for trial, kept, limit, wanted, _ in seen), seen
+    assert any(trial and not kept for trial, kept, _, _, _ in seen) and any(kept for _, kept, _, _, _ in seen)
+    for (trial, kept, _, _, length), (next_trial, _, _, _, next_length) in zip(seen, seen[1:]):
+        if trial and not kept:  # (the same kind, a trial again)
+            assert next_trial and (next_length > 0) == (length > 0), seen
 
 
 def test_the_target_alone_runs_where_it_beats_drafting():

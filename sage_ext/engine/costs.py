@@ -655,6 +655,13 @@ class ProposalChoice:
             return self.ALONE, trial
         return (max(1, min(self.chain_length, limit)) if kind == "chain" else 0), trial
 
+    def defer_trial(self, length: int) -> None:
+        """The trial ``next_length`` just gave (``length``, a drafting kind's) will not be one: the tokens left to the
+        generation would cut it short. Its kind goes back to the front of the round, so the trial runs at the next
+        step that can take it whole (where the generation ends, the next one's first): a round is not spent on a
+        step that cannot count, which short generations would otherwise make common."""
+        self._round.insert(0, "chain" if length else "tree")
+
     @property
     def alone_steps(self) -> int:
         """Steps of the target alone observed, trials or not (every one is priced)."""

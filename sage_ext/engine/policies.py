@@ -690,10 +690,13 @@ class CostAwareSagePolicy(SagePolicy):
             length, trial = self.learned.proposals.next_length(min(self.d_max_cap, self.n_max, ctx.node_limit - 1))
             if length == ProposalChoice.ALONE:  # drafting does not pay here: the target's own step
                 return target_alone(ctx, info={"d_max": self.d_max}, trial=trial)
+            if trial and ctx.depth_limit < (length or self.d_max):
+                # a trial cut short by the end of the generation (max_new_tokens) would price its kind by a step it
+                # could not take: the step is an ordinary one and the trial waits for a step that can take it whole
+                self.learned.proposals.defer_trial(length)
+                trial = False
             proposal = yield from (self.build_chain(ctx, length) if length else super().build(ctx))
-            # a trial cut short by the end of the generation (max_new_tokens) would price its kind by a step it
-            # could not take: it counts as an ordinary step
-            proposal.trial = trial and ctx.depth_limit >= (length or self.d_max)
+            proposal.trial = trial
             return proposal
         return (yield from super().build(ctx))
 
