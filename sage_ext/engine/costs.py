@@ -595,9 +595,10 @@ class ProposalChoice:
             self.chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
                                            seconds_of=lambda length: costs.seconds_for(length, length))
         tree_rate, chain_rate = self.tree.per_second(costs), self.chain.per_second(costs)
-        # (an error is infinite below two trials of its kind: no chain before both have two)
-        error = math.hypot(self.tree.rate_error(costs), self.chain.rate_error(costs))
-        prefers_chain = not self.batched and chain_rate - tree_rate > self.chain_evidence * error
+        # (an error is infinite below two trials of its kind: no chain before both have two; the errors, a loop over
+        # the kept trials, are computed only where the chain is ahead at all)
+        prefers_chain = not self.batched and chain_rate > tree_rate and chain_rate - tree_rate > (
+            self.chain_evidence * math.hypot(self.tree.rate_error(costs), self.chain.rate_error(costs)))
         drafting_rate = self.drafted.per_second(costs)
         judged = (not self.batched and self.max_alone_run > 0 and self.drafted.steps >= self.alone_after
                   and drafting_rate > 0)  # enough of drafting seen to weigh the target alone against it
@@ -655,12 +656,12 @@ class ProposalChoice:
             return self.ALONE, trial
         return (max(1, min(self.chain_length, limit)) if kind == "chain" else 0), trial
 
-    def defer_trial(self, length: int) -> None:
-        """The trial ``next_length`` just gave (``length``, a drafting kind's) will not be one: the tokens left to the
-        generation would cut it short. Its kind goes back to the front of the round, so the trial runs at the next
-        step that can take it whole (where the generation ends, the next one's first): a round is not spent on a
-        step that cannot count, which short generations would otherwise make common."""
-        self._round.insert(0, "chain" if length else "tree")
+    def defer_trial(self) -> None:
+        """The trial ``next_length`` just gave (a drafting kind's) will not be one: the tokens left to the generation
+        would cut it short. Its kind (the last step's) goes back to the front of the round, so the trial runs at the
+        next step that can take it whole (where the generation ends, the next one's first): a round is not spent on
+        a step that cannot count, which short generations would otherwise make common."""
+        self._round.insert(0, self._last_kind)
 
     @property
     def alone_steps(self) -> int:

@@ -693,7 +693,7 @@ class CostAwareSagePolicy(SagePolicy):
             if trial and ctx.depth_limit < (length or self.d_max):
                 # a trial cut short by the end of the generation (max_new_tokens) would price its kind by a step it
                 # could not take: the step is an ordinary one and the trial waits for a step that can take it whole
-                self.learned.proposals.defer_trial(length)
+                self.learned.proposals.defer_trial()
                 trial = False
             proposal = yield from (self.build_chain(ctx, length) if length else super().build(ctx))
             proposal.trial = trial
