@@ -41,6 +41,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import _C
+
 
 @dataclass
 class RowOutcome:
@@ -405,6 +407,22 @@ def level_go_on_terms(costs: "CostModel", acceptance: "DepthAcceptance", masses:
     return terms
 
 
+def native_stops(terms: list | None) -> "list[_C.LevelGoOn] | None":
+    """Per level, the workspace's stop rule (``_C.LevelGoOn``) from ``level_go_on_terms``; None for none."""
+    return [_C.LevelGoOn(*level) for level in terms] if terms else None
+
+
+def level_stop(go_on: "list[_C.LevelGoOn] | None", level: int) -> "_C.LevelGoOn | None":
+    """Level ``level``'s stop rule from a per-level list (deeper levels take the last one's); None without one."""
+    return go_on[min(level, len(go_on)) - 1] if go_on else None
+
+
+def sure_depth(go_on: "list[_C.LevelGoOn]", max_depth: int) -> int:
+    """How deep the level stop ``go_on`` lets a sure tree go (one node a level, all the draft's probability mass
+    on it): the first level whose next does not pay at mass 1, else ``max_depth``."""
+    return next((level for level in range(1, max_depth) if not level_stop(go_on, level).pays(1.0, 1)), max_depth)
+
+
 class _ProposalRate:
     """Decayed means of one kind of proposal's steps: tokens (accepted + the bonus), draft forwards, verified slots;
     with ``keep``, the last ``keep`` steps themselves too, for how sure the mean is (``rate_error``)."""
@@ -557,8 +575,9 @@ class ProposalChoice:
         # show how deep it could go)
         self.chain_depths = DepthAcceptance(max_length, prior=0.95)
         self.chain_masses = MassAcceptance(optimistic=True)
-        self.chain_go_on: list | None = None  # per level, the chain's stop (``_C.LevelGoOn``; None: not estimated yet)
-        self.chain_length = max_length  # the chain's best length as last estimated
+        self._chain_go_on: list | None = None  # per level, the chain's stop (``_C.LevelGoOn``; None: not estimated)
+        self._chain_length = max_length  # the chain's best length as last estimated
+        self._shape_costs: CostModel | None = None  # the costs the chain's shape is due to be estimated from
         self.prefers_chain = False
         self.batched = False  # the last step observed was a batch's
         self.chain_steps = self.tree_steps = 0  # steps observed of each kind, trials or not
@@ -588,12 +607,10 @@ class ProposalChoice:
         self.alone.observe(seconds)
 
     def decide(self, costs: "CostModel", rows: int = 1) -> None:
-        """After a step of ``rows`` rows is observed: the chain's best length and which kind the steps that are not
-        trials run."""
+        """After a step of ``rows`` rows is observed: which kind the steps that are not trials run (the chain's length
+        and stop are estimated from ``costs`` too, when a chain step asks: ``chain_length``)."""
         self.batched = rows > 1
-        if costs.steps:  # a chain of L tokens: L draft forwards, L verified slots
-            self.chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
-                                           seconds_of=lambda length: costs.seconds_for(length, length))
+        self._shape_costs = costs  # the chain's length and stop: estimated when a chain step asks for them
         tree_rate, chain_rate = self.tree.per_second(costs), self.chain.per_second(costs)
         # (an error is infinite below two trials of its kind: no chain before both have two; the errors, a loop over
         # the kept trials, are computed only where the chain is ahead at all)
@@ -609,6 +626,34 @@ class ProposalChoice:
         self.alone_worth_a_trial = prefers_alone or (judged and costs.estimated
                                                      and drafting_rate * costs.alone_seconds() < self.alone_margin)
         self.prefers_chain, self.prefers_alone = prefers_chain, prefers_alone
+
+    @property
+    def chain_length(self) -> int:
+        """The chain's best length (``chain_depths``' most expected tokens per second; with the level stop at least
+        as long as a sure chain pays)."""
+        self._shape_chain()
+        return self._chain_length
+
+    @property
+    def chain_go_on(self) -> "list[_C.LevelGoOn] | None":
+        """Per level, the chain's stop (``chain_stop_terms``; None before it is estimated, and in a batch)."""
+        self._shape_chain()
+        return self._chain_go_on
+
+    def _shape_chain(self) -> None:
+        """Estimate the chain's length and stop from the costs of the last ``decide``, once per ``decide`` and only
+        where a chain step (or a reader) asks: most steps run the tree, and estimating both takes longer than
+        everything else ``decide`` does. What they are estimated from changes only with the observations, before
+        ``decide``: asked at the step, they come out as they would have there."""
+        costs, self._shape_costs = self._shape_costs, None
+        if costs is None:
+            return
+        if costs.steps:  # a chain of L tokens: L draft forwards, L verified slots
+            self._chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
+                                            seconds_of=lambda length: costs.seconds_for(length, length))
+        self._chain_go_on = None if self.batched else native_stops(self.chain_stop_terms(costs))
+        if self._chain_go_on is not None:  # its own stop decides each step: a sure chain may go as far as it pays
+            self._chain_length = max(self._chain_length, sure_depth(self._chain_go_on, self.max_length))
 
     def chain_stop_terms(self, costs: "CostModel") -> list | None:
         """The chain's per-level stop (``level_go_on_terms`` from its own acceptance by depth and by mass), a token

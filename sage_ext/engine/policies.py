@@ -49,7 +49,10 @@ from .costs import (
     best_depth,
     expected_tokens,
     level_go_on_terms,
+    level_stop,
+    native_stops,
     node_threshold,
+    sure_depth,
 )
 
 #: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
@@ -597,22 +600,6 @@ class SagePolicy(TreePolicy):
         return {"d_max": info["d_max"], "alpha": alpha, "depth_target": depth, "width_target": width}
 
 
-def _native_stops(terms: list | None) -> "list[_C.LevelGoOn] | None":
-    """Per level, the workspace's stop rule (``_C.LevelGoOn``) from ``costs.level_go_on_terms``; None for none."""
-    return [_C.LevelGoOn(*level) for level in terms] if terms else None
-
-
-def sure_depth(go_on: "list[_C.LevelGoOn]", max_depth: int) -> int:
-    """How deep the level stop ``go_on`` lets a sure tree go (one node a level, all the draft's probability mass
-    on it): the first level whose next does not pay at mass 1, else ``max_depth``."""
-    return next((level for level in range(1, max_depth) if not _level_stop(go_on, level).pays(1.0, 1)), max_depth)
-
-
-def _level_stop(go_on: "list[_C.LevelGoOn] | None", level: int) -> "_C.LevelGoOn | None":
-    """Level ``level``'s stop rule from a per-level list (deeper levels take the last one's); None without one."""
-    return go_on[min(level, len(go_on)) - 1] if go_on else None
-
-
 class CostAwareSagePolicy(SagePolicy):
     """SAGE whose depth follows measured costs: a depth cap on average and, with dynamic shapes, a stop per step
     (and, with ``width_from_cost``, a node threshold); or, in the steps where it pays more, the draft's greedy chain.
@@ -711,7 +698,7 @@ class CostAwareSagePolicy(SagePolicy):
         go_on = self.learned.proposals.chain_go_on
         proposal = yield from self.grow_levels(ctx, logits, None, lambda level: chain_shape, length,
                                                [1] * length if static_shapes else None,
-                                               lambda level: _level_stop(go_on, level))
+                                               lambda level: level_stop(go_on, level))
         proposal.info = {"d_max": self.d_max, "chain": length}
         proposal.shape = "chain"
         return proposal
@@ -767,7 +754,7 @@ class CostAwareSagePolicy(SagePolicy):
         return 0.0 if floor is None else floor
 
     def level_go_on(self, level: int) -> "_C.LevelGoOn | None":
-        return _level_stop(self.learned.go_on if self.learned is not None else None, level)
+        return level_stop(self.learned.go_on if self.learned is not None else None, level)
 
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
@@ -808,7 +795,7 @@ class CostAwareSagePolicy(SagePolicy):
             # the level stop for one prompt only: in a batch the draft forward runs while any row goes on, so one
             # row's stop saves no forward and only costs its acceptance (measured: B = 4 lost a quarter of its
             # tokens/s with it); the cap alone shapes a batch's trees
-            learned.go_on = _native_stops(level_go_on_terms(
+            learned.go_on = native_stops(level_go_on_terms(
                 learned.costs, learned.acceptance, learned.masses, seconds_per_token)) if cost.rows == 1 else None
             if learned.go_on is not None:
                 # each step now stops where its own mass stops paying, so the cap need only let a sure step go as
@@ -817,13 +804,8 @@ class CostAwareSagePolicy(SagePolicy):
                 sure = sure_depth(learned.go_on, self.d_max_cap)
                 learned.depth_goal = next((cap for cap in range(learned.depth_goal, self.d_max_cap + 1)
                                            if depth_of(cap) >= sure), self.d_max_cap)
-        if self.chains:
-            proposals = learned.proposals
-            proposals.decide(learned.costs, cost.rows)
-            proposals.chain_go_on = _native_stops(proposals.chain_stop_terms(learned.costs)) if cost.rows == 1 else None
-            if proposals.chain_go_on is not None:  # the same for the chain: its own stop decides each step
-                proposals.chain_length = max(proposals.chain_length,
-                                             sure_depth(proposals.chain_go_on, proposals.max_length))
+        if self.chains:  # (the chain's length and stop follow too, when a chain step asks: ProposalChoice)
+            learned.proposals.decide(learned.costs, cost.rows)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "width_from_cost": self.width_from_cost, "chains": self.chains,
