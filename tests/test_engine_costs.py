@@ -818,7 +818,7 @@ def test_a_trial_cut_short_by_max_new_tokens_is_no_trial():
 
 
 def test_the_target_alone_runs_where_it_beats_drafting():
-    """With ``max_alone_run`` a round of trials takes the target alone after tree and chain (once drafting has been
+    """With ``max_alone_run`` a round of trials takes the target alone between tree and chain (once drafting has been
     seen, ``alone_after`` steps, and could lose to it); the steps that are not trials run the target alone once its
     measured rate is ``alone_margin`` times what drafting gave over its recent steps, all of them (``drafted``; never
     in a batch), at most ``max_alone_run`` in a row (then the preferred drafting kind: the draft catches up), and a new
@@ -841,16 +841,17 @@ def test_the_target_alone_runs_where_it_beats_drafting():
     # a token a step of 3 draft forwards and a verify: the target alone's guessed rate is above drafting's
     assert choice.drafted.steps == 4 and 1 / costs.alone_seconds() > drafted_rate
     assert choice.alone_worth_a_trial and not choice.prefers_alone  # (not measured yet)
-    # steps 3-6 the second round (the first two run back to back): the chain first (the last step's kind), the tree
-    # after its warm-up step, the target alone last
-    assert [choice.next_length(limit=64) for _ in range(4)] == [(length, True), (0, False), (0, True), (alone, True)]
+    # steps 3-5 the second round (the first two run back to back): the chain first (the last step's kind), the target
+    # alone, the tree's trial after it with no warm-up step (the target alone leaves neither kind's aftermath)
+    assert [choice.next_length(limit=64) for _ in range(3)] == [(length, True), (alone, True), (0, True)]
     choice.observe_alone(seconds=1.0 / (1.5 * drafted_rate))  # 1.5x drafting
     choice.decide(costs)
     assert choice.prefers_alone
-    # steps 7-8 alone (step 6's trial began the run), step 9 drafts (the run is at max_alone_run), 10 alone, step 11
-    # the next round (the tree's trial at once after the target alone, the chain's after a warm-up step)
-    assert [choice.next_length(limit=64) for _ in range(8)] == [(alone, False)] * 2 + [(0, False), (alone, False)] + [
-        (0, True), (length, False), (length, True), (alone, True)]
+    # steps 6-8 alone, step 9 drafts (the run is at max_alone_run), 10 alone, step 11 the next round (the tree's
+    # trial at once after the target alone, the target alone, the chain's trial)
+    assert [choice.next_length(limit=64) for _ in range(8)] == [(alone, False)] * 3 + [(0, False), (alone, False)] + [
+        (0, True), (alone, True), (length, True)]
+    assert choice.next_length(limit=64) == (alone, False)
     choice.new_generation()  # a fresh draft: a new run of three
     assert [choice.next_length(limit=64) for _ in range(3)] == [(alone, False)] * 3
     choice.observe_alone(seconds=1.0 / (0.6 * drafted_rate))  # the decayed mean: below the margin, drafting again

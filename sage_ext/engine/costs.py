@@ -492,7 +492,7 @@ class ProposalChoice:
     The two are compared by trials: rounds of trials, the first two at the first steps, then one every
     ``trial_every`` steps, each a trial of every kind whatever the preference, close together (each drafting kind's
     trial after a step of its own kind: where the last step drafted with the other, a warm-up step of it first, the
-    last step's kind first), so that the kinds meet the same passage
+    last step's kind first; the target alone, where tried, between the two), so that the kinds meet the same passage
     of the answer and their rates differ by the kind, not by where each ran (rounds of one kind at a time, in turn,
     the trials of the two 8-64 steps apart: which kind ran most steps of the Qwen2-VL pair's held-out scenes
     changed from one simulated cost ratio to the next, 7-91% chains, and the policy with chains ran 1-3% behind its
@@ -675,9 +675,10 @@ class ProposalChoice:
                 self.trial_gap = min(2 * self.trial_gap, self.max_trial_gap) if confirmed else self.trial_every
             self._round_preference = preference if self.tree.steps and self.chain.steps else None
             self._next_trial = self._steps + self.trial_gap
-            # the kind the last step ran first (its trial needs no warm-up), the target alone last
-            drafting = ["chain", "tree"] if self._last_kind == "chain" else ["tree", "chain"]
-            self._round = drafting + (["alone"] if self.alone_worth_a_trial else [])
+            # the kind the last step ran first (its trial needs no warm-up); the target alone, where it is tried,
+            # between the two drafting kinds: after it the second needs no warm-up either
+            first, second = ("chain", "tree") if self._last_kind == "chain" else ("tree", "chain")
+            self._round = [first, "alone", second] if self.alone_worth_a_trial else [first, second]
         trial = False
         if self._round:
             kind = self._round[0]
