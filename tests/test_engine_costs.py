@@ -746,6 +746,24 @@ def test_the_chains_length_and_stop_follow_its_acceptance():
     assert values[-1] == 1.0 and values[4] < 0.1
 
 
+def test_the_chains_shape_is_estimated_when_asked_as_it_would_have_been_at_decide():
+    """The chain's length and stop are estimated only when asked (a chain step), from the costs of the last
+    ``decide``: asked steps later, they are what they would have been right after it; the observations of a new step
+    are taken with its ``decide``."""
+    costs = measured_costs()
+    eager, lazy = ProposalChoice(max_length=12), ProposalChoice(max_length=12)
+    outcomes = [(3, 4, [0.9, 0.8, 0.5, 0.3]), (12, 12, [0.99] * 12), (1, 6, [0.9, 0.4, 0.3, 0.2, 0.1, 0.1])] * 4
+    for step, (accepted, levels, mass) in enumerate(outcomes):
+        for choice in (eager, lazy):
+            choice.observe_chain(accepted=accepted, levels=levels, level_mass=mass, trial=True)
+            choice.observe_tree(accepted=2 + step % 3, forwards=4, slots=12, trial=True)
+            choice.decide(costs)
+        shape = (eager.chain_length, [(stop.values, stop.cost_fixed) for stop in eager.chain_go_on])
+        if step % 4 == 3:  # the lazy choice asked only now and then: the same answer as the eager one
+            assert (lazy.chain_length, [(stop.values, stop.cost_fixed) for stop in lazy.chain_go_on]) == shape
+    assert lazy.chain_go_on is not None and 1 <= lazy.chain_length <= 12
+
+
 def test_optimistic_mass_acceptance_starts_at_one():
     """The chain's acceptance by mass: 1 until shown otherwise, never more at a mass than a larger one shows."""
     masses = MassAcceptance(optimistic=True)
