@@ -26,9 +26,10 @@ from sage_ext.engine.costs import (
     ProposalChoice,
     level_go_on_terms,
     node_threshold,
+    sure_depth,
 )
 from sage_ext import _C
-from sage_ext.engine.policies import CostAwareSagePolicy, SagePolicy, make_policy, sure_depth
+from sage_ext.engine.policies import CostAwareSagePolicy, SagePolicy, make_policy
 
 
 def synthetic_step(slots: int, depth: int, accepted: int, forward=0.002, first=0.004, verify0=0.005, verify1=1e-4,
