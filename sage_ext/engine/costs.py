@@ -528,9 +528,10 @@ class ProposalChoice:
 
     The chain is shaped like a tree: its length is the one with the most expected tokens per second from how deep
     chains are accepted (``chain_depths``, a ``DepthAcceptance`` of chain steps only; with the level stop, at least
-    how deep a sure chain pays, ``CostAwareSagePolicy.observe_cost``), and with dynamic shapes it
+    how deep a sure chain pays, ``sure_depth``), and with dynamic shapes it
     stops at the level where one more is worth less than it costs (``chain_go_on``: ``level_go_on_terms`` from the
-    chain's own acceptance by depth and by mass, ``chain_masses``). Both start optimistic (depths accepted with 0.95,
+    chain's own acceptance by depth and by mass, ``chain_masses``); both are estimated when a chain step asks
+    (``_shape_chain``, from the costs of the last ``decide``). Both start optimistic (depths accepted with 0.95,
     every mass accepted until shown otherwise): a short chain could never show how deep it goes. In a batch only
     trees run (its draft forwards run while any row's tree goes on, so one row's chain would save none).
     """
