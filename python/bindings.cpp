@@ -134,20 +134,26 @@ PYBIND11_MODULE(_C, module) {
       .def_readonly("draft_block", &FixedLayout::draft_block)
       .def_readonly("depth", &FixedLayout::depth)
       .def_readonly("target_block", &FixedLayout::target_block);
-  using sage_ext::session::LevelGoOn;
-  py::class_<LevelGoOn>(module, "LevelGoOn",
-                        "When a SAGE level's tree goes on (TreeWorkspace.sage_level's go_on): the next draft forward "
-                        "pays if value(mass) >= cost_fixed + cost_per_node x count, mass being the new level's draft "
-                        "probability mass, count its nodes, and value piecewise linear through (masses[i], values[i]) "
-                        "(masses increasing; flat beyond the ends).")
-      .def(py::init<std::vector<double>, std::vector<double>, double, double>(), py::arg("masses"),
-           py::arg("values"), py::arg("cost_fixed"), py::arg("cost_per_node"))
-      .def_readonly("masses", &LevelGoOn::masses)
-      .def_readonly("values", &LevelGoOn::values)
-      .def_readonly("cost_fixed", &LevelGoOn::cost_fixed)
-      .def_readonly("cost_per_node", &LevelGoOn::cost_per_node)
-      .def("value", &LevelGoOn::value, py::arg("mass"))
-      .def("pays", &LevelGoOn::pays, py::arg("mass"), py::arg("count"));
+  using sage_ext::session::LevelStops;
+  py::class_<LevelStops>(module, "LevelStops",
+                         "When a SAGE tree goes on past a level (TreeWorkspace.sage_level's level_stops): the next "
+                         "draft forward pays if value(level, mass) >= cost_fixed + cost_per_node x count, mass being "
+                         "the level's draft probability mass, count its nodes, and value(level, .) piecewise linear "
+                         "through (masses[i], values[i] x scales[level - 1]) (masses increasing; flat beyond the ends; "
+                         "levels deeper than the scales take the last one's).")
+      .def(py::init<std::vector<double>, std::vector<double>, std::vector<double>, double, double>(),
+           py::arg("masses"), py::arg("values"), py::arg("scales"), py::arg("cost_fixed"), py::arg("cost_per_node"))
+      .def_readonly("masses", &LevelStops::masses)
+      .def_readonly("values", &LevelStops::values)
+      .def_readonly("scales", &LevelStops::scales)
+      .def_readonly("cost_fixed", &LevelStops::cost_fixed)
+      .def_readonly("cost_per_node", &LevelStops::cost_per_node)
+      .def_property_readonly("levels", &LevelStops::levels)
+      .def("value", &LevelStops::value, py::arg("level"), py::arg("mass"))
+      .def("pays", &LevelStops::pays, py::arg("level"), py::arg("mass"), py::arg("count"))
+      .def("sure_depth", &LevelStops::sure_depth, py::arg("max_depth"),
+           "How deep a sure tree goes (one node a level, all the draft's mass on it): the first level whose next "
+           "does not pay at mass 1, else max_depth.");
   py::class_<TreeWorkspace>(module, "TreeWorkspace",
                             "The engine's per-generation tree state on the device and the tensor work between two "
                             "model forwards, one call per gap (csrc/session/tree_workspace.h).")
@@ -163,7 +169,7 @@ PYBIND11_MODULE(_C, module) {
            py::arg("frontier_count"), py::arg("level"), py::arg("slot_start"), py::arg("num_slots"), py::arg("k"),
            py::arg("temperature"), py::arg("d_min"), py::arg("d_max"), py::arg("w_min"), py::arg("w_max"),
            py::arg("theta_scale"), py::arg("used"), py::arg("n_max"), py::arg("known_count"),
-           py::arg("known_max_depth"), py::arg("go_on") = py::none())
+           py::arg("known_max_depth"), py::arg("level_stops") = py::none())
       .def("static_level", &TreeWorkspace::static_level)
       .def("topk_expand", &TreeWorkspace::topk_expand)
       .def("use_slots", &TreeWorkspace::use_slots, py::arg("num_nodes"))

@@ -24,9 +24,8 @@ from sage_ext.engine.costs import (
     expected_tokens,
     MassAcceptance,
     ProposalChoice,
-    level_go_on_terms,
+    level_stops,
     node_threshold,
-    sure_depth,
 )
 from sage_ext import _C
 from sage_ext.engine.policies import CostAwareSagePolicy, SagePolicy, make_policy
@@ -465,10 +464,11 @@ def test_generators_of_the_same_models_share_what_sage_cost_learned():
     assert len(costs._LEARNED) == records - 1
 
 
-def test_level_go_on_terms_price_one_more_level():
+def test_level_stops_price_one_more_level():
     """Past depth d the next level is worth P(d accepted | the level's mass) x p_(d+1) tokens, each token worth the
     current seconds per token (a piecewise-linear value in the mass, through MassAcceptance's curve); it costs one
-    draft forward (the draft line's slope) plus each node's verified children (the verify line's slope)."""
+    draft forward (the draft line's slope) plus each node's verified children (the verify line's slope). Levels past
+    the last take its rule."""
     costs = CostModel()
     for depth, accepted in ((2, 1), (4, 3), (6, 2), (3, 3), (5, 4)):
         costs.observe(synthetic_step(slots=3 * depth, depth=depth, accepted=accepted))
@@ -476,21 +476,20 @@ def test_level_go_on_terms_price_one_more_level():
     for accepted, depth in ((3, 5), (1, 4), (5, 6)):
         acceptance.observe(accepted, depth)
         masses.observe(accepted, [0.9, 0.7, 0.5, 0.4, 0.3, 0.2][:depth])
-    terms = level_go_on_terms(costs, acceptance, masses, seconds_per_token=0.01)
+    stops = level_stops(costs, acceptance, masses, seconds_per_token=0.01)
     probabilities = acceptance.probabilities()
     centres, curve = masses.curve()
     _, per_forward = costs.draft_line()
     _, per_token = costs.verify_line()
     assert per_forward > 0 and per_token > 0
-    assert len(terms) == 6
-    for depth, (points, values, cost_fixed, cost_per_node) in enumerate(terms, start=1):
+    assert stops.levels == 6 and stops.masses == centres and stops.values == curve
+    assert (stops.cost_fixed, stops.cost_per_node) == (per_forward, per_token)
+    for depth in range(1, 9):
         next_value = probabilities[min(depth, 5)] * 0.01
-        assert points == centres and values == pytest.approx([a * next_value for a in curve])
-        assert (cost_fixed, cost_per_node) == (per_forward, per_token)
-        go_on = _C.LevelGoOn(points, values, cost_fixed, cost_per_node)
+        values = [a * next_value for a in curve]
         for mass in (0.0, 0.3, 0.72, 1.0):  # the native value is the curve read linearly between the centres
-            assert go_on.value(mass) == pytest.approx(float(np.interp(mass, centres, values)))
-            assert go_on.pays(mass, 2) == (go_on.value(mass) >= cost_fixed + 2 * cost_per_node)
+            assert stops.value(depth, mass) == pytest.approx(float(np.interp(mass, centres, values)))
+            assert stops.pays(depth, mass, 2) == (stops.value(depth, mass) >= per_forward + 2 * per_token)
 
 
 def test_mass_acceptance_learns_how_often_a_mass_is_accepted():
@@ -510,11 +509,15 @@ def test_mass_acceptance_learns_how_often_a_mass_is_accepted():
     assert all(b >= a for a, b in zip(curve, curve[1:])) and all(b >= a for a, b in zip(lifted, lifted[1:]))
 
 
-def test_level_go_on_refuses_a_malformed_curve():
+def test_level_stops_refuse_a_malformed_curve():
     with pytest.raises(ValueError, match="masses must increase"):
-        _C.LevelGoOn([0.5, 0.5], [0.0, 1.0], 0.0, 0.0)
+        _C.LevelStops([0.5, 0.5], [0.0, 1.0], [1.0], 0.0, 0.0)
     with pytest.raises(ValueError, match="one length"):
-        _C.LevelGoOn([0.0, 1.0], [0.0], 0.0, 0.0)
+        _C.LevelStops([0.0, 1.0], [0.0], [1.0], 0.0, 0.0)
+    with pytest.raises(ValueError, match="at least one level"):
+        _C.LevelStops([0.0, 1.0], [0.0, 1.0], [], 0.0, 0.0)
+    with pytest.raises(ValueError, match="count from 1"):
+        _C.LevelStops([0.0, 1.0], [0.0, 1.0], [1.0], 0.0, 0.0).value(0, 0.5)
 
 
 class _NeverGoesOn(CostAwareSagePolicy):
@@ -524,13 +527,13 @@ class _NeverGoesOn(CostAwareSagePolicy):
     def __init__(self, **kwargs):
         super().__init__(chains=False, **kwargs)
 
-    def level_go_on(self, level):
-        return _C.LevelGoOn([0.0, 1.0], [0.0, 0.0], 1.0, 0.0)
+    def current_stops(self):
+        return _C.LevelStops([0.0, 1.0], [0.0, 0.0], [1.0], 1.0, 0.0)
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
 def test_the_level_stop_ends_trees_in_the_engine(static_shapes):
-    """The policy's ``level_go_on`` reaches the workspace at every level: a stop that never pays leaves one level
+    """The policy's ``current_stops`` reach the workspace at every level: a stop that never pays leaves one level
     per tree (one draft forward a step) with dynamic shapes, greedy output identical; static shapes read nothing
     mid-step, so the stop does not apply there."""
     target, inputs = tiny_llama(seed=2)
@@ -558,7 +561,7 @@ def test_dear_draft_levels_stop_trees_below_the_cap():
     for stop in (True, False):
         policy = CostAwareSagePolicy(chains=False)  # trees only: their depth
         if not stop:
-            policy.level_go_on = lambda level: None
+            policy.current_stops = lambda: None
         engine = SpeculativeGenerator(target, draft, policy)
         engine.host_clock = priced_clock(engine, {"draft_decode": 3.0, "target_verify": 1.0})
         out = engine.generate(**inputs, max_new_tokens=48)
@@ -571,10 +574,13 @@ def test_dear_draft_levels_stop_trees_below_the_cap():
 
 
 def test_sure_depth_is_where_a_sure_level_stops_paying():
-    pays, stops = _C.LevelGoOn([0.0, 1.0], [0.0, 2.0], 1.0, 0.5), _C.LevelGoOn([0.0, 1.0], [0.0, 1.0], 1.0, 0.5)
-    assert sure_depth([pays, pays, stops, pays], 12) == 3
-    assert sure_depth([pays], 12) == 12  # deeper levels take the last level's rule
-    assert sure_depth([stops, pays], 12) == 1
+    """At mass 1 with one node a level pays at scale 1 (value 2 against a cost of 1.5), not at scale 0.5."""
+    def stops(scales):
+        return _C.LevelStops([0.0, 1.0], [0.0, 2.0], scales, 1.0, 0.5)
+
+    assert stops([1.0, 1.0, 0.5, 1.0]).sure_depth(12) == 3
+    assert stops([1.0]).sure_depth(12) == 12  # deeper levels take the last level's rule
+    assert stops([0.5, 1.0]).sure_depth(12) == 1
 
 
 def test_with_the_level_stop_the_cap_lets_a_sure_step_go_as_deep_as_it_pays():
@@ -594,7 +600,7 @@ def test_with_the_level_stop_the_cap_lets_a_sure_step_go_as_deep_as_it_pays():
     learned, d_min = policy.learned, policy.d_min
     average_best = best_depth(learned.costs, learned.acceptance, d_min + 1, policy.d_max_cap,
                               depth_of=lambda cap: d_min + learned.mean_alpha * (cap - d_min))
-    assert sure_depth(learned.go_on, policy.d_max_cap) == policy.d_max_cap
+    assert learned.go_on.sure_depth(policy.d_max_cap) == policy.d_max_cap
     assert average_best < learned.depth_goal == policy.d_max_cap
     late = out.stats.steps[-8:]
     assert max(step.d_max for step in late) == policy.d_max_cap
@@ -739,10 +745,9 @@ def test_the_chains_length_and_stop_follow_its_acceptance():
     assert choice.chain_depths.probabilities()[1] < 0.2 and choice.chain_length <= 2
     [choice.next_length(limit=64) for _ in range(2)]  # the tree's trial, the chain's warm-up
     assert choice.next_length(limit=1) == (1, True)  # the chain's trial, cut to the limit
-    assert choice.chain_stop_terms(costs) is None  # no rate yet: what a token is worth is unknown
+    assert choice.chain_stops(costs) is None  # no rate yet: what a token is worth is unknown
     choice.observe_tree(accepted=2, forwards=4, slots=12, trial=True)
-    stop = [_C.LevelGoOn(*terms) for terms in choice.chain_stop_terms(costs)]
-    assert not stop[1].pays(0.3, 1)  # past level 2 at mass 0.3, never accepted there
+    assert not choice.chain_stops(costs).pays(2, 0.3, 1)  # past level 2 at mass 0.3, never accepted there
     _, values = choice.chain_masses.curve()
     assert values[-1] == 1.0 and values[4] < 0.1
 
@@ -759,9 +764,11 @@ def test_the_chains_shape_is_estimated_when_asked_as_it_would_have_been_at_decid
             choice.observe_chain(accepted=accepted, levels=levels, level_mass=mass, trial=True)
             choice.observe_tree(accepted=2 + step % 3, forwards=4, slots=12, trial=True)
             choice.decide(costs)
-        shape = (eager.chain_length, [(stop.values, stop.cost_fixed) for stop in eager.chain_go_on])
+        stops = eager.chain_go_on
+        shape = (eager.chain_length, stops.masses, stops.values, stops.scales, stops.cost_fixed)
         if step % 4 == 3:  # the lazy choice asked only now and then: the same answer as the eager one
-            assert (lazy.chain_length, [(stop.values, stop.cost_fixed) for stop in lazy.chain_go_on]) == shape
+            stops = lazy.chain_go_on
+            assert (lazy.chain_length, stops.masses, stops.values, stops.scales, stops.cost_fixed) == shape
     assert lazy.chain_go_on is not None and 1 <= lazy.chain_length <= 12
 
 

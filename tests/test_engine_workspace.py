@@ -57,7 +57,7 @@ def test_commit_result_and_draft_len_have_one_writer():
     assert root_only.alpha is None and root_only.tokens == [8] and root_only.draft_held == 1
 
 
-def _two_children_level(go_on, known_count: int = -1):
+def _two_children_level(stops, known_count: int = -1):
     """A workspace whose first SAGE level keeps two children of cumulative probabilities ~0.53 and ~0.47."""
     sequence = torch.zeros(1, 16, dtype=torch.int64)
     sequence[0, :4] = torch.tensor([11, 12, 13, 14])
@@ -67,37 +67,40 @@ def _two_children_level(go_on, known_count: int = -1):
     logits = torch.full((1, 1, 10), -30.0)
     logits[0, 0, 5], logits[0, 0, 6] = 1.0, 0.9
     result = ws.sage_level(logits, None, 0, 1, 1, 1, 4, 2, 1.0, 3.0, 8.0, 2.0, 10.0, 0.1, 0, 7, known_count,
-                           known_max_depth=-1 if known_count < 0 else 8, go_on=go_on)
+                           known_max_depth=-1 if known_count < 0 else 8, level_stops=stops)
     return ws, result
 
 
 @pytest.mark.parametrize("cost_fixed, goes_on", [(0.99, True), (1.01, False)])
 def test_sage_level_goes_on_only_while_the_next_level_pays(cost_fixed, goes_on):
-    """With ``go_on`` the tree goes on past a level only if value(mass) >= cost_fixed + cost_per_node x count, mass
-    being the level's draft probability mass (here both children's) and value piecewise linear in it: no feed, so
-    the draft cache does not grow, when it does not pay. The level itself is kept either way."""
+    """With ``level_stops`` the tree goes on past a level only if value(level, mass) >= cost_fixed + cost_per_node x
+    count, mass being the level's draft probability mass (here both children's) and value piecewise linear in it,
+    scaled per level: no feed, so the draft cache does not grow, when it does not pay. The level itself is kept
+    either way."""
     mass = float(torch.tensor([1.0, 0.9, *[-30.0] * 8]).softmax(0)[:2].sum())
-    go_on = _C.LevelGoOn(masses=[0.0, mass, 2.0], values=[0.0, 1.0, 5.0], cost_fixed=cost_fixed - 2 * 0.01,
-                         cost_per_node=0.01)
-    ws, (count, _, _, inputs) = _two_children_level(go_on)
+    # level 1's scale decides (level 2's would always pay)
+    stops = _C.LevelStops(masses=[0.0, mass, 2.0], values=[0.0, 1.0, 5.0], scales=[1.0, 100.0],
+                          cost_fixed=cost_fixed - 2 * 0.01, cost_per_node=0.01)
+    ws, (count, _, _, inputs) = _two_children_level(stops)
     assert count == 2
     assert (inputs is not None) == goes_on
     assert ws.draft_len == (6 if goes_on else 4)
-    assert go_on.pays(mass, 2) == goes_on
-    # linear between the points, flat beyond them
-    assert go_on.value(mass / 2) == pytest.approx(0.5) and go_on.value(3.0) == 5.0 and go_on.value(-1.0) == 0.0
+    assert stops.pays(1, mass, 2) == goes_on and stops.pays(2, mass, 2)
+    # linear between the points, flat beyond them, scaled per level
+    assert stops.value(1, mass / 2) == pytest.approx(0.5) and stops.value(1, 3.0) == 5.0
+    assert stops.value(1, -1.0) == 0.0 and stops.value(2, mass / 2) == pytest.approx(50.0)
 
 
-def test_sage_level_go_on_needs_the_count_read():
+def test_sage_level_stops_need_the_count_read():
     """Static shapes (the count known on the host, nothing read mid-step) cannot judge a level's mass: refused."""
-    with pytest.raises(ValueError, match="go_on needs the level's count read"):
-        _two_children_level(_C.LevelGoOn([0.0], [1.0], 0.0, 0.0), known_count=4)
+    with pytest.raises(ValueError, match="level_stops need the level's count read"):
+        _two_children_level(_C.LevelStops([0.0], [1.0], [1.0], 0.0, 0.0), known_count=4)
 
 
 def test_level_masses_are_read_with_dynamic_counts_only():
     """Dynamic shapes: each level's draft probability mass is summed on the host as its count is read (what the
-    cost-aware policy learns from, with or without ``go_on``), equal to the device sum the engine takes with static
-    shapes (``DraftRound.level_mass``); a new step starts with none. Static shapes read nothing: none listed."""
+    cost-aware policy learns from, with or without ``level_stops``), equal to the device sum the engine takes with
+    static shapes (``DraftRound.level_mass``); a new step starts with none. Static shapes read nothing: none listed."""
     mass = float(torch.tensor([1.0, 0.9, *[-30.0] * 8]).softmax(0)[:2].sum())
     ws, (count, _, _, _) = _two_children_level(None)
     assert count == 2 and ws.level_masses == pytest.approx([mass], rel=1e-6)

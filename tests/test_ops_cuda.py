@@ -374,7 +374,7 @@ def test_sage_level(mask_dtype, lagged, batch, capacity, frontier_start, num_fro
 
 @pytest.mark.parametrize("margin", [-1e-3, 1e-3])
 def test_workspace_level_stop_decides_alike(margin):
-    """TreeWorkspace.sage_level with go_on (sage_cost's per-step stop, dynamic shapes): on CUDA the level's count
+    """TreeWorkspace.sage_level with level_stops (sage_cost's per-step stop, dynamic shapes): on CUDA the level's count
     and draft probability mass come back in one copy and the tree goes on exactly when it does on the CPU, at a
     threshold just under and just over the level's mass."""
     from sage_ext import _C
@@ -383,20 +383,21 @@ def test_workspace_level_stop_decides_alike(margin):
     logits = torch.randn(1, 1, 152064, generator=gen) * 3
     logits[0, 0, :3] = torch.tensor([9.0, 8.6, 8.1])  # a few likely children
 
-    def first_level(device, go_on=None):
+    def first_level(device, stops=None):
         sequence = torch.zeros(1, 64, dtype=torch.int64, device=device)
         sequence[0, :4] = torch.tensor([1, 2, 3, 4])
         ws = _C.TreeWorkspace(65, 64, 3, sequence, torch.float32, torch.float32, None)
         ws.start_generation(3)
         ws.start(4, 3)
         count, _, _, inputs = ws.sage_level(logits.to(device), None, 0, 1, 1, 1, 64, 10, 1.0, 3.0, 8.0, 2.0, 10.0,
-                                            0.1, 0, 64, -1, -1, go_on)
+                                            0.1, 0, 64, -1, -1, stops)
         return ws, count, inputs
 
     ws, count, _ = first_level("cpu")
     mass = float(ws.cum_logprobs[0, 1:1 + count].double().exp().sum())  # the level's real nodes
-    go_on = _C.LevelGoOn(masses=[0.0, 10.0], values=[0.0, 10.0], cost_fixed=mass + margin, cost_per_node=0.0)
-    (cpu, cpu_count, cpu_inputs), (gpu, gpu_count, gpu_inputs) = first_level("cpu", go_on), first_level(CUDA, go_on)
+    stops = _C.LevelStops(masses=[0.0, 10.0], values=[0.0, 10.0], scales=[1.0], cost_fixed=mass + margin,
+                          cost_per_node=0.0)
+    (cpu, cpu_count, cpu_inputs), (gpu, gpu_count, gpu_inputs) = first_level("cpu", stops), first_level(CUDA, stops)
     assert cpu_count == gpu_count == count > 1
     assert (cpu_inputs is not None) == (gpu_inputs is not None) == (margin < 0)
     torch.testing.assert_close(gpu.cum_logprobs[0, :1 + count].cpu(), cpu.cum_logprobs[0, :1 + count],

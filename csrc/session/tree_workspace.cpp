@@ -80,23 +80,43 @@ int64_t host_int(const at::Tensor& value) {
 
 }  // namespace
 
-LevelGoOn::LevelGoOn(std::vector<double> masses_, std::vector<double> values_, double cost_fixed_,
-                     double cost_per_node_)
-    : masses(std::move(masses_)), values(std::move(values_)), cost_fixed(cost_fixed_), cost_per_node(cost_per_node_) {
+LevelStops::LevelStops(std::vector<double> masses_, std::vector<double> values_, std::vector<double> scales_,
+                       double cost_fixed_, double cost_per_node_)
+    : masses(std::move(masses_)),
+      values(std::move(values_)),
+      scales(std::move(scales_)),
+      cost_fixed(cost_fixed_),
+      cost_per_node(cost_per_node_) {
   TORCH_CHECK_VALUE(!masses.empty() && masses.size() == values.size(),
-                    "LevelGoOn: masses and values must be non-empty and of one length");
+                    "LevelStops: masses and values must be non-empty and of one length");
+  TORCH_CHECK_VALUE(!scales.empty(), "LevelStops: need the scale of at least one level");
   for (size_t i = 1; i < masses.size(); ++i) {
-    TORCH_CHECK_VALUE(masses[i] > masses[i - 1], "LevelGoOn: masses must increase");
+    TORCH_CHECK_VALUE(masses[i] > masses[i - 1], "LevelStops: masses must increase");
+  }
+  level_values_.reserve(scales.size());
+  for (const double scale : scales) {
+    std::vector<double> scaled(values.size());
+    for (size_t i = 0; i < values.size(); ++i) scaled[i] = values[i] * scale;
+    level_values_.push_back(std::move(scaled));
   }
 }
 
-double LevelGoOn::value(double mass) const {
-  if (mass <= masses.front()) return values.front();
-  if (mass >= masses.back()) return values.back();
+double LevelStops::value(int64_t level, double mass) const {
+  TORCH_CHECK_VALUE(level >= 1, "LevelStops: levels count from 1, got ", level);
+  const std::vector<double>& at = level_values_[static_cast<size_t>(std::min(level, levels()) - 1)];
+  if (mass <= masses.front()) return at.front();
+  if (mass >= masses.back()) return at.back();
   size_t i = 1;
   while (masses[i] < mass) ++i;
   const double t = (mass - masses[i - 1]) / (masses[i] - masses[i - 1]);
-  return values[i - 1] + t * (values[i] - values[i - 1]);
+  return at[i - 1] + t * (at[i] - at[i - 1]);
+}
+
+int64_t LevelStops::sure_depth(int64_t max_depth) const {
+  for (int64_t level = 1; level < max_depth; ++level) {
+    if (!pays(level, 1.0, 1)) return level;
+  }
+  return max_depth;
 }
 
 TreeWorkspace::TreeWorkspace(int64_t capacity, int64_t max_cache_len, int64_t chain_rows, const at::Tensor& sequence,
@@ -270,10 +290,10 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
     const at::Tensor& logits, const std::optional<at::Tensor>& alpha, int64_t frontier_start, int64_t frontier_count,
     int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min, double d_max,
     double w_min, double w_max, double theta_scale, int64_t used, int64_t n_max, int64_t known_count,
-    int64_t known_max_depth, const std::optional<LevelGoOn>& go_on) {
+    int64_t known_max_depth, const LevelStops* level_stops) {
   check_draft_logits(logits, frontier_count, "sage_level");
-  TORCH_CHECK_VALUE(!go_on.has_value() || (known_count < 0 && known_max_depth < 0),
-                    "sage_level: go_on needs the level's count read (known_count and known_max_depth < 0)");
+  TORCH_CHECK_VALUE(level_stops == nullptr || (known_count < 0 && known_max_depth < 0),
+                    "sage_level: level_stops need the level's count read (known_count and known_max_depth < 0)");
   tree_written();
   std::optional<at::Tensor> rows_mask;
   if (mask.defined() && slots_are_rows_ && !layout_.has_value() && slot_start <= rows_ready_) {
@@ -293,7 +313,7 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   // counts the host does not know are read (free on the CPU, a sync elsewhere: SagePolicy reads them only
   // with static_shapes=False, the default on the CPU); both in one copy, so one sync per level, not two.
   // With both read (dynamic shapes) two more values ride along in the same copy (on the CPU: a loop over the
-  // level's nodes): the level's draft probability mass (float64 bits), for go_on and for level_masses (what
+  // level's nodes): the level's draft probability mass (float64 bits), for level_stops and for level_masses (what
   // cost-aware policies learn from: nothing about the tree is read again after the step), and, with stop tokens,
   // how many of its nodes are stop tokens (a level of stop tokens only, a chain that reached EOS, ends the tree).
   int64_t count = known_count, max_depth = known_max_depth, stops = 0;
@@ -328,7 +348,7 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   if (dynamic && count > 0) level_masses_.push_back(mass);
   std::optional<ForwardInputs> next;
   if (count > 0 && stops < count && level < max_depth && used + count < n_max &&
-      (!go_on.has_value() || go_on->pays(mass, count))) {
+      (level_stops == nullptr || level_stops->pays(level, mass, count))) {
     next = feed(slot_start, count, level);
   }
   return {count, frontier_alpha, max_depth, next};

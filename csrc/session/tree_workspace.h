@@ -57,23 +57,34 @@ struct FixedLayout {
   at::Tensor target_block;  // [N, N] the whole tree's additive block (target dtype)
 };
 
-// When a SAGE level's tree goes on (a cost-aware policy's stop rule, SpecDec++-style): the next draft forward is
-// worth its cost if what one more level is expected to bring, in seconds of output, is at least what it costs:
-// cost_fixed (one more draft forward) + cost_per_node x count (verifying the level's children). The value is a
-// piecewise-linear function of the new level's draft probability mass (the sum of its nodes' cumulative
-// probabilities): values[i] at masses[i] (increasing), linear between, flat beyond the ends.
-struct LevelGoOn {
+// When a SAGE tree goes on past a level (a cost-aware policy's stop rule, SpecDec++-style): the next draft forward
+// is worth its cost if what one more level is expected to bring, in seconds of output, is at least what it costs:
+// cost_fixed (one more draft forward) + cost_per_node x count (verifying the level's children). What it brings is
+// a piecewise-linear function of the level's draft probability mass (the sum of its nodes' cumulative
+// probabilities), scaled per level: at level l, values[i] x scales[l - 1] at masses[i] (increasing), linear
+// between, flat beyond the ends; levels deeper than the scales take the last one's. One object for every level,
+// built once per observed step (one call from the host, not one per level).
+struct LevelStops {
   std::vector<double> masses;
   std::vector<double> values;
+  std::vector<double> scales;
   double cost_fixed = 0.0;
   double cost_per_node = 0.0;
 
-  LevelGoOn(std::vector<double> masses_, std::vector<double> values_, double cost_fixed_, double cost_per_node_);
+  LevelStops(std::vector<double> masses_, std::vector<double> values_, std::vector<double> scales_,
+             double cost_fixed_, double cost_per_node_);
 
-  double value(double mass) const;
-  bool pays(double mass, int64_t count) const {
-    return value(mass) >= cost_fixed + cost_per_node * static_cast<double>(count);
+  int64_t levels() const { return static_cast<int64_t>(scales.size()); }
+  double value(int64_t level, double mass) const;
+  bool pays(int64_t level, double mass, int64_t count) const {
+    return value(level, mass) >= cost_fixed + cost_per_node * static_cast<double>(count);
   }
+  // How deep a sure tree goes (one node a level, all the draft's mass on it): the first level whose next does
+  // not pay at mass 1, else max_depth.
+  int64_t sure_depth(int64_t max_depth) const;
+
+ private:
+  std::vector<std::vector<double>> level_values_;  // values x scales[l - 1], per level
 };
 
 // What the host learns from a step's commit, decoded from commit_tree_'s readback row (one device-to-host copy).
@@ -111,16 +122,16 @@ class TreeWorkspace {
 
   // One SAGE level (the sage_level_ op) on the last `frontier_count` rows of the draft logits [1, T, V]; then,
   // when the tree goes on (count > 0, level < max_depth, used + count < n_max, with dynamic shapes not every new
-  // node a stop token, and, with go_on, the next level pays), the inputs of the draft forward that feeds the new
+  // node a stop token, and, with level_stops, the next level pays), the inputs of the draft forward that feeds the new
   // slots. count / max_depth: known_count /
   // known_max_depth when >= 0 (static shapes), else read from the op's outputs (free on the CPU, a sync
-  // elsewhere; go_on needs them read: the level's mass comes with the same copy, and is kept in level_masses).
+  // elsewhere; level_stops need them read: the level's mass comes with the same copy, and is kept in level_masses).
   // Returns (count, frontier_alpha [1, F] at level 1 (else none), max_depth, next forward inputs or none).
   std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> sage_level(
       const at::Tensor& logits, const std::optional<at::Tensor>& alpha, int64_t frontier_start, int64_t frontier_count,
       int64_t level, int64_t slot_start, int64_t num_slots, int64_t k, double temperature, double d_min, double d_max,
       double w_min, double w_max, double theta_scale, int64_t used, int64_t n_max, int64_t known_count,
-      int64_t known_max_depth, const std::optional<LevelGoOn>& go_on);
+      int64_t known_max_depth, const LevelStops* level_stops);
 
   // One level of a fixed tree (the gather_level_ op): the top-k of the last `frontier_count` rows of the draft
   // logits, then the tokens/logprobs of the slots [start, start + child_index.size(0)) gathered from the

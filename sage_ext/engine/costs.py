@@ -17,7 +17,7 @@ this step's readback has synchronized, so reading them costs no extra host-devic
   calibrated from each step's probability mass per depth and its accepted length), and ``node_threshold``: the
   least p for which a node's expected tokens are worth the verify time it adds.
 - ``MassAcceptance``: how often a depth is accepted given the tree's probability mass there (bins, monotone), and
-  ``level_go_on_terms``: within a step, whether one more draft level is worth its cost at the probability mass
+  ``level_stops``: within a step, whether one more draft level is worth its cost at the probability mass
   the tree holds at its current depth (SpecDec++'s stop rule); the workspace applies it as it builds each level
   (one prompt at a time: in a batch the shared draft forward runs while any row goes on).
 - ``ProposalChoice``: whether a step proposes the policy's tree or a chain of the draft's greedy tokens (the two
@@ -387,40 +387,23 @@ class MassAcceptance:
         return list(self.centres), values
 
 
-def level_go_on_terms(costs: "CostModel", acceptance: "DepthAcceptance", masses: "MassAcceptance",
-                      seconds_per_token: float) -> list[tuple[list[float], list[float], float, float]]:
-    """Per level d = 1..max_depth, when a tree that has built d levels should run one more draft forward (the
-    terms of ``_C.LevelGoOn``: ``(masses, values, cost_fixed, cost_per_node)``). Depth d is accepted with the
-    chance ``MassAcceptance`` gives the level's draft probability mass, depth d + 1 then with ``p_(d+1)``
-    (``DepthAcceptance``); a token is worth ``seconds_per_token``; the forward costs one more draft level (the draft
-    line's slope) and each of the level's nodes brings children to verify (the verify line's slope per token).
-    SpecDec++'s stop rule with SAGE's proposal: decided per step at the tree's own confidence, where the depth cap
-    decides on average."""
+def level_stops(costs: "CostModel", acceptance: "DepthAcceptance", masses: "MassAcceptance",
+                seconds_per_token: float) -> "_C.LevelStops":
+    """When a tree that has built d levels (d = 1..max_depth) should run one more draft forward: the workspace's
+    stop rule (``_C.LevelStops``, every level in one object). Depth d is accepted with the chance
+    ``MassAcceptance`` gives the level's draft probability mass, depth d + 1 then with ``p_(d+1)``
+    (``DepthAcceptance``); a token is worth ``seconds_per_token``; the forward costs one more draft level (the
+    draft line's slope) and each of the level's nodes brings children to verify (the verify line's slope per
+    token). SpecDec++'s stop rule with SAGE's proposal: decided per step at the tree's own confidence, where the
+    depth cap decides on average."""
     _, per_forward = costs.draft_line()
     _, per_token = costs.verify_line()
     centres, accepted = masses.curve()
     probabilities = acceptance.probabilities()
-    terms = []
-    for depth in range(1, acceptance.max_depth + 1):
-        next_value = probabilities[min(depth, len(probabilities) - 1)] * seconds_per_token
-        terms.append((centres, [a * next_value for a in accepted], per_forward, per_token))
-    return terms
-
-
-def native_stops(terms: list | None) -> "list[_C.LevelGoOn] | None":
-    """Per level, the workspace's stop rule (``_C.LevelGoOn``) from ``level_go_on_terms``; None for none."""
-    return [_C.LevelGoOn(*level) for level in terms] if terms else None
-
-
-def level_stop(go_on: "list[_C.LevelGoOn] | None", level: int) -> "_C.LevelGoOn | None":
-    """Level ``level``'s stop rule from a per-level list (deeper levels take the last one's); None without one."""
-    return go_on[min(level, len(go_on)) - 1] if go_on else None
-
-
-def sure_depth(go_on: "list[_C.LevelGoOn]", max_depth: int) -> int:
-    """How deep the level stop ``go_on`` lets a sure tree go (one node a level, all the draft's probability mass
-    on it): the first level whose next does not pay at mass 1, else ``max_depth``."""
-    return next((level for level in range(1, max_depth) if not level_stop(go_on, level).pays(1.0, 1)), max_depth)
+    last = len(probabilities) - 1
+    # level d's value at each mass centre: accepted x (what depth d + 1 brings), multiplied out natively
+    scales = [probabilities[min(depth, last)] * seconds_per_token for depth in range(1, acceptance.max_depth + 1)]
+    return _C.LevelStops(centres, accepted, scales, per_forward, per_token)
 
 
 class _ProposalRate:
@@ -528,8 +511,8 @@ class ProposalChoice:
 
     The chain is shaped like a tree: its length is the one with the most expected tokens per second from how deep
     chains are accepted (``chain_depths``, a ``DepthAcceptance`` of chain steps only; with the level stop, at least
-    how deep a sure chain pays, ``sure_depth``), and with dynamic shapes it
-    stops at the level where one more is worth less than it costs (``chain_go_on``: ``level_go_on_terms`` from the
+    how deep a sure chain pays, ``LevelStops.sure_depth``), and with dynamic shapes it
+    stops at the level where one more is worth less than it costs (``chain_go_on``: ``level_stops`` from the
     chain's own acceptance by depth and by mass, ``chain_masses``); both are estimated when a chain step asks
     (``_shape_chain``, from the costs of the last ``decide``). Both start optimistic (depths accepted with 0.95,
     every mass accepted until shown otherwise): a short chain could never show how deep it goes. In a batch only
@@ -576,7 +559,7 @@ class ProposalChoice:
         # show how deep it could go)
         self.chain_depths = DepthAcceptance(max_length, prior=0.95)
         self.chain_masses = MassAcceptance(optimistic=True)
-        self._chain_go_on: list | None = None  # per level, the chain's stop (``_C.LevelGoOn``; None: not estimated)
+        self._chain_go_on: _C.LevelStops | None = None  # the chain's stop per level (None: not estimated)
         self._chain_length = max_length  # the chain's best length as last estimated
         self._shape_costs: CostModel | None = None  # the costs the chain's shape is due to be estimated from
         self.prefers_chain = False
@@ -636,8 +619,8 @@ class ProposalChoice:
         return self._chain_length
 
     @property
-    def chain_go_on(self) -> "list[_C.LevelGoOn] | None":
-        """Per level, the chain's stop (``chain_stop_terms``; None before it is estimated, and in a batch)."""
+    def chain_go_on(self) -> "_C.LevelStops | None":
+        """The chain's stop per level (``chain_stops``; None before it is estimated, and in a batch)."""
         self._shape_chain()
         return self._chain_go_on
 
@@ -652,15 +635,15 @@ class ProposalChoice:
         if costs.steps:  # a chain of L tokens: L draft forwards, L verified slots
             self._chain_length = best_depth(costs, self.chain_depths, 1, self.max_length,
                                             seconds_of=lambda length: costs.seconds_for(length, length))
-        self._chain_go_on = None if self.batched else native_stops(self.chain_stop_terms(costs))
+        self._chain_go_on = None if self.batched else self.chain_stops(costs)
         if self._chain_go_on is not None:  # its own stop decides each step: a sure chain may go as far as it pays
-            self._chain_length = max(self._chain_length, sure_depth(self._chain_go_on, self.max_length))
+            self._chain_length = max(self._chain_length, self._chain_go_on.sure_depth(self.max_length))
 
-    def chain_stop_terms(self, costs: "CostModel") -> list | None:
-        """The chain's per-level stop (``level_go_on_terms`` from its own acceptance by depth and by mass), a token
-        worth the seconds it takes at the better kind's rate; None before either kind has one."""
+    def chain_stops(self, costs: "CostModel") -> "_C.LevelStops | None":
+        """The chain's stop per level (``level_stops`` from its own acceptance by depth and by mass), a token worth
+        the seconds it takes at the better kind's rate; None before either kind has one."""
         rate = max(self.tree.per_second(costs), self.chain.per_second(costs))
-        return level_go_on_terms(costs, self.chain_depths, self.chain_masses, 1.0 / rate) if rate > 0 else None
+        return level_stops(costs, self.chain_depths, self.chain_masses, 1.0 / rate) if rate > 0 else None
 
     def next_length(self, limit: int) -> tuple[int, bool]:
         """The next step's proposal: (chain length, 0 for the tree, ``ALONE`` for the target alone; whether the step
@@ -778,7 +761,7 @@ class CostLearning:
     mean_alpha: float  # recent root confidence (exponentially weighted)
     nodes: NodeAcceptance | None = None  # per-node acceptance against draft probability and depth
     node_floor: float | None = None  # the least node probability costs call for (None: not estimated yet)
-    go_on: list | None = None  # per level, when a tree goes on (``_C.LevelGoOn``; None: not estimated yet)
+    go_on: _C.LevelStops | None = None  # when a tree goes on past each level (None: not estimated yet)
     masses: MassAcceptance | None = None  # acceptance of a depth against the tree's mass there (the level stop's)
     proposals: ProposalChoice | None = None  # the tree or the draft's greedy chain, each step
 

@@ -48,11 +48,8 @@ from .costs import (
     StepCost,
     best_depth,
     expected_tokens,
-    level_go_on_terms,
-    level_stop,
-    native_stops,
+    level_stops,
     node_threshold,
-    sure_depth,
 )
 
 #: The 25-node, depth-5 static tree of SpecVLM (SAGE's first round and the "static" baseline).
@@ -439,10 +436,10 @@ class SagePolicy(TreePolicy):
         """The least cumulative draft probability a node of the next tree needs besides SAGE's threshold (0: none)."""
         return 0.0
 
-    def level_go_on(self, level: int) -> "_C.LevelGoOn | None":
-        """When the tree goes on past ``level`` besides SAGE's own rules (its depth, thresholds and node budget),
-        judged by the workspace at the level's draft probability mass (``_C.LevelGoOn``); None: SAGE's rules alone.
-        Applies with dynamic shapes only (the level's count and mass are read)."""
+    def current_stops(self) -> "_C.LevelStops | None":
+        """When the tree goes on past each level besides SAGE's own rules (its depth, thresholds and node budget),
+        judged by the workspace at the level's draft probability mass (``_C.LevelStops``); None: SAGE's rules
+        alone. Applies with dynamic shapes only (the level's count and mass are read)."""
         return None
 
     def level_theta(self, level: int, depth: float, floor: float) -> float:
@@ -546,23 +543,25 @@ class SagePolicy(TreePolicy):
             alpha = ctx.full_f32(host_alpha)
         n_max = min(self.n_max, ctx.node_limit - 1)  # a batch's node budget may leave this row fewer
         slots = self.static_level_slots(host_alpha, n_max, floor) if static_shapes else None
-        proposal = yield from self.grow_levels(ctx, logits, alpha, shape, n_max, slots, self.level_go_on)
+        proposal = yield from self.grow_levels(ctx, logits, alpha, shape, n_max, slots, self.current_stops())
         proposal.info = info
         return proposal
 
     def grow_levels(self, ctx, logits: Tensor, alpha: Tensor | None, shape, n_max: int, slots: list[int] | None,
-                    go_on) -> Generator[tuple, Tensor, TreeProposal]:
+                    stops: "_C.LevelStops | None") -> Generator[tuple, Tensor, TreeProposal]:
         """The levels of a tree whose root forward gave ``logits``, one ``ctx.sage_level`` each (top-k, widths and
         threshold from ``shape(level)``, best-first expansion, the new slots' mask rows and, when the tree goes on,
         the inputs of the draft forward over them), at most ``n_max`` nodes. ``alpha``: the device alpha that shapes
         the levels (None: the root's own, measured by level 1). ``slots``: static shapes' host-known slots per level
-        (None: dynamic shapes, each level's count read, free on the CPU, and ``go_on(level)`` may stop the tree)."""
+        (None: dynamic shapes, each level's count read, free on the CPU, and ``stops`` may stop the tree)."""
         static_shapes = slots is not None
+        if static_shapes:  # nothing is read mid-step: no level stop
+            stops = None
         num_slots = slots[0] if static_shapes else n_max
         known_max_depth = len(slots) if static_shapes else -1
         count, frontier_alpha, _, inputs = ctx.sage_level(
             logits, alpha, 0, 1, 1, 1, num_slots, shape(1), 0, n_max, num_slots if static_shapes else -1,
-            known_max_depth, None if static_shapes else go_on(1))
+            known_max_depth, stops)
         alpha_root = frontier_alpha[0]
         if alpha is None:
             alpha = alpha_root
@@ -581,7 +580,7 @@ class SagePolicy(TreePolicy):
             num_slots = slots[level - 1] if static_shapes else n_max - used
             count, _, _, inputs = ctx.sage_level(
                 logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape(level), used, n_max,
-                num_slots if static_shapes else -1, known_max_depth, None if static_shapes else go_on(level))
+                num_slots if static_shapes else -1, known_max_depth, stops)
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
         measured = level_counts and self.measures_level_mass(static_shapes)
@@ -611,18 +610,18 @@ class CostAwareSagePolicy(SagePolicy):
     measurements (``sage_ext.engine.costs``). A slow draft or a fast verify makes trees shallower, a draft that
     is accepted deep makes them deeper, on whatever machine it runs. Within a step (dynamic shapes: the CPU
     default, where each level's count is read anyway), the tree stops as soon as one more draft level is worth
-    less than it costs at the probability mass the tree holds at its current depth (``level_go_on``,
-    ``costs.level_go_on_terms``: SpecDec++'s stop rule; how often a depth is accepted at a given mass is learned
+    less than it costs at the probability mass the tree holds at its current depth (``current_stops``,
+    ``costs.level_stops``: SpecDec++'s stop rule; how often a depth is accepted at a given mass is learned
     too, ``MassAcceptance``): a step whose draft loses confidence halfway stops there, a confident one goes on to the
-    cap, which with this stop is at least as deep as a sure step pays for (``sure_depth``; the average optimum cut
-    sure steps short). A generation after the costs are known starts from the learned root confidence, not from
-    SAGE's static first round. With static shapes (CUDA) nothing is read mid-step and the cap alone applies, as in a batch (the shared
-    draft forward runs while any row goes on: one row's stop would save none). ``width_from_cost``: the node threshold
-    too: a node whose expected accepted tokens (``NodeAcceptance``: its cumulative draft probability,
-    calibrated from every step's outcome) are worth less than the verify time it adds is not proposed, so a
-    dear verify (a large batch, a slow target) narrows the trees. That least probability is a floor under
-    SAGE's threshold at every level (``level_theta``), which stays the rule above it. Off by default: on the
-    fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches").
+    cap, which with this stop is at least as deep as a sure step pays for (``LevelStops.sure_depth``; the average
+    optimum cut sure steps short). A generation after the costs are known starts from the learned root confidence,
+    not from SAGE's static first round. With static shapes (CUDA) nothing is read mid-step and the cap alone
+    applies, as in a batch (the shared draft forward runs while any row goes on: one row's stop would save none).
+    ``width_from_cost``: the node threshold too: a node whose expected accepted tokens (``NodeAcceptance``: its
+    cumulative draft probability, calibrated from every step's outcome) are worth less than the verify time it adds
+    is not proposed, so a dear verify (a large batch, a slow target) narrows the trees. That least probability is a
+    floor under SAGE's threshold at every level (``level_theta``), which stays the rule above it. Off by default: on
+    the fixture pair on a CPU it measured within noise of the policy without it (benchmarks/README.md, "Batches").
     ``chains`` (on by default): each step proposes SAGE's tree or the draft's greedy chain, the chain where it gives
     more tokens per second than the tree beyond doubt (``costs.ProposalChoice``: the two compared by rounds of
     trials, every 16 to 128 steps a trial of each kind close together whatever the preference, each after a step of
@@ -695,10 +694,9 @@ class CostAwareSagePolicy(SagePolicy):
         ctx.start_tree()
         logits = yield ctx.root_inputs()
         chain_shape = (self.k, float(length), float(length), 1.0, 1.0, 0.0)
-        go_on = self.learned.proposals.chain_go_on
         proposal = yield from self.grow_levels(ctx, logits, None, lambda level: chain_shape, length,
                                                [1] * length if static_shapes else None,
-                                               lambda level: level_stop(go_on, level))
+                                               self.learned.proposals.chain_go_on)
         proposal.info = {"d_max": self.d_max, "chain": length}
         proposal.shape = "chain"
         return proposal
@@ -753,8 +751,8 @@ class CostAwareSagePolicy(SagePolicy):
         floor = self.learned.node_floor if self.learned is not None and self.width_from_cost else None
         return 0.0 if floor is None else floor
 
-    def level_go_on(self, level: int) -> "_C.LevelGoOn | None":
-        return level_stop(self.learned.go_on if self.learned is not None else None, level)
+    def current_stops(self) -> "_C.LevelStops | None":
+        return self.learned.go_on if self.learned is not None else None
 
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
@@ -795,13 +793,13 @@ class CostAwareSagePolicy(SagePolicy):
             # the level stop for one prompt only: in a batch the draft forward runs while any row goes on, so one
             # row's stop saves no forward and only costs its acceptance (measured: B = 4 lost a quarter of its
             # tokens/s with it); the cap alone shapes a batch's trees
-            learned.go_on = native_stops(level_go_on_terms(
-                learned.costs, learned.acceptance, learned.masses, seconds_per_token)) if cost.rows == 1 else None
+            learned.go_on = level_stops(learned.costs, learned.acceptance, learned.masses,
+                                        seconds_per_token) if cost.rows == 1 else None
             if learned.go_on is not None:
                 # each step now stops where its own mass stops paying, so the cap need only let a sure step go as
                 # deep as it pays: the depth cap best on average cuts the sure steps short (held-out LLaVA scenes:
                 # 8-9 deep trees accepted whole in most steps)
-                sure = sure_depth(learned.go_on, self.d_max_cap)
+                sure = learned.go_on.sure_depth(self.d_max_cap)
                 learned.depth_goal = next((cap for cap in range(learned.depth_goal, self.d_max_cap + 1)
                                            if depth_of(cap) >= sure), self.d_max_cap)
         if self.chains:  # (the chain's length and stop follow too, when a chain step asks: ProposalChoice)
