@@ -784,12 +784,13 @@ class CostAwareSagePolicy(SagePolicy):
         learned.depth_goal = best_depth(learned.costs, learned.acceptance, d_min + 1, self.d_max_cap,
                                         depth_of=depth_of, rows=cost.rows)
         if learned.costs.estimated and learned.nodes.steps >= 1:
-            # a node pays while calibration x p x (seconds per token) > one more verified token's seconds: that
-            # least p is a floor under SAGE's threshold at every level
             depth = depth_of(learned.depth_goal)
             tokens = cost.rows * expected_tokens(learned.acceptance.probabilities(), depth)
             seconds_per_token = learned.costs.step_seconds(depth, cost.rows) / tokens
-            learned.node_floor = node_threshold(learned.costs, seconds_per_token, learned.nodes.calibration()[0])
+            if self.width_from_cost:  # (a record shared by policies made by name: their default, without it)
+                # a node pays while calibration x p x (seconds per token) > one more verified token's seconds: that
+                # least p is a floor under SAGE's threshold at every level
+                learned.node_floor = node_threshold(learned.costs, seconds_per_token, learned.nodes.calibration()[0])
             # the level stop for one prompt only: in a batch the draft forward runs while any row goes on, so one
             # row's stop saves no forward and only costs its acceptance (measured: B = 4 lost a quarter of its
             # tokens/s with it); the cap alone shapes a batch's trees
