@@ -10,6 +10,8 @@ of `chain` and `sage_cost` generations of the same scenes. With those it replays
 * `chain L`: a chain of L tokens every step (L draft forwards, L verified nodes);
 * `cum >= t`: a chain that stops where the draft's cumulative probability falls below t (the token that falls
   below is proposed: its forward already ran), at most 12 tokens;
+* `p >= t`: the same on each token's own draft probability (the draft's confidence in that token alone, not in the
+  whole chain so far): the stop a feature other than the cumulative mass would give;
 * `oracle`: exactly the tokens the target will accept (no draft forward past the first wrong token);
 * `sage_cost`: the default policy's own steps (their draft forwards and verified nodes), priced the same way.
 
@@ -38,7 +40,8 @@ from sage_ext.engine import SpeculativeGenerator  # noqa: E402
 from sage_ext.fixtures import PAIRS  # noqa: E402
 
 MAX_CHAIN = 12  # the default policy's depth bound
-THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
+THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)  # on the cumulative probability
+TOKEN_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # on each token's own probability
 
 
 def draft_trace(draft, inputs: dict, output: list[int], eos: set[int]) -> dict:
@@ -112,6 +115,15 @@ def cumulative_threshold(threshold: float):
     return length_of
 
 
+def token_threshold(threshold: float):
+    def length_of(probs, accepted):
+        for index, p in enumerate(probs):
+            if p < threshold:
+                return index + 1
+        return len(probs)
+    return length_of
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenes", type=int, default=20)
@@ -150,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         results[f"chain {length}"] = replay(traces, fixed(length), costs, eos)
     for threshold in THRESHOLDS:
         results[f"cum >= {threshold}"] = replay(traces, cumulative_threshold(threshold), costs, eos)
+    for threshold in TOKEN_THRESHOLDS:
+        results[f"p >= {threshold}"] = replay(traces, token_threshold(threshold), costs, eos)
     results["oracle"] = replay(traces, lambda probs, accepted: accepted, costs, eos)
     policy_steps = [s for run in steps["sage_cost"] for s in run]
     results["sage_cost (its own steps)"] = (sum(a + d * s.draft_forwards + v * s.tree_slots for s in policy_steps),

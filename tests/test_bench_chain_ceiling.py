@@ -22,3 +22,5 @@ def test_chain_ceiling_report(tmp_path):
     assert results["oracle"]["steps"] <= min(row["steps"] for row in results.values())
     assert all(row["seconds"] > 0 for row in results.values())
     assert "| oracle |" in report_file.with_suffix(".md").read_text()
+    # the rules on each token's own probability are replayed too
+    assert {f"p >= {t}" for t in bench_chain_ceiling.TOKEN_THRESHOLDS} <= set(results)
