@@ -104,21 +104,14 @@ def fixed(length: int):
     return lambda probs, accepted: min(length, len(probs))
 
 
-def cumulative_threshold(threshold: float):
+def threshold_stop(threshold: float, cumulative: bool):
+    """A chain that stops at the first token whose draft probability (``cumulative``: the chain's product so far;
+    else the token's own) falls below ``threshold``; that token is proposed (its forward already ran)."""
     def length_of(probs, accepted):
         mass = 1.0
         for index, p in enumerate(probs):
-            mass *= p
+            mass = mass * p if cumulative else p
             if mass < threshold:
-                return index + 1
-        return len(probs)
-    return length_of
-
-
-def token_threshold(threshold: float):
-    def length_of(probs, accepted):
-        for index, p in enumerate(probs):
-            if p < threshold:
                 return index + 1
         return len(probs)
     return length_of
@@ -161,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     for length in (8, 12):
         results[f"chain {length}"] = replay(traces, fixed(length), costs, eos)
     for threshold in THRESHOLDS:
-        results[f"cum >= {threshold}"] = replay(traces, cumulative_threshold(threshold), costs, eos)
+        results[f"cum >= {threshold}"] = replay(traces, threshold_stop(threshold, cumulative=True), costs, eos)
     for threshold in TOKEN_THRESHOLDS:
-        results[f"p >= {threshold}"] = replay(traces, token_threshold(threshold), costs, eos)
+        results[f"p >= {threshold}"] = replay(traces, threshold_stop(threshold, cumulative=False), costs, eos)
     results["oracle"] = replay(traces, lambda probs, accepted: accepted, costs, eos)
     policy_steps = [s for run in steps["sage_cost"] for s in run]
     results["sage_cost (its own steps)"] = (sum(a + d * s.draft_forwards + v * s.tree_slots for s in policy_steps),

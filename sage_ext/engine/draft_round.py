@@ -97,18 +97,18 @@ class DraftRound:
     # [1, T, V]; a level's frontier is their last rows (the step's first forward also returns the pending tokens').
     def sage_level(self, logits: Tensor, alpha: Tensor | None, frontier_start: int, frontier_count: int, level: int,
                    slot_start: int, num_slots: int, shape: tuple, used: int, n_max: int, known_count: int = -1,
-                   known_max_depth: int = -1, stops: "_C.LevelStops | None" = None) -> tuple:
+                   known_max_depth: int = -1, level_stops: "_C.LevelStops | None" = None) -> tuple:
         """One SAGE level (``sage_level_``) on the last ``frontier_count`` rows of the draft logits (the frontier
         slots ``[frontier_start, ...)``), ``shape`` = ``(k, d_min, d_max, w_min, w_max, theta_scale)``; with the
         inputs of the next draft forward when the tree goes on (count > 0, level < max_depth, used + count <
-        n_max and, given ``stops`` (``_C.LevelStops``), the next level is worth its cost at this level's draft
+        n_max and, given ``level_stops`` (``_C.LevelStops``), the next level is worth its cost at this level's draft
         probability mass). Counts come from the host when given (``known_*`` >= 0: static shapes), else are read
-        (free on the CPU, a sync elsewhere; ``stops`` need them read, the mass comes with the same copy).
+        (free on the CPU, a sync elsewhere; ``level_stops`` need them read, the mass comes with the same copy).
         Returns ``(count, frontier_alpha [1, F], max_depth, next forward inputs or None)``."""
         k, d_min, d_max, w_min, w_max, theta_scale = shape
         return self.ws.sage_level(logits, alpha, frontier_start, frontier_count, level, slot_start, num_slots, k,
                                   self.engine.draft_temperature, d_min, d_max, w_min, w_max, theta_scale, used, n_max,
-                                  known_count, known_max_depth, stops)
+                                  known_count, known_max_depth, level_stops)
 
     def static_level(self, logits: Tensor, frontier_count: int, child_index: Tensor, start: int, k: int,
                      want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:

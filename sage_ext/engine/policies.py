@@ -548,20 +548,20 @@ class SagePolicy(TreePolicy):
         return proposal
 
     def grow_levels(self, ctx, logits: Tensor, alpha: Tensor | None, shape, n_max: int, slots: list[int] | None,
-                    stops: "_C.LevelStops | None") -> Generator[tuple, Tensor, TreeProposal]:
+                    level_stops: "_C.LevelStops | None") -> Generator[tuple, Tensor, TreeProposal]:
         """The levels of a tree whose root forward gave ``logits``, one ``ctx.sage_level`` each (top-k, widths and
         threshold from ``shape(level)``, best-first expansion, the new slots' mask rows and, when the tree goes on,
         the inputs of the draft forward over them), at most ``n_max`` nodes. ``alpha``: the device alpha that shapes
         the levels (None: the root's own, measured by level 1). ``slots``: static shapes' host-known slots per level
-        (None: dynamic shapes, each level's count read, free on the CPU, and ``stops`` may stop the tree)."""
+        (None: dynamic shapes, each level's count read, free on the CPU, and ``level_stops`` may stop the tree)."""
         static_shapes = slots is not None
         if static_shapes:  # nothing is read mid-step: no level stop
-            stops = None
+            level_stops = None
         num_slots = slots[0] if static_shapes else n_max
         known_max_depth = len(slots) if static_shapes else -1
         count, frontier_alpha, _, inputs = ctx.sage_level(
             logits, alpha, 0, 1, 1, 1, num_slots, shape(1), 0, n_max, num_slots if static_shapes else -1,
-            known_max_depth, stops)
+            known_max_depth, level_stops)
         alpha_root = frontier_alpha[0]
         if alpha is None:
             alpha = alpha_root
@@ -580,7 +580,7 @@ class SagePolicy(TreePolicy):
             num_slots = slots[level - 1] if static_shapes else n_max - used
             count, _, _, inputs = ctx.sage_level(
                 logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape(level), used, n_max,
-                num_slots if static_shapes else -1, known_max_depth, stops)
+                num_slots if static_shapes else -1, known_max_depth, level_stops)
         self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
         measured = level_counts and self.measures_level_mass(static_shapes)
