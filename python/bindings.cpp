@@ -170,7 +170,10 @@ PYBIND11_MODULE(_C, module) {
            py::arg("temperature"), py::arg("d_min"), py::arg("d_max"), py::arg("w_min"), py::arg("w_max"),
            py::arg("theta_scale"), py::arg("used"), py::arg("n_max"), py::arg("known_count"),
            py::arg("known_max_depth"), py::arg("level_stops") = py::none())
-      .def("static_level", &TreeWorkspace::static_level)
+      .def("static_level", &TreeWorkspace::static_level, py::arg("logits"), py::arg("frontier_count"),
+           py::arg("child_index"), py::arg("start"), py::arg("k"), py::arg("temperature"), py::arg("want_alpha"),
+           py::arg("next_start"), py::arg("next_count"), py::arg("next_depth"), py::arg("cumulative") = false,
+           py::arg("dynamic") = false, py::arg("level_stops") = py::none())
       .def("topk_expand", &TreeWorkspace::topk_expand)
       .def("use_slots", &TreeWorkspace::use_slots, py::arg("num_nodes"))
       .def("rerank", &TreeWorkspace::rerank, py::arg("num_slots"), py::arg("num_select"))

@@ -6,6 +6,8 @@ the reference in test_ops_step.py); the engine tests check the trees it builds e
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -110,6 +112,102 @@ def test_level_masses_are_read_with_dynamic_counts_only():
     assert ws.level_masses == []
     static_ws, _ = _two_children_level(None, known_count=4)
     assert static_ws.level_masses == []
+
+
+def _chain_layout(length: int) -> "_C.FixedLayout":
+    """The fixed layout of a chain of ``length`` draft tokens (``DraftRound.fixed_layout``'s rule): the draft
+    processes the root and the first ``length - 1`` tokens, row r = slot r."""
+    parents = torch.arange(-1, length)
+    depth, *_, mask, _ = ops.tree_buffers(parents[None], 0, torch.float32)
+    node_row = torch.full((1, length + 2), -1)
+    node_row[0, :length] = torch.arange(length)
+    return _C.FixedLayout(parents, node_row, mask[0, :, :length, :length], depth, mask[0, 0])
+
+
+def _chain_workspace(stop_tokens=()):
+    sequence = torch.zeros(1, 32, dtype=torch.int64)
+    sequence[0, :4] = torch.tensor([11, 12, 13, 14])
+    ws = _C.TreeWorkspace(8, 32, 6, sequence, torch.float32, torch.float32, None)
+    ws.start_generation(3, list(stop_tokens))
+    layout = _chain_layout(5)
+    ws.start(4, 3, layout)
+    return ws, layout
+
+
+def _sure_logits(token: int, vocab: int = 10) -> torch.Tensor:
+    logits = torch.full((1, 1, vocab), -30.0)
+    logits[0, 0, token], logits[0, 0, (token + 1) % vocab] = 2.0, 0.0  # p(token) = 1 / (1 + e^-2) ~ 0.88
+    return logits
+
+
+@pytest.mark.parametrize("stop_level", [1, 2, 5])
+def test_static_level_stops_a_fixed_chain_as_a_prefix(stop_level):
+    """A fixed layout's levels with ``cumulative`` and ``dynamic``: each level's cumulative log-prob kept and its
+    draft mass read (``level_masses``, as SAGE's dynamic levels), and, given ``level_stops``, no feed once the next
+    level does not pay. The tree verified is then a prefix of the layout: its target mask and positions those of the
+    prefix, the unfed last slot without a draft row, and the commit keeps only the rows the draft processed."""
+    ws, layout = _chain_workspace()
+    p = float(_sure_logits(5).softmax(-1)[0, 0, 5])
+    # the level-l mass is p ** l: pays at levels below stop_level only (values scaled per level, mass-independent)
+    stops = _C.LevelStops(masses=[0.0, 1.0], values=[1.0, 1.0],
+                          scales=[2.0 if level < stop_level else 0.5 for level in range(1, 6)],
+                          cost_fixed=1.0, cost_per_node=0.0)
+    for level in range(1, 6):
+        next_feed = (level, 1, level) if level < 5 else (0, 0, 0)
+        _, inputs = ws.static_level(_sure_logits(4 + level), 1, torch.tensor([0]), level, 3 if level == 1 else 1,
+                                    1.0, level == 1, *next_feed, True, True, stops)
+        if inputs is None:
+            break
+        assert inputs[0].tolist() == [[4 + level]] and inputs[1].tolist() == [[3 + level]]
+    assert level == stop_level
+    assert ws.level_masses == pytest.approx([p ** depth for depth in range(1, level + 1)], rel=1e-5)
+    assert ws.cum_logprobs[0, 1:level + 1].tolist() == pytest.approx([depth * math.log(p) for depth in
+                                                                      range(1, level + 1)], rel=1e-5)
+    assert ws.draft_len == 3 + level  # the root row and the fed tokens: the last level is never fed
+    ws.use_slots(level + 1)
+    tokens, positions, mask = ws.target_inputs(3)
+    assert tokens.tolist() == [[14, *range(5, 5 + level)]] and positions.tolist() == [list(range(3, 4 + level))]
+    assert torch.equal(mask, ops.tree_buffers(torch.arange(-1, level)[None], 3)[6])
+    assert ws.tree_node_row[0, :level + 1].tolist() == [*range(level), -1]
+    target_cache = torch.arange(16.0).reshape(1, 1, 16, 1)
+    draft_cache = target_cache + 100
+    accepted = torch.tensor([list(range(level + 1))])  # every node accepted
+    result = ws.commit(None, accepted, torch.tensor([level]), torch.tensor([9]), 4, [[target_cache]], 3,
+                       [[draft_cache]])
+    assert result.tokens == [*range(5, 5 + level), 9] and result.draft_held == level
+    assert ws.draft_len == 3 + level
+    # the next step on the whole layout: its own node rows again
+    ws.start(4 + level + 1, ws.draft_len, layout)
+    assert torch.equal(ws.node_row, layout.node_row)
+
+
+def test_static_level_stop_tokens_end_a_dynamic_chain():
+    """Dynamic shapes: a level whose every node is a stop token is not fed on (what follows an accepted stop token
+    is dropped), as with SAGE's levels; without ``dynamic`` the fixed tree goes on."""
+    for dynamic in (True, False):
+        ws, _ = _chain_workspace(stop_tokens=[6])
+        _, inputs = ws.static_level(_sure_logits(5), 1, torch.tensor([0]), 1, 1, 1.0, False, 1, 1, 1, True, dynamic)
+        assert inputs is not None
+        _, inputs = ws.static_level(_sure_logits(6), 1, torch.tensor([0]), 2, 1, 1.0, False, 2, 1, 2, True, dynamic)
+        assert (inputs is None) == dynamic
+        assert len(ws.level_masses) == (2 if dynamic else 0)
+
+
+def test_static_level_measurement_arguments_are_checked():
+    """The mass needs the cumulative log-probs, the stop needs the mass read, and cumulative log-probs need the
+    layout's parents: refused otherwise."""
+    stops = _C.LevelStops([0.0], [1.0], [1.0], 0.0, 0.0)
+    ws, _ = _chain_workspace()
+    with pytest.raises(ValueError, match="dynamic needs cumulative"):
+        ws.static_level(_sure_logits(5), 1, torch.tensor([0]), 1, 1, 1.0, False, 1, 1, 1, False, True)
+    with pytest.raises(ValueError, match="level_stops need dynamic"):
+        ws.static_level(_sure_logits(5), 1, torch.tensor([0]), 1, 1, 1.0, False, 1, 1, 1, True, False, stops)
+    ws.start(5, 4)  # no layout
+    with pytest.raises(ValueError, match="need a fixed layout"):
+        ws.static_level(_sure_logits(5), 1, torch.tensor([0]), 1, 1, 1.0, False, 0, 0, 0, True, False)
+    ws.start(6, 5, _chain_layout(3))
+    with pytest.raises(ValueError, match="fewer than 5"):
+        ws.use_slots(5)
 
 
 def test_commit_compacts_every_device_group_alike():

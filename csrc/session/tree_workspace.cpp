@@ -155,7 +155,7 @@ TreeWorkspace::TreeWorkspace(int64_t capacity, int64_t max_cache_len, int64_t ch
 }
 
 at::Tensor TreeWorkspace::node_row() const {
-  if (layout_.has_value()) return layout_->node_row;
+  if (layout_.has_value()) return prefix_node_row_.defined() ? prefix_node_row_ : layout_->node_row;
   return slots_are_rows_ ? row_table_.select(0, rows_used) : node_row_;
 }
 
@@ -193,6 +193,7 @@ ForwardInputs TreeWorkspace::start(int64_t cur_len, int64_t draft_done, const Fi
   root_position_ = cur_len - 1;
   root_alpha_ = at::Tensor();
   level_masses_.clear();
+  prefix_node_row_ = at::Tensor();
   tree_kind_ = TreeKind::kSlots;
   tree_nodes_ = 1;
   if (layout != nullptr) {
@@ -336,14 +337,8 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   } else {
     if (known_count < 0) count = host_int(count_t);
     if (known_max_depth < 0) max_depth = host_int(max_depth_t);
-    if (dynamic) {  // a dynamic level's real nodes are its first `count` slots
-      const float* cum = cum_logprobs.const_data_ptr<float>() + slot_start;
-      const int64_t* new_tokens = tokens.const_data_ptr<int64_t>() + slot_start;
-      for (int64_t i = 0; i < count; ++i) {
-        mass += std::exp(static_cast<double>(cum[i]));
-        stops += std::find(stop_tokens_.begin(), stop_tokens_.end(), new_tokens[i]) != stop_tokens_.end();
-      }
-    }
+    // a dynamic level's real nodes are its first `count` slots
+    if (dynamic) std::tie(mass, stops) = host_level_mass(slot_start, count);
   }
   if (dynamic && count > 0) level_masses_.push_back(mass);
   std::optional<ForwardInputs> next;
@@ -354,16 +349,68 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   return {count, frontier_alpha, max_depth, next};
 }
 
+std::pair<double, int64_t> TreeWorkspace::host_level_mass(int64_t slot_start, int64_t count) const {
+  const float* cum = cum_logprobs.const_data_ptr<float>() + slot_start;
+  const int64_t* new_tokens = tokens.const_data_ptr<int64_t>() + slot_start;
+  double mass = 0.0;
+  int64_t stops = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    mass += std::exp(static_cast<double>(cum[i]));
+    stops += std::find(stop_tokens_.begin(), stop_tokens_.end(), new_tokens[i]) != stop_tokens_.end();
+  }
+  return {mass, stops};
+}
+
 std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::static_level(
     const at::Tensor& logits, int64_t frontier_count, const at::Tensor& child_index, int64_t start, int64_t k,
-    double temperature, bool want_alpha, int64_t next_start, int64_t next_count, int64_t next_depth) {
+    double temperature, bool want_alpha, int64_t next_start, int64_t next_count, int64_t next_depth, bool cumulative,
+    bool dynamic, const LevelStops* level_stops) {
   check_draft_logits(logits, frontier_count, "static_level");
+  TORCH_CHECK_VALUE(cumulative || !dynamic, "static_level: dynamic needs cumulative (the level's mass is summed from it)");
+  TORCH_CHECK_VALUE(dynamic || level_stops == nullptr, "static_level: level_stops need dynamic (the mass read)");
+  TORCH_CHECK_VALUE(!cumulative || layout_.has_value(),
+                    "static_level: cumulative log-probs need a fixed layout (its parents, copied by start)");
   const at::Tensor frontier_alpha = op<"sage_ext::gather_level_", GatherLevelSig>().call(
       tokens, logprobs, frontier_rows(logits, frontier_count), child_index, start, k, temperature);
   at::Tensor alpha;
   if (want_alpha) {
     alpha = frontier_alpha.select(0, 0);
     if (start == 1) root_alpha_ = frontier_alpha.select(1, 0);  // the frontier is the root
+  }
+  const int64_t count = child_index.size(0);
+  if (cumulative) {  // each slot's parent is an earlier slot, its cumulative log-prob already kept (the root's 0)
+    if (tokens.is_cpu()) {
+      const int64_t* parent = parents.const_data_ptr<int64_t>();
+      const float* own = logprobs.const_data_ptr<float>();
+      float* cum = cum_logprobs.mutable_data_ptr<float>();
+      for (int64_t slot = start; slot < start + count; ++slot) cum[slot] = cum[parent[slot]] + own[slot];
+    } else {
+      const at::Tensor level_parents = parents.select(0, 0).narrow(0, start, count);
+      cum_logprobs.narrow(1, start, count)
+          .copy_(cum_logprobs.index_select(1, level_parents).add_(logprobs.narrow(1, start, count)));
+    }
+  }
+  if (dynamic) {
+    double mass = 0.0;
+    int64_t stops = 0;
+    if (tokens.is_cpu()) {
+      std::tie(mass, stops) = host_level_mass(start, count);
+    } else {  // both in one copy (one sync): the mass's float64 bits, then the stop tokens' count
+      const at::Tensor level_mass =
+          cum_logprobs.narrow(1, start, count).to(at::kDouble).exp().sum().reshape({1}).view(at::kLong);
+      std::vector<at::Tensor> parts{level_mass};
+      if (stop_tokens_device_.defined()) {
+        parts.push_back(at::isin(tokens.narrow(1, start, count), stop_tokens_device_).sum().reshape({1}));
+      }
+      const at::Tensor read = at::cat(parts).cpu();
+      mass = read.view(at::kDouble).const_data_ptr<double>()[0];
+      if (stop_tokens_device_.defined()) stops = read.const_data_ptr<int64_t>()[1];
+    }
+    level_masses_.push_back(mass);
+    // (a feed's depth is that of the slots it feeds: this level's)
+    if (stops == count || (level_stops != nullptr && next_count > 0 && !level_stops->pays(next_depth, mass, count))) {
+      next_count = 0;
+    }
   }
   std::optional<ForwardInputs> next;
   if (next_count > 0) next = feed(next_start, next_count, next_depth);
@@ -393,10 +440,16 @@ void TreeWorkspace::use_slots(int64_t num_nodes) {
   TORCH_CHECK_VALUE(tree_kind_ == TreeKind::kSlots, "TreeWorkspace.use_slots: call start() first");
   TORCH_CHECK_VALUE(num_nodes >= 1 && num_nodes <= capacity_, "TreeWorkspace.use_slots: num_nodes must be in [1, ",
                     capacity_, "], got ", num_nodes);
-  TORCH_CHECK_VALUE(!layout_.has_value() || layout_->parents.size(0) == num_nodes,
-                    "TreeWorkspace.use_slots: the fixed layout has ", layout_->parents.size(0), " nodes, not ",
-                    num_nodes);
   tree_nodes_ = num_nodes;
+  if (!layout_.has_value()) return;
+  const int64_t layout_nodes = layout_->parents.size(0);
+  TORCH_CHECK_VALUE(num_nodes <= layout_nodes, "TreeWorkspace.use_slots: the fixed layout has ", layout_nodes,
+                    " nodes, fewer than ", num_nodes);
+  if (num_nodes < layout_nodes) {
+    // a prefix of the layout (a fixed tree stopped early; its slots are in level order, so it holds every kept
+    // node's parent): the draft fed only its first rows_used rows, the slots of the rows after those were not fed
+    prefix_node_row_ = at::where(layout_->node_row.lt(rows_used), layout_->node_row, -1);
+  }
 }
 
 void TreeWorkspace::rerank(int64_t num_slots, int64_t num_select) {
@@ -463,16 +516,18 @@ ForwardInputs TreeWorkspace::target_inputs(int64_t target_len) {
             target_mask_.as_strided({1, 1, 1, target_len + 1}, target_mask_.strides(), target_mask_.storage_offset())};
   }
   if (tree_kind_ == TreeKind::kSlots && layout_.has_value()) {  // its precomputed [N, N] block after zeros
-    const int64_t size = layout_->target_block.size(0);
+    // (the block's first N rows and columns: a tree that is a prefix of its layout)
+    const int64_t size = nodes;
     if (target_mask_.size(2) < size) {  // once per generation
       target_mask_ = at::zeros({1, 1, size, target_mask_.size(3)}, target_mask_.options());
       target_block_size_ = 0;
     }
     clear_target_block();
-    target_mask_.select(0, 0).select(0, 0).narrow(0, 0, size).narrow(1, target_len, size).copy_(layout_->target_block);
+    target_mask_.select(0, 0).select(0, 0).narrow(0, 0, size).narrow(1, target_len, size).copy_(
+        layout_->target_block.narrow(0, 0, size).narrow(1, 0, size));
     target_block_at_ = target_len;
     target_block_size_ = size;
-    return {tree, at::add(layout_->depth, target_len),
+    return {tree, at::add(layout_->depth.narrow(1, 0, size), target_len),
             target_mask_.as_strided({1, 1, size, target_len + size}, target_mask_.strides(),
                                     target_mask_.storage_offset())};
   }

@@ -135,11 +135,17 @@ class TreeWorkspace {
 
   // One level of a fixed tree (the gather_level_ op): the top-k of the last `frontier_count` rows of the draft
   // logits, then the tokens/logprobs of the slots [start, start + child_index.size(0)) gathered from the
-  // flattened top-k (child_index); then the inputs of the next feed when next_count > 0. Returns (alpha [F] when
-  // want_alpha, else none; inputs or none).
+  // flattened top-k (child_index); then the inputs of the next feed (the slots [next_start, next_start +
+  // next_count) at depth next_depth, which is then this level's) when next_count > 0. `cumulative`: the level's
+  // cumulative log-probs are kept too (parent's + own; what a level's draft mass is summed from). `dynamic` (needs
+  // `cumulative`): the level's draft mass and stop tokens are read (free on the CPU, a sync elsewhere), the mass
+  // kept in level_masses, and the tree stops as sage_level's does with dynamic shapes: not fed on when every node of
+  // the level is a stop token or, given level_stops, when the next level does not pay. A tree that stops early
+  // is a prefix of its fixed layout (use_slots). Returns (alpha [F] when want_alpha, else none; inputs or none).
   std::tuple<at::Tensor, std::optional<ForwardInputs>> static_level(
       const at::Tensor& logits, int64_t frontier_count, const at::Tensor& child_index, int64_t start, int64_t k,
-      double temperature, bool want_alpha, int64_t next_start, int64_t next_count, int64_t next_depth);
+      double temperature, bool want_alpha, int64_t next_start, int64_t next_count, int64_t next_depth,
+      bool cumulative = false, bool dynamic = false, const LevelStops* level_stops = nullptr);
 
   // One EAGLE-2 level (the expand_level_ op): the top-k of the last `frontier_count` rows of the draft logits,
   // every frontier slot [frontier_start, frontier_start + F) allowed k children and no threshold, best-first
@@ -150,15 +156,16 @@ class TreeWorkspace {
       int64_t slot_start, int64_t num_slots, bool want_alpha, int64_t next_start, int64_t next_count,
       int64_t next_depth);
 
-  // The step's tree is the slots [0, num_nodes) (SAGE, fixed layouts).
+  // The step's tree is the slots [0, num_nodes) (SAGE, fixed layouts: all its nodes or, where static_level stopped
+  // early, a prefix of them).
   void use_slots(int64_t num_nodes);
   // The step's tree is EAGLE-2's final selection over the slots [0, num_slots) (the rerank_select op).
   void rerank(int64_t num_slots, int64_t num_select);
 
   // ---- the step's tree (read-only views) ------------------------------------------------------------
   int64_t tree_nodes() const { return tree_nodes_; }
-  // Draft probability mass (sum of the nodes' cumulative probabilities) of each level sage_level built since
-  // start() with its count read (dynamic shapes), in order; levels with no node are not listed.
+  // Draft probability mass (sum of the nodes' cumulative probabilities) of each level sage_level or static_level
+  // built since start() with its count and mass read (dynamic shapes), in order; levels with no node are not listed.
   const std::vector<double>& level_masses() const { return level_masses_; }
   at::Tensor tree_tokens() const;    // [1, N]
   at::Tensor tree_parents() const;   // [1, N]
@@ -207,6 +214,9 @@ class TreeWorkspace {
   // sage_level already did (or a fixed layout holds them).
   ForwardInputs feed(int64_t slot_start, int64_t count, int64_t depth);
   void tree_written();  // a level's expansion wrote the slots: a fixed layout's parents must be copied again
+  // The draft probability mass of the `count` slots from `slot_start` (the sum of their cumulative probabilities;
+  // all real nodes) and how many of them are stop tokens, read on the host (a loop on the CPU).
+  std::pair<double, int64_t> host_level_mass(int64_t slot_start, int64_t count) const;
   ForwardInputs draft_inputs(int64_t slot_start, int64_t count, int64_t depth);
 
   int64_t capacity_;
@@ -222,8 +232,9 @@ class TreeWorkspace {
   int64_t rows_ready_ = 0;    // leading block rows already valid this step (slots == rows)
   int64_t rows_written_ = 0;  // block rows [0, rows_written_) hold values this step (the padding row aside)
   std::optional<FixedLayout> layout_;  // this step's fixed layout (none: the tree is built level by level)
+  at::Tensor prefix_node_row_;  // the layout's node_row for a tree that is a prefix of it (defined only then)
   at::Tensor layout_parents_;  // the fixed parents last copied into `parents`
-  std::vector<double> level_masses_;  // this step's levels' draft probability masses (sage_level, dynamic shapes)
+  std::vector<double> level_masses_;  // this step's levels' draft probability masses (dynamic shapes)
   std::vector<int64_t> stop_tokens_;  // the generation's stop tokens (start_generation), and on the tree's device
   at::Tensor stop_tokens_device_;     // (undefined on the CPU, where the host list is read)
   at::Tensor root_alpha_;      // [1] the root's confidence, measured by this step's first level (or undefined)

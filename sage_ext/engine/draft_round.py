@@ -111,14 +111,19 @@ class DraftRound:
                                   known_count, known_max_depth, level_stops)
 
     def static_level(self, logits: Tensor, frontier_count: int, child_index: Tensor, start: int, k: int,
-                     want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
+                     want_alpha: bool, next_feed: tuple[int, int, int] | None, cumulative: bool = False,
+                     dynamic: bool = False, level_stops: "_C.LevelStops | None" = None) -> tuple:
         """One level of a fixed tree (``gather_level_``): the top-``k`` of the last ``frontier_count`` draft-logit
         rows, the children's tokens and log-probs gathered into the slots from ``start`` (``child_index`` into the
-        flattened top-k), then the inputs of the next feed ``(start, count, depth)`` if any. Returns ``(alpha [F] if
-        want_alpha else None, inputs or None)``."""
+        flattened top-k), then the inputs of the next feed ``(start, count, depth)`` if any (its depth is this
+        level's). ``cumulative``: the slots' cumulative log-probs kept too (what ``level_mass`` sums). ``dynamic``
+        (with ``cumulative``): the level's mass read (free on the CPU, a sync elsewhere) and kept for ``level_mass``,
+        and the tree stopped as a dynamic SAGE level stops it (every node a stop token, or ``level_stops`` say the
+        next level does not pay): no inputs then, and the tree is a prefix of its layout (``use_slots``). Returns
+        ``(alpha [F] if want_alpha else None, inputs or None)``."""
         next_start, next_count, next_depth = next_feed if next_feed is not None else (0, 0, 0)
         return self.ws.static_level(logits, frontier_count, child_index, start, k, self.engine.draft_temperature,
-                                    want_alpha, next_start, next_count, next_depth)
+                                    want_alpha, next_start, next_count, next_depth, cumulative, dynamic, level_stops)
 
     def topk_expand(self, logits: Tensor, frontier_count: int, frontier_start: int, k: int, slot_start: int,
                     num_slots: int, want_alpha: bool, next_feed: tuple[int, int, int] | None) -> tuple:
@@ -151,7 +156,8 @@ class DraftRound:
 
     # ------------------------------------------------------------------ the tree the target verifies
     def use_slots(self, num_nodes: int) -> None:
-        """The step's tree is the slots ``[0, num_nodes)`` as the levels wrote them."""
+        """The step's tree is the slots ``[0, num_nodes)`` as the levels wrote them (on a fixed layout: all its nodes
+        or, where ``static_level`` stopped early, a prefix)."""
         self.ws.use_slots(num_nodes)
 
     def rerank(self, num_slots: int, num_select: int) -> None:

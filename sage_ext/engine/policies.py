@@ -229,7 +229,10 @@ class StaticTreePolicy(TreePolicy):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "nodes": self._num_nodes - 1, "depth": self._max_depth}
 
-    def _on(self, ctx) -> dict[str, Any]:
+    def on_device(self, ctx) -> dict[str, Any]:
+        """This tree on ``ctx``'s device and dtypes, made once per ``ctx.layout_key``: ``layout`` (its
+        ``FixedLayout``) and ``levels``, per level l >= 1 ``(first slot, end slot, first fed slot, fed count, child
+        index [children] on the device)``."""
         key = ctx.layout_key
         cached = self._device_cache.get(key)
         if cached is None:
@@ -258,7 +261,7 @@ class StaticTreePolicy(TreePolicy):
         if ctx.node_limit < self._num_nodes or ctx.depth_limit < self._max_depth:
             cut = self.trimmed(min(ctx.node_limit, self._num_nodes), min(ctx.depth_limit, self._max_depth))
             return (yield from cut.build(ctx))
-        static = self._on(ctx)
+        static = self.on_device(ctx)
         n = self._num_nodes
         layout = static["layout"]
         ctx.start_tree(layout=layout)
@@ -650,6 +653,8 @@ class CostAwareSagePolicy(SagePolicy):
         self.width_from_cost, self.chains, self.alone = width_from_cost, chains, alone
         super().__init__(*args, **kwargs)
         self.learned = self.fresh_learning()
+        # the fixed layout every chain step is built on (a shorter chain is a prefix of it)
+        self._longest_chain = ChainPolicy(min(self.d_max_cap, self.n_max))
 
     def fresh_learning(self) -> CostLearning:
         """Priors: no costs measured, the acceptance priors, the constructor's depth cap and alpha."""
@@ -687,19 +692,34 @@ class CostAwareSagePolicy(SagePolicy):
         return (yield from super().build(ctx))
 
     def build_chain(self, ctx, length: int) -> Generator[tuple, Tensor, TreeProposal]:
-        """The draft's greedy chain of at most ``length`` tokens: SAGE's levels with width 1, no threshold and depth
-        ``length`` whatever the alpha (the root's alpha is still measured, over SAGE's top-k, for the next tree),
-        stopped with dynamic shapes where one more level stops paying (``ProposalChoice.chain_go_on``)."""
+        """The draft's greedy chain of at most ``length`` tokens, on the fixed layout of the longest chain
+        (``ChainPolicy``'s: no mask work per level) and cut to the tokens left to generate; with dynamic shapes
+        stopped at the level where one more stops paying (``ProposalChoice.chain_go_on``) or that reached a stop
+        token, the chain then a prefix of the layout. The root's alpha is measured over SAGE's top-k, for the next
+        tree."""
         static_shapes = ctx.static_default if self.static_shapes is None else self.static_shapes
-        ctx.start_tree()
+        levels = self._longest_chain.on_device(ctx)
+        ctx.start_tree(layout=levels["layout"])
         logits = yield ctx.root_inputs()
-        chain_shape = (self.k, float(length), float(length), 1.0, 1.0, 0.0)
-        proposal = yield from self.grow_levels(ctx, logits, None, lambda level: chain_shape, length,
-                                               [1] * length if static_shapes else None,
-                                               self.learned.proposals.chain_go_on)
-        proposal.info = {"d_max": self.d_max, "chain": length}
-        proposal.shape = "chain"
-        return proposal
+        measured, dynamic = self.measures_level_mass(static_shapes), not static_shapes
+        stops = self.learned.proposals.chain_go_on if dynamic else None
+        depth = min(length, ctx.depth_limit)
+        alpha_root, level = None, 0
+        for start, _, _, fed_count, child_index in levels["levels"][:depth]:
+            level += 1  # (a chain's level l is its slot l, fed to the draft for level l + 1)
+            next_feed = (start, 1, level) if level < depth else None
+            alpha, inputs = ctx.static_level(logits, fed_count, child_index, start, self.k if level == 1 else 1,
+                                             level == 1, next_feed, measured, dynamic, stops)
+            if level == 1:
+                alpha_root = alpha
+            if inputs is None:
+                break
+            logits = yield inputs
+        self._alpha_next_device = alpha_root
+        ctx.use_slots(level + 1)
+        level_mass = ctx.level_mass([1] * level, counts_read=dynamic) if measured else None
+        return TreeProposal(level, level, alpha_root, info={"d_max": self.d_max, "chain": length},
+                            level_mass=level_mass, shape="chain")
 
     def share_learning(self, learned: CostLearning) -> None:
         """Learn into (and start from) ``learned``: what other policies with these arguments learned about the
