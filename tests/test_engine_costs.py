@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_engine import hf_greedy
+from test_engine_kv import run_with_cache_checks
 from tiny_models import correlated_draft, one_thread, same_draft, tiny_llama, tokens_left  # noqa: F401  (autouse)
 
 from sage_ext.engine import SpeculativeGenerator
@@ -549,6 +550,48 @@ def test_the_level_stop_ends_trees_in_the_engine(static_shapes):
     else:
         assert all(step.draft_forwards == 1 and step.tree_depth == 1 for step in adaptive), \
             [(step.draft_forwards, step.tree_depth) for step in adaptive]
+
+
+class _ChainsThatStop(CostAwareSagePolicy):
+    """sage_cost proposing its greedy chain of 6 every step, whose chain stop pays at the levels below ``stop_at``
+    only."""
+
+    def __init__(self, stop_at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stops = _C.LevelStops(masses=[0.0, 1.0], values=[1.0, 1.0],
+                                   scales=[2.0 if level < stop_at else 0.5 for level in range(1, 7)],
+                                   cost_fixed=1.0, cost_per_node=0.0)
+
+    def build(self, ctx):
+        return (yield from self.build_chain(ctx, 6))
+
+    def chain_stops(self):
+        return self.stops
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+@pytest.mark.parametrize("stop_at", [1, 3])
+def test_the_chain_stop_ends_chains_in_the_engine(stop_at, static_shapes):
+    """Chain steps run on the longest chain's fixed layout; with dynamic shapes the chain's stop ends each at the
+    first level whose next does not pay, the tree verified a prefix of the layout (its mask, positions and the draft
+    rows it holds), greedy output identical to the target's; each level's mass is measured as it is built. Static
+    shapes read nothing mid-step: every chain runs to its length (or the tokens left)."""
+    target, inputs = tiny_llama(seed=2)
+    draft = correlated_draft(target, noise=0.1)
+    reference = hf_greedy(target, inputs, max_new_tokens=40)
+    policy = _ChainsThatStop(stop_at, static_shapes=static_shapes)
+    out = SpeculativeGenerator(target, draft, policy).generate(**inputs, max_new_tokens=40)
+    assert torch.equal(out.sequences, reference)
+    roomy = [step for step, left in zip(out.stats.steps, tokens_left(out.stats, 40)) if left > 6]
+    assert roomy and max(step.tau for step in out.stats.steps) > 0
+    levels = 6 if static_shapes else stop_at
+    assert all(step.tree_depth == levels and step.draft_forwards == levels for step in roomy), \
+        [(step.tree_depth, step.draft_forwards) for step in roomy]
+    # the chain's acceptance by mass learns from the masses read (dynamic shapes; static ones measure none)
+    assert (policy.learned.proposals.chain_masses.steps > 0) != static_shapes
+    # both caches hold what recomputation gives after every step (the draft's: the rows of the prefix it processed)
+    _, taus = run_with_cache_checks(target, draft, inputs, _ChainsThatStop(stop_at, static_shapes=static_shapes))
+    assert max(taus) > 0
 
 
 def test_dear_draft_levels_stop_trees_below_the_cap():

@@ -40,7 +40,7 @@ from tiny_models import all_family_builders, correlated_draft, one_thread, tiny_
 
 from sage_ext import ops
 from sage_ext.engine import SpeculativeGenerator
-from sage_ext.engine.policies import SagePolicy
+from sage_ext.engine.policies import CostAwareSagePolicy, SagePolicy
 
 pytestmark = needs_gpu
 
@@ -48,6 +48,7 @@ BUILDERS = all_family_builders()
 #: the policies of the sync count: POLICIES (SAGE takes static shapes on CUDA by default) and SAGE with
 #: data-dependent level sizes, which reads each level's size on the host
 SYNC_POLICIES = {**POLICIES, "sage_dynamic_shapes": lambda: SagePolicy(static_shapes=False),
+                 "sage_cost_dynamic_shapes": lambda: CostAwareSagePolicy(static_shapes=False),
                  "sage_processed": SagePolicy}
 #: generate settings of a sync-count entry beside max_new_tokens: the target's scores processed per node
 #: (engine/processing.py) must add no sync
@@ -90,6 +91,17 @@ def test_greedy_equals_target_generate(family, policy):
     assert out.stats.new_tokens == MAX_NEW
     if policy != "ar":
         assert max(step.tau for step in out.stats.steps) > 0, "the correlated draft should get tokens accepted"
+
+
+def test_dynamic_shape_chains_on_cuda(family):
+    """sage_cost with dynamic shapes on CUDA: its chain steps (the first rounds of trials run some) keep each level's
+    cumulative log-prob and read its mass on the device (``static_level``'s device path), which the policy learns
+    from and stops by; greedy output equal to target.generate's."""
+    policy = CostAwareSagePolicy(static_shapes=False)
+    out = SpeculativeGenerator(family.target, family.draft, policy).generate(**family.inputs, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, family.reference)
+    proposals = policy.learned.proposals
+    assert proposals.chain_steps > 0 and proposals.chain_masses.steps > 0
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -283,7 +295,7 @@ def test_one_sync_per_step(sync_counts, name, policy):
     per_step = counts["per_step"]
     assert len(per_step) >= 3, counts
     where = "\n---\n".join(stack for step in counts["extra"] for stack in step)
-    if policy == "sage_dynamic_shapes":  # each level's size is read on the host: at most one sync a level
+    if policy.endswith("dynamic_shapes"):  # each level's size (a chain's: its mass) is read: at most one sync a level
         levels = counts["draft_forwards"][1:]
         assert all(n <= 1 + forwards for n, forwards in zip(per_step, levels)), f"{per_step} {levels}\n{where}"
     else:

@@ -702,7 +702,7 @@ class CostAwareSagePolicy(SagePolicy):
         ctx.start_tree(layout=levels["layout"])
         logits = yield ctx.root_inputs()
         measured, dynamic = self.measures_level_mass(static_shapes), not static_shapes
-        stops = self.learned.proposals.chain_go_on if dynamic else None
+        stops = self.chain_stops() if dynamic else None
         depth = min(length, ctx.depth_limit)
         alpha_root, level = None, 0
         for start, _, _, fed_count, child_index in levels["levels"][:depth]:
@@ -773,6 +773,11 @@ class CostAwareSagePolicy(SagePolicy):
 
     def current_stops(self) -> "_C.LevelStops | None":
         return self.learned.go_on if self.learned is not None else None
+
+    def chain_stops(self) -> "_C.LevelStops | None":
+        """When a chain step goes on past each level (dynamic shapes): the chain's own level stop, learned from chain
+        steps (``ProposalChoice.chain_go_on``); None: to its length."""
+        return self.learned.proposals.chain_go_on
 
     def observe_cost(self, cost: StepCost) -> None:
         learned = self.learned
