@@ -35,6 +35,7 @@ call) starts from what the previous ones measured instead of from the priors; it
 """
 from __future__ import annotations
 
+import bisect
 import math
 import weakref
 from collections import deque
@@ -254,10 +255,9 @@ class DepthAcceptance:
     def observe(self, accepted: int, tree_depth: int) -> None:
         """A step that built ``tree_depth`` levels and accepted ``accepted`` draft tokens: depths 1..accepted
         were accepted, depth accepted + 1 (if built) was tried and rejected."""
-        d = self.decay
-        for depth in range(1, self.max_depth + 1):
-            self._accepted[depth] *= d
-            self._reached[depth] *= d
+        d = self.decay  # (index 0 is not a depth: it stays 0)
+        self._accepted = [count * d for count in self._accepted]
+        self._reached = [count * d for count in self._reached]
         for depth in range(1, min(accepted + 1, tree_depth, self.max_depth) + 1):
             self._reached[depth] += 1.0
             if depth <= accepted:
@@ -298,9 +298,9 @@ class NodeAcceptance:
         if not level_mass:
             return
         self.steps += 1
-        for index in range(self.max_depth):
-            self._accepted[index] *= self.decay
-            self._mass[index] *= self.decay
+        d = self.decay
+        self._accepted = [count * d for count in self._accepted]
+        self._mass = [mass * d for mass in self._mass]
         for index, mass in enumerate(level_mass[: self.max_depth]):
             if mass > 0.0:
                 self._mass[index] += mass
@@ -352,10 +352,8 @@ class MassAcceptance:
         self.steps = 0
 
     def _bin(self, mass: float) -> int:
-        for index, upper in enumerate(self.EDGES[1:-1]):
-            if mass < upper:
-                return index
-        return len(self.centres) - 1
+        # the first bin whose upper edge is above the mass; the last one beyond
+        return bisect.bisect_right(self.EDGES, mass, 1, len(self.EDGES) - 1) - 1
 
     def observe(self, accepted: int, level_mass: tuple[float, ...] | list[float]) -> None:
         """A step whose tree had ``level_mass[d - 1]`` probability mass at depth d and accepted ``accepted``
