@@ -321,19 +321,11 @@ std::tuple<int64_t, at::Tensor, int64_t, std::optional<ForwardInputs>> TreeWorks
   const bool dynamic = known_count < 0 && known_max_depth < 0;
   double mass = 0.0;
   if (dynamic && !count_t.is_cpu()) {
-    const at::Tensor real = parents.narrow(1, slot_start, num_slots).ge(0);
-    const at::Tensor probabilities = cum_logprobs.narrow(1, slot_start, num_slots).to(at::kDouble).exp();
-    const at::Tensor level_mass = at::where(real, probabilities, 0.0).sum().reshape({1}).view(at::kLong);
-    std::vector<at::Tensor> parts{count_t.reshape({1}), max_depth_t.reshape({1}), level_mass};
-    if (stop_tokens_device_.defined()) {
-      const at::Tensor is_stop = at::isin(tokens.narrow(1, slot_start, num_slots), stop_tokens_device_);
-      parts.push_back(at::logical_and(real, is_stop).sum().reshape({1}));
-    }
-    const at::Tensor read = at::cat(parts).cpu();
-    count = read.const_data_ptr<int64_t>()[0];
-    max_depth = read.const_data_ptr<int64_t>()[1];
-    mass = read.view(at::kDouble).const_data_ptr<double>()[2];
-    if (stop_tokens_device_.defined()) stops = read.const_data_ptr<int64_t>()[3];
+    int64_t counts[2];
+    std::tie(mass, stops) =
+        device_level_mass(slot_start, num_slots, {count_t.reshape({1}), max_depth_t.reshape({1})}, counts);
+    count = counts[0];
+    max_depth = counts[1];
   } else {
     if (known_count < 0) count = host_int(count_t);
     if (known_max_depth < 0) max_depth = host_int(max_depth_t);
@@ -359,6 +351,26 @@ std::pair<double, int64_t> TreeWorkspace::host_level_mass(int64_t slot_start, in
     stops += std::find(stop_tokens_.begin(), stop_tokens_.end(), new_tokens[i]) != stop_tokens_.end();
   }
   return {mass, stops};
+}
+
+std::pair<double, int64_t> TreeWorkspace::device_level_mass(int64_t slot_start, int64_t count,
+                                                           const std::vector<at::Tensor>& leading,
+                                                           int64_t* leading_values) const {
+  const at::Tensor real = parents.narrow(1, slot_start, count).ge(0);
+  const at::Tensor probabilities = cum_logprobs.narrow(1, slot_start, count).to(at::kDouble).exp();
+  std::vector<at::Tensor> parts(leading);
+  parts.push_back(at::where(real, probabilities, 0.0).sum().reshape({1}).view(at::kLong));  // float64 bits
+  if (stop_tokens_device_.defined()) {
+    const at::Tensor is_stop = at::isin(tokens.narrow(1, slot_start, count), stop_tokens_device_);
+    parts.push_back(at::logical_and(real, is_stop).sum().reshape({1}));
+  }
+  const at::Tensor read = at::cat(parts).cpu();  // the one sync
+  const int64_t* values = read.const_data_ptr<int64_t>();
+  const size_t first = leading.size();
+  std::copy_n(values, first, leading_values);
+  double mass;
+  std::memcpy(&mass, values + first, sizeof mass);
+  return {mass, stop_tokens_device_.defined() ? values[first + 1] : 0};
 }
 
 std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::static_level(
@@ -391,21 +403,8 @@ std::tuple<at::Tensor, std::optional<ForwardInputs>> TreeWorkspace::static_level
     }
   }
   if (dynamic) {
-    double mass = 0.0;
-    int64_t stops = 0;
-    if (tokens.is_cpu()) {
-      std::tie(mass, stops) = host_level_mass(start, count);
-    } else {  // both in one copy (one sync): the mass's float64 bits, then the stop tokens' count
-      const at::Tensor level_mass =
-          cum_logprobs.narrow(1, start, count).to(at::kDouble).exp().sum().reshape({1}).view(at::kLong);
-      std::vector<at::Tensor> parts{level_mass};
-      if (stop_tokens_device_.defined()) {
-        parts.push_back(at::isin(tokens.narrow(1, start, count), stop_tokens_device_).sum().reshape({1}));
-      }
-      const at::Tensor read = at::cat(parts).cpu();
-      mass = read.view(at::kDouble).const_data_ptr<double>()[0];
-      if (stop_tokens_device_.defined()) stops = read.const_data_ptr<int64_t>()[1];
-    }
+    const auto [mass, stops] =
+        tokens.is_cpu() ? host_level_mass(start, count) : device_level_mass(start, count, {}, nullptr);
     level_masses_.push_back(mass);
     // (a feed's depth is that of the slots it feeds: this level's)
     if (stops == count || (level_stops != nullptr && next_count > 0 && !level_stops->pays(next_depth, mass, count))) {

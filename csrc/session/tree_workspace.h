@@ -217,6 +217,10 @@ class TreeWorkspace {
   // The draft probability mass of the `count` slots from `slot_start` (the sum of their cumulative probabilities;
   // all real nodes) and how many of them are stop tokens, read on the host (a loop on the CPU).
   std::pair<double, int64_t> host_level_mass(int64_t slot_start, int64_t count) const;
+  // The same on the device for the slots' real nodes (parent >= 0), read to the host in one copy (one sync) with
+  // the one-element int64 tensors `leading`, whose values go to leading_values.
+  std::pair<double, int64_t> device_level_mass(int64_t slot_start, int64_t count, const std::vector<at::Tensor>& leading,
+                                               int64_t* leading_values) const;
   ForwardInputs draft_inputs(int64_t slot_start, int64_t count, int64_t depth);
 
   int64_t capacity_;

@@ -261,26 +261,38 @@ class StaticTreePolicy(TreePolicy):
         if ctx.node_limit < self._num_nodes or ctx.depth_limit < self._max_depth:
             cut = self.trimmed(min(ctx.node_limit, self._num_nodes), min(ctx.depth_limit, self._max_depth))
             return (yield from cut.build(ctx))
-        static = self.on_device(ctx)
-        n = self._num_nodes
-        layout = static["layout"]
-        ctx.start_tree(layout=layout)
+        ctx.start_tree(layout=self.on_device(ctx)["layout"])
         logits = yield ctx.root_inputs()
+        levels, slots, alpha_root = yield from self.grow_fixed(ctx, logits, self._max_depth)
+        ctx.use_slots(slots)
+        return TreeProposal(self._max_depth, levels, alpha_root, shape="fixed")
+
+    def grow_fixed(self, ctx, logits: Tensor, depth: int, root_k: int | None = None, cumulative: bool = False,
+                   dynamic: bool = False, level_stops: "_C.LevelStops | None" = None
+                   ) -> Generator[tuple, Tensor, tuple[int, int, Tensor | None]]:
+        """Levels 1..``depth`` of this tree on its layout (the caller started the step on it, and the root forward
+        gave ``logits``): per level one native call (``ctx.static_level``: the children from the fed rows' top-k,
+        and the next level's feed), whose inputs are yielded for the next draft forward. ``root_k``: the top-k at
+        level 1 (where the root's alpha is measured; default this tree's). ``cumulative``, ``dynamic`` and
+        ``level_stops`` as ``static_level``'s: with ``dynamic`` the tree may stop early, a prefix of the layout.
+        Returns (levels built, slots they end at, the root's alpha [1])."""
+        levels = self.on_device(ctx)["levels"]
         alpha_root = None
-        levels = static["levels"]
-        for index, (start, _, _, fed_count, flat) in enumerate(levels):
-            # this level's children from the fed rows' top-k, and the next level's feed (one native call)
+        for index in range(depth):
+            start, end, _, fed_count, child_index = levels[index]
             next_feed = None
-            if index + 1 < len(levels):
+            if index + 1 < depth:
                 _, _, next_start, next_count, _ = levels[index + 1]
                 next_feed = (next_start, next_count, index + 1)
-            alpha, inputs = ctx.static_level(logits, fed_count, flat, start, self._topk, index == 0, next_feed)
+            k = root_k if index == 0 and root_k is not None else self._topk
+            alpha, inputs = ctx.static_level(logits, fed_count, child_index, start, k, index == 0, next_feed,
+                                             cumulative, dynamic, level_stops)
             if index == 0:
                 alpha_root = alpha
-            if inputs is not None:
-                logits = yield inputs
-        ctx.use_slots(n)
-        return TreeProposal(self._max_depth, len(levels), alpha_root, shape="fixed")
+            if inputs is None:
+                return index + 1, end, alpha_root
+            logits = yield inputs
+        return depth, levels[depth - 1][1], alpha_root
 
 
 class ChainPolicy(StaticTreePolicy):
@@ -698,27 +710,17 @@ class CostAwareSagePolicy(SagePolicy):
         token, the chain then a prefix of the layout. The root's alpha is measured over SAGE's top-k, for the next
         tree."""
         static_shapes = ctx.static_default if self.static_shapes is None else self.static_shapes
-        levels = self._longest_chain.on_device(ctx)
-        ctx.start_tree(layout=levels["layout"])
+        chain = self._longest_chain
+        ctx.start_tree(layout=chain.on_device(ctx)["layout"])
         logits = yield ctx.root_inputs()
         measured, dynamic = self.measures_level_mass(static_shapes), not static_shapes
-        stops = self.chain_stops() if dynamic else None
-        depth = min(length, ctx.depth_limit)
-        alpha_root, level = None, 0
-        for start, _, _, fed_count, child_index in levels["levels"][:depth]:
-            level += 1  # (a chain's level l is its slot l, fed to the draft for level l + 1)
-            next_feed = (start, 1, level) if level < depth else None
-            alpha, inputs = ctx.static_level(logits, fed_count, child_index, start, self.k if level == 1 else 1,
-                                             level == 1, next_feed, measured, dynamic, stops)
-            if level == 1:
-                alpha_root = alpha
-            if inputs is None:
-                break
-            logits = yield inputs
+        levels, slots, alpha_root = yield from chain.grow_fixed(
+            ctx, logits, min(length, ctx.depth_limit), root_k=self.k, cumulative=measured, dynamic=dynamic,
+            level_stops=self.chain_stops() if dynamic else None)
         self._alpha_next_device = alpha_root
-        ctx.use_slots(level + 1)
-        level_mass = ctx.level_mass([1] * level, counts_read=dynamic) if measured else None
-        return TreeProposal(level, level, alpha_root, info={"d_max": self.d_max, "chain": length},
+        ctx.use_slots(slots)
+        level_mass = ctx.level_mass([1] * levels, counts_read=dynamic) if measured else None
+        return TreeProposal(levels, levels, alpha_root, info={"d_max": self.d_max, "chain": length},
                             level_mass=level_mass, shape="chain")
 
     def share_learning(self, learned: CostLearning) -> None:
