@@ -10,8 +10,8 @@ second call starts from what the first learned. Checked:
 * greedy: token-identical to ``target.generate``;
 * sampling with the ``gumbel`` rule: identical to the target alone (``ar``) with the same seed (the coupled noise
   belongs to the sequence index, not to the tree, so every policy samples the very tokens the target alone does);
-* batches of text prompts of different lengths, with and without a node budget: every row as ``target.generate``
-  gives it alone.
+* batches (test_batch_split's: every family, prompts of different lengths, images of different sizes, video), with
+  and without a node budget: every row as ``target.generate`` gives it alone.
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ import random
 
 import pytest
 import torch
+from test_batch_split import CASES as BATCH_CASES
+from test_batch_split import assemble
+from test_engine import hf_greedy
+from test_engine_batch import FILL, check_rows
 from test_engine_costs import priced_clock
 from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
     all_family_builders,
@@ -27,7 +31,6 @@ from tiny_models import (  # noqa: F401  (one_thread: autouse fixture)
     correlated_draft,
     one_thread,
     same_draft,
-    text_prompt,
 )
 from tiny_vlms_more import CAUSAL_LM_BUILDERS, MORE_VLM_BUILDERS
 
@@ -35,7 +38,6 @@ from sage_ext.engine import SpeculativeGenerator
 from sage_ext.engine.policies import CostAwareSagePolicy
 
 FAMILIES = {**all_family_builders(), **CAUSAL_LM_BUILDERS, **MORE_VLM_BUILDERS}
-TEXT_FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 DRAFTS = ("same", "noise 0.05", "noise 0.2", "noise 0.5", "contrary")
 POLICIES = ("sage_cost", "sage_cost", "sage_cost", "sage_cost trees", "sage_cost static", "chain", "static", "dynamic",
             "sage", "ar")
@@ -45,7 +47,6 @@ PRICES = {"real clock": None,
           "dear tree ops": {"draft_decode": 0.3, "target_verify": 1.0, "tree_ops": 0.2}}
 MAX_NEW = (1, 2, 3, 5, 9, 17, 40)
 CASES = 40
-PAD = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +96,7 @@ def case_id(kind: str, families):
 def test_greedy_is_the_targets_whatever_the_combination(index):
     case = draw("greedy", index, FAMILIES)
     target, inputs = built(case["family"], case["seed"])
-    reference = target.generate(**inputs, do_sample=False, max_new_tokens=case["max_new"])
+    reference = hf_greedy(target, inputs, max_new_tokens=case["max_new"])
     engine = generator_for(target, make_draft(target, case["draft"], case["seed"]), case["policy"], case["prices"])
     for call in range(2):
         out = engine.generate(**inputs, max_new_tokens=case["max_new"])
@@ -120,29 +121,20 @@ def test_gumbel_sampling_is_the_target_alones_whatever_the_combination(index):
         assert torch.equal(out.sequences, alone.sequences), f"call {call}"
 
 
-@pytest.mark.parametrize("index", range(CASES // 2), ids=case_id("batch", TEXT_FAMILIES))
+@functools.lru_cache(maxsize=None)
+def built_batch(name: str):
+    """test_batch_split's case ``name``: its target, its rows' inputs and the batch a processor makes of them."""
+    model, rows, layout = BATCH_CASES[name]()
+    return model, rows, assemble(rows, **layout)
+
+
+@pytest.mark.parametrize("index", range(CASES // 2), ids=case_id("batch", BATCH_CASES))
 def test_batch_rows_are_the_targets_whatever_the_combination(index):
-    case = draw("batch", index, TEXT_FAMILIES)
-    rng = case["rng"]
-    target, _ = built(case["family"], case["seed"])
-    prompts = [text_prompt(rng.choice([3, 7, 12, 20, 33]), seed=rng.randrange(1000))["input_ids"][0]
-               for _ in range(rng.choice([2, 3, 4]))]
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), PAD)
-    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):  # left padding, as processors lay out a batch
-        input_ids[row, width - len(prompt):] = prompt
-        attention_mask[row, width - len(prompt):] = 1
-    references = [target.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                  do_sample=False, max_new_tokens=case["max_new"])[0, len(prompt):]
-                  for prompt in prompts]
-    budget = rng.choice([None, 8, 32])
+    case = draw("batch", index, BATCH_CASES)
+    target, rows, batch = built_batch(case["family"])
+    references = [hf_greedy(target, row, max_new_tokens=case["max_new"])[0, row["input_ids"].shape[1]:] for row in rows]
+    budget = case["rng"].choice([None, 8, 32])
     engine = generator_for(target, make_draft(target, case["draft"], case["seed"]), case["policy"], case["prices"],
                            **({} if budget is None else {"batch_node_budget": budget}))
-    for call in range(2):
-        out = engine.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=case["max_new"],
-                              pad_token_id=PAD)
-        for row, reference in enumerate(references):
-            new = out.sequences[row, width:]
-            assert torch.equal(new[: len(reference)], reference), f"call {call}, row {row}"
-            assert bool((new[len(reference):] == PAD).all()), f"call {call}, row {row} after its end"
+    for _ in range(2):
+        check_rows(engine.generate(**batch, max_new_tokens=case["max_new"], pad_token_id=FILL), batch, references)
