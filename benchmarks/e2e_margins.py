@@ -13,7 +13,7 @@ Both policies draft about one token per draft forward (a level brings at most on
 `sage_cost` saves is target forwards, paid for with verified nodes: the margin shrinks when a verified node gets
 dearer against a whole forward. Writes markdown to stdout.
 
-    python benchmarks/e2e_margins.py benchmarks/results benchmarks/results/e2e_rerun_2026-12-07
+    python benchmarks/e2e_margins.py benchmarks/results benchmarks/results/rerun_2026-12-07
 """
 from __future__ import annotations
 
