@@ -2,7 +2,7 @@
 
 Each case draws, from its own seed (reproducible; the case's draw is in its test id): a family (every tiny family:
 causal LMs and vision-language models, images and video), a draft (an identical copy, a correlated copy at three
-noise levels, a contrary one), a policy (every policy, ``sage_cost`` also proposing trees only or with static
+noise levels, a contrary one), a policy (test_engine's, ``sage_cost`` also proposing trees only or with static
 shapes), a priced clock or the real one (a cheap or a dear draft forward moves ``sage_cost``'s depth, its chain or
 tree choice and its steps of the target alone), and ``max_new_tokens`` from 1. Each generator runs twice, so the
 second call starts from what the first learned. Checked:
@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_batch_split import CASES as BATCH_CASES
 from test_batch_split import assemble
+from test_engine import POLICIES as ENGINE_POLICIES
 from test_engine import hf_greedy
 from test_engine_batch import FILL, check_rows
 from test_engine_costs import priced_clock
@@ -39,8 +40,10 @@ from sage_ext.engine.policies import CostAwareSagePolicy
 
 FAMILIES = {**all_family_builders(), **CAUSAL_LM_BUILDERS, **MORE_VLM_BUILDERS}
 DRAFTS = ("same", "noise 0.05", "noise 0.2", "noise 0.5", "contrary")
-POLICIES = ("sage_cost", "sage_cost", "sage_cost", "sage_cost trees", "sage_cost static", "chain", "static", "dynamic",
-            "sage", "ar")
+# test_engine's policies and two more variants of the default; the draw weighs the default three times
+POLICY_FACTORIES = {**ENGINE_POLICIES, "sage_cost trees": lambda: CostAwareSagePolicy(chains=False),
+                    "sage_cost static": lambda: CostAwareSagePolicy(static_shapes=True)}
+POLICIES = (*sorted(POLICY_FACTORIES), "sage_cost", "sage_cost")
 PRICES = {"real clock": None,
           "cheap draft": {"draft_decode": 0.05, "target_verify": 1.0},
           "dear draft": {"draft_decode": 3.0, "target_verify": 1.0},
@@ -63,16 +66,8 @@ def make_draft(target, kind: str, seed: int):
     return correlated_draft(target, noise=float(kind.split()[1]), seed=seed + 7)
 
 
-def make_policy(name: str):
-    if name == "sage_cost trees":
-        return CostAwareSagePolicy(chains=False)
-    if name == "sage_cost static":
-        return CostAwareSagePolicy(static_shapes=True)
-    return name
-
-
 def generator_for(target, draft, policy: str, prices: str, **kwargs) -> SpeculativeGenerator:
-    engine = SpeculativeGenerator(target, None if policy == "ar" else draft, make_policy(policy), **kwargs)
+    engine = SpeculativeGenerator(target, None if policy == "ar" else draft, POLICY_FACTORIES[policy](), **kwargs)
     if PRICES[prices] is not None:
         engine.host_clock = priced_clock(engine, PRICES[prices])
     return engine

@@ -562,7 +562,7 @@ class _ChainsThatStop(CostAwareSagePolicy):
                                    scales=[2.0 if level < stop_at else 0.5 for level in range(1, 7)],
                                    cost_fixed=1.0, cost_per_node=0.0)
 
-    def build(self, ctx):
+    def propose(self, ctx):
         return (yield from self.build_chain(ctx, 6))
 
     def chain_stops(self):

@@ -527,10 +527,17 @@ class SagePolicy(TreePolicy):
         return self.rounds == 0 and self.first_round is not None
 
     def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
+        proposal = yield from self.propose(ctx)
+        if proposal.alpha_root is not None:  # a drafted step measured its root: the next step reads it on the device
+            self._alpha_next_device = proposal.alpha_root
+        return proposal
+
+    def propose(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
+        """The step's proposal (``build`` returns it, keeping its root alpha for the next step): the static first
+        round, then SAGE's tree."""
         if self.opens_with_first_round():
             proposal = yield from self.first_round.build(ctx)
             proposal.info = {"d_max": self.d_max}
-            self._alpha_next_device = proposal.alpha_root
             return proposal
         static_shapes = ctx.static_default if self.static_shapes is None else self.static_shapes
         host_alpha = None
@@ -596,7 +603,6 @@ class SagePolicy(TreePolicy):
             count, _, _, inputs = ctx.sage_level(
                 logits, alpha, frontier_start, frontier_count, level, next_slot, num_slots, shape(level), used, n_max,
                 num_slots if static_shapes else -1, known_max_depth, level_stops)
-        self._alpha_next_device = alpha_root
         ctx.use_slots(next_slot)
         measured = level_counts and self.measures_level_mass(static_shapes)
         level_mass = ctx.level_mass(level_counts, counts_read=not static_shapes) if measured else None
@@ -688,7 +694,8 @@ class CostAwareSagePolicy(SagePolicy):
         # a generation after the costs are known starts from the confidence learned on this pair (``reset``)
         return super().opens_with_first_round() and self.alpha_next is None
 
-    def build(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
+    def propose(self, ctx) -> Generator[tuple, Tensor, TreeProposal]:
+        """SAGE's proposal, or the draft's greedy chain, or the target alone, as ``ProposalChoice`` decides."""
         if self.chains and not self.opens_with_first_round():
             length, trial = self.learned.proposals.next_length(min(self.d_max_cap, self.n_max, ctx.node_limit - 1))
             if length == ProposalChoice.ALONE:  # drafting does not pay here: the target's own step
@@ -698,10 +705,10 @@ class CostAwareSagePolicy(SagePolicy):
                 # could not take: the step is an ordinary one and the trial waits for a step that can take it whole
                 self.learned.proposals.defer_trial()
                 trial = False
-            proposal = yield from (self.build_chain(ctx, length) if length else super().build(ctx))
+            proposal = yield from (self.build_chain(ctx, length) if length else super().propose(ctx))
             proposal.trial = trial
             return proposal
-        return (yield from super().build(ctx))
+        return (yield from super().propose(ctx))
 
     def build_chain(self, ctx, length: int) -> Generator[tuple, Tensor, TreeProposal]:
         """The draft's greedy chain of at most ``length`` tokens, on the fixed layout of the longest chain
@@ -717,7 +724,6 @@ class CostAwareSagePolicy(SagePolicy):
         levels, slots, alpha_root = yield from chain.grow_fixed(
             ctx, logits, min(length, ctx.depth_limit), root_k=self.k, cumulative=measured, dynamic=dynamic,
             level_stops=self.chain_stops() if dynamic else None)
-        self._alpha_next_device = alpha_root
         ctx.use_slots(slots)
         level_mass = ctx.level_mass([1] * levels, counts_read=dynamic) if measured else None
         return TreeProposal(levels, levels, alpha_root, info={"d_max": self.d_max, "chain": length},
