@@ -136,6 +136,8 @@ REFUSED = {
         vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)), "encoder-decoder"),
     "bloom (no position_ids)": (lambda: _on_meta(transformers.BloomForCausalLM, transformers.BloomConfig(
         vocab_size=64, hidden_size=16, n_layer=1, n_head=2)), "takes no position_ids"),
+    "falcon-rw (ALiBi)": (lambda: _on_meta(transformers.FalconForCausalLM, transformers.FalconConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, alibi=True)), "ALiBi"),
     "openai-gpt (no 4-D masks)": (lambda: _on_meta(transformers.OpenAIGPTLMHeadModel, transformers.OpenAIGPTConfig(
         vocab_size=64, n_embd=16, n_layer=1, n_head=2)), "4-D attention mask"),
     "video_llava (unknown multimodal family)": (lambda: _on_meta(

@@ -1,6 +1,6 @@
 """Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT (and -Video), Gemma 3,
 PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL, Mistral 3, GLM-4V (tests/tiny_glm4v.py:
-GLM-4.1V, GLM-4.5V, GLM-4.6V), LLaVA-OneVision-1.5 (tests/tiny_llava_onevision1_5.py) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2 (plain causal LMs).
+GLM-4.1V, GLM-4.5V, GLM-4.6V), LLaVA-OneVision-1.5 (tests/tiny_llava_onevision1_5.py) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2, DeepSeek-V3 (plain causal LMs).
 
 Same conventions as tests/tiny_vlms.py (no downloads, fp32, eval, ``LOGIT_STD`` embeddings and lm_head,
 ``(model, inputs)`` with the processor's layout, special ids at the top of a 256-token vocabulary, image
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3Config,
@@ -400,6 +402,17 @@ def tiny_gpt2(seed: int = 0, small: bool = False, prompt_len: int = 12, n_positi
     return _built(GPT2LMHeadModel, config, seed), _text_prompt(prompt_len, seed)
 
 
+def tiny_deepseek_v3(seed: int = 0, small: bool = False, prompt_len: int = 12):
+    """DeepSeek-V3: multi-head latent attention, whose cached keys (``qk_nope_head_dim + qk_rope_head_dim`` = 24) are
+    wider than its values (``v_head_dim`` = 8); a dense first layer, then routed + shared experts."""
+    text = _text(small)
+    config = DeepseekV3Config(**dict(
+        text, num_key_value_heads=text["num_attention_heads"], kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=4,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1))
+    return _built(DeepseekV3ForCausalLM, config, seed), _text_prompt(prompt_len, seed)
+
+
 MORE_VLM_BUILDERS = {
     "glm4v": tiny_glm4v,
     "glm4v_moe": tiny_glm4v_moe,
@@ -421,6 +434,7 @@ CAUSAL_LM_BUILDERS = {
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3_text,
     "gpt2": tiny_gpt2,
+    "deepseek_v3": tiny_deepseek_v3,
 }
 
 #: Every vision-language builder: tests/tiny_vlms.py's and these.

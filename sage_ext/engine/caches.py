@@ -40,12 +40,14 @@ class RowLayer(CacheLayerMixin):
         super().__init__()
         self.owner = owner
 
-    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def allocate(self, batch: int, keys: Tensor, values: Tensor) -> None:
+        """Zeroed buffers of ``batch`` rows shaped, typed and placed like ``keys`` / ``values`` (``[b, H, n, D]``,
+        each its own: multi-head latent attention (DeepSeek-V2/V3) has values narrower than its keys)."""
         # zeros, not empty: a masked column still enters q.k and p.v, and garbage could be inf / NaN
-        shape = (batch, heads, self.owner.allocated, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.device = device
+        for name, like in (("keys", keys), ("values", values)):
+            shape = (batch, like.shape[1], self.owner.allocated, like.shape[3])
+            setattr(self, name, torch.zeros(shape, dtype=like.dtype, device=like.device))
+        self.device = keys.device
         self.is_initialized = True
         self.owner.mark_static(self)
 
@@ -58,8 +60,7 @@ class RowLayer(CacheLayerMixin):
             setattr(self, name, new)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        batch, heads, _, head_dim = key_states.shape
-        self.allocate(batch, heads, head_dim, key_states.dtype, key_states.device)
+        self.allocate(key_states.shape[0], key_states, value_states)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -205,7 +206,7 @@ class RowCache(Cache):
                 self.layers.append(RowLayer(self))
             target = self.layers[index]
             if not target.is_initialized:
-                target.allocate(self.batch, keys.shape[1], keys.shape[3], keys.dtype, keys.device)
+                target.allocate(self.batch, keys, layer.values)
             length = keys.shape[2]
             if length > self.allocated:
                 raise RuntimeError(f"RowCache: a prompt of {length} rows exceeds the room {self.allocated}")

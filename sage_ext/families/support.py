@@ -6,9 +6,11 @@ A decoder-only language model needs no family-specific code (``CausalLMAdapter``
     values sit in a per-token cache the engine can crop and compact: no recurrent / state-space / linear-attention
     state (``_is_stateful`` models, hybrid ``layer_types``), which cannot be rolled back to an accepted path;
   * no cross-attention layers (their keys/values, e.g. an image's in Mllama, share the cache at another length);
-  * its forward takes explicit ``position_ids`` (tree nodes sit at their depth, not at the cache length) and an
-    ``attention_mask`` that may be a prepared additive 4-D mask (the tree mask): the model's module builds its
-    masks with ``transformers.masking_utils``, which passes a 4-D mask through as given;
+  * its forward takes explicit ``position_ids`` (tree nodes sit at their depth, not at the cache length), and its
+    positions come from them alone: no ALiBi biases (``config.alibi``, Falcon-RW), which the model computes from
+    the running count of a 2-D attention mask;
+  * its forward takes an ``attention_mask`` that may be a prepared additive 4-D mask (the tree mask): the model's
+    module builds its masks with ``transformers.masking_utils``, which passes a 4-D mask through as given;
   * it is not an encoder-decoder, and not a multimodal model (those need an adapter that knows their inputs).
 A sliding window shorter than the sequence is refused later, per prompt (``SpeculativeGenerator.generate``); so is
 a rope scaling whose frequencies depend on the forward's longest position when a generation would reach or cross
@@ -74,6 +76,11 @@ def causal_lm_refusal(model: torch.nn.Module) -> str | None:
         return (
             f"{name}'s forward takes no position_ids (it places new tokens at the cache length), so tree nodes "
             f"cannot be given their depth's position"
+        )
+    if getattr(config, "alibi", False):
+        return (
+            f"{name} uses ALiBi position biases (config.alibi=True), which it computes from a 2-D attention mask's "
+            f"running count of tokens instead of position_ids, so tree nodes cannot be given their depth's position"
         )
     module = sys.modules.get(type(model).__module__)
     if "attention_mask" not in parameters or not hasattr(module, "create_causal_mask"):
