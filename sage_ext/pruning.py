@@ -33,6 +33,7 @@ apart); 1-3 as one call for a decoding loop: :func:`prefill_with_pruning`.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from typing import Any, NamedTuple
@@ -149,6 +150,8 @@ def _rope_function(attention: torch.nn.Module):
     else the standard rotate-half form."""
     family_rope = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
     if family_rope is not None:
+        if list(inspect.signature(family_rope).parameters)[:3] == ["x", "cos", "sin"]:  # one tensor at a time (Gemma 4)
+            return lambda q, k, cos, sin: (family_rope(q, cos, sin), family_rope(k, cos, sin))
         return family_rope
 
     def standard_rope(q, k, cos, sin):
@@ -219,10 +222,12 @@ class VisualAttentionScorer:
         return hook
 
     def __enter__(self) -> "VisualAttentionScorer":
-        for layer_id, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            if not (hasattr(attention, "q_proj") and hasattr(attention, "k_proj")):
-                raise NotImplementedError(f"{type(attention).__name__} has no q_proj/k_proj to score from")
+        # Layers that read another layer's keys (KV sharing: Gemma 4's last layers have no k_proj) are not scored.
+        scored = [(layer_id, layer.self_attn) for layer_id, layer in enumerate(self.layers)
+                  if hasattr(layer.self_attn, "q_proj") and hasattr(layer.self_attn, "k_proj")]
+        if not scored:
+            raise NotImplementedError(f"{type(self.layers[0].self_attn).__name__} has no q_proj/k_proj to score from")
+        for layer_id, attention in scored:
             self._handles += [
                 attention.q_proj.register_forward_hook(self._capture(layer_id, "q")),
                 attention.k_proj.register_forward_hook(self._capture(layer_id, "k")),

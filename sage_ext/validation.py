@@ -299,9 +299,10 @@ def _is_integer_tensor(value: Any) -> bool:
     return isinstance(value, Tensor) and not value.dtype.is_floating_point and value.dtype != torch.bool
 
 
-def _check_token_types(input_ids: Tensor, inputs: dict[str, Any]) -> None:
-    """``mm_token_type_ids`` (Qwen-VL, GLM-4V), when given: an integer tensor shaped like ``input_ids`` of 0 (text),
-    1 (an image's placeholder) and 2 (a video's), as processors return it."""
+def _check_token_types(input_ids: Tensor, inputs: dict[str, Any], audio: bool) -> None:
+    """``mm_token_type_ids`` (Qwen-VL, GLM-4V, Gemma 4), when given: an integer tensor shaped like ``input_ids`` of 0
+    (text), 1 (an image's placeholder), 2 (a video's) and, for a model with an audio tower (``audio``), 3 (an audio
+    clip's), as processors return it (``ProcessorMixin.create_mm_token_type_ids``)."""
     types = inputs.get("mm_token_type_ids")
     if types is None:
         return
@@ -309,9 +310,10 @@ def _check_token_types(input_ids: Tensor, inputs: dict[str, Any]) -> None:
         raise ValueError(f"mm_token_type_ids must be an integer tensor shaped like input_ids {tuple(input_ids.shape)} "
                          f"(the processor's), got {_shape(types)}"
                          f"{'' if not isinstance(types, Tensor) else f' of {types.dtype}'}")
-    wrong = sorted(set(types[(types < 0) | (types > 2)].tolist()))
+    wrong = sorted(set(types[(types < 0) | (types > (3 if audio else 2))].tolist()))
     if wrong:
-        raise ValueError(f"mm_token_type_ids holds {wrong[:5]}: its values are 0 (text), 1 (image) and 2 (video)")
+        kinds = "0 (text), 1 (image), 2 (video) and 3 (audio)" if audio else "0 (text), 1 (image) and 2 (video)"
+        raise ValueError(f"mm_token_type_ids holds {wrong[:5]}: its values are {kinds}")
 
 
 def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> None:
@@ -320,7 +322,7 @@ def _check_visual_inputs(model: torch.nn.Module, input_ids: Tensor, inputs: dict
     model_name = type(model).__name__
     image_id = _config_value(config, "image_token_id", "image_token_index")
     model_type = getattr(config, "model_type", "")
-    _check_token_types(input_ids, inputs)
+    _check_token_types(input_ids, inputs, audio=getattr(config, "audio_config", None) is not None)
     for key in ("pixel_values", "pixel_values_videos"):
         if inputs.get(key) is not None and not isinstance(inputs[key], Tensor):
             raise TypeError(f"{key} must be a tensor (the processor's return_tensors='pt'), got "

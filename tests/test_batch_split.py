@@ -37,6 +37,7 @@ from tiny_vlms_more import (
     tiny_qwen3_vl_moe,
     tiny_qwen3_vl_video,
 )
+from tiny_gemma4 import tiny_gemma4, tiny_gemma4_video
 from tiny_glm4v import glm4v_inputs, tiny_glm4v, tiny_glm4v_moe, tiny_glm4v_video
 from tiny_llava_onevision1_5 import onevision15_inputs, tiny_llava_onevision1_5
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -170,6 +171,15 @@ def glm4v_video_case():
     return model, [first, image, videos, text_row(9, 3, "mm_token_type_ids")], {}
 
 
+def gemma4_video_case():
+    """Gemma 4: rows of an image and a 3-frame video, a 2-frame video, two images, text (frames and images of the
+    rows concatenated; ``num_frames_per_video`` one count per video)."""
+    model, first = tiny_gemma4_video(seed=0)
+    video = tiny_gemma4_video(seed=1, frames=2, frame_size=(30, 60), image=False, question_len=3)[1]
+    images = tiny_gemma4(seed=2, sizes=((60, 60), (20, 40)), question_len=4)[1]
+    return model, [first, video, images, text_row(9, 3, "mm_token_type_ids")], {}
+
+
 def llava_next_video_case():
     """LLaVA-NeXT-Video: rows of an image and a video, a video of as many frames, text (a batch's videos share the
     frame count: pixel_values_videos is one tensor)."""
@@ -276,6 +286,8 @@ CASES = {
     "llava_next_video": llava_next_video_case,
     "llava_onevision1_5": joined_case(tiny_llava_onevision1_5),
     "llava_onevision1_5-video": onevision15_video_case,
+    "gemma4": joined_case(tiny_gemma4, "mm_token_type_ids", sizes=[((30, 70),), ((60, 60), (20, 40))]),
+    "gemma4-video": gemma4_video_case,
 }
 
 

@@ -1,4 +1,4 @@
-"""Video inputs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V, LLaVA-OneVision and -1.5 prompts with a video (and a video beside an
+"""Video inputs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V, LLaVA-OneVision and -1.5, Gemma 4 prompts with a video (and a video beside an
 image) give exactly ``target.generate``'s greedy output for every policy, and both KV caches equal a recomputation
 after every step.
 
@@ -32,6 +32,7 @@ from tiny_vlms import (
     tiny_qwen2_vl,
 )
 from tiny_glm4v import tiny_glm4v_video
+from tiny_gemma4 import tiny_gemma4_video
 from tiny_llava_onevision1_5 import tiny_llava_onevision1_5_video
 from tiny_vlms_more import tiny_qwen3_vl_video
 from transformers import DynamicCache
@@ -118,6 +119,8 @@ CASES = {
     "glm4v-many-frames": (lambda: tiny_glm4v_video(video_grid=(8, 4, 4)), False),
     # LLaVA-OneVision-1.5: 1-D positions over the expanded sequence, an image beside the video
     "llava_onevision1_5-image-and-video": (lambda: tiny_llava_onevision1_5_video(), False),
+    # Gemma 4: 1-D positions, each frame a timestamp then <boi> + its soft tokens + <eoi>, an image before the video
+    "gemma4-image-and-video": (lambda: tiny_gemma4_video(), False),
 }
 
 

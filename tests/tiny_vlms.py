@@ -81,7 +81,8 @@ def finish(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
 
 
 #: The last linear layer from the vision tower into the decoder, per family (``strengthen``).
-VISUAL_PROJECTIONS = ("multi_modal_projector.linear_2", "visual.merger.mlp.2", "connector.modality_projection.proj")
+VISUAL_PROJECTIONS = ("multi_modal_projector.linear_2", "visual.merger.mlp.2", "connector.modality_projection.proj",
+                      "embed_vision.embedding_projection")
 
 
 def strengthen(model: torch.nn.Module, seed: int = 4321, decoder_std: float = 0.12,

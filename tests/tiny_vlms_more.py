@@ -1,6 +1,6 @@
 """Tiny random-weight builders for the families added with the generic causal-LM adapter: LLaVA-NeXT (and -Video), Gemma 3,
 PaliGemma, Qwen3-VL (image, video; dense and MoE decoder), InternVL, Mistral 3, GLM-4V (tests/tiny_glm4v.py:
-GLM-4.1V, GLM-4.5V, GLM-4.6V), LLaVA-OneVision-1.5 (tests/tiny_llava_onevision1_5.py) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2, DeepSeek-V3 (plain causal LMs).
+GLM-4.1V, GLM-4.5V, GLM-4.6V), LLaVA-OneVision-1.5 (tests/tiny_llava_onevision1_5.py), Gemma 4 (tests/tiny_gemma4.py) (vision-language) and Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2, DeepSeek-V3 (plain causal LMs).
 
 Same conventions as tests/tiny_vlms.py (no downloads, fp32, eval, ``LOGIT_STD`` embeddings and lm_head,
 ``(model, inputs)`` with the processor's layout, special ids at the top of a 256-token vocabulary, image
@@ -73,6 +73,7 @@ from tiny_llava_onevision1_5 import tiny_llava_onevision1_5
 
 from sage_ext.families.causal_lm import CausalLMAdapter
 from sage_ext.families.gemma3 import Gemma3Adapter
+from sage_ext.families.gemma4 import Gemma4Adapter
 from sage_ext.families.glm4v import Glm4vAdapter
 from sage_ext.families.internvl import InternVLAdapter
 from sage_ext.families.llava import Mistral3Adapter
@@ -80,6 +81,7 @@ from sage_ext.families.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter
 from sage_ext.families.llava_onevision1_5 import LlavaOnevision15Adapter
 from sage_ext.families.paligemma import PaliGemmaAdapter
 from sage_ext.families.qwen3_vl import Qwen3VLAdapter
+from tiny_gemma4 import tiny_gemma4
 
 BOI_TOKEN_ID = 252  # Gemma 3 <start_of_image>
 EOI_TOKEN_ID = 253  # Gemma 3 <end_of_image>
@@ -414,6 +416,7 @@ def tiny_deepseek_v3(seed: int = 0, small: bool = False, prompt_len: int = 12):
 
 
 MORE_VLM_BUILDERS = {
+    "gemma4": tiny_gemma4,
     "glm4v": tiny_glm4v,
     "glm4v_moe": tiny_glm4v_moe,
     "glm46v": tiny_glm46v,
@@ -442,6 +445,7 @@ ALL_VLM_BUILDERS = {**TINY_VLM_BUILDERS, **MORE_VLM_BUILDERS}
 
 #: The adapter each family must get.
 MORE_ADAPTER_CLASSES = {
+    "gemma4": Gemma4Adapter,
     "glm4v": Glm4vAdapter,
     "glm4v_moe": Glm4vAdapter,
     "glm46v": Glm4vAdapter,

@@ -56,6 +56,10 @@ class _EmbeddingsReady(Exception):
 #: Decoder inputs that hold one row per visual token (Qwen3-VL's DeepStack: vision-tower features added to the
 #: visual rows' hidden states after the first decoder layers); a kept-rows forward must get the kept rows' share.
 DEEPSTACK_INPUTS = ("visual_pos_masks", "deepstack_visual_embeds")
+#: Per-token inputs ``[B, L, ...]`` a model's forward computes for its decoder from the token ids and also takes as
+#: arguments of its own (Gemma 4's per-layer input embeddings): a kept-rows forward, which passes embeddings
+#: instead of ids, gives them for the kept columns.
+PER_TOKEN_DECODER_INPUTS = ("per_layer_inputs",)
 
 
 def _decoder_inputs(model: torch.nn.Module, inputs: dict, **forward_kwargs) -> dict[str, Any]:
@@ -66,7 +70,8 @@ def _decoder_inputs(model: torch.nn.Module, inputs: dict, **forward_kwargs) -> d
 
     def grab(module, args, kwargs):
         captured["inputs_embeds"] = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else args[0]
-        captured.update({name: kwargs[name] for name in DEEPSTACK_INPUTS if kwargs.get(name) is not None})
+        captured.update({name: kwargs[name] for name in (*DEEPSTACK_INPUTS, *PER_TOKEN_DECODER_INPUTS)
+                         if kwargs.get(name) is not None})
         raise _EmbeddingsReady
 
     handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
@@ -129,6 +134,8 @@ def forward_kept(model: torch.nn.Module, inputs: dict, cache, keep: torch.Tensor
     attention_mask = inputs.get("attention_mask")
     per_token = {name: inputs[name][:, kept.to(inputs[name].device)] for name in token_inputs
                  if inputs.get(name) is not None}
+    per_token.update({name: captured[name][:, kept.to(captured[name].device)] for name in PER_TOKEN_DECODER_INPUTS
+                      if name in captured})
     deepstack = _kept_deepstack(captured, kept)
 
     def add_deepstack(module, args, kwargs):
