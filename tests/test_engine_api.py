@@ -315,10 +315,12 @@ def test_stop_strings_need_a_tokenizer(llama):
         SpeculativeGenerator(target, draft, "sage").generate(**inputs, stop_strings=["ab"])
 
 
-def test_sliding_window_longer_than_the_window_is_refused():
+def test_past_a_sliding_window_shorter_than_a_tree_is_refused():
+    """Past the window (Mistral: every layer slides) trees run with the window mask (tests/test_families_more.py);
+    a window no longer than the policy's deepest tree is refused, naming both."""
     target, inputs = tiny_mistral()
-    target.config.sliding_window = 32
-    with pytest.raises(ValueError, match="sliding-window"):
+    target.config.sliding_window = 8
+    with pytest.raises(ValueError, match=r"sliding-window attention \(window 8\).*not longer than a token tree"):
         SpeculativeGenerator(target, same_draft(target), "sage").generate(**inputs, max_new_tokens=64)
 
 

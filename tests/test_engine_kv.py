@@ -31,9 +31,11 @@ def family(request):
     return target, inputs, correlated_draft(target, noise=0.1)
 
 
-def recomputed_cache(model, inputs, sequence: list[int], length: int, keep=None) -> DynamicCache:
+def recomputed_cache(model, inputs, sequence: list[int], length: int, keep=None, target: bool = False) -> DynamicCache:
     """Prefill the prompt (``keep``: the draft's pruned prompt) and forward the generated tokens as one causal
-    chain, up to sequence index ``length``; through the family adapter, which sets the positions."""
+    chain, up to sequence index ``length``; through the family adapter, which sets the positions. A ``target`` with
+    a sliding window gets the chain with a 2-D mask, from which the model builds its own masks (its windows
+    included), as in ``generate``; a draft's tree forwards attend to all its cache holds, and so does its chain."""
     adapter = get_adapter(model)
     device = adapter.input_device  # the model's (CPU, or CUDA; a draft may sit elsewhere than the inputs)
     inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
@@ -44,8 +46,13 @@ def recomputed_cache(model, inputs, sequence: list[int], length: int, keep=None)
     if extra > 0:
         tokens = torch.tensor([sequence[prompt_len:length]], device=device)
         positions = torch.arange(prompt_len, length, device=device)[None]
-        mask = causal_mask_4d(extra, cache.get_seq_length(), adapter.dtype, tokens.device)
-        adapter.forward_tree(tokens, positions, mask, cache)
+        if target and adapter.sliding_window() is not None:
+            model(input_ids=tokens, position_ids=adapter.rope_position_ids(positions),
+                  attention_mask=torch.ones(1, length, dtype=torch.int64, device=device),
+                  **{adapter.cache_kwarg: cache}, use_cache=True)
+        else:
+            mask = causal_mask_4d(extra, cache.get_seq_length(), adapter.dtype, tokens.device)
+            adapter.forward_tree(tokens, positions, mask, cache)
     return cache
 
 
@@ -63,7 +70,7 @@ def check_step_caches(info, target, draft, inputs) -> None:
         return
     sequence = info.sequence
     assert info.target_cache.get_seq_length() == len(sequence) - 1
-    assert_same_cache(info.target_cache, recomputed_cache(target, inputs, sequence, len(sequence) - 1))
+    assert_same_cache(info.target_cache, recomputed_cache(target, inputs, sequence, len(sequence) - 1, target=True))
     if info.draft_cache is not None:
         assert info.draft_done <= len(sequence) - 1
         expected = recomputed_cache(draft, inputs, sequence, info.draft_done, keep=info.draft_keep)

@@ -1,15 +1,15 @@
-"""Families served by the generic causal-LM adapter (Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2) and the
-vision-language families LLaVA-NeXT, Gemma 3, PaliGemma, Qwen3-VL (dense and MoE decoders; M-RoPE, DeepStack),
-InternVL and Mistral 3
-(tests/tiny_vlms_more.py).
+"""Families served by the generic causal-LM adapter (Qwen3, Phi-3, Gemma 2, Gemma 3 text, GPT-2, DeepSeek-V3) and the
+vision-language families LLaVA-NeXT, Gemma 3, Gemma 4, PaliGemma, Qwen3-VL (dense and MoE decoders; M-RoPE,
+DeepStack), InternVL and Mistral 3 (tests/tiny_vlms_more.py).
 
 - every family x every policy: greedy output token-identical to ``target.generate`` in fp32, and after every
   step both KV caches equal a from-scratch recomputation (tests/test_engine_kv.py's check), correlated draft;
 - the VLMs with draft-side visual pruning: same two checks (static and SAGE trees);
 - ``get_adapter`` picks the family's adapter, else the generic one, and refuses with the reason what cannot
   work: recurrent / hybrid caches, cross-attention layers (Mllama), encoder-decoders, forwards without
-  ``position_ids`` or 4-D masks, multimodal models of unknown families; a sliding window shorter than the
-  sequence is refused at ``generate``.
+  ``position_ids`` or 4-D masks, ALiBi, multimodal models of unknown families;
+- past a sliding window, every tree is lossless and the caches match (the window mask, with a negative control), a
+  batch's rows each get their own window, and a window the engine cannot give is refused at ``generate``.
 (Qwen3-VL's pruned prefill against a masked full forward runs in tests/test_pruning.py, its video in
 tests/test_video.py; tests/test_families.py's prefill and tree-forward checks cover tests/tiny_vlms.py's families.)
 """
@@ -154,36 +154,87 @@ def test_what_cannot_work_is_refused_with_the_reason(case):
     assert error.match(reason) and error.match("any decoder-only causal LM")
 
 
-@pytest.mark.parametrize("builder", [tiny_gemma2, tiny_gemma3_text])
-def test_sliding_window_shorter_than_the_sequence_is_refused(builder):
-    target, inputs = builder(sliding_window=32)
-    generator = SpeculativeGenerator(target, correlated_draft(target), "chain")
-    with pytest.raises(ValueError, match="sliding-window attention \\(window 32\\)"):
-        generator.generate(**inputs, max_new_tokens=24)
-    # within the window the same model runs, and is lossless
-    out = SpeculativeGenerator(target, correlated_draft(target), "ar").generate(**inputs, max_new_tokens=8)
-    with torch.no_grad():
-        assert torch.equal(out.sequences, target.generate(**inputs, do_sample=False, max_new_tokens=8))
+WINDOW_PAST = 24  # a sliding window the tests' prompt (12) + MAX_NEW (16) new tokens run past, longer than any tree
 
 
 @pytest.mark.parametrize("builder", [tiny_gemma2, tiny_gemma3_text])
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_sliding_window_fitting_prompt_and_new_tokens_is_lossless_for_every_tree(builder, policy):
-    """Tree attention equals sliding-window attention while the queries that decide emitted tokens see at most the
-    window: prompt + max_new_tokens - 1 <= window, whatever the tree's size (deeper nodes are never emitted; the
-    bound was prompt + max_new_tokens + the tree's node capacity, which refused SAGE's and EAGLE-2's trees at
-    every length near the window). One position more is refused."""
-    window = 32
-    target, inputs = builder(sliding_window=window)
-    prompt_len = inputs["input_ids"].shape[1]
-    generator = SpeculativeGenerator(target, correlated_draft(target) if policy != "ar" else None, POLICIES[policy]())
-    fits = window - prompt_len + 1
-    out = generator.generate(**inputs, max_new_tokens=fits, eos_token_id=-1)
+def test_past_the_sliding_window_every_tree_is_lossless_and_caches_match(builder, policy):
+    """Past the sliding window, the tree forwards block for the sliding layers what lies outside the window
+    (``FamilyAdapter.tree_attention_masks``: a dict of masks per layer type, as Gemma 2 / 3 take them): greedy
+    output is ``generate``'s and both caches equal a recomputation (HF's own windowed attention) after every step."""
+    target, inputs = builder(sliding_window=WINDOW_PAST)
+    assert inputs["input_ids"].shape[1] + MAX_NEW - 1 > WINDOW_PAST
+    draft = correlated_draft(target) if policy != "ar" else None
+    out, _ = run_with_cache_checks(target, draft, inputs, POLICIES[policy]())
+    with torch.no_grad():
+        expected = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "mistral", "gemma3", "gemma4"])
+def test_past_the_sliding_window_needs_the_window_mask(name, monkeypatch):
+    """Every kind of windowed model the engine serves (mixed layers: Gemma 2; every layer sliding: Mistral; vision
+    prompts: Gemma 3, Gemma 4), 60 new tokens past a 16-token window: lossless; and the negative control, the
+    same generation with the window mask switched off (every earlier token seen), departs from ``generate``."""
+    from tiny_gemma4 import tiny_gemma4
+    from tiny_models import tiny_mistral
+    from tiny_vlms_more import tiny_gemma3
+
+    from sage_ext.families.base import FamilyAdapter
+
+    target, inputs = {"gemma2": tiny_gemma2, "mistral": tiny_mistral, "gemma3": tiny_gemma3,
+                      "gemma4": tiny_gemma4}[name]()
+    target.config.get_text_config(decoder=True).sliding_window = 16
+    draft = correlated_draft(target)
+    with torch.no_grad():
+        expected = target.generate(**inputs, do_sample=False, max_new_tokens=60, eos_token_id=None)
+
+    def generate():
+        return SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=60, eos_token_id=-1)
+
+    assert torch.equal(generate().sequences, expected)
+    monkeypatch.setattr(FamilyAdapter, "tree_attention_masks", lambda self, mask, positions: mask)
+    assert not torch.equal(generate().sequences, expected)
+
+
+def test_a_batch_past_the_sliding_window_decodes_each_row_as_alone():
+    """Rows of different lengths sit at different sequence indices: each row's window is its own."""
+    target, first = tiny_gemma2(sliding_window=16, prompt_len=14)
+    second = tiny_gemma2(seed=1, prompt_len=5)[1]
+    pad = first["input_ids"].shape[1] - second["input_ids"].shape[1]
+    batch = {"input_ids": torch.cat([first["input_ids"], torch.cat([torch.zeros(1, pad, dtype=torch.long),
+                                                                    second["input_ids"]], 1)]),
+             "attention_mask": torch.cat([first["attention_mask"],
+                                          torch.cat([torch.zeros(1, pad, dtype=torch.long),
+                                                     second["attention_mask"]], 1)])}
+    out = SpeculativeGenerator(target, correlated_draft(target), "sage_cost").generate(
+        **batch, max_new_tokens=40, eos_token_id=-1)
+    with torch.no_grad():
+        for row, prompt, start in ((0, first, 0), (1, second, pad)):
+            alone = target.generate(**prompt, do_sample=False, max_new_tokens=40, eos_token_id=None)
+            assert torch.equal(out.sequences[row, start:], alone[0])
+
+
+def test_a_window_the_engine_cannot_give_is_refused(monkeypatch):
+    """Refused past the window, with the reason: a decoder of sliding and full layers whose forward takes no mask
+    per layer type, and a window no longer than a tree; within the window both run."""
+    import sage_ext.families.base as base
+
+    target, inputs = tiny_gemma2(sliding_window=WINDOW_PAST)
+    draft = correlated_draft(target)
+    monkeypatch.setattr(base, "_takes_masks_per_layer_type", lambda module_class: False)
+    with pytest.raises(ValueError, match="does not take a prepared mask per layer type"):
+        SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=MAX_NEW)
+    fits = WINDOW_PAST - inputs["input_ids"].shape[1] + 1
+    out = SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=fits, eos_token_id=-1)
     with torch.no_grad():
         assert torch.equal(out.sequences, target.generate(**inputs, do_sample=False, max_new_tokens=fits,
-                                                          eos_token_id=-1))
-    with pytest.raises(ValueError, match=f"window {window}.*= {window + 1} positions"):
-        generator.generate(**inputs, max_new_tokens=fits + 1)
+                                                          eos_token_id=None))
+    monkeypatch.undo()
+    target.config.sliding_window = 12
+    with pytest.raises(ValueError, match=r"sliding window \(12\) is not longer than a token tree \(12 deep\)"):
+        SpeculativeGenerator(target, draft, "sage").generate(**inputs, max_new_tokens=MAX_NEW)
 
 
 @pytest.mark.parametrize("builder", [tiny_gemma2, tiny_gemma3_text])

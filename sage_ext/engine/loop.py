@@ -151,6 +151,7 @@ class SpeculativeGenerator:
         self.policy = make_policy(policy)
         self.target = get_adapter(target)
         self.target.check_supported()
+        self.target.applies_window = True  # its tree forwards reproduce its sliding windows (a draft's need not)
         if self.policy.uses_draft and _quantizes_activations_per_forward(target):
             warnings.warn(
                 f"{type(target).__name__} has dynamically quantized Linear layers (quantize_dynamic): they quantize "
@@ -358,14 +359,15 @@ class SpeculativeGenerator:
             return self._generate(input_ids, rows, settings, tokenizer, streamer, generator, pad_token_id)
 
     def _check_row_fits(self, row_inputs: dict, max_new_tokens: int) -> None:
-        """Refuse a prompt whose output would depend on a sliding window or cross a position-dependent rope
-        threshold under tree attention.
+        """Refuse a prompt whose output tree attention could not reproduce: past a sliding window the model cannot
+        be given, past a learned position table, or across a position-dependent rope threshold.
 
-        The tree mask attends to every earlier token, which equals sliding-window attention while a query's
-        context fits the window. The target's queries that decide emitted tokens end at sequence index
-        L + max_new_tokens - 2 (deeper tree nodes are never emitted), so prompt + max_new_tokens - 1 positions must
-        fit its window, and those positions its learned position table if it has one (GPT-2's: deeper tree nodes are
-        capped at the table's last row, ``FamilyAdapter.rope_position_ids``). A draft's window and table are not
+        The target's queries that decide emitted tokens end at sequence index L + max_new_tokens - 2 (deeper tree
+        nodes are never emitted). While prompt + max_new_tokens - 1 positions fit the target's sliding window, the
+        tree mask (every earlier token) is the windowed one; past it, the tree forwards block what lies outside the
+        window (``FamilyAdapter.tree_attention_masks``) where the model takes that (``window_refusal``). Those
+        positions must fit its learned position table if it has one (GPT-2's: deeper tree nodes are capped at the
+        table's last row, ``FamilyAdapter.rope_position_ids``). A draft's window and table are not
         checked: its cache holds every position whatever its window (the engine's caches keep them all), its tree
         forwards attend beyond the window or sit at the table's last row, and that changes only its proposals, never
         the output (``test_families_more.py``: ``test_a_draft_window_shorter_than_the_prompt``,
@@ -373,11 +375,13 @@ class SpeculativeGenerator:
         length = row_inputs["input_ids"].shape[1]
         window = self.target.sliding_window()
         if window is not None and length + max_new_tokens - 1 > window:
-            raise ValueError(
-                f"{type(self.target.model).__name__} uses sliding-window attention (window {window}); tree attention "
-                f"here reproduces it only within the window (prompt {length} + {max_new_tokens} new tokens - 1 = "
-                f"{length + max_new_tokens - 1} positions)"
-            )
+            reason = self.target.window_refusal(self.policy.depth_bound)
+            if reason is not None:
+                raise ValueError(
+                    f"{type(self.target.model).__name__} uses sliding-window attention (window {window}), and this "
+                    f"generation reaches past it (prompt {length} + {max_new_tokens} new tokens - 1 = "
+                    f"{length + max_new_tokens - 1} positions): {reason}"
+                )
         limit = self.target.position_limit
         if limit is not None and length + max_new_tokens - 1 > limit:  # generate feeds all but the last new token
             raise ValueError(

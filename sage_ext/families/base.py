@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import inspect
 import itertools
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .model_access import cache_kwarg, forward_kept
+from .model_access import cache_kwarg, forward_kept, text_decoder
 from .support import position_dependent_ropes, rope_refusal
 
 # Attention backends that take an arbitrary additive 4-D mask and give exact results (flash-attention kernels take
@@ -159,6 +160,25 @@ def _kept_rope_deltas(model: torch.nn.Module):
             holder.rope_deltas = saved
 
 
+def _mask_building_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose forward builds a model's attention masks: its text decoder and, for a vision-language
+    model, the multimodal base model around it (``model.model``)."""
+    decoder = text_decoder(model)
+    base = getattr(model, "model", None)
+    return [decoder] if base is None or base is decoder else [base, decoder]
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_masks_per_layer_type(module_class: type) -> bool:
+    """Whether ``module_class.forward`` takes its masks prepared as a dict per layer type (transformers writes
+    ``if not isinstance(causal_mask_mapping := attention_mask, dict):`` in every decoder of mixed layers)."""
+    try:
+        source = inspect.getsource(module_class.forward)
+    except (OSError, TypeError):
+        return False
+    return "causal_mask_mapping := attention_mask, dict" in source
+
+
 def learned_position_limit(model: torch.nn.Module, text_config) -> int | None:
     """How many positions the decoder's learned absolute position table embeds (GPT-2's ``wpe``, OPT's
     ``embed_positions``: an embedding of ``max_position_embeddings`` rows of the hidden size, OPT's two more), or None
@@ -192,6 +212,11 @@ class FamilyAdapter:
         self.position_offset: int | Tensor = 0
         self.cache_kwarg = cache_kwarg(model)
         self.position_limit = learned_position_limit(model, self.text_config)
+        #: whether tree forwards block what lies outside the decoder's sliding window (``tree_attention_masks``):
+        #: the engine sets it for its target, whose output depends on it; a draft's forwards attend to everything
+        #: its cache holds (its window changes only its proposals, and a pruned or text-only draft's cache columns
+        #: are not its sequence indices)
+        self.applies_window = False
 
     # ------------------------------------------------------------------ facts about the model
     @property
@@ -259,6 +284,48 @@ class FamilyAdapter:
         if getattr(cfg, "use_sliding_window", True) is False:
             return None
         return int(window)
+
+    def sliding_layers_only(self) -> bool:
+        """Whether every attention layer of the decoder slides (Mistral: one ``sliding_window``, no ``layer_types``),
+        so one windowed mask serves them all."""
+        layer_types = getattr(self.text_config, "layer_types", None)
+        return layer_types is None or all(kind == "sliding_attention" for kind in layer_types)
+
+    def window_refusal(self, tree_depth: int) -> str | None:
+        """Why tree forwards cannot give the decoder's sliding layers their window (``tree_attention_masks``), or
+        None when they can (or no layer slides). A decoder of sliding and full layers needs a mask per layer type,
+        which transformers' forwards take as a dict (``{"full_attention": ..., "sliding_attention": ...}``, as
+        ``generate`` may prepare them); and the window must be longer than a tree, so that a node's ancestors stay
+        inside it (the window is applied by cache column, which is a node's sequence index only for the past)."""
+        window = self.sliding_window()
+        if window is None:
+            return None
+        name = type(self.model).__name__
+        if not self.sliding_layers_only() and not all(
+                _takes_masks_per_layer_type(type(module)) for module in _mask_building_modules(self.model)):
+            return (f"{name} has sliding-window and full layers (window {window}) and its forward does not take a "
+                    f"prepared mask per layer type, so a token tree cannot be given the window")
+        if window <= tree_depth + 1:
+            return f"{name}'s sliding window ({window}) is not longer than a token tree ({tree_depth} deep)"
+        return None
+
+    def tree_attention_masks(self, mask_4d: Tensor, seq_positions: Tensor) -> Tensor | dict[str, Tensor]:
+        """The tree forward's attention mask(s): ``mask_4d`` as it is when no layer slides (or ``applies_window`` is
+        off: a draft); with a sliding window
+        ``w``, also blocking every column at or before ``seq_positions - w`` (a query at sequence index q sees keys
+        at ``q - w < k``, transformers' ``sliding_window_overlay``), for every layer when all slide, else as the
+        ``"sliding_attention"`` entry beside the plain ``"full_attention"`` one. Cache column c of a row holds its
+        sequence index c up to the tree, and the tree's own columns are all inside the window
+        (``window_refusal``). No host sync: one comparison on the device."""
+        window = self.sliding_window() if self.applies_window else None
+        if window is None:
+            return mask_4d
+        columns = torch.arange(mask_4d.shape[-1], device=mask_4d.device)
+        outside = columns <= (seq_positions.to(mask_4d.device) - window)[:, None, :, None]
+        windowed = mask_4d.masked_fill(outside, torch.finfo(mask_4d.dtype).min)
+        if self.sliding_layers_only():
+            return windowed
+        return {"full_attention": mask_4d, "sliding_attention": windowed}
 
     def check_supported(self) -> None:
         """Raise ValueError when the model cannot run tree attention as loaded."""
@@ -384,7 +451,7 @@ class FamilyAdapter:
         out = self.model(
             input_ids=tokens,
             position_ids=self.rope_position_ids(seq_positions),
-            attention_mask=mask_4d,
+            attention_mask=self.tree_attention_masks(mask_4d, seq_positions),
             **{self.cache_kwarg: cache},
             use_cache=True,
         )
