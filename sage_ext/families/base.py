@@ -311,10 +311,9 @@ class FamilyAdapter:
 
     def tree_attention_masks(self, mask_4d: Tensor, seq_positions: Tensor) -> Tensor | dict[str, Tensor]:
         """The tree forward's attention mask(s): ``mask_4d`` as it is when no layer slides (or ``applies_window`` is
-        off: a draft); with a sliding window
-        ``w``, also blocking every column at or before ``seq_positions - w`` (a query at sequence index q sees keys
-        at ``q - w < k``, transformers' ``sliding_window_overlay``), for every layer when all slide, else as the
-        ``"sliding_attention"`` entry beside the plain ``"full_attention"`` one. Cache column c of a row holds its
+        off: a draft); with a sliding window ``w``, also blocking every column at or before ``seq_positions - w`` (a
+        query at sequence index q sees keys at ``q - w < k``, transformers' ``sliding_window_overlay``), for every
+        layer when all slide, else as the ``"sliding_attention"`` entry beside the plain ``"full_attention"`` one. Cache column c of a row holds its
         sequence index c up to the tree, and the tree's own columns are all inside the window
         (``window_refusal``). No host sync: one comparison on the device."""
         window = self.sliding_window() if self.applies_window else None
