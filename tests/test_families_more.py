@@ -200,14 +200,12 @@ def test_past_the_sliding_window_needs_the_window_mask(name, monkeypatch):
 
 def test_a_batch_past_the_sliding_window_decodes_each_row_as_alone():
     """Rows of different lengths sit at different sequence indices: each row's window is its own."""
+    from test_batch_split import assemble
+
     target, first = tiny_gemma2(sliding_window=16, prompt_len=14)
     second = tiny_gemma2(seed=1, prompt_len=5)[1]
     pad = first["input_ids"].shape[1] - second["input_ids"].shape[1]
-    batch = {"input_ids": torch.cat([first["input_ids"], torch.cat([torch.zeros(1, pad, dtype=torch.long),
-                                                                    second["input_ids"]], 1)]),
-             "attention_mask": torch.cat([first["attention_mask"],
-                                          torch.cat([torch.zeros(1, pad, dtype=torch.long),
-                                                     second["attention_mask"]], 1)])}
+    batch = assemble([first, second])
     out = SpeculativeGenerator(target, correlated_draft(target), "sage_cost").generate(
         **batch, max_new_tokens=40, eos_token_id=-1)
     with torch.no_grad():

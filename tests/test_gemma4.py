@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_batch_split import assemble, text_row
 from test_engine import POLICIES
 from tiny_gemma4 import AUDIO_TOKEN_ID, tiny_gemma4, tiny_gemma4_audio
 from tiny_models import correlated_draft, one_thread  # noqa: F401  (one_thread: autouse fixture)
@@ -46,13 +47,7 @@ def test_audio_prompt_is_lossless(audio_case, policy, prune):
 
 def test_a_batch_with_audio_is_refused(audio_case):
     target, inputs, draft, _ = audio_case
-    length = inputs["input_ids"].shape[1]
-    text = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(1))
-    batch = {key: inputs[key] for key in ("input_features", "input_features_mask")}
-    batch["input_ids"] = torch.cat([inputs["input_ids"], torch.cat([torch.zeros(1, length - 6, dtype=torch.long),
-                                                                    text], 1)])
-    batch["attention_mask"] = (torch.arange(length)[None] >= torch.tensor([[0], [length - 6]])).long()
-    batch["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, length, dtype=torch.long)])
+    batch = assemble([inputs, text_row(6, 1, "mm_token_type_ids")])
     with pytest.raises(ValueError, match="decode prompts with audio one per call"):
         SpeculativeGenerator(target, draft, "sage_cost").generate(**batch, max_new_tokens=4)
 

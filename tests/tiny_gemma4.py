@@ -6,8 +6,8 @@ keys and values of the last earlier layer of their kind (``num_kv_shared_layers`
 token, its patch embedding drawn large (std 0.5) so that the output follows the pixels. Images of different sizes give different soft-token counts (``Gemma4ImageProcessorPil`` with
 ``max_soft_tokens=70``); the prompt writes each image as ``<boi>`` + its soft tokens + ``<eoi>``, and a video as
 the Gemma 4 processor does: per frame, a timestamp, ``<boi>`` + the frame's soft tokens + ``<eoi>`` (frames made
-by the image processor: the video processor needs torchvision). ``mm_token_type_ids``: 1 on image, 2 on video
-soft tokens. ``tiny_gemma4_audio``: an audio clip instead (an audio tower, eager attention). Same conventions as
+by the image processor: the video processor needs torchvision). ``mm_token_type_ids``: 1 on image, 2 on video,
+3 on audio soft tokens. ``tiny_gemma4_audio``: an audio clip instead (an audio tower, eager attention). Same conventions as
 tests/tiny_vlms.py otherwise.
 """
 from __future__ import annotations
@@ -51,9 +51,16 @@ def _config(small: bool) -> Gemma4Config:
                         tie_word_embeddings=False)
 
 
-def _model(seed: int, small: bool) -> torch.nn.Module:
+def _model(seed: int, small: bool, audio: bool = False) -> torch.nn.Module:
+    """The tiny model; with ``audio``, an audio tower too (eager attention: transformers' Gemma 4 audio tower has no
+    sdpa)."""
+    config = _config(small)
+    if audio:
+        config.audio_config = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                subsampling_conv_channels=[128, 8], attention_chunk_size=4,
+                                                attention_context_left=5, output_proj_dims=32)
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration._from_config(_config(small), attn_implementation="sdpa")
+    model = Gemma4ForConditionalGeneration._from_config(config, attn_implementation="eager" if audio else "sdpa")
     with torch.no_grad():  # patch embeddings large enough that the pooled soft tokens follow the pixels
         projection = model.model.vision_tower.patch_embedder.input_proj.weight
         projection.copy_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
@@ -75,7 +82,8 @@ def _text(length: int, generator: torch.Generator) -> list[int]:
 
 def _inputs(ids: list[int], **media) -> dict:
     input_ids = torch.tensor([ids])
-    mm_token_type_ids = (input_ids == IMAGE_TOKEN_ID).long() + 2 * (input_ids == VIDEO_TOKEN_ID).long()
+    mm_token_type_ids = ((input_ids == IMAGE_TOKEN_ID).long() + 2 * (input_ids == VIDEO_TOKEN_ID).long()
+                         + 3 * (input_ids == AUDIO_TOKEN_ID).long())
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm_token_type_ids,
                 **media)
 
@@ -117,15 +125,8 @@ def tiny_gemma4_video(seed: int = 0, small: bool = False, question_len: int = 12
 def tiny_gemma4_audio(seed: int = 0, small: bool = False, question_len: int = 12, seconds: float = 0.5):
     """Gemma 4 with an audio tower and a prompt holding one clip of ``seconds`` (random 16 kHz samples through
     ``Gemma4AudioFeatureExtractor``), written as the processor does: ``<boa>`` + one placeholder per soft token
-    (the mask after the tower's two stride-2 convolutions) + ``<eoa>``, ``mm_token_type_ids`` 3 on them. Eager
-    attention: transformers' Gemma 4 audio tower has no sdpa."""
-    config = _config(small)
-    config.audio_config = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                            subsampling_conv_channels=[128, 8], attention_chunk_size=4,
-                                            attention_context_left=5, output_proj_dims=32)
-    torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration._from_config(config, attn_implementation="eager")
-    model = strengthen(finish(model, seed=1234 + seed), seed=4321 + seed)
+    (the mask after the tower's two stride-2 convolutions) + ``<eoa>``, ``mm_token_type_ids`` 3 on them."""
+    model = _model(seed, small, audio=True)
     wave = np.random.RandomState(seed).randn(int(16_000 * seconds)).astype(np.float32) * 0.1
     features = Gemma4AudioFeatureExtractor()([wave], return_tensors="pt")
     mask = features["input_features_mask"][0]
@@ -134,7 +135,5 @@ def tiny_gemma4_audio(seed: int = 0, small: bool = False, question_len: int = 12
     generator = torch.Generator().manual_seed(seed)
     ids = (_text(4, generator) + [BOA_TOKEN_ID] + [AUDIO_TOKEN_ID] * int(mask.sum()) + [EOA_TOKEN_ID]
            + _text(question_len, generator))
-    inputs = _inputs(ids, input_features=features["input_features"],
-                     input_features_mask=features["input_features_mask"])
-    inputs["mm_token_type_ids"] += 3 * (inputs["input_ids"] == AUDIO_TOKEN_ID).long()
-    return model, inputs
+    return model, _inputs(ids, input_features=features["input_features"],
+                          input_features_mask=features["input_features_mask"])

@@ -15,6 +15,7 @@ batch is refused (decode such prompts one per call); a single prompt with audio 
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -54,8 +55,8 @@ class Gemma4Adapter(TokenTypeAdapter):
         if isinstance(inputs.get("pixel_values_videos"), Tensor):
             frames = torch.as_tensor(inputs["num_frames_per_video"]).tolist()
             per_frame = soft_tokens_per_item(inputs["video_position_ids"], kernel)
-            starts = [sum(frames[:i]) for i in range(len(frames))]
-            counts = [sum(per_frame[start:start + n]) for start, n in zip(starts, frames)]
+            edges = [0, *itertools.accumulate(frames)]  # video i holds frames edges[i] .. edges[i + 1]
+            counts = [sum(per_frame[edges[i]:edges[i + 1]]) for i in range(len(frames))]
             media.append(BatchMedia("video", int(self.config.video_token_id), counts,
                                     {"pixel_values_videos": frames, "video_position_ids": frames,
                                      "num_frames_per_video": [1] * len(frames)}))

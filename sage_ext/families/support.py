@@ -12,7 +12,8 @@ A decoder-only language model needs no family-specific code (``CausalLMAdapter``
   * its forward takes an ``attention_mask`` that may be a prepared additive 4-D mask (the tree mask): the model's
     module builds its masks with ``transformers.masking_utils``, which passes a 4-D mask through as given;
   * it is not an encoder-decoder, and not a multimodal model (those need an adapter that knows their inputs).
-A sliding window shorter than the sequence is refused later, per prompt (``SpeculativeGenerator.generate``); so is
+A sliding window shorter than the sequence is applied by the tree forwards, or refused per prompt where the model
+cannot be given it (``FamilyAdapter.window_refusal``, at ``SpeculativeGenerator.generate``); so is
 a rope scaling whose frequencies depend on the forward's longest position when a generation would reach or cross
 its threshold (``rope_refusal``; any model, family adapter or not).
 """
